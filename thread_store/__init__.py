@@ -1,0 +1,58 @@
+"""thread_store: durable conversation threads with a background-projected metadata index."""
+
+from .aio import AsyncThreadStore
+from .derive import CodexRules, ProjectionRules
+from .errors import (
+    BarrierError,
+    FlushTimeout,
+    InvalidArgument,
+    InvalidCursor,
+    InvalidItem,
+    NotAThreadStore,
+    ProjectionFailed,
+    ReadOnlyStore,
+    SchemaTooNew,
+    StorageError,
+    StoreClosed,
+    StoreLocked,
+    ThreadDiscarded,
+    ThreadExists,
+    ThreadNotFound,
+    ThreadStoreError,
+    TransientProjectionError,
+)
+from .model import Page, StoredItem, ThreadMetadata, ThreadStatus
+from .projector import ProjectorStats, RetryPolicy
+from .store import ThreadStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncThreadStore",
+    "BarrierError",
+    "CodexRules",
+    "FlushTimeout",
+    "InvalidArgument",
+    "InvalidCursor",
+    "InvalidItem",
+    "NotAThreadStore",
+    "Page",
+    "ProjectionFailed",
+    "ProjectionRules",
+    "ProjectorStats",
+    "ReadOnlyStore",
+    "RetryPolicy",
+    "SchemaTooNew",
+    "StorageError",
+    "StoreClosed",
+    "StoreLocked",
+    "StoredItem",
+    "ThreadDiscarded",
+    "ThreadExists",
+    "ThreadMetadata",
+    "ThreadNotFound",
+    "ThreadStatus",
+    "ThreadStore",
+    "ThreadStoreError",
+    "TransientProjectionError",
+]

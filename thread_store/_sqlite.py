@@ -1,0 +1,138 @@
+"""SQLite plumbing shared by the history and the index: connections, pragmas, errors."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+from .errors import NotAThreadStore, SchemaTooNew, StorageError, ThreadStoreError
+
+T = TypeVar("T")
+
+# Error classes SQLite reports for contention, I/O and a full disk: retry these.
+_TRANSIENT_CODES = {
+    5,  # SQLITE_BUSY
+    6,  # SQLITE_LOCKED
+    10,  # SQLITE_IOERR
+    13,  # SQLITE_FULL
+}
+APPLICATION_ID = 0x74735354  # "tsST": marks our files, so a foreign database is refused
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for SQLite errors that may go away on their own (busy, locked, I/O, full)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return (code & 0xFF) in _TRANSIENT_CODES
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc)
+        return "locked" in text or "busy" in text or "disk" in text or "I/O" in text
+    return False
+
+
+def storage_error(exc: sqlite3.Error, what: str) -> ThreadStoreError:
+    """Translate a SQLite error at the storage boundary into a typed error."""
+    return StorageError(f"{what} failed in SQLite: {exc}. Nothing of this call was written.")
+
+
+def create_private_file(path: Path) -> None:
+    """Create ``path`` with mode 0600 if missing; SQLite gives -wal/-shm the same mode."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    os.close(fd)
+
+
+def connect(path: Path, *, durability: str, read_only: bool = False,
+            busy_timeout_ms: int = 5000) -> sqlite3.Connection:
+    """Open a connection in autocommit mode; transactions are explicit BEGIN/COMMIT."""
+    if read_only:
+        uri = f"file:{path}?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    if not read_only:
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise NotAThreadStore(f"{path}: could not switch to WAL journal mode (got {mode})")
+        conn.execute(f"PRAGMA synchronous = {'FULL' if durability == 'full' else 'NORMAL'}")
+    return conn
+
+
+def check_schema(conn: sqlite3.Connection, path: Path, version: int) -> int:
+    """Return the file's schema version (0 = new); refuse foreign or newer files."""
+    try:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        found = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise NotAThreadStore(f"{path} is not a SQLite database of a thread store: {exc}") from exc
+    if app_id != APPLICATION_ID and (tables or found):
+        raise NotAThreadStore(
+            f"{path} is a SQLite database but not a thread store; point open() at another path"
+        )
+    if found > version:
+        raise SchemaTooNew(
+            f"{path} has schema version {found}, newer than this thread_store supports "
+            f"({version}); upgrade thread_store to open it"
+        )
+    return int(found)
+
+
+def mark_schema(conn: sqlite3.Connection, version: int) -> None:
+    """Stamp our application id and the schema version after creating or migrating."""
+    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    conn.execute(f"PRAGMA user_version = {int(version)}")
+
+
+class ConnectionPool:
+    """One read connection per OS thread, all closed together by :meth:`close`."""
+
+    def __init__(self, factory: Callable[[], sqlite3.Connection]) -> None:
+        self._factory = factory
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def get(self) -> sqlite3.Connection:
+        """Return this thread's connection, opening it on first use."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._factory()
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    raise StorageError("the store's connections are closed")
+                self._all.append(conn)
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        """Close every connection handed out."""
+        with self._lock:
+            self._closed = True
+            conns, self._all = self._all, []
+        for conn in conns:
+            conn.close()
+
+
+def in_transaction(conn: sqlite3.Connection, body: Callable[[], T], *, immediate: bool = True) -> T:
+    """Run ``body`` inside BEGIN ... COMMIT, rolling back on any error."""
+    conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    try:
+        result = body()
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+def chunks(seq: list[T], size: int) -> Iterator[list[T]]:
+    """Yield ``seq`` in lists of at most ``size``."""
+    for start in range(0, len(seq), size):
+        yield seq[start:start + size]

@@ -1,0 +1,185 @@
+"""Metadata derivation: a pure fold ``(state, item) -> state`` over a thread's history.
+
+No I/O lives here. The state is a plain JSON-ready dict so the index can persist it and
+resume the fold where it stopped; :class:`CodexRules` is the default, Codex-compatible
+rule set of DESIGN §2. An application plugs in its own rules by implementing
+:class:`ProjectionRules`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Protocol
+
+from .model import ThreadMetadata, parse_timestamp, utc_from_us
+
+State = dict[str, Any]
+
+#: Item types thread_store itself appends for explicit edits.
+METADATA_EDIT = "thread_store.metadata"
+ARCHIVE_EDIT = "thread_store.archive"
+IMAGE_PLACEHOLDER = "[Image]"
+
+
+class ProjectionRules(Protocol):
+    """The pluggable projection: an initial state, a fold step, and the row it yields."""
+
+    def initial(self, thread_id: str, created_us: int) -> State:
+        """Return the state of a thread with no items, created at ``created_us``."""
+        ...
+
+    def apply(self, state: State, item: Mapping[str, Any], ts_us: int) -> State:
+        """Return a new state: ``state`` after ``item`` stored at ``ts_us``. Must be pure."""
+        ...
+
+    def metadata(self, thread_id: str, state: State, projected_seq: int) -> ThreadMetadata:
+        """Return the metadata row that ``state`` stands for."""
+        ...
+
+
+def _text(value: Any) -> str | None:
+    """A non-blank string, trimmed, else ``None``."""
+    if isinstance(value, str):
+        value = value.strip()
+        if value:
+            return value
+    return None
+
+
+def _session_meta(state: State, payload: Mapping[str, Any], ts_us: int) -> None:
+    created = parse_timestamp(payload.get("timestamp"))
+    if created is not None:
+        state["created_us"] = created
+    for key in ("cwd", "model_provider", "cli_version", "source"):
+        value = _text(payload.get(key))
+        if value is not None:
+            state[key] = value
+    git = payload.get("git")
+    if isinstance(git, Mapping):
+        for source_key, key in (
+            ("commit_hash", "git_sha"),
+            ("branch", "git_branch"),
+            ("repository_url", "git_origin_url"),
+        ):
+            value = _text(git.get(source_key))
+            if value is not None:
+                state[key] = value
+
+
+def _turn_context(state: State, payload: Mapping[str, Any], ts_us: int) -> None:
+    model = _text(payload.get("model"))
+    if model is not None:
+        state["model"] = model
+    if "effort" in payload:
+        effort = payload["effort"]
+        state["reasoning_effort"] = effort if isinstance(effort, str) and effort else None
+    cwd = _text(payload.get("cwd"))
+    if cwd is not None and state.get("cwd") is None:
+        state["cwd"] = cwd
+
+
+def _user_message(state: State, payload: Mapping[str, Any]) -> None:
+    text = _text(payload.get("message"))
+    has_images = any(
+        isinstance(payload.get(key), list) and payload.get(key) for key in ("images", "local_images")
+    )
+    if text is not None and state.get("title") is None:
+        state["title"] = text
+    if (text is not None or has_images) and state.get("first_user_message") is None:
+        shown = text if text is not None else IMAGE_PLACEHOLDER
+        state["first_user_message"] = shown
+        if state.get("preview") is None:
+            state["preview"] = shown
+
+
+def _event_msg(state: State, payload: Mapping[str, Any], ts_us: int) -> None:
+    kind = payload.get("type")
+    if kind == "user_message":
+        _user_message(state, payload)
+    elif kind == "token_count":
+        info = payload.get("info")
+        if isinstance(info, Mapping) and isinstance(info.get("total_token_usage"), Mapping):
+            state["token_usage"] = dict(info["total_token_usage"])
+    elif kind == "thread_goal_updated":
+        goal = payload.get("goal")
+        objective = _text(goal.get("objective")) if isinstance(goal, Mapping) else None
+        if objective is not None and state.get("preview") is None:
+            state["preview"] = objective
+    elif kind in ("turn_started", "task_started"):
+        turn = state.get("turn_us")
+        state["turn_us"] = ts_us if turn is None else max(turn, ts_us)
+
+
+def _metadata_edit(state: State, payload: Mapping[str, Any], ts_us: int) -> None:
+    if "name" in payload:
+        name = payload["name"]
+        state["name"] = (name.strip() or None) if isinstance(name, str) else None
+
+
+def _archive_edit(state: State, payload: Mapping[str, Any], ts_us: int) -> None:
+    state["archived_us"] = ts_us if payload.get("archived") is True else None
+
+
+_HANDLERS: dict[str, Callable[[State, Mapping[str, Any], int], None]] = {
+    "session_meta": _session_meta,
+    "turn_context": _turn_context,
+    "event_msg": _event_msg,
+    METADATA_EDIT: _metadata_edit,
+    ARCHIVE_EDIT: _archive_edit,
+}
+
+_TEXT_FIELDS = (
+    "name", "title", "preview", "first_user_message", "model_provider", "model",
+    "reasoning_effort", "cwd", "cli_version", "source", "git_sha", "git_branch",
+    "git_origin_url",
+)
+
+
+class CodexRules:
+    """The default rules of DESIGN §2, compatible with Codex rollout items.
+
+    Recency is the latest turn start, else ``created_at``; ``updated_at`` is the latest
+    item timestamp, else ``created_at``. Both only take the maximum of what they saw, so
+    they never move backwards. (Before the first turn, recency follows ``created_at``,
+    which a ``session_meta`` item may set to the session's own start.)
+    """
+
+    def initial(self, thread_id: str, created_us: int) -> State:
+        """Return the empty state of a thread created at ``created_us``."""
+        return {"created_us": created_us, "item_count": 0}
+
+    def apply(self, state: State, item: Mapping[str, Any], ts_us: int) -> State:
+        """Fold one item into a copy of ``state``."""
+        new = dict(state)
+        new["item_count"] = state.get("item_count", 0) + 1
+        updated = state.get("updated_us")
+        new["updated_us"] = ts_us if updated is None else max(updated, ts_us)
+        handler = _HANDLERS.get(item.get("type"))  # type: ignore[arg-type]
+        payload = item.get("payload")
+        if handler is not None and isinstance(payload, Mapping):
+            handler(new, payload, ts_us)
+        return new
+
+    def metadata(self, thread_id: str, state: State, projected_seq: int) -> ThreadMetadata:
+        """Build the public metadata row from ``state``."""
+        created = state["created_us"]
+        turn = state.get("turn_us")
+        updated = state.get("updated_us")
+        usage = state.get("token_usage")
+        return ThreadMetadata(
+            thread_id=thread_id,
+            **{key: state.get(key) for key in _TEXT_FIELDS},
+            token_usage=dict(usage) if usage is not None else None,
+            created_at=utc_from_us(created),
+            updated_at=utc_from_us(updated if updated is not None else created),
+            recency_at=utc_from_us(turn if turn is not None else created),
+            archived_at=utc_from_us(state.get("archived_us")),
+            item_count=state.get("item_count", 0),
+            projected_seq=projected_seq,
+        )
+
+
+def fold(rules: ProjectionRules, state: State, items: list[tuple[int, Mapping[str, Any]]]) -> State:
+    """Fold ``(ts_us, item)`` pairs into ``state`` in order."""
+    for ts_us, item in items:
+        state = rules.apply(state, item, ts_us)
+    return state

@@ -1,0 +1,98 @@
+"""The one error hierarchy of thread_store.
+
+Every error a public call raises is a :class:`ThreadStoreError`. Each also inherits the
+builtin it resembles, so ``except TimeoutError`` or ``except ValueError`` keep working.
+Barrier errors say that the appended items are durable, so callers do not re-append.
+"""
+
+from __future__ import annotations
+
+DURABLE_NOTE = "The appended items are durable in the history; do not append them again."
+
+
+class ThreadStoreError(Exception):
+    """Base class of every error raised by thread_store."""
+
+
+class InvalidArgument(ThreadStoreError, ValueError):
+    """A call got a malformed argument (thread id, timeout, limit, cursor, ...)."""
+
+
+class InvalidItem(InvalidArgument):
+    """An item is not a JSON object with a ``type``, is not serializable, or is too large."""
+
+
+class InvalidCursor(InvalidArgument):
+    """A ``list_threads`` cursor was not produced by the same query."""
+
+
+class ThreadNotFound(ThreadStoreError, LookupError):
+    """The thread id is unknown (never created, or deleted)."""
+
+
+class ThreadExists(ThreadStoreError):
+    """``create_thread`` was given an id that is already taken."""
+
+
+class ThreadDiscarded(ThreadStoreError):
+    """The thread was discarded (tombstoned) or deleted while the call waited."""
+
+
+class StoreClosed(ThreadStoreError):
+    """The store is closed, or was opened in a parent process before ``fork``."""
+
+
+class StoreLocked(ThreadStoreError):
+    """Another process has the store open for writing."""
+
+
+class NotAThreadStore(ThreadStoreError):
+    """The path exists but does not hold a thread store (or cannot be written)."""
+
+
+class SchemaTooNew(ThreadStoreError):
+    """The database was written by a newer thread_store; upgrade the package to open it."""
+
+
+class StorageError(ThreadStoreError, OSError):
+    """SQLite could not store the data (disk full, I/O error, lock held too long)."""
+
+
+class TransientProjectionError(ThreadStoreError):
+    """Raise from a ``projection_hook`` (or rules) to ask for a retry with backoff."""
+
+
+class BarrierError(ThreadStoreError):
+    """Base of the errors a barrier (``flush``) can raise; the items stay durable."""
+
+
+class FlushTimeout(BarrierError, TimeoutError):
+    """The barrier's timeout passed before the projection reached its generation."""
+
+    def __init__(self, thread_id: str, target: int, projected: int, timeout: float) -> None:
+        self.thread_id = thread_id
+        self.target = target
+        self.projected = projected
+        super().__init__(
+            f"flush of thread {thread_id!r} timed out after {timeout:g}s: generation {target} "
+            f"is not projected yet (projected generation is {projected}). {DURABLE_NOTE} "
+            "Flush again with a longer timeout, or check status()."
+        )
+
+
+class ProjectionFailed(BarrierError):
+    """The projection attempt that covered the barrier's generation failed for good."""
+
+    def __init__(self, thread_ids: list[str], generation: int | None, cause: str) -> None:
+        self.thread_ids = thread_ids
+        self.generation = generation
+        which = ", ".join(repr(t) for t in thread_ids)
+        at = f" at generation {generation}" if generation is not None else ""
+        super().__init__(
+            f"projection of thread {which}{at} failed: {cause}. {DURABLE_NOTE} "
+            "Pending work is kept: the next append or flush retries it."
+        )
+
+
+class ReadOnlyStore(ThreadStoreError):
+    """A write was attempted on a store opened with ``read_only=True``."""

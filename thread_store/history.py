@@ -1,0 +1,232 @@
+"""The durable, append-only item log: one SQLite file, ``seq`` allocation and paging.
+
+Writers serialize on an in-process lock, never on SQLite's busy handler. The head
+(last ``seq``) of every thread touched is cached, so an append is one INSERT and a
+COMMIT. Tombstones of discarded threads live here too, because history is the truth.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import sqlite_utils
+
+from . import _sqlite
+from .errors import StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
+from .model import EncodedItem
+
+SCHEMA_VERSION = 1
+_INSERT = "INSERT INTO items (thread_id, seq, ts_us, item) VALUES (?, ?, ?, ?)"
+_RANGE = ("SELECT seq, ts_us, item FROM items WHERE thread_id = ? AND seq > ? AND seq <= ? "
+          "ORDER BY seq LIMIT ?")
+RawItem = tuple[int, int, str]  # (seq, ts_us, json text)
+
+
+def _create_schema(db: sqlite_utils.Database) -> None:
+    db["threads"].create(  # type: ignore[union-attr]
+        {"thread_id": str, "created_us": int, "discarded_us": int},
+        pk="thread_id", not_null={"created_us"},
+    )
+    db["items"].create(  # type: ignore[union-attr]
+        {"id": int, "thread_id": str, "seq": int, "ts_us": int, "item": str},
+        pk="id", not_null={"thread_id", "seq", "ts_us", "item"},
+    )
+    db["items"].create_index(["thread_id", "seq"], unique=True)  # type: ignore[union-attr]
+    db["store_meta"].create({"key": str, "value": str}, pk="key")  # type: ignore[union-attr]
+
+
+class History:
+    """The history log of one store (``history.db``)."""
+
+    def __init__(self, path: Path, *, durability: str, read_only: bool = False) -> None:
+        self.path = path
+        self.read_only = read_only
+        if not read_only:
+            _sqlite.create_private_file(path)
+        self._conn = _sqlite.connect(path, durability=durability, read_only=read_only)
+        found = _sqlite.check_schema(self._conn, path, SCHEMA_VERSION)
+        if found == 0 and not read_only:
+            _sqlite.in_transaction(self._conn, lambda: _create_schema(sqlite_utils.Database(self._conn)))
+            _sqlite.mark_schema(self._conn, SCHEMA_VERSION)
+        self._readers = _sqlite.ConnectionPool(
+            lambda: _sqlite.connect(path, durability=durability, read_only=read_only))
+        self.lock = threading.Lock()
+        self._heads: dict[str, int] = {}
+        self._closed = False
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def create(self, thread_id: str, created_us: int, first: EncodedItem | None,
+               on_commit: Callable[[int], None]) -> None:
+        """Create a thread, optionally with its first item; raise if the id is taken."""
+        with self.lock:
+            self._check_open()
+            row = self._conn.execute(
+                "SELECT discarded_us FROM threads WHERE thread_id = ?", (thread_id,)).fetchone()
+            if row is not None:
+                if row[0] is not None:
+                    raise ThreadDiscarded(f"thread {thread_id!r} was discarded; its id cannot be reused")
+                raise ThreadExists(f"thread {thread_id!r} already exists; pick another id or omit it")
+
+            def write() -> None:
+                self._conn.execute("INSERT INTO threads (thread_id, created_us) VALUES (?, ?)",
+                                   (thread_id, created_us))
+                if first is not None:
+                    self._conn.execute(_INSERT, (thread_id, 1, first.ts_us, first.text))
+
+            self._write(write, "create_thread")
+            head = 1 if first is not None else 0
+            self._heads[thread_id] = head
+            on_commit(head)
+
+    def append(self, thread_id: str, items: list[EncodedItem],
+               on_commit: Callable[[int], None]) -> int:
+        """Append items durably and return the new head; ``on_commit`` runs under the lock."""
+        with self.lock:
+            self._check_open()
+            head = self._heads.get(thread_id)
+            if head is None:
+                head = self._load_head(thread_id)
+            if not items:
+                return head
+            if len(items) == 1:
+                # Autocommit: one statement is one transaction, no BEGIN/COMMIT round trips.
+                item = items[0]
+                self._write(lambda: self._conn.execute(
+                    _INSERT, (thread_id, head + 1, item.ts_us, item.text)), "append", txn=False)
+            else:
+                rows = [(thread_id, head + i, it.ts_us, it.text) for i, it in enumerate(items, 1)]
+                self._write(lambda: self._conn.executemany(_INSERT, rows), "append")
+            head += len(items)
+            self._heads[thread_id] = head
+            on_commit(head)
+            return head
+
+    def remove(self, thread_id: str, *, tombstone: bool) -> None:
+        """Delete a thread's items; keep a tombstone (discard) or forget the id (delete)."""
+        with self.lock:
+            self._check_open()
+
+            def write() -> None:
+                self._conn.execute("DELETE FROM items WHERE thread_id = ?", (thread_id,))
+                if tombstone:
+                    self._conn.execute(
+                        "UPDATE threads SET discarded_us = CAST(strftime('%s','now') AS INTEGER)"
+                        " * 1000000 WHERE thread_id = ?", (thread_id,))
+                else:
+                    self._conn.execute("DELETE FROM threads WHERE thread_id = ?", (thread_id,))
+
+            self._write(write, "discard" if tombstone else "delete_thread")
+            self._heads.pop(thread_id, None)
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Store a JSON value in ``store_meta`` (session markers)."""
+        with self.lock:
+            self._write(lambda: self._conn.execute(
+                "INSERT INTO store_meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
+                "SET value = excluded.value", (key, json.dumps(value))), "store_meta")
+
+    def close(self) -> None:
+        """Refuse further writes and close every connection."""
+        with self.lock:
+            self._closed = True
+            self._conn.close()
+        self._readers.close()
+
+    def reject_writes(self) -> None:
+        """Make every later write raise :class:`StoreClosed` (the first step of close)."""
+        with self.lock:
+            self._closed = True
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> Any:
+        """Read a JSON value from ``store_meta``; ``None`` if missing."""
+        row = self._reader().execute("SELECT value FROM store_meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def head(self, thread_id: str) -> int:
+        """Return the thread's head; raise if it is unknown or discarded."""
+        head = self._heads.get(thread_id)
+        if head is not None:
+            return head
+        with self.lock:
+            return self._load_head(thread_id)
+
+    def created_us(self, thread_id: str) -> int:
+        """Return the thread's creation time; raise if it is unknown or discarded."""
+        row = self._reader().execute(
+            "SELECT created_us, discarded_us FROM threads WHERE thread_id = ?", (thread_id,)).fetchone()
+        self._check_row(thread_id, row)
+        return int(row[0])
+
+    def read(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> list[RawItem]:
+        """Return up to ``limit`` raw items with ``after_seq < seq <= upto_seq``, in order."""
+        return self._reader().execute(_RANGE, (thread_id, after_seq, upto_seq, limit)).fetchall()
+
+    def iter_range(self, thread_id: str, after_seq: int, upto_seq: int,
+                   page: int = 1000) -> Iterator[list[RawItem]]:
+        """Yield the items ``after_seq < seq <= upto_seq`` in pages, to keep memory bounded."""
+        while after_seq < upto_seq:
+            rows = self.read(thread_id, after_seq, upto_seq, page)
+            if not rows:
+                return
+            yield rows
+            after_seq = rows[-1][0]
+
+    def live_threads(self) -> Iterator[tuple[str, int, int]]:
+        """Yield ``(thread_id, created_us, head)`` of every live thread (crash recovery)."""
+        conn = self._reader()
+        for thread_id, created in conn.execute(
+                "SELECT thread_id, created_us FROM threads WHERE discarded_us IS NULL").fetchall():
+            head = conn.execute("SELECT max(seq) FROM items WHERE thread_id = ?", (thread_id,)).fetchone()[0]
+            yield thread_id, created, int(head or 0)
+
+    def status_of(self, thread_ids: list[str]) -> dict[str, str]:
+        """Map each id to ``live``, ``discarded`` or ``missing``."""
+        out: dict[str, str] = {}
+        conn = self._reader()
+        for thread_id in thread_ids:
+            row = conn.execute("SELECT discarded_us FROM threads WHERE thread_id = ?",
+                               (thread_id,)).fetchone()
+            out[thread_id] = "missing" if row is None else ("live" if row[0] is None else "discarded")
+        return out
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        return self._readers.get()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed("the thread store is closed; open it again to write")
+
+    @staticmethod
+    def _check_row(thread_id: str, row: tuple[Any, ...] | None) -> None:
+        if row is None:
+            raise ThreadNotFound(f"thread {thread_id!r} does not exist; create_thread() it first")
+        if row[-1] is not None:
+            raise ThreadDiscarded(f"thread {thread_id!r} was discarded")
+
+    def _load_head(self, thread_id: str) -> int:
+        """Called with the lock held: find a thread's head and cache it."""
+        row = self._conn.execute(
+            "SELECT discarded_us FROM threads WHERE thread_id = ?", (thread_id,)).fetchone()
+        self._check_row(thread_id, row)
+        head = self._conn.execute(
+            "SELECT max(seq) FROM items WHERE thread_id = ?", (thread_id,)).fetchone()[0] or 0
+        self._heads[thread_id] = head
+        return int(head)
+
+    def _write(self, body: Callable[[], Any], what: str, *, txn: bool = True) -> None:
+        try:
+            if txn:
+                _sqlite.in_transaction(self._conn, body)
+            else:
+                body()
+        except sqlite3.Error as exc:
+            raise _sqlite.storage_error(exc, what) from exc

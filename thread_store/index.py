@@ -1,0 +1,224 @@
+"""The projected thread table: one row per thread, written with its ``projected_seq``.
+
+The row and ``projected_seq`` are written in one statement, so the row always equals the
+fold of the history up to that seq. Listing uses a keyset over ``(recency_us desc,
+thread_id desc)`` on covering indexes; search is FTS5 set up by sqlite-utils.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+from sqlite_utils.db import DescIndex
+
+from . import _sqlite
+from .errors import InvalidCursor
+from .model import Page, ThreadMetadata, us_from_utc, utc_from_us
+
+SCHEMA_VERSION = 1
+_TEXT = ("name", "title", "preview", "first_user_message", "model_provider", "model",
+         "reasoning_effort", "cwd", "cli_version", "source", "git_sha", "git_branch",
+         "git_origin_url")
+_TIMES = ("created_at", "updated_at", "recency_at", "archived_at")
+_COLUMNS = ("thread_id", *_TEXT, "token_usage", *(f"{t[:-3]}_us" for t in _TIMES),
+            "item_count", "projected_seq", "is_archived", "has_preview", "state")
+_UPSERT = (
+    f"INSERT INTO threads ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
+    "ON CONFLICT(thread_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
+)
+_SELECT = f"SELECT {', '.join(_COLUMNS[:-3])} FROM threads"
+_CURSOR_VERSION = 1
+
+
+def _create_schema(db: sqlite_utils.Database) -> None:
+    columns: dict[str, Any] = {"thread_id": str}
+    columns.update({c: str for c in _TEXT})
+    columns["token_usage"] = str
+    columns.update({f"{t[:-3]}_us": int for t in _TIMES})
+    columns.update({"item_count": int, "projected_seq": int, "is_archived": int,
+                    "has_preview": int, "state": str})
+    table = db["threads"]
+    table.create(columns, pk="thread_id",  # type: ignore[union-attr]
+                 not_null={"item_count", "projected_seq", "is_archived", "has_preview",
+                           "recency_us", "state"})
+    # The default listing, and include_empty=True; both walk the index in order.
+    table.create_index(["is_archived", "has_preview", DescIndex("recency_us"),  # type: ignore[union-attr]
+                        DescIndex("thread_id")], index_name="threads_listed")
+    table.create_index(["is_archived", DescIndex("recency_us"), DescIndex("thread_id")],  # type: ignore[union-attr]
+                       index_name="threads_all")
+    table.enable_fts(["title", "preview", "first_user_message"], fts_version="FTS5",  # type: ignore[union-attr]
+                     create_triggers=True)
+
+
+def _row_to_metadata(row: tuple[Any, ...]) -> ThreadMetadata:
+    values = dict(zip(_COLUMNS, row))
+    usage = values["token_usage"]
+    return ThreadMetadata(
+        thread_id=values["thread_id"],
+        **{c: values[c] for c in _TEXT},
+        token_usage=json.loads(usage) if usage is not None else None,
+        **{t: utc_from_us(values[f"{t[:-3]}_us"]) for t in _TIMES},
+        item_count=values["item_count"],
+        projected_seq=values["projected_seq"],
+    )
+
+
+def _metadata_to_row(meta: ThreadMetadata, state: str) -> tuple[Any, ...]:
+    times = [us_from_utc(v) if (v := getattr(meta, t)) is not None else None for t in _TIMES]
+    usage = json.dumps(meta.token_usage) if meta.token_usage is not None else None
+    return (meta.thread_id, *(getattr(meta, c) for c in _TEXT), usage, *times,
+            meta.item_count, meta.projected_seq, int(meta.archived_at is not None),
+            int(bool(meta.preview)), state)
+
+
+@dataclass(frozen=True, slots=True)
+class RowWrite:
+    """A projected row to store: the public metadata and the serialized fold state."""
+
+    meta: ThreadMetadata
+    state: str
+
+
+class Index:
+    """The metadata index of one store (``index.db``)."""
+
+    def __init__(self, path: Path, *, durability: str, read_only: bool = False,
+                 busy_timeout_ms: int = 100) -> None:
+        self.path = path
+        if not read_only:
+            _sqlite.create_private_file(path)
+        # A short busy timeout: another process holding the lock becomes a transient
+        # error that the projector retries with backoff, and close() stays on time.
+        self._conn = _sqlite.connect(path, durability=durability, read_only=read_only,
+                                     busy_timeout_ms=busy_timeout_ms)
+        self._db = sqlite_utils.Database(self._conn)
+        self.fresh = _sqlite.check_schema(self._conn, path, SCHEMA_VERSION) == 0
+        if self.fresh and not read_only:
+            _sqlite.in_transaction(self._conn, lambda: _create_schema(self._db))
+            _sqlite.mark_schema(self._conn, SCHEMA_VERSION)
+        self._readers = _sqlite.ConnectionPool(
+            lambda: _sqlite.connect(path, durability=durability, read_only=read_only))
+        #: Held for every index write; ``fenced`` is set under it by close().
+        self.write_lock = threading.Lock()
+        self.fenced = False
+        self.transactions = 0
+
+    # -- writes (callers hold write_lock) --------------------------------------------------
+
+    def write_rows(self, rows: list[RowWrite]) -> dict[str, BaseException]:
+        """Upsert rows in one transaction; return per-thread errors of rows that failed.
+
+        A failing statement has no effect in SQLite, so one bad row does not undo the
+        others. A failing COMMIT raises and writes nothing.
+        """
+        errors: dict[str, BaseException] = {}
+
+        def body() -> None:
+            for row in rows:
+                try:
+                    self._conn.execute(_UPSERT, _metadata_to_row(row.meta, row.state))
+                except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
+                    if _sqlite.is_transient(exc):
+                        raise
+                    errors[row.meta.thread_id] = exc
+
+        _sqlite.in_transaction(self._conn, body)
+        self.transactions += 1
+        return errors
+
+    def delete_row(self, thread_id: str) -> None:
+        """Remove a thread's row (discard, delete, or an orphan found at open)."""
+        self._conn.execute("DELETE FROM threads WHERE thread_id = ?", (thread_id,))
+
+    def delete_all(self) -> None:
+        """Remove every row (reindex)."""
+        self._conn.execute("DELETE FROM threads")
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def load_state(self, thread_id: str) -> tuple[int, str | None]:
+        """Return ``(projected_seq, state json)`` of a thread; ``(0, None)`` without a row."""
+        row = self._readers.get().execute(
+            "SELECT projected_seq, state FROM threads WHERE thread_id = ?", (thread_id,)).fetchone()
+        return (int(row[0]), row[1]) if row else (0, None)
+
+    def projected_seqs(self) -> dict[str, int]:
+        """Every row's ``projected_seq`` (crash recovery)."""
+        return dict(self._readers.get().execute("SELECT thread_id, projected_seq FROM threads"))
+
+    def read(self, thread_id: str) -> ThreadMetadata | None:
+        """Return a thread's projected metadata, or ``None`` without a row."""
+        row = self._readers.get().execute(f"{_SELECT} WHERE thread_id = ?", (thread_id,)).fetchone()
+        return _row_to_metadata(row) if row else None
+
+    def list(self, *, limit: int, cursor: str | None, archived: bool, search: str | None,
+             include_empty: bool) -> Page:
+        """Return one page, newest recency first, by keyset pagination."""
+        search = search.strip() if search else None
+        query = [archived, include_empty, search]
+        where = ["is_archived = ?"]
+        params: list[Any] = [int(archived)]
+        if not include_empty:
+            where.append("has_preview = 1")
+        if search:
+            where.append("rowid IN (SELECT rowid FROM threads_fts WHERE threads_fts MATCH ?)")
+            params.append(self._db.quote_fts(search))
+        if cursor is not None:
+            recency_us, thread_id = _decode_cursor(cursor, query)
+            where.append("(recency_us, thread_id) < (?, ?)")
+            params.extend((recency_us, thread_id))
+        sql = (f"{_SELECT} WHERE {' AND '.join(where)} "
+               "ORDER BY recency_us DESC, thread_id DESC LIMIT ?")
+        rows = self._readers.get().execute(sql, (*params, limit + 1)).fetchall()
+        threads = [_row_to_metadata(r) for r in rows[:limit]]
+        next_cursor = None
+        if len(rows) > limit:
+            last = threads[-1]
+            assert last.recency_at is not None
+            next_cursor = _encode_cursor(query, us_from_utc(last.recency_at), last.thread_id)
+        return Page(threads=threads, next_cursor=next_cursor)
+
+    def row_count(self) -> int:
+        """How many threads have a row."""
+        return int(self._readers.get().execute("SELECT count(*) FROM threads").fetchone()[0])
+
+    def integrity_ok(self) -> bool:
+        """Run ``PRAGMA quick_check``."""
+        return self._conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+
+    def close(self) -> None:
+        """Close every connection."""
+        self._readers.close()
+        self._conn.close()
+
+
+def _encode_cursor(query: list[Any], recency_us: int, thread_id: str) -> str:
+    raw = json.dumps([_CURSOR_VERSION, *query, recency_us, thread_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: object, query: list[Any]) -> tuple[int, str]:
+    """Decode a cursor; it must come from the same query (filters and search)."""
+    problem = InvalidCursor(
+        "invalid cursor: pass back the next_cursor of a page from the same list_threads "
+        "query (same archived, search and include_empty)")
+    if not isinstance(cursor, str) or len(cursor) > 4096:
+        raise problem
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        version, *got, recency_us, thread_id = json.loads(raw)
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
+        raise problem from exc
+    if (version != _CURSOR_VERSION or got != query or type(recency_us) is not int
+            or not isinstance(thread_id, str)):
+        raise problem
+    return recency_us, thread_id

@@ -1,0 +1,188 @@
+"""Pure data: metadata rows, stored items, pages and status, plus input validation."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Mapping
+
+from .errors import InvalidArgument, InvalidItem
+
+THREAD_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+DEFAULT_MAX_ITEM_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadMetadata:
+    """A thread's projected metadata: the fold of its history up to ``projected_seq``.
+
+    Datetimes are timezone-aware UTC. ``token_usage`` is the ``total_token_usage`` dict of
+    the latest ``token_count`` event, or ``None``.
+    """
+
+    thread_id: str
+    name: str | None = None
+    title: str | None = None
+    preview: str | None = None
+    first_user_message: str | None = None
+    model_provider: str | None = None
+    model: str | None = None
+    reasoning_effort: str | None = None
+    cwd: str | None = None
+    cli_version: str | None = None
+    source: str | None = None
+    git_sha: str | None = None
+    git_branch: str | None = None
+    git_origin_url: str | None = None
+    token_usage: dict[str, Any] | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    recency_at: datetime | None = None
+    archived_at: datetime | None = None
+    item_count: int = 0
+    projected_seq: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the fields as a JSON-ready dict (datetimes as ISO 8601 strings)."""
+        out: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            out[name] = value.isoformat() if isinstance(value, datetime) else value
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class StoredItem:
+    """One history entry: its per-thread ``seq``, its timestamp and the item itself."""
+
+    seq: int
+    ts: datetime
+    item: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of ``list_threads``; pass ``next_cursor`` back to get the next one."""
+
+    threads: list[ThreadMetadata]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadStatus:
+    """Where a thread's projection stands.
+
+    ``pending`` is true while ``projected_seq < head_seq``. ``attempts`` counts the
+    attempts of the current retry budget; ``last_error`` is the error of the last failed
+    attempt until an attempt succeeds.
+    """
+
+    head_seq: int
+    projected_seq: int
+    pending: bool
+    attempts: int
+    last_error: str | None
+    waiters: int
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedItem:
+    """An item validated and serialized for the history log."""
+
+    text: str
+    ts_us: int
+
+
+def utc(value: int) -> datetime:
+    """Turn integer microseconds since the epoch into an aware UTC datetime."""
+    return _EPOCH + timedelta(microseconds=value)
+
+
+def utc_from_us(value: int | None) -> datetime | None:
+    """Like :func:`utc`, passing ``None`` through."""
+    return None if value is None else utc(value)
+
+
+def us_from_utc(value: datetime) -> int:
+    """Turn a datetime (naive means UTC) into integer microseconds since the epoch."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def parse_timestamp(value: Any) -> int | None:
+    """Parse an RFC 3339 timestamp into microseconds; ``None`` when it is not one."""
+    if not isinstance(value, str) or not 10 <= len(value) <= 64:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    try:
+        return us_from_utc(parsed)
+    except OverflowError:
+        return None
+
+
+def check_thread_id(thread_id: object) -> str:
+    """Return ``thread_id`` if it is a valid id, else raise :class:`InvalidArgument`."""
+    if isinstance(thread_id, str) and THREAD_ID_PATTERN.fullmatch(thread_id):
+        return thread_id
+    raise InvalidArgument(
+        f"invalid thread id {thread_id!r}: use 1 to 128 characters from [A-Za-z0-9._:-]"
+    )
+
+
+def check_timeout(timeout: object, *, name: str = "timeout") -> float | None:
+    """Return a timeout in seconds (``None`` = no limit) or raise :class:`InvalidArgument`."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise InvalidArgument(f"{name} must be a number of seconds or None, not {timeout!r}")
+    if math.isnan(timeout) or timeout < 0:
+        raise InvalidArgument(f"{name} must be >= 0 seconds, not {timeout!r}")
+    return float(timeout)
+
+
+def check_count(value: object, *, name: str, minimum: int, maximum: int) -> int:
+    """Return an int within bounds or raise :class:`InvalidArgument`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise InvalidArgument(f"{name} must be an integer from {minimum} to {maximum}, not {value!r}")
+    return value
+
+
+def encode_item(item: object, now_us: int, max_bytes: int) -> EncodedItem:
+    """Validate one item and serialize it; raise :class:`InvalidItem` when it is bad.
+
+    ASCII-escaped JSON keeps lone surrogates and NUL bytes round-trippable in SQLite.
+    """
+    if not isinstance(item, Mapping):
+        raise InvalidItem(f"an item must be a JSON object (dict), not {type(item).__name__}")
+    kind = item.get("type")
+    if not isinstance(kind, str) or not kind:
+        raise InvalidItem("an item needs a non-empty string 'type', e.g. {'type': 'event_msg', ...}")
+    ts_us = now_us
+    if "timestamp" in item:
+        parsed = parse_timestamp(item["timestamp"])
+        if parsed is None:
+            raise InvalidItem(
+                f"item 'timestamp' must be an RFC 3339 string, not {item['timestamp']!r}"
+            )
+        ts_us = parsed
+    try:
+        text = json.dumps(item, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidItem(f"item of type {kind!r} is not JSON-serializable: {exc}") from exc
+    if len(text) > max_bytes:
+        raise InvalidItem(
+            f"item of type {kind!r} is {len(text)} bytes as JSON, over max_item_bytes={max_bytes}; "
+            "store large blobs elsewhere and append a reference"
+        )
+    return EncodedItem(text, ts_us)

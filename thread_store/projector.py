@@ -1,0 +1,653 @@
+"""The projector: per-thread scheduling, coalescing, barriers, retries and group commit.
+
+One worker thread (``thread_store-projector``) takes every thread that is due and
+projects them in one index transaction. A barrier registers a waiter before it checks,
+expedites its thread, and may run its thread's projection itself when nothing else is
+(saving two thread hand-offs). Per thread the state is O(1): watermarks, counters, and
+at most :data:`~thread_store.tracing.MAX_LINKS` captured trace contexts.
+
+Lock order: history lock -> projector lock; the index write lock is never taken while
+the projector lock is held.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+from opentelemetry.trace import SpanContext
+
+from . import _sqlite
+from .derive import ProjectionRules
+from .errors import ProjectionFailed, StoreClosed, ThreadDiscarded, TransientProjectionError
+from .history import History
+from .index import Index, RowWrite
+from .model import ThreadMetadata
+from .tracing import MAX_LINKS, Telemetry
+
+log = logging.getLogger(__name__)
+
+ProjectionHook = Callable[[str, int], None]
+_HEARTBEAT_S = 1.0
+_MAX_BATCH = 512
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Capped exponential backoff with jitter; ``attempts`` is the budget per failure run."""
+
+    attempts: int = 8
+    base_delay: float = 0.05
+    max_delay: float = 1.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Backoff before retry number ``attempt`` (1-based), jittered into [50%, 100%]."""
+        return min(self.max_delay, self.base_delay * 2 ** (attempt - 1)) * rng.uniform(0.5, 1.0)
+
+
+class _Success:
+    """Outcome of a waiter whose generation is projected (``meta`` when known)."""
+
+    __slots__ = ("meta",)
+
+    def __init__(self, meta: ThreadMetadata | None) -> None:
+        self.meta = meta
+
+
+Outcome = _Success | BaseException
+
+
+class Waiter:
+    """One barrier waiting for ``target``; resolved once, under the projector lock."""
+
+    __slots__ = ("thread_id", "target", "epoch", "outcome", "callback", "cond")
+
+    def __init__(self, thread_id: str, target: int, epoch: int,
+                 callback: Callable[[Outcome], None] | None, cond: threading.Condition) -> None:
+        self.cond = cond
+        self.thread_id = thread_id
+        self.target = target
+        self.epoch = epoch
+        self.outcome: Outcome | None = None
+        self.callback = callback
+
+
+class _Thread:
+    """Scheduler state of one thread. Every field is guarded by the projector lock."""
+
+    __slots__ = ("thread_id", "head", "projected", "in_flight", "ready_at", "attempts",
+                 "last_error", "failure", "failed_gen", "failure_epoch", "held", "waiters",
+                 "cond", "contexts", "dropped", "appends", "pending_since", "gone", "refold")
+
+    def __init__(self, thread_id: str, head: int, projected: int, lock: threading.Lock) -> None:
+        self.thread_id = thread_id
+        self.head = head
+        self.projected = projected
+        self.in_flight: int | None = None
+        self.ready_at: float | None = None
+        self.attempts = 0
+        self.last_error: str | None = None
+        self.failure: BaseException | None = None
+        self.failed_gen = 0
+        self.failure_epoch = 0
+        self.held = False  # failed for good; waits for the next append or flush
+        self.waiters: list[Waiter] = []
+        self.cond = threading.Condition(lock)
+        self.contexts: list[tuple[int, SpanContext]] = []
+        self.dropped = 0
+        self.appends = 0
+        self.pending_since: float | None = None
+        self.gone: str | None = None
+        self.refold = False
+
+
+@dataclass(slots=True)
+class _Claim:
+    """One thread's projection attempt: what it covers, snapshotted at its start."""
+
+    state: _Thread
+    target: int
+    base: int
+    contexts: list[SpanContext]
+    dropped: int
+    appends: int
+    attempt: int
+    expedited: bool
+    refold: bool
+    pending_since: float | None
+
+
+@dataclass(slots=True)
+class _Result:
+    kind: str  # ok | retry | failed | gone | closed
+    meta: ThreadMetadata | None = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectorStats:
+    """Counters since open: group commits, rows, attempts, retries, failures, backlog."""
+
+    transactions: int
+    rows_written: int
+    attempts: int
+    retries: int
+    failures: int
+    pending_threads: int
+    waiters: int
+
+
+def _worker_main(ref: weakref.ReferenceType[Projector]) -> None:
+    """The worker thread's target; it holds only a weak reference to its projector."""
+    while True:
+        projector = ref()
+        if projector is None:
+            return
+        claims = projector._next_batch()
+        if claims is None:
+            return
+        projector._run(claims)
+        del projector, claims
+
+
+class Projector:
+    """Keeps the index caught up with the history, and serves barriers."""
+
+    def __init__(self, history: History, index: Index, rules: ProjectionRules,
+                 telemetry: Telemetry, *, hook: ProjectionHook | None, retry: RetryPolicy,
+                 coalesce_delay: float, caller_runs: bool) -> None:
+        self._history = history
+        self._index = index
+        self._rules = rules
+        self._telemetry = telemetry
+        self._hook = hook
+        self._retry = retry
+        self._delay = coalesce_delay
+        self._caller_runs = caller_runs
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._idle = threading.Condition(self._lock)
+        self._threads: dict[str, _Thread] = {}
+        self._scheduled: dict[str, _Thread] = {}
+        self._in_flight = 0
+        self._paused = False
+        self._closing = False
+        self._stopped = False
+        self._worker_wake_at: float | None = None
+        self._heartbeat = time.monotonic()
+        self._rng = random.Random()
+        self._counts = {"rows": 0, "attempts": 0, "retries": 0, "failures": 0}
+        self._worker = threading.Thread(target=_worker_main, args=(weakref.ref(self),),
+                                        name="thread_store-projector", daemon=False)
+        telemetry.observe(self._gauges)
+
+    def start(self, behind: dict[str, tuple[int, int, bool]]) -> None:
+        """Schedule catch-up for ``{thread_id: (head, projected, refold)}`` and start."""
+        with self._lock:
+            for thread_id, (head, projected, refold) in behind.items():
+                st = _Thread(thread_id, head, 0 if refold else projected, self._lock)
+                st.refold = refold
+                st.pending_since = time.monotonic()
+                self._threads[thread_id] = st
+                self._schedule(st, 0.0)
+        # Started from open(), never lazily from a request, so the worker inherits no
+        # caller's context (threads start with an empty contextvars context anyway).
+        self._worker.start()
+
+    # -- events from the store (called with the history lock held) --------------------
+
+    def on_create(self, thread_id: str, head: int) -> None:
+        """A thread was created with ``head`` items (0 or 1)."""
+        with self._lock:
+            st = _Thread(thread_id, head, 0, self._lock)
+            self._threads[thread_id] = st
+            if head:
+                st.appends = 1
+                st.pending_since = time.monotonic()
+                self._schedule(st, self._delay)
+
+    def on_append(self, thread_id: str, head: int, added: int, context: SpanContext | None) -> None:
+        """Items up to ``head`` are durable; schedule (and coalesce) their projection."""
+        with self._lock:
+            st = self._threads.get(thread_id)
+            if st is None:
+                # Threads without state are fully projected: open() gave every thread
+                # that was behind a state, and idle states are dropped only when caught up.
+                st = self._threads[thread_id] = _Thread(thread_id, head - added, head - added,
+                                                        self._lock)
+            elif st.gone:
+                return
+            st.head = head
+            st.appends += 1
+            if context is not None:
+                if len(st.contexts) < MAX_LINKS:
+                    st.contexts.append((head, context))
+                else:
+                    st.dropped += 1
+            if st.pending_since is None:
+                st.pending_since = time.monotonic()
+            if st.held:
+                st.held = False
+                st.attempts = 0
+            self._schedule(st, 0.0 if st.waiters else self._delay)
+
+    # -- barriers -------------------------------------------------------------------------
+
+    def begin_wait(self, thread_id: str, target: int,
+                   callback: Callable[[Outcome], None] | None = None, *,
+                   allow_caller_run: bool = True) -> Waiter | None:
+        """Register a waiter for ``target``, or return ``None`` if it is already projected.
+
+        The waiter is registered before the check, under the same lock the projector
+        resolves waiters with, so no wake-up can be lost.
+        """
+        claim = None
+        with self._lock:
+            if self._closing or self._stopped:
+                raise StoreClosed("the thread store is closed; " + _DURABLE_HINT)
+            st = self._threads.get(thread_id)
+            if st is None:
+                return None
+            if st.gone:
+                raise ThreadDiscarded(f"thread {thread_id!r} was {st.gone}")
+            if st.projected >= target:
+                return None
+            waiter = Waiter(thread_id, target, st.failure_epoch, callback, st.cond)
+            first = not st.waiters
+            st.waiters.append(waiter)
+            if st.held:
+                st.held = False
+                st.attempts = 0
+            if (allow_caller_run and self._caller_runs and st.in_flight is None
+                    and not self._paused):
+                claim = self._claim(st, expedited=True)
+            elif st.in_flight is None and (first or st.ready_at is None):
+                self._schedule(st, 0.0)
+        if claim is not None:
+            self._run([claim])
+        return waiter
+
+    def wait(self, waiter: Waiter, deadline: float | None) -> Outcome | None:
+        """Block until ``waiter`` resolves; ``None`` at the deadline (waiter removed)."""
+        with self._lock:
+            while waiter.outcome is None:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    self._drop_waiter_locked(waiter)
+                    return None
+                waiter.cond.wait(remaining)
+            return waiter.outcome
+
+    def cancel(self, waiter: Waiter) -> None:
+        """Remove a waiter that timed out or was cancelled."""
+        with self._lock:
+            self._drop_waiter_locked(waiter)
+
+    def projected(self, thread_id: str) -> int | None:
+        """The in-memory projected generation, or ``None`` when the thread has no state."""
+        with self._lock:
+            st = self._threads.get(thread_id)
+            return None if st is None else st.projected
+
+    def behind(self) -> dict[str, int]:
+        """``{thread_id: head}`` of every thread whose projection is behind."""
+        with self._lock:
+            return {t: s.head for t, s in self._threads.items()
+                    if not s.gone and (s.projected < s.head or s.refold)}
+
+    def status(self, thread_id: str) -> tuple[int, int, bool, int, str | None, int] | None:
+        """``(head, projected, pending, attempts, last_error, waiters)`` if in memory."""
+        with self._lock:
+            st = self._threads.get(thread_id)
+            if st is None:
+                return None
+            if st.gone:
+                raise ThreadDiscarded(f"thread {thread_id!r} was {st.gone}")
+            return (st.head, st.projected, st.projected < st.head, st.attempts, st.last_error,
+                    len(st.waiters))
+
+    def stats(self) -> ProjectorStats:
+        """Counters since open."""
+        with self._lock:
+            return ProjectorStats(
+                transactions=self._index.transactions, rows_written=self._counts["rows"],
+                attempts=self._counts["attempts"], retries=self._counts["retries"],
+                failures=self._counts["failures"],
+                pending_threads=sum(1 for s in self._threads.values() if s.projected < s.head),
+                waiters=sum(len(s.waiters) for s in self._threads.values()))
+
+    # -- discard / delete -----------------------------------------------------------------
+
+    def forget(self, thread_id: str, kind: str, timeout: float | None) -> Callable[[], None]:
+        """Stop projecting a thread: drop pending work, fail its waiters, wait in-flight.
+
+        Returns a function that drops the state once history and index are cleaned.
+        An attempt still in flight after ``timeout`` is fenced: it re-checks ``gone``
+        under the index write lock and writes nothing.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            st = self._threads.get(thread_id)
+            if st is None:
+                st = self._threads[thread_id] = _Thread(thread_id, 0, 0, self._lock)
+            st.gone = kind
+            self._scheduled.pop(thread_id, None)
+            self._resolve(st, None)
+            while st.in_flight is not None:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                st.cond.wait(remaining)
+
+        def drop() -> None:
+            with self._lock:
+                if self._threads.get(thread_id) is st:
+                    del self._threads[thread_id]
+
+        return drop
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def pause(self) -> None:
+        """Hold the projector still: no new attempt starts until :meth:`resume`."""
+        with self._lock:
+            self._paused = True
+
+    def resume(self) -> None:
+        """Let the projector run again."""
+        with self._lock:
+            self._paused = False
+            self._work.notify()
+
+    def close(self, timeout: float) -> dict[str, int]:
+        """Drain within ``timeout``, fence the index, resolve waiters, join the worker.
+
+        Returns ``{thread_id: head}`` of the threads still behind (for the next open).
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            already = self._closing
+            self._closing = True
+            self._paused = False
+            self._work.notify()
+            while (self._scheduled or self._in_flight) and time.monotonic() < deadline:
+                self._idle.wait(deadline - time.monotonic())
+        if not already:
+            # An attempt holds the write lock only for its SQL (bounded by the busy
+            # timeout), never while it runs hooks, so this wait is short.
+            lock = self._index.write_lock
+            acquired = lock.acquire(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+            self._index.fenced = True
+            if acquired:
+                lock.release()
+        with self._lock:
+            self._stopped = True
+            for st in self._threads.values():
+                self._resolve(st, None, final=True)
+            self._work.notify_all()
+        if self._worker.is_alive() and self._worker is not threading.current_thread():
+            self._worker.join(max(0.0, deadline - time.monotonic()))
+            if self._worker.is_alive():
+                log.warning("thread_store: projector still busy at close (a projection_hook is "
+                            "blocking); it is fenced and will write nothing")
+        return self.behind()
+
+    def stop_now(self) -> None:
+        """Stop without draining (garbage collection, fork): history keeps everything."""
+        with self._lock:
+            self._closing = self._stopped = True
+            self._index.fenced = True
+            self._work.notify_all()
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: new locks, no worker; every call raises StoreClosed."""
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._idle = threading.Condition(self._lock)
+        self._threads = {}
+        self._scheduled = {}
+        self._closing = self._stopped = True
+
+    # -- worker ---------------------------------------------------------------------------
+
+    def _next_batch(self) -> list[_Claim] | None:
+        """Wait for due threads and claim up to a batch of them; ``None`` means exit."""
+        with self._lock:
+            while True:
+                now = time.monotonic()
+                self._heartbeat = now
+                if self._stopped:
+                    return None
+                wake = math.inf
+                if not self._paused:
+                    due = []
+                    for st in self._scheduled.values():
+                        ready_at = st.ready_at if st.ready_at is not None else now
+                        if ready_at <= now or self._closing:
+                            due.append(st)
+                            if len(due) >= _MAX_BATCH:
+                                break
+                        else:
+                            wake = min(wake, ready_at)
+                    if due:
+                        self._worker_wake_at = None
+                        return [self._claim(st, expedited=bool(st.waiters)) for st in due]
+                self._worker_wake_at = wake
+                self._work.wait(min(wake - now, _HEARTBEAT_S))
+
+    def _schedule(self, st: _Thread, delay: float) -> None:
+        """Make ``st`` due after ``delay`` (never later than it already is)."""
+        if st.in_flight is not None or st.gone:
+            return  # the attempt's end reschedules it if more work arrived
+        ready_at = time.monotonic() + delay
+        if st.ready_at is None or ready_at < st.ready_at:
+            st.ready_at = ready_at
+        self._scheduled[st.thread_id] = st
+        wake = self._worker_wake_at
+        if wake is not None and st.ready_at < wake:
+            self._worker_wake_at = st.ready_at
+            self._work.notify()
+
+    def _claim(self, st: _Thread, *, expedited: bool) -> _Claim:
+        """Start an attempt on ``st`` covering its current head (lock held)."""
+        self._scheduled.pop(st.thread_id, None)
+        st.ready_at = None
+        st.in_flight = st.head
+        st.attempts += 1
+        self._in_flight += 1
+        self._counts["attempts"] += 1
+        return _Claim(st, st.head, st.projected, [c for g, c in st.contexts if g <= st.head],
+                      st.dropped, st.appends, st.attempts, expedited, st.refold, st.pending_since)
+
+    def _run(self, claims: list[_Claim]) -> None:
+        """Run one attempt per claim and commit the successful ones in one transaction."""
+        tel = self._telemetry
+        spans = {}
+        if tel.tracing():
+            for c in claims:
+                spans[id(c)] = tel.start_projection(
+                    c.state.thread_id, c.contexts, c.dropped, c.appends, c.base, c.target,
+                    c.attempt, c.expedited, len(claims))
+        results: dict[int, _Result] = {}
+        rows: list[tuple[_Claim, RowWrite]] = []
+        for c in claims:
+            result, row = self._prepare(c)
+            if row is None:
+                results[id(c)] = result
+            else:
+                rows.append((c, row))
+        if rows:
+            self._commit(rows, results)
+        with self._lock:
+            for c in claims:
+                result = results[id(c)]
+                backoff = self._finish(c, result)
+                span = spans.get(id(c))
+                if span is not None:
+                    tel.end_projection(span, c.contexts, outcome=result.kind, error=result.error,
+                                       backoff=backoff)
+            self._in_flight -= len(claims)
+            self._idle.notify_all()
+
+    def _prepare(self, c: _Claim) -> tuple[_Result, RowWrite | None]:
+        """Run the hook and the fold for one claim (no locks held)."""
+        thread_id = c.state.thread_id
+        try:
+            if self._hook is not None:
+                self._hook(thread_id, c.target)
+            base, state_json = (0, None) if c.refold else self._index.load_state(thread_id)
+            if base > c.target:
+                base, state_json = 0, None  # index ahead of history: re-fold from scratch
+            if state_json is None:
+                base = 0
+                state = self._rules.initial(thread_id, self._history.created_us(thread_id))
+            else:
+                state = json.loads(state_json)
+            seq = base
+            for page in self._history.iter_range(thread_id, base, c.target):
+                for seq, ts_us, text in page:
+                    state = self._rules.apply(state, json.loads(text), ts_us)
+            if seq != c.target:
+                return _Result("gone", error=ThreadDiscarded(f"thread {thread_id!r} is gone")), None
+            meta = self._rules.metadata(thread_id, state, c.target)
+            return _Result("ok", meta=meta), RowWrite(meta, json.dumps(state))
+        except ThreadDiscarded as exc:
+            return _Result("gone", error=exc), None
+        except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
+            kind = "retry" if self._transient(exc) else "failed"
+            return _Result(kind, error=exc), None
+
+    def _commit(self, rows: list[tuple[_Claim, RowWrite]], results: dict[int, _Result]) -> None:
+        """Write the rows in one transaction, fenced by close and by discard/delete."""
+        with self._index.write_lock:
+            if self._index.fenced:
+                for c, _ in rows:
+                    results[id(c)] = _Result("closed")
+                return
+            live = []
+            for c, row in rows:
+                if c.state.gone:
+                    results[id(c)] = _Result("gone")
+                else:
+                    live.append((c, row))
+            if not live:
+                return
+            try:
+                errors = self._index.write_rows([row for _, row in live])
+            except BaseException as exc:  # noqa: BLE001
+                kind = "retry" if self._transient(exc) else "failed"
+                for c, _ in live:
+                    results[id(c)] = _Result(kind, error=exc)
+                return
+        self._telemetry.transactions.add(1)
+        for c, row in live:
+            error = errors.get(c.state.thread_id)
+            results[id(c)] = _Result("failed", error=error) if error else _Result("ok", meta=row.meta)
+
+    def _finish(self, c: _Claim, result: _Result) -> float | None:
+        """Apply one attempt's outcome to its thread and resolve waiters (lock held)."""
+        st = c.state
+        st.in_flight = None
+        backoff = None
+        now = time.monotonic()
+        if result.kind == "ok":
+            self._counts["rows"] += 1
+            st.projected = max(st.projected, c.target)
+            st.refold = False
+            st.attempts = 0
+            st.last_error = None
+            st.contexts = [(g, ctx) for g, ctx in st.contexts if g > c.target]
+            st.appends -= c.appends
+            st.dropped -= c.dropped
+            if c.pending_since is not None:
+                self._telemetry.lag.record(now - c.pending_since)
+            st.pending_since = now if st.projected < st.head else None
+        elif result.kind == "retry" and st.attempts < self._retry.attempts:
+            self._counts["retries"] += 1
+            self._telemetry.retries.add(1)
+            st.last_error = _describe(result.error)
+            backoff = self._retry.delay(st.attempts, self._rng)
+            self._schedule(st, backoff)
+        elif result.kind in ("retry", "failed"):
+            self._counts["failures"] += 1
+            self._telemetry.failures.add(1)
+            st.last_error = _describe(result.error)
+            st.failure = result.error
+            st.failed_gen = c.target
+            st.failure_epoch += 1
+            # Work that arrived while this attempt ran gets a fresh attempt and budget.
+            st.held = st.head <= c.target
+            if not st.held:
+                st.attempts = 0
+        self._resolve(st, result.meta)
+        if st.projected < st.head and not st.held and not st.gone and not self._stopped:
+            self._schedule(st, 0.0 if st.waiters else self._delay)
+        elif (result.kind == "ok" and not st.waiters and st.projected == st.head and not st.contexts
+              and st.ready_at is None and self._threads.get(st.thread_id) is st):
+            del self._threads[st.thread_id]  # idle and caught up: O(active threads) memory
+        st.cond.notify_all()
+        return backoff
+
+    def _resolve(self, st: _Thread, meta: ThreadMetadata | None, *, final: bool = False) -> None:
+        """Give every waiter of ``st`` that can be answered now its outcome (lock held)."""
+        if not st.waiters:
+            return
+        keep = []
+        for w in st.waiters:
+            outcome: Outcome | None = None
+            if st.gone:
+                outcome = ThreadDiscarded(f"thread {st.thread_id!r} was {st.gone}; {_DURABLE_HINT}")
+            elif st.projected >= w.target:
+                outcome = _Success(meta if meta is not None and meta.projected_seq >= w.target else None)
+            elif st.failure_epoch > w.epoch and st.failed_gen >= w.target:
+                error = ProjectionFailed([st.thread_id], st.failed_gen, _describe(st.failure))
+                error.__cause__ = st.failure
+                outcome = error
+            elif final:
+                outcome = StoreClosed(
+                    f"the store closed before thread {st.thread_id!r} reached generation "
+                    f"{w.target} (projected: {st.projected}); it is caught up on the next open. "
+                    + _DURABLE_HINT)
+            if outcome is None:
+                keep.append(w)
+                continue
+            w.outcome = outcome
+            if w.callback is not None:
+                w.callback(outcome)
+        st.waiters = keep
+        st.cond.notify_all()
+
+    def _drop_waiter_locked(self, waiter: Waiter) -> None:
+        st = self._threads.get(waiter.thread_id)
+        if st is not None and waiter in st.waiters:
+            st.waiters.remove(waiter)
+
+    def _transient(self, exc: BaseException) -> bool:
+        return isinstance(exc, TransientProjectionError) or _sqlite.is_transient(exc)
+
+    def _gauges(self) -> dict[str, float]:
+        with self._lock:
+            now = time.monotonic()
+            pending = [s for s in self._threads.values() if s.projected < s.head]
+            oldest = min((s.pending_since for s in pending if s.pending_since is not None),
+                         default=now)
+            return {"pending_threads": len(pending), "oldest_pending_age": now - oldest,
+                    "waiters": sum(len(s.waiters) for s in self._threads.values()),
+                    "heartbeat_age": now - self._heartbeat}
+
+
+_DURABLE_HINT = "the appended items are durable in the history; do not append them again"
+
+
+def _describe(error: BaseException | None) -> str:
+    if error is None:
+        return "unknown error"
+    return f"{type(error).__name__}: {error}"
+

@@ -1,0 +1,581 @@
+"""``ThreadStore``: the facade that validates input, owns the lifecycle and keeps the contract.
+
+The contract itself (durable-first appends, generation barriers, retry, discard, shutdown,
+recovery, trace propagation) is stated once, in the README and in DESIGN §1.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+import warnings
+import weakref
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Mapping, Sequence
+
+from opentelemetry import metrics, trace
+
+from .derive import ARCHIVE_EDIT, METADATA_EDIT, CodexRules, ProjectionRules
+from .errors import (FlushTimeout, InvalidArgument, NotAThreadStore, ProjectionFailed,
+                     ReadOnlyStore, StoreClosed, StoreLocked, ThreadDiscarded, ThreadStoreError)
+from .history import History
+from .index import Index
+from .model import (DEFAULT_MAX_ITEM_BYTES, EncodedItem, Page, StoredItem, ThreadMetadata,
+                    ThreadStatus, check_count, check_thread_id, check_timeout, encode_item, utc)
+from .projector import Projector, ProjectionHook, ProjectorStats, RetryPolicy, Waiter, _Success
+from .tracing import ATTR_GENERATION, Telemetry, capture
+
+log = logging.getLogger("thread_store")
+
+HISTORY_FILE = "history.db"
+INDEX_FILE = "index.db"
+LOCK_FILE = "store.lock"
+_SESSION_KEY = "session"
+_UNSET: Any = object()
+_open_stores: weakref.WeakSet[ThreadStore] = weakref.WeakSet()
+
+
+class ThreadStore:
+    """A durable store of conversation threads with a projected, listable metadata index.
+
+    Open it with :meth:`open`; use it as a context manager or call :meth:`close`. All
+    methods are thread-safe. See the README for the full contract.
+    """
+
+    def __init__(self, path: Path, history: History, index: Index, projector: Projector | None,
+                 rules: ProjectionRules, telemetry: Telemetry, *, projection: str,
+                 max_item_bytes: int, lock_fd: int | None) -> None:
+        """Use :meth:`ThreadStore.open`; this constructor only wires the parts together."""
+        self.path = path
+        self._history = history
+        self._index = index
+        self._projector = projector
+        self._rules = rules
+        self._telemetry = telemetry
+        self._sync = projection == "sync"
+        self._max_item_bytes = max_item_bytes
+        self._lock_fd = lock_fd
+        self._closed = False
+        self._closed_why = "the thread store is closed; open it again"
+        self._close_lock = threading.Lock()
+        _open_stores.add(self)
+
+    # -- opening --------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, projection: str = "async",
+             durability: str = "normal", tracer_provider: trace.TracerProvider | None = None,
+             meter_provider: metrics.MeterProvider | None = None,
+             projection_hook: ProjectionHook | None = None, rules: ProjectionRules | None = None,
+             max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES, coalesce_delay: float = 0.005,
+             retry: RetryPolicy | None = None, caller_runs: bool = True,
+             read_only: bool = False) -> ThreadStore:
+        """Open (creating as needed) the store in directory ``path``.
+
+        :param projection: ``"async"`` (default) projects in the background; ``"sync"``
+            projects inside ``append`` (the baseline design, and an escape hatch).
+        :param durability: ``"normal"`` (WAL, synchronous=NORMAL: survives a process
+            crash) or ``"full"`` (synchronous=FULL: also survives power loss).
+        :param tracer_provider: OpenTelemetry tracer provider; default the global one.
+        :param meter_provider: OpenTelemetry meter provider; default the global one.
+        :param projection_hook: ``hook(thread_id, generation)`` runs before each thread's
+            projection is written; raise :class:`TransientProjectionError` to get a retry.
+        :param rules: the metadata fold; default :class:`~thread_store.derive.CodexRules`.
+        :param max_item_bytes: largest item accepted, as serialized JSON.
+        :param coalesce_delay: seconds an append waits for company before projection;
+            barriers skip it.
+        :param retry: retry budget and backoff of transient projection errors.
+        :param caller_runs: let a barrier project its own idle thread in the calling
+            thread, saving two thread hand-offs.
+        :param read_only: open for reading while another process writes.
+        :returns: the open store.
+        :raises NotAThreadStore: ``path`` holds something else or cannot be written.
+        :raises StoreLocked: another process has the store open for writing.
+        :raises SchemaTooNew: the files come from a newer thread_store.
+
+        >>> with ThreadStore.open("data/threads") as store:  # doctest: +SKIP
+        ...     tid = store.create_thread(metadata={"cwd": "/repo"})
+        """
+        if projection not in ("async", "sync"):
+            raise InvalidArgument(f"projection must be 'async' or 'sync', not {projection!r}")
+        if durability not in ("normal", "full"):
+            raise InvalidArgument(f"durability must be 'normal' or 'full', not {durability!r}")
+        check_count(max_item_bytes, name="max_item_bytes", minimum=64, maximum=1 << 30)
+        check_timeout(coalesce_delay, name="coalesce_delay")
+        root = _prepare_directory(Path(path), read_only)
+        lock_fd = None if read_only else _lock_directory(root)
+        try:
+            history = History(root / HISTORY_FILE, durability=durability, read_only=read_only)
+            index = _open_index(root / INDEX_FILE, durability, read_only)
+        except BaseException:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+        rules = rules or CodexRules()
+        telemetry = Telemetry(tracer_provider, meter_provider)
+        projector = None
+        if not read_only:
+            projector = Projector(history, index, rules, telemetry, hook=projection_hook,
+                                  retry=retry or RetryPolicy(), coalesce_delay=coalesce_delay,
+                                  caller_runs=caller_runs)
+            projector.start(_recover(history, index))
+        return cls(root, history, index, projector, rules, telemetry, projection=projection,
+                   max_item_bytes=max_item_bytes, lock_fd=lock_fd)
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def create_thread(self, thread_id: str | None = None, *,
+                      metadata: Mapping[str, Any] | None = None) -> str:
+        """Create a thread and return its id (a new UUID unless ``thread_id`` is given).
+
+        :param metadata: ``session_meta`` fields (``cwd``, ``model_provider``, ``git``, ...),
+            stored as the thread's first history item; none means no item.
+        :raises ThreadExists: the id is taken. :raises ThreadDiscarded: the id was discarded.
+        """
+        projector = self._writable()
+        thread_id = str(uuid.uuid4()) if thread_id is None else check_thread_id(thread_id)
+        first = None
+        if metadata is not None:
+            if not isinstance(metadata, Mapping):
+                raise InvalidArgument(f"metadata must be a dict, not {type(metadata).__name__}")
+            if metadata:
+                first = self._encode([{"type": "session_meta", "payload": dict(metadata)}])[0]
+        self._history.create(thread_id, _now_us(), first,
+                             lambda head: projector.on_create(thread_id, head))
+        if first is not None and self._sync:
+            self._barrier(thread_id, 1, None)
+        return thread_id
+
+    def append(self, thread_id: str, items: Sequence[Mapping[str, Any]]) -> int:
+        """Append items durably and return the thread's new generation (its last ``seq``).
+
+        Returns as soon as the items are committed to the history; the metadata follows
+        in the background (in ``projection="sync"`` mode, before returning). An empty list
+        writes nothing and returns the current generation.
+
+        :raises InvalidItem: an item is malformed; nothing was written.
+        :raises ThreadNotFound: unknown thread. :raises ThreadDiscarded: discarded thread.
+        :raises ProjectionFailed: sync mode only; the items are durable all the same.
+        """
+        generation = self._append(thread_id, items)
+        if self._sync and items:
+            self._barrier(thread_id, generation, None)
+        return generation
+
+    def append_and_flush(self, thread_id: str, items: Sequence[Mapping[str, Any]],
+                         timeout: float | None = None) -> ThreadMetadata:
+        """Append durably, then wait until the metadata covers the append.
+
+        :returns: the projected metadata, list-visible when this returns.
+        :raises FlushTimeout: see :meth:`flush`; the items are durable.
+        """
+        timeout = check_timeout(timeout)
+        generation = self._append(thread_id, items)
+        return self._barrier(thread_id, generation, timeout)
+
+    def update_metadata(self, thread_id: str, *, name: str | None = _UNSET,
+                        timeout: float | None = None) -> ThreadMetadata:
+        """Record an explicit edit as a history item, then wait until it is projected.
+
+        :param name: the thread's user-given name; ``None`` clears it.
+        """
+        if name is _UNSET:
+            raise InvalidArgument("update_metadata needs at least one field, e.g. name='Fix CI'")
+        if name is not None and not isinstance(name, str):
+            raise InvalidArgument(f"name must be a string or None, not {type(name).__name__}")
+        return self.append_and_flush(thread_id, [{"type": METADATA_EDIT, "payload": {"name": name}}],
+                                     timeout)
+
+    def archive_thread(self, thread_id: str, *, timeout: float | None = None) -> ThreadMetadata:
+        """Archive a thread (hide it from the default listing) and seal its metadata.
+
+        The archive is a history item, flushed before returning, so no later read of the
+        thread pays for catch-up.
+        """
+        return self._set_archived(thread_id, True, timeout)
+
+    def unarchive_thread(self, thread_id: str, *, timeout: float | None = None) -> ThreadMetadata:
+        """Bring an archived thread back to the default listing."""
+        return self._set_archived(thread_id, False, timeout)
+
+    def delete_thread(self, thread_id: str, *, timeout: float | None = None) -> None:
+        """Remove a thread for good: history, metadata and pending work.
+
+        Its waiters get :class:`ThreadDiscarded`; afterwards the id is unknown and may be
+        reused. Pending projection work is dropped, not run (it would be deleted anyway).
+        """
+        self._remove(thread_id, "deleted", timeout)
+
+    def discard(self, thread_id: str, timeout: float | None = None) -> None:
+        """Drop an ephemeral thread so that it never becomes visible, and tombstone it.
+
+        Pending projection work is dropped without running; an attempt already in flight
+        is awaited up to ``timeout`` and is fenced after that, so it cannot write. Later
+        calls on the id raise :class:`ThreadDiscarded`, also after a restart.
+        """
+        self._remove(thread_id, "discarded", timeout)
+
+    # -- barriers -------------------------------------------------------------------------
+
+    def flush(self, thread_id: str, *, generation: int | None = None,
+              timeout: float | None = None) -> ThreadMetadata:
+        """Wait until the thread's metadata covers ``generation`` (default: the current one).
+
+        :returns: the projected metadata.
+        :raises FlushTimeout: ``timeout`` passed first (carries target and projected).
+        :raises ProjectionFailed: the attempt covering the generation failed for good.
+        :raises ThreadDiscarded: the thread was discarded or deleted.
+        :raises StoreClosed: the store closed first.
+        """
+        check_thread_id(thread_id)
+        timeout = check_timeout(timeout)
+        self._writable()
+        head = self._history.head(thread_id)
+        if generation is None:
+            generation = head
+        check_count(generation, name="generation", minimum=0, maximum=1 << 62)
+        if generation > head:
+            raise InvalidArgument(
+                f"generation {generation} is above thread {thread_id!r}'s head ({head}); "
+                "flush the generation append() returned")
+        return self._barrier(thread_id, generation, timeout)
+
+    def flush_all(self, timeout: float | None = None) -> None:
+        """Wait until every thread's metadata covers its current generation.
+
+        :raises FlushTimeout: the deadline passed. :raises ProjectionFailed: names the
+            threads whose projection failed.
+        """
+        timeout = check_timeout(timeout)
+        projector = self._writable()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        waiters: list[Waiter] = []
+        for thread_id, head in projector.behind().items():
+            try:
+                waiter = projector.begin_wait(thread_id, head, allow_caller_run=False)
+            except ThreadDiscarded:
+                continue
+            if waiter is not None:
+                waiters.append(waiter)
+        failed: list[tuple[str, BaseException]] = []
+        for waiter in waiters:
+            outcome = projector.wait(waiter, deadline)
+            if outcome is None:
+                for rest in waiters:
+                    projector.cancel(rest)
+                raise FlushTimeout(waiter.thread_id, waiter.target,
+                                   projector.projected(waiter.thread_id) or 0, timeout or 0.0)
+            if isinstance(outcome, ProjectionFailed):
+                failed.append((waiter.thread_id, outcome))
+            elif isinstance(outcome, StoreClosed):
+                raise outcome
+        if failed:
+            error = ProjectionFailed([t for t, _ in failed], None,
+                                     "; ".join(f"{t}: {e.__cause__!r}" for t, e in failed))
+            raise error from failed[0][1]
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def read_thread(self, thread_id: str) -> ThreadMetadata:
+        """Return the thread's projected metadata (possibly behind its history).
+
+        A thread with nothing projected yet reads as its empty initial metadata.
+        """
+        check_thread_id(thread_id)
+        self._open_check()
+        meta = self._index.read(thread_id)
+        if meta is not None:
+            return meta
+        created = self._history.created_us(thread_id)
+        return self._rules.metadata(thread_id, self._rules.initial(thread_id, created), 0)
+
+    def read_history(self, thread_id: str, after_seq: int = 0, limit: int = 1000) -> list[StoredItem]:
+        """Return up to ``limit`` items with ``seq > after_seq``, in order.
+
+        Page through a long history by passing the last ``seq`` back as ``after_seq``.
+        """
+        check_thread_id(thread_id)
+        check_count(after_seq, name="after_seq", minimum=0, maximum=1 << 62)
+        check_count(limit, name="limit", minimum=1, maximum=100_000)
+        self._open_check()
+        head = self._history.head(thread_id) if self._projector else 1 << 62
+        rows = self._history.read(thread_id, after_seq, head, limit)
+        return [StoredItem(seq, utc(ts), json.loads(text)) for seq, ts, text in rows]
+
+    def list_threads(self, limit: int = 50, cursor: str | None = None, archived: bool = False,
+                     search: str | None = None, include_empty: bool = False) -> Page:
+        """Return a page of threads, newest recency first.
+
+        :param cursor: ``next_cursor`` of the previous page of the same query.
+        :param archived: list archived threads instead of active ones.
+        :param search: full-text search over title, preview and first user message.
+        :param include_empty: also list threads with no preview yet.
+        :raises InvalidCursor: the cursor is not from this query.
+        """
+        check_count(limit, name="limit", minimum=1, maximum=1000)
+        for flag, name in ((archived, "archived"), (include_empty, "include_empty")):
+            if not isinstance(flag, bool):
+                raise InvalidArgument(f"{name} must be True or False, not {flag!r}")
+        if search is not None and (not isinstance(search, str) or len(search) > 1000):
+            raise InvalidArgument("search must be a string of at most 1000 characters, or None")
+        self._open_check()
+        return self._index.list(limit=limit, cursor=cursor, archived=archived, search=search,
+                                include_empty=include_empty)
+
+    def status(self, thread_id: str) -> ThreadStatus:
+        """Return where the thread's projection stands (head, projected, errors, waiters)."""
+        check_thread_id(thread_id)
+        self._open_check()
+        head = self._history.head(thread_id) if self._projector else None
+        live = self._projector.status(thread_id) if self._projector else None
+        if live is not None:
+            return ThreadStatus(*live)
+        projected = self._index.load_state(thread_id)[0]
+        if head is None:
+            self._history.created_us(thread_id)
+            head = projected
+        return ThreadStatus(head, projected, projected < head, 0, None, 0)
+
+    def stats(self) -> ProjectorStats:
+        """Projector counters since open: group commits, rows, retries, backlog."""
+        return self._writable().stats()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def pause_projection(self) -> None:
+        """Hold the projector still (for tests); appends still succeed and stay durable."""
+        self._writable().pause()
+
+    def resume_projection(self) -> None:
+        """Undo :meth:`pause_projection`."""
+        self._writable().resume()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop appends, drain pending projections within ``timeout``, resolve every waiter.
+
+        Waiters already projected succeed; the rest get :class:`StoreClosed`. A projection
+        stuck past the deadline is fenced and can never write. Idempotent.
+        """
+        timeout = check_timeout(timeout) or 0.0
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._history.reject_writes()
+        if self._projector is not None:
+            behind = self._projector.close(timeout)
+            self._history.set_meta(_SESSION_KEY, {"clean": True, "behind": sorted(behind)})
+        self._history.close()
+        self._index.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        _open_stores.discard(self)
+
+    def __enter__(self) -> ThreadStore:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        warnings.warn(f"ThreadStore at {self.path} was not closed; call close() or use 'with'",
+                      ResourceWarning, stacklevel=2)
+        if self._projector is not None:
+            self._projector.stop_now()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _append(self, thread_id: str, items: Sequence[Mapping[str, Any]]) -> int:
+        check_thread_id(thread_id)
+        projector = self._writable()
+        encoded = self._encode(items)
+        added = len(encoded)
+        if not self._telemetry.tracing():
+            return self._history.append(
+                thread_id, encoded, lambda head: projector.on_append(thread_id, head, added, None))
+        with self._telemetry.append_span(thread_id, added) as span:
+            context = capture(span)
+            generation = self._history.append(
+                thread_id, encoded, lambda head: projector.on_append(thread_id, head, added, context))
+            if span.is_recording():
+                span.set_attribute(ATTR_GENERATION, generation)
+            return generation
+
+    def _encode(self, items: Sequence[Mapping[str, Any]]) -> list[EncodedItem]:
+        if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Sequence):
+            raise InvalidArgument("items must be a list of item dicts, e.g. [{'type': 'event_msg', ...}]")
+        now = _now_us()
+        return [encode_item(item, now, self._max_item_bytes) for item in items]
+
+    def _barrier(self, thread_id: str, generation: int, timeout: float | None) -> ThreadMetadata:
+        projector = self._writable()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._telemetry.flush_span(thread_id) as info:
+            info["target"] = generation
+            waiter = projector.begin_wait(thread_id, generation)
+            outcome = _Success(None) if waiter is None else projector.wait(waiter, deadline)
+            if outcome is None:
+                info["outcome"] = "timeout"
+                raise FlushTimeout(thread_id, generation, projector.projected(thread_id) or 0,
+                                   timeout or 0.0)
+            if isinstance(outcome, BaseException):
+                info["outcome"] = type(outcome).__name__
+                raise outcome
+            info["outcome"] = "ok"
+            return outcome.meta if outcome.meta is not None else self.read_thread(thread_id)
+
+    def _set_archived(self, thread_id: str, archived: bool, timeout: float | None) -> ThreadMetadata:
+        return self.append_and_flush(thread_id, [{"type": ARCHIVE_EDIT, "payload": {"archived": archived}}],
+                                     timeout)
+
+    def _remove(self, thread_id: str, kind: str, timeout: float | None) -> None:
+        check_thread_id(thread_id)
+        timeout = check_timeout(timeout)
+        projector = self._writable()
+        self._history.head(thread_id)  # raises for unknown or discarded ids
+        drop = projector.forget(thread_id, kind, timeout)
+        try:
+            self._history.remove(thread_id, tombstone=kind == "discarded")
+            with self._index.write_lock:
+                if not self._index.fenced:
+                    self._index.delete_row(thread_id)
+        finally:
+            drop()
+
+    def _open_check(self) -> None:
+        if self._closed:
+            raise StoreClosed(self._closed_why)
+
+    def _writable(self) -> Projector:
+        self._open_check()
+        if self._projector is None:
+            raise ReadOnlyStore("this store was opened with read_only=True; open it without "
+                                "read_only to write or wait on barriers")
+        return self._projector
+
+    def _after_fork_in_child(self) -> None:
+        self._closed = True
+        self._closed_why = ("this store was opened in the parent process before fork(); "
+                            "open it again in the child")
+        if self._projector is not None:
+            self._projector.reset_after_fork()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the parent keeps its lock; ours is a shared description
+            self._lock_fd = None
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _prepare_directory(root: Path, read_only: bool) -> Path:
+    """Check (or create, mode 0700) the store directory."""
+    if root.exists() and not root.is_dir():
+        raise NotAThreadStore(f"{root} exists and is not a directory; pass a directory path")
+    if root.is_dir() and any(root.iterdir()) and not (root / HISTORY_FILE).exists():
+        raise NotAThreadStore(f"{root} is a non-empty directory without {HISTORY_FILE}; "
+                              "it is not a thread store; pass an empty or new directory")
+    if read_only:
+        if not (root / HISTORY_FILE).exists():
+            raise NotAThreadStore(f"{root} holds no thread store to open read-only")
+        return root
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NotAThreadStore(f"cannot create the store directory {root}: {exc}") from exc
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise NotAThreadStore(f"{root} is not writable; fix its permissions or open read_only=True")
+    return root
+
+
+def _lock_directory(root: Path) -> int:
+    """Take the single-writer lock; name the holder when another process has it."""
+    path = root / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise NotAThreadStore(f"cannot create {path}: {exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreLocked(f"{root} is open for writing in another process (pid {holder}); "
+                          "close it there, or open this one with read_only=True") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def _open_index(path: Path, durability: str, read_only: bool) -> Index:
+    """Open the index; a corrupt or foreign index is rebuilt from history (it is derived)."""
+    try:
+        return Index(path, durability=durability, read_only=read_only)
+    except (NotAThreadStore, sqlite3.DatabaseError) as exc:
+        if read_only:
+            raise
+        log.warning("thread_store: index %s is unreadable (%s); rebuilding it from history",
+                    path, exc)
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        return Index(path, durability=durability)
+
+
+def _recover(history: History, index: Index) -> dict[str, tuple[int, int, bool]]:
+    """Find threads whose projection is behind (or, after power loss, ahead of) history.
+
+    After a clean close only the threads that close left behind are checked: O(behind).
+    After a crash, or with a new index, every thread is compared: O(threads).
+    """
+    session = history.get_meta(_SESSION_KEY) or {}
+    behind: dict[str, tuple[int, int, bool]] = {}
+    if session.get("clean") and not index.fresh:
+        for thread_id in session.get("behind", []):
+            try:
+                head = history.head(thread_id)
+            except ThreadStoreError:
+                continue
+            projected = index.load_state(thread_id)[0]
+            if projected != head:
+                behind[thread_id] = (head, projected, projected > head)
+    else:
+        if index.fresh and history.get_meta(_SESSION_KEY) is not None:
+            log.warning("thread_store: rebuilding the index from history")
+        projected_by_id = index.projected_seqs()
+        for thread_id, _created, head in history.live_threads():
+            projected = projected_by_id.pop(thread_id, 0)
+            if projected != head:
+                behind[thread_id] = (head, projected, projected > head)
+        with index.write_lock:
+            for orphan in projected_by_id:  # rows of threads discarded or deleted mid-crash
+                index.delete_row(orphan)
+    history.set_meta(_SESSION_KEY, {"clean": False})
+    return behind
+
+
+def _close_open_stores_at_exit() -> None:
+    """Interpreter exit: drain what is pending, so no worker outlives the program."""
+    for store in list(_open_stores):
+        warnings.warn(f"ThreadStore at {store.path} was still open at exit; closing it",
+                      ResourceWarning, stacklevel=1)
+        store.close(timeout=5.0)
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_open_stores):
+        store._after_fork_in_child()
+
+
+threading._register_atexit(_close_open_stores_at_exit)  # type: ignore[attr-defined]
+os.register_at_fork(after_in_child=_after_fork_in_child)
