@@ -1,0 +1,85 @@
+"""DESIGN §1.2 bounded memory: pending state is O(1) per thread whatever the backlog."""
+
+from __future__ import annotations
+
+import gc
+import resource
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+
+from thread_store import ThreadStore
+from thread_store.tracing import MAX_LINKS
+
+ITEM = {"type": "response_item", "payload": {"type": "message", "text": "x"}}
+
+
+def _traced_bytes() -> int:
+    gc.collect()
+    return tracemalloc.get_traced_memory()[0]
+
+
+def _backlog_growth(store_path: Path, threads: int, appends: int) -> tuple[float, float]:
+    """Append with the projector paused; return (bytes per thread, bytes per extra append)."""
+    with ThreadStore.open(store_path) as store:
+        store.pause_projection()
+        tracemalloc.start()
+        try:
+            empty = _traced_bytes()
+            tids = [store.create_thread() for _ in range(threads)]
+            for tid in tids:  # the first append makes each thread pending
+                store.append(tid, [ITEM])
+            per_thread = (_traced_bytes() - empty) / threads
+            base = _traced_bytes()
+            for n in range(appends - threads):
+                store.append(tids[n % threads], [ITEM])
+            per_append = (_traced_bytes() - base) / (appends - threads)
+        finally:
+            tracemalloc.stop()
+        assert store.stats().pending_threads == threads
+        store.close(timeout=0)
+    return per_thread, per_append
+
+
+def _report(label: str, per_thread: float, per_append: float) -> None:
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\n{label}: pending state {per_thread:.0f} B/thread, "
+          f"{per_append:.3f} B per further append, peak RSS {rss_mb:.0f} MiB")
+
+
+def test_pending_state_is_constant_per_thread(store_path: Path) -> None:
+    per_thread, per_append = _backlog_growth(store_path, threads=1000, appends=30_000)
+    _report("30k appends / 1000 threads", per_thread, per_append)
+    assert per_thread < 4096
+    assert per_append < 1.0  # no per-append entry is retained
+
+
+@pytest.mark.slow
+def test_million_appends_keep_pending_state_constant(store_path: Path) -> None:
+    per_thread, per_append = _backlog_growth(store_path, threads=1000, appends=1_000_000)
+    _report("1M appends / 1000 threads", per_thread, per_append)
+    assert per_thread < 4096
+    assert per_append < 0.1
+
+
+def test_captured_trace_contexts_are_capped(store_path: Path) -> None:
+    provider = TracerProvider()  # records spans, exports nowhere
+    with ThreadStore.open(store_path, tracer_provider=provider) as store:
+        store.pause_projection()
+        tids = [store.create_thread() for _ in range(20)]
+        tracemalloc.start()
+        try:
+            for _ in range(MAX_LINKS):
+                for tid in tids:
+                    store.append(tid, [ITEM])
+            at_cap = _traced_bytes()
+            for _ in range(200):
+                for tid in tids:
+                    store.append(tid, [ITEM])
+            beyond = _traced_bytes() - at_cap
+        finally:
+            tracemalloc.stop()
+        assert beyond / (200 * len(tids)) < 1.0
+        store.close(timeout=0)

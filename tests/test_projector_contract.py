@@ -1,0 +1,520 @@
+"""DESIGN §1 points 2-8, one named test per point, through the public API of ThreadStore."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from conftest import plain, user_msg
+from thread_store import (FlushTimeout, ProjectionFailed, StoreClosed, ThreadDiscarded,
+                          ThreadNotFound, ThreadStore, TransientProjectionError)
+from thread_store.derive import CodexRules, fold
+
+HANG = 30.0  # generous timeout that only catches hangs
+
+
+class Gate:
+    """A projection_hook that records calls and can block or fail chosen threads."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.block: set[str] = set()
+        self.released = threading.Event()
+        self.entered = threading.Event()
+        self.faults: dict[str, list[BaseException]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, thread_id: str, generation: int) -> None:
+        with self._lock:
+            self.calls.append((thread_id, generation))
+            fault = self.faults.get(thread_id)
+            error = fault.pop(0) if fault else None
+        if thread_id in self.block:
+            self.entered.set()
+            assert self.released.wait(HANG), "test never released the gate"
+        if error is not None:
+            raise error
+
+    def count(self, thread_id: str) -> int:
+        with self._lock:
+            return sum(1 for t, _ in self.calls if t == thread_id)
+
+
+@pytest.fixture
+def gate() -> Gate:
+    return Gate()
+
+
+@pytest.fixture
+def open_store(store_path: Path, gate: Gate) -> Iterator[Callable[..., ThreadStore]]:
+    """Open stores with the gate as hook; every store is closed at the end."""
+    opened: list[ThreadStore] = []
+
+    def _open(**kw: object) -> ThreadStore:
+        kw.setdefault("projection_hook", gate)
+        s = ThreadStore.open(store_path, **kw)  # type: ignore[arg-type]
+        opened.append(s)
+        return s
+
+    yield _open
+    gate.released.set()
+    for s in opened:
+        s.close(timeout=5.0)
+
+
+def expected_metadata(store: ThreadStore, thread_id: str):  # type: ignore[no-untyped-def]
+    """The fold of the thread's whole history, as the projection must show it."""
+    rules = CodexRules()
+    history = store.read_history(thread_id, limit=100_000)
+    created = store.read_thread(thread_id).created_at
+    assert created is not None
+    base = rules.initial(thread_id, int(created.timestamp() * 1_000_000))
+    state = fold(rules, base, [(int(i.ts.timestamp() * 1_000_000), i.item) for i in history])
+    return rules.metadata(thread_id, state, history[-1].seq if history else 0)
+
+
+def in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, dict[str, object]]:
+    """Run ``fn`` in a thread; its result or exception lands in the returned dict."""
+    out: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def wait_for(predicate: Callable[[], bool], what: str) -> None:
+    """Poll a test condition (tests may poll; the library never does)."""
+    deadline = time.monotonic() + HANG
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+# -- 1. append is not blocked by projection ---------------------------------------------
+
+def test_append_returns_while_projection_is_blocked(open_store, gate: Gate) -> None:
+    store = open_store()
+    tid = store.create_thread()
+    store.append_and_flush(tid, [user_msg("first")], timeout=HANG)
+    gate.block.add(tid)
+    gen = store.append(tid, [user_msg("ignored: title is set once"), plain()])
+    assert gate.entered.wait(HANG)  # the projection of this append is now blocked
+    gen2 = store.append(tid, [plain(1)])
+    assert (gen, gen2) == (3, 4)
+    assert [i.seq for i in store.read_history(tid)] == [1, 2, 3, 4]
+    old = store.read_thread(tid)
+    assert old.projected_seq == 1 and old.item_count == 1
+    gate.released.set()
+    new = store.flush(tid, timeout=HANG)
+    assert new.projected_seq == 4 and new.item_count == 4
+    assert new == expected_metadata(store, tid)
+
+
+# -- 2. coalescing -----------------------------------------------------------------------
+
+def test_fifty_appends_while_blocked_cost_at_most_two_projections(open_store, gate: Gate) -> None:
+    store = open_store()
+    tid = store.create_thread()
+    gate.block.add(tid)
+    store.append(tid, [user_msg("go")])
+    assert gate.entered.wait(HANG)
+    for n in range(49):
+        store.append(tid, [plain(n)])
+    gate.released.set()
+    meta = store.flush(tid, timeout=HANG)
+    assert gate.count(tid) <= 2
+    assert meta.projected_seq == 50 and meta == expected_metadata(store, tid)
+
+
+# -- 3. group commit ----------------------------------------------------------------------
+
+def test_two_hundred_dirty_threads_share_few_transactions(open_store) -> None:
+    store = open_store()
+    tids = [store.create_thread() for _ in range(200)]
+    store.pause_projection()
+    for tid in tids:
+        store.append(tid, [user_msg(f"hello {tid}")])
+    before = store.stats()
+    assert before.pending_threads == 200
+    store.resume_projection()
+    store.flush_all(timeout=HANG)
+    after = store.stats()
+    assert after.rows_written - before.rows_written == 200
+    assert after.transactions - before.transactions <= 20
+    assert store.list_threads(limit=1000).threads.__len__() == 200
+
+
+# -- 4. barriers ---------------------------------------------------------------------------
+
+def test_flush_covers_its_own_generation_not_later_appends(open_store) -> None:
+    store = open_store(coalesce_delay=0.0)
+    tid = store.create_thread()
+    target = store.append(tid, [user_msg("x")] * 5)
+    stop = threading.Event()
+    appended_after_flush_began: list[int] = []
+    flush_began = threading.Event()
+
+    def writer() -> None:
+        while not stop.is_set():
+            gen = store.append(tid, [plain()])
+            if flush_began.is_set():
+                appended_after_flush_began.append(gen)
+
+    w = threading.Thread(target=writer)
+    w.start()
+    try:
+        flush_began.set()
+        meta = store.flush(tid, generation=target, timeout=HANG)
+    finally:
+        stop.set()
+        w.join()
+    assert meta.projected_seq >= target
+    assert appended_after_flush_began, "the writer must keep appending while flush waits"
+
+
+def test_flush_timeout_carries_generations_and_never_hangs(open_store, gate: Gate) -> None:
+    store = open_store()
+    tid = store.create_thread()
+    store.append_and_flush(tid, [user_msg("a")], timeout=HANG)
+    gate.block.add(tid)
+    gen = store.append(tid, [plain()])
+    assert gate.entered.wait(HANG)
+    started = time.monotonic()
+    with pytest.raises(FlushTimeout) as info:
+        store.flush(tid, timeout=0.2)
+    assert time.monotonic() - started < HANG
+    assert isinstance(info.value, TimeoutError)
+    assert (info.value.target, info.value.projected) == (gen, 1)
+    assert "durable" in str(info.value)
+    assert store.status(tid).waiters == 0
+
+
+@pytest.mark.parametrize("caller_runs", [True, False])
+def test_waiting_barrier_skips_the_coalescing_delay(open_store, caller_runs: bool) -> None:
+    store = open_store(coalesce_delay=600.0, caller_runs=caller_runs)
+    tid = store.create_thread()
+    store.append(tid, [user_msg("slow lane")])
+    meta = store.flush(tid, timeout=HANG)  # would take ten minutes without the expedite
+    assert meta.title == "slow lane"
+
+
+def test_thousand_waiters_released_by_one_projection(open_store, gate: Gate) -> None:
+    store = open_store()
+    tid = store.create_thread()
+    store.pause_projection()
+    store.append(tid, [user_msg("many eyes")])
+    results: list[object] = []
+    lock = threading.Lock()
+
+    def waiter() -> None:
+        meta = store.flush(tid, timeout=HANG)
+        with lock:
+            results.append(meta.projected_seq)
+
+    threads = [threading.Thread(target=waiter) for _ in range(1000)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: store.status(tid).waiters == 1000, "1000 registered waiters")
+    store.resume_projection()
+    for t in threads:
+        t.join(HANG)
+    assert results == [1] * 1000
+    assert gate.count(tid) == 1
+    assert store.status(tid).waiters == 0
+
+
+def test_timed_out_waiters_are_removed(open_store, gate: Gate) -> None:
+    store = open_store()
+    tid = store.create_thread()
+    store.pause_projection()
+    store.append(tid, [user_msg("x")])
+    for _ in range(20):
+        with pytest.raises(FlushTimeout):
+            store.flush(tid, timeout=0.01)
+    assert store.status(tid).waiters == 0
+    assert store.stats().waiters == 0
+
+
+@pytest.mark.parametrize("caller_runs", [True, False])
+def test_no_lost_wakeup_under_racing_projection(open_store, caller_runs: bool) -> None:
+    store = open_store(coalesce_delay=0.0, caller_runs=caller_runs)
+    tids = [store.create_thread() for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def hammer(tid: str) -> None:
+        try:
+            for n in range(150):
+                gen = store.append(tid, [plain(n)])
+                assert store.flush(tid, generation=gen, timeout=HANG).projected_seq >= gen
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(t,)) for t in tids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+# -- 5. retry and errors ---------------------------------------------------------------------
+
+def test_transient_errors_are_retried_then_flush_succeeds(open_store, gate: Gate) -> None:
+    store = open_store()
+    tid = store.create_thread()
+    gate.faults[tid] = [TransientProjectionError("busy")] * 3
+    meta = store.append_and_flush(tid, [user_msg("retry me")], timeout=HANG)
+    assert meta.title == "retry me"
+    assert gate.count(tid) == 4
+    assert store.stats().retries == 3
+    assert store.status(tid).last_error is None
+
+
+def test_permanent_error_fails_covered_waiters_and_keeps_work(open_store, gate: Gate) -> None:
+    store = open_store()
+    tid, other = store.create_thread(), store.create_thread()
+    gate.faults[tid] = [RuntimeError("rules exploded")]
+    with pytest.raises(ProjectionFailed) as info:
+        store.append_and_flush(tid, [user_msg("doomed")], timeout=HANG)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert "durable" in str(info.value)
+    status = store.status(tid)
+    assert status.pending and status.last_error and "rules exploded" in status.last_error
+    # Other threads project normally while this one is failed.
+    assert store.append_and_flush(other, [user_msg("fine")], timeout=HANG).title == "fine"
+    # Appends keep succeeding; the pending work is kept and the next flush retries it.
+    assert store.append(tid, [plain()]) == 2
+    meta = store.flush(tid, timeout=HANG)
+    assert meta.projected_seq == 2 and meta.title == "doomed"
+    assert store.status(tid).last_error is None
+
+
+def test_flush_on_failed_thread_retries_instead_of_replaying(open_store, gate: Gate) -> None:
+    store = open_store()
+    tid = store.create_thread()
+    gate.faults[tid] = [RuntimeError("once")]
+    with pytest.raises(ProjectionFailed):
+        store.append_and_flush(tid, [user_msg("a")], timeout=HANG)
+    assert store.flush(tid, timeout=HANG).projected_seq == 1
+
+
+def test_older_failure_does_not_fail_newer_waiter(open_store, gate: Gate) -> None:
+    store = open_store()
+    tid = store.create_thread()
+    gate.block.add(tid)
+    gate.faults[tid] = [RuntimeError("gen 1 attempt fails")]
+    store.append(tid, [user_msg("one")])
+    assert gate.entered.wait(HANG)  # the attempt covering gen 1 is in flight
+    old, old_out = in_thread(lambda: store.flush(tid, generation=1, timeout=HANG))
+    store.append(tid, [plain()])  # gen 2 is queued
+    new, new_out = in_thread(lambda: store.flush(tid, generation=2, timeout=HANG))
+    wait_for(lambda: store.status(tid).waiters == 2, "two waiters")
+    gate.block.discard(tid)
+    gate.released.set()
+    old.join(HANG)
+    new.join(HANG)
+    assert isinstance(old_out.get("error"), ProjectionFailed)
+    assert "error" not in new_out, new_out
+    assert new_out["result"].projected_seq == 2  # type: ignore[attr-defined]
+
+
+# -- 6. discard and delete ----------------------------------------------------------------------
+
+def test_discard_drops_pending_work_without_running_it(open_store, gate: Gate) -> None:
+    store = open_store()
+    tid = store.create_thread()
+    store.pause_projection()
+    store.append(tid, [user_msg("ephemeral")])
+    waiter, out = in_thread(lambda: store.flush(tid, timeout=HANG))
+    wait_for(lambda: store.status(tid).waiters == 1, "waiter")
+    store.discard(tid)
+    waiter.join(HANG)
+    assert isinstance(out.get("error"), ThreadDiscarded)
+    store.resume_projection()
+    store.flush_all(timeout=HANG)
+    assert gate.count(tid) == 0
+    assert store.list_threads(include_empty=True).threads == []
+    for call in (lambda: store.append(tid, [plain()]), lambda: store.read_thread(tid),
+                 lambda: store.read_history(tid), lambda: store.flush(tid),
+                 lambda: store.status(tid)):
+        with pytest.raises(ThreadDiscarded):
+            call()
+
+
+def test_discard_waits_for_in_flight_projection(open_store, gate: Gate) -> None:
+    store = open_store()
+    tid = store.create_thread()
+    gate.block.add(tid)
+    store.append(tid, [user_msg("racing")])
+    assert gate.entered.wait(HANG)
+    discarder, out = in_thread(lambda: store.discard(tid, timeout=HANG))
+    discarder.join(0.2)
+    assert discarder.is_alive(), "discard must wait for the attempt in flight"
+    gate.released.set()
+    discarder.join(HANG)
+    assert out == {"result": None}
+    assert store.list_threads(include_empty=True).threads == []
+
+
+def test_fenced_projection_never_resurrects_a_discarded_thread(open_store, gate: Gate,
+                                                               store_path: Path) -> None:
+    store = open_store()
+    tid = store.create_thread()
+    gate.block.add(tid)
+    store.append(tid, [user_msg("must never show")])
+    assert gate.entered.wait(HANG)
+    store.discard(tid, timeout=0.05)  # gives up waiting: the attempt is fenced instead
+    gate.released.set()
+    wait_for(lambda: store.stats().pending_threads == 0 and gate.count(tid) == 1, "attempt end")
+    store.flush_all(timeout=HANG)
+    assert store.list_threads(include_empty=True).threads == []
+    store.close()
+    reopened = open_store()
+    assert reopened.list_threads(include_empty=True).threads == []
+    with pytest.raises(ThreadDiscarded):
+        reopened.read_thread(tid)
+
+
+def test_delete_resolves_waiters_and_removes_history(open_store) -> None:
+    store = open_store()
+    tid = store.create_thread()
+    store.append_and_flush(tid, [user_msg("bye")], timeout=HANG)
+    store.pause_projection()
+    store.append(tid, [plain()])
+    waiter, out = in_thread(lambda: store.flush(tid, timeout=HANG))
+    wait_for(lambda: store.status(tid).waiters == 1, "waiter")
+    store.delete_thread(tid)
+    waiter.join(HANG)
+    assert isinstance(out.get("error"), ThreadDiscarded)
+    with pytest.raises(ThreadNotFound):
+        store.read_history(tid)
+    store.resume_projection()
+    store.close()
+    reopened = open_store()
+    with pytest.raises(ThreadNotFound):
+        reopened.read_thread(tid)
+    assert reopened.create_thread(tid) == tid  # the id is free again
+    assert reopened.read_thread(tid).item_count == 0
+
+
+def test_archive_seals_the_thread(open_store) -> None:
+    store = open_store(coalesce_delay=600.0, caller_runs=False)
+    tid = store.create_thread()
+    store.append(tid, [user_msg("done"), plain()])
+    meta = store.archive_thread(tid, timeout=HANG)
+    assert meta.archived_at is not None and meta.projected_seq == 3
+    assert store.status(tid).pending is False
+    assert [t.thread_id for t in store.list_threads(archived=True).threads] == [tid]
+    assert store.list_threads().threads == []
+
+
+# -- 7. shutdown -------------------------------------------------------------------------------
+
+def test_close_drains_so_reopen_needs_no_catch_up(open_store) -> None:
+    store = open_store(coalesce_delay=600.0, caller_runs=False)
+    tids = [store.create_thread() for _ in range(50)]
+    for tid in tids:
+        store.append(tid, [user_msg(tid), plain()])
+    assert store.stats().pending_threads == 50
+    store.close(timeout=HANG)
+    reopened = open_store()
+    assert reopened.stats().attempts == 0
+    for tid in tids:
+        status = reopened.status(tid)
+        assert status.projected_seq == status.head_seq == 2
+        assert reopened.read_thread(tid).title == tid
+
+
+def test_close_resolves_every_waiter_and_rejects_appends(open_store, gate: Gate) -> None:
+    store = open_store()
+    done, blocked = store.create_thread(), store.create_thread()
+    store.append_and_flush(done, [user_msg("done")], timeout=HANG)
+    gate.block.add(blocked)
+    store.append(blocked, [user_msg("stuck")])
+    assert gate.entered.wait(HANG)
+    waiter, out = in_thread(lambda: store.flush(blocked, timeout=HANG))
+    wait_for(lambda: store.status(blocked).waiters == 1, "waiter")
+    store.close(timeout=0.2)
+    waiter.join(HANG)
+    assert isinstance(out.get("error"), StoreClosed)
+    assert "durable" in str(out["error"])
+    with pytest.raises(StoreClosed):
+        store.append(done, [plain()])
+    store.close()  # idempotent
+
+
+def test_close_returns_on_time_and_next_open_catches_up(open_store, gate: Gate) -> None:
+    store = open_store()
+    tid = store.create_thread()
+    gate.block.add(tid)
+    store.append(tid, [user_msg("left behind")])
+    assert gate.entered.wait(HANG)
+    started = time.monotonic()
+    store.close(timeout=0.2)
+    assert time.monotonic() - started < 5.0  # on time: nowhere near the blocked hook
+    gate.block.discard(tid)
+    gate.released.set()
+    wait_for(lambda: not any(t.name == "thread_store-projector" for t in threading.enumerate()),
+             "fenced worker exit")
+    reopened = open_store()
+    assert reopened.status(tid).pending
+    assert reopened.flush(tid, timeout=HANG).title == "left behind"
+
+
+def test_no_worker_left_after_close_and_none_is_a_daemon(store_path: Path) -> None:
+    store = ThreadStore.open(store_path)
+    workers = [t for t in threading.enumerate() if t.name == "thread_store-projector"]
+    assert workers and not any(t.daemon for t in workers)
+    store.close()
+    for t in workers:
+        t.join(HANG)
+        assert not t.is_alive()
+
+
+# -- 8. crash catch-up ----------------------------------------------------------------------------
+
+_CHILD = """
+import json, sys
+from thread_store import ThreadStore
+store = ThreadStore.open(sys.argv[1])
+store.pause_projection()
+tids = [store.create_thread() for _ in range(5)]
+for n in range(40):
+    for tid in tids:
+        store.append(tid, [{"type": "event_msg", "payload": {"type": "user_message", "message": f"m{n}"}}])
+print(json.dumps(tids), flush=True)
+sys.stdin.read()  # wait to be killed
+"""
+
+
+def test_crash_catch_up_after_sigkill(open_store, store_path: Path) -> None:
+    with subprocess.Popen([sys.executable, "-c", _CHILD, str(store_path)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as child:
+        try:
+            tids = json.loads(child.stdout.readline())  # type: ignore[union-attr]
+        finally:
+            os.kill(child.pid, signal.SIGKILL)
+            child.wait(HANG)
+    assert child.returncode == -signal.SIGKILL
+    store = open_store(coalesce_delay=600.0, caller_runs=False)
+    for tid in tids:
+        assert store.status(tid).head_seq == 40
+    metas = [store.flush(tid, timeout=HANG) for tid in tids]  # waits for the catch-up
+    for tid, meta in zip(tids, metas):
+        assert meta.projected_seq == 40 and meta.title == "m0"
+        assert meta == expected_metadata(store, tid)
