@@ -439,7 +439,7 @@ class Projector:
                     if due:
                         self._worker_wake_at = None
                         return [self._claim(st, expedited=bool(st.waiters)) for st in due]
-                self._worker_wake_at = wake
+                self._worker_wake_at = None if self._paused else wake
                 self._work.wait(min(wake - now, _HEARTBEAT_S))
 
     def _schedule(self, st: _Thread, delay: float) -> None:
@@ -447,12 +447,15 @@ class Projector:
         if st.in_flight is not None or st.gone:
             return  # the attempt's end reschedules it if more work arrived
         ready_at = time.monotonic() + delay
-        if st.ready_at is None or ready_at < st.ready_at:
-            st.ready_at = ready_at
         self._scheduled[st.thread_id] = st
+        if st.ready_at is not None and st.ready_at <= ready_at:
+            return
+        st.ready_at = ready_at
+        # Wake the worker only if it sleeps past the new due time; a busy or paused
+        # worker (wake time None) rescans the schedule before it sleeps again.
         wake = self._worker_wake_at
-        if wake is not None and st.ready_at < wake:
-            self._worker_wake_at = st.ready_at
+        if wake is not None and ready_at < wake:
+            self._worker_wake_at = ready_at
             self._work.notify()
 
     def _claim(self, st: _Thread, *, expedited: bool) -> _Claim:
@@ -491,8 +494,7 @@ class Projector:
                 backoff = self._finish(c, result)
                 span = spans.get(id(c))
                 if span is not None:
-                    tel.end_projection(span, c.contexts, outcome=result.kind, error=result.error,
-                                       backoff=backoff)
+                    tel.end_projection(span, outcome=result.kind, error=result.error, backoff=backoff)
             self._in_flight -= len(claims)
             self._idle.notify_all()
 
@@ -634,6 +636,8 @@ class Projector:
 
     def _gauges(self) -> dict[str, float]:
         with self._lock:
+            if self._stopped:
+                return {}  # a closed store reports nothing (see Telemetry.observe)
             now = time.monotonic()
             pending = [s for s in self._threads.values() if s.projected < s.head]
             oldest = min((s.pending_since for s in pending if s.pending_since is not None),
