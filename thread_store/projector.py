@@ -86,7 +86,7 @@ class _Thread:
                  "last_error", "failure", "failed_gen", "failure_epoch", "held", "waiters",
                  "cond", "contexts", "dropped", "appends", "pending_since", "gone", "refold")
 
-    def __init__(self, thread_id: str, head: int, projected: int, lock: threading.Lock) -> None:
+    def __init__(self, thread_id: str, head: int, projected: int) -> None:
         self.thread_id = thread_id
         self.head = head
         self.projected = projected
@@ -99,7 +99,7 @@ class _Thread:
         self.failure_epoch = 0
         self.held = False  # failed for good; waits for the next append or flush
         self.waiters: list[Waiter] = []
-        self.cond = threading.Condition(lock)
+        self.cond: threading.Condition | None = None  # made by the first waiter: saves memory
         self.contexts: list[tuple[int, SpanContext]] = []
         self.dropped = 0
         self.appends = 0
@@ -192,7 +192,7 @@ class Projector:
         """Schedule catch-up for ``{thread_id: (head, projected, refold)}`` and start."""
         with self._lock:
             for thread_id, (head, projected, refold) in behind.items():
-                st = _Thread(thread_id, head, 0 if refold else projected, self._lock)
+                st = _Thread(thread_id, head, 0 if refold else projected)
                 st.refold = refold
                 st.pending_since = time.monotonic()
                 self._threads[thread_id] = st
@@ -206,7 +206,7 @@ class Projector:
     def on_create(self, thread_id: str, head: int) -> None:
         """A thread was created with ``head`` items (0 or 1)."""
         with self._lock:
-            st = _Thread(thread_id, head, 0, self._lock)
+            st = _Thread(thread_id, head, 0)
             self._threads[thread_id] = st
             if head:
                 st.appends = 1
@@ -220,8 +220,7 @@ class Projector:
             if st is None:
                 # Threads without state are fully projected: open() gave every thread
                 # that was behind a state, and idle states are dropped only when caught up.
-                st = self._threads[thread_id] = _Thread(thread_id, head - added, head - added,
-                                                        self._lock)
+                st = self._threads[thread_id] = _Thread(thread_id, head - added, head - added)
             elif st.gone:
                 return
             st.head = head
@@ -259,7 +258,7 @@ class Projector:
                 raise ThreadDiscarded(f"thread {thread_id!r} was {st.gone}")
             if st.projected >= target:
                 return None
-            waiter = Waiter(thread_id, target, st.failure_epoch, callback, st.cond)
+            waiter = Waiter(thread_id, target, st.failure_epoch, callback, self._cond(st))
             first = not st.waiters
             st.waiters.append(waiter)
             if st.held:
@@ -336,7 +335,7 @@ class Projector:
         with self._lock:
             st = self._threads.get(thread_id)
             if st is None:
-                st = self._threads[thread_id] = _Thread(thread_id, 0, 0, self._lock)
+                st = self._threads[thread_id] = _Thread(thread_id, 0, 0)
             st.gone = kind
             self._scheduled.pop(thread_id, None)
             self._resolve(st, None)
@@ -344,7 +343,7 @@ class Projector:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
-                st.cond.wait(remaining)
+                self._cond(st).wait(remaining)
 
         def drop() -> None:
             with self._lock:
@@ -594,7 +593,8 @@ class Projector:
         elif (result.kind == "ok" and not st.waiters and st.projected == st.head and not st.contexts
               and st.ready_at is None and self._threads.get(st.thread_id) is st):
             del self._threads[st.thread_id]  # idle and caught up: O(active threads) memory
-        st.cond.notify_all()
+        if st.cond is not None:
+            st.cond.notify_all()
         return backoff
 
     def _resolve(self, st: _Thread, meta: ThreadMetadata | None, *, final: bool = False) -> None:
@@ -624,7 +624,13 @@ class Projector:
             if w.callback is not None:
                 w.callback(outcome)
         st.waiters = keep
-        st.cond.notify_all()
+        if st.cond is not None:
+            st.cond.notify_all()
+
+    def _cond(self, st: _Thread) -> threading.Condition:
+        if st.cond is None:
+            st.cond = threading.Condition(self._lock)
+        return st.cond
 
     def _drop_waiter_locked(self, waiter: Waiter) -> None:
         st = self._threads.get(waiter.thread_id)
