@@ -39,9 +39,9 @@ class ProjectionRules(Protocol):
 def _text(value: Any) -> str | None:
     """A non-blank string, trimmed, else ``None``."""
     if isinstance(value, str):
-        value = value.strip()
-        if value:
-            return value
+        text: str = value.strip()
+        if text:
+            return text
     return None
 
 

@@ -72,15 +72,16 @@ def _create_schema(db: sqlite_utils.Database) -> None:
 
 
 def _row_to_metadata(row: tuple[Any, ...]) -> ThreadMetadata:
-    values = dict(zip(_COLUMNS, row))
+    values: dict[str, Any] = dict(zip(_COLUMNS, row))
     usage = values["token_usage"]
+    fields: dict[str, Any] = {c: values[c] for c in _TEXT}
+    fields.update({t: utc_from_us(values[f"{t[:-3]}_us"]) for t in _TIMES})
     return ThreadMetadata(
         thread_id=values["thread_id"],
-        **{c: values[c] for c in _TEXT},
         token_usage=json.loads(usage) if usage is not None else None,
-        **{t: utc_from_us(values[f"{t[:-3]}_us"]) for t in _TIMES},
         item_count=values["item_count"],
         projected_seq=values["projected_seq"],
+        **fields,
     )
 
 
@@ -206,7 +207,7 @@ class Index:
 
     def integrity_ok(self) -> bool:
         """Run ``PRAGMA quick_check``."""
-        return self._conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+        return bool(self._conn.execute("PRAGMA quick_check").fetchone()[0] == "ok")
 
     def close(self) -> None:
         """Close every connection."""

@@ -49,7 +49,8 @@ class RetryPolicy:
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         """Backoff before retry number ``attempt`` (1-based), jittered into [50%, 100%]."""
-        return min(self.max_delay, self.base_delay * 2 ** (attempt - 1)) * rng.uniform(0.5, 1.0)
+        backoff: float = min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1))
+        return backoff * rng.uniform(0.5, 1.0)
 
 
 class _Success:
