@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from pathlib import Path
 
 from conftest import plain, user_msg
@@ -21,6 +22,11 @@ def _set_projected(store_path: Path, thread_id: str, projected: int, title: str)
     with sqlite3.connect(store_path / "index.db") as conn:
         conn.execute("UPDATE threads SET projected_seq = ?, title = ? WHERE thread_id = ?",
                      (projected, title, thread_id))
+
+
+def _held_hook(release: threading.Event):  # type: ignore[no-untyped-def]
+    """A projection_hook that holds open()'s catch-up until the test has looked."""
+    return lambda thread_id, generation: release.wait(30)
 
 
 def _populate(store_path: Path, threads: int) -> list[str]:
@@ -46,8 +52,10 @@ def test_crash_reopen_compares_every_thread(store_path: Path) -> None:
     tids = _populate(store_path, 50)
     _set_projected(store_path, tids[0], 1, "tampered")
     _fake_crash(store_path)
-    with ThreadStore.open(store_path) as store:
+    release = threading.Event()
+    with ThreadStore.open(store_path, projection_hook=_held_hook(release)) as store:
         assert store.status(tids[0]).pending
+        release.set()
         meta = store.flush(tids[0], timeout=30)
         assert meta.title == f"title {tids[0]}" and meta.projected_seq == 2
         assert store.stats().rows_written == 1
@@ -58,9 +66,11 @@ def test_index_ahead_of_history_is_refolded(store_path: Path) -> None:
     tids = _populate(store_path, 3)
     _set_projected(store_path, tids[1], 7, "from the future")
     _fake_crash(store_path)
-    with ThreadStore.open(store_path) as store:
+    release = threading.Event()
+    with ThreadStore.open(store_path, projection_hook=_held_hook(release)) as store:
         status = store.status(tids[1])
         assert status.head_seq == 2 and status.projected_seq == 0
+        release.set()
         meta = store.flush(tids[1], timeout=30)
         assert (meta.projected_seq, meta.title, meta.item_count) == (2, f"title {tids[1]}", 2)
 

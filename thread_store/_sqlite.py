@@ -45,14 +45,24 @@ def create_private_file(path: Path) -> None:
 
 
 def connect(path: Path, *, durability: str, read_only: bool = False,
-            busy_timeout_ms: int = 5000) -> sqlite3.Connection:
-    """Open a connection in autocommit mode; transactions are explicit BEGIN/COMMIT."""
+            busy_timeout_ms: int = 5000, schema_version: int | None = None) -> sqlite3.Connection:
+    """Open a connection in autocommit mode; transactions are explicit BEGIN/COMMIT.
+
+    With ``schema_version``, refuse a foreign, non-SQLite or newer file *before* the
+    switch to WAL, which would otherwise write to a file we then reject.
+    """
     if read_only:
         uri = f"file:{path}?mode=ro"
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     else:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    if schema_version is not None:
+        try:
+            check_schema(conn, path, schema_version)
+        except BaseException:
+            conn.close()
+            raise
     if not read_only:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode.lower() != "wal":

@@ -1,7 +1,298 @@
-"""``AsyncThreadStore``: the asyncio facade over :class:`~thread_store.store.ThreadStore`."""
+"""``AsyncThreadStore``: the asyncio facade over :class:`~thread_store.store.ThreadStore`.
+
+It wraps the sync core and never re-implements it:
+
+- Blocking calls (SQLite reads and commits, ``open``, ``close``, ``discard``) run in the
+  event loop's default executor, inside a copy of the caller's ``contextvars`` context,
+  so OpenTelemetry trace parents survive the thread hop.
+- Barriers (``flush``, ``append_and_flush``, ``update_metadata``, ``archive_thread``,
+  ``unarchive_thread``, ``flush_all``) use one executor hop to validate, append and
+  register a waiter, then await an ``asyncio.Future`` that the projector resolves by push
+  (``loop.call_soon_threadsafe``, guarded by ``fut.done()``). An awaiting barrier holds
+  no executor thread and never blocks the loop. On timeout or cancellation its waiter is
+  withdrawn, so nothing is left behind in ``status().waiters``.
+
+The async barrier never runs the projection in the caller's thread (the sync store's
+``caller_runs`` shortcut), since that would pin an executor thread for as long as the
+projection (and its ``projection_hook``) takes. With ``projection="sync"`` the
+projection runs inside ``append``, and so in the executor thread.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
+import os
+from collections.abc import Callable, Generator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+from .model import Page, StoredItem, ThreadMetadata, ThreadStatus, check_timeout
+from .projector import Outcome, ProjectorStats, Waiter, _Success
+from .store import _UNSET, ThreadStore, _archive_edit, _metadata_edit
+
+T = TypeVar("T")
+_ALREADY_PROJECTED = _Success(None)
+
 
 class AsyncThreadStore:
-    """Placeholder until the asyncio facade lands."""
+    """The :class:`ThreadStore` API as coroutines; barriers are awaited, never blocked on.
+
+    >>> async with AsyncThreadStore.open("data/threads") as store:  # doctest: +SKIP
+    ...     tid = await store.create_thread()
+    ...     meta = await store.append_and_flush(tid, [item], timeout=5.0)
+
+    ``store = await AsyncThreadStore.open(path)`` works too; then ``await store.close()``.
+    """
+
+    def __init__(self, store: ThreadStore) -> None:
+        """Wrap an open :class:`ThreadStore`; usually you call :meth:`open` instead."""
+        self._store = store
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], **options: Any) -> _Opening:
+        """Open a store in the executor; await the result or use it with ``async with``.
+
+        :param options: the keyword options of :meth:`ThreadStore.open`.
+        :returns: an awaitable that is also an async context manager (which closes).
+        """
+        return _Opening(cls, path, options)
+
+    @property
+    def path(self) -> Path:
+        """The store directory."""
+        return self._store.path
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def create_thread(self, thread_id: str | None = None, *,
+                            metadata: Mapping[str, Any] | None = None) -> str:
+        """See :meth:`ThreadStore.create_thread`."""
+        return await self._call(self._store.create_thread, thread_id, metadata=metadata)
+
+    async def append(self, thread_id: str, items: Sequence[Mapping[str, Any]]) -> int:
+        """See :meth:`ThreadStore.append`: returns once the items are durable."""
+        return await self._call(self._store.append, thread_id, items)
+
+    async def append_and_flush(self, thread_id: str, items: Sequence[Mapping[str, Any]],
+                               timeout: float | None = None) -> ThreadMetadata:
+        """See :meth:`ThreadStore.append_and_flush`; the wait holds no thread."""
+        timeout = check_timeout(timeout)
+        return await self._barrier(thread_id, lambda: self._store._append(thread_id, items), timeout)
+
+    async def update_metadata(self, thread_id: str, *, name: str | None = _UNSET,
+                              timeout: float | None = None) -> ThreadMetadata:
+        """See :meth:`ThreadStore.update_metadata`."""
+        return await self.append_and_flush(thread_id, [_metadata_edit(name)], timeout)
+
+    async def archive_thread(self, thread_id: str, *, timeout: float | None = None) -> ThreadMetadata:
+        """See :meth:`ThreadStore.archive_thread`."""
+        return await self.append_and_flush(thread_id, [_archive_edit(True)], timeout)
+
+    async def unarchive_thread(self, thread_id: str, *,
+                               timeout: float | None = None) -> ThreadMetadata:
+        """See :meth:`ThreadStore.unarchive_thread`."""
+        return await self.append_and_flush(thread_id, [_archive_edit(False)], timeout)
+
+    async def delete_thread(self, thread_id: str, *, timeout: float | None = None) -> None:
+        """See :meth:`ThreadStore.delete_thread` (waits for an in-flight attempt in the executor)."""
+        await self._call(self._store.delete_thread, thread_id, timeout=timeout)
+
+    async def discard(self, thread_id: str, timeout: float | None = None) -> None:
+        """See :meth:`ThreadStore.discard` (waits for an in-flight attempt in the executor)."""
+        await self._call(self._store.discard, thread_id, timeout)
+
+    # -- barriers -------------------------------------------------------------------------
+
+    async def flush(self, thread_id: str, *, generation: int | None = None,
+                    timeout: float | None = None) -> ThreadMetadata:
+        """See :meth:`ThreadStore.flush`; raises the same typed errors.
+
+        :raises FlushTimeout: carries the target and projected generations.
+        """
+        timeout = check_timeout(timeout)
+        return await self._barrier(
+            thread_id, lambda: self._store._flush_target(thread_id, generation), timeout)
+
+    async def flush_all(self, timeout: float | None = None) -> None:
+        """See :meth:`ThreadStore.flush_all`; waits for every thread without holding a thread."""
+        timeout = check_timeout(timeout)
+        loop = asyncio.get_running_loop()
+        all_done = loop.create_future()
+        resolved = 0
+        total: int | None = None
+
+        def count_one() -> None:  # runs on the loop, so the counters need no lock
+            nonlocal resolved
+            resolved += 1
+            if total is not None and resolved >= total:
+                _set_once(all_done, None)
+
+        waiters = await self._register(
+            lambda: self._store._begin_flush_all(lambda outcome: _call_soon(loop, count_one)),
+            lambda registered: registered)
+        total = len(waiters)
+        if resolved < total:
+            try:
+                async with asyncio.timeout(timeout):
+                    await all_done
+            except TimeoutError:
+                pass  # _settle_all withdraws the waiters and raises FlushTimeout
+            except BaseException:
+                for waiter in waiters:
+                    self._store._cancel_barrier(waiter)
+                raise
+        self._store._settle_all(waiters, timeout)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def read_thread(self, thread_id: str) -> ThreadMetadata:
+        """See :meth:`ThreadStore.read_thread`."""
+        return await self._call(self._store.read_thread, thread_id)
+
+    async def read_history(self, thread_id: str, after_seq: int = 0,
+                           limit: int = 1000) -> list[StoredItem]:
+        """See :meth:`ThreadStore.read_history`."""
+        return await self._call(self._store.read_history, thread_id, after_seq, limit)
+
+    async def list_threads(self, limit: int = 50, cursor: str | None = None, archived: bool = False,
+                           search: str | None = None, include_empty: bool = False) -> Page:
+        """See :meth:`ThreadStore.list_threads`."""
+        return await self._call(self._store.list_threads, limit, cursor, archived, search,
+                                include_empty)
+
+    async def status(self, thread_id: str) -> ThreadStatus:
+        """See :meth:`ThreadStore.status`."""
+        return await self._call(self._store.status, thread_id)
+
+    async def stats(self) -> ProjectorStats:
+        """See :meth:`ThreadStore.stats`."""
+        return await self._call(self._store.stats)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def pause_projection(self) -> None:
+        """See :meth:`ThreadStore.pause_projection`."""
+        await self._call(self._store.pause_projection)
+
+    async def resume_projection(self) -> None:
+        """See :meth:`ThreadStore.resume_projection`."""
+        await self._call(self._store.resume_projection)
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """See :meth:`ThreadStore.close`: drains in the executor, resolves every waiter."""
+        await self._call(self._store.close, timeout)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    # -- internals ------------------------------------------------------------------------
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await _in_executor(fn, *args, **kwargs)
+
+    async def _barrier(self, thread_id: str, target: Callable[[], int],
+                       timeout: float | None) -> ThreadMetadata:
+        """Run ``target()`` (validate, maybe append) and register in one hop, then await.
+
+        The waiter is registered in the same executor call right after ``target()``
+        returns the generation, before the check that it is projected, so no wake-up is
+        lost; ``_settle`` turns the outcome into metadata or the sync store's typed error.
+        """
+        store = self._store
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Outcome] = loop.create_future()
+
+        def begin() -> tuple[int, Waiter | None]:
+            generation = target()
+            return generation, store._begin_barrier(
+                thread_id, generation, lambda outcome: _call_soon(loop, _set_once, fut, outcome))
+
+        generation, waiter = await self._register(
+            begin, lambda registered: [] if registered[1] is None else [registered[1]])
+        with store._telemetry.flush_span(thread_id) as info:
+            info["target"] = generation
+            if waiter is None:
+                return store._settle(thread_id, generation, timeout, _ALREADY_PROJECTED, info)
+            try:
+                async with asyncio.timeout(timeout):
+                    outcome: Outcome | None = await fut
+            except TimeoutError:
+                # It may have been resolved while the timeout fired; withdrawing under the
+                # projector lock tells which, as the sync wait() does.
+                outcome = store._cancel_barrier(waiter)
+            except BaseException:
+                store._cancel_barrier(waiter)
+                info["outcome"] = "cancelled"
+                raise
+            return store._settle(thread_id, generation, timeout, outcome, info)
+
+    async def _register(self, begin: Callable[[], T], waiters_of: Callable[[T], list[Waiter]]) -> T:
+        """Run ``begin`` (which registers waiters) in the executor and return its result.
+
+        If the caller is cancelled while ``begin`` runs, the executor still finishes it;
+        the waiters it registered (``waiters_of(result)``) are then withdrawn, so no
+        waiter outlives its caller.
+        """
+        hop = asyncio.ensure_future(self._call(begin))
+        try:
+            return await asyncio.shield(hop)
+        except asyncio.CancelledError:
+            def withdraw(done: asyncio.Future[T]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    for waiter in waiters_of(done.result()):
+                        self._store._cancel_barrier(waiter)
+
+            hop.add_done_callback(withdraw)
+            raise
+
+
+class _Opening:
+    """What :meth:`AsyncThreadStore.open` returns: awaitable, and an async context manager."""
+
+    def __init__(self, cls: type[AsyncThreadStore], path: str | os.PathLike[str],
+                 options: dict[str, Any]) -> None:
+        self._cls = cls
+        self._path = path
+        self._options = options
+        self._store: AsyncThreadStore | None = None
+
+    async def _open(self) -> AsyncThreadStore:
+        return self._cls(await _in_executor(ThreadStore.open, self._path, **self._options))
+
+    def __await__(self) -> Generator[Any, None, AsyncThreadStore]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> AsyncThreadStore:
+        self._store = await self._open()
+        return self._store
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._store is not None:
+            await self._store.close()
+
+
+async def _in_executor(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking call in the default executor, in a copy of the caller's context."""
+    call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(None, call)
+
+
+def _set_once(fut: asyncio.Future[T], value: T) -> None:
+    if not fut.done():  # a cancelled or timed-out await already gave up on it
+        fut.set_result(value)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: Any) -> None:
+    """Hand a resolution to the loop from the projector's thread (under its lock)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass  # the loop is closed: nobody awaits this barrier any more

@@ -36,12 +36,20 @@ class ProjectionRules(Protocol):
         ...
 
 
+def _storable(text: str) -> str:
+    """``text`` with lone surrogates (valid in JSON, not in UTF-8) replaced by ``?``.
+
+    Otherwise SQLite could never store the row, and the thread would never project.
+    """
+    return text if text.isascii() else text.encode("utf-8", "replace").decode("utf-8")
+
+
 def _text(value: Any) -> str | None:
     """A non-blank string, trimmed, else ``None``."""
     if isinstance(value, str):
         text: str = value.strip()
         if text:
-            return text
+            return _storable(text)
     return None
 
 
@@ -71,7 +79,7 @@ def _turn_context(state: State, payload: Mapping[str, Any], ts_us: int) -> None:
         state["model"] = model
     if "effort" in payload:
         effort = payload["effort"]
-        state["reasoning_effort"] = effort if isinstance(effort, str) and effort else None
+        state["reasoning_effort"] = _storable(effort) if isinstance(effort, str) and effort else None
     cwd = _text(payload.get("cwd"))
     if cwd is not None and state.get("cwd") is None:
         state["cwd"] = cwd
@@ -112,7 +120,7 @@ def _event_msg(state: State, payload: Mapping[str, Any], ts_us: int) -> None:
 def _metadata_edit(state: State, payload: Mapping[str, Any], ts_us: int) -> None:
     if "name" in payload:
         name = payload["name"]
-        state["name"] = (name.strip() or None) if isinstance(name, str) else None
+        state["name"] = (_storable(name.strip()) or None) if isinstance(name, str) else None
 
 
 def _archive_edit(state: State, payload: Mapping[str, Any], ts_us: int) -> None:
@@ -153,7 +161,8 @@ class CodexRules:
         new["item_count"] = state.get("item_count", 0) + 1
         updated = state.get("updated_us")
         new["updated_us"] = ts_us if updated is None else max(updated, ts_us)
-        handler = _HANDLERS.get(item.get("type"))  # type: ignore[arg-type]
+        kind = item.get("type")
+        handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
         payload = item.get("payload")
         if handler is not None and isinstance(payload, Mapping):
             handler(new, payload, ts_us)

@@ -47,7 +47,8 @@ class History:
         self.read_only = read_only
         if not read_only:
             _sqlite.create_private_file(path)
-        self._conn = _sqlite.connect(path, durability=durability, read_only=read_only)
+        self._conn = _sqlite.connect(path, durability=durability, read_only=read_only,
+                                     schema_version=SCHEMA_VERSION)
         found = _sqlite.check_schema(self._conn, path, SCHEMA_VERSION)
         if found == 0 and not read_only:
             _sqlite.in_transaction(self._conn, lambda: _create_schema(sqlite_utils.Database(self._conn)))

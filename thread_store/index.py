@@ -21,7 +21,7 @@ from sqlite_utils.db import DescIndex
 
 from . import _sqlite
 from .errors import InvalidCursor
-from .model import Page, ThreadMetadata, us_from_utc, utc_from_us
+from .model import THREAD_ID_PATTERN, Page, ThreadMetadata, us_from_utc, utc_from_us
 
 SCHEMA_VERSION = 1
 _TEXT = ("name", "title", "preview", "first_user_message", "model_provider", "model",
@@ -230,9 +230,12 @@ def _decode_cursor(cursor: object, query: list[Any]) -> tuple[int, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         version, *got, recency_us, thread_id = json.loads(raw)
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError, RecursionError) as exc:
         raise problem from exc
+    # A forged cursor must not reach SQLite with a value it cannot bind (OverflowError,
+    # UnicodeEncodeError): only what _encode_cursor could have written passes.
     if (version != _CURSOR_VERSION or got != query or type(recency_us) is not int
-            or not isinstance(thread_id, str)):
+            or not -(2**63) <= recency_us < 2**63 or not isinstance(thread_id, str)
+            or not THREAD_ID_PATTERN.fullmatch(thread_id)):
         raise problem
     return recency_us, thread_id

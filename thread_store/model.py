@@ -13,6 +13,7 @@ from .errors import InvalidArgument, InvalidItem
 
 THREAD_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 DEFAULT_MAX_ITEM_BYTES = 8 * 1024 * 1024
+MAX_TIMEOUT_S = 1e9
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +127,11 @@ def parse_timestamp(value: Any) -> int | None:
     except ValueError:
         return None
     try:
-        return us_from_utc(parsed)
+        value_us = us_from_utc(parsed)
+        utc(value_us)  # an offset can push the UTC time past year 1 or 9999: unreadable later
     except OverflowError:
         return None
+    return value_us
 
 
 def check_thread_id(thread_id: object) -> str:
@@ -146,9 +149,10 @@ def check_timeout(timeout: object, *, name: str = "timeout") -> float | None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise InvalidArgument(f"{name} must be a number of seconds or None, not {timeout!r}")
-    if math.isnan(timeout) or timeout < 0:
+    if (isinstance(timeout, float) and math.isnan(timeout)) or timeout < 0:
         raise InvalidArgument(f"{name} must be >= 0 seconds, not {timeout!r}")
-    return float(timeout)
+    # Longer waits overflow threading's TIMEOUT_MAX (OverflowError); ~31 years is no limit.
+    return float(min(timeout, MAX_TIMEOUT_S))
 
 
 def check_count(value: object, *, name: str, minimum: int, maximum: int) -> int:

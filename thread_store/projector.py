@@ -212,7 +212,8 @@ class Projector:
             if head:
                 st.appends = 1
                 st.pending_since = time.monotonic()
-                self._schedule(st, self._delay)
+            # Also an empty thread gets its (initial) row, so include_empty lists it.
+            self._schedule(st, self._delay)
 
     def on_append(self, thread_id: str, head: int, added: int, context: SpanContext | None) -> None:
         """Items up to ``head`` are durable; schedule (and coalesce) their projection."""
@@ -489,12 +490,16 @@ class Projector:
         if rows:
             self._commit(rows, results)
         with self._lock:
-            for c in claims:
+            backoffs = {id(c): self._finish(c, results[id(c)]) for c in claims}
+        # Spans end outside the lock: a coalesced projection marks up to MAX_LINKS appends
+        # visible, one span each, and appends (on_append) must not wait for that.
+        for c in claims:
+            span = spans.get(id(c))
+            if span is not None:
                 result = results[id(c)]
-                backoff = self._finish(c, result)
-                span = spans.get(id(c))
-                if span is not None:
-                    tel.end_projection(span, outcome=result.kind, error=result.error, backoff=backoff)
+                tel.end_projection(span, outcome=result.kind, error=result.error,
+                                   backoff=backoffs[id(c)])
+        with self._lock:
             self._in_flight -= len(claims)
             self._idle.notify_all()
 
@@ -589,7 +594,11 @@ class Projector:
             if not st.held:
                 st.attempts = 0
         self._resolve(st, result.meta)
-        if st.projected < st.head and not st.held and not st.gone and not self._stopped:
+        # A retry keeps its backoff: rescheduling it sooner here would spend the whole
+        # budget in a burst while another process holds the lock (a new waiter still
+        # cuts the backoff short in begin_wait).
+        if (backoff is None and st.projected < st.head and not st.held and not st.gone
+                and not self._stopped):
             self._schedule(st, 0.0 if st.waiters else self._delay)
         elif (result.kind == "ok" and not st.waiters and st.projected == st.head and not st.contexts
               and st.ready_at is None and self._threads.get(st.thread_id) is st):

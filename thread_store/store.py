@@ -18,7 +18,7 @@ import warnings
 import weakref
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from opentelemetry import metrics, trace
 
@@ -29,7 +29,8 @@ from .history import History
 from .index import Index
 from .model import (DEFAULT_MAX_ITEM_BYTES, EncodedItem, Page, StoredItem, ThreadMetadata,
                     ThreadStatus, check_count, check_thread_id, check_timeout, encode_item, utc)
-from .projector import Projector, ProjectionHook, ProjectorStats, RetryPolicy, Waiter, _Success
+from .projector import (Outcome, Projector, ProjectionHook, ProjectorStats, RetryPolicy, Waiter,
+                        _Success)
 from .tracing import ATTR_GENERATION, Telemetry, capture
 
 log = logging.getLogger("thread_store")
@@ -111,10 +112,13 @@ class ThreadStore:
         check_timeout(coalesce_delay, name="coalesce_delay")
         root = _prepare_directory(Path(path), read_only)
         lock_fd = None if read_only else _lock_directory(root)
+        history = None
         try:
             history = History(root / HISTORY_FILE, durability=durability, read_only=read_only)
             index = _open_index(root / INDEX_FILE, durability, read_only)
         except BaseException:
+            if history is not None:
+                history.close()
             if lock_fd is not None:
                 os.close(lock_fd)
             raise
@@ -128,6 +132,43 @@ class ThreadStore:
             projector.start(_recover(history, index))
         return cls(root, history, index, projector, rules, telemetry, projection=projection,
                    max_item_bytes=max_item_bytes, lock_fd=lock_fd)
+
+    @classmethod
+    def rebuild_index(cls, path: str | os.PathLike[str], *,
+                      progress: Callable[[int, int], None] | None = None, **options: Any) -> int:
+        """Rebuild the metadata index of the closed store at ``path`` from its history.
+
+        The index is derived data: this deletes it under the store's writer lock, opens
+        the store (which re-projects every thread from its first item) and waits for each
+        thread in turn.
+
+        :param progress: called as ``progress(threads_done, threads_total)``.
+        :param options: keyword options of :meth:`open` (``rules=`` to apply new rules).
+        :returns: the number of threads re-projected.
+        :raises StoreLocked: the store is open for writing somewhere.
+        :raises ProjectionFailed: a thread's projection failed; the rebuild stops there
+            (the index stays derived data: run it again once the cause is fixed).
+        """
+        root = Path(path)
+        if not (root / HISTORY_FILE).is_file():
+            raise NotAThreadStore(f"{root} holds no thread store (no {HISTORY_FILE}) to reindex")
+        lock_fd = _lock_directory(root)
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{root / INDEX_FILE}{suffix}").unlink(missing_ok=True)
+        finally:
+            os.close(lock_fd)  # open() takes it again; whoever wins finds no index and rebuilds
+        with cls.open(root, **options) as store:
+            # Every thread with items; the catch-up open() started may have covered some.
+            heads = {t: head for t, _, head in store._history.live_threads() if head}
+            for done, (thread_id, head) in enumerate(heads.items(), 1):
+                try:
+                    store.flush(thread_id, generation=head)
+                except ThreadDiscarded:
+                    pass
+                if progress is not None:
+                    progress(done, len(heads))
+        return len(heads)
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -186,12 +227,7 @@ class ThreadStore:
 
         :param name: the thread's user-given name; ``None`` clears it.
         """
-        if name is _UNSET:
-            raise InvalidArgument("update_metadata needs at least one field, e.g. name='Fix CI'")
-        if name is not None and not isinstance(name, str):
-            raise InvalidArgument(f"name must be a string or None, not {type(name).__name__}")
-        return self.append_and_flush(thread_id, [{"type": METADATA_EDIT, "payload": {"name": name}}],
-                                     timeout)
+        return self.append_and_flush(thread_id, [_metadata_edit(name)], timeout)
 
     def archive_thread(self, thread_id: str, *, timeout: float | None = None) -> ThreadMetadata:
         """Archive a thread (hide it from the default listing) and seal its metadata.
@@ -234,18 +270,8 @@ class ThreadStore:
         :raises ThreadDiscarded: the thread was discarded or deleted.
         :raises StoreClosed: the store closed first.
         """
-        check_thread_id(thread_id)
         timeout = check_timeout(timeout)
-        self._writable()
-        head = self._history.head(thread_id)
-        if generation is None:
-            generation = head
-        check_count(generation, name="generation", minimum=0, maximum=1 << 62)
-        if generation > head:
-            raise InvalidArgument(
-                f"generation {generation} is above thread {thread_id!r}'s head ({head}); "
-                "flush the generation append() returned")
-        return self._barrier(thread_id, generation, timeout)
+        return self._barrier(thread_id, self._flush_target(thread_id, generation), timeout)
 
     def flush_all(self, timeout: float | None = None) -> None:
         """Wait until every thread's metadata covers its current generation.
@@ -256,22 +282,78 @@ class ThreadStore:
         timeout = check_timeout(timeout)
         projector = self._writable()
         deadline = None if timeout is None else time.monotonic() + timeout
+        waiters = self._begin_flush_all(None)
+        for waiter in waiters:
+            if projector.wait(waiter, deadline) is None:
+                break
+        self._settle_all(waiters, timeout)
+
+    # -- barrier building blocks (shared with AsyncThreadStore) ---------------------------
+
+    def _flush_target(self, thread_id: str, generation: int | None) -> int:
+        """Validate a flush's target generation; default the thread's head."""
+        check_thread_id(thread_id)
+        self._writable()
+        head = self._history.head(thread_id)
+        if generation is None:
+            generation = head
+        check_count(generation, name="generation", minimum=0, maximum=1 << 62)
+        if generation > head:
+            raise InvalidArgument(
+                f"generation {generation} is above thread {thread_id!r}'s head ({head}); "
+                "flush the generation append() returned")
+        return generation
+
+    def _begin_barrier(self, thread_id: str, generation: int,
+                       callback: Callable[[Outcome], None] | None) -> Waiter | None:
+        """Register a waiter resolved by push (``callback`` runs in the resolving thread).
+
+        Never runs the projection in the calling thread, so an awaiting caller holds no
+        thread. Returns ``None`` when ``generation`` is already projected.
+        """
+        return self._writable().begin_wait(thread_id, generation, callback, allow_caller_run=False)
+
+    def _cancel_barrier(self, waiter: Waiter) -> Outcome | None:
+        """Withdraw a waiter (timeout, cancellation); return its outcome if it had one."""
+        assert self._projector is not None
+        self._projector.cancel(waiter)
+        return waiter.outcome
+
+    def _settle(self, thread_id: str, generation: int, timeout: float | None,
+                outcome: Outcome | None, info: dict[str, Any]) -> ThreadMetadata:
+        """Turn a barrier's outcome (``None``: timed out) into metadata or its typed error."""
+        if outcome is None:
+            info["outcome"] = "timeout"
+            projected = self._projector.projected(thread_id) if self._projector else None
+            raise FlushTimeout(thread_id, generation, projected or 0, timeout or 0.0)
+        if isinstance(outcome, BaseException):
+            info["outcome"] = type(outcome).__name__
+            raise outcome
+        info["outcome"] = "ok"
+        return outcome.meta if outcome.meta is not None else self.read_thread(thread_id)
+
+    def _begin_flush_all(self, callback: Callable[[Outcome], None] | None) -> list[Waiter]:
+        """Register one waiter per thread that is behind (``flush_all``)."""
+        projector = self._writable()
         waiters: list[Waiter] = []
         for thread_id, head in projector.behind().items():
             try:
-                waiter = projector.begin_wait(thread_id, head, allow_caller_run=False)
+                waiter = projector.begin_wait(thread_id, head, callback, allow_caller_run=False)
             except ThreadDiscarded:
                 continue
             if waiter is not None:
                 waiters.append(waiter)
+        return waiters
+
+    def _settle_all(self, waiters: list[Waiter], timeout: float | None) -> None:
+        """Withdraw ``flush_all``'s unresolved waiters and raise what their outcomes say."""
         failed: list[tuple[str, BaseException]] = []
-        for waiter in waiters:
-            outcome = projector.wait(waiter, deadline)
+        outcomes = [(w, self._cancel_barrier(w)) for w in waiters]
+        for waiter, outcome in outcomes:
             if outcome is None:
-                for rest in waiters:
-                    projector.cancel(rest)
+                assert self._projector is not None
                 raise FlushTimeout(waiter.thread_id, waiter.target,
-                                   projector.projected(waiter.thread_id) or 0, timeout or 0.0)
+                                   self._projector.projected(waiter.thread_id) or 0, timeout or 0.0)
             if isinstance(outcome, ProjectionFailed):
                 failed.append((waiter.thread_id, outcome))
             elif isinstance(outcome, StoreClosed):
@@ -323,8 +405,10 @@ class ThreadStore:
         for flag, name in ((archived, "archived"), (include_empty, "include_empty")):
             if not isinstance(flag, bool):
                 raise InvalidArgument(f"{name} must be True or False, not {flag!r}")
-        if search is not None and (not isinstance(search, str) or len(search) > 1000):
-            raise InvalidArgument("search must be a string of at most 1000 characters, or None")
+        if search is not None and (not isinstance(search, str) or len(search) > 1000
+                                   or "\x00" in search or not _encodable(search)):
+            raise InvalidArgument("search must be a string of at most 1000 characters, without "
+                                  "NUL characters or lone surrogates, or None")
         self._open_check()
         return self._index.list(limit=limit, cursor=cursor, archived=archived, search=search,
                                 include_empty=include_empty)
@@ -369,15 +453,21 @@ class ThreadStore:
                 return
             self._closed = True
         self._history.reject_writes()
-        if self._projector is not None:
-            behind = self._projector.close(timeout)
-            self._history.set_meta(_SESSION_KEY, {"clean": True, "behind": sorted(behind)})
-        self._history.close()
-        self._index.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-        _open_stores.discard(self)
+        try:
+            if self._projector is not None:
+                behind = self._projector.close(timeout)
+                try:
+                    self._history.set_meta(_SESSION_KEY, {"clean": True, "behind": sorted(behind)})
+                except ThreadStoreError as exc:
+                    # Without the marker the next open checks every thread: slower, still right.
+                    log.warning("thread_store: could not record the clean close (%s)", exc)
+        finally:
+            self._history.close()
+            self._index.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+            _open_stores.discard(self)
 
     def __enter__(self) -> ThreadStore:
         return self
@@ -389,10 +479,15 @@ class ThreadStore:
     def __del__(self) -> None:
         if getattr(self, "_closed", True):
             return
-        warnings.warn(f"ThreadStore at {self.path} was not closed; call close() or use 'with'",
-                      ResourceWarning, stacklevel=2)
+        # Stop first: under -W error the warning raises, and a live non-daemon worker
+        # would then hang interpreter exit.
         if self._projector is not None:
             self._projector.stop_now()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # else this process could never open the store again
+            self._lock_fd = None
+        warnings.warn(f"ThreadStore at {self.path} was not closed; call close() or use 'with'",
+                      ResourceWarning, stacklevel=2)
 
     # -- internals ------------------------------------------------------------------------
 
@@ -425,19 +520,10 @@ class ThreadStore:
             info["target"] = generation
             waiter = projector.begin_wait(thread_id, generation)
             outcome = _Success(None) if waiter is None else projector.wait(waiter, deadline)
-            if outcome is None:
-                info["outcome"] = "timeout"
-                raise FlushTimeout(thread_id, generation, projector.projected(thread_id) or 0,
-                                   timeout or 0.0)
-            if isinstance(outcome, BaseException):
-                info["outcome"] = type(outcome).__name__
-                raise outcome
-            info["outcome"] = "ok"
-            return outcome.meta if outcome.meta is not None else self.read_thread(thread_id)
+            return self._settle(thread_id, generation, timeout, outcome, info)
 
     def _set_archived(self, thread_id: str, archived: bool, timeout: float | None) -> ThreadMetadata:
-        return self.append_and_flush(thread_id, [{"type": ARCHIVE_EDIT, "payload": {"archived": archived}}],
-                                     timeout)
+        return self.append_and_flush(thread_id, [_archive_edit(archived)], timeout)
 
     def _remove(self, thread_id: str, kind: str, timeout: float | None) -> None:
         check_thread_id(thread_id)
@@ -475,8 +561,31 @@ class ThreadStore:
             self._lock_fd = None
 
 
+def _encodable(text: str) -> bool:
+    """False for strings SQLite cannot take (lone surrogates do not encode to UTF-8)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _now_us() -> int:
     return time.time_ns() // 1000
+
+
+def _metadata_edit(name: Any) -> dict[str, Any]:
+    """The history item of ``update_metadata(name=...)``, validated."""
+    if name is _UNSET:
+        raise InvalidArgument("update_metadata needs at least one field, e.g. name='Fix CI'")
+    if name is not None and not isinstance(name, str):
+        raise InvalidArgument(f"name must be a string or None, not {type(name).__name__}")
+    return {"type": METADATA_EDIT, "payload": {"name": name}}
+
+
+def _archive_edit(archived: bool) -> dict[str, Any]:
+    """The history item of ``archive_thread`` / ``unarchive_thread``."""
+    return {"type": ARCHIVE_EDIT, "payload": {"archived": archived}}
 
 
 def _prepare_directory(root: Path, read_only: bool) -> Path:

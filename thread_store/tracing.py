@@ -12,9 +12,13 @@ coalesced append (DESIGN §1.9), so no request's context can leak into another's
 
 from __future__ import annotations
 
+import threading
 import time
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
@@ -47,11 +51,77 @@ ATTR_BACKOFF = "thread_store.retry.backoff_s"
 MAX_LINKS = 128
 _VERSION = "0.1.0"
 
+Readings = Callable[[], dict[str, float]]
+
+# (name suffix, unit, description, how readings of several live stores combine)
+_GAUGES: tuple[tuple[str, str, str, Callable[[Iterable[float]], float]], ...] = (
+    ("pending_threads", "{thread}", "Threads whose projection is behind their history", sum),
+    ("oldest_pending_age", "s", "Age of the oldest unprojected append", max),
+    ("waiters", "{waiter}", "Barriers currently waiting", sum),
+    ("heartbeat_age", "s", "Seconds since the projector worker last woke up", max),
+)
+
+
+class _GaugeSet:
+    """The projector gauges of one meter provider, read from every live store using it.
+
+    A meter keeps the first instrument registered under a name and ignores the callbacks
+    of later registrations, so per-store gauges would leave a second store unobserved and
+    keep a closed one alive. The gauges are registered once; stores are held weakly.
+    """
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self._lock = threading.Lock()
+        self._sources: list[weakref.WeakMethod[Readings]] = []
+        for key, unit, text, combine in _GAUGES:
+            meter.create_observable_gauge(f"thread_store.projector.{key}",
+                                          callbacks=[self._callback(key, combine)],
+                                          unit=unit, description=text)
+
+    def add(self, read: Readings) -> None:
+        with self._lock:
+            self._sources.append(weakref.WeakMethod(read))
+
+    def _readings(self) -> list[dict[str, float]]:
+        with self._lock:
+            pairs = [(ref, ref()) for ref in self._sources]
+            self._sources = [ref for ref, read in pairs if read is not None]
+        live = [read for _, read in pairs if read is not None]
+        # A stopped store reads as {}: it has nothing left to report.
+        return [r for r in (read() for read in live) if r]
+
+    def _callback(self, key: str, combine: Callable[[Iterable[float]], float]
+                  ) -> Callable[[metrics.CallbackOptions], list[metrics.Observation]]:
+        def observe(_options: metrics.CallbackOptions) -> list[metrics.Observation]:
+            readings = self._readings()
+            return [metrics.Observation(combine(r[key] for r in readings))] if readings else []
+        return observe
+
+
+class _GlobalProviders:
+    """Key of the gauges registered through the global (possibly not yet set) provider."""
+
+
+_GLOBAL = _GlobalProviders()
+_gauge_sets: weakref.WeakKeyDictionary[object, _GaugeSet] = weakref.WeakKeyDictionary()
+_gauge_sets_lock = threading.Lock()
+
 
 def _real_tracer(tracer: trace.Tracer) -> trace.Tracer:
     # ProxyTracer resolves to the global provider's tracer once one is set.
     resolved = getattr(tracer, "_tracer", tracer) if isinstance(tracer, trace.ProxyTracer) else tracer
     return resolved
+
+
+@dataclass(slots=True)
+class Projection:
+    """One started projection span and what it covers (see :meth:`Telemetry.start_projection`)."""
+
+    span: trace.Span
+    contexts: Sequence[SpanContext]
+    child: bool
+    thread_id: str
+    generation: int
 
 
 class Telemetry:
@@ -76,21 +146,20 @@ class Telemetry:
             description="Time from the oldest covered append to its projection commit")
         self.flush_latency = meter.create_histogram(
             "thread_store.flush.duration", unit="s", description="Barrier wait by outcome")
-        self._meter = meter
+        key = _GLOBAL if meter_provider is None else meter_provider
+        with _gauge_sets_lock:
+            gauges = _gauge_sets.get(key)
+            if gauges is None:
+                gauges = _gauge_sets[key] = _GaugeSet(meter)
+        self._gauges = gauges
 
-    def observe(self, read: Callable[[], dict[str, float]]) -> None:
-        """Register gauges read from ``read()``: pending, oldest age, waiters, heartbeat."""
-        def gauge(key: str) -> Callable[[metrics.CallbackOptions], list[metrics.Observation]]:
-            return lambda _options: [metrics.Observation(read().get(key, 0.0))]
+    def observe(self, read: Readings) -> None:
+        """Report ``read()`` through the gauges: pending, oldest age, waiters, heartbeat age.
 
-        for key, unit, text in (
-            ("pending_threads", "{thread}", "Threads whose projection is behind their history"),
-            ("oldest_pending_age", "s", "Age of the oldest unprojected append"),
-            ("waiters", "{waiter}", "Barriers currently waiting"),
-            ("heartbeat_age", "s", "Seconds since the projector worker last woke up"),
-        ):
-            self._meter.create_observable_gauge(
-                f"thread_store.projector.{key}", callbacks=[gauge(key)], unit=unit, description=text)
+        :param read: a bound method, held weakly; it returns ``{}`` once its store stopped.
+            Stores sharing a meter provider are combined (counts summed, ages maximised).
+        """
+        self._gauges.add(read)
 
     def tracing(self) -> bool:
         """True when spans would be recorded: an SDK (or other real tracer) is configured."""
@@ -102,23 +171,23 @@ class Telemetry:
             self._resolved = resolved = real
         return True
 
-    @contextmanager
-    def append_span(self, thread_id: str, items: int) -> Iterator[trace.Span]:
-        """The span around one append; a child of the caller's current context."""
-        with self.tracer.start_as_current_span(SPAN_APPEND, kind=SpanKind.PRODUCER) as span:
-            if span.is_recording():
-                span.set_attribute(ATTR_THREAD_ID, thread_id)
-                span.set_attribute(ATTR_ITEMS, items)
-            yield span
+    def append_span(self, thread_id: str, items: int) -> AbstractContextManager[trace.Span]:
+        """The span around one append (use it in ``with``); a child of the current context."""
+        # The SDK's own context manager, unwrapped, with the attributes given at start:
+        # this is the whole tracing cost on the append path, once tracing() is True.
+        return self.tracer.start_as_current_span(SPAN_APPEND, kind=SpanKind.PRODUCER, attributes={
+            ATTR_THREAD_ID: thread_id, ATTR_ITEMS: items})
 
     def start_projection(self, thread_id: str, contexts: Sequence[SpanContext], dropped: int,
                          coalesced: int, gen_from: int, gen_to: int, attempt: int,
-                         expedited: bool, batch_threads: int) -> trace.Span:
+                         expedited: bool, batch_threads: int) -> Projection:
         """Start the span of one thread's projection attempt.
 
         One captured append: a child of it. Several: a new trace linking each of them.
+        Either way the parent is explicit, never the running thread's current context.
         """
-        if len(contexts) == 1 and coalesced == 1:
+        child = len(contexts) == 1 and coalesced == 1 and not dropped
+        if child:
             parent = trace.set_span_in_context(NonRecordingSpan(contexts[0]), otel_context.Context())
             links: list[Link] = []
         else:
@@ -133,57 +202,68 @@ class Telemetry:
                 ATTR_EXPEDITED: expedited, ATTR_LINKS_DROPPED: dropped,
                 ATTR_BATCH_THREADS: batch_threads,
             })
-        return span
+        return Projection(span, contexts, child, thread_id, gen_to)
 
-    def end_projection(self, span: trace.Span, contexts: Sequence[SpanContext], *,
-                       outcome: str, error: BaseException | None = None,
-                       backoff: float | None = None) -> None:
-        """End a projection span with its outcome; mark coalesced appends visible."""
+    def end_projection(self, projection: Projection, *, outcome: str,
+                       error: BaseException | None = None, backoff: float | None = None) -> None:
+        """End a projection span with its outcome; mark linked appends visible."""
+        span = projection.span
         if span.is_recording():
             span.set_attribute(ATTR_OUTCOME, outcome)
-            if error is not None and outcome == "retry":
+            if error is not None:
                 span.record_exception(error)
+            if error is not None and outcome == "retry":
                 span.add_event(EVENT_RETRY, {ATTR_BACKOFF: backoff or 0.0,
                                              "exception.type": type(error).__name__,
                                              "exception.message": str(error)})
             elif error is not None:
-                span.record_exception(error)
                 span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
         span.end()
-        if outcome == "ok" and len(contexts) > 1:
-            # Jaeger shows links only on the linking span: give each append's own trace
-            # a short span that says when it became visible and points at the projection.
-            link = [Link(span.get_span_context())]
-            now = time.time_ns()
-            for ctx in contexts:
-                parent = trace.set_span_in_context(NonRecordingSpan(ctx), otel_context.Context())
-                self.tracer.start_span(SPAN_VISIBLE, context=parent, links=link,
-                                       start_time=now).end(end_time=now)
+        if outcome == "ok" and not projection.child:
+            self._mark_visible(projection)
+
+    def _mark_visible(self, projection: Projection) -> None:
+        # Jaeger shows links only on the linking span: give each append's own trace a
+        # short span that says when it became visible and points at the projection.
+        link = [Link(projection.span.get_span_context())]
+        attributes: dict[str, str | int] = {ATTR_THREAD_ID: projection.thread_id,
+                                             ATTR_GENERATION: projection.generation}
+        now = time.time_ns()
+        for ctx in projection.contexts:
+            parent = trace.set_span_in_context(NonRecordingSpan(ctx), otel_context.Context())
+            self.tracer.start_span(SPAN_VISIBLE, context=parent, links=link, attributes=attributes,
+                                   start_time=now).end(end_time=now)
 
     @contextmanager
     def flush_span(self, thread_id: str) -> Iterator[dict[str, Any]]:
-        """The span of one barrier wait; callers set ``info['outcome']`` and ``info['target']``."""
+        """The span of one barrier wait; callers set ``info['outcome']`` and ``info['target']``.
+
+        An exception that leaves the block without an outcome names it by its type.
+        """
         info: dict[str, Any] = {"outcome": "error"}
         start = time.monotonic()
-        if not self.tracing():
-            try:
-                yield info
-            finally:
-                self.flush_latency.record(time.monotonic() - start, {ATTR_OUTCOME: info["outcome"]})
-            return
-        with self.tracer.start_as_current_span(SPAN_FLUSH, record_exception=True) as span:
-            try:
-                yield info
-            finally:
-                if span.is_recording():
-                    span.set_attribute(ATTR_THREAD_ID, thread_id)
-                    span.set_attribute(ATTR_OUTCOME, info["outcome"])
-                    if "target" in info:
-                        span.set_attribute(ATTR_TARGET, info["target"])
-                self.flush_latency.record(time.monotonic() - start, {ATTR_OUTCOME: info["outcome"]})
+        tracing = self.tracing()
+        scope = (self.tracer.start_as_current_span(SPAN_FLUSH, record_exception=True) if tracing
+                 else nullcontext(trace.INVALID_SPAN))
+        try:
+            with scope as span:
+                try:
+                    yield info
+                except BaseException as exc:
+                    if info["outcome"] == "error":
+                        info["outcome"] = type(exc).__name__
+                    raise
+                finally:
+                    if span.is_recording():
+                        span.set_attribute(ATTR_THREAD_ID, thread_id)
+                        span.set_attribute(ATTR_OUTCOME, info["outcome"])
+                        if "target" in info:
+                            span.set_attribute(ATTR_TARGET, info["target"])
+        finally:
+            self.flush_latency.record(time.monotonic() - start, {ATTR_OUTCOME: info["outcome"]})
 
 
 def capture(span: trace.Span) -> SpanContext | None:
-    """The span context worth linking to, or ``None`` when it is not sampled or invalid."""
+    """The span context to parent or link projections to, or ``None`` when it is invalid."""
     ctx = span.get_span_context()
     return ctx if ctx.is_valid else None

@@ -1,0 +1,335 @@
+"""AsyncThreadStore: the full API as coroutines, barriers awaited without holding threads."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import plain, user_msg
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from thread_store import (
+    AsyncThreadStore,
+    FlushTimeout,
+    InvalidArgument,
+    ProjectionFailed,
+    StoreClosed,
+    ThreadDiscarded,
+    ThreadNotFound,
+)
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10.0) -> None:
+    """Yield to the loop until ``check()`` holds; a generous deadline only catches hangs."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not await check():
+                await asyncio.sleep(0.002)
+    except TimeoutError:
+        pytest.fail(f"timed out waiting until: {what}")
+
+
+async def waiters(store: AsyncThreadStore, thread_id: str) -> int:
+    return (await store.status(thread_id)).waiters
+
+
+def test_full_api_smoke(store_path: Path) -> None:
+    async def main() -> None:
+        store = await AsyncThreadStore.open(store_path)
+        try:
+            assert store.path == store_path
+            tid = await store.create_thread(metadata={"cwd": "/repo", "model_provider": "openai"})
+            assert await store.append(tid, [user_msg("Fix the flaky test")]) == 2
+            meta = await store.append_and_flush(tid, [plain(1)], timeout=5.0)
+            assert (meta.title, meta.cwd, meta.item_count, meta.projected_seq) == (
+                "Fix the flaky test", "/repo", 3, 3)
+            assert (await store.flush(tid, generation=2, timeout=5.0)).projected_seq >= 2
+            assert (await store.read_thread(tid)).preview == "Fix the flaky test"
+            assert [s.seq for s in await store.read_history(tid, after_seq=1, limit=10)] == [2, 3]
+            assert [t.thread_id for t in (await store.list_threads()).threads] == [tid]
+            assert (await store.update_metadata(tid, name="Renamed", timeout=5.0)).name == "Renamed"
+            assert (await store.archive_thread(tid)).archived_at is not None
+            assert (await store.list_threads()).threads == []
+            assert len((await store.list_threads(archived=True)).threads) == 1
+            assert (await store.unarchive_thread(tid)).archived_at is None
+            other = await store.create_thread("other-1")
+            await store.pause_projection()
+            await store.append(other, [user_msg("second")])
+            assert (await store.status(other)).pending
+            await store.resume_projection()
+            await store.flush_all(timeout=5.0)
+            status = await store.status(other)
+            assert (status.head_seq, status.projected_seq, status.pending) == (1, 1, False)
+            assert (await store.stats()).rows_written >= 2
+            await store.discard(other)
+            with pytest.raises(ThreadDiscarded):
+                await store.read_thread(other)
+            await store.delete_thread(tid)
+            with pytest.raises(ThreadNotFound):
+                await store.flush(tid)
+            with pytest.raises(InvalidArgument):
+                await store.flush("bad id!")
+            with pytest.raises(InvalidArgument):
+                await store.update_metadata(other)
+        finally:
+            await store.close()
+        with pytest.raises(StoreClosed):
+            await store.list_threads()
+
+    asyncio.run(main())
+
+
+def test_async_with_opens_and_closes(store_path: Path) -> None:
+    async def main() -> AsyncThreadStore:
+        async with AsyncThreadStore.open(store_path, projection="sync") as store:
+            tid = await store.create_thread()
+            await store.append(tid, [user_msg("hello")])
+            assert (await store.read_thread(tid)).title == "hello"  # sync mode projects in append
+        with pytest.raises(StoreClosed):
+            await store.append(tid, [plain()])
+        async with await AsyncThreadStore.open(store_path) as again:
+            assert (await again.list_threads()).threads[0].thread_id == tid
+        return again
+
+    closed = asyncio.run(main())
+    with pytest.raises(StoreClosed):
+        asyncio.run(closed.read_thread("x"))
+
+
+def test_loop_stays_responsive_while_flush_waits_on_blocked_projection(store_path: Path) -> None:
+    release = threading.Event()
+    blocked = threading.Event()
+
+    def hook(thread_id: str, generation: int) -> None:
+        if thread_id == "slow":
+            blocked.set()
+            release.wait(30)
+
+    async def main() -> None:
+        async with AsyncThreadStore.open(store_path, projection_hook=hook) as store:
+            await store.create_thread("slow")
+            flush = asyncio.create_task(store.append_and_flush("slow", [user_msg("hi")], timeout=30))
+            ticks = 0
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.001)
+                    ticks += 1
+
+            tick_task = asyncio.create_task(ticker())
+            await until(lambda: asyncio.to_thread(blocked.is_set), "projection blocked in hook")
+            await until(lambda: _ge(lambda: ticks, 50), "ticker ticked while the flush waited")
+            assert not flush.done()
+            assert await waiters(store, "slow") == 1
+            release.set()
+            meta = await flush
+            tick_task.cancel()
+            assert meta.title == "hi" and meta.projected_seq == 1
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+
+
+async def _ge(value: Callable[[], int], minimum: int) -> bool:
+    return value() >= minimum
+
+
+def test_waiting_flushes_hold_no_executor_thread(store_path: Path) -> None:
+    async def main() -> None:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=2))
+        async with AsyncThreadStore.open(store_path) as store:
+            ids = [await store.create_thread(f"t{i}") for i in range(50)]
+            await store.pause_projection()
+            gens = [await store.append(t, [user_msg(f"message {t}")]) for t in ids]
+            flushes = [asyncio.create_task(store.flush(t, timeout=30)) for t in ids]
+
+            async def all_waiting() -> bool:
+                return (await store.stats()).waiters == 50
+
+            await until(all_waiting, "all 50 flushes registered")
+            # Both executor threads are free: other blocking work still runs.
+            assert await asyncio.get_running_loop().run_in_executor(None, lambda: 42) == 42
+            assert not any(f.done() for f in flushes)
+            await store.resume_projection()
+            metas = await asyncio.gather(*flushes)
+            assert [m.projected_seq for m in metas] == gens
+            assert [m.title for m in metas] == [f"message {t}" for t in ids]
+            assert (await store.stats()).waiters == 0
+
+    asyncio.run(main())
+
+
+def test_cancelled_flush_removes_its_waiter(store_path: Path) -> None:
+    async def main() -> None:
+        async with AsyncThreadStore.open(store_path) as store:
+            tid = await store.create_thread()
+            await store.pause_projection()
+            await store.append(tid, [plain()])
+            task = asyncio.create_task(store.flush(tid))
+            await until(lambda: _ge_waiters(store, tid, 1), "flush registered")
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert await waiters(store, tid) == 0
+            await store.resume_projection()
+
+    asyncio.run(main())
+
+
+def test_cancel_during_registration_leaves_no_waiter(store_path: Path) -> None:
+    gate = threading.Event()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+        async with AsyncThreadStore.open(store_path) as store:
+            tid = await store.create_thread()
+            await store.pause_projection()
+            await store.append(tid, [plain()])
+            busy = loop.run_in_executor(None, gate.wait, 30)  # the only worker is taken
+            task = asyncio.create_task(store.flush(tid))
+            await asyncio.sleep(0.01)  # the flush's hop is queued behind the busy worker
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            gate.set()
+            await busy
+            await loop.run_in_executor(None, lambda: None)  # queued behind the hop: it has run
+            # The hop registered a waiter after the cancel; it must be withdrawn (soon, as
+            # the loop sees the hop end), not left until the thread is projected.
+            await until(lambda: _no_waiters(store, tid), "late waiter withdrawn", timeout=3)
+            await store.resume_projection()
+
+    try:
+        asyncio.run(main())
+    finally:
+        gate.set()
+
+
+async def _no_waiters(store: AsyncThreadStore, thread_id: str) -> bool:
+    return await waiters(store, thread_id) == 0
+
+
+async def _ge_waiters(store: AsyncThreadStore, thread_id: str, n: int) -> bool:
+    return await waiters(store, thread_id) >= n
+
+
+def test_timeout_carries_generations_and_removes_waiter(store_path: Path) -> None:
+    async def main() -> None:
+        async with AsyncThreadStore.open(store_path) as store:
+            tid = await store.create_thread()
+            await store.append_and_flush(tid, [plain()])
+            await store.pause_projection()
+            gen = await store.append(tid, [plain(), plain()])
+            with pytest.raises(FlushTimeout) as info:
+                await store.flush(tid, timeout=0.05)
+            assert (info.value.target, info.value.projected) == (gen, 1)
+            assert isinstance(info.value, TimeoutError)
+            assert await waiters(store, tid) == 0
+            with pytest.raises(FlushTimeout):
+                await store.flush_all(timeout=0.05)
+            assert (await store.stats()).waiters == 0
+            await store.resume_projection()
+            assert (await store.flush(tid, timeout=5)).projected_seq == gen
+
+    asyncio.run(main())
+
+
+def test_flush_all_waits_for_every_thread(store_path: Path) -> None:
+    async def main() -> None:
+        async with AsyncThreadStore.open(store_path) as store:
+            ids = [await store.create_thread() for _ in range(5)]
+            await store.pause_projection()
+            for t in ids:
+                await store.append(t, [user_msg(t)])
+            task = asyncio.create_task(store.flush_all(timeout=30))
+            await until(lambda: _stats_waiters(store, 5), "flush_all registered 5 waiters")
+            assert not task.done()
+            await store.resume_projection()
+            await task
+            assert sorted(m.thread_id for m in (await store.list_threads()).threads) == sorted(ids)
+
+    asyncio.run(main())
+
+
+async def _stats_waiters(store: AsyncThreadStore, n: int) -> bool:
+    return (await store.stats()).waiters == n
+
+
+def test_barrier_errors_are_the_sync_ones(store_path: Path) -> None:
+    def hook(thread_id: str, generation: int) -> None:
+        if thread_id == "broken":
+            raise RuntimeError("rules exploded")
+
+    async def main() -> None:
+        async with AsyncThreadStore.open(store_path, projection_hook=hook) as store:
+            await store.create_thread("broken")
+            with pytest.raises(ProjectionFailed) as failed:
+                await store.append_and_flush("broken", [plain()], timeout=10)
+            assert isinstance(failed.value.__cause__, RuntimeError)
+            with pytest.raises(ProjectionFailed):
+                await store.flush_all(timeout=10)
+            tid = await store.create_thread()
+            await store.pause_projection()
+            await store.append(tid, [plain()])
+            task = asyncio.create_task(store.flush(tid, timeout=30))
+            await until(lambda: _ge_waiters(store, tid, 1), "flush registered")
+            await store.discard(tid)
+            with pytest.raises(ThreadDiscarded):
+                await task
+
+    asyncio.run(main())
+
+
+def test_close_resolves_waiters_with_store_closed(store_path: Path) -> None:
+    release = threading.Event()
+
+    def hook(thread_id: str, generation: int) -> None:
+        release.wait(30)
+
+    async def main() -> None:
+        store = await AsyncThreadStore.open(store_path, projection_hook=hook)
+        tid = await store.create_thread()
+        flush = asyncio.create_task(store.append_and_flush(tid, [plain()], timeout=30))
+        await until(lambda: _ge_waiters(store, tid, 1), "flush registered")
+        await store.close(timeout=0.1)
+        with pytest.raises(StoreClosed):
+            await flush
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()
+
+
+def test_trace_parent_survives_the_executor_hop(store_path: Path) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+
+    async def main() -> None:
+        async with AsyncThreadStore.open(store_path, tracer_provider=provider) as store:
+            tid = await store.create_thread()
+            with tracer.start_as_current_span("agent-turn") as parent:
+                await store.append(tid, [plain()])
+                await store.flush(tid, timeout=5)
+            parent_id = parent.get_span_context().span_id
+        spans = exporter.get_finished_spans()
+        children = [s for s in spans if s.parent is not None and s.parent.span_id == parent_id]
+        assert len(children) >= 2, [s.name for s in spans]
+        assert all(s.context.trace_id == parent.get_span_context().trace_id for s in children)
+
+    try:
+        asyncio.run(main())
+    finally:
+        provider.shutdown()

@@ -1,0 +1,313 @@
+"""DESIGN §5: every bad input raises a typed error with a helpful message and writes nothing."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from conftest import plain, user_msg
+from thread_store import (InvalidArgument, InvalidItem, NotAThreadStore, SchemaTooNew, ThreadDiscarded,
+                          ThreadNotFound, ThreadStore, ThreadStoreError)
+
+MAX_ITEM = 1024
+Call = Callable[[ThreadStore, str], Any]
+
+
+def _raw_counts(path: Path) -> tuple[int, ...]:
+    """Row counts of the history tables, read beside the store: catches writes to any thread."""
+    conn = sqlite3.connect(f"file:{path / 'history.db'}?mode=ro", uri=True)
+    try:
+        return tuple(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("items", "threads"))
+    finally:
+        conn.close()
+
+
+def snapshot(store: ThreadStore) -> tuple[Any, ...]:
+    """Everything a rejected call must leave alone."""
+    listed = store.list_threads(limit=1000, include_empty=True).threads
+    return (_raw_counts(store.path), listed,
+            {t.thread_id: store.read_history(t.thread_id) for t in listed},
+            {t.thread_id: store.status(t.thread_id) for t in listed})
+
+
+@pytest.fixture
+def seeded(store_path: Path) -> Iterator[ThreadStore]:
+    """Threads 't' and 'other', projected; items up to MAX_ITEM bytes. Checks the store survives."""
+    with ThreadStore.open(store_path, max_item_bytes=MAX_ITEM) as s:
+        s.append_and_flush(s.create_thread("t"), [user_msg("hello"), plain(1)], timeout=10)
+        s.append_and_flush(s.create_thread("other"), [user_msg("other")], timeout=10)
+        yield s
+        # No bad input may crash the worker or harm other threads.
+        assert s.append_and_flush("other", [plain(2)], timeout=10).item_count == 2
+
+
+def assert_rejected(store: ThreadStore, call: Callable[[], Any], error: type[BaseException],
+                    match: str) -> None:
+    """``call`` raises ``error`` whose message matches ``match``, and nothing changed."""
+    before = snapshot(store)
+    with pytest.raises(error, match=match):
+        call()
+    assert snapshot(store) == before
+
+
+# -- items ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("payload", [{1, 2}, object(), b"bytes", math.nan, math.inf])
+def test_non_json_item_is_rejected(seeded: ThreadStore, payload: object) -> None:
+    batch = [plain(3), {"type": "response_item", "payload": {"bad": payload}}]
+    assert_rejected(seeded, lambda: seeded.append("t", batch), InvalidItem, "not JSON-serializable")
+    assert_rejected(seeded, lambda: seeded.append_and_flush("t", batch, timeout=1), InvalidItem,
+                    "not JSON-serializable")
+
+
+def _item_of_size(size: int) -> dict[str, Any]:
+    item: dict[str, Any] = {"type": "response_item", "payload": ""}
+    item["payload"] = "x" * (size - len(json.dumps(item, separators=(",", ":"))))
+    return item
+
+
+def test_item_larger_than_max_item_bytes_is_rejected(seeded: ThreadStore) -> None:
+    assert_rejected(seeded, lambda: seeded.append("t", [plain(), _item_of_size(MAX_ITEM + 1)]),
+                    InvalidItem, f"{MAX_ITEM + 1} bytes.*max_item_bytes={MAX_ITEM}")
+    assert seeded.append("t", [_item_of_size(MAX_ITEM)]) == 3  # the limit itself is fine
+
+
+def test_create_thread_with_bad_metadata_creates_nothing(seeded: ThreadStore) -> None:
+    assert_rejected(seeded, lambda: seeded.create_thread("new", metadata={"cwd": "x" * MAX_ITEM}),
+                    InvalidItem, "max_item_bytes")
+    assert_rejected(seeded, lambda: seeded.create_thread("new", metadata={"cwd": {1}}),
+                    InvalidItem, "JSON-serializable")
+    assert_rejected(seeded, lambda: seeded.create_thread("new", metadata=["cwd"]),  # type: ignore[arg-type]
+                    InvalidArgument, "metadata must be a dict")
+    with pytest.raises(ThreadNotFound):
+        seeded.read_thread("new")
+
+
+@pytest.mark.parametrize(("item", "match"), [
+    ({"payload": {}}, "needs a non-empty string 'type'"),
+    ({"type": 5, "payload": {}}, "needs a non-empty string 'type'"),
+    ({"type": None}, "needs a non-empty string 'type'"),
+    ({"type": ["event_msg"]}, "needs a non-empty string 'type'"),
+    ({"type": ""}, "needs a non-empty string 'type'"),
+    ("event_msg", "must be a JSON object"),
+    (["type", "x"], "must be a JSON object"),
+    (None, "must be a JSON object"),
+    ({"type": "x", "timestamp": "yesterday"}, "RFC 3339"),
+    ({"type": "x", "timestamp": 1700000000}, "RFC 3339"),
+])
+def test_malformed_item_is_rejected(seeded: ThreadStore, item: object, match: str) -> None:
+    assert_rejected(seeded, lambda: seeded.append("t", [plain(), item]), InvalidItem, match)  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("items", [{"type": "x"}, "abc", b"abc", None, 5, {plain()["type"]},
+                                   (plain() for _ in range(2))])
+def test_items_that_are_not_a_list_are_rejected(seeded: ThreadStore, items: Any) -> None:
+    assert_rejected(seeded, lambda: seeded.append("t", items), InvalidArgument, "items must be a list")
+
+
+# -- thread ids -----------------------------------------------------------------------------
+
+ID_CALLS: dict[str, Call] = {
+    "append": lambda s, t: s.append(t, [plain()]),
+    "append_and_flush": lambda s, t: s.append_and_flush(t, [plain()], timeout=1),
+    "read_thread": lambda s, t: s.read_thread(t),
+    "read_history": lambda s, t: s.read_history(t),
+    "flush": lambda s, t: s.flush(t, timeout=1),
+    "status": lambda s, t: s.status(t),
+    "update_metadata": lambda s, t: s.update_metadata(t, name="n", timeout=1),
+    "archive_thread": lambda s, t: s.archive_thread(t, timeout=1),
+    "unarchive_thread": lambda s, t: s.unarchive_thread(t, timeout=1),
+    "delete_thread": lambda s, t: s.delete_thread(t),
+    "discard": lambda s, t: s.discard(t, timeout=1),
+}
+BAD_IDS = ["", "x" * 129, "a/b", "a b", "tab\t", "é", "t\n", 5, b"t", ["t"]]
+
+
+@pytest.mark.parametrize("bad_id", BAD_IDS, ids=repr)
+def test_malformed_thread_id_is_rejected(seeded: ThreadStore, bad_id: Any) -> None:
+    for call in [*ID_CALLS.values(), lambda s, t: s.create_thread(t)]:
+        assert_rejected(seeded, functools.partial(call, seeded, bad_id), InvalidArgument,
+                        r"invalid thread id .*\[A-Za-z0-9\._:-\]")
+
+
+@pytest.mark.parametrize("name", sorted(ID_CALLS))
+def test_unknown_thread_is_not_found(seeded: ThreadStore, name: str) -> None:
+    assert_rejected(seeded, lambda: ID_CALLS[name](seeded, "nobody"), ThreadNotFound,
+                    "'nobody' does not exist; create_thread")
+
+
+def test_append_to_a_deleted_thread_is_not_found(seeded: ThreadStore) -> None:
+    seeded.delete_thread("t")
+    assert_rejected(seeded, lambda: seeded.append("t", [plain()]), ThreadNotFound, "'t' does not exist")
+
+
+def test_append_to_a_discarded_thread_is_refused(seeded: ThreadStore) -> None:
+    seeded.discard("t")
+    assert_rejected(seeded, lambda: seeded.append("t", [plain()]), ThreadDiscarded, "'t' was discarded")
+
+
+# -- timeouts, limits, generations, options -------------------------------------------------
+
+TIMEOUT_CALLS: dict[str, Callable[[ThreadStore, Any], Any]] = {
+    "flush": lambda s, x: s.flush("t", timeout=x),
+    "append_and_flush": lambda s, x: s.append_and_flush("t", [plain()], timeout=x),
+    "flush_all": lambda s, x: s.flush_all(timeout=x),
+    "update_metadata": lambda s, x: s.update_metadata("t", name="n", timeout=x),
+    "archive_thread": lambda s, x: s.archive_thread("t", timeout=x),
+    "delete_thread": lambda s, x: s.delete_thread("t", timeout=x),
+    "discard": lambda s, x: s.discard("t", timeout=x),
+    "close": lambda s, x: s.close(timeout=x),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TIMEOUT_CALLS))
+def test_bad_timeout_is_rejected(seeded: ThreadStore, name: str) -> None:
+    for timeout in (-1, -0.001, math.nan, -math.inf, "1", True):
+        assert_rejected(seeded, functools.partial(TIMEOUT_CALLS[name], seeded, timeout), InvalidArgument,
+                        "timeout must be")
+    assert seeded.read_thread("t").item_count == 2  # still open, 't' neither deleted nor discarded
+
+
+def test_list_limit_out_of_range_is_rejected(seeded: ThreadStore) -> None:
+    for limit in (0, -1, 1001, 1.5, "10", True, None):
+        assert_rejected(seeded, functools.partial(seeded.list_threads, limit=limit), InvalidArgument,
+                        "limit must be an integer from 1 to 1000")
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"limit": 0}, "limit must be an integer from 1"),
+    ({"limit": 100_001}, "limit must be an integer from 1"),
+    ({"after_seq": -1}, "after_seq must be an integer from 0"),
+    ({"after_seq": "0"}, "after_seq must be an integer from 0"),
+])
+def test_read_history_bounds_are_checked(seeded: ThreadStore, kwargs: dict[str, Any], match: str) -> None:
+    assert_rejected(seeded, lambda: seeded.read_history("t", **kwargs), InvalidArgument, match)
+
+
+@pytest.mark.parametrize("generation", [3, 1 << 40, -1, 1.0, True], ids=repr)
+def test_flush_of_bad_generation_raises_at_once(seeded: ThreadStore, generation: Any) -> None:
+    # A generous timeout: waiting instead of refusing would surface as FlushTimeout, not hang.
+    assert_rejected(seeded, lambda: seeded.flush("t", generation=generation, timeout=30),
+                    InvalidArgument, "generation")
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"archived": "yes"}, "archived must be True or False"),
+    ({"include_empty": 1}, "include_empty must be True or False"),
+    ({"search": 5}, "search must be a string"),
+    ({"search": "x" * 1001}, "at most 1000 characters"),
+    ({"search": "nul\x00byte"}, "NUL"),
+    ({"search": "lone \ud800 surrogate"}, "surrogate"),
+])
+def test_bad_list_arguments_are_rejected(seeded: ThreadStore, kwargs: dict[str, Any], match: str) -> None:
+    assert_rejected(seeded, lambda: seeded.list_threads(**kwargs), InvalidArgument, match)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({}, "needs at least one field"),
+    ({"name": 5}, "name must be a string or None"),
+])
+def test_bad_update_metadata_is_rejected(seeded: ThreadStore, kwargs: dict[str, Any], match: str) -> None:
+    assert_rejected(seeded, lambda: seeded.update_metadata("t", **kwargs), InvalidArgument, match)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"projection": "lazy"}, "projection must be 'async' or 'sync'"),
+    ({"durability": "extra"}, "durability must be 'normal' or 'full'"),
+    ({"max_item_bytes": 0}, "max_item_bytes must be an integer"),
+    ({"coalesce_delay": -1}, "coalesce_delay must be"),
+])
+def test_bad_open_options_are_rejected(store_path: Path, kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        ThreadStore.open(store_path, **kwargs)
+    assert not store_path.exists()
+
+
+# -- paths and files ------------------------------------------------------------------------
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` with its contents."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _assert_open_refused(path: Path, error: type[ThreadStoreError], match: str,
+                         ignore: frozenset[str] = frozenset()) -> None:
+    """Opening ``path`` raises, and leaves the files around it as they were."""
+    before = _tree(path.parent)
+    with pytest.raises(error, match=match):
+        ThreadStore.open(path)
+    after = {k: v for k, v in _tree(path.parent).items() if k not in ignore}
+    assert after == before
+
+
+def test_path_that_is_a_regular_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("my notes")
+    _assert_open_refused(path, NotAThreadStore, "exists and is not a directory")
+
+
+def test_non_empty_directory_that_is_not_a_store_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "project"
+    path.mkdir()
+    (path / "README").write_text("hello")
+    _assert_open_refused(path, NotAThreadStore, "non-empty directory without history.db")
+
+
+def test_unwritable_path_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        # Root ignores directory permissions, so a chmod 0o500 directory stays writable
+        # here. A path below a regular file cannot be created by anyone, so it stands in.
+        (tmp_path / "file").write_text("x")
+        path, match = tmp_path / "file" / "store", "cannot create the store directory"
+    else:
+        path, match = tmp_path / "locked", "not writable"
+        path.mkdir(mode=0o500)
+    _assert_open_refused(path, NotAThreadStore, match)
+
+
+# Our lock file is the one thing open() creates before it can inspect the databases.
+LOCK = frozenset({"store/store.lock"})
+
+
+@pytest.mark.parametrize("name", ["history.db", "index.db"])
+def test_newer_schema_version_is_refused_and_left_alone(store_path: Path, name: str) -> None:
+    with ThreadStore.open(store_path) as s:
+        s.append_and_flush(s.create_thread("t"), [user_msg("from the future")], timeout=10)
+    conn = sqlite3.connect(store_path / name)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    # Also a too-new index is refused: rebuilding it would throw away a newer format.
+    _assert_open_refused(store_path, SchemaTooNew, rf"{name} has schema version 99.*upgrade thread_store")
+    conn = sqlite3.connect(store_path / name)
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    with ThreadStore.open(store_path) as s:
+        assert s.read_thread("t").title == "from the future"
+
+
+def test_foreign_sqlite_database_as_history_is_refused_untouched(store_path: Path) -> None:
+    store_path.mkdir()
+    conn = sqlite3.connect(store_path / "history.db")  # rollback journal, like most SQLite files
+    conn.execute("CREATE TABLE notes (body TEXT)")
+    conn.execute("INSERT INTO notes VALUES ('precious')")
+    conn.commit()
+    conn.close()
+    _assert_open_refused(store_path, NotAThreadStore, "SQLite database but not a thread store", LOCK)
+    conn = sqlite3.connect(store_path / "history.db")
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    finally:
+        conn.close()
+
+
+def test_non_sqlite_file_as_history_is_refused(store_path: Path) -> None:
+    store_path.mkdir()
+    (store_path / "history.db").write_bytes(b"definitely not SQLite\n" * 100)
+    _assert_open_refused(store_path, NotAThreadStore, "not a SQLite database of a thread store", LOCK)

@@ -1,0 +1,61 @@
+"""Smoke test of the benchmark runner: a tiny run writes all three outputs, well formed.
+
+It checks structure only, never timings (the machine is shared and noisy).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_smoke_run_writes_table_json_and_plot(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    run = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--out", str(out)],
+                         check=False, cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert run.returncode == 0, run.stderr[-4000:]
+
+    results = json.loads((out / "bench.json").read_text())
+    assert results["mode"] == "smoke"
+    assert results["command"] == "python -m benchmarks --smoke"
+    assert {"cpu", "cpus", "python", "sqlite", "eventsourcing"} <= results["machine"].keys()
+
+    hot = results["latency"]["hot"]
+    for key in ("raw sqlite3 (floor)|append", "thread_store async (default)|append",
+                "thread_store async (default)|append_and_flush", "thread_store sync|append",
+                "thread_store async, projection paused|append",
+                "thread_store async, projection +100 ms/batch|append",
+                "thread_store async, caller_runs=False|append_and_flush",
+                "eventsourcing peer|append", "eventsourcing peer|append_and_flush"):
+        assert hot[key]["n"] > 0, key
+        assert 0 < hot[key]["p50_us"] <= hot[key]["p99_us"], key
+    assert "thread_store async (default)|append" in results["latency"]["many"]
+
+    sustained = results["sustained"]
+    assert sustained["thread_store async (default)|8"]["appends"] > 0
+    assert sustained["thread_store async (default)|8"]["lag_ms"]["n"] > 0
+    assert sustained["eventsourcing peer|8"]["lag_ms"]["n"] > 0
+    assert set(results["rss"]) == {"raw", "ts-async", "ts-sync", "peer"}
+    for probe in results["rss"].values():
+        assert probe["peak_kib"] >= probe["baseline_kib"] > 0
+
+    scale = results["scale"]
+    assert scale["listing"]["first_page"]["n"] > 0 and scale["listing"]["deep_page"]["n"] > 0
+    assert scale["catch_up"]["items"] == 1000 and scale["catch_up"]["items_per_s"] > 0
+    assert scale["pending_memory"]["pending_threads"] == 50
+
+    targets = results["targets"]
+    assert [t["key"] for t in targets] == ["append-floor", "decoupling", "barrier", "throughput",
+                                           "lag", "peer"]
+    assert all(isinstance(t["met"], bool) for t in targets)
+
+    table = (out / "bench.md").read_text()
+    assert results["command"] in table and "Machine:" in table
+    for target in targets:
+        assert target["name"] in table
+    assert (out / "bench.png").read_bytes().startswith(PNG_MAGIC)

@@ -1,0 +1,255 @@
+"""The thread-store command: real subprocesses for the main paths, CliRunner for the rest."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+from conftest import plain, user_msg
+from otlp_receiver import OTLPReceiver
+
+from thread_store import ThreadMetadata, ThreadStore
+from thread_store.cli import cli
+
+FIXTURES = Path(__file__).parent / "fixtures" / "codex"
+FIELDS = [f.name for f in dataclasses.fields(ThreadMetadata)]
+CONSOLE_SCRIPT = Path(sys.executable).with_name("thread-store")
+
+
+def run(*args: str, script: bool = False, env: dict[str, str] | None = None,
+        cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in a real subprocess: the console script, or ``python -m thread_store.cli``."""
+    command = [str(CONSOLE_SCRIPT)] if script else [sys.executable, "-m", "thread_store.cli"]
+    return subprocess.run([*command, *args], check=False, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner(env=env).invoke(cli, list(args), catch_exceptions=False)
+
+
+def assert_one_line_error(stderr: str, *words: str) -> None:
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert "Traceback" not in stderr
+    for word in words:
+        assert word in stderr
+
+
+@pytest.fixture
+def filled(store_path: Path) -> dict[str, str]:
+    """A closed store with three listed threads, one archived and one without a preview."""
+    with ThreadStore.open(store_path) as s:
+        ids = {}
+        for name, text in (("flaky", "Fix the flaky test"), ("docs", "Update the docs"),
+                           ("old", "Old work")):
+            ids[name] = s.create_thread(metadata={"cwd": "/repo"})
+            s.append_and_flush(ids[name], [user_msg(text), plain()])
+        s.archive_thread(ids["old"])
+        ids["empty"] = s.create_thread()
+        s.append_and_flush(ids["empty"], [plain()])
+    return ids
+
+
+def test_console_script_demo_then_list_show_status(store_path: Path) -> None:
+    demo = run("--store", str(store_path), "demo", "--threads", "4", "--seed", "7", script=True)
+    assert demo.returncode == 0, demo.stderr
+    assert "demo: 4 threads" in demo.stdout and "p50 append" in demo.stdout
+    again = run("--store", str(store_path), "demo", "--threads", "3", script=True)
+    assert again.returncode == 0, again.stderr
+
+    listed = run("--store", str(store_path), "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    threads = json.loads(listed.stdout)
+    assert len(threads) == 7  # the second run made fresh threads
+    assert all(list(t) == FIELDS for t in threads)
+    recency = [t["recency_at"] for t in threads]
+    assert recency == sorted(recency, reverse=True)
+
+    first = threads[0]
+    shown = run("--store", str(store_path), "show", first["thread_id"], "--items", "3", "--json")
+    assert shown.returncode == 0, shown.stderr
+    body = json.loads(shown.stdout)
+    assert body["thread"] == first
+    assert [i["seq"] for i in body["items"]] == [first["item_count"] - 2, first["item_count"] - 1,
+                                                 first["item_count"]]
+
+    report = run("--store", str(store_path), "status", "--json")
+    assert report.returncode == 0, report.stderr
+    status = json.loads(report.stdout)
+    assert status["threads"] == {"active": 7, "archived": 0}
+    assert status["behind"] == [] and status["stats"]["failures"] == 0
+
+
+def test_import_codex_and_reindex_in_a_subprocess(store_path: Path) -> None:
+    imported = run("--store", str(store_path), "import-codex", str(FIXTURES))
+    assert imported.returncode == 0, imported.stderr
+    assert "2 threads created" in imported.stdout and "23 items appended" in imported.stdout
+    skipped = [line for line in imported.stderr.splitlines() if line.startswith("skipped ")]
+    assert [line.split(":")[1] for line in skipped] == ["8", "12"]
+    before = run("--store", str(store_path), "list", "--json").stdout
+
+    reindexed = run("--store", str(store_path), "reindex")
+    assert reindexed.returncode == 0, reindexed.stderr
+    assert "reindexed 2 threads" in reindexed.stdout
+    assert run("--store", str(store_path), "list", "--json").stdout == before
+
+    again = run("--store", str(store_path), "import-codex", str(FIXTURES), "--json")
+    assert json.loads(again.stdout)["items_appended"] == 0
+
+
+@pytest.mark.parametrize("args, words", [
+    (["show", "no such id!"], ["invalid thread id"]),
+    (["show", "0194a1b2-0000-7000-8000-000000000000"], ["does not exist"]),
+    (["list", "--cursor", "bogus"], ["invalid cursor"]),
+    (["list", "--limit", "0"], ["--limit"]),
+])
+def test_errors_are_one_line_without_traceback(filled: dict[str, str], store_path: Path,
+                                               args: list[str], words: list[str]) -> None:
+    result = run("--store", str(store_path), *args)
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert_one_line_error(result.stderr, *words)
+
+
+def test_store_path_that_is_a_file_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "a-file"
+    path.write_text("not a store")
+    result = run("list", env={"THREAD_STORE": str(path)}, script=True)
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, str(path), "not a directory")
+
+
+def test_demo_exports_traces_over_otlp_and_to_a_file(tmp_path: Path) -> None:
+    trace_file = tmp_path / "traces.jsonl"
+    with OTLPReceiver() as receiver:
+        result = run("--store", str(tmp_path / "s"), "demo", "--threads", "2", "--seed", "1",
+                     "--otlp-endpoint", receiver.endpoint, "--trace-file", str(trace_file))
+        assert result.returncode == 0, result.stderr
+        names = {span.name for span in receiver.wait_for(lambda spans: bool(spans), timeout=10)}
+    assert {"thread_store.append", "thread_store.project"} <= names
+    lines = [json.loads(line) for line in trace_file.read_text().splitlines()]
+    assert lines and all("resourceSpans" in line for line in lines)
+
+
+# -- CliRunner --------------------------------------------------------------------------
+
+
+def test_every_help_ends_with_an_example() -> None:
+    for name in [None, *cli.commands]:
+        result = invoke(*([name] if name else []), "--help")
+        assert result.exit_code == 0, name
+        lines = [line.strip() for line in result.stdout.rstrip().splitlines()]
+        assert "Example:" in lines, name
+        examples = lines[len(lines) - lines[::-1].index("Example:"):]
+        assert examples and all(line.startswith("thread-store ") for line in examples), (name, examples)
+
+
+def test_store_path_from_the_environment_and_the_default(filled: dict[str, str], store_path: Path,
+                                                         tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    result = invoke("list", env={"THREAD_STORE": str(store_path)})
+    assert result.exit_code == 0
+    assert "Fix the flaky test" in result.stdout and "Old work" not in result.stdout
+    monkeypatch.chdir(tmp_path)
+    demo = CliRunner(env={"THREAD_STORE": None}).invoke(cli, ["demo", "--threads", "2"],
+                                                        catch_exceptions=False)
+    assert demo.exit_code == 0
+    with ThreadStore.open(tmp_path / "thread-store-data", read_only=True) as store:
+        assert len(store.list_threads().threads) == 2
+
+
+def test_list_filters_and_paging(filled: dict[str, str], store_path: Path) -> None:
+    store = ["--store", str(store_path)]
+    archived = json.loads(invoke(*store, "list", "--archived", "--json").stdout)
+    assert [t["thread_id"] for t in archived] == [filled["old"]]
+    found = json.loads(invoke(*store, "list", "--search", "flaky", "--json").stdout)
+    assert [t["thread_id"] for t in found] == [filled["flaky"]]
+    everything = json.loads(invoke(*store, "list", "--include-empty", "--json").stdout)
+    assert filled["empty"] in {t["thread_id"] for t in everything}
+
+    first = invoke(*store, "list", "--limit", "1")
+    assert first.stdout.splitlines()[0].split() == ["ID", "TITLE", "MODEL", "ITEMS", "RECENCY", "(UTC)"]
+    cursor = first.stderr.split("--cursor ")[1].split()[0]
+    second = invoke(*store, "list", "--limit", "1", "--cursor", cursor)
+    ids = [line.split()[0] for line in (first.stdout + second.stdout).splitlines()
+           if not line.startswith("ID")]
+    assert sorted(ids) == sorted([filled["flaky"], filled["docs"]])
+    assert second.stderr == ""  # the last page has no cursor hint
+
+
+def test_show_table(filled: dict[str, str], store_path: Path) -> None:
+    result = invoke("--store", str(store_path), "show", filled["flaky"], "--items", "1")
+    assert result.exit_code == 0
+    assert "Fix the flaky test" in result.stdout and "last 1 items:" in result.stdout
+    assert result.stdout.rstrip().splitlines()[-1].split()[0] == "3"  # session_meta, message, plain
+
+
+def test_status_names_threads_left_behind(filled: dict[str, str], store_path: Path) -> None:
+    with ThreadStore.open(store_path) as s:
+        s.pause_projection()
+        for name in ("flaky", "docs"):
+            s.append(filled[name], [plain(), plain()])
+        s.close(timeout=0)  # leave them behind, as a crash would
+    result = invoke("--store", str(store_path), "status", "--json")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert report["threads"] == {"active": 3, "archived": 1}  # "empty" counts, though unlisted
+    assert report["stats"]["pending_threads"] <= 2
+    # open() is already catching up, so each may or may not still be behind here.
+    assert {b["thread_id"] for b in report["behind"]} <= {filled["flaky"], filled["docs"]}
+    assert all(b["lag"] == b["head_seq"] - b["projected_seq"] > 0 for b in report["behind"])
+    text = invoke("--store", str(store_path), "status")
+    assert "4 (3 active, 1 archived)" in text.stdout
+
+
+def test_import_codex_reports_and_exit_codes(store_path: Path) -> None:
+    store = ["--store", str(store_path)]
+    first = invoke(*store, "import-codex", str(FIXTURES), "--json")
+    assert first.exit_code == 0
+    report = json.loads(first.stdout)
+    assert (report["threads_created"], report["items_appended"]) == (2, 23)
+    assert [s["line"] for s in report["skipped"]] == [8, 12]
+    with ThreadStore.open(store_path) as s:
+        s.update_metadata("0194a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b", name="renamed")
+    second = invoke(*store, "import-codex", str(FIXTURES))
+    assert second.exit_code == 0
+    assert "0 items appended" in second.stdout and "2 unchanged" in second.stdout
+
+
+def test_import_codex_conflict_exits_1(store_path: Path, tmp_path: Path) -> None:
+    with ThreadStore.open(store_path) as s:
+        s.create_thread("0194a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b")
+        s.append("0194a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b", [user_msg("unrelated")])
+    result = invoke("--store", str(store_path), "import-codex", str(FIXTURES))
+    assert result.exit_code == 1
+    assert "not imported:" in result.stderr and "1 threads created" in result.stdout
+
+
+def test_runner_errors_are_one_line(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing")
+    for args, code in ((["--store", missing, "status"], 1), (["--store", missing, "reindex"], 1),
+                       (["--store", missing, "list"], 1), (["frobnicate"], 2),
+                       (["import-codex", missing], 2)):
+        result = invoke(*args)
+        assert result.exit_code == code, (args, result.stderr)
+        assert_one_line_error(result.stderr)
+    assert not Path(missing).exists()  # no command created a store by accident
+
+
+def test_the_library_never_loads_the_cli() -> None:
+    # (click itself is always importable: sqlite-utils depends on it.)
+    code = ("import sys, thread_store, thread_store.aio, thread_store.codex, thread_store.demo; "
+            "sys.exit('thread_store.cli' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], check=False, timeout=60).returncode == 0
+
+
+def test_bench_passes_arguments_through() -> None:
+    result = invoke("bench", "--", "--help")
+    assert result.exit_code == 0
+    assert "python -m benchmarks" in result.stdout

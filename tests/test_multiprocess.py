@@ -1,0 +1,96 @@
+"""Two processes on one store: one writer at a time, any number of read-only readers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from _child import READY, Child, assert_converged, assert_no_projector_thread
+from conftest import plain, user_msg
+
+from thread_store import ReadOnlyStore, StoreLocked, ThreadStore
+
+
+@pytest.fixture
+def writer(store_path: Path) -> Iterator[tuple[int, str]]:
+    """Another process holding the store open for writing; yields (pid, its thread id)."""
+    child = Child("writer", store_path)
+    try:
+        _, pid, thread_id = child.wait_for(READY).split()
+        yield int(pid), thread_id
+    finally:
+        child.finish()
+        child.close()
+
+
+def test_second_writer_gets_store_locked_naming_the_holder(store_path: Path,
+                                                             writer: tuple[int, str]) -> None:
+    pid, _ = writer
+    with pytest.raises(StoreLocked, match=f"pid {pid}"):
+        ThreadStore.open(store_path)
+    assert_no_projector_thread()
+
+
+def test_read_only_store_reads_while_the_writer_is_open(store_path: Path,
+                                                         writer: tuple[int, str]) -> None:
+    _, thread_id = writer
+    with ThreadStore.open(store_path, read_only=True) as reader:
+        listed = reader.list_threads().threads
+        assert [m.thread_id for m in listed] == [thread_id]
+        assert reader.read_thread(thread_id).title == "from the writer"
+        assert [s.item["payload"]["message"] for s in reader.read_history(thread_id)] == [
+            "from the writer"]
+        assert reader.status(thread_id).projected_seq == 1
+        assert reader.list_threads(search="writer").threads == listed
+        writes = {
+            "create_thread": lambda: reader.create_thread(),
+            "append": lambda: reader.append(thread_id, [plain()]),
+            "append_and_flush": lambda: reader.append_and_flush(thread_id, [plain()]),
+            "flush": lambda: reader.flush(thread_id),
+            "flush_all": lambda: reader.flush_all(),
+            "update_metadata": lambda: reader.update_metadata(thread_id, name="x"),
+            "archive_thread": lambda: reader.archive_thread(thread_id),
+            "unarchive_thread": lambda: reader.unarchive_thread(thread_id),
+            "delete_thread": lambda: reader.delete_thread(thread_id),
+            "discard": lambda: reader.discard(thread_id),
+        }
+        allowed = []
+        for name, call in writes.items():
+            try:
+                call()
+                allowed.append(name)
+            except ReadOnlyStore:
+                pass
+        assert not allowed, f"read-only store allowed {allowed}"
+        assert reader.read_history(thread_id)[-1].seq == 1, "a read-only call wrote"
+    assert_no_projector_thread()
+
+
+def test_lock_is_released_when_the_writer_dies(store_path: Path) -> None:
+    """A SIGKILLed writer leaves no stale lock: the next writer opens and catches up."""
+    child = Child("writer", store_path)
+    try:
+        _, _, thread_id = child.wait_for(READY).split()
+        child.kill()
+    finally:
+        child.close()
+    with ThreadStore.open(store_path) as store:
+        store.append_and_flush(thread_id, [user_msg("second life")], timeout=10.0)
+        assert assert_converged(store) == 1
+    assert_no_projector_thread()
+
+
+def test_reader_sees_later_writes_and_writer_unaffected(store_path: Path) -> None:
+    """A reader opened first keeps working while this process writes and projects."""
+    with ThreadStore.open(store_path) as store:
+        first = store.create_thread()
+        store.append_and_flush(first, [user_msg("one")], timeout=10.0)
+        with ThreadStore.open(store_path, read_only=True) as reader:
+            assert [m.title for m in reader.list_threads().threads] == ["one"]
+            second = store.create_thread()
+            store.append_and_flush(second, [user_msg("two")], timeout=10.0)
+            assert {m.title for m in reader.list_threads().threads} == {"one", "two"}
+            assert reader.read_thread(second).item_count == 1
+        assert_converged(store)
+    assert_no_projector_thread()

@@ -1,0 +1,139 @@
+"""Soak: eight threads hammer one store with every kind of call (DESIGN §1.4, §1.7, §1.10).
+
+No deadlock (faulthandler dumps every stack if the run stalls), no untyped error, metadata
+that never moves backwards, and at the end every live thread is projected to its head and
+equals the fold of its history.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import random
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from _child import assert_converged, assert_no_projector_thread, assert_store_integrity
+from conftest import plain, user_msg
+
+from thread_store import ThreadDiscarded, ThreadMetadata, ThreadNotFound, ThreadStore
+
+WORKERS = 8
+# Another worker may delete or discard the thread a call is about: these are the answers.
+RACES = (ThreadNotFound, ThreadDiscarded)
+
+
+class _Soak:
+    """Shared state of one soak run: the live thread ids and what each call returned."""
+
+    def __init__(self, store: ThreadStore, seconds: float) -> None:
+        self.store = store
+        self.deadline = time.monotonic() + seconds
+        self.lock = threading.Lock()
+        self.threads = [store.create_thread() for _ in range(16)]
+        self.counts: Counter[str] = Counter()
+        self.failures: list[str] = []
+
+    def pick(self, rng: random.Random) -> str:
+        with self.lock:
+            return rng.choice(self.threads)
+
+    def forget(self, thread_id: str) -> None:
+        with self.lock:
+            if thread_id in self.threads and len(self.threads) > 1:
+                self.threads.remove(thread_id)
+
+    def worker(self, seed: int) -> None:
+        rng = random.Random(seed)
+        seen: dict[str, ThreadMetadata] = {}
+        while time.monotonic() < self.deadline:
+            op = rng.choice(["append"] * 6 + ["append_and_flush"] * 3 + ["list"] * 3
+                            + ["read"] * 3 + ["archive", "create", "delete"])
+            tid = self.pick(rng)
+            try:
+                meta = self.run(op, tid, rng)
+            except RACES:
+                meta = None
+            except Exception as exc:  # noqa: BLE001 - recorded; the test fails on it
+                self.failures.append(f"{op}({tid}): {exc!r}")
+                meta = None
+            self.counts[op] += 1
+            if meta is not None:
+                self.check_monotonic(seen, meta)
+
+    def run(self, op: str, tid: str, rng: random.Random) -> ThreadMetadata | None:
+        store = self.store
+        if op == "append":
+            store.append(tid, [plain(rng.randrange(100)) for _ in range(rng.randint(1, 3))])
+        elif op == "append_and_flush":
+            item = rng.choice([user_msg(f"soak {rng.randrange(1000)}"), plain(),
+                               {"type": "event_msg", "payload": {"type": "turn_started"}}])
+            return store.append_and_flush(tid, [item], timeout=30.0)
+        elif op == "list":
+            query = {"archived": rng.random() < 0.2, "search": rng.choice([None, "soak"])}
+            page = store.list_threads(limit=5, **query)
+            if page.next_cursor is not None:
+                store.list_threads(limit=5, cursor=page.next_cursor, **query)
+        elif op == "read":
+            store.read_history(tid, after_seq=rng.randrange(5), limit=50)
+            return store.read_thread(tid)
+        elif op == "archive":
+            if rng.random() < 0.5:
+                return store.archive_thread(tid, timeout=30.0)
+            return store.unarchive_thread(tid, timeout=30.0)
+        elif op == "create":
+            with self.lock:
+                self.threads.append(store.create_thread())
+        elif op == "delete":
+            self.forget(tid)
+            if rng.random() < 0.8:
+                store.delete_thread(tid, timeout=30.0)
+            else:
+                store.discard(tid, timeout=30.0)
+        return None
+
+    def check_monotonic(self, seen: dict[str, ThreadMetadata], meta: ThreadMetadata) -> None:
+        """What one caller observes of a thread never moves backwards (§1.10)."""
+        before = seen.get(meta.thread_id)
+        seen[meta.thread_id] = meta
+        if before is None:
+            return
+        for field in ("projected_seq", "item_count", "recency_at", "updated_at"):
+            if getattr(meta, field) < getattr(before, field):
+                self.failures.append(f"{meta.thread_id}.{field} moved backwards: "
+                                     f"{getattr(before, field)} -> {getattr(meta, field)}")
+
+
+def _soak(path: Path, seconds: float) -> None:
+    faulthandler.dump_traceback_later(seconds + 60.0, exit=False, file=sys.stderr)
+    try:
+        with ThreadStore.open(path) as store:
+            soak = _Soak(store, seconds)
+            workers = [threading.Thread(target=soak.worker, args=(n,), name=f"soak-{n}")
+                       for n in range(WORKERS)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join(seconds + 60.0)
+            stuck = [w.name for w in workers if w.is_alive()]
+            assert not stuck, f"deadlock: {stuck} still running (stacks dumped to stderr)"
+            assert not soak.failures, soak.failures[:20]
+            assert all(soak.counts[op] > 0 for op in ("append", "list", "read", "delete")), soak.counts
+            print(f"\nsoak: {sum(soak.counts.values())} calls in {seconds:g}s: {dict(soak.counts)}")
+            assert assert_converged(store) > 0
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert_store_integrity(path)
+    assert_no_projector_thread()
+
+
+def test_soak_short(store_path: Path) -> None:
+    _soak(store_path, 5.0)
+
+
+@pytest.mark.slow
+def test_soak_long(store_path: Path) -> None:
+    _soak(store_path, 60.0)

@@ -1,0 +1,232 @@
+"""store.py: the ThreadStore API end to end, in async and sync projection modes."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from conftest import plain, user_msg
+from thread_store import (ProjectionFailed, ThreadDiscarded, ThreadExists, ThreadNotFound,
+                          ThreadStore)
+
+SESSION = {"cwd": "/repo", "model_provider": "openai", "git": {"branch": "main"}}
+
+
+def test_open_creates_the_store_files(store_path: Path) -> None:
+    with ThreadStore.open(store_path) as s:
+        assert s.path == store_path
+        assert {"history.db", "index.db"} <= {p.name for p in store_path.iterdir()}
+
+
+def test_create_thread_gives_a_uuid_or_the_given_id(store: ThreadStore) -> None:
+    tid = store.create_thread()
+    assert str(uuid.UUID(tid)) == tid
+    assert store.create_thread("my-id:1.x_Y") == "my-id:1.x_Y"
+    assert store.create_thread("x" * 128) == "x" * 128
+    assert store.read_thread("my-id:1.x_Y").item_count == 0
+
+
+def test_create_thread_with_metadata_writes_one_session_meta_item(store: ThreadStore) -> None:
+    tid = store.create_thread(metadata=SESSION)
+    (first,) = store.read_history(tid)
+    assert first.seq == 1
+    assert first.item == {"type": "session_meta", "payload": SESSION}
+    meta = store.flush(tid, timeout=10)
+    assert (meta.cwd, meta.model_provider, meta.git_branch, meta.item_count) == ("/repo", "openai", "main", 1)
+
+
+@pytest.mark.parametrize("metadata", [None, {}])
+def test_create_thread_without_metadata_writes_nothing(store: ThreadStore,
+                                                      metadata: dict[str, str] | None) -> None:
+    tid = store.create_thread(metadata=metadata)
+    assert store.read_history(tid) == []
+    assert store.status(tid).head_seq == 0
+
+
+def test_create_thread_with_taken_id_raises(store: ThreadStore) -> None:
+    store.create_thread("taken")
+    store.append("taken", [plain(1)])
+    with pytest.raises(ThreadExists, match="taken.*already exists"):
+        store.create_thread("taken", metadata=SESSION)
+    assert [i.item for i in store.read_history("taken")] == [plain(1)]
+
+
+def test_append_returns_the_generation(store: ThreadStore) -> None:
+    tid = store.create_thread(metadata=SESSION)
+    assert store.append(tid, [plain()]) == 2
+    assert store.append(tid, [plain(), plain(), plain()]) == 5
+    assert store.append(tid, ()) == 5
+    assert store.append(tid, []) == 5
+    assert len(store.read_history(tid)) == 5
+    assert store.flush(tid, timeout=10).item_count == 5
+
+
+def test_read_thread_shows_the_projection(store: ThreadStore) -> None:
+    tid = store.create_thread()
+    store.pause_projection()
+    store.append(tid, [user_msg("  first question  "), user_msg("second")])
+    unprojected = store.read_thread(tid)
+    assert (unprojected.title, unprojected.item_count, unprojected.projected_seq) == (None, 0, 0)
+    assert unprojected.created_at is not None
+    store.resume_projection()
+    store.flush(tid, timeout=10)
+    meta = store.read_thread(tid)
+    assert (meta.title, meta.preview, meta.first_user_message) == ("first question",) * 3
+    assert (meta.item_count, meta.projected_seq, meta.thread_id) == (2, 2, tid)
+
+
+def test_flush_and_append_and_flush_return_covering_metadata(store: ThreadStore) -> None:
+    tid = store.create_thread()
+    meta = store.append_and_flush(tid, [user_msg("visible now")], timeout=10)
+    assert (meta.title, meta.projected_seq) == ("visible now", 1)
+    assert [t.thread_id for t in store.list_threads().threads] == [tid]
+    gen = store.append(tid, [plain()])
+    assert store.flush(tid, generation=gen, timeout=10).projected_seq >= gen
+    assert store.flush(tid, generation=0, timeout=10).thread_id == tid
+
+
+def test_update_metadata_is_a_history_item(store: ThreadStore) -> None:
+    tid = store.create_thread()
+    store.append(tid, [user_msg("hello")])
+    meta = store.update_metadata(tid, name="  Fix the flaky test ")
+    assert (meta.name, meta.item_count, meta.projected_seq) == ("Fix the flaky test", 2, 2)
+    assert store.read_history(tid)[-1].item["payload"] == {"name": "  Fix the flaky test "}
+    assert store.read_thread(tid).name == "Fix the flaky test"
+    assert store.update_metadata(tid, name=None).name is None
+    assert len(store.read_history(tid)) == 3
+
+
+def test_archive_and_unarchive_are_history_items(store: ThreadStore) -> None:
+    tid = store.create_thread()
+    store.append(tid, [user_msg("hello")])
+    archived = store.archive_thread(tid)
+    assert archived.archived_at is not None and archived.item_count == 2
+    assert store.read_thread(tid).archived_at == archived.archived_at
+    assert store.unarchive_thread(tid).archived_at is None
+    assert len(store.read_history(tid)) == 3
+
+
+def test_delete_thread_forgets_the_id(store_path: Path) -> None:
+    with ThreadStore.open(store_path) as s:
+        tid = s.create_thread("gone")
+        s.append_and_flush(tid, [user_msg("bye")])
+        s.delete_thread(tid)
+        _assert_not_found(s, tid)
+        assert s.list_threads(include_empty=True).threads == []
+    with ThreadStore.open(store_path) as s:
+        _assert_not_found(s, tid)
+        assert s.create_thread("gone") == "gone"  # the id is free again, with a fresh history
+        assert s.append(tid, [user_msg("again")]) == 1
+        assert s.flush(tid, timeout=10).title == "again"
+
+
+def _assert_not_found(store: ThreadStore, tid: str) -> None:
+    for call in (lambda: store.read_thread(tid), lambda: store.read_history(tid),
+                 lambda: store.append(tid, [plain()]), lambda: store.flush(tid, timeout=1),
+                 lambda: store.status(tid), lambda: store.delete_thread(tid)):
+        with pytest.raises(ThreadNotFound, match=tid):
+            call()
+
+
+@pytest.fixture
+def discarded(store_path: Path) -> Iterator[tuple[ThreadStore, str]]:
+    """A store where thread 'eph' was discarded (with pending work) and 'kept' lives on."""
+    with ThreadStore.open(store_path) as s:
+        s.append_and_flush(s.create_thread("kept"), [user_msg("stay")])
+        tid = s.create_thread("eph", metadata=SESSION)
+        s.pause_projection()
+        s.append(tid, [user_msg("never visible")])
+        s.discard(tid, timeout=10)
+        s.resume_projection()
+        yield s, tid
+
+
+def _assert_discarded(store: ThreadStore, tid: str) -> None:
+    for call in (lambda: store.append(tid, [plain()]), lambda: store.read_thread(tid),
+                 lambda: store.read_history(tid), lambda: store.flush(tid, timeout=1),
+                 lambda: store.status(tid), lambda: store.create_thread(tid),
+                 lambda: store.append_and_flush(tid, [plain()], timeout=1)):
+        with pytest.raises(ThreadDiscarded, match=tid):
+            call()
+    assert [t.thread_id for t in store.list_threads(include_empty=True).threads] == ["kept"]
+
+
+def test_discard_tombstones_the_thread(discarded: tuple[ThreadStore, str]) -> None:
+    store, tid = discarded
+    store.flush_all(timeout=10)
+    _assert_discarded(store, tid)
+
+
+def test_discard_survives_reopen(discarded: tuple[ThreadStore, str], store_path: Path) -> None:
+    store, tid = discarded
+    store.close()
+    with ThreadStore.open(store_path) as s:
+        s.flush_all(timeout=10)
+        _assert_discarded(s, tid)
+        assert s.read_thread("kept").title == "stay"
+
+
+def test_status_reports_head_projected_and_pending(store: ThreadStore) -> None:
+    tid = store.create_thread()
+    store.pause_projection()
+    store.append(tid, [plain(), plain(), plain()])
+    st = store.status(tid)
+    assert (st.head_seq, st.projected_seq, st.pending, st.attempts, st.last_error, st.waiters) == \
+        (3, 0, True, 0, None, 0)
+    store.resume_projection()
+    store.flush(tid, timeout=10)
+    st = store.status(tid)
+    assert (st.head_seq, st.projected_seq, st.pending, st.last_error, st.waiters) == (3, 3, False, None, 0)
+
+
+def test_status_records_a_failed_projection(store_path: Path) -> None:
+    def hook(thread_id: str, generation: int) -> None:
+        raise RuntimeError(f"no projection for {thread_id}")
+
+    with ThreadStore.open(store_path, projection_hook=hook) as s:
+        tid = s.create_thread()
+        s.append(tid, [plain()])
+        with pytest.raises(ProjectionFailed):
+            s.flush(tid, timeout=10)
+        st = s.status(tid)
+        assert (st.head_seq, st.projected_seq, st.pending) == (1, 0, True)
+        assert st.last_error is not None and "no projection for" in st.last_error
+
+
+# -- projection="sync" ----------------------------------------------------------------------
+
+def test_sync_append_projects_before_returning(store_path: Path) -> None:
+    with ThreadStore.open(store_path, projection="sync") as s:
+        tid = s.create_thread(metadata=SESSION)
+        assert s.read_thread(tid).cwd == "/repo"
+        assert s.append(tid, [user_msg("projected already")]) == 2
+        meta = s.read_thread(tid)
+        assert (meta.title, meta.item_count, meta.projected_seq) == ("projected already", 2, 2)
+        assert [t.thread_id for t in s.list_threads().threads] == [tid]
+        assert s.status(tid).pending is False
+        assert s.flush(tid, timeout=0) == meta  # already covered: returns at once
+        assert s.append_and_flush(tid, [plain()], timeout=0).item_count == 3
+
+
+def test_sync_append_raises_projection_failed_with_items_durable(store_path: Path) -> None:
+    failing = {"on": True}
+
+    def hook(thread_id: str, generation: int) -> None:
+        if failing["on"]:
+            raise ValueError("index is broken")
+
+    with ThreadStore.open(store_path, projection="sync", projection_hook=hook) as s:
+        tid = s.create_thread()
+        with pytest.raises(ProjectionFailed, match="durable") as info:
+            s.append(tid, [user_msg("kept anyway")])
+        assert isinstance(info.value.__cause__, ValueError)
+        assert [i.item for i in s.read_history(tid)] == [user_msg("kept anyway")]
+        assert s.read_thread(tid).projected_seq == 0
+        failing["on"] = False
+        assert s.append(tid, [plain()]) == 2  # a later append retries the pending work
+        assert s.read_thread(tid).title == "kept anyway"
+    with ThreadStore.open(store_path) as s:
+        assert len(s.read_history(tid)) == 2
