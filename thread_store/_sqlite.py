@@ -6,7 +6,9 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
+
+import sqlite_utils
 
 from .errors import NotAThreadStore, SchemaTooNew, StorageError, ThreadStoreError
 
@@ -91,10 +93,29 @@ def check_schema(conn: sqlite3.Connection, path: Path, version: int) -> int:
     return int(found)
 
 
-def mark_schema(conn: sqlite3.Connection, version: int) -> None:
-    """Stamp our application id and the schema version after creating or migrating."""
-    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-    conn.execute(f"PRAGMA user_version = {int(version)}")
+Migration = Callable[[sqlite_utils.Database], None]
+
+
+def migrate(conn: sqlite3.Connection, path: Path, steps: Sequence[Migration], *,
+            read_only: bool) -> int:
+    """Bring the file to schema version ``len(steps)``; return the version it had.
+
+    ``steps[n]`` moves a file from version ``n`` to ``n + 1`` (``steps[0]`` creates the
+    schema), so a new version is one more step. All missing steps and the version stamp
+    commit in one transaction: a crash mid-migration leaves the old version intact.
+    """
+    found = check_schema(conn, path, len(steps))
+    if found < len(steps) and not read_only:
+        db = sqlite_utils.Database(conn)
+
+        def run() -> None:
+            for step in steps[found:]:
+                step(db)
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {len(steps)}")
+
+        in_transaction(conn, run)
+    return found
 
 
 class ConnectionPool:

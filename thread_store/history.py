@@ -19,7 +19,6 @@ from . import _sqlite
 from .errors import StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
 from .model import EncodedItem
 
-SCHEMA_VERSION = 1
 _INSERT = "INSERT INTO items (thread_id, seq, ts_us, item) VALUES (?, ?, ?, ?)"
 _RANGE = ("SELECT seq, ts_us, item FROM items WHERE thread_id = ? AND seq > ? AND seq <= ? "
           "ORDER BY seq LIMIT ?")
@@ -39,6 +38,11 @@ def _create_schema(db: sqlite_utils.Database) -> None:
     db["store_meta"].create({"key": str, "value": str}, pk="key")  # type: ignore[union-attr]
 
 
+#: ``_MIGRATIONS[n]`` takes history.db from schema version n to n + 1.
+_MIGRATIONS: list[_sqlite.Migration] = [_create_schema]
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
 class History:
     """The history log of one store (``history.db``)."""
 
@@ -49,10 +53,7 @@ class History:
             _sqlite.create_private_file(path)
         self._conn = _sqlite.connect(path, durability=durability, read_only=read_only,
                                      schema_version=SCHEMA_VERSION)
-        found = _sqlite.check_schema(self._conn, path, SCHEMA_VERSION)
-        if found == 0 and not read_only:
-            _sqlite.in_transaction(self._conn, lambda: _create_schema(sqlite_utils.Database(self._conn)))
-            _sqlite.mark_schema(self._conn, SCHEMA_VERSION)
+        _sqlite.migrate(self._conn, path, _MIGRATIONS, read_only=read_only)
         self._readers = _sqlite.ConnectionPool(
             lambda: _sqlite.connect(path, durability=durability, read_only=read_only))
         self.lock = threading.Lock()

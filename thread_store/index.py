@@ -23,7 +23,6 @@ from . import _sqlite
 from .errors import InvalidCursor
 from .model import THREAD_ID_PATTERN, Page, ThreadMetadata, us_from_utc, utc_from_us
 
-SCHEMA_VERSION = 1
 _TEXT = ("name", "title", "preview", "first_user_message", "model_provider", "model",
          "reasoning_effort", "cwd", "cli_version", "source", "git_sha", "git_branch",
          "git_origin_url")
@@ -71,6 +70,11 @@ def _create_schema(db: sqlite_utils.Database) -> None:
         f"INSERT INTO threads_fts (rowid, {', '.join(_FTS)}) VALUES (new.rowid, {new}); END")
 
 
+#: ``_MIGRATIONS[n]`` takes index.db from schema version n to n + 1.
+_MIGRATIONS: list[_sqlite.Migration] = [_create_schema]
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
 def _row_to_metadata(row: tuple[Any, ...]) -> ThreadMetadata:
     values: dict[str, Any] = dict(zip(_COLUMNS, row))
     usage = values["token_usage"]
@@ -114,10 +118,7 @@ class Index:
         self._conn = _sqlite.connect(path, durability=durability, read_only=read_only,
                                      busy_timeout_ms=busy_timeout_ms, schema_version=SCHEMA_VERSION)
         self._db = sqlite_utils.Database(self._conn)
-        self.fresh = _sqlite.check_schema(self._conn, path, SCHEMA_VERSION) == 0
-        if self.fresh and not read_only:
-            _sqlite.in_transaction(self._conn, lambda: _create_schema(self._db))
-            _sqlite.mark_schema(self._conn, SCHEMA_VERSION)
+        self.fresh = _sqlite.migrate(self._conn, path, _MIGRATIONS, read_only=read_only) == 0
         self._readers = _sqlite.ConnectionPool(
             lambda: _sqlite.connect(path, durability=durability, read_only=read_only))
         #: Held for every index write; ``fenced`` is set under it by close().

@@ -26,7 +26,8 @@ from opentelemetry.trace import SpanContext
 
 from . import _sqlite
 from .derive import ProjectionRules
-from .errors import ProjectionFailed, StoreClosed, ThreadDiscarded, TransientProjectionError
+from .errors import (ProjectionFailed, StoreClosed, ThreadDiscarded, ThreadNotFound,
+                     TransientProjectionError)
 from .history import History
 from .index import Index, RowWrite
 from .model import ThreadMetadata
@@ -525,7 +526,7 @@ class Projector:
                 return _Result("gone", error=ThreadDiscarded(f"thread {thread_id!r} is gone")), None
             meta = self._rules.metadata(thread_id, state, c.target)
             return _Result("ok", meta=meta), RowWrite(meta, json.dumps(state))
-        except ThreadDiscarded as exc:
+        except (ThreadDiscarded, ThreadNotFound) as exc:  # removed while this attempt ran
             return _Result("gone", error=exc), None
         except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
             kind = "retry" if self._transient(exc) else "failed"
