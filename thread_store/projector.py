@@ -213,7 +213,10 @@ class Projector:
             if head:
                 st.appends = 1
                 st.pending_since = time.monotonic()
-            # Also an empty thread gets its (initial) row, so include_empty lists it.
+            else:
+                # An empty thread still gets its initial row, so include_empty lists it;
+                # until then it counts as behind (for flush_all, close and reopen).
+                st.refold = True
             self._schedule(st, self._delay)
 
     def on_append(self, thread_id: str, head: int, added: int, context: SpanContext | None) -> None:
@@ -259,7 +262,7 @@ class Projector:
                 return None
             if st.gone:
                 raise ThreadDiscarded(f"thread {thread_id!r} was {st.gone}")
-            if st.projected >= target:
+            if st.projected >= target and not st.refold:
                 return None
             waiter = Waiter(thread_id, target, st.failure_epoch, callback, self._cond(st))
             first = not st.waiters
@@ -617,7 +620,7 @@ class Projector:
             outcome: Outcome | None = None
             if st.gone:
                 outcome = ThreadDiscarded(f"thread {st.thread_id!r} was {st.gone}; {_DURABLE_HINT}")
-            elif st.projected >= w.target:
+            elif st.projected >= w.target and not st.refold:
                 outcome = _Success(meta if meta is not None and meta.projected_seq >= w.target else None)
             elif st.failure_epoch > w.epoch and st.failed_gen >= w.target:
                 error = ProjectionFailed([st.thread_id], st.failed_gen, _describe(st.failure))

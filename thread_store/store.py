@@ -655,22 +655,32 @@ def _recover(history: History, index: Index) -> dict[str, tuple[int, int, bool]]
                 head = history.head(thread_id)
             except ThreadStoreError:
                 continue
-            projected = index.load_state(thread_id)[0]
-            if projected != head:
-                behind[thread_id] = (head, projected, projected > head)
+            projected, state = index.load_state(thread_id)
+            _note_behind(behind, thread_id, head, projected if state is not None else None)
     else:
         if index.fresh and history.get_meta(_SESSION_KEY) is not None:
             log.warning("thread_store: rebuilding the index from history")
         projected_by_id = index.projected_seqs()
         for thread_id, _created, head in history.live_threads():
-            projected = projected_by_id.pop(thread_id, 0)
-            if projected != head:
-                behind[thread_id] = (head, projected, projected > head)
+            _note_behind(behind, thread_id, head, projected_by_id.pop(thread_id, None))
         with index.write_lock:
             for orphan in projected_by_id:  # rows of threads discarded or deleted mid-crash
                 index.delete_row(orphan)
     history.set_meta(_SESSION_KEY, {"clean": False})
     return behind
+
+
+def _note_behind(behind: dict[str, tuple[int, int, bool]], thread_id: str, head: int,
+                 projected: int | None) -> None:
+    """Record a thread that needs projecting; ``projected=None`` means it has no row yet.
+
+    A thread without a row, or whose row is ahead of its history, is re-folded from its
+    first item.
+    """
+    if projected is None:
+        behind[thread_id] = (head, 0, True)
+    elif projected != head:
+        behind[thread_id] = (head, projected, projected > head)
 
 
 def _close_open_stores_at_exit() -> None:
