@@ -1,4 +1,8 @@
-"""DESIGN §1.2 bounded memory: pending state is O(1) per thread whatever the backlog."""
+"""DESIGN §1.2 bounded memory: pending state is O(1) per thread whatever the backlog.
+
+Per thread the projector keeps watermarks, at most MAX_LINKS trace contexts and a buffer
+of the newest items capped at BUFFER_ITEMS / BUFFER_BYTES. Past the caps nothing grows.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from thread_store import ThreadStore
+from thread_store._pending import BUFFER_BYTES, BUFFER_ITEMS
 from thread_store.tracing import MAX_LINKS
 
 ITEM = {"type": "response_item", "payload": {"type": "message", "text": "x"}}
@@ -22,20 +27,26 @@ def _traced_bytes() -> int:
 
 
 def _backlog_growth(store_path: Path, threads: int, appends: int) -> tuple[float, float]:
-    """Append with the projector paused; return (bytes per thread, bytes per extra append)."""
+    """Append with the projector paused.
+
+    Returns (bytes per thread with a full item buffer, bytes per append past the caps).
+    """
+    warm = BUFFER_ITEMS * threads
     with ThreadStore.open(store_path) as store:
         store.pause_projection()
         tracemalloc.start()
         try:
             empty = _traced_bytes()
             tids = [store.create_thread() for _ in range(threads)]
-            for tid in tids:  # the first append makes each thread pending
-                store.append(tid, [ITEM])
-            per_thread = (_traced_bytes() - empty) / threads
-            base = _traced_bytes()
-            for n in range(appends - threads):
+            for n in range(warm):
                 store.append(tids[n % threads], [ITEM])
-            per_append = (_traced_bytes() - base) / (appends - threads)
+            per_thread = (_traced_bytes() - empty) / threads
+            for tid in tids:  # one more each: the buffers overflow and are dropped
+                store.append(tid, [ITEM])
+            base = _traced_bytes()
+            for n in range(appends - warm - threads):
+                store.append(tids[n % threads], [ITEM])
+            per_append = (_traced_bytes() - base) / (appends - warm - threads)
         finally:
             tracemalloc.stop()
         assert store.stats().pending_threads == threads
@@ -45,14 +56,14 @@ def _backlog_growth(store_path: Path, threads: int, appends: int) -> tuple[float
 
 def _report(label: str, per_thread: float, per_append: float) -> None:
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\n{label}: pending state {per_thread:.0f} B/thread, "
-          f"{per_append:.3f} B per further append, peak RSS {rss_mb:.0f} MiB")
+    print(f"\n{label}: pending state {per_thread:.0f} B/thread with a full item buffer, "
+          f"{per_append:.3f} B per append past the caps, peak RSS {rss_mb:.0f} MiB")
 
 
 def test_pending_state_is_constant_per_thread(store_path: Path) -> None:
-    per_thread, per_append = _backlog_growth(store_path, threads=1000, appends=30_000)
-    _report("30k appends / 1000 threads", per_thread, per_append)
-    assert per_thread < 4096
+    per_thread, per_append = _backlog_growth(store_path, threads=200, appends=40_000)
+    _report("40k appends / 200 threads", per_thread, per_append)
+    assert per_thread < BUFFER_BYTES + 8192
     assert per_append < 1.0  # no per-append entry is retained
 
 
@@ -60,7 +71,7 @@ def test_pending_state_is_constant_per_thread(store_path: Path) -> None:
 def test_million_appends_keep_pending_state_constant(store_path: Path) -> None:
     per_thread, per_append = _backlog_growth(store_path, threads=1000, appends=1_000_000)
     _report("1M appends / 1000 threads", per_thread, per_append)
-    assert per_thread < 4096
+    assert per_thread < BUFFER_BYTES + 8192
     assert per_append < 0.1
 
 
@@ -71,7 +82,7 @@ def test_captured_trace_contexts_are_capped(store_path: Path) -> None:
         tids = [store.create_thread() for _ in range(20)]
         tracemalloc.start()
         try:
-            for _ in range(MAX_LINKS):
+            for _ in range(max(MAX_LINKS, BUFFER_ITEMS) + 1):
                 for tid in tids:
                     store.append(tid, [ITEM])
             at_cap = _traced_bytes()

@@ -30,11 +30,11 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from .model import Page, StoredItem, ThreadMetadata, ThreadStatus, check_timeout
-from .projector import Outcome, ProjectorStats, Waiter, _Success
+from .projector import Outcome, ProjectorStats, Success, Waiter
 from .store import _UNSET, ThreadStore, _archive_edit, _metadata_edit
 
 T = TypeVar("T")
-_ALREADY_PROJECTED = _Success(None)
+_ALREADY_PROJECTED = Success(None)
 
 
 class AsyncThreadStore:
@@ -80,7 +80,7 @@ class AsyncThreadStore:
                                timeout: float | None = None) -> ThreadMetadata:
         """See :meth:`ThreadStore.append_and_flush`; the wait holds no thread."""
         timeout = check_timeout(timeout)
-        return await self._barrier(thread_id, lambda: self._store._append(thread_id, items), timeout)
+        return await self._barrier(thread_id, lambda: self._store._append(thread_id, items, barrier=True), timeout)
 
     async def update_metadata(self, thread_id: str, *, name: str | None = _UNSET,
                               timeout: float | None = None) -> ThreadMetadata:

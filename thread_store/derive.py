@@ -21,7 +21,11 @@ IMAGE_PLACEHOLDER = "[Image]"
 
 
 class ProjectionRules(Protocol):
-    """The pluggable projection: an initial state, a fold step, and the row it yields."""
+    """The pluggable projection: an initial state, a fold step, and the row it yields.
+
+    Rules may also define ``item_types``: a frozenset of the item types ``apply`` reads
+    beyond ``type`` and the timestamp. Items of other types then reach ``apply`` as just
+    ``{"type": ...}``, which spares the projector parsing them."""
 
     def initial(self, thread_id: str, created_us: int) -> State:
         """Return the state of a thread with no items, created at ``created_us``."""
@@ -150,6 +154,8 @@ class CodexRules:
     they never move backwards. (Before the first turn, recency follows ``created_at``,
     which a ``session_meta`` item may set to the session's own start.)
     """
+
+    item_types: frozenset[str] | None = frozenset(_HANDLERS)
 
     def initial(self, thread_id: str, created_us: int) -> State:
         """Return the empty state of a thread created at ``created_us``."""

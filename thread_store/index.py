@@ -135,12 +135,20 @@ class Index:
         others. A failing COMMIT raises and writes nothing.
         """
         errors: dict[str, BaseException] = {}
+        bad = (sqlite3.Error, ValueError, TypeError, OverflowError)
 
         def body() -> None:
+            try:
+                self._conn.executemany(_UPSERT, [_metadata_to_row(r.meta, r.state) for r in rows])
+                return
+            except bad as exc:
+                if _sqlite.is_transient(exc):
+                    raise
+            # Find the bad rows one by one; re-applying an upsert that went in is harmless.
             for row in rows:
                 try:
                     self._conn.execute(_UPSERT, _metadata_to_row(row.meta, row.state))
-                except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
+                except bad as exc:
                     if _sqlite.is_transient(exc):
                         raise
                     errors[row.meta.thread_id] = exc

@@ -95,6 +95,7 @@ class EncodedItem:
 
     text: str
     ts_us: int
+    kind: str  # the item's ``type``, so the fold can skip parsing items no rule reads
 
 
 def utc(value: int) -> datetime:
@@ -189,4 +190,4 @@ def encode_item(item: object, now_us: int, max_bytes: int) -> EncodedItem:
             f"item of type {kind!r} is {len(text)} bytes as JSON, over max_item_bytes={max_bytes}; "
             "store large blobs elsewhere and append a reference"
         )
-    return EncodedItem(text, ts_us)
+    return EncodedItem(text, ts_us, kind)

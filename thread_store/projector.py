@@ -1,10 +1,10 @@
 """The projector: per-thread scheduling, coalescing, barriers, retries and group commit.
 
 One worker thread (``thread_store-projector``) takes every thread that is due and
-projects them in one index transaction. A barrier registers a waiter before it checks,
-expedites its thread, and may run its thread's projection itself when nothing else is
-(saving two thread hand-offs). Per thread the state is O(1): watermarks, counters, and
-at most :data:`~thread_store.tracing.MAX_LINKS` captured trace contexts.
+projects them in one index transaction (:mod:`thread_store._attempt`). A barrier
+registers a waiter before it checks, expedites its thread, and may run its thread's
+projection itself when nothing else is (saving two thread hand-offs). The pending state
+per thread is O(1) (:mod:`thread_store._pending`).
 
 Lock order: history lock -> projector lock; the index write lock is never taken while
 the projector lock is held.
@@ -12,138 +12,36 @@ the projector lock is held.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from collections import OrderedDict
 from typing import Callable
 
 from opentelemetry.trace import SpanContext
 
-from . import _sqlite
+from ._attempt import AttemptRunner, ProjectionHook
+from ._pending import (DURABLE_HINT, Claim, Outcome, ProjectorStats, Result, RetryPolicy,
+                       Success, ThreadState, Waiter, describe)
 from .derive import ProjectionRules
-from .errors import (ProjectionFailed, StoreClosed, ThreadDiscarded, ThreadNotFound,
-                     TransientProjectionError)
+from .errors import ProjectionFailed, StoreClosed, ThreadDiscarded
 from .history import History
-from .index import Index, RowWrite
-from .model import ThreadMetadata
+from .index import Index
+from .model import EncodedItem, ThreadMetadata
 from .tracing import MAX_LINKS, Telemetry
+
+__all__ = ["Outcome", "ProjectionHook", "Projector", "ProjectorStats", "RetryPolicy", "Success",
+           "Waiter"]
 
 log = logging.getLogger(__name__)
 
-ProjectionHook = Callable[[str, int], None]
 _HEARTBEAT_S = 1.0
 _MAX_BATCH = 512
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Capped exponential backoff with jitter; ``attempts`` is the budget per failure run."""
-
-    attempts: int = 8
-    base_delay: float = 0.05
-    max_delay: float = 1.0
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        """Backoff before retry number ``attempt`` (1-based), jittered into [50%, 100%]."""
-        backoff: float = min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1))
-        return backoff * rng.uniform(0.5, 1.0)
-
-
-class _Success:
-    """Outcome of a waiter whose generation is projected (``meta`` when known)."""
-
-    __slots__ = ("meta",)
-
-    def __init__(self, meta: ThreadMetadata | None) -> None:
-        self.meta = meta
-
-
-Outcome = _Success | BaseException
-
-
-class Waiter:
-    """One barrier waiting for ``target``; resolved once, under the projector lock."""
-
-    __slots__ = ("thread_id", "target", "epoch", "outcome", "callback", "cond")
-
-    def __init__(self, thread_id: str, target: int, epoch: int,
-                 callback: Callable[[Outcome], None] | None, cond: threading.Condition) -> None:
-        self.cond = cond
-        self.thread_id = thread_id
-        self.target = target
-        self.epoch = epoch
-        self.outcome: Outcome | None = None
-        self.callback = callback
-
-
-class _Thread:
-    """Scheduler state of one thread. Every field is guarded by the projector lock."""
-
-    __slots__ = ("thread_id", "head", "projected", "in_flight", "ready_at", "attempts",
-                 "last_error", "failure", "failed_gen", "failure_epoch", "held", "waiters",
-                 "cond", "contexts", "dropped", "appends", "pending_since", "gone", "refold")
-
-    def __init__(self, thread_id: str, head: int, projected: int) -> None:
-        self.thread_id = thread_id
-        self.head = head
-        self.projected = projected
-        self.in_flight: int | None = None
-        self.ready_at: float | None = None
-        self.attempts = 0
-        self.last_error: str | None = None
-        self.failure: BaseException | None = None
-        self.failed_gen = 0
-        self.failure_epoch = 0
-        self.held = False  # failed for good; waits for the next append or flush
-        self.waiters: list[Waiter] = []
-        self.cond: threading.Condition | None = None  # made by the first waiter: saves memory
-        self.contexts: list[tuple[int, SpanContext]] = []
-        self.dropped = 0
-        self.appends = 0
-        self.pending_since: float | None = None
-        self.gone: str | None = None
-        self.refold = False
-
-
-@dataclass(slots=True)
-class _Claim:
-    """One thread's projection attempt: what it covers, snapshotted at its start."""
-
-    state: _Thread
-    target: int
-    base: int
-    contexts: list[SpanContext]
-    dropped: int
-    appends: int
-    attempt: int
-    expedited: bool
-    refold: bool
-    pending_since: float | None
-
-
-@dataclass(slots=True)
-class _Result:
-    kind: str  # ok | retry | failed | gone | closed
-    meta: ThreadMetadata | None = None
-    error: BaseException | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ProjectorStats:
-    """Counters since open: group commits, rows, attempts, retries, failures, backlog."""
-
-    transactions: int
-    rows_written: int
-    attempts: int
-    retries: int
-    failures: int
-    pending_threads: int
-    waiters: int
+#: Caught-up threads keep their state (and fold cache) until this many are idle.
+_IDLE_STATES = 2048
 
 
 def _worker_main(ref: weakref.ReferenceType[Projector]) -> None:
@@ -165,19 +63,19 @@ class Projector:
     def __init__(self, history: History, index: Index, rules: ProjectionRules,
                  telemetry: Telemetry, *, hook: ProjectionHook | None, retry: RetryPolicy,
                  coalesce_delay: float, caller_runs: bool) -> None:
-        self._history = history
         self._index = index
-        self._rules = rules
         self._telemetry = telemetry
-        self._hook = hook
+        self._runner = AttemptRunner(history, index, rules, hook,
+                                     on_commit=lambda: telemetry.transactions.add(1))
         self._retry = retry
         self._delay = coalesce_delay
         self._caller_runs = caller_runs
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._idle = threading.Condition(self._lock)
-        self._threads: dict[str, _Thread] = {}
-        self._scheduled: dict[str, _Thread] = {}
+        self._threads: dict[str, ThreadState] = {}
+        self._scheduled: dict[str, ThreadState] = {}
+        self._idle_lru: OrderedDict[str, None] = OrderedDict()
         self._in_flight = 0
         self._paused = False
         self._closing = False
@@ -194,7 +92,7 @@ class Projector:
         """Schedule catch-up for ``{thread_id: (head, projected, refold)}`` and start."""
         with self._lock:
             for thread_id, (head, projected, refold) in behind.items():
-                st = _Thread(thread_id, head, 0 if refold else projected)
+                st = ThreadState(thread_id, head, 0 if refold else projected)
                 st.refold = refold
                 st.pending_since = time.monotonic()
                 self._threads[thread_id] = st
@@ -205,12 +103,14 @@ class Projector:
 
     # -- events from the store (called with the history lock held) --------------------
 
-    def on_create(self, thread_id: str, head: int) -> None:
-        """A thread was created with ``head`` items (0 or 1)."""
+    def on_create(self, thread_id: str, first: EncodedItem | None) -> None:
+        """A thread was created, with its ``first`` item or none."""
+        head = 0 if first is None else 1
         with self._lock:
-            st = _Thread(thread_id, head, 0)
+            st = ThreadState(thread_id, head, 0)
             self._threads[thread_id] = st
-            if head:
+            if first is not None:
+                st.buffer = [(1, first.ts_us, first.text, first.kind)]
                 st.appends = 1
                 st.pending_since = time.monotonic()
             else:
@@ -219,16 +119,23 @@ class Projector:
                 st.refold = True
             self._schedule(st, self._delay)
 
-    def on_append(self, thread_id: str, head: int, added: int, context: SpanContext | None) -> None:
-        """Items up to ``head`` are durable; schedule (and coalesce) their projection."""
+    def on_append(self, thread_id: str, head: int, items: list[EncodedItem],
+                  context: SpanContext | None, *, schedule: bool = True) -> None:
+        """Items up to ``head`` are durable; schedule (and coalesce) their projection.
+
+        ``schedule=False`` when a barrier on ``head`` follows at once (append_and_flush,
+        sync mode): the barrier claims or expedites the thread, so no wake-up is spent.
+        """
+        first = head - len(items)
         with self._lock:
             st = self._threads.get(thread_id)
             if st is None:
                 # Threads without state are fully projected: open() gave every thread
                 # that was behind a state, and idle states are dropped only when caught up.
-                st = self._threads[thread_id] = _Thread(thread_id, head - added, head - added)
+                st = self._threads[thread_id] = ThreadState(thread_id, first, first)
             elif st.gone:
                 return
+            st.buffer_items([(first + n, it.ts_us, it.text, it.kind) for n, it in enumerate(items, 1)])
             st.head = head
             st.appends += 1
             if context is not None:
@@ -241,7 +148,8 @@ class Projector:
             if st.held:
                 st.held = False
                 st.attempts = 0
-            self._schedule(st, 0.0 if st.waiters else self._delay)
+            if schedule:
+                self._schedule(st, 0.0 if st.waiters else self._delay)
 
     # -- barriers -------------------------------------------------------------------------
 
@@ -256,7 +164,7 @@ class Projector:
         claim = None
         with self._lock:
             if self._closing or self._stopped:
-                raise StoreClosed("the thread store is closed; " + _DURABLE_HINT)
+                raise StoreClosed("the thread store is closed; " + DURABLE_HINT)
             st = self._threads.get(thread_id)
             if st is None:
                 return None
@@ -341,7 +249,7 @@ class Projector:
         with self._lock:
             st = self._threads.get(thread_id)
             if st is None:
-                st = self._threads[thread_id] = _Thread(thread_id, 0, 0)
+                st = self._threads[thread_id] = ThreadState(thread_id, 0, 0)
             st.gone = kind
             self._scheduled.pop(thread_id, None)
             self._resolve(st, None)
@@ -364,6 +272,11 @@ class Projector:
         """Hold the projector still: no new attempt starts until :meth:`resume`."""
         with self._lock:
             self._paused = True
+
+    @property
+    def paused(self) -> bool:
+        """Whether :meth:`pause` holds the projector."""
+        return self._paused
 
     def resume(self) -> None:
         """Let the projector run again."""
@@ -418,11 +331,12 @@ class Projector:
         self._idle = threading.Condition(self._lock)
         self._threads = {}
         self._scheduled = {}
+        self._idle_lru = OrderedDict()
         self._closing = self._stopped = True
 
     # -- worker ---------------------------------------------------------------------------
 
-    def _next_batch(self) -> list[_Claim] | None:
+    def _next_batch(self) -> list[Claim] | None:
         """Wait for due threads and claim up to a batch of them; ``None`` means exit."""
         with self._lock:
             while True:
@@ -447,7 +361,7 @@ class Projector:
                 self._worker_wake_at = None if self._paused else wake
                 self._work.wait(min(wake - now, _HEARTBEAT_S))
 
-    def _schedule(self, st: _Thread, delay: float) -> None:
+    def _schedule(self, st: ThreadState, delay: float) -> None:
         """Make ``st`` due after ``delay`` (never later than it already is)."""
         if st.in_flight is not None or st.gone:
             return  # the attempt's end reschedules it if more work arrived
@@ -463,7 +377,7 @@ class Projector:
             self._worker_wake_at = ready_at
             self._work.notify()
 
-    def _claim(self, st: _Thread, *, expedited: bool) -> _Claim:
+    def _claim(self, st: ThreadState, *, expedited: bool) -> Claim:
         """Start an attempt on ``st`` covering its current head (lock held)."""
         self._scheduled.pop(st.thread_id, None)
         st.ready_at = None
@@ -471,10 +385,12 @@ class Projector:
         st.attempts += 1
         self._in_flight += 1
         self._counts["attempts"] += 1
-        return _Claim(st, st.head, st.projected, [c for g, c in st.contexts if g <= st.head],
-                      st.dropped, st.appends, st.attempts, expedited, st.refold, st.pending_since)
+        items = None if st.buffer is None else [b for b in st.buffer if b[0] <= st.head]
+        return Claim(st, st.head, st.projected, [c for g, c in st.contexts if g <= st.head],
+                     st.dropped, st.appends, st.attempts, expedited, st.refold, st.pending_since,
+                     None if st.refold else st.fold_state, items)
 
-    def _run(self, claims: list[_Claim]) -> None:
+    def _run(self, claims: list[Claim]) -> None:
         """Run one attempt per claim and commit the successful ones in one transaction."""
         tel = self._telemetry
         spans = {}
@@ -483,16 +399,7 @@ class Projector:
                 spans[id(c)] = tel.start_projection(
                     c.state.thread_id, c.contexts, c.dropped, c.appends, c.base, c.target,
                     c.attempt, c.expedited, len(claims))
-        results: dict[int, _Result] = {}
-        rows: list[tuple[_Claim, RowWrite]] = []
-        for c in claims:
-            result, row = self._prepare(c)
-            if row is None:
-                results[id(c)] = result
-            else:
-                rows.append((c, row))
-        if rows:
-            self._commit(rows, results)
+        results = self._runner.run(claims)
         with self._lock:
             backoffs = {id(c): self._finish(c, results[id(c)]) for c in claims}
         # Spans end outside the lock: a coalesced projection marks up to MAX_LINKS appends
@@ -507,62 +414,7 @@ class Projector:
             self._in_flight -= len(claims)
             self._idle.notify_all()
 
-    def _prepare(self, c: _Claim) -> tuple[_Result, RowWrite | None]:
-        """Run the hook and the fold for one claim (no locks held)."""
-        thread_id = c.state.thread_id
-        try:
-            if self._hook is not None:
-                self._hook(thread_id, c.target)
-            base, state_json = (0, None) if c.refold else self._index.load_state(thread_id)
-            if base > c.target:
-                base, state_json = 0, None  # index ahead of history: re-fold from scratch
-            if state_json is None:
-                base = 0
-                state = self._rules.initial(thread_id, self._history.created_us(thread_id))
-            else:
-                state = json.loads(state_json)
-            seq = base
-            for page in self._history.iter_range(thread_id, base, c.target):
-                for seq, ts_us, text in page:
-                    state = self._rules.apply(state, json.loads(text), ts_us)
-            if seq != c.target:
-                return _Result("gone", error=ThreadDiscarded(f"thread {thread_id!r} is gone")), None
-            meta = self._rules.metadata(thread_id, state, c.target)
-            return _Result("ok", meta=meta), RowWrite(meta, json.dumps(state))
-        except (ThreadDiscarded, ThreadNotFound) as exc:  # removed while this attempt ran
-            return _Result("gone", error=exc), None
-        except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
-            kind = "retry" if self._transient(exc) else "failed"
-            return _Result(kind, error=exc), None
-
-    def _commit(self, rows: list[tuple[_Claim, RowWrite]], results: dict[int, _Result]) -> None:
-        """Write the rows in one transaction, fenced by close and by discard/delete."""
-        with self._index.write_lock:
-            if self._index.fenced:
-                for c, _ in rows:
-                    results[id(c)] = _Result("closed")
-                return
-            live = []
-            for c, row in rows:
-                if c.state.gone:
-                    results[id(c)] = _Result("gone")
-                else:
-                    live.append((c, row))
-            if not live:
-                return
-            try:
-                errors = self._index.write_rows([row for _, row in live])
-            except BaseException as exc:  # noqa: BLE001
-                kind = "retry" if self._transient(exc) else "failed"
-                for c, _ in live:
-                    results[id(c)] = _Result(kind, error=exc)
-                return
-        self._telemetry.transactions.add(1)
-        for c, row in live:
-            error = errors.get(c.state.thread_id)
-            results[id(c)] = _Result("failed", error=error) if error else _Result("ok", meta=row.meta)
-
-    def _finish(self, c: _Claim, result: _Result) -> float | None:
+    def _finish(self, c: Claim, result: Result) -> float | None:
         """Apply one attempt's outcome to its thread and resolve waiters (lock held)."""
         st = c.state
         st.in_flight = None
@@ -570,7 +422,7 @@ class Projector:
         now = time.monotonic()
         if result.kind == "ok":
             self._counts["rows"] += 1
-            st.projected = max(st.projected, c.target)
+            st.projected_to(c.target, result.fold_state)
             st.refold = False
             st.attempts = 0
             st.last_error = None
@@ -580,16 +432,18 @@ class Projector:
             if c.pending_since is not None:
                 self._telemetry.lag.record(now - c.pending_since)
             st.pending_since = now if st.projected < st.head else None
-        elif result.kind == "retry" and st.attempts < self._retry.attempts:
+        else:
+            st.fold_state = None  # an impure rule may have changed it mid-attempt
+        if result.kind == "retry" and st.attempts < self._retry.attempts:
             self._counts["retries"] += 1
             self._telemetry.retries.add(1)
-            st.last_error = _describe(result.error)
+            st.last_error = describe(result.error)
             backoff = self._retry.delay(st.attempts, self._rng)
             self._schedule(st, backoff)
         elif result.kind in ("retry", "failed"):
             self._counts["failures"] += 1
             self._telemetry.failures.add(1)
-            st.last_error = _describe(result.error)
+            st.last_error = describe(result.error)
             st.failure = result.error
             st.failed_gen = c.target
             st.failure_epoch += 1
@@ -604,14 +458,13 @@ class Projector:
         if (backoff is None and st.projected < st.head and not st.held and not st.gone
                 and not self._stopped):
             self._schedule(st, 0.0 if st.waiters else self._delay)
-        elif (result.kind == "ok" and not st.waiters and st.projected == st.head and not st.contexts
-              and st.ready_at is None and self._threads.get(st.thread_id) is st):
-            del self._threads[st.thread_id]  # idle and caught up: O(active threads) memory
+        elif st.idle:
+            self._retire(st)
         if st.cond is not None:
             st.cond.notify_all()
         return backoff
 
-    def _resolve(self, st: _Thread, meta: ThreadMetadata | None, *, final: bool = False) -> None:
+    def _resolve(self, st: ThreadState, meta: ThreadMetadata | None, *, final: bool = False) -> None:
         """Give every waiter of ``st`` that can be answered now its outcome (lock held)."""
         if not st.waiters:
             return
@@ -619,18 +472,18 @@ class Projector:
         for w in st.waiters:
             outcome: Outcome | None = None
             if st.gone:
-                outcome = ThreadDiscarded(f"thread {st.thread_id!r} was {st.gone}; {_DURABLE_HINT}")
+                outcome = ThreadDiscarded(f"thread {st.thread_id!r} was {st.gone}; {DURABLE_HINT}")
             elif st.projected >= w.target and not st.refold:
-                outcome = _Success(meta if meta is not None and meta.projected_seq >= w.target else None)
+                outcome = Success(meta if meta is not None and meta.projected_seq >= w.target else None)
             elif st.failure_epoch > w.epoch and st.failed_gen >= w.target:
-                error = ProjectionFailed([st.thread_id], st.failed_gen, _describe(st.failure))
+                error = ProjectionFailed([st.thread_id], st.failed_gen, describe(st.failure))
                 error.__cause__ = st.failure
                 outcome = error
             elif final:
                 outcome = StoreClosed(
                     f"the store closed before thread {st.thread_id!r} reached generation "
                     f"{w.target} (projected: {st.projected}); it is caught up on the next open. "
-                    + _DURABLE_HINT)
+                    + DURABLE_HINT)
             if outcome is None:
                 keep.append(w)
                 continue
@@ -641,7 +494,21 @@ class Projector:
         if st.cond is not None:
             st.cond.notify_all()
 
-    def _cond(self, st: _Thread) -> threading.Condition:
+    def _retire(self, st: ThreadState) -> None:
+        """Remember an idle thread; forget the least recently idle past the cap.
+
+        Memory stays O(active threads), while a thread that goes quiet for a moment
+        keeps its fold state and needs no index read on its next append.
+        """
+        self._idle_lru[st.thread_id] = None
+        self._idle_lru.move_to_end(st.thread_id)
+        while len(self._idle_lru) > _IDLE_STATES:
+            thread_id, _ = self._idle_lru.popitem(last=False)
+            old = self._threads.get(thread_id)
+            if old is not None and old.idle:
+                del self._threads[thread_id]
+
+    def _cond(self, st: ThreadState) -> threading.Condition:
         if st.cond is None:
             st.cond = threading.Condition(self._lock)
         return st.cond
@@ -650,9 +517,6 @@ class Projector:
         st = self._threads.get(waiter.thread_id)
         if st is not None and waiter in st.waiters:
             st.waiters.remove(waiter)
-
-    def _transient(self, exc: BaseException) -> bool:
-        return isinstance(exc, TransientProjectionError) or _sqlite.is_transient(exc)
 
     def _gauges(self) -> dict[str, float]:
         with self._lock:
@@ -665,13 +529,3 @@ class Projector:
             return {"pending_threads": len(pending), "oldest_pending_age": now - oldest,
                     "waiters": sum(len(s.waiters) for s in self._threads.values()),
                     "heartbeat_age": now - self._heartbeat}
-
-
-_DURABLE_HINT = "the appended items are durable in the history; do not append them again"
-
-
-def _describe(error: BaseException | None) -> str:
-    if error is None:
-        return "unknown error"
-    return f"{type(error).__name__}: {error}"
-

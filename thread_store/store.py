@@ -29,8 +29,8 @@ from .history import History
 from .index import Index
 from .model import (DEFAULT_MAX_ITEM_BYTES, EncodedItem, Page, StoredItem, ThreadMetadata,
                     ThreadStatus, check_count, check_thread_id, check_timeout, encode_item, utc)
-from .projector import (Outcome, Projector, ProjectionHook, ProjectorStats, RetryPolicy, Waiter,
-                        _Success)
+from .projector import (Outcome, Projector, ProjectionHook, ProjectorStats, RetryPolicy, Success,
+                        Waiter)
 from .tracing import ATTR_GENERATION, Telemetry, capture
 
 log = logging.getLogger("thread_store")
@@ -189,7 +189,7 @@ class ThreadStore:
             if metadata:
                 first = self._encode([{"type": "session_meta", "payload": dict(metadata)}])[0]
         self._history.create(thread_id, _now_us(), first,
-                             lambda head: projector.on_create(thread_id, head))
+                             lambda head: projector.on_create(thread_id, first))
         if first is not None and self._sync:
             self._barrier(thread_id, 1, None)
         return thread_id
@@ -205,8 +205,10 @@ class ThreadStore:
         :raises ThreadNotFound: unknown thread. :raises ThreadDiscarded: discarded thread.
         :raises ProjectionFailed: sync mode only; the items are durable all the same.
         """
-        generation = self._append(thread_id, items)
-        if self._sync and items:
+        # A paused projector (a test's tool) defers even sync projection: items stay durable.
+        sync = self._sync and bool(items) and not self._writable().paused
+        generation = self._append(thread_id, items, barrier=sync)
+        if sync:
             self._barrier(thread_id, generation, None)
         return generation
 
@@ -218,7 +220,7 @@ class ThreadStore:
         :raises FlushTimeout: see :meth:`flush`; the items are durable.
         """
         timeout = check_timeout(timeout)
-        generation = self._append(thread_id, items)
+        generation = self._append(thread_id, items, barrier=True)
         return self._barrier(thread_id, generation, timeout)
 
     def update_metadata(self, thread_id: str, *, name: str | None = _UNSET,
@@ -491,18 +493,20 @@ class ThreadStore:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _append(self, thread_id: str, items: Sequence[Mapping[str, Any]]) -> int:
+    def _append(self, thread_id: str, items: Sequence[Mapping[str, Any]], *,
+                barrier: bool = False) -> int:
+        """Append durably; ``barrier=True`` when the caller waits on the result at once."""
         check_thread_id(thread_id)
         projector = self._writable()
         encoded = self._encode(items)
-        added = len(encoded)
+        schedule = not barrier
         if not self._telemetry.tracing():
-            return self._history.append(
-                thread_id, encoded, lambda head: projector.on_append(thread_id, head, added, None))
-        with self._telemetry.append_span(thread_id, added) as span:
+            return self._history.append(thread_id, encoded, lambda head: projector.on_append(
+                thread_id, head, encoded, None, schedule=schedule))
+        with self._telemetry.append_span(thread_id, len(encoded)) as span:
             context = capture(span)
-            generation = self._history.append(
-                thread_id, encoded, lambda head: projector.on_append(thread_id, head, added, context))
+            generation = self._history.append(thread_id, encoded, lambda head: projector.on_append(
+                thread_id, head, encoded, context, schedule=schedule))
             if span.is_recording():
                 span.set_attribute(ATTR_GENERATION, generation)
             return generation
@@ -519,7 +523,7 @@ class ThreadStore:
         with self._telemetry.flush_span(thread_id) as info:
             info["target"] = generation
             waiter = projector.begin_wait(thread_id, generation)
-            outcome = _Success(None) if waiter is None else projector.wait(waiter, deadline)
+            outcome = Success(None) if waiter is None else projector.wait(waiter, deadline)
             return self._settle(thread_id, generation, timeout, outcome, info)
 
     def _set_archived(self, thread_id: str, archived: bool, timeout: float | None) -> ThreadMetadata:

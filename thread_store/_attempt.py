@@ -1,0 +1,122 @@
+"""One batch of projection attempts: hook, fold, and one fenced index transaction.
+
+This is the projector's only I/O. It runs with no projector lock held, in the worker or
+in a barrier's calling thread.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+from . import _sqlite
+from ._pending import Claim, Result
+from .derive import ProjectionRules
+from .errors import ThreadDiscarded, ThreadNotFound, TransientProjectionError
+from .history import History
+from .index import Index, RowWrite
+
+ProjectionHook = Callable[[str, int], None]
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth a retry with backoff."""
+    return isinstance(exc, TransientProjectionError) or _sqlite.is_transient(exc)
+
+
+def _failure(exc: BaseException) -> Result:
+    return Result("retry" if is_transient(exc) else "failed", error=exc)
+
+
+class AttemptRunner:
+    """Runs attempts against one store's history and index."""
+
+    def __init__(self, history: History, index: Index, rules: ProjectionRules,
+                 hook: ProjectionHook | None, on_commit: Callable[[], None]) -> None:
+        self._history = history
+        self._index = index
+        self._rules = rules
+        self._hook = hook
+        self._on_commit = on_commit
+        types: frozenset[str] | None = getattr(rules, "item_types", None)
+        self._reads: Callable[[str], bool] = (lambda _kind: True) if types is None else types.__contains__
+
+    def run(self, claims: list[Claim]) -> dict[int, Result]:
+        """Prepare every claim, then commit the good rows together; results by ``id(claim)``."""
+        results: dict[int, Result] = {}
+        rows: list[tuple[Claim, RowWrite, dict[str, object]]] = []
+        for c in claims:
+            result, row = self._prepare(c)
+            if row is None:
+                results[id(c)] = result
+            else:
+                rows.append((c, row, result.fold_state or {}))
+        if rows:
+            self._commit(rows, results)
+        return results
+
+    def _prepare(self, c: Claim) -> tuple[Result, RowWrite | None]:
+        """Run the hook and the fold for one claim."""
+        thread_id = c.state.thread_id
+        try:
+            if self._hook is not None:
+                self._hook(thread_id, c.target)
+            base, state = self._start_state(c)
+            seq = base
+            if c.items is not None and base == c.base:
+                for seq, ts_us, text, kind in c.items:
+                    # Items of a type no rule reads need no parsing: most are response items.
+                    item = json.loads(text) if self._reads(kind) else {"type": kind}
+                    state = self._rules.apply(state, item, ts_us)
+            else:
+                for page in self._history.iter_range(thread_id, base, c.target):
+                    for seq, ts_us, text in page:
+                        state = self._rules.apply(state, json.loads(text), ts_us)
+            if seq != c.target:
+                return Result("gone", error=ThreadDiscarded(f"thread {thread_id!r} is gone")), None
+            meta = self._rules.metadata(thread_id, state, c.target)
+            return Result("ok", meta=meta, fold_state=state), RowWrite(meta, json.dumps(state))
+        except (ThreadDiscarded, ThreadNotFound) as exc:  # removed while this attempt ran
+            return Result("gone", error=exc), None
+        except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
+            return _failure(exc), None
+
+    def _start_state(self, c: Claim) -> tuple[int, dict[str, object]]:
+        """The fold state to resume from, and its seq: cached, stored, or initial."""
+        thread_id = c.state.thread_id
+        if not c.refold:
+            if c.fold_state is not None:
+                return c.base, c.fold_state
+            base, state_json = self._index.load_state(thread_id)
+            if state_json is not None and base <= c.target:
+                return base, json.loads(state_json)
+        # No row yet, or the row is ahead of history (power loss): fold from the start.
+        return 0, self._rules.initial(thread_id, self._history.created_us(thread_id))
+
+    def _commit(self, rows: list[tuple[Claim, RowWrite, dict[str, object]]],
+                results: dict[int, Result]) -> None:
+        """Write the rows in one transaction, fenced by close and by discard/delete."""
+        with self._index.write_lock:
+            if self._index.fenced:
+                for c, _, _ in rows:
+                    results[id(c)] = Result("closed")
+                return
+            live = []
+            for entry in rows:
+                if entry[0].state.gone:
+                    results[id(entry[0])] = Result("gone")
+                else:
+                    live.append(entry)
+            if not live:
+                return
+            try:
+                errors = self._index.write_rows([row for _, row, _ in live])
+            except BaseException as exc:  # noqa: BLE001
+                for c, _, _ in live:
+                    results[id(c)] = _failure(exc)
+                return
+        self._on_commit()
+        for c, row, state in live:
+            error = errors.get(c.state.thread_id)
+            results[id(c)] = (Result("failed", error=error) if error
+                              else Result("ok", meta=row.meta, fold_state=state))
