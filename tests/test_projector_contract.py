@@ -97,6 +97,34 @@ def in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, dict[str, obj
     return t, out
 
 
+def fresh_thread(store: ThreadStore) -> str:
+    """A new thread whose initial row is written, so no attempt of it is left over."""
+    tid = store.create_thread()
+    store.flush(tid, timeout=HANG)
+    return tid
+
+
+def paused_append(store: ThreadStore, gate: Gate, text: str) -> tuple[str, int]:
+    """A fresh thread with one user message appended while the projector is paused.
+
+    Returns the id and how many hook calls the thread had before the append.
+    """
+    tid = fresh_thread(store)
+    before = gate.count(tid)
+    store.pause_projection()
+    store.append(tid, [user_msg(text)])
+    return tid, before
+
+
+def blocked_thread(store: ThreadStore, gate: Gate, items: list[dict[str, object]]) -> tuple[str, int]:
+    """A new, projected thread whose next attempt, covering ``items``, is held in the hook."""
+    tid = fresh_thread(store)
+    gate.block.add(tid)
+    gen = store.append(tid, items)
+    assert gate.entered.wait(HANG)
+    return tid, gen
+
+
 def wait_for(predicate: Callable[[], bool], what: str) -> None:
     """Poll a test condition (tests may poll; the library never does)."""
     deadline = time.monotonic() + HANG
@@ -129,15 +157,13 @@ def test_append_returns_while_projection_is_blocked(open_store, gate: Gate) -> N
 
 def test_fifty_appends_while_blocked_cost_at_most_two_projections(open_store, gate: Gate) -> None:
     store = open_store()
-    tid = store.create_thread()
-    gate.block.add(tid)
-    store.append(tid, [user_msg("go")])
-    assert gate.entered.wait(HANG)
+    tid, _ = blocked_thread(store, gate, [user_msg("go")])
+    before = gate.count(tid) - 1  # the blocked attempt is the first of the fifty appends'
     for n in range(49):
         store.append(tid, [plain(n)])
     gate.released.set()
     meta = store.flush(tid, timeout=HANG)
-    assert gate.count(tid) <= 2
+    assert gate.count(tid) - before <= 2
     assert meta.projected_seq == 50 and meta == expected_metadata(store, tid)
 
 
@@ -215,9 +241,7 @@ def test_waiting_barrier_skips_the_coalescing_delay(open_store, caller_runs: boo
 
 def test_thousand_waiters_released_by_one_projection(open_store, gate: Gate) -> None:
     store = open_store()
-    tid = store.create_thread()
-    store.pause_projection()
-    store.append(tid, [user_msg("many eyes")])
+    tid, before = paused_append(store, gate, "many eyes")
     results: list[object] = []
     lock = threading.Lock()
 
@@ -234,7 +258,7 @@ def test_thousand_waiters_released_by_one_projection(open_store, gate: Gate) -> 
     for t in threads:
         t.join(HANG)
     assert results == [1] * 1000
-    assert gate.count(tid) == 1
+    assert gate.count(tid) - before == 1
     assert store.status(tid).waiters == 0
 
 
@@ -276,18 +300,19 @@ def test_no_lost_wakeup_under_racing_projection(open_store, caller_runs: bool) -
 
 def test_transient_errors_are_retried_then_flush_succeeds(open_store, gate: Gate) -> None:
     store = open_store()
-    tid = store.create_thread()
+    tid = fresh_thread(store)
+    before = gate.count(tid)
     gate.faults[tid] = [TransientProjectionError("busy")] * 3
     meta = store.append_and_flush(tid, [user_msg("retry me")], timeout=HANG)
     assert meta.title == "retry me"
-    assert gate.count(tid) == 4
+    assert gate.count(tid) - before == 4
     assert store.stats().retries == 3
     assert store.status(tid).last_error is None
 
 
 def test_permanent_error_fails_covered_waiters_and_keeps_work(open_store, gate: Gate) -> None:
     store = open_store()
-    tid, other = store.create_thread(), store.create_thread()
+    tid, other = fresh_thread(store), store.create_thread()
     gate.faults[tid] = [RuntimeError("rules exploded")]
     with pytest.raises(ProjectionFailed) as info:
         store.append_and_flush(tid, [user_msg("doomed")], timeout=HANG)
@@ -306,7 +331,7 @@ def test_permanent_error_fails_covered_waiters_and_keeps_work(open_store, gate: 
 
 def test_flush_on_failed_thread_retries_instead_of_replaying(open_store, gate: Gate) -> None:
     store = open_store()
-    tid = store.create_thread()
+    tid = fresh_thread(store)
     gate.faults[tid] = [RuntimeError("once")]
     with pytest.raises(ProjectionFailed):
         store.append_and_flush(tid, [user_msg("a")], timeout=HANG)
@@ -315,7 +340,7 @@ def test_flush_on_failed_thread_retries_instead_of_replaying(open_store, gate: G
 
 def test_older_failure_does_not_fail_newer_waiter(open_store, gate: Gate) -> None:
     store = open_store()
-    tid = store.create_thread()
+    tid = fresh_thread(store)
     gate.block.add(tid)
     gate.faults[tid] = [RuntimeError("gen 1 attempt fails")]
     store.append(tid, [user_msg("one")])
@@ -337,9 +362,7 @@ def test_older_failure_does_not_fail_newer_waiter(open_store, gate: Gate) -> Non
 
 def test_discard_drops_pending_work_without_running_it(open_store, gate: Gate) -> None:
     store = open_store()
-    tid = store.create_thread()
-    store.pause_projection()
-    store.append(tid, [user_msg("ephemeral")])
+    tid, before = paused_append(store, gate, "ephemeral")
     waiter, out = in_thread(lambda: store.flush(tid, timeout=HANG))
     wait_for(lambda: store.status(tid).waiters == 1, "waiter")
     store.discard(tid)
@@ -347,7 +370,7 @@ def test_discard_drops_pending_work_without_running_it(open_store, gate: Gate) -
     assert isinstance(out.get("error"), ThreadDiscarded)
     store.resume_projection()
     store.flush_all(timeout=HANG)
-    assert gate.count(tid) == 0
+    assert gate.count(tid) == before
     assert store.list_threads(include_empty=True).threads == []
     for call in (lambda: store.append(tid, [plain()]), lambda: store.read_thread(tid),
                  lambda: store.read_history(tid), lambda: store.flush(tid),
@@ -358,10 +381,7 @@ def test_discard_drops_pending_work_without_running_it(open_store, gate: Gate) -
 
 def test_discard_waits_for_in_flight_projection(open_store, gate: Gate) -> None:
     store = open_store()
-    tid = store.create_thread()
-    gate.block.add(tid)
-    store.append(tid, [user_msg("racing")])
-    assert gate.entered.wait(HANG)
+    tid, _ = blocked_thread(store, gate, [user_msg("racing")])
     discarder, out = in_thread(lambda: store.discard(tid, timeout=HANG))
     discarder.join(0.2)
     assert discarder.is_alive(), "discard must wait for the attempt in flight"
@@ -374,13 +394,11 @@ def test_discard_waits_for_in_flight_projection(open_store, gate: Gate) -> None:
 def test_fenced_projection_never_resurrects_a_discarded_thread(open_store, gate: Gate,
                                                                store_path: Path) -> None:
     store = open_store()
-    tid = store.create_thread()
-    gate.block.add(tid)
-    store.append(tid, [user_msg("must never show")])
-    assert gate.entered.wait(HANG)
+    tid, _ = blocked_thread(store, gate, [user_msg("must never show")])
+    calls = gate.count(tid)
     store.discard(tid, timeout=0.05)  # gives up waiting: the attempt is fenced instead
     gate.released.set()
-    wait_for(lambda: store.stats().pending_threads == 0 and gate.count(tid) == 1, "attempt end")
+    wait_for(lambda: store.stats().pending_threads == 0 and gate.count(tid) == calls, "attempt end")
     store.flush_all(timeout=HANG)
     assert store.list_threads(include_empty=True).threads == []
     store.close()
@@ -460,10 +478,7 @@ def test_close_resolves_every_waiter_and_rejects_appends(open_store, gate: Gate)
 
 def test_close_returns_on_time_and_next_open_catches_up(open_store, gate: Gate) -> None:
     store = open_store()
-    tid = store.create_thread()
-    gate.block.add(tid)
-    store.append(tid, [user_msg("left behind")])
-    assert gate.entered.wait(HANG)
+    tid, _ = blocked_thread(store, gate, [user_msg("left behind")])
     started = time.monotonic()
     store.close(timeout=0.2)
     assert time.monotonic() - started < 5.0  # on time: nowhere near the blocked hook

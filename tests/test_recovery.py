@@ -29,6 +29,12 @@ def _held_hook(release: threading.Event):  # type: ignore[no-untyped-def]
     return lambda thread_id, generation: release.wait(30)
 
 
+def _reopen_after_crash(store_path: Path, release: threading.Event) -> ThreadStore:
+    """Reopen as after a crash, with the catch-up held until ``release`` is set."""
+    _fake_crash(store_path)
+    return ThreadStore.open(store_path, projection_hook=_held_hook(release))
+
+
 def _populate(store_path: Path, threads: int) -> list[str]:
     with ThreadStore.open(store_path) as store:
         tids = [store.create_thread() for _ in range(threads)]
@@ -51,9 +57,8 @@ def test_clean_reopen_checks_only_the_threads_close_left_behind(store_path: Path
 def test_crash_reopen_compares_every_thread(store_path: Path) -> None:
     tids = _populate(store_path, 50)
     _set_projected(store_path, tids[0], 1, "tampered")
-    _fake_crash(store_path)
     release = threading.Event()
-    with ThreadStore.open(store_path, projection_hook=_held_hook(release)) as store:
+    with _reopen_after_crash(store_path, release) as store:
         assert store.status(tids[0]).pending
         release.set()
         meta = store.flush(tids[0], timeout=30)
@@ -65,9 +70,8 @@ def test_index_ahead_of_history_is_refolded(store_path: Path) -> None:
     """After power loss with durability=normal the index can be ahead of history."""
     tids = _populate(store_path, 3)
     _set_projected(store_path, tids[1], 7, "from the future")
-    _fake_crash(store_path)
     release = threading.Event()
-    with ThreadStore.open(store_path, projection_hook=_held_hook(release)) as store:
+    with _reopen_after_crash(store_path, release) as store:
         status = store.status(tids[1])
         assert status.head_seq == 2 and status.projected_seq == 0
         release.set()
