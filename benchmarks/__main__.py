@@ -8,7 +8,6 @@ Writes ``DIR/bench.md`` (the table), ``DIR/bench.json`` (raw percentiles) and
 from __future__ import annotations
 
 import argparse
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -67,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="thread_store-bench-") as tmp:
         results, cdf = run_all(config, Path(tmp))
     results.update(mode=config.mode, command=command, machine=report.machine(),
-                   argv=shlex.join(sys.argv), wall_s=time.perf_counter() - started)
+                   wall_s=time.perf_counter() - started)
     paths = report.write(results, cdf, args.out)
     print(paths["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))

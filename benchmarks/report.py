@@ -11,8 +11,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .targets import RAW, SYNC, analysis, evaluate
-from .workloads import Arm, Sustained
+from .targets import ASYNC, PEER, RAW, SYNC, analysis, evaluate
+from .workloads import WATCH_PERIOD_S, Arm, Sustained
 
 PERCENTILES = (50, 90, 99, 99.9)
 
@@ -82,10 +82,21 @@ def write(results: dict[str, Any], cdf: dict[str, list[int]], out: Path) -> dict
     out.mkdir(parents=True, exist_ok=True)
     results["targets"] = evaluate(results)
     paths = {"markdown": out / "bench.md", "json": out / "bench.json", "plot": out / "bench.png"}
-    paths["json"].write_text(json.dumps(results, indent=2, default=str) + "\n")
+    paths["json"].write_text(json.dumps(_finite(results), indent=2, allow_nan=False) + "\n")
     paths["markdown"].write_text(markdown(results))
     plot(cdf, paths["plot"])
     return paths
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN (a figure not measured) as ``null``, so the file is strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _f(value: float | None, unit: str = "") -> str:
@@ -114,8 +125,7 @@ def _latency_table(rows: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _sustained_table(rows: dict[str, dict[str, Any]], rss: dict[str, dict[str, Any]]) -> list[str]:
-    rss_key = {"raw sqlite3 (floor)": "raw", "thread_store async (default)": "ts-async",
-               "thread_store sync": "ts-sync", "eventsourcing peer": "peer"}
+    rss_key = {RAW: "raw", ASYNC: "ts-async", SYNC: "ts-sync", PEER: "peer"}
     out = [("| System | writers | appends/s | append p50 | append p99 | lag p50 | lag p99 "
            "| projection txns / append | peak RSS (Δ over baseline) |"),
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -126,8 +136,9 @@ def _sustained_table(rows: dict[str, dict[str, Any]], rss: dict[str, dict[str, A
         probe = rss.get(rss_key.get(row["label"], ""))
         mem = "—"
         if probe and row["writers"] > 1:
-            mem = f"{probe['peak_kib'] / 1024:.0f} MiB (+{(probe['peak_kib'] - probe['baseline_kib']) / 1024:.1f})"
-        txn = row["transactions_per_append"] if "raw" not in row["label"] else math.nan
+            delta = (probe["peak_kib"] - probe["baseline_kib"]) / 1024
+            mem = f"{probe['peak_kib'] / 1024:.0f} MiB (+{delta:.1f})"
+        txn = row["transactions_per_append"] if row["label"] != RAW else math.nan
         out.append(f"| {row['label']} | {row['writers']} | {_f(row['appends_per_s'])} | "
                    f"{_f(row['append']['p50_us'], ' µs')} | {_f(row['append']['p99_us'], ' µs')} | "
                    f"{' | '.join(lag_cells)} | {_f(txn)} | {mem} |")
@@ -138,12 +149,13 @@ def _scale_table(scale: dict[str, Any], quick: bool) -> list[str]:
     listing, catch, mem = scale["listing"], scale["catch_up"], scale["pending_memory"]
     fewer = " (fewer in this mode; full mode uses 100,000)" if quick else ""
     fewer_items = " (fewer in this mode; full mode uses 1,000,000)" if quick else ""
+    first, deep = listing["first_page"], listing["deep_page"]
     return [
         "| What | Result |", "|---|---|",
-        (f"| list_threads first page ({listing['page_size']} rows) at {listing['threads']:,} threads{fewer} "
-        f"| p50 {_f(listing['first_page']['p50_us'], ' µs')}, p99 {_f(listing['first_page']['p99_us'], ' µs')} |"),
+        (f"| list_threads first page ({listing['page_size']} rows) at {listing['threads']:,} "
+         f"threads{fewer} | p50 {_f(first['p50_us'], ' µs')}, p99 {_f(first['p99_us'], ' µs')} |"),
         (f"| list_threads deep page (offset {listing['deep_offset']:,}, keyset cursor) "
-        f"| p50 {_f(listing['deep_page']['p50_us'], ' µs')}, p99 {_f(listing['deep_page']['p99_us'], ' µs')} |"),
+         f"| p50 {_f(deep['p50_us'], ' µs')}, p99 {_f(deep['p99_us'], ' µs')} |"),
         f"| building that index through the API (create + append + flush_all) | {listing['build_s']:.1f} s |",
         (f"| catch-up after losing index.db: {catch['items']:,} items in {catch['threads']:,} threads"
         f"{fewer_items} | {_f(catch['items_per_s'])} items/s (open {catch['open_s']:.2f} s, "
@@ -176,16 +188,17 @@ def markdown(results: dict[str, Any]) -> str:
               "raw sqlite3, and the append itself in sync mode."), "",
               f"## Latency: {results['many_threads']:,} threads, round robin, one caller", "",
               *_latency_table(many)]
-    if not any(r["label"].startswith("eventsourcing") for r in many.values()):
+    if not any(r["label"] == PEER for r in many.values()):
         lines.append("\nThe peer is left out of this workload in this mode: creating its "
                      f"{results['many_threads']:,} aggregates alone takes about 25 s.")
     lines += ["", "## Sustained: 100 threads, round robin", "",
               *_sustained_table(results["sustained"], results["rss"]), "",
-              "Lag is the time from an append's return until a watcher thread first sees it "
+              ("Lag is the time from an append's return until a watcher thread first sees it "
               "projected (`status().projected_seq` for thread_store, the view's tracking id for the "
-              "peer); a watcher sweep took about "
-              + _sweep_note(results["sustained"]) + ". Peak RSS comes from a separate process per "
-              "system running this workload; Δ is over the same process after imports.",
+              f"peer), polled every {WATCH_PERIOD_S * 1e3:g} ms, so lag is overestimated by up to "
+              f"that plus a sweep; a sweep took about {_sweep_note(results['sustained'])}. Peak RSS "
+              "comes from a separate process per system running this workload; Δ is over the same "
+              "process after imports."),
               "", "## Scale (thread_store)", "", *_scale_table(results["scale"], quick), "",
               "## Analysis", "", *analysis(results), ""]
     if results.get("tracing"):
@@ -195,8 +208,9 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def _sweep_note(rows: dict[str, dict[str, Any]]) -> str:
-    sweeps = [f"{r['watch_sweep_p50_ms']:.2f} ms ({r['label']})" for r in rows.values()
-              if r.get("watched")]
+    sweeps = [f"{r['watch_sweep_p50_ms']:.2f} ms ({r['label']}, {r['writers']} "
+              f"writer{'s' if r['writers'] != 1 else ''})"
+              for r in rows.values() if r.get("watched")]
     return ", ".join(sweeps) or "n/a"
 
 

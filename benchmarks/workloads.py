@@ -22,7 +22,7 @@ Item = dict[str, Any]
 Op = Callable[[str, Item], object]
 
 WRITERS = 8
-_WATCH_PERIOD_S = 0.001
+WATCH_PERIOD_S = 0.005
 _DRAIN_TIMEOUT_S = 60.0
 
 
@@ -228,4 +228,4 @@ def _watch(system: Any, returned: collections.deque[tuple[str, int, int]], stop:
                     result.lags.append(now - queue.popleft()[1])
                 if not queue:
                     del outstanding[thread_id]
-        time.sleep(_WATCH_PERIOD_S)
+        time.sleep(WATCH_PERIOD_S)

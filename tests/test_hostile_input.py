@@ -156,8 +156,8 @@ class _Fuzz:
 
     def call(self, data: st.DataObject) -> None:
         """Make one random public call; check that its outcome is allowed."""
-        # Every draw is unconditional and none depends on the store's state, so Hypothesis
-        # can replay and shrink; the pool and cursor lists only pick among what exists.
+        # No draw depends on the store's state, so Hypothesis can replay and shrink; the
+        # pool and cursor lists only decide which existing value a drawn index picks.
         from_pool, n, hostile = data.draw(st.tuples(mostly(st.just(True), st.just(False)),
                                                     st.integers(0, 63), hostile_ids), label="thread_id")
         while len(self.pool) < 3:  # deletes drain the pool; keep live threads to work on
@@ -167,6 +167,7 @@ class _Fuzz:
             tid = "not-the-sentinel"
         name, call, adds = self.pick(data, tid)
         head = self.head(tid)
+        existed = self.exists(tid)
         try:
             result = call()
         except FlushTimeout:
@@ -183,6 +184,8 @@ class _Fuzz:
             if name == "list_threads" and result.next_cursor is not None:
                 self.cursors.append(result.next_cursor)
         # No other exception may escape: pytest reports it with the drawn arguments.
+        if name == "create_thread" and outcome == "rejected":
+            assert self.exists(tid) == existed, f"a rejected create_thread({tid!r}) wrote"
         if head is not None and adds is not None:
             expected = head if outcome == "rejected" else head + adds
             after = self.head(tid)
@@ -196,6 +199,16 @@ class _Fuzz:
             return len(self.store.read_history(tid, limit=100_000))  # type: ignore[arg-type]
         except ThreadStoreError:
             return None
+
+    def exists(self, tid: object) -> bool:
+        """Whether the id names a thread in the history (live or discarded)."""
+        try:
+            self.store.status(tid)  # type: ignore[arg-type]
+        except (ThreadNotFound, InvalidArgument):
+            return False
+        except ThreadStoreError:
+            return True  # discarded: its tombstone exists
+        return True
 
     def pick(self, data: st.DataObject, tid: Any) -> tuple[str, Callable[[], Any], int | None]:
         """Draw one call: its name, a thunk, and how many items it appends if it succeeds."""
@@ -225,7 +238,7 @@ class _Fuzz:
             elif how == "reused" and self.cursors:
                 cursor = self.cursors[n % len(self.cursors)]
             elif how == "forged":  # well-formed for this very query, so it reaches the SQL
-                search = args["search"].strip() or None if isinstance(args["search"], str) else None
+                search = (args["search"].strip() or None) if isinstance(args["search"], str) else None
                 cursor = _cursor([1, args["archived"], args["include_empty"], search, recency, last])
             args["cursor"] = cursor
             return name, lambda: store.list_threads(**args), None

@@ -19,7 +19,7 @@ import pytest
 from _child import assert_converged, assert_no_projector_thread, assert_store_integrity
 from conftest import plain, user_msg
 
-from thread_store import ThreadDiscarded, ThreadMetadata, ThreadNotFound, ThreadStore
+from thread_store import FlushTimeout, ThreadDiscarded, ThreadMetadata, ThreadNotFound, ThreadStore
 
 WORKERS = 8
 # Another worker may delete or discard the thread a call is about: these are the answers.
@@ -56,6 +56,10 @@ class _Soak:
             try:
                 meta = self.run(op, tid, rng)
             except RACES:
+                meta = None
+            except FlushTimeout as exc:  # a 30 s barrier timing out means a stall
+                self.failures.append(f"{op}({tid}) stalled at generation {exc.target} (projected "
+                                     f"{exc.projected}): {self.describe(tid)}")
                 meta = None
             except Exception as exc:  # noqa: BLE001 - recorded; the test fails on it
                 self.failures.append(f"{op}({tid}): {exc!r}")
@@ -95,6 +99,13 @@ class _Soak:
                 store.discard(tid, timeout=30.0)
         return None
 
+    def describe(self, thread_id: str) -> str:
+        """The thread's status and projector counters, to diagnose a stall."""
+        try:
+            return f"{self.store.status(thread_id)}; {self.store.stats()}"
+        except Exception as exc:  # noqa: BLE001 - diagnostics only
+            return repr(exc)
+
     def check_monotonic(self, seen: dict[str, ThreadMetadata], meta: ThreadMetadata) -> None:
         """What one caller observes of a thread never moves backwards (§1.10)."""
         before = seen.get(meta.thread_id)
@@ -111,23 +122,31 @@ def _soak(path: Path, seconds: float) -> None:
     faulthandler.dump_traceback_later(seconds + 60.0, exit=False, file=sys.stderr)
     try:
         with ThreadStore.open(path) as store:
-            soak = _Soak(store, seconds)
-            workers = [threading.Thread(target=soak.worker, args=(n,), name=f"soak-{n}")
-                       for n in range(WORKERS)]
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join(seconds + 60.0)
-            stuck = [w.name for w in workers if w.is_alive()]
-            assert not stuck, f"deadlock: {stuck} still running (stacks dumped to stderr)"
-            assert not soak.failures, soak.failures[:20]
-            assert all(soak.counts[op] > 0 for op in ("append", "list", "read", "delete")), soak.counts
-            print(f"\nsoak: {sum(soak.counts.values())} calls in {seconds:g}s: {dict(soak.counts)}")
-            assert assert_converged(store) > 0
+            try:
+                _run_and_check(store, seconds)
+            except BaseException:
+                faulthandler.dump_traceback(file=sys.stderr)  # where is everyone stuck?
+                raise
     finally:
         faulthandler.cancel_dump_traceback_later()
     assert_store_integrity(path)
     assert_no_projector_thread()
+
+
+def _run_and_check(store: ThreadStore, seconds: float) -> None:
+    soak = _Soak(store, seconds)
+    workers = [threading.Thread(target=soak.worker, args=(n,), name=f"soak-{n}")
+               for n in range(WORKERS)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(seconds + 60.0)
+    stuck = [w.name for w in workers if w.is_alive()]
+    assert not stuck, f"deadlock: {stuck} still running (stacks dumped to stderr)"
+    assert not soak.failures, soak.failures[:20]
+    assert all(soak.counts[op] > 0 for op in ("append", "list", "read", "delete")), soak.counts
+    print(f"\nsoak: {sum(soak.counts.values())} calls in {seconds:g}s: {dict(soak.counts)}")
+    assert assert_converged(store) > 0
 
 
 def test_soak_short(store_path: Path) -> None:

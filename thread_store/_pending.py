@@ -84,7 +84,7 @@ class ThreadState:
     __slots__ = ("thread_id", "head", "projected", "in_flight", "ready_at", "attempts",
                  "last_error", "failure", "failed_gen", "failure_epoch", "held", "waiters",
                  "cond", "contexts", "dropped", "appends", "pending_since", "gone", "refold",
-                 "buffer", "buffer_bytes", "fold_state")
+                 "buffer", "buffer_bytes", "fold_state", "backing_off")
 
     def __init__(self, thread_id: str, head: int, projected: int) -> None:
         self.thread_id = thread_id
@@ -110,6 +110,7 @@ class ThreadState:
         self.buffer: list[BufferedItem] | None = [] if head == projected else None
         self.buffer_bytes = 0
         self.fold_state: dict[str, Any] | None = None  # the fold at ``projected``
+        self.backing_off = False  # due time is a retry backoff: only a new waiter cuts it
 
     def buffer_items(self, items: list[BufferedItem]) -> None:
         """Keep appended items for the next attempt, or give up past the caps."""

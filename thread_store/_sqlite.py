@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import sqlite_utils
 
@@ -26,6 +27,8 @@ APPLICATION_ID = 0x74735354  # "tsST": marks our files, so a foreign database is
 
 def is_transient(exc: BaseException) -> bool:
     """True for SQLite errors that may go away on their own (busy, locked, I/O, full)."""
+    if isinstance(exc, StorageError) and isinstance(exc.__cause__, sqlite3.Error):
+        exc = exc.__cause__
     code = getattr(exc, "sqlite_errorcode", None)
     if isinstance(code, int):
         return (code & 0xFF) in _TRANSIENT_CODES
@@ -38,6 +41,17 @@ def is_transient(exc: BaseException) -> bool:
 def storage_error(exc: sqlite3.Error, what: str) -> ThreadStoreError:
     """Translate a SQLite error at the storage boundary into a typed error."""
     return StorageError(f"{what} failed in SQLite: {exc}. Nothing of this call was written.")
+
+
+@contextmanager
+def reading(what: str) -> Iterator[None]:
+    """Translate SQLite errors of a read (a damaged page, a closed connection) into
+    :class:`StorageError`; :func:`is_transient` still sees the cause."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StorageError(f"reading {what} failed in SQLite: {exc}; if the index is damaged, "
+                           "`thread-store reindex` rebuilds it from history") from exc
 
 
 def create_private_file(path: Path) -> None:
@@ -140,6 +154,16 @@ class ConnectionPool:
                 self._all.append(conn)
             self._local.conn = conn
         return conn
+
+    def fetchone(self, what: str, sql: str, params: Sequence[object] = ()) -> Any:
+        """One row of a read on this thread's connection; SQLite errors become typed."""
+        with reading(what):
+            return self.get().execute(sql, params).fetchone()
+
+    def fetchall(self, what: str, sql: str, params: Sequence[object] = ()) -> list[Any]:
+        """All rows of a read on this thread's connection; SQLite errors become typed."""
+        with reading(what):
+            return self.get().execute(sql, params).fetchall()
 
     def close(self) -> None:
         """Close every connection handed out."""

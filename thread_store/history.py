@@ -148,7 +148,7 @@ class History:
 
     def get_meta(self, key: str) -> Any:
         """Read a JSON value from ``store_meta``; ``None`` if missing."""
-        row = self._reader().execute("SELECT value FROM store_meta WHERE key = ?", (key,)).fetchone()
+        row = self._readers.fetchone("history", "SELECT value FROM store_meta WHERE key = ?", (key,))
         return json.loads(row[0]) if row else None
 
     def head(self, thread_id: str) -> int:
@@ -161,14 +161,16 @@ class History:
 
     def created_us(self, thread_id: str) -> int:
         """Return the thread's creation time; raise if it is unknown or discarded."""
-        row = self._reader().execute(
-            "SELECT created_us, discarded_us FROM threads WHERE thread_id = ?", (thread_id,)).fetchone()
+        row = self._readers.fetchone(
+            "history", "SELECT created_us, discarded_us FROM threads WHERE thread_id = ?", (thread_id,))
         self._check_row(thread_id, row)
         return int(row[0])
 
     def read(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> list[RawItem]:
         """Return up to ``limit`` raw items with ``after_seq < seq <= upto_seq``, in order."""
-        return self._reader().execute(_RANGE, (thread_id, after_seq, upto_seq, limit)).fetchall()
+        rows: list[RawItem] = self._readers.fetchall("history", _RANGE,
+                                                     (thread_id, after_seq, upto_seq, limit))
+        return rows
 
     def iter_range(self, thread_id: str, after_seq: int, upto_seq: int,
                    page: int = 1000) -> Iterator[list[RawItem]]:
@@ -182,26 +184,13 @@ class History:
 
     def live_threads(self) -> Iterator[tuple[str, int, int]]:
         """Yield ``(thread_id, created_us, head)`` of every live thread (crash recovery)."""
-        conn = self._reader()
-        for thread_id, created in conn.execute(
-                "SELECT thread_id, created_us FROM threads WHERE discarded_us IS NULL").fetchall():
-            head = conn.execute("SELECT max(seq) FROM items WHERE thread_id = ?", (thread_id,)).fetchone()[0]
+        for thread_id, created in self._readers.fetchall(
+                "history", "SELECT thread_id, created_us FROM threads WHERE discarded_us IS NULL"):
+            head = self._readers.fetchone(
+                "history", "SELECT max(seq) FROM items WHERE thread_id = ?", (thread_id,))[0]
             yield thread_id, created, int(head or 0)
 
-    def status_of(self, thread_ids: list[str]) -> dict[str, str]:
-        """Map each id to ``live``, ``discarded`` or ``missing``."""
-        out: dict[str, str] = {}
-        conn = self._reader()
-        for thread_id in thread_ids:
-            row = conn.execute("SELECT discarded_us FROM threads WHERE thread_id = ?",
-                               (thread_id,)).fetchone()
-            out[thread_id] = "missing" if row is None else ("live" if row[0] is None else "discarded")
-        return out
-
     # -- internals ------------------------------------------------------------------------
-
-    def _reader(self) -> sqlite3.Connection:
-        return self._readers.get()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -161,25 +161,19 @@ class Index:
         """Remove a thread's row (discard, delete, or an orphan found at open)."""
         self._conn.execute("DELETE FROM threads WHERE thread_id = ?", (thread_id,))
 
-    def delete_all(self) -> None:
-        """Remove every row (reindex)."""
-        self._conn.execute("DELETE FROM threads")
-
-    # -- reads ----------------------------------------------------------------------------
-
     def load_state(self, thread_id: str) -> tuple[int, str | None]:
         """Return ``(projected_seq, state json)`` of a thread; ``(0, None)`` without a row."""
-        row = self._readers.get().execute(
-            "SELECT projected_seq, state FROM threads WHERE thread_id = ?", (thread_id,)).fetchone()
+        row = self._readers.fetchone("the index", "SELECT projected_seq, state FROM threads "
+                                     "WHERE thread_id = ?", (thread_id,))
         return (int(row[0]), row[1]) if row else (0, None)
 
     def projected_seqs(self) -> dict[str, int]:
         """Every row's ``projected_seq`` (crash recovery)."""
-        return dict(self._readers.get().execute("SELECT thread_id, projected_seq FROM threads"))
+        return dict(self._readers.fetchall("the index", "SELECT thread_id, projected_seq FROM threads"))
 
     def read(self, thread_id: str) -> ThreadMetadata | None:
         """Return a thread's projected metadata, or ``None`` without a row."""
-        row = self._readers.get().execute(f"{_SELECT} WHERE thread_id = ?", (thread_id,)).fetchone()
+        row = self._readers.fetchone("the index", f"{_SELECT} WHERE thread_id = ?", (thread_id,))
         return _row_to_metadata(row) if row else None
 
     def list(self, *, limit: int, cursor: str | None, archived: bool, search: str | None,
@@ -201,7 +195,7 @@ class Index:
             params.extend((recency_us, thread_id))
         sql = (f"{_SELECT} WHERE {' AND '.join(where)} "
                "ORDER BY recency_us DESC, thread_id DESC LIMIT ?")
-        rows = self._readers.get().execute(sql, (*params, limit + 1)).fetchall()
+        rows = self._readers.fetchall("the index", sql, (*params, limit + 1))
         threads = [_row_to_metadata(r) for r in rows[:limit]]
         next_cursor = None
         if len(rows) > limit:
@@ -209,14 +203,6 @@ class Index:
             assert last.recency_at is not None
             next_cursor = _encode_cursor(query, us_from_utc(last.recency_at), last.thread_id)
         return Page(threads=threads, next_cursor=next_cursor)
-
-    def row_count(self) -> int:
-        """How many threads have a row."""
-        return int(self._readers.get().execute("SELECT count(*) FROM threads").fetchone()[0])
-
-    def integrity_ok(self) -> bool:
-        """Run ``PRAGMA quick_check``."""
-        return bool(self._conn.execute("PRAGMA quick_check").fetchone()[0] == "ok")
 
     def close(self) -> None:
         """Close every connection."""

@@ -182,7 +182,7 @@ class Projector:
                     and not self._paused):
                 claim = self._claim(st, expedited=True)
             elif st.in_flight is None and (first or st.ready_at is None):
-                self._schedule(st, 0.0)
+                self._schedule(st, 0.0, cut_backoff=True)
         if claim is not None:
             self._run([claim])
         return waiter
@@ -361,10 +361,18 @@ class Projector:
                 self._worker_wake_at = None if self._paused else wake
                 self._work.wait(min(wake - now, _HEARTBEAT_S))
 
-    def _schedule(self, st: ThreadState, delay: float) -> None:
-        """Make ``st`` due after ``delay`` (never later than it already is)."""
+    def _schedule(self, st: ThreadState, delay: float, *, backoff: bool = False,
+                  cut_backoff: bool = False) -> None:
+        """Make ``st`` due after ``delay`` (never later than it already is).
+
+        A retry's backoff (``backoff=True``) is kept against later appends, so a busy
+        thread does not burn its retry budget; only a new waiter (``cut_backoff``) cuts it.
+        """
         if st.in_flight is not None or st.gone:
             return  # the attempt's end reschedules it if more work arrived
+        if st.backing_off and not cut_backoff:
+            return
+        st.backing_off = backoff
         ready_at = time.monotonic() + delay
         self._scheduled[st.thread_id] = st
         if st.ready_at is not None and st.ready_at <= ready_at:
@@ -381,6 +389,7 @@ class Projector:
         """Start an attempt on ``st`` covering its current head (lock held)."""
         self._scheduled.pop(st.thread_id, None)
         st.ready_at = None
+        st.backing_off = False
         st.in_flight = st.head
         st.attempts += 1
         self._in_flight += 1
@@ -420,6 +429,8 @@ class Projector:
         st.in_flight = None
         backoff = None
         now = time.monotonic()
+        if result.kind == "gone" and not st.gone:
+            st.gone = "deleted"  # its history vanished under it: never retry, fail its waiters
         if result.kind == "ok":
             self._counts["rows"] += 1
             st.projected_to(c.target, result.fold_state)
@@ -439,7 +450,7 @@ class Projector:
             self._telemetry.retries.add(1)
             st.last_error = describe(result.error)
             backoff = self._retry.delay(st.attempts, self._rng)
-            self._schedule(st, backoff)
+            self._schedule(st, backoff, backoff=True)
         elif result.kind in ("retry", "failed"):
             self._counts["failures"] += 1
             self._telemetry.failures.add(1)
