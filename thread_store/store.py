@@ -6,11 +6,9 @@ recovery, trace propagation) is stated once, in the README and in DESIGN §1.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
-import sqlite3
 import threading
 import time
 import uuid
@@ -22,9 +20,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 from opentelemetry import metrics, trace
 
+from . import _files
 from .derive import ARCHIVE_EDIT, METADATA_EDIT, CodexRules, ProjectionRules
 from .errors import (FlushTimeout, InvalidArgument, NotAThreadStore, ProjectionFailed,
-                     ReadOnlyStore, StoreClosed, StoreLocked, ThreadDiscarded, ThreadStoreError)
+                     ReadOnlyStore, StoreClosed, ThreadDiscarded, ThreadStoreError)
 from .history import History
 from .index import Index
 from .model import (DEFAULT_MAX_ITEM_BYTES, EncodedItem, Page, StoredItem, ThreadMetadata,
@@ -35,10 +34,6 @@ from .tracing import ATTR_GENERATION, Telemetry, capture
 
 log = logging.getLogger("thread_store")
 
-HISTORY_FILE = "history.db"
-INDEX_FILE = "index.db"
-LOCK_FILE = "store.lock"
-_SESSION_KEY = "session"
 _UNSET: Any = object()
 _open_stores: weakref.WeakSet[ThreadStore] = weakref.WeakSet()
 
@@ -110,12 +105,12 @@ class ThreadStore:
             raise InvalidArgument(f"durability must be 'normal' or 'full', not {durability!r}")
         check_count(max_item_bytes, name="max_item_bytes", minimum=64, maximum=1 << 30)
         check_timeout(coalesce_delay, name="coalesce_delay")
-        root = _prepare_directory(Path(path), read_only)
-        lock_fd = None if read_only else _lock_directory(root)
+        root = _files.prepare_directory(Path(path), read_only)
+        lock_fd = None if read_only else _files.lock_directory(root)
         history = None
         try:
-            history = History(root / HISTORY_FILE, durability=durability, read_only=read_only)
-            index = _open_index(root / INDEX_FILE, durability, read_only)
+            history = History(root / _files.HISTORY_FILE, durability=durability, read_only=read_only)
+            index = _files.open_index(root / _files.INDEX_FILE, durability, read_only)
         except BaseException:
             if history is not None:
                 history.close()
@@ -129,7 +124,7 @@ class ThreadStore:
             projector = Projector(history, index, rules, telemetry, hook=projection_hook,
                                   retry=retry or RetryPolicy(), coalesce_delay=coalesce_delay,
                                   caller_runs=caller_runs)
-            projector.start(_recover(history, index))
+            projector.start(_files.recover(history, index))
         return cls(root, history, index, projector, rules, telemetry, projection=projection,
                    max_item_bytes=max_item_bytes, lock_fd=lock_fd)
 
@@ -150,12 +145,12 @@ class ThreadStore:
             (the index stays derived data: run it again once the cause is fixed).
         """
         root = Path(path)
-        if not (root / HISTORY_FILE).is_file():
-            raise NotAThreadStore(f"{root} holds no thread store (no {HISTORY_FILE}) to reindex")
-        lock_fd = _lock_directory(root)
+        if not (root / _files.HISTORY_FILE).is_file():
+            raise NotAThreadStore(f"{root} holds no thread store (no {_files.HISTORY_FILE}) to reindex")
+        lock_fd = _files.lock_directory(root)
         try:
             for suffix in ("", "-wal", "-shm"):
-                Path(f"{root / INDEX_FILE}{suffix}").unlink(missing_ok=True)
+                Path(f"{root / _files.INDEX_FILE}{suffix}").unlink(missing_ok=True)
         finally:
             os.close(lock_fd)  # open() takes it again; whoever wins finds no index and rebuilds
         with cls.open(root, **options) as store:
@@ -459,7 +454,7 @@ class ThreadStore:
             if self._projector is not None:
                 behind = self._projector.close(timeout)
                 try:
-                    self._history.set_meta(_SESSION_KEY, {"clean": True, "behind": sorted(behind)})
+                    _files.record_clean_close(self._history, behind)
                 except ThreadStoreError as exc:
                     # Without the marker the next open checks every thread: slower, still right.
                     log.warning("thread_store: could not record the clean close (%s)", exc)
@@ -590,101 +585,6 @@ def _metadata_edit(name: Any) -> dict[str, Any]:
 def _archive_edit(archived: bool) -> dict[str, Any]:
     """The history item of ``archive_thread`` / ``unarchive_thread``."""
     return {"type": ARCHIVE_EDIT, "payload": {"archived": archived}}
-
-
-def _prepare_directory(root: Path, read_only: bool) -> Path:
-    """Check (or create, mode 0700) the store directory."""
-    if root.exists() and not root.is_dir():
-        raise NotAThreadStore(f"{root} exists and is not a directory; pass a directory path")
-    if root.is_dir() and any(root.iterdir()) and not (root / HISTORY_FILE).exists():
-        raise NotAThreadStore(f"{root} is a non-empty directory without {HISTORY_FILE}; "
-                              "it is not a thread store; pass an empty or new directory")
-    if read_only:
-        if not (root / HISTORY_FILE).exists():
-            raise NotAThreadStore(f"{root} holds no thread store to open read-only")
-        return root
-    try:
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise NotAThreadStore(f"cannot create the store directory {root}: {exc}") from exc
-    if not os.access(root, os.W_OK | os.X_OK):
-        raise NotAThreadStore(f"{root} is not writable; fix its permissions or open read_only=True")
-    return root
-
-
-def _lock_directory(root: Path) -> int:
-    """Take the single-writer lock; name the holder when another process has it."""
-    path = root / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise NotAThreadStore(f"cannot create {path}: {exc}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise StoreLocked(f"{root} is open for writing in another process (pid {holder}); "
-                          "close it there, or open this one with read_only=True") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    return fd
-
-
-def _open_index(path: Path, durability: str, read_only: bool) -> Index:
-    """Open the index; a corrupt or foreign index is rebuilt from history (it is derived)."""
-    try:
-        return Index(path, durability=durability, read_only=read_only)
-    except (NotAThreadStore, sqlite3.DatabaseError) as exc:
-        if read_only:
-            raise
-        log.warning("thread_store: index %s is unreadable (%s); rebuilding it from history",
-                    path, exc)
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
-        return Index(path, durability=durability)
-
-
-def _recover(history: History, index: Index) -> dict[str, tuple[int, int, bool]]:
-    """Find threads whose projection is behind (or, after power loss, ahead of) history.
-
-    After a clean close only the threads that close left behind are checked: O(behind).
-    After a crash, or with a new index, every thread is compared: O(threads).
-    """
-    session = history.get_meta(_SESSION_KEY) or {}
-    behind: dict[str, tuple[int, int, bool]] = {}
-    if session.get("clean") and not index.fresh:
-        for thread_id in session.get("behind", []):
-            try:
-                head = history.head(thread_id)
-            except ThreadStoreError:
-                continue
-            projected, state = index.load_state(thread_id)
-            _note_behind(behind, thread_id, head, projected if state is not None else None)
-    else:
-        if index.fresh and history.get_meta(_SESSION_KEY) is not None:
-            log.warning("thread_store: rebuilding the index from history")
-        projected_by_id = index.projected_seqs()
-        for thread_id, _created, head in history.live_threads():
-            _note_behind(behind, thread_id, head, projected_by_id.pop(thread_id, None))
-        with index.write_lock:
-            for orphan in projected_by_id:  # rows of threads discarded or deleted mid-crash
-                index.delete_row(orphan)
-    history.set_meta(_SESSION_KEY, {"clean": False})
-    return behind
-
-
-def _note_behind(behind: dict[str, tuple[int, int, bool]], thread_id: str, head: int,
-                 projected: int | None) -> None:
-    """Record a thread that needs projecting; ``projected=None`` means it has no row yet.
-
-    A thread without a row, or whose row is ahead of its history, is re-folded from its
-    first item.
-    """
-    if projected is None:
-        behind[thread_id] = (head, 0, True)
-    elif projected != head:
-        behind[thread_id] = (head, projected, projected > head)
 
 
 def _close_open_stores_at_exit() -> None:

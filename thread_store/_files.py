@@ -1,0 +1,121 @@
+"""The store's files: directory checks, the single-writer lock, opening the index, and
+the recovery scan that finds threads whose projection is behind their history."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import sqlite3
+from pathlib import Path
+
+from .errors import NotAThreadStore, StoreLocked, ThreadStoreError
+from .history import History
+from .index import Index
+
+log = logging.getLogger("thread_store")
+
+HISTORY_FILE = "history.db"
+INDEX_FILE = "index.db"
+LOCK_FILE = "store.lock"
+SESSION_KEY = "session"
+
+
+def prepare_directory(root: Path, read_only: bool) -> Path:
+    """Check (or create, mode 0700) the store directory."""
+    if root.exists() and not root.is_dir():
+        raise NotAThreadStore(f"{root} exists and is not a directory; pass a directory path")
+    if root.is_dir() and any(root.iterdir()) and not (root / HISTORY_FILE).exists():
+        raise NotAThreadStore(f"{root} is a non-empty directory without {HISTORY_FILE}; "
+                              "it is not a thread store; pass an empty or new directory")
+    if read_only:
+        if not (root / HISTORY_FILE).exists():
+            raise NotAThreadStore(f"{root} holds no thread store to open read-only")
+        return root
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NotAThreadStore(f"cannot create the store directory {root}: {exc}") from exc
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise NotAThreadStore(f"{root} is not writable; fix its permissions or open read_only=True")
+    return root
+
+
+def lock_directory(root: Path) -> int:
+    """Take the single-writer lock; name the holder when another process has it."""
+    path = root / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise NotAThreadStore(f"cannot create {path}: {exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreLocked(f"{root} is open for writing in another process (pid {holder}); "
+                          "close it there, or open this one with read_only=True") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def open_index(path: Path, durability: str, read_only: bool) -> Index:
+    """Open the index; a corrupt or foreign index is rebuilt from history (it is derived)."""
+    try:
+        return Index(path, durability=durability, read_only=read_only)
+    except (NotAThreadStore, sqlite3.DatabaseError) as exc:
+        if read_only:
+            raise
+        log.warning("thread_store: index %s is unreadable (%s); rebuilding it from history",
+                    path, exc)
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        return Index(path, durability=durability)
+
+
+def recover(history: History, index: Index) -> dict[str, tuple[int, int, bool]]:
+    """Find threads whose projection is behind (or, after power loss, ahead of) history.
+
+    After a clean close only the threads that close left behind are checked: O(behind).
+    After a crash, or with a new index, every thread is compared: O(threads).
+    """
+    session = history.get_meta(SESSION_KEY) or {}
+    behind: dict[str, tuple[int, int, bool]] = {}
+    if session.get("clean") and not index.fresh:
+        for thread_id in session.get("behind", []):
+            try:
+                head = history.head(thread_id)
+            except ThreadStoreError:
+                continue
+            projected, state = index.load_state(thread_id)
+            _note_behind(behind, thread_id, head, projected if state is not None else None)
+    else:
+        if index.fresh and history.get_meta(SESSION_KEY) is not None:
+            log.warning("thread_store: rebuilding the index from history")
+        projected_by_id = index.projected_seqs()
+        for thread_id, _created, head in history.live_threads():
+            _note_behind(behind, thread_id, head, projected_by_id.pop(thread_id, None))
+        with index.write_lock:
+            for orphan in projected_by_id:  # rows of threads discarded or deleted mid-crash
+                index.delete_row(orphan)
+    history.set_meta(SESSION_KEY, {"clean": False})
+    return behind
+
+
+def _note_behind(behind: dict[str, tuple[int, int, bool]], thread_id: str, head: int,
+                 projected: int | None) -> None:
+    """Record a thread that needs projecting; ``projected=None`` means it has no row yet.
+
+    A thread without a row, or whose row is ahead of its history, is re-folded from its
+    first item.
+    """
+    if projected is None:
+        behind[thread_id] = (head, 0, True)
+    elif projected != head:
+        behind[thread_id] = (head, projected, projected > head)
+
+
+def record_clean_close(history: History, behind: dict[str, int]) -> None:
+    """Mark the session closed cleanly, naming the threads it left behind for next open."""
+    history.set_meta(SESSION_KEY, {"clean": True, "behind": sorted(behind)})
