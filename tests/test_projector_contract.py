@@ -533,3 +533,44 @@ def test_crash_catch_up_after_sigkill(open_store, store_path: Path) -> None:
     for tid, meta in zip(tids, metas):
         assert meta.projected_seq == 40 and meta.title == "m0"
         assert meta == expected_metadata(store, tid)
+
+
+# -- review regressions -----------------------------------------------------------------------
+
+def test_caller_run_never_outlives_the_barrier_timeout(open_store, gate: Gate) -> None:
+    """With a hook, a barrier that has a deadline leaves the work to the worker."""
+    store = open_store(coalesce_delay=600.0)
+    tid = fresh_thread(store)
+    gate.block.add(tid)
+    store.append(tid, [user_msg("slow hook")])
+    started = time.monotonic()
+    with pytest.raises(FlushTimeout):
+        store.flush(tid, timeout=0.2)  # the flush itself must not sit in the blocked hook
+    assert time.monotonic() - started < HANG / 2
+    gate.released.set()
+    assert store.flush(tid, timeout=HANG).title == "slow hook"
+
+
+@pytest.mark.parametrize("error", [ThreadNotFound("from the hook"), ThreadDiscarded("from the hook")])
+def test_hook_raising_a_store_error_fails_only_that_attempt(open_store, gate: Gate,
+                                                            error: Exception) -> None:
+    store = open_store()
+    tid = fresh_thread(store)
+    gate.faults[tid] = [error]
+    with pytest.raises(ProjectionFailed):
+        store.append_and_flush(tid, [user_msg("still alive")], timeout=HANG)
+    assert store.append(tid, [plain()]) == 2
+    assert store.flush(tid, timeout=HANG).title == "still alive"
+
+
+def test_recreated_id_never_inherits_the_deleted_threads_metadata(open_store) -> None:
+    store = open_store()
+    tid = store.create_thread("reused-id")
+    store.append_and_flush(tid, [user_msg("old thread")], timeout=HANG)
+    store.delete_thread(tid)
+    store.create_thread("reused-id")
+    meta = store.append_and_flush("reused-id", [plain()], timeout=HANG)
+    assert (meta.title, meta.item_count, meta.projected_seq) == (None, 1, 1)
+    store.close()
+    reopened = open_store()
+    assert reopened.read_thread("reused-id") == meta

@@ -12,7 +12,7 @@ from typing import Callable
 from . import _sqlite
 from ._pending import Claim, Result
 from .derive import ProjectionRules
-from .errors import ThreadDiscarded, ThreadNotFound, TransientProjectionError
+from .errors import StoreClosed, ThreadDiscarded, ThreadNotFound, TransientProjectionError
 from .history import History
 from .index import Index, RowWrite
 
@@ -37,6 +37,7 @@ class AttemptRunner:
         self._index = index
         self._rules = rules
         self._hook = hook
+        self.has_hook = hook is not None
         self._on_commit = on_commit
         types: frozenset[str] | None = getattr(rules, "item_types", None)
         self._reads: Callable[[str], bool] = (lambda _kind: True) if types is None else types.__contains__
@@ -58,9 +59,12 @@ class AttemptRunner:
     def _prepare(self, c: Claim) -> tuple[Result, RowWrite | None]:
         """Run the hook and the fold for one claim."""
         thread_id = c.state.thread_id
-        try:
-            if self._hook is not None:
+        if self._hook is not None:
+            try:
                 self._hook(thread_id, c.target)
+            except BaseException as exc:  # noqa: BLE001 - any hook error fails this attempt only
+                return _failure(exc), None
+        try:
             base, state = self._start_state(c)
             seq = base
             if c.items is not None and base == c.base:
@@ -111,6 +115,10 @@ class AttemptRunner:
                 return
             try:
                 errors = self._index.write_rows([row for _, row, _ in live])
+            except StoreClosed:
+                for c, _, _ in live:
+                    results[id(c)] = Result("closed")
+                return
             except BaseException as exc:  # noqa: BLE001
                 for c, _, _ in live:
                     results[id(c)] = _failure(exc)

@@ -9,7 +9,8 @@ import os
 import sqlite3
 from pathlib import Path
 
-from .errors import NotAThreadStore, StoreLocked, ThreadStoreError
+from . import _sqlite
+from .errors import NotAThreadStore, StoreLocked, ThreadDiscarded, ThreadNotFound
 from .history import History
 from .index import Index
 
@@ -65,8 +66,8 @@ def open_index(path: Path, durability: str, read_only: bool) -> Index:
     try:
         return Index(path, durability=durability, read_only=read_only)
     except (NotAThreadStore, sqlite3.DatabaseError) as exc:
-        if read_only:
-            raise
+        if read_only or _sqlite.is_transient(exc):
+            raise  # busy, full or I/O: the file may be fine, so never delete it for that
         log.warning("thread_store: index %s is unreadable (%s); rebuilding it from history",
                     path, exc)
         for suffix in ("", "-wal", "-shm"):
@@ -86,7 +87,9 @@ def recover(history: History, index: Index) -> dict[str, tuple[int, int, bool]]:
         for thread_id in session.get("behind", []):
             try:
                 head = history.head(thread_id)
-            except ThreadStoreError:
+            except (ThreadNotFound, ThreadDiscarded):
+                with index.write_lock:  # removed while close was draining: drop its row too
+                    index.delete_row(thread_id)
                 continue
             projected, state = index.load_state(thread_id)
             _note_behind(behind, thread_id, head, projected if state is not None else None)

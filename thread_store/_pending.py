@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 from opentelemetry.trace import SpanContext
 
+from .errors import DURABLE_NOTE, ThreadDiscarded
 from .model import ThreadMetadata
 
-DURABLE_HINT = "the appended items are durable in the history; do not append them again"
 BUFFER_ITEMS = 16
 BUFFER_BYTES = 64 * 1024
 
@@ -131,6 +131,21 @@ class ThreadState:
             self.buffer_bytes = sum(len(b[2]) for b in self.buffer)
         elif self.head == self.projected:
             self.buffer, self.buffer_bytes = [], 0
+
+    @property
+    def behind(self) -> bool:
+        """Its projection has work left: items past ``projected``, or no row yet."""
+        return self.projected < self.head or self.refold
+
+    def unhold(self) -> None:
+        """New work arrived after a failure for good: start a fresh retry budget."""
+        if self.held:
+            self.held = False
+            self.attempts = 0
+
+    def gone_error(self) -> Exception:
+        """The error a call on this discarded or deleted thread gets."""
+        return ThreadDiscarded(f"thread {self.thread_id!r} was {self.gone}. {DURABLE_NOTE}")
 
     @property
     def idle(self) -> bool:

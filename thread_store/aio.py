@@ -207,6 +207,7 @@ class AsyncThreadStore:
         """
         store = self._store
         loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout  # the hop counts too
         fut: asyncio.Future[Outcome] = loop.create_future()
 
         def begin() -> tuple[int, Waiter | None]:
@@ -221,7 +222,7 @@ class AsyncThreadStore:
             if waiter is None:
                 return store._settle(thread_id, generation, timeout, _ALREADY_PROJECTED, info)
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout_at(deadline):
                     outcome: Outcome | None = await fut
             except TimeoutError:
                 # It may have been resolved while the timeout fired; withdrawing under the

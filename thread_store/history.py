@@ -82,8 +82,7 @@ class History:
 
             self._write(write, "create_thread")
             head = 1 if first is not None else 0
-            self._heads[thread_id] = head
-            on_commit(head)
+            self._publish(thread_id, head, on_commit)
 
     def append(self, thread_id: str, items: list[EncodedItem],
                on_commit: Callable[[int], None]) -> int:
@@ -104,8 +103,7 @@ class History:
                 rows = [(thread_id, head + i, it.ts_us, it.text) for i, it in enumerate(items, 1)]
                 self._write(lambda: self._conn.executemany(_INSERT, rows), "append")
             head += len(items)
-            self._heads[thread_id] = head
-            on_commit(head)
+            self._publish(thread_id, head, on_commit)
             return head
 
     def remove(self, thread_id: str, *, tombstone: bool) -> None:
@@ -191,6 +189,16 @@ class History:
             yield thread_id, created, int(head or 0)
 
     # -- internals ------------------------------------------------------------------------
+
+    def _publish(self, thread_id: str, head: int, on_commit: Callable[[int], None]) -> None:
+        """Tell the projector about a commit, then make the new head visible to readers.
+
+        In this order a barrier that reads the head always finds the projector's state.
+        """
+        try:
+            on_commit(head)
+        finally:
+            self._heads[thread_id] = head
 
     def _check_open(self) -> None:
         if self._closed:

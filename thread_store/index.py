@@ -20,7 +20,7 @@ import sqlite_utils
 from sqlite_utils.db import DescIndex
 
 from . import _sqlite
-from .errors import InvalidCursor
+from .errors import InvalidCursor, StoreClosed
 from .model import THREAD_ID_PATTERN, Page, ThreadMetadata, us_from_utc, utc_from_us
 
 _TEXT = ("name", "title", "preview", "first_user_message", "model_provider", "model",
@@ -153,13 +153,21 @@ class Index:
                         raise
                     errors[row.meta.thread_id] = exc
 
-        _sqlite.in_transaction(self._conn, body)
+        def fenced_body() -> None:
+            body()
+            if self.fenced:  # close() gave up waiting for this transaction: write nothing
+                raise StoreClosed("the store closed during this projection transaction")
+
+        _sqlite.in_transaction(self._conn, fenced_body)
         self.transactions += 1
         return errors
 
     def delete_row(self, thread_id: str) -> None:
         """Remove a thread's row (discard, delete, or an orphan found at open)."""
-        self._conn.execute("DELETE FROM threads WHERE thread_id = ?", (thread_id,))
+        try:
+            self._conn.execute("DELETE FROM threads WHERE thread_id = ?", (thread_id,))
+        except sqlite3.Error as exc:
+            raise _sqlite.storage_error(exc, "removing the thread's index row") from exc
 
     def load_state(self, thread_id: str) -> tuple[int, str | None]:
         """Return ``(projected_seq, state json)`` of a thread; ``(0, None)`` without a row."""

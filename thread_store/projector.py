@@ -17,6 +17,7 @@ import math
 import random
 import threading
 import time
+import traceback
 import weakref
 from collections import OrderedDict
 from typing import Callable
@@ -24,10 +25,10 @@ from typing import Callable
 from opentelemetry.trace import SpanContext
 
 from ._attempt import AttemptRunner, ProjectionHook
-from ._pending import (DURABLE_HINT, Claim, Outcome, ProjectorStats, Result, RetryPolicy,
-                       Success, ThreadState, Waiter, describe)
+from ._pending import (Claim, Outcome, ProjectorStats, Result, RetryPolicy, Success, ThreadState,
+                       Waiter, describe)
 from .derive import ProjectionRules
-from .errors import ProjectionFailed, StoreClosed, ThreadDiscarded
+from .errors import DURABLE_NOTE, ProjectionFailed, StoreClosed
 from .history import History
 from .index import Index
 from .model import EncodedItem, ThreadMetadata
@@ -107,16 +108,17 @@ class Projector:
         """A thread was created, with its ``first`` item or none."""
         head = 0 if first is None else 1
         with self._lock:
-            st = ThreadState(thread_id, head, 0)
+            st = ThreadState(thread_id, 0, 0)
             self._threads[thread_id] = st
+            # A new thread folds from scratch and never reads a row (one left by a deleted
+            # thread of the same id is overwritten); an empty thread still gets its row, so
+            # include_empty lists it, and counts as behind until then.
+            st.refold = True
             if first is not None:
-                st.buffer = [(1, first.ts_us, first.text, first.kind)]
+                st.head = head
+                st.buffer_items([(1, first.ts_us, first.text, first.kind)])
                 st.appends = 1
                 st.pending_since = time.monotonic()
-            else:
-                # An empty thread still gets its initial row, so include_empty lists it;
-                # until then it counts as behind (for flush_all, close and reopen).
-                st.refold = True
             self._schedule(st, self._delay)
 
     def on_append(self, thread_id: str, head: int, items: list[EncodedItem],
@@ -135,7 +137,9 @@ class Projector:
                 st = self._threads[thread_id] = ThreadState(thread_id, first, first)
             elif st.gone:
                 return
-            st.buffer_items([(first + n, it.ts_us, it.text, it.kind) for n, it in enumerate(items, 1)])
+            if st.buffer is not None:
+                st.buffer_items([(first + n, it.ts_us, it.text, it.kind)
+                                 for n, it in enumerate(items, 1)])
             st.head = head
             st.appends += 1
             if context is not None:
@@ -145,9 +149,7 @@ class Projector:
                     st.dropped += 1
             if st.pending_since is None:
                 st.pending_since = time.monotonic()
-            if st.held:
-                st.held = False
-                st.attempts = 0
+            st.unhold()
             if schedule:
                 self._schedule(st, 0.0 if st.waiters else self._delay)
 
@@ -155,31 +157,33 @@ class Projector:
 
     def begin_wait(self, thread_id: str, target: int,
                    callback: Callable[[Outcome], None] | None = None, *,
-                   allow_caller_run: bool = True) -> Waiter | None:
+                   allow_caller_run: bool = True, bounded: bool = False) -> Waiter | None:
         """Register a waiter for ``target``, or return ``None`` if it is already projected.
 
         The waiter is registered before the check, under the same lock the projector
-        resolves waiters with, so no wake-up can be lost.
+        resolves waiters with, so no wake-up can be lost. With ``allow_caller_run`` the
+        caller may run its idle thread's projection itself; a caller with a deadline
+        (``bounded``) only does so when that work is small and cannot block (no hook, all
+        items buffered), so a barrier never outlives its timeout.
         """
         claim = None
         with self._lock:
             if self._closing or self._stopped:
-                raise StoreClosed("the thread store is closed; " + DURABLE_HINT)
+                raise StoreClosed(f"the thread store is closed. {DURABLE_NOTE}")
             st = self._threads.get(thread_id)
             if st is None:
                 return None
             if st.gone:
-                raise ThreadDiscarded(f"thread {thread_id!r} was {st.gone}")
+                raise st.gone_error()
             if st.projected >= target and not st.refold:
                 return None
             waiter = Waiter(thread_id, target, st.failure_epoch, callback, self._cond(st))
             first = not st.waiters
             st.waiters.append(waiter)
-            if st.held:
-                st.held = False
-                st.attempts = 0
+            st.unhold()
+            small = not self._runner.has_hook and st.buffer is not None
             if (allow_caller_run and self._caller_runs and st.in_flight is None
-                    and not self._paused):
+                    and not self._paused and (small or not bounded)):
                 claim = self._claim(st, expedited=True)
             elif st.in_flight is None and (first or st.ready_at is None):
                 self._schedule(st, 0.0, cut_backoff=True)
@@ -203,6 +207,13 @@ class Projector:
         with self._lock:
             self._drop_waiter_locked(waiter)
 
+    def check_live(self, thread_id: str) -> None:
+        """Raise :class:`ThreadDiscarded` if the thread is being discarded or deleted."""
+        with self._lock:
+            st = self._threads.get(thread_id)
+            if st is not None and st.gone:
+                raise st.gone_error()
+
     def projected(self, thread_id: str) -> int | None:
         """The in-memory projected generation, or ``None`` when the thread has no state."""
         with self._lock:
@@ -212,8 +223,7 @@ class Projector:
     def behind(self) -> dict[str, int]:
         """``{thread_id: head}`` of every thread whose projection is behind."""
         with self._lock:
-            return {t: s.head for t, s in self._threads.items()
-                    if not s.gone and (s.projected < s.head or s.refold)}
+            return {t: s.head for t, s in self._threads.items() if not s.gone and s.behind}
 
     def status(self, thread_id: str) -> tuple[int, int, bool, int, str | None, int] | None:
         """``(head, projected, pending, attempts, last_error, waiters)`` if in memory."""
@@ -222,9 +232,8 @@ class Projector:
             if st is None:
                 return None
             if st.gone:
-                raise ThreadDiscarded(f"thread {thread_id!r} was {st.gone}")
-            return (st.head, st.projected, st.projected < st.head, st.attempts, st.last_error,
-                    len(st.waiters))
+                raise st.gone_error()
+            return (st.head, st.projected, st.behind, st.attempts, st.last_error, len(st.waiters))
 
     def stats(self) -> ProjectorStats:
         """Counters since open."""
@@ -233,7 +242,7 @@ class Projector:
                 transactions=self._index.transactions, rows_written=self._counts["rows"],
                 attempts=self._counts["attempts"], retries=self._counts["retries"],
                 failures=self._counts["failures"],
-                pending_threads=sum(1 for s in self._threads.values() if s.projected < s.head),
+                pending_threads=sum(1 for s in self._threads.values() if s.behind),
                 waiters=sum(len(s.waiters) for s in self._threads.values()))
 
     # -- discard / delete -----------------------------------------------------------------
@@ -298,10 +307,11 @@ class Projector:
             while (self._scheduled or self._in_flight) and time.monotonic() < deadline:
                 self._idle.wait(deadline - time.monotonic())
         if not already:
-            # An attempt holds the write lock only for its SQL (bounded by the busy
-            # timeout), never while it runs hooks, so this wait is short.
+            # An attempt holds the write lock only for its SQL (a statement waits at most
+            # the index's 100 ms busy timeout), never while it runs hooks. If even that
+            # overruns, the fence is still set: the transaction checks it before COMMIT.
             lock = self._index.write_lock
-            acquired = lock.acquire(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+            acquired = lock.acquire(timeout=max(0.0, deadline - time.monotonic()) + 0.25)
             self._index.fenced = True
             if acquired:
                 lock.release()
@@ -394,8 +404,8 @@ class Projector:
         st.attempts += 1
         self._in_flight += 1
         self._counts["attempts"] += 1
-        items = None if st.buffer is None else [b for b in st.buffer if b[0] <= st.head]
-        return Claim(st, st.head, st.projected, [c for g, c in st.contexts if g <= st.head],
+        items = None if st.buffer is None else list(st.buffer)
+        return Claim(st, st.head, st.projected, [c for _, c in st.contexts],
                      st.dropped, st.appends, st.attempts, expedited, st.refold, st.pending_since,
                      None if st.refold else st.fold_state, items)
 
@@ -403,12 +413,17 @@ class Projector:
         """Run one attempt per claim and commit the successful ones in one transaction."""
         tel = self._telemetry
         spans = {}
-        if tel.tracing():
-            for c in claims:
-                spans[id(c)] = tel.start_projection(
-                    c.state.thread_id, c.contexts, c.dropped, c.appends, c.base, c.target,
-                    c.attempt, c.expedited, len(claims))
-        results = self._runner.run(claims)
+        results: dict[int, Result] = {}
+        try:
+            if tel.tracing():
+                for c in claims:
+                    spans[id(c)] = tel.start_projection(
+                        c.state.thread_id, c.contexts, c.dropped, c.appends, c.base, c.target,
+                        c.attempt, c.expedited, len(claims))
+            results = self._runner.run(claims)
+        except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
+            log.exception("thread_store: projection batch failed")
+            results = {id(c): results.get(id(c)) or Result("failed", error=exc) for c in claims}
         with self._lock:
             backoffs = {id(c): self._finish(c, results[id(c)]) for c in claims}
         # Spans end outside the lock: a coalesced projection marks up to MAX_LINKS appends
@@ -417,8 +432,11 @@ class Projector:
             span = spans.get(id(c))
             if span is not None:
                 result = results[id(c)]
-                tel.end_projection(span, outcome=result.kind, error=result.error,
-                                   backoff=backoffs[id(c)])
+                try:
+                    tel.end_projection(span, outcome=result.kind, error=result.error,
+                                       backoff=backoffs[id(c)])
+                except Exception:  # noqa: BLE001 - telemetry must not stop the projector
+                    log.exception("thread_store: ending a projection span failed")
         with self._lock:
             self._in_flight -= len(claims)
             self._idle.notify_all()
@@ -435,6 +453,7 @@ class Projector:
             self._counts["rows"] += 1
             st.projected_to(c.target, result.fold_state)
             st.refold = False
+            st.failure = None
             st.attempts = 0
             st.last_error = None
             st.contexts = [(g, ctx) for g, ctx in st.contexts if g > c.target]
@@ -455,6 +474,9 @@ class Projector:
             self._counts["failures"] += 1
             self._telemetry.failures.add(1)
             st.last_error = describe(result.error)
+            if result.error is not None and result.error.__traceback__ is not None:
+                # The frames hold the failed batch's items and rows: keep the error, not them.
+                traceback.clear_frames(result.error.__traceback__)
             st.failure = result.error
             st.failed_gen = c.target
             st.failure_epoch += 1
@@ -483,7 +505,7 @@ class Projector:
         for w in st.waiters:
             outcome: Outcome | None = None
             if st.gone:
-                outcome = ThreadDiscarded(f"thread {st.thread_id!r} was {st.gone}; {DURABLE_HINT}")
+                outcome = st.gone_error()
             elif st.projected >= w.target and not st.refold:
                 outcome = Success(meta if meta is not None and meta.projected_seq >= w.target else None)
             elif st.failure_epoch > w.epoch and st.failed_gen >= w.target:
@@ -494,13 +516,16 @@ class Projector:
                 outcome = StoreClosed(
                     f"the store closed before thread {st.thread_id!r} reached generation "
                     f"{w.target} (projected: {st.projected}); it is caught up on the next open. "
-                    + DURABLE_HINT)
+                    + DURABLE_NOTE)
             if outcome is None:
                 keep.append(w)
                 continue
             w.outcome = outcome
             if w.callback is not None:
-                w.callback(outcome)
+                try:
+                    w.callback(outcome)
+                except Exception:  # noqa: BLE001 - one waiter's callback must not hurt others
+                    log.exception("thread_store: a barrier callback failed")
         st.waiters = keep
         if st.cond is not None:
             st.cond.notify_all()
@@ -534,7 +559,7 @@ class Projector:
             if self._stopped:
                 return {}  # a closed store reports nothing (see Telemetry.observe)
             now = time.monotonic()
-            pending = [s for s in self._threads.values() if s.projected < s.head]
+            pending = [s for s in self._threads.values() if s.behind]
             oldest = min((s.pending_since for s in pending if s.pending_since is not None),
                          default=now)
             return {"pending_threads": len(pending), "oldest_pending_age": now - oldest,

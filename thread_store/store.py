@@ -107,24 +107,27 @@ class ThreadStore:
         check_timeout(coalesce_delay, name="coalesce_delay")
         root = _files.prepare_directory(Path(path), read_only)
         lock_fd = None if read_only else _files.lock_directory(root)
-        history = None
+        history = index = None
         try:
             history = History(root / _files.HISTORY_FILE, durability=durability, read_only=read_only)
             index = _files.open_index(root / _files.INDEX_FILE, durability, read_only)
+            rules = rules or CodexRules()
+            telemetry = Telemetry(tracer_provider, meter_provider)
+            projector = None
+            if not read_only:
+                behind = _files.recover(history, index)
+                projector = Projector(history, index, rules, telemetry, hook=projection_hook,
+                                      retry=retry or RetryPolicy(), coalesce_delay=coalesce_delay,
+                                      caller_runs=caller_runs)
+                projector.start(behind)
         except BaseException:
-            if history is not None:
-                history.close()
+            # Release everything, or this process could never open the store again.
+            for part in (index, history):
+                if part is not None:
+                    part.close()
             if lock_fd is not None:
                 os.close(lock_fd)
             raise
-        rules = rules or CodexRules()
-        telemetry = Telemetry(tracer_provider, meter_provider)
-        projector = None
-        if not read_only:
-            projector = Projector(history, index, rules, telemetry, hook=projection_hook,
-                                  retry=retry or RetryPolicy(), coalesce_delay=coalesce_delay,
-                                  caller_runs=caller_runs)
-            projector.start(_files.recover(history, index))
         return cls(root, history, index, projector, rules, telemetry, projection=projection,
                    max_item_bytes=max_item_bytes, lock_fd=lock_fd)
 
@@ -366,12 +369,16 @@ class ThreadStore:
         """Return the thread's projected metadata (possibly behind its history).
 
         A thread with nothing projected yet reads as its empty initial metadata.
+
+        :raises ThreadNotFound: unknown id. :raises ThreadDiscarded: discarded or being removed.
         """
         check_thread_id(thread_id)
         self._open_check()
         meta = self._index.read(thread_id)
         if meta is not None:
             return meta
+        if self._projector is not None:
+            self._projector.check_live(thread_id)  # mid-removal its row is already gone
         created = self._history.created_us(thread_id)
         return self._rules.metadata(thread_id, self._rules.initial(thread_id, created), 0)
 
@@ -517,7 +524,7 @@ class ThreadStore:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._telemetry.flush_span(thread_id) as info:
             info["target"] = generation
-            waiter = projector.begin_wait(thread_id, generation)
+            waiter = projector.begin_wait(thread_id, generation, bounded=deadline is not None)
             outcome = Success(None) if waiter is None else projector.wait(waiter, deadline)
             return self._settle(thread_id, generation, timeout, outcome, info)
 
@@ -531,10 +538,12 @@ class ThreadStore:
         self._history.head(thread_id)  # raises for unknown or discarded ids
         drop = projector.forget(thread_id, kind, timeout)
         try:
-            self._history.remove(thread_id, tombstone=kind == "discarded")
+            # The row goes first: until the history is removed no thread can take the id,
+            # so nothing can write a row that this would then delete. (The projection fence
+            # does not apply: this removes, and a discard racing close must still land.)
             with self._index.write_lock:
-                if not self._index.fenced:
-                    self._index.delete_row(thread_id)
+                self._index.delete_row(thread_id)
+            self._history.remove(thread_id, tombstone=kind == "discarded")
         finally:
             drop()
 
@@ -550,6 +559,7 @@ class ThreadStore:
         return self._projector
 
     def _after_fork_in_child(self) -> None:
+        _open_stores.discard(self)
         self._closed = True
         self._closed_why = ("this store was opened in the parent process before fork(); "
                             "open it again in the child")
@@ -590,9 +600,12 @@ def _archive_edit(archived: bool) -> dict[str, Any]:
 def _close_open_stores_at_exit() -> None:
     """Interpreter exit: drain what is pending, so no worker outlives the program."""
     for store in list(_open_stores):
-        warnings.warn(f"ThreadStore at {store.path} was still open at exit; closing it",
-                      ResourceWarning, stacklevel=1)
-        store.close(timeout=5.0)
+        try:
+            store.close(timeout=5.0)
+        finally:
+            # Warn only once it is closed: under -W error the warning raises.
+            warnings.warn(f"ThreadStore at {store.path} was still open at exit; it was closed",
+                          ResourceWarning, stacklevel=1)
 
 
 def _after_fork_in_child() -> None:
