@@ -70,9 +70,14 @@ def open_index(path: Path, durability: str, read_only: bool) -> Index:
             raise  # busy, full or I/O: the file may be fine, so never delete it for that
         log.warning("thread_store: index %s is unreadable (%s); rebuilding it from history",
                     path, exc)
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        remove_index(path)
         return Index(path, durability=durability)
+
+
+def remove_index(path: Path) -> None:
+    """Delete the index database with its WAL files (it is derived from history)."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 def recover(history: History, index: Index) -> dict[str, tuple[int, int, bool]]:

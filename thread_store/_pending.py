@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from opentelemetry.trace import SpanContext
 
-from .errors import DURABLE_NOTE, ThreadDiscarded
+from .errors import DURABLE_NOTE, InvalidArgument, ThreadDiscarded
 from .model import ThreadMetadata
 
 BUFFER_ITEMS = 16
@@ -31,6 +31,15 @@ class RetryPolicy:
     attempts: int = 8
     base_delay: float = 0.05
     max_delay: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
+            raise InvalidArgument(f"RetryPolicy.attempts must be an integer >= 1, not {self.attempts!r}")
+        for name in ("base_delay", "max_delay"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise InvalidArgument(f"RetryPolicy.{name} must be a finite number of seconds >= 0, "
+                                      f"not {value!r}")
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         """Backoff before retry number ``attempt`` (1-based), jittered into [50%, 100%]."""

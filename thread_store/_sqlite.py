@@ -185,9 +185,3 @@ def in_transaction(conn: sqlite3.Connection, body: Callable[[], T], *, immediate
             conn.execute("ROLLBACK")
         raise
     return result
-
-
-def chunks(seq: list[T], size: int) -> Iterator[list[T]]:
-    """Yield ``seq`` in lists of at most ``size``."""
-    for start in range(0, len(seq), size):
-        yield seq[start:start + size]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Protocol
 
-from .model import ThreadMetadata, parse_timestamp, utc_from_us
+from .model import TEXT_FIELDS, ThreadMetadata, parse_timestamp, utc_from_us
 
 State = dict[str, Any]
 
@@ -139,11 +139,6 @@ _HANDLERS: dict[str, Callable[[State, Mapping[str, Any], int], None]] = {
     ARCHIVE_EDIT: _archive_edit,
 }
 
-_TEXT_FIELDS = (
-    "name", "title", "preview", "first_user_message", "model_provider", "model",
-    "reasoning_effort", "cwd", "cli_version", "source", "git_sha", "git_branch",
-    "git_origin_url",
-)
 
 
 class CodexRules:
@@ -182,7 +177,7 @@ class CodexRules:
         usage = state.get("token_usage")
         return ThreadMetadata(
             thread_id=thread_id,
-            **{key: state.get(key) for key in _TEXT_FIELDS},
+            **{key: state.get(key) for key in TEXT_FIELDS},
             token_usage=dict(usage) if usage is not None else None,
             created_at=utc_from_us(created),
             updated_at=utc_from_us(updated if updated is not None else created),

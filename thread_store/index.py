@@ -21,11 +21,9 @@ from sqlite_utils.db import DescIndex
 
 from . import _sqlite
 from .errors import InvalidCursor, StoreClosed
-from .model import THREAD_ID_PATTERN, Page, ThreadMetadata, us_from_utc, utc_from_us
+from .model import TEXT_FIELDS, THREAD_ID_PATTERN, Page, ThreadMetadata, us_from_utc, utc_from_us
 
-_TEXT = ("name", "title", "preview", "first_user_message", "model_provider", "model",
-         "reasoning_effort", "cwd", "cli_version", "source", "git_sha", "git_branch",
-         "git_origin_url")
+_TEXT = TEXT_FIELDS
 _FTS = ("title", "preview", "first_user_message")
 _TIMES = ("created_at", "updated_at", "recency_at", "archived_at")
 _COLUMNS = ("thread_id", *_TEXT, "token_usage", *(f"{t[:-3]}_us" for t in _TIMES),

@@ -13,6 +13,10 @@ from .errors import InvalidArgument, InvalidItem
 
 THREAD_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 DEFAULT_MAX_ITEM_BYTES = 8 * 1024 * 1024
+#: The string fields of ThreadMetadata, in order: the fold fills them, the index stores them.
+TEXT_FIELDS = ("name", "title", "preview", "first_user_message", "model_provider", "model",
+               "reasoning_effort", "cwd", "cli_version", "source", "git_sha", "git_branch",
+               "git_origin_url")
 MAX_TIMEOUT_S = 1e9
 
 

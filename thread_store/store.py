@@ -152,8 +152,7 @@ class ThreadStore:
             raise NotAThreadStore(f"{root} holds no thread store (no {_files.HISTORY_FILE}) to reindex")
         lock_fd = _files.lock_directory(root)
         try:
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{root / _files.INDEX_FILE}{suffix}").unlink(missing_ok=True)
+            _files.remove_index(root / _files.INDEX_FILE)
         finally:
             os.close(lock_fd)  # open() takes it again; whoever wins finds no index and rebuilds
         with cls.open(root, **options) as store:
@@ -324,13 +323,17 @@ class ThreadStore:
         """Turn a barrier's outcome (``None``: timed out) into metadata or its typed error."""
         if outcome is None:
             info["outcome"] = "timeout"
-            projected = self._projector.projected(thread_id) if self._projector else None
-            raise FlushTimeout(thread_id, generation, projected or 0, timeout or 0.0)
+            raise self._timed_out(thread_id, generation, timeout)
         if isinstance(outcome, BaseException):
             info["outcome"] = type(outcome).__name__
             raise outcome
         info["outcome"] = "ok"
         return outcome.meta if outcome.meta is not None else self.read_thread(thread_id)
+
+    def _timed_out(self, thread_id: str, target: int, timeout: float | None) -> FlushTimeout:
+        """The timeout error of a barrier, with the generation projected so far."""
+        projected = self._projector.projected(thread_id) if self._projector else None
+        return FlushTimeout(thread_id, target, projected or 0, timeout or 0.0)
 
     def _begin_flush_all(self, callback: Callable[[Outcome], None] | None) -> list[Waiter]:
         """Register one waiter per thread that is behind (``flush_all``)."""
@@ -351,9 +354,7 @@ class ThreadStore:
         outcomes = [(w, self._cancel_barrier(w)) for w in waiters]
         for waiter, outcome in outcomes:
             if outcome is None:
-                assert self._projector is not None
-                raise FlushTimeout(waiter.thread_id, waiter.target,
-                                   self._projector.projected(waiter.thread_id) or 0, timeout or 0.0)
+                raise self._timed_out(waiter.thread_id, waiter.target, timeout)
             if isinstance(outcome, ProjectionFailed):
                 failed.append((waiter.thread_id, outcome))
             elif isinstance(outcome, StoreClosed):
@@ -391,7 +392,11 @@ class ThreadStore:
         check_count(after_seq, name="after_seq", minimum=0, maximum=1 << 62)
         check_count(limit, name="limit", minimum=1, maximum=100_000)
         self._open_check()
-        head = self._history.head(thread_id) if self._projector else 1 << 62
+        if self._projector is None:  # read-only: no head cache, ask the file
+            self._history.created_us(thread_id)  # raises for unknown or discarded ids
+            head = 1 << 62
+        else:
+            head = self._history.head(thread_id)
         rows = self._history.read(thread_id, after_seq, head, limit)
         return [StoredItem(seq, utc(ts), json.loads(text)) for seq, ts, text in rows]
 
