@@ -41,10 +41,13 @@ class _Soak:
         with self.lock:
             return rng.choice(self.threads)
 
-    def forget(self, thread_id: str) -> None:
+    def forget(self, thread_id: str) -> bool:
+        """Take a thread out of the pool; never the last one, so some survive to be checked."""
         with self.lock:
             if thread_id in self.threads and len(self.threads) > 1:
                 self.threads.remove(thread_id)
+                return True
+            return False
 
     def worker(self, seed: int) -> None:
         rng = random.Random(seed)
@@ -92,7 +95,8 @@ class _Soak:
             with self.lock:
                 self.threads.append(store.create_thread())
         elif op == "delete":
-            self.forget(tid)
+            if not self.forget(tid):
+                return None
             if rng.random() < 0.8:
                 store.delete_thread(tid, timeout=30.0)
             else:
