@@ -347,7 +347,13 @@ class Projector:
     # -- worker ---------------------------------------------------------------------------
 
     def _next_batch(self) -> list[Claim] | None:
-        """Wait for due threads and claim up to a batch of them; ``None`` means exit."""
+        """Wait until some thread is due, then claim a batch; ``None`` means exit.
+
+        The batch takes every scheduled thread, not only the due ones: the first due
+        thread opens one group commit for all that are waiting out their coalescing delay,
+        so transactions stay about one per delay however the appends are spread over
+        threads. A thread backing off after an error waits for its own due time.
+        """
         with self._lock:
             while True:
                 now = time.monotonic()
@@ -356,20 +362,18 @@ class Projector:
                     return None
                 wake = math.inf
                 if not self._paused:
-                    due = []
+                    eligible = []
                     for st in self._scheduled.values():
                         ready_at = st.ready_at if st.ready_at is not None else now
-                        if ready_at <= now or self._closing:
-                            due.append(st)
-                            if len(due) >= _MAX_BATCH:
-                                break
-                        else:
-                            wake = min(wake, ready_at)
-                    if due:
+                        if ready_at <= now or self._closing or not st.backing_off:
+                            eligible.append(st)
+                        wake = min(wake, ready_at)
+                    if eligible and (wake <= now or self._closing):
                         self._worker_wake_at = None
-                        return [self._claim(st, expedited=bool(st.waiters)) for st in due]
+                        return [self._claim(st, expedited=bool(st.waiters))
+                                for st in eligible[:_MAX_BATCH]]
                 self._worker_wake_at = None if self._paused else wake
-                self._work.wait(min(wake - now, _HEARTBEAT_S))
+                self._work.wait(max(0.0, min(wake - now, _HEARTBEAT_S)))
 
     def _schedule(self, st: ThreadState, delay: float, *, backoff: bool = False,
                   cut_backoff: bool = False) -> None:
