@@ -67,8 +67,7 @@ class History:
         """Create a thread, optionally with its first item; raise if the id is taken."""
         with self.lock:
             self._check_open()
-            row = self._conn.execute(
-                "SELECT discarded_us FROM threads WHERE thread_id = ?", (thread_id,)).fetchone()
+            row = self._tombstone(thread_id)
             if row is not None:
                 if row[0] is not None:
                     raise ThreadDiscarded(f"thread {thread_id!r} was discarded; its id cannot be reused")
@@ -213,13 +212,19 @@ class History:
 
     def _load_head(self, thread_id: str) -> int:
         """Called with the lock held: find a thread's head and cache it."""
-        row = self._conn.execute(
-            "SELECT discarded_us FROM threads WHERE thread_id = ?", (thread_id,)).fetchone()
-        self._check_row(thread_id, row)
-        head = self._conn.execute(
-            "SELECT max(seq) FROM items WHERE thread_id = ?", (thread_id,)).fetchone()[0] or 0
+        self._check_row(thread_id, self._tombstone(thread_id))
+        with _sqlite.reading("history"):
+            head = self._conn.execute(
+                "SELECT max(seq) FROM items WHERE thread_id = ?", (thread_id,)).fetchone()[0] or 0
         self._heads[thread_id] = head
         return int(head)
+
+    def _tombstone(self, thread_id: str) -> tuple[int | None] | None:
+        """The thread's row, ``(discarded_us,)``, read on the writer connection; ``None`` if unknown."""
+        with _sqlite.reading("history"):
+            row: tuple[int | None] | None = self._conn.execute(
+                "SELECT discarded_us FROM threads WHERE thread_id = ?", (thread_id,)).fetchone()
+        return row
 
     def _write(self, body: Callable[[], Any], what: str, *, txn: bool = True) -> None:
         try:

@@ -213,8 +213,13 @@ class ThreadStore:
                          timeout: float | None = None) -> ThreadMetadata:
         """Append durably, then wait until the metadata covers the append.
 
+        Use it for threads that must be list-visible at once (e.g. a goal-first thread).
+
+        :param items: the items, as for :meth:`append`.
+        :param timeout: seconds to wait for the projection; ``None`` waits as long as needed.
         :returns: the projected metadata, list-visible when this returns.
         :raises FlushTimeout: see :meth:`flush`; the items are durable.
+        :raises ProjectionFailed: the projection covering them failed; they are durable.
         """
         timeout = check_timeout(timeout)
         generation = self._append(thread_id, items, barrier=True)
@@ -387,6 +392,11 @@ class ThreadStore:
         """Return up to ``limit`` items with ``seq > after_seq``, in order.
 
         Page through a long history by passing the last ``seq`` back as ``after_seq``.
+
+        :param after_seq: return items after this seq (0: from the start).
+        :param limit: at most this many items (1 to 100,000).
+        :returns: ``StoredItem(seq, ts, item)`` entries.
+        :raises ThreadNotFound: unknown id. :raises ThreadDiscarded: discarded thread.
         """
         check_thread_id(thread_id)
         check_count(after_seq, name="after_seq", minimum=0, maximum=1 << 62)
@@ -423,7 +433,12 @@ class ThreadStore:
                                 include_empty=include_empty)
 
     def status(self, thread_id: str) -> ThreadStatus:
-        """Return where the thread's projection stands (head, projected, errors, waiters)."""
+        """Return where the thread's projection stands.
+
+        :returns: ``ThreadStatus(head_seq, projected_seq, pending, attempts, last_error,
+            waiters)``; ``last_error`` stays set until an attempt succeeds.
+        :raises ThreadNotFound: unknown id. :raises ThreadDiscarded: discarded thread.
+        """
         check_thread_id(thread_id)
         self._open_check()
         head = self._history.head(thread_id) if self._projector else None
