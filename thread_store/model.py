@@ -121,6 +121,8 @@ def us_from_utc(value: datetime) -> int:
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MIN_US = us_from_utc(datetime.min.replace(tzinfo=timezone.utc))
+_MAX_US = us_from_utc(datetime.max.replace(tzinfo=timezone.utc))
 
 
 def parse_timestamp(value: Any) -> int | None:
@@ -131,12 +133,9 @@ def parse_timestamp(value: Any) -> int | None:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         return None
-    try:
-        value_us = us_from_utc(parsed)
-        utc(value_us)  # an offset can push the UTC time past year 1 or 9999: unreadable later
-    except OverflowError:
-        return None
-    return value_us
+    value_us = us_from_utc(parsed)
+    # An offset can push the UTC time past year 1 or 9999, which could not be read back.
+    return value_us if _MIN_US <= value_us <= _MAX_US else None
 
 
 def check_thread_id(thread_id: object) -> str:
@@ -172,7 +171,7 @@ def encode_item(item: object, now_us: int, max_bytes: int) -> EncodedItem:
 
     ASCII-escaped JSON keeps lone surrogates and NUL bytes round-trippable in SQLite.
     """
-    if not isinstance(item, Mapping):
+    if type(item) is not dict and not isinstance(item, Mapping):  # dict first: ABC checks are slow
         raise InvalidItem(f"an item must be a JSON object (dict), not {type(item).__name__}")
     kind = item.get("type")
     if not isinstance(kind, str) or not kind:
