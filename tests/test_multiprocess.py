@@ -94,3 +94,18 @@ def test_reader_sees_later_writes_and_writer_unaffected(store_path: Path) -> Non
             assert reader.read_thread(second).item_count == 1
         assert_converged(store)
     assert_no_projector_thread()
+
+
+def test_read_only_status_sees_the_writers_backlog(tmp_path: Path) -> None:
+    """A read-only store reads heads from the file, so another process's backlog shows."""
+    path = tmp_path / "store"
+    with ThreadStore.open(path) as writer:
+        tid = writer.create_thread()
+        writer.append_and_flush(tid, [{"type": "response_item"}], timeout=30)
+        writer.pause_projection()
+        writer.append(tid, [{"type": "response_item"}] * 3)
+        with ThreadStore.open(path, read_only=True) as reader:
+            status = reader.status(tid)
+            assert (status.head_seq, status.projected_seq, status.pending) == (4, 1, True)
+            assert [i.seq for i in reader.read_history(tid)] == [1, 2, 3, 4]
+        writer.resume_projection()

@@ -156,6 +156,14 @@ class History:
         with self.lock:
             return self._load_head(thread_id)
 
+    def current_head(self, thread_id: str) -> int:
+        """The head as the file has it now, uncached: for a read-only store, whose writer
+        is another process. Raises for unknown or discarded ids."""
+        self.created_us(thread_id)
+        row = self._readers.fetchone("history", "SELECT max(seq) FROM items WHERE thread_id = ?",
+                                     (thread_id,))
+        return int(row[0] or 0)
+
     def created_us(self, thread_id: str) -> int:
         """Return the thread's creation time; raise if it is unknown or discarded."""
         row = self._readers.fetchone(

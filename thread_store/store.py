@@ -402,11 +402,8 @@ class ThreadStore:
         check_count(after_seq, name="after_seq", minimum=0, maximum=1 << 62)
         check_count(limit, name="limit", minimum=1, maximum=100_000)
         self._open_check()
-        if self._projector is None:  # read-only: no head cache, ask the file
-            self._history.created_us(thread_id)  # raises for unknown or discarded ids
-            head = 1 << 62
-        else:
-            head = self._history.head(thread_id)
+        head = (self._history.head(thread_id) if self._projector
+                else self._history.current_head(thread_id))
         rows = self._history.read(thread_id, after_seq, head, limit)
         return [StoredItem(seq, utc(ts), json.loads(text)) for seq, ts, text in rows]
 
@@ -441,14 +438,14 @@ class ThreadStore:
         """
         check_thread_id(thread_id)
         self._open_check()
-        head = self._history.head(thread_id) if self._projector else None
-        live = self._projector.status(thread_id) if self._projector else None
-        if live is not None:
-            return ThreadStatus(*live)
+        if self._projector is None:  # read-only: the writer is another process
+            head = self._history.current_head(thread_id)
+        else:
+            head = self._history.head(thread_id)
+            live = self._projector.status(thread_id)
+            if live is not None:
+                return ThreadStatus(*live)
         projected = self._index.load_state(thread_id)[0]
-        if head is None:
-            self._history.created_us(thread_id)
-            head = projected
         return ThreadStatus(head, projected, projected < head, 0, None, 0)
 
     def stats(self) -> ProjectorStats:
