@@ -133,45 +133,53 @@ def migrate(conn: sqlite3.Connection, path: Path, steps: Sequence[Migration], *,
 
 
 class ConnectionPool:
-    """One read connection per OS thread, all closed together by :meth:`close`."""
+    """One read connection per OS thread, all closed together by :meth:`close`.
+
+    A read holds its connection's lock, and :meth:`close` takes each lock before closing:
+    closing a SQLite connection while another thread runs a statement on it can crash
+    the process (a worker fenced by close() may still be finishing a read).
+    """
 
     def __init__(self, factory: Callable[[], sqlite3.Connection]) -> None:
         self._factory = factory
         self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
+        self._all: list[tuple[sqlite3.Connection, threading.Lock]] = []
         self._lock = threading.Lock()
         self._closed = False
 
-    def get(self) -> sqlite3.Connection:
-        """Return this thread's connection, opening it on first use."""
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._factory()
+    def _mine(self) -> tuple[sqlite3.Connection, threading.Lock]:
+        """This thread's connection and its lock, opened on first use."""
+        entry: tuple[sqlite3.Connection, threading.Lock] | None = getattr(self._local, "entry", None)
+        if entry is None:
+            entry = (self._factory(), threading.Lock())
             with self._lock:
                 if self._closed:
-                    conn.close()
+                    entry[0].close()
                     raise StorageError("the store's connections are closed")
-                self._all.append(conn)
-            self._local.conn = conn
-        return conn
+                self._all.append(entry)
+            self._local.entry = entry
+        return entry
 
     def fetchone(self, what: str, sql: str, params: Sequence[object] = ()) -> Any:
         """One row of a read on this thread's connection; SQLite errors become typed."""
-        with reading(what):
-            return self.get().execute(sql, params).fetchone()
+        conn, lock = self._mine()
+        with reading(what), lock:
+            return conn.execute(sql, params).fetchone()
 
     def fetchall(self, what: str, sql: str, params: Sequence[object] = ()) -> list[Any]:
         """All rows of a read on this thread's connection; SQLite errors become typed."""
-        with reading(what):
-            return self.get().execute(sql, params).fetchall()
+        conn, lock = self._mine()
+        with reading(what), lock:
+            return conn.execute(sql, params).fetchall()
 
     def close(self) -> None:
-        """Close every connection handed out."""
+        """Close every connection handed out, each once no read is running on it."""
         with self._lock:
             self._closed = True
-            conns, self._all = self._all, []
-        for conn in conns:
-            conn.close()
+            entries, self._all = self._all, []
+        for conn, lock in entries:
+            with lock:
+                conn.close()
 
 
 def in_transaction(conn: sqlite3.Connection, body: Callable[[], T], *, immediate: bool = True) -> T:

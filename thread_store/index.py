@@ -211,9 +211,10 @@ class Index:
         return Page(threads=threads, next_cursor=next_cursor)
 
     def close(self) -> None:
-        """Close every connection."""
+        """Close every connection; the writer once no transaction is running on it."""
         self._readers.close()
-        self._conn.close()
+        with self.write_lock:  # a fenced worker may still be in its (bounded) transaction
+            self._conn.close()
 
 
 def _encode_cursor(query: list[Any], recency_us: int, thread_id: str) -> str:
