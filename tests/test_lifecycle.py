@@ -178,3 +178,18 @@ def _child_checks(parent_store: ThreadStore, tid: str, parent_path: Path, child_
             return 0
     except BaseException:
         return 1
+
+
+def test_close_during_busy_projection_never_crashes(tmp_path: Path) -> None:
+    """close(timeout=0) while the worker is mid-read: connections close only between
+    statements, so the fenced worker gets typed errors, never a crashed process."""
+    for round_ in range(25):
+        path = tmp_path / f"store{round_}"
+        store = ThreadStore.open(path, coalesce_delay=0.0)
+        tids = [store.create_thread() for _ in range(30)]
+        for n in range(60):
+            store.append(tids[n % 30], [{"type": "response_item", "payload": {"n": n}}])
+        store.close(timeout=0)
+        with ThreadStore.open(path) as reopened:
+            reopened.flush_all(timeout=30)
+            assert all(reopened.status(t).projected_seq == 2 for t in tids)
