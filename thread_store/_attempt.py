@@ -45,13 +45,13 @@ class AttemptRunner:
     def run(self, claims: list[Claim]) -> dict[int, Result]:
         """Prepare every claim, then commit the good rows together; results by ``id(claim)``."""
         results: dict[int, Result] = {}
-        rows: list[tuple[Claim, RowWrite, dict[str, object]]] = []
+        rows: list[tuple[Claim, RowWrite, Result]] = []
         for c in claims:
             result, row = self._prepare(c)
             if row is None:
                 results[id(c)] = result
             else:
-                rows.append((c, row, result.fold_state or {}))
+                rows.append((c, row, result))
         if rows:
             self._commit(rows, results)
         return results
@@ -97,7 +97,7 @@ class AttemptRunner:
         # No row yet, or the row is ahead of history (power loss): fold from the start.
         return 0, self._rules.initial(thread_id, self._history.created_us(thread_id))
 
-    def _commit(self, rows: list[tuple[Claim, RowWrite, dict[str, object]]],
+    def _commit(self, rows: list[tuple[Claim, RowWrite, Result]],
                 results: dict[int, Result]) -> None:
         """Write the rows in one transaction, fenced by close and by discard/delete."""
         with self._index.write_lock:
@@ -124,7 +124,6 @@ class AttemptRunner:
                     results[id(c)] = _failure(exc)
                 return
         self._on_commit()
-        for c, row, state in live:
+        for c, _, prepared in live:
             error = errors.get(c.state.thread_id)
-            results[id(c)] = (Result("failed", error=error) if error
-                              else Result("ok", meta=row.meta, fold_state=state))
+            results[id(c)] = Result("failed", error=error) if error else prepared

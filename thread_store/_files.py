@@ -102,7 +102,7 @@ def recover(history: History, index: Index) -> dict[str, tuple[int, int, bool]]:
         if index.fresh and history.get_meta(SESSION_KEY) is not None:
             log.warning("thread_store: rebuilding the index from history")
         projected_by_id = index.projected_seqs()
-        for thread_id, _created, head in history.live_threads():
+        for thread_id, head in history.live_threads():
             _note_behind(behind, thread_id, head, projected_by_id.pop(thread_id, None))
         with index.write_lock:
             for orphan in projected_by_id:  # rows of threads discarded or deleted mid-crash

@@ -187,13 +187,13 @@ class History:
             yield rows
             after_seq = rows[-1][0]
 
-    def live_threads(self) -> Iterator[tuple[str, int, int]]:
-        """Yield ``(thread_id, created_us, head)`` of every live thread (crash recovery)."""
-        for thread_id, created in self._readers.fetchall(
-                "history", "SELECT thread_id, created_us FROM threads WHERE discarded_us IS NULL"):
+    def live_threads(self) -> Iterator[tuple[str, int]]:
+        """Yield ``(thread_id, head)`` of every live thread (crash recovery, reindex)."""
+        for (thread_id,) in self._readers.fetchall(
+                "history", "SELECT thread_id FROM threads WHERE discarded_us IS NULL"):
             head = self._readers.fetchone(
                 "history", "SELECT max(seq) FROM items WHERE thread_id = ?", (thread_id,))[0]
-            yield thread_id, created, int(head or 0)
+            yield thread_id, int(head or 0)
 
     # -- internals ------------------------------------------------------------------------
 

@@ -157,7 +157,7 @@ class ThreadStore:
             os.close(lock_fd)  # open() takes it again; whoever wins finds no index and rebuilds
         with cls.open(root, **options) as store:
             # Every thread with items; the catch-up open() started may have covered some.
-            heads = {t: head for t, _, head in store._history.live_threads() if head}
+            heads = {t: head for t, head in store._history.live_threads() if head}
             for done, (thread_id, head) in enumerate(heads.items(), 1):
                 try:
                     store.flush(thread_id, generation=head)
