@@ -234,6 +234,22 @@ def test_times_never_move_backwards() -> None:
     assert (row.updated_at, row.recency_at) == (at(50), at(50))
 
 
+def test_an_item_stamped_before_creation_lowers_neither_updated_nor_recency() -> None:
+    # DESIGN §2: created_at is a floor for updated_at and recency_at.
+    row = meta(event("turn_started", at(-600)), wl.user_message("old", at(-300)))
+    assert (row.created_at, row.updated_at, row.recency_at) == (T0, T0, T0)
+    state = fold_items([wl.user_message("new", at(60))])
+    before = RULES.metadata("t", state, 1)
+    after = RULES.metadata("t", fold_items([event("turn_started", at(-900))], state), 2)
+    assert (after.updated_at, after.recency_at) == (before.updated_at, before.recency_at)
+
+
+def test_a_session_meta_moving_created_at_later_raises_the_floor() -> None:
+    moved = {**session(at(100)), "timestamp": at(1).isoformat()}
+    row = meta(wl.user_message("early", at(5)), moved)
+    assert (row.created_at, row.updated_at, row.recency_at) == (at(100), at(100), at(100))
+
+
 # -- counts and explicit edits ------------------------------------------------------------
 
 def test_item_count_counts_every_item() -> None:
@@ -290,6 +306,18 @@ def test_apply_does_not_mutate_its_inputs() -> None:
     frozen_state, frozen_items = copy.deepcopy(state), copy.deepcopy(items)
     fold_items(items[10:], state)
     assert state == frozen_state and items == frozen_items
+
+
+def test_metadata_token_usage_nested_dicts_are_a_copy_of_the_state() -> None:
+    usage = {"total_tokens": 7, "details": {"cached": {"input": 3}}}
+    state = fold_items([event("token_count", info={"total_token_usage": usage})])
+    row = RULES.metadata("t", state, 1)
+    assert row.token_usage is not None
+    row.token_usage["details"]["cached"]["input"] = -1
+    row.token_usage["details"]["extra"] = 1
+    assert RULES.metadata("t", state, 1).token_usage == usage
+    resumed = RULES.metadata("t", fold_items([wl.user_message("x", at(2))], state), 2)
+    assert resumed.token_usage == usage
 
 
 def test_metadata_token_usage_is_a_copy_of_the_state() -> None:

@@ -125,25 +125,25 @@ def test_resuming_from_json_state_at_any_split_equals_one_fold(
 @given(st.lists(timed_items(), min_size=1, max_size=30), TIMES)
 def test_times_move_forward_where_the_design_promises(
         pairs: list[Pair], created: datetime) -> None:
-    # updated_at is "the latest item timestamp": defined once there is an item, then it
-    # only grows. recency_at is the latest turn start, else created_at; a session_meta may
-    # move created_at (to the session's real start), so recency only grows once a turn
-    # started (CodexRules docstring).
+    # DESIGN §2: updated_at is the latest item timestamp and recency_at the latest turn
+    # start, else created_at; created_at is a floor for both, so an item stamped before it
+    # lowers neither. Only a session_meta item that sets created_at may move them back.
     state = RULES.initial("t", us_from_utc(created))
     previous: ThreadMetadata | None = None
     turns: list[int] = []
     for count, (ts_us, item) in enumerate(pairs, 1):
         state = RULES.apply(state, item, ts_us)
         row = RULES.metadata("t", state, count)
+        assert row.created_at is not None and row.updated_at is not None
+        assert row.recency_at is not None
         assert row.item_count == count
-        assert row.updated_at == utc(max(ts for ts, _ in pairs[:count]))
-        if previous is not None:
-            assert row.updated_at >= previous.updated_at  # type: ignore[operator]
-            if turns:
-                assert row.recency_at >= previous.recency_at  # type: ignore[operator]
+        assert row.updated_at == max(utc(max(ts for ts, _ in pairs[:count])), row.created_at)
         if item["type"] == "event_msg" and item["payload"]["type"] in ("task_started", "turn_started"):
             turns.append(ts_us)
-        assert row.recency_at == (utc(max(turns)) if turns else row.created_at)
+        assert row.recency_at == (max(utc(max(turns)), row.created_at) if turns else row.created_at)
+        if previous is not None and row.created_at == previous.created_at:
+            assert row.updated_at >= previous.updated_at  # type: ignore[operator]
+            assert row.recency_at >= previous.recency_at  # type: ignore[operator]
         previous = row
 
 

@@ -8,9 +8,10 @@ rule set of DESIGN §2. An application plugs in its own rules by implementing
 
 from __future__ import annotations
 
+from copy import deepcopy
 from typing import Any, Callable, Mapping, Protocol
 
-from .model import TEXT_FIELDS, ThreadMetadata, parse_timestamp, utc_from_us
+from .model import TEXT_FIELDS, ThreadMetadata, parse_timestamp, utc, utc_from_us
 
 State = dict[str, Any]
 
@@ -144,10 +145,11 @@ _HANDLERS: dict[str, Callable[[State, Mapping[str, Any], int], None]] = {
 class CodexRules:
     """The default rules of DESIGN §2, compatible with Codex rollout items.
 
-    Recency is the latest turn start, else ``created_at``; ``updated_at`` is the latest
-    item timestamp, else ``created_at``. Both only take the maximum of what they saw, so
-    they never move backwards. (Before the first turn, recency follows ``created_at``,
-    which a ``session_meta`` item may set to the session's own start.)
+    ``updated_at`` is the latest item timestamp and ``recency_at`` the latest turn start,
+    each floored at ``created_at``: an item stamped before the thread's creation lowers
+    neither. Both only take the maximum of what they saw, so the only thing that can move
+    them backwards is a ``session_meta`` item that sets ``created_at`` (an imported
+    session's real start).
     """
 
     item_types: frozenset[str] | None = frozenset(_HANDLERS)
@@ -172,20 +174,28 @@ class CodexRules:
     def metadata(self, thread_id: str, state: State, projected_seq: int) -> ThreadMetadata:
         """Build the public metadata row from ``state``."""
         created = state["created_us"]
-        turn = state.get("turn_us")
-        updated = state.get("updated_us")
+        # created_at is a floor, applied here rather than in apply(): a session_meta item
+        # may still move created_at, and the floor must follow it.
+        turn = _floored(state.get("turn_us"), created)
+        updated = _floored(state.get("updated_us"), created)
         usage = state.get("token_usage")
         return ThreadMetadata(
             thread_id=thread_id,
             **{key: state.get(key) for key in TEXT_FIELDS},
-            token_usage=dict(usage) if usage is not None else None,
-            created_at=utc_from_us(created),
-            updated_at=utc_from_us(updated if updated is not None else created),
-            recency_at=utc_from_us(turn if turn is not None else created),
+            # A deep copy: the row must share no container with the cached fold state, or a
+            # caller mutating meta.token_usage would change every later projection.
+            token_usage=deepcopy(usage) if usage is not None else None,
+            created_at=utc(created),
+            updated_at=utc(updated),
+            recency_at=utc(turn),
             archived_at=utc_from_us(state.get("archived_us")),
             item_count=state.get("item_count", 0),
             projected_seq=projected_seq,
         )
+
+
+def _floored(value_us: int | None, floor_us: int) -> int:
+    return floor_us if value_us is None else max(value_us, floor_us)
 
 
 def fold(rules: ProjectionRules, state: State, items: list[tuple[int, Mapping[str, Any]]]) -> State:
