@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
 from conftest import plain, user_msg
-from thread_store import (ProjectionFailed, ThreadDiscarded, ThreadExists, ThreadNotFound,
-                          ThreadStore)
+from thread_store import (ProjectionFailed, ThreadDiscarded, ThreadExists, ThreadMetadata,
+                          ThreadNotFound, ThreadStore)
 
 SESSION = {"cwd": "/repo", "model_provider": "openai", "git": {"branch": "main"}}
 
@@ -230,3 +232,42 @@ def test_sync_append_raises_projection_failed_with_items_durable(store_path: Pat
         assert s.read_thread(tid).title == "kept anyway"
     with ThreadStore.open(store_path) as s:
         assert len(s.read_history(tid)) == 2
+
+
+def _wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 30.0
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.002)
+
+
+def test_returned_metadata_items_and_pages_are_the_callers_own(store: ThreadStore) -> None:
+    usage = {"total_tokens": 7, "details": {"cached": {"input": 3}}}
+    counted = {"type": "event_msg", "payload": {"type": "token_count", "info": {"total_token_usage": usage}}}
+    tid = store.create_thread()
+    store.pause_projection()
+    store.append(tid, [user_msg("hi"), counted])
+    got: list[ThreadMetadata] = []
+    # Two waiters served by one attempt, so both get the row that attempt built.
+    flushers = [threading.Thread(target=lambda: got.append(store.flush(tid, timeout=30))) for _ in range(2)]
+    for t in flushers:
+        t.start()
+    _wait_until(lambda: store.status(tid).waiters == 2, "both waiters registered")
+    store.resume_projection()
+    for t in flushers:
+        t.join(30)
+    assert len(got) == 2 and got[0].token_usage == got[1].token_usage == usage
+    for n, meta in enumerate(got + [store.read_thread(tid), store.list_threads().threads[0]]):
+        assert meta.token_usage is not None
+        meta.to_json()["token_usage"]["details"]["x"] = 1
+        assert meta.token_usage == usage
+        meta.token_usage["details"]["cached"]["input"] = -1
+        meta.token_usage["total_tokens"] = -1
+        if n == 0:
+            assert got[1].token_usage == usage  # the other waiter's row is its own
+    # Neither the cached fold state nor a later projection saw the mutations.
+    assert store.append_and_flush(tid, [plain()], timeout=30).token_usage == usage
+    assert store.read_thread(tid).token_usage == usage
+    (first, *_) = store.read_history(tid)
+    first.item["payload"]["message"] = "changed"
+    assert store.read_history(tid)[0].item == user_msg("hi")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from copy import deepcopy
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Mapping
 
@@ -55,8 +56,14 @@ class ThreadMetadata:
         out: dict[str, Any] = {}
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
-            out[name] = value.isoformat() if isinstance(value, datetime) else value
+            out[name] = value.isoformat() if isinstance(value, datetime) else deepcopy(value)
         return out
+
+
+def caller_copy(meta: ThreadMetadata) -> ThreadMetadata:
+    """``meta`` with containers of its own: one row can be handed to many callers (every
+    waiter an attempt serves) and is built from cached fold state; each may mutate it."""
+    return meta if meta.token_usage is None else replace(meta, token_usage=deepcopy(meta.token_usage))
 
 
 @dataclass(frozen=True, slots=True)

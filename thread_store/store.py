@@ -27,7 +27,7 @@ from .errors import (FlushTimeout, InvalidArgument, NotAThreadStore, ProjectionF
 from .history import History
 from .index import Index
 from .model import (DEFAULT_MAX_ITEM_BYTES, EncodedItem, Page, StoredItem, ThreadMetadata,
-                    ThreadStatus, check_count, check_thread_id, check_timeout, encode_item, utc)
+                    ThreadStatus, caller_copy, check_count, check_thread_id, check_timeout, encode_item, utc)
 from .projector import (Outcome, Projector, ProjectionHook, ProjectorStats, RetryPolicy, Success,
                         Waiter)
 from .tracing import ATTR_GENERATION, Telemetry, capture
@@ -333,7 +333,7 @@ class ThreadStore:
             info["outcome"] = type(outcome).__name__
             raise outcome
         info["outcome"] = "ok"
-        return outcome.meta if outcome.meta is not None else self.read_thread(thread_id)
+        return caller_copy(outcome.meta) if outcome.meta is not None else self.read_thread(thread_id)
 
     def _timed_out(self, thread_id: str, target: int, timeout: float | None) -> FlushTimeout:
         """The timeout error of a barrier, with the generation projected so far."""
