@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import math
@@ -13,8 +14,8 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from conftest import plain, user_msg
-from thread_store import (InvalidArgument, InvalidItem, NotAThreadStore, SchemaTooNew, ThreadDiscarded,
-                          ThreadNotFound, ThreadStore, ThreadStoreError)
+from thread_store import (AsyncThreadStore, InvalidArgument, InvalidItem, NotAThreadStore, RetryPolicy,
+                          SchemaTooNew, ThreadDiscarded, ThreadNotFound, ThreadStore, ThreadStoreError)
 
 MAX_ITEM = 1024
 Call = Callable[[ThreadStore, str], Any]
@@ -223,11 +224,91 @@ def test_bad_update_metadata_is_rejected(seeded: ThreadStore, kwargs: dict[str, 
     ({"durability": "extra"}, "durability must be 'normal' or 'full'"),
     ({"max_item_bytes": 0}, "max_item_bytes must be an integer"),
     ({"coalesce_delay": -1}, "coalesce_delay must be"),
-])
-def test_bad_open_options_are_rejected(store_path: Path, kwargs: dict[str, Any], match: str) -> None:
+    ({"coalesce_delay": None}, "coalesce_delay must be"),
+    ({"coalesce_delay": math.nan}, "coalesce_delay must be"),
+    ({"coalesce_delay": math.inf}, "coalesce_delay must be"),
+    ({"coalesce_delay": "0.1"}, "coalesce_delay must be"),
+    ({"coalesce_delay": True}, "coalesce_delay must be"),
+    ({"projection": None}, "projection must be"),
+    ({"projection": ["sync"]}, "projection must be"),
+    ({"durability": None}, "durability must be"),
+    ({"max_item_bytes": None}, "max_item_bytes must be"),
+    ({"max_item_bytes": 1e6}, "max_item_bytes must be"),
+    ({"tracer_provider": "jaeger"}, "tracer_provider must be"),
+    ({"meter_provider": object()}, "meter_provider must be"),
+    ({"projection_hook": "print"}, "projection_hook must be a callable"),
+    ({"rules": object()}, "rules must implement ProjectionRules"),
+    ({"rules": type("R", (), {"initial": len, "apply": len, "metadata": len, "item_types": "abc"})()},
+     "item_types must be"),
+    ({"retry": 5}, "retry must be a RetryPolicy"),
+    ({"retry": {"attempts": 3}}, "retry must be a RetryPolicy"),
+    ({"caller_runs": None}, "caller_runs must be True or False"),
+    ({"caller_runs": 1}, "caller_runs must be True or False"),
+    ({"read_only": "yes"}, "read_only must be True or False"),
+    ({"no_such_option": 1}, "unknown ThreadStore.open option"),
+    ({"schema": "thread_store"}, "unknown ThreadStore.open option"),
+], ids=repr)
+def test_bad_open_options_are_rejected_before_anything_is_written(
+        store_path: Path, kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(InvalidArgument, match=match):
         ThreadStore.open(store_path, **kwargs)
     assert not store_path.exists()
+    with pytest.raises(InvalidArgument, match=match):
+        asyncio.run(_aio_open(store_path, kwargs))
+    assert not store_path.exists()
+
+
+async def _aio_open(path: object, kwargs: dict[str, Any]) -> None:
+    store = await AsyncThreadStore.open(path, **kwargs)  # type: ignore[arg-type]
+    await store.close()
+
+
+def test_no_call_fails_after_its_write_with_the_default_options(store_path: Path) -> None:
+    # coalesce_delay=None used to be accepted, then create_thread failed with a TypeError
+    # after the thread was committed; every accepted option set must work end to end.
+    with ThreadStore.open(store_path, coalesce_delay=0, caller_runs=False, max_item_bytes=64,
+                          retry=RetryPolicy(attempts=1), projection_hook=lambda t, g: None) as s:
+        tid = s.create_thread(metadata={"cwd": "/r"})
+        assert s.append(tid, [plain()]) == 2
+        assert s.update_metadata(tid, name="n", timeout=30).name == "n"
+        assert s.archive_thread(tid, timeout=30).archived_at is not None
+
+
+def test_rebuild_index_with_bad_options_leaves_the_index_alone(store_path: Path) -> None:
+    with ThreadStore.open(store_path) as s:
+        s.append_and_flush(s.create_thread(), [user_msg("kept")], timeout=30)
+    before = _tree(store_path)
+    for kwargs in ({"coalesce_delay": None}, {"bogus": 1}, {"read_only": True}, {"progress": 5}):
+        with pytest.raises(InvalidArgument):
+            ThreadStore.rebuild_index(store_path, **kwargs)
+        assert _tree(store_path) == before
+
+
+BAD_PATHS: list[Any] = [None, 5, 1.5, b"/tmp/store", bytearray(b"x"), "", "a\x00b", "\ud800",
+                        "x" * 300, "/" + "y/" * 2100, ["store"]]
+
+
+class _BytesPath:
+    def __fspath__(self) -> bytes:
+        return b"/tmp/store"
+
+
+class _BrokenPath:
+    def __fspath__(self) -> str:
+        raise RuntimeError("no path")
+
+
+@pytest.mark.parametrize("path", BAD_PATHS + [_BytesPath(), _BrokenPath()], ids=repr)
+def test_malformed_path_raises_invalid_argument(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                path: Any) -> None:
+    monkeypatch.chdir(tmp_path)  # a relative name that slipped through would land here
+    with pytest.raises(InvalidArgument, match="path"):
+        ThreadStore.open(path)
+    with pytest.raises(InvalidArgument, match="path"):
+        ThreadStore.rebuild_index(path)
+    with pytest.raises(InvalidArgument, match="path"):
+        asyncio.run(_aio_open(path, {}))
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- paths and files ------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from ._options import check_open_kwargs
 from .model import Page, StoredItem, ThreadMetadata, ThreadStatus, check_timeout
 from .projector import Outcome, ProjectorStats, Success, Waiter
 from .store import _UNSET, ThreadStore, _archive_edit, _metadata_edit
@@ -265,6 +266,8 @@ class _Opening:
         self._store: AsyncThreadStore | None = None
 
     async def _open(self) -> AsyncThreadStore:
+        # Passed through **options, an unknown name would otherwise be a TypeError.
+        check_open_kwargs(self._options)
         return self._cls(await _in_executor(ThreadStore.open, self._path, **self._options))
 
     def __await__(self) -> Generator[Any, None, AsyncThreadStore]:

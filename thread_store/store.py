@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 from opentelemetry import metrics, trace
 
 from . import _files
+from ._options import check_open_kwargs, check_options, check_path
 from .derive import ARCHIVE_EDIT, METADATA_EDIT, CodexRules, ProjectionRules
 from .errors import (FlushTimeout, InvalidArgument, NotAThreadStore, ProjectionFailed,
                      ReadOnlyStore, StoreClosed, ThreadDiscarded, ThreadStoreError)
@@ -72,7 +73,7 @@ class ThreadStore:
              projection_hook: ProjectionHook | None = None, rules: ProjectionRules | None = None,
              max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES, coalesce_delay: float = 0.005,
              retry: RetryPolicy | None = None, caller_runs: bool = True,
-             read_only: bool = False) -> ThreadStore:
+             read_only: bool = False, **other: Any) -> ThreadStore:
         """Open (creating as needed) the store in directory ``path``.
 
         :param projection: ``"async"`` (default) projects in the background; ``"sync"``
@@ -91,21 +92,24 @@ class ThreadStore:
         :param caller_runs: let a barrier project its own idle thread in the calling
             thread, saving two thread hand-offs.
         :param read_only: open for reading while another process writes.
+        :param other: nothing else is accepted; an unknown option raises
+            :class:`InvalidArgument` (DESIGN §3), as a bad value of a known one does.
         :returns: the open store.
         :raises NotAThreadStore: ``path`` holds something else or cannot be written.
         :raises StoreLocked: another process has the store open for writing.
         :raises SchemaTooNew: the files come from a newer thread_store.
+        :raises InvalidArgument: a malformed path or option; nothing was opened or written.
 
         >>> with ThreadStore.open("data/threads") as store:  # doctest: +SKIP
         ...     tid = store.create_thread(metadata={"cwd": "/repo"})
         """
-        if projection not in ("async", "sync"):
-            raise InvalidArgument(f"projection must be 'async' or 'sync', not {projection!r}")
-        if durability not in ("normal", "full"):
-            raise InvalidArgument(f"durability must be 'normal' or 'full', not {durability!r}")
-        check_count(max_item_bytes, name="max_item_bytes", minimum=64, maximum=1 << 30)
-        check_timeout(coalesce_delay, name="coalesce_delay")
-        root = _files.prepare_directory(Path(path), read_only)
+        target = check_path(path)
+        check_open_kwargs(other)
+        check_options(projection=projection, durability=durability, tracer_provider=tracer_provider,
+                      meter_provider=meter_provider, projection_hook=projection_hook, rules=rules,
+                      max_item_bytes=max_item_bytes, coalesce_delay=coalesce_delay, retry=retry,
+                      caller_runs=caller_runs, read_only=read_only)
+        root = _files.prepare_directory(target, read_only)
         lock_fd = None if read_only else _files.lock_directory(root)
         history = index = None
         try:
@@ -146,8 +150,15 @@ class ThreadStore:
         :raises StoreLocked: the store is open for writing somewhere.
         :raises ProjectionFailed: a thread's projection failed; the rebuild stops there
             (the index stays derived data: run it again once the cause is fixed).
+        :raises InvalidArgument: a malformed path or option; nothing was removed.
         """
-        root = Path(path)
+        root = check_path(path)
+        check_open_kwargs(options)
+        if options.get("read_only"):
+            raise InvalidArgument("rebuild_index writes the index; it cannot use read_only=True")
+        if progress is not None and not callable(progress):
+            raise InvalidArgument(f"progress must be a callable progress(done, total) or None, "
+                                  f"not {type(progress).__name__}")
         if not (root / _files.HISTORY_FILE).is_file():
             raise NotAThreadStore(f"{root} holds no thread store (no {_files.HISTORY_FILE}) to reindex")
         lock_fd = _files.lock_directory(root)

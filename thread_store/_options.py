@@ -1,0 +1,117 @@
+"""Validation of ``ThreadStore.open``'s target and options.
+
+It runs before ``open`` touches the file system, so a bad option can never surface later,
+after a call has already written (a ``coalesce_delay=None`` used to fail ``create_thread``
+with a ``TypeError`` once the thread was committed).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Set
+from pathlib import Path
+from typing import Any, Mapping
+
+from ._pending import RetryPolicy
+from .errors import InvalidArgument
+from .model import DEFAULT_MAX_ITEM_BYTES, check_count
+
+#: Longest coalescing delay accepted: beyond an hour it is a typo, not a tuning choice.
+MAX_COALESCE_DELAY_S = 3600.0
+_RULE_METHODS = ("initial", "apply", "metadata")
+#: The common limits of Linux and macOS file systems (NAME_MAX, PATH_MAX less the NUL).
+_NAME_MAX = 255
+_PATH_MAX = 4095
+
+
+def check_path(path: object) -> Path:
+    """Return ``path`` as a :class:`Path`, or raise :class:`InvalidArgument`.
+
+    A store lives in a directory named by a ``str`` or a ``str`` :class:`os.PathLike`;
+    ``None``, numbers, ``bytes`` and strings the OS cannot take (empty, NUL characters,
+    lone surrogates) are rejected here instead of failing with ``TypeError`` or
+    ``ValueError`` deep inside ``os``.
+    """
+    raw: object = path
+    if isinstance(path, os.PathLike):
+        try:
+            raw = os.fspath(path)
+        except Exception as exc:  # noqa: BLE001 - a user __fspath__ may raise anything
+            raise InvalidArgument(f"path {type(path).__name__} could not give its file system path: "
+                                  f"{type(exc).__name__}") from exc
+    if not isinstance(raw, str):
+        raise InvalidArgument(f"path must be a str or os.PathLike naming a directory, not "
+                              f"{type(raw).__name__}, e.g. ThreadStore.open('data/threads')")
+    if not raw or "\x00" in raw:
+        raise InvalidArgument(f"path must be a non-empty directory name without NUL characters, "
+                              f"not {raw!r}")
+    try:
+        encoded = os.fsencode(raw)
+    except UnicodeError as exc:
+        raise InvalidArgument(f"path {raw!r} cannot be encoded for the file system "
+                              "(lone surrogates?); pass a valid directory name") from exc
+    # Else mkdir or stat fails with a raw ENAMETOOLONG OSError, wherever it first looks.
+    if len(encoded) > _PATH_MAX or any(len(part) > _NAME_MAX for part in encoded.split(b"/")):
+        raise InvalidArgument(f"path is too long for the file system (at most {_NAME_MAX} bytes a "
+                              f"name, {_PATH_MAX} in all): {raw[:80]!r}...")
+    return Path(raw)
+
+
+def check_open_kwargs(options: Mapping[str, Any]) -> None:
+    """Check the names and values of ``open`` options passed through ``**options``.
+
+    :raises InvalidArgument: an unknown name or a bad value.
+    """
+    unknown = sorted(set(options) - _OPTION_NAMES)
+    if unknown:
+        raise InvalidArgument(f"unknown ThreadStore.open option(s) {', '.join(map(repr, unknown))}; "
+                              f"the options are {', '.join(sorted(_OPTION_NAMES))}")
+    check_options(**options)
+
+
+def check_options(*, projection: object = "async", durability: object = "normal",
+                  tracer_provider: object = None, meter_provider: object = None,
+                  projection_hook: object = None, rules: object = None,
+                  max_item_bytes: object = DEFAULT_MAX_ITEM_BYTES, coalesce_delay: object = 0.005,
+                  retry: object = None, caller_runs: object = True, read_only: object = False) -> None:
+    """Check the type and range of every ``open`` option; raise :class:`InvalidArgument`."""
+    if not isinstance(projection, str) or projection not in ("async", "sync"):
+        raise InvalidArgument(f"projection must be 'async' or 'sync', not {projection!r}")
+    if not isinstance(durability, str) or durability not in ("normal", "full"):
+        raise InvalidArgument(f"durability must be 'normal' or 'full', not {durability!r}")
+    for value, name, kind, method in (
+            (tracer_provider, "tracer_provider", "TracerProvider", "get_tracer"),
+            (meter_provider, "meter_provider", "MeterProvider", "get_meter")):
+        if value is not None and not callable(getattr(value, method, None)):
+            raise InvalidArgument(f"{name} must be an OpenTelemetry {kind} (with a {method}() "
+                                  f"method) or None, not {type(value).__name__}")
+    if projection_hook is not None and not callable(projection_hook):
+        raise InvalidArgument("projection_hook must be a callable hook(thread_id, generation) or None, "
+                              f"not {type(projection_hook).__name__}")
+    if rules is not None:
+        _check_rules(rules)
+    check_count(max_item_bytes, name="max_item_bytes", minimum=64, maximum=1 << 30)
+    if (isinstance(coalesce_delay, bool) or not isinstance(coalesce_delay, (int, float))
+            or math.isnan(coalesce_delay) or not 0 <= coalesce_delay <= MAX_COALESCE_DELAY_S):
+        raise InvalidArgument(f"coalesce_delay must be a number of seconds from 0 to "
+                              f"{MAX_COALESCE_DELAY_S:g}, not {coalesce_delay!r}")
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise InvalidArgument(f"retry must be a RetryPolicy or None, not {type(retry).__name__}")
+    for flag, name in ((caller_runs, "caller_runs"), (read_only, "read_only")):
+        if not isinstance(flag, bool):
+            raise InvalidArgument(f"{name} must be True or False, not {flag!r}")
+
+
+def _check_rules(rules: object) -> None:
+    missing = [name for name in _RULE_METHODS if not callable(getattr(rules, name, None))]
+    if missing:
+        raise InvalidArgument(f"rules must implement ProjectionRules ({', '.join(_RULE_METHODS)}); "
+                              f"{type(rules).__name__} lacks {', '.join(missing)}")
+    types = getattr(rules, "item_types", None)
+    if types is not None and (not isinstance(types, Set) or not all(isinstance(t, str) for t in types)):
+        raise InvalidArgument(f"rules.item_types must be a frozenset of item type strings or None, "
+                              f"not {types!r}")
+
+
+_OPTION_NAMES = frozenset(check_options.__kwdefaults__ or ())
