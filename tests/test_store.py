@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 
 from conftest import plain, user_msg
-from thread_store import (ProjectionFailed, ThreadDiscarded, ThreadExists, ThreadMetadata,
+from thread_store import (ProjectionFailed, StoreClosed, ThreadDiscarded, ThreadExists, ThreadMetadata,
                           ThreadNotFound, ThreadStore)
+from thread_store.errors import DURABLE_NOTE
 
 SESSION = {"cwd": "/repo", "model_provider": "openai", "git": {"branch": "main"}}
 
@@ -271,3 +273,53 @@ def test_returned_metadata_items_and_pages_are_the_callers_own(store: ThreadStor
     (first, *_) = store.read_history(tid)
     first.item["payload"]["message"] = "changed"
     assert store.read_history(tid)[0].item == user_msg("hi")
+
+
+class _CloseAfterAppend(SpanProcessor):
+    """Closes the store as an append's span ends: after the commit, before its barrier."""
+
+    def __init__(self) -> None:
+        self.close: Callable[[], object] | None = None
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if span.name == "thread_store.append" and self.close is not None:
+            close, self.close = self.close, None
+            close()
+
+
+@pytest.mark.parametrize("call", ["append_and_flush", "update_metadata", "archive_thread",
+                                  "unarchive_thread", "sync-mode append"])
+def test_store_closed_between_append_and_barrier_says_the_items_are_durable(
+        store_path: Path, call: str) -> None:
+    closer = _CloseAfterAppend()
+    provider = TracerProvider()
+    provider.add_span_processor(closer)
+    calls: dict[str, Callable[[ThreadStore, str], object]] = {
+        "append_and_flush": lambda s, t: s.append_and_flush(t, [plain()], timeout=30),
+        "update_metadata": lambda s, t: s.update_metadata(t, name="n", timeout=30),
+        "archive_thread": lambda s, t: s.archive_thread(t, timeout=30),
+        "unarchive_thread": lambda s, t: s.unarchive_thread(t, timeout=30),
+        "sync-mode append": lambda s, t: s.append(t, [plain()]),
+    }
+    projection = "sync" if call.startswith("sync") else "async"
+    with ThreadStore.open(store_path, tracer_provider=provider, projection=projection) as s:
+        tid = s.create_thread()
+        closer.close = s.close
+        with pytest.raises(StoreClosed) as info:
+            calls[call](s, tid)
+        assert DURABLE_NOTE in str(info.value)
+    provider.shutdown()
+    with ThreadStore.open(store_path) as reopened:
+        assert len(reopened.read_history(tid)) == 1  # durable, as the error said
+
+
+def test_a_barrier_on_a_closed_store_says_earlier_items_are_durable(store_path: Path) -> None:
+    s = ThreadStore.open(store_path)
+    tid = s.create_thread()
+    s.pause_projection()
+    s.append(tid, [plain()])
+    s.close(timeout=0)
+    for barrier in (lambda: s.flush(tid, timeout=1), lambda: s.flush_all(timeout=1)):
+        with pytest.raises(StoreClosed) as info:
+            barrier()
+        assert DURABLE_NOTE in str(info.value)

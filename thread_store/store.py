@@ -23,8 +23,8 @@ from opentelemetry import metrics, trace
 from . import _files
 from ._options import check_open_kwargs, check_options, check_path
 from .derive import ARCHIVE_EDIT, METADATA_EDIT, CodexRules, ProjectionRules
-from .errors import (FlushTimeout, InvalidArgument, NotAThreadStore, ProjectionFailed,
-                     ReadOnlyStore, StoreClosed, ThreadDiscarded, ThreadStoreError)
+from .errors import (DURABLE_NOTE, FlushTimeout, InvalidArgument, NotAThreadStore, ProjectionFailed,
+                     ReadOnlyStore, StorageError, StoreClosed, ThreadDiscarded, ThreadStoreError)
 from .history import History
 from .index import Index
 from .model import (DEFAULT_MAX_ITEM_BYTES, EncodedItem, Page, StoredItem, ThreadMetadata,
@@ -295,7 +295,7 @@ class ThreadStore:
             threads whose projection failed.
         """
         timeout = check_timeout(timeout)
-        projector = self._writable()
+        projector = self._barrier_projector()
         deadline = None if timeout is None else time.monotonic() + timeout
         waiters = self._begin_flush_all(None)
         for waiter in waiters:
@@ -308,7 +308,7 @@ class ThreadStore:
     def _flush_target(self, thread_id: str, generation: int | None) -> int:
         """Validate a flush's target generation; default the thread's head."""
         check_thread_id(thread_id)
-        self._writable()
+        self._barrier_projector()
         head = self._history.head(thread_id)
         if generation is None:
             generation = head
@@ -326,7 +326,8 @@ class ThreadStore:
         Never runs the projection in the calling thread, so an awaiting caller holds no
         thread. Returns ``None`` when ``generation`` is already projected.
         """
-        return self._writable().begin_wait(thread_id, generation, callback, allow_caller_run=False)
+        return self._barrier_projector().begin_wait(thread_id, generation, callback,
+                                                    allow_caller_run=False)
 
     def _cancel_barrier(self, waiter: Waiter) -> Outcome | None:
         """Withdraw a waiter (timeout, cancellation); return its outcome if it had one."""
@@ -344,7 +345,21 @@ class ThreadStore:
             info["outcome"] = type(outcome).__name__
             raise outcome
         info["outcome"] = "ok"
-        return caller_copy(outcome.meta) if outcome.meta is not None else self.read_thread(thread_id)
+        return caller_copy(outcome.meta) if outcome.meta is not None else self._projected_meta(thread_id)
+
+    def _projected_meta(self, thread_id: str) -> ThreadMetadata:
+        """Read the metadata a barrier returns when its outcome carried none.
+
+        The barrier's generation is projected and its items are durable, so an error here
+        (the store closing under the read) must say so, like every barrier error.
+        """
+        try:
+            return self.read_thread(thread_id)
+        except (StoreClosed, StorageError) as exc:
+            if not self._closed and not isinstance(exc, StoreClosed):
+                raise StorageError(f"{exc} {DURABLE_NOTE}") from exc
+            raise StoreClosed(f"the thread store closed before the barrier on thread {thread_id!r} "
+                              f"could read its metadata. {DURABLE_NOTE}") from exc
 
     def _timed_out(self, thread_id: str, target: int, timeout: float | None) -> FlushTimeout:
         """The timeout error of a barrier, with the generation projected so far."""
@@ -353,7 +368,7 @@ class ThreadStore:
 
     def _begin_flush_all(self, callback: Callable[[Outcome], None] | None) -> list[Waiter]:
         """Register one waiter per thread that is behind (``flush_all``)."""
-        projector = self._writable()
+        projector = self._barrier_projector()
         waiters: list[Waiter] = []
         for thread_id, head in projector.behind().items():
             try:
@@ -550,7 +565,7 @@ class ThreadStore:
         return [encode_item(item, now, self._max_item_bytes) for item in items]
 
     def _barrier(self, thread_id: str, generation: int, timeout: float | None) -> ThreadMetadata:
-        projector = self._writable()
+        projector = self._barrier_projector()
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._telemetry.flush_span(thread_id) as info:
             info["target"] = generation
@@ -580,6 +595,14 @@ class ThreadStore:
     def _open_check(self) -> None:
         if self._closed:
             raise StoreClosed(self._closed_why)
+
+    def _barrier_projector(self) -> Projector:
+        """The projector, for a barrier: often its items were just appended, so a store
+        that closed in between must say that they are durable (a bare "closed" would read
+        like a rejected append, inviting the caller to append them again)."""
+        if self._closed:
+            raise StoreClosed(f"{self._closed_why}. {DURABLE_NOTE}")
+        return self._writable()
 
     def _writable(self) -> Projector:
         self._open_check()
