@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from conftest import plain, user_msg
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -21,8 +24,11 @@ from thread_store import (
     ProjectionFailed,
     StoreClosed,
     ThreadDiscarded,
+    ThreadMetadata,
     ThreadNotFound,
+    ThreadStore,
 )
+from thread_store.errors import DURABLE_NOTE
 
 
 async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10.0) -> None:
@@ -333,3 +339,196 @@ def test_trace_parent_survives_the_executor_hop(store_path: Path) -> None:
         asyncio.run(main())
     finally:
         provider.shutdown()
+
+
+# -- deadlines cover the executor hop; no blocking I/O on the loop's thread ---------------
+
+MARGIN_S = 2.0  # DESIGN §1.4: a barrier returns within its timeout plus a scheduling margin
+
+
+async def _is_set(event: threading.Event) -> bool:
+    return event.is_set()
+
+
+async def _fill_default_executor(loop: asyncio.AbstractEventLoop, workers: int,
+                                 gate: threading.Event) -> list[asyncio.Future[bool]]:
+    """Take every worker of the loop's default executor until ``gate`` is set."""
+    started = [threading.Event() for _ in range(workers)]
+
+    def block(mine: threading.Event) -> bool:
+        mine.set()
+        return gate.wait(60)
+
+    jobs = [loop.run_in_executor(None, block, mine) for mine in started]
+    for mine in started:
+        await until(lambda mine=mine: _is_set(mine), "executor worker taken")  # type: ignore[misc]
+    return jobs
+
+
+async def _timed(call: Awaitable[object]) -> tuple[object, float]:
+    start = time.monotonic()
+    try:
+        result: object = await call
+    except Exception as exc:  # noqa: BLE001 - the caller asserts on it
+        result = exc
+    return result, time.monotonic() - start
+
+
+def test_barriers_return_within_their_timeout_while_the_default_executor_is_busy(store_path: Path) -> None:
+    gate = threading.Event()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=2))
+        async with AsyncThreadStore.open(store_path) as store:
+            tid = await store.create_thread()
+            await store.append_and_flush(tid, [user_msg("hi")], timeout=30)
+            await store.pause_projection()
+            await store.append(tid, [plain(1)])
+            jobs = await _fill_default_executor(loop, 2, gate)
+            calls: dict[str, Callable[[], Awaitable[object]]] = {
+                "flush": lambda: store.flush(tid, timeout=0.1),
+                "append_and_flush": lambda: store.append_and_flush(tid, [plain(2)], timeout=0.1),
+                "update_metadata": lambda: store.update_metadata(tid, name="n", timeout=0.1),
+                "archive_thread": lambda: store.archive_thread(tid, timeout=0.1),
+                "flush_all": lambda: store.flush_all(timeout=0.1),
+            }
+            for name, call in calls.items():
+                error, took = await _timed(call())
+                assert isinstance(error, FlushTimeout), (name, error)
+                assert DURABLE_NOTE in str(error), name
+                assert took < 0.1 + MARGIN_S, (name, took)
+            # A generation already projected: the barrier reads its row off the loop, on time.
+            meta, took = await _timed(store.flush(tid, generation=1, timeout=0.1))
+            assert isinstance(meta, ThreadMetadata) and meta.title == "hi", meta
+            assert took < 0.1 + MARGIN_S
+            gate.set()
+            assert await asyncio.gather(*jobs) == [True, True]
+            assert await waiters(store, tid) == 0  # every timed-out barrier withdrew its waiter
+            await store.resume_projection()
+            meta = await store.flush(tid, timeout=30)
+            # The appends of the timed-out barriers are durable and projected, once each.
+            assert [i.item for i in await store.read_history(tid)][1:3] == [plain(1), plain(2)]
+            assert (meta.item_count, meta.name, meta.archived_at is not None) == (5, "n", True)
+
+    try:
+        asyncio.run(main())
+    finally:
+        gate.set()
+
+
+def test_a_cancelled_barrier_whose_hop_never_started_writes_nothing(store_path: Path) -> None:
+    gate = threading.Event()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+        async with AsyncThreadStore.open(store_path) as store:
+            tid = await store.create_thread()
+            jobs = await _fill_default_executor(loop, 1, gate)
+            task = asyncio.create_task(store.append_and_flush(tid, [plain()], timeout=30))
+            await asyncio.sleep(0)  # let it queue its hop
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            gate.set()
+            await asyncio.gather(*jobs)
+            assert await store.read_history(tid) == []
+            assert await waiters(store, tid) == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        gate.set()
+
+
+def _lock_index_readers(store_path: Path) -> subprocess.Popen[str]:
+    """Another process takes every WAL read mark of index.db: SQLite readers then wait
+    (busy timeout) and fail, as under a real external lock."""
+    code = ("import fcntl, os, sys\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+            "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 5, 123)\n"
+            "print('locked', flush=True)\n"
+            "sys.stdin.readline()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(store_path / "index.db-shm")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    return holder
+
+
+def test_a_barrier_on_a_projected_generation_never_reads_sqlite_on_the_loop(store_path: Path) -> None:
+    async def main() -> None:
+        async with AsyncThreadStore.open(store_path) as store:
+            tid = await store.create_thread()
+            await store.append_and_flush(tid, [user_msg("hi")], timeout=30)
+            holder = _lock_index_readers(store_path)
+            try:
+                flush = asyncio.create_task(store.flush(tid, timeout=30))
+                ticks = [0]
+                ticker = asyncio.create_task(_tick(ticks))
+                # Give the flush time to pass its hop and reach the read. Had it read the
+                # index on the loop's thread, it would have held the loop for the whole busy
+                # timeout, failed, and be done before the ticker ran again.
+                await until(lambda: _ge_list(ticks, 25), "the loop kept running")
+                assert not flush.done()
+                ticker.cancel()
+            finally:
+                holder.communicate("\n", timeout=30)
+            assert (await flush).title == "hi"
+
+    asyncio.run(main())
+
+
+async def _tick(ticks: list[int]) -> None:
+    while True:
+        await asyncio.sleep(0.01)
+        ticks[0] += 1
+
+
+async def _ge_list(ticks: list[int], n: int) -> bool:
+    return ticks[0] >= n
+
+
+# -- every barrier error after a durable append says the items are durable ----------------
+
+class _CloseAfterAppend(SpanProcessor):
+    """Closes the store as an append's span ends: after the commit, before its barrier."""
+
+    def __init__(self) -> None:
+        self.close: Callable[[], object] | None = None
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if span.name == "thread_store.append" and self.close is not None:
+            close, self.close = self.close, None
+            close()
+
+
+@pytest.mark.parametrize("call", ["append_and_flush", "update_metadata", "archive_thread",
+                                  "unarchive_thread"])
+def test_store_closed_between_append_and_barrier_says_the_items_are_durable(
+        store_path: Path, call: str) -> None:
+    closer = _CloseAfterAppend()
+    provider = TracerProvider()
+    provider.add_span_processor(closer)
+    calls: dict[str, Callable[[AsyncThreadStore, str], Awaitable[object]]] = {
+        "append_and_flush": lambda s, t: s.append_and_flush(t, [plain()], timeout=30),
+        "update_metadata": lambda s, t: s.update_metadata(t, name="n", timeout=30),
+        "archive_thread": lambda s, t: s.archive_thread(t, timeout=30),
+        "unarchive_thread": lambda s, t: s.unarchive_thread(t, timeout=30),
+    }
+
+    async def main() -> str:
+        loop = asyncio.get_running_loop()
+        store = await AsyncThreadStore.open(store_path, tracer_provider=provider)
+        tid = await store.create_thread()
+        closer.close = lambda: asyncio.run_coroutine_threadsafe(store.close(), loop).result(30)
+        with pytest.raises(StoreClosed, match="durable") as info:
+            await calls[call](store, tid)
+        assert DURABLE_NOTE in str(info.value)
+        await store.close()
+        return tid
+
+    tid = asyncio.run(main())
+    provider.shutdown()
+    with ThreadStore.open(store_path) as reopened:
+        assert len(reopened.read_history(tid)) == 1  # durable, as the error said

@@ -24,18 +24,19 @@ import asyncio
 import contextvars
 import functools
 import os
+import threading
 from collections.abc import Callable, Generator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 from ._options import check_open_kwargs
+from .errors import ThreadStoreError
 from .model import Page, StoredItem, ThreadMetadata, ThreadStatus, check_timeout
 from .projector import Outcome, ProjectorStats, Success, Waiter
 from .store import _UNSET, ThreadStore, _archive_edit, _metadata_edit
 
 T = TypeVar("T")
-_ALREADY_PROJECTED = Success(None)
 
 
 class AsyncThreadStore:
@@ -121,6 +122,7 @@ class AsyncThreadStore:
         """See :meth:`ThreadStore.flush_all`; waits for every thread without holding a thread."""
         timeout = check_timeout(timeout)
         loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout  # the hop counts too
         all_done = loop.create_future()
         resolved = 0
         total: int | None = None
@@ -133,11 +135,11 @@ class AsyncThreadStore:
 
         waiters = await self._register(
             lambda: self._store._begin_flush_all(lambda outcome: _call_soon(loop, count_one)),
-            lambda registered: registered)
+            lambda registered: registered, deadline)
         total = len(waiters)
         if resolved < total:
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout_at(deadline):
                     await all_done
             except TimeoutError:
                 pass  # _settle_all withdraws the waiters and raises FlushTimeout
@@ -205,53 +207,126 @@ class AsyncThreadStore:
         The waiter is registered in the same executor call right after ``target()``
         returns the generation, before the check that it is projected, so no wake-up is
         lost; ``_settle`` turns the outcome into metadata or the sync store's typed error.
+        The deadline is taken before the hop, so a busy executor counts against it too,
+        and nothing here reads SQLite on the loop's thread.
         """
         store = self._store
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout  # the hop counts too
+        deadline = None if timeout is None else loop.time() + timeout
         fut: asyncio.Future[Outcome] = loop.create_future()
 
-        def begin() -> tuple[int, Waiter | None]:
+        def begin() -> tuple[int, Waiter | None, Outcome | None]:
             generation = target()
-            return generation, store._begin_barrier(
+            waiter = store._begin_barrier(
                 thread_id, generation, lambda outcome: _call_soon(loop, _set_once, fut, outcome))
+            # Already projected: read the metadata here, in the executor, not on the loop.
+            return generation, waiter, None if waiter is not None else _read_outcome(store, thread_id)
 
-        generation, waiter = await self._register(
-            begin, lambda registered: [] if registered[1] is None else [registered[1]])
+        generation, waiter, outcome = await self._register(
+            begin, lambda registered: [] if registered[1] is None else [registered[1]], deadline)
         with store._telemetry.flush_span(thread_id) as info:
             info["target"] = generation
-            if waiter is None:
-                return store._settle(thread_id, generation, timeout, _ALREADY_PROJECTED, info)
-            try:
-                async with asyncio.timeout_at(deadline):
-                    outcome: Outcome | None = await fut
-            except TimeoutError:
-                # It may have been resolved while the timeout fired; withdrawing under the
-                # projector lock tells which, as the sync wait() does.
-                outcome = store._cancel_barrier(waiter)
-            except BaseException:
-                store._cancel_barrier(waiter)
-                info["outcome"] = "cancelled"
-                raise
+            if waiter is not None:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        outcome = await fut
+                except TimeoutError:
+                    # It may have been resolved while the timeout fired; withdrawing under
+                    # the projector lock tells which, as the sync wait() does.
+                    outcome = store._cancel_barrier(waiter)
+                except BaseException:
+                    store._cancel_barrier(waiter)
+                    info["outcome"] = "cancelled"
+                    raise
+            if isinstance(outcome, Success) and outcome.meta is None:
+                # Projected, but the outcome carried no row: read it off the loop.
+                outcome = await _Hop(loop, lambda: _read_outcome(store, thread_id)).result(deadline)
             return store._settle(thread_id, generation, timeout, outcome, info)
 
-    async def _register(self, begin: Callable[[], T], waiters_of: Callable[[T], list[Waiter]]) -> T:
-        """Run ``begin`` (which registers waiters) in the executor and return its result.
+    async def _register(self, begin: Callable[[], T], waiters_of: Callable[[T], list[Waiter]],
+                        deadline: float | None) -> T:
+        """Run ``begin`` (which registers waiters) off the loop and return its result.
 
-        If the caller is cancelled while ``begin`` runs, the executor still finishes it;
-        the waiters it registered (``waiters_of(result)``) are then withdrawn, so no
-        waiter outlives its caller.
+        If the caller is cancelled before ``begin`` starts, it never runs; if while it
+        runs, it still finishes and the waiters it registered (``waiters_of(result)``)
+        are then withdrawn, so no waiter outlives its caller.
         """
-        hop = asyncio.ensure_future(self._call(begin))
+        hop = _Hop(asyncio.get_running_loop(), begin)
         try:
-            return await asyncio.shield(hop)
+            return await hop.result(deadline)
         except asyncio.CancelledError:
             def withdraw(done: asyncio.Future[T]) -> None:
                 if not done.cancelled() and done.exception() is None:
                     for waiter in waiters_of(done.result()):
                         self._store._cancel_barrier(waiter)
 
-            hop.add_done_callback(withdraw)
+            hop.done.add_done_callback(withdraw)
+            raise
+
+
+class _Hop(Generic[T]):
+    """One blocking call handed to the loop's default executor, bounded by a deadline.
+
+    If no executor thread has started the call by the deadline (the application keeps
+    them all busy), the call moves to a thread of its own: a barrier that appended must
+    still tell whether its items are durable, and it returns on time only if its hop
+    cannot queue indefinitely. A call whose caller is cancelled before it starts never
+    runs. The result reaches the loop by ``call_soon_threadsafe``.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fn: Callable[[], T]) -> None:
+        self._loop = loop
+        self._fn = fn
+        self._context = contextvars.copy_context()  # trace parents survive the hop
+        self._lock = threading.Lock()
+        self._taken = False
+        self.done: asyncio.Future[T] = loop.create_future()
+
+    def _take(self) -> bool:
+        """Claim the call, for the executor, a thread of its own, or a cancellation."""
+        with self._lock:
+            taken, self._taken = self._taken, True
+            return not taken
+
+    def _run(self) -> None:
+        try:
+            result = self._context.run(self._fn)
+        except BaseException as exc:  # noqa: BLE001 - the awaiting caller gets it, whatever it is
+            _call_soon(self._loop, _fail_once, self.done, exc)
+        else:
+            _call_soon(self._loop, _set_once, self.done, result)
+
+    def _run_if_untaken(self) -> None:
+        if self._take():
+            self._run()
+
+    def _run_elsewhere(self) -> None:
+        if self._take():
+            threading.Thread(target=self._run, name="thread_store-aio-hop").start()
+
+    async def result(self, deadline: float | None) -> T:
+        """Await the call's result; past ``deadline`` it runs on a thread of its own."""
+        try:
+            self._loop.run_in_executor(None, self._run_if_untaken)
+        except RuntimeError:  # the default executor is shut down
+            self._run_elsewhere()
+        expiry = asyncio.timeout_at(deadline)
+        try:
+            async with expiry:
+                # shield: a cancelled caller must not cancel the result that tells which
+                # waiters to withdraw.
+                return await asyncio.shield(self.done)
+        except TimeoutError:
+            if not expiry.expired():
+                raise  # the call's own TimeoutError
+        except asyncio.CancelledError:
+            self._take()  # not started yet: it never will be
+            raise
+        self._run_elsewhere()
+        try:
+            return await asyncio.shield(self.done)  # bounded by the call's own work now
+        except asyncio.CancelledError:
+            self._take()
             raise
 
 
@@ -283,6 +358,14 @@ class _Opening:
             await self._store.close()
 
 
+def _read_outcome(store: ThreadStore, thread_id: str) -> Outcome:
+    """The projected metadata as a barrier outcome, or the error reading it (blocking)."""
+    try:
+        return Success(store._projected_meta(thread_id))
+    except ThreadStoreError as exc:
+        return exc
+
+
 async def _in_executor(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a blocking call in the default executor, in a copy of the caller's context."""
     call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
@@ -292,6 +375,11 @@ async def _in_executor(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 def _set_once(fut: asyncio.Future[T], value: T) -> None:
     if not fut.done():  # a cancelled or timed-out await already gave up on it
         fut.set_result(value)
+
+
+def _fail_once(fut: asyncio.Future[T], error: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(error)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: Any) -> None:
