@@ -532,3 +532,31 @@ def test_store_closed_between_append_and_barrier_says_the_items_are_durable(
     provider.shutdown()
     with ThreadStore.open(store_path) as reopened:
         assert len(reopened.read_history(tid)) == 1  # durable, as the error said
+
+
+def test_discard_and_close_return_within_their_timeout_while_the_default_executor_is_busy(
+        store_path: Path) -> None:
+    gate = threading.Event()
+
+    async def main() -> tuple[str, str]:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+        store = await AsyncThreadStore.open(store_path)
+        gone, kept = await store.create_thread(), await store.create_thread()
+        await store.append(kept, [plain()])
+        jobs = await _fill_default_executor(loop, 1, gate)
+        for call in (store.discard(gone, timeout=0.1), store.close(timeout=0.1)):
+            error, took = await _timed(call)
+            assert error is None and took < 0.1 + MARGIN_S, (error, took)
+        gate.set()
+        await asyncio.gather(*jobs)
+        return gone, kept
+
+    try:
+        gone, kept = asyncio.run(main())
+    finally:
+        gate.set()
+    with ThreadStore.open(store_path) as reopened:
+        with pytest.raises(ThreadDiscarded):
+            reopened.read_history(gone)
+        assert reopened.flush(kept, timeout=30).item_count == 1

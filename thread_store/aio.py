@@ -99,12 +99,13 @@ class AsyncThreadStore:
         return await self.append_and_flush(thread_id, [_archive_edit(False)], timeout)
 
     async def delete_thread(self, thread_id: str, *, timeout: float | None = None) -> None:
-        """See :meth:`ThreadStore.delete_thread` (waits for an in-flight attempt in the executor)."""
-        await self._call(self._store.delete_thread, thread_id, timeout=timeout)
+        """See :meth:`ThreadStore.delete_thread` (waits for an in-flight attempt off the loop)."""
+        await self._within(lambda remaining: self._store.delete_thread(thread_id, timeout=remaining),
+                           timeout)
 
     async def discard(self, thread_id: str, timeout: float | None = None) -> None:
-        """See :meth:`ThreadStore.discard` (waits for an in-flight attempt in the executor)."""
-        await self._call(self._store.discard, thread_id, timeout)
+        """See :meth:`ThreadStore.discard` (waits for an in-flight attempt off the loop)."""
+        await self._within(lambda remaining: self._store.discard(thread_id, remaining), timeout)
 
     # -- barriers -------------------------------------------------------------------------
 
@@ -185,8 +186,9 @@ class AsyncThreadStore:
         await self._call(self._store.resume_projection)
 
     async def close(self, timeout: float = 10.0) -> None:
-        """See :meth:`ThreadStore.close`: drains in the executor, resolves every waiter."""
-        await self._call(self._store.close, timeout)
+        """See :meth:`ThreadStore.close`: drains off the loop, resolves every waiter."""
+        close: Callable[[Any], None] = self._store.close  # it takes what its own timeout takes
+        await self._within(close, timeout)
 
     async def __aenter__(self) -> Self:
         return self
@@ -199,6 +201,21 @@ class AsyncThreadStore:
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await _in_executor(fn, *args, **kwargs)
+
+    async def _within(self, call: Callable[[float | None], T], timeout: float | None) -> T:
+        """Run ``call(remaining)`` off the loop, its ``timeout`` counting the hop too.
+
+        A busy executor spends the time first; what is left when the call starts is what
+        it gets (past the deadline the hop moves to a thread of its own, with 0).
+        """
+        timeout = check_timeout(timeout)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+
+        def run() -> T:
+            return call(None if deadline is None else max(0.0, deadline - loop.time()))
+
+        return await _Hop(loop, run).result(deadline)
 
     async def _barrier(self, thread_id: str, target: Callable[[], int],
                        timeout: float | None) -> ThreadMetadata:
