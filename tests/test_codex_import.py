@@ -180,3 +180,9 @@ def test_unusable_inputs(store: ThreadStore, tmp_path: Path) -> None:
     assert progress == []
     import_codex(store, FIXTURES, progress=lambda done, total: progress.append((done, total)))
     assert progress == [(1, 2), (2, 2)]
+
+
+@pytest.mark.parametrize("directory", [None, 5, b"/tmp", "", "a\x00b"], ids=repr)
+def test_malformed_directory_raises_invalid_argument(store: ThreadStore, directory: object) -> None:
+    with pytest.raises(InvalidArgument):
+        import_codex(store, directory)  # type: ignore[arg-type]

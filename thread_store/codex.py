@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._options import check_path
 from .errors import InvalidArgument, InvalidItem, ThreadDiscarded, ThreadNotFound, ThreadStoreError
 from .model import DEFAULT_MAX_ITEM_BYTES, encode_item
 from .store import ThreadStore
@@ -102,7 +103,7 @@ def import_codex(store: ThreadStore, directory: str | os.PathLike[str],
     >>> with ThreadStore.open("data/threads") as store:  # doctest: +SKIP
     ...     report = import_codex(store, Path.home() / ".codex" / "sessions")
     """
-    root = Path(directory)
+    root = check_path(directory)
     if not root.is_dir():
         raise InvalidArgument(f"{root} is not a directory; pass a Codex sessions directory "
                               "such as ~/.codex/sessions")
