@@ -9,8 +9,14 @@ It wraps the sync core and never re-implements it:
   ``unarchive_thread``, ``flush_all``) use one executor hop to validate, append and
   register a waiter, then await an ``asyncio.Future`` that the projector resolves by push
   (``loop.call_soon_threadsafe``, guarded by ``fut.done()``). An awaiting barrier holds
-  no executor thread and never blocks the loop. On timeout or cancellation its waiter is
+  no executor thread and never blocks the loop: even the metadata read of a generation
+  already projected happens in the hop. On timeout or cancellation its waiter is
   withdrawn, so nothing is left behind in ``status().waiters``.
+- A timeout counts from the call, so a busy executor spends it too. A hop (of a barrier,
+  ``discard``, ``delete_thread`` or ``close``) that no executor thread has started by the
+  deadline moves to a thread of its own, so the call still returns on time and still
+  knows whether its append happened; a hop whose caller is cancelled before it starts
+  never runs.
 
 The async barrier never runs the projection in the caller's thread (the sync store's
 ``caller_runs`` shortcut), since that would pin an executor thread for as long as the
