@@ -105,10 +105,14 @@ def test_lost_or_unreadable_index_is_rebuilt_from_history(store_path: Path, dama
 
 # -- ordering and keyset pagination ---------------------------------------------------------
 
+CREATED_BEFORE_BASE = {"timestamp": (BASE - timedelta(days=1)).isoformat()}
+
+
 def test_pagination_over_250_threads_with_ties(store: ThreadStore) -> None:
     expected = []
     for i in range(250):
-        tid = store.create_thread(f"t-{(i * 37) % 250:03d}")  # id order is not creation order
+        # id order is not creation order; created_at (a floor of recency) is before every turn
+        tid = store.create_thread(f"t-{(i * 37) % 250:03d}", metadata=CREATED_BEFORE_BASE)
         at = BASE + timedelta(seconds=(i * 7919) % 50)  # 50 recency values, 5 threads each
         store.append(tid, [user_msg(f"message {i}"), turn_started(at)])
         expected.append((at, tid))
