@@ -162,8 +162,11 @@ class Faults:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._armed: dict[str, tuple[str, int]] = {}
-        #: Threads whose projection an injected permanent fault ever failed.
+        #: Threads whose projection an injected fault may have failed for good: a permanent
+        #: fault, or transient ones in a row enough to spend a retry budget (re-arming
+        #: before the last ones ran adds up).
         self.failed: set[str] = set()
+        self._streak: dict[str, int] = {}
 
     def arm(self, thread_id: str, kind: str, count: int) -> None:
         """Make the next ``count`` attempts on ``thread_id`` slow, or raise a ``kind`` error."""
@@ -179,10 +182,12 @@ class Faults:
         """The ``projection_hook``: raise the armed fault, if any."""
         with self._lock:
             kind, left = self._armed.get(thread_id, ("", 0))
+            streak = self._streak.get(thread_id, 0) + 1 if left and kind == "transient" else 0
+            self._streak[thread_id] = streak
             if not left:
                 return
             self._armed[thread_id] = (kind, left - 1)
-            if kind == "permanent":
+            if kind == "permanent" or streak >= FAST_RETRY.attempts:
                 self.failed.add(thread_id)
         if kind != "transient":
             # Holds the attempt in flight, so appends, barriers, discards and closes race
