@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 
 from thread_store import ThreadStore
 
@@ -34,3 +35,18 @@ def user_msg(text: str, **extra: object) -> dict[str, object]:
 def plain(n: int = 0) -> dict[str, object]:
     """A ``response_item`` that changes nothing but counts and times."""
     return {"type": "response_item", "payload": {"type": "message", "n": n}}
+
+
+class CloseAfterAppend(SpanProcessor):
+    """Closes the store as an append's span ends: after the commit, before its barrier.
+
+    Add it to the ``tracer_provider`` of the store, then set ``close``.
+    """
+
+    def __init__(self) -> None:
+        self.close: Callable[[], object] | None = None
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if span.name == "thread_store.append" and self.close is not None:
+            close, self.close = self.close, None
+            close()

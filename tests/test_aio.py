@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import plain, user_msg
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from conftest import CloseAfterAppend, plain, user_msg
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -491,23 +491,11 @@ async def _ge_list(ticks: list[int], n: int) -> bool:
 
 # -- every barrier error after a durable append says the items are durable ----------------
 
-class _CloseAfterAppend(SpanProcessor):
-    """Closes the store as an append's span ends: after the commit, before its barrier."""
-
-    def __init__(self) -> None:
-        self.close: Callable[[], object] | None = None
-
-    def on_end(self, span: ReadableSpan) -> None:
-        if span.name == "thread_store.append" and self.close is not None:
-            close, self.close = self.close, None
-            close()
-
-
 @pytest.mark.parametrize("call", ["append_and_flush", "update_metadata", "archive_thread",
                                   "unarchive_thread"])
 def test_store_closed_between_append_and_barrier_says_the_items_are_durable(
         store_path: Path, call: str) -> None:
-    closer = _CloseAfterAppend()
+    closer = CloseAfterAppend()
     provider = TracerProvider()
     provider.add_span_processor(closer)
     calls: dict[str, Callable[[AsyncThreadStore, str], Awaitable[object]]] = {

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 
-from conftest import plain, user_msg
+from conftest import CloseAfterAppend, plain, user_msg
 from thread_store import (ProjectionFailed, StoreClosed, ThreadDiscarded, ThreadExists, ThreadMetadata,
                           ThreadNotFound, ThreadStore)
 from thread_store.errors import DURABLE_NOTE
@@ -275,23 +275,11 @@ def test_returned_metadata_items_and_pages_are_the_callers_own(store: ThreadStor
     assert store.read_history(tid)[0].item == user_msg("hi")
 
 
-class _CloseAfterAppend(SpanProcessor):
-    """Closes the store as an append's span ends: after the commit, before its barrier."""
-
-    def __init__(self) -> None:
-        self.close: Callable[[], object] | None = None
-
-    def on_end(self, span: ReadableSpan) -> None:
-        if span.name == "thread_store.append" and self.close is not None:
-            close, self.close = self.close, None
-            close()
-
-
 @pytest.mark.parametrize("call", ["append_and_flush", "update_metadata", "archive_thread",
                                   "unarchive_thread", "sync-mode append"])
 def test_store_closed_between_append_and_barrier_says_the_items_are_durable(
         store_path: Path, call: str) -> None:
-    closer = _CloseAfterAppend()
+    closer = CloseAfterAppend()
     provider = TracerProvider()
     provider.add_span_processor(closer)
     calls: dict[str, Callable[[ThreadStore, str], object]] = {
