@@ -23,6 +23,7 @@ from thread_store import (
     InvalidArgument,
     ProjectionFailed,
     StoreClosed,
+    StoreLocked,
     ThreadDiscarded,
     ThreadMetadata,
     ThreadNotFound,
@@ -548,3 +549,35 @@ def test_discard_and_close_return_within_their_timeout_while_the_default_executo
         with pytest.raises(ThreadDiscarded):
             reopened.read_history(gone)
         assert reopened.flush(kept, timeout=30).item_count == 1
+
+
+def test_a_close_cancelled_before_its_hop_started_still_closes(store_path: Path) -> None:
+    gate = threading.Event()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+        store = await AsyncThreadStore.open(store_path)
+        await store.create_thread()
+        jobs = await _fill_default_executor(loop, 1, gate)
+        closing = asyncio.create_task(store.close())
+        await asyncio.sleep(0)  # let it queue its hop
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        gate.set()
+        await asyncio.gather(*jobs)
+        await until(lambda: _reopens(store_path), "the store closed all the same")
+
+    try:
+        asyncio.run(main())
+    finally:
+        gate.set()
+
+
+async def _reopens(store_path: Path) -> bool:
+    try:
+        ThreadStore.open(store_path).close()
+    except StoreLocked:
+        return False
+    return True

@@ -194,7 +194,7 @@ class AsyncThreadStore:
     async def close(self, timeout: float = 10.0) -> None:
         """See :meth:`ThreadStore.close`: drains off the loop, resolves every waiter."""
         close: Callable[[Any], None] = self._store.close  # it takes what its own timeout takes
-        await self._within(close, timeout)
+        await self._within(close, timeout, cancellable=False)
 
     async def __aenter__(self) -> Self:
         return self
@@ -208,7 +208,8 @@ class AsyncThreadStore:
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await _in_executor(fn, *args, **kwargs)
 
-    async def _within(self, call: Callable[[float | None], T], timeout: float | None) -> T:
+    async def _within(self, call: Callable[[float | None], T], timeout: float | None, *,
+                      cancellable: bool = True) -> T:
         """Run ``call(remaining)`` off the loop, its ``timeout`` counting the hop too.
 
         A busy executor spends the time first; what is left when the call starts is what
@@ -221,7 +222,7 @@ class AsyncThreadStore:
         def run() -> T:
             return call(None if deadline is None else max(0.0, deadline - loop.time()))
 
-        return await _Hop(loop, run).result(deadline)
+        return await _Hop(loop, run).result(deadline, cancellable=cancellable)
 
     async def _barrier(self, thread_id: str, target: Callable[[], int],
                        timeout: float | None) -> ThreadMetadata:
@@ -327,8 +328,12 @@ class _Hop(Generic[T]):
         if self._take():
             threading.Thread(target=self._run, name="thread_store-aio-hop").start()
 
-    async def result(self, deadline: float | None) -> T:
-        """Await the call's result; past ``deadline`` it runs on a thread of its own."""
+    async def result(self, deadline: float | None, *, cancellable: bool = True) -> T:
+        """Await the call's result; past ``deadline`` it runs on a thread of its own.
+
+        :param cancellable: ``False`` for a call that must run even if its caller is
+            cancelled before it started (``close``: else the store would stay open).
+        """
         try:
             self._loop.run_in_executor(None, self._run_if_untaken)
         except RuntimeError:  # the default executor is shut down
@@ -343,14 +348,13 @@ class _Hop(Generic[T]):
             if not expiry.expired():
                 raise  # the call's own TimeoutError
         except asyncio.CancelledError:
-            self._take()  # not started yet: it never will be
+            if cancellable:
+                self._take()  # not started yet: it never will be
+            else:
+                self._run_elsewhere()
             raise
         self._run_elsewhere()
-        try:
-            return await asyncio.shield(self.done)  # bounded by the call's own work now
-        except asyncio.CancelledError:
-            self._take()
-            raise
+        return await asyncio.shield(self.done)  # bounded by the call's own work now
 
 
 class _Opening:
