@@ -34,6 +34,8 @@ from thread_store.demo import run_demo
 if TYPE_CHECKING:
     from click._termui_impl import ProgressBar
 
+    from thread_store.otel_setup import TraceDelivery
+
 DEFAULT_STORE = "thread-store-data"
 _OTEL_ENV = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_EXPORTER")
 _TITLE_WIDTH = 48
@@ -226,7 +228,7 @@ def demo(store_path: Path, threads: int, seed: int | None, otlp_endpoint: str | 
     Without --otlp-endpoint/--trace-file, tracing still follows the OTEL_* environment
     variables when OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_TRACES_EXPORTER is set.
     """
-    shutdown = _start_tracing(otlp_endpoint, trace_file)
+    tracing = _start_tracing(otlp_endpoint, trace_file)
     latencies: list[float] = []
     flushed = 0
 
@@ -243,13 +245,15 @@ def demo(store_path: Path, threads: int, seed: int | None, otlp_endpoint: str | 
             metas = run_demo(store, threads, seed, on_append=observe)
             elapsed = time.perf_counter() - started
     finally:
-        if shutdown is not None:
-            shutdown()
+        delivery = tracing.stop() if tracing is not None else None
     _echo_threads(metas)
     p50 = statistics.median(latencies) * 1000 if latencies else 0.0
     click.echo(f"demo: {len(metas)} threads, {len(latencies) + flushed} appends "
                f"({flushed} append_and_flush) in {elapsed:.2f} s; p50 append {p50:.3f} ms; "
                f"store {store_path}")
+    if tracing is not None and delivery is not None and delivery.failed:
+        _fail(f"{delivery.failed} of {delivery.failed + delivery.delivered} spans could not be "
+              f"delivered: {tracing.first_warning or 'the exporter reported a failure'}", 1)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True},
@@ -300,7 +304,32 @@ def _progress(bars: ExitStack, label: str) -> Callable[[int, int], None]:
     return update
 
 
-def _start_tracing(endpoint: str | None, trace_file: Path | None) -> Callable[[], None] | None:
+class _Tracing(logging.Handler):
+    """The demo's tracing: stops the SDK, and keeps the exporters' first warning, so a
+    collector that is down makes one line of output, not one per retry."""
+
+    def __init__(self, stop: Callable[[], TraceDelivery]) -> None:
+        super().__init__(logging.WARNING)
+        self._stop = stop
+        self.first_warning: str | None = None
+        self._logger = logging.getLogger("opentelemetry")
+        self._logger.addHandler(self)
+        self._logger.propagate = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.first_warning is None:
+            self.first_warning = _clip(record.getMessage(), 300)
+
+    def stop(self) -> TraceDelivery:
+        """Flush and shut down the SDK; return what was delivered."""
+        try:
+            return self._stop()
+        finally:
+            self._logger.removeHandler(self)
+            self._logger.propagate = True
+
+
+def _start_tracing(endpoint: str | None, trace_file: Path | None) -> _Tracing | None:
     """Configure the OpenTelemetry SDK for the demo; ``None`` when tracing is off."""
     if not (endpoint or trace_file or any(os.environ.get(name) for name in _OTEL_ENV)):
         return None
@@ -310,8 +339,8 @@ def _start_tracing(endpoint: str | None, trace_file: Path | None) -> Callable[[]
         raise click.ClickException(f"tracing needs the OpenTelemetry SDK and exporter: "
                                    f"pip install 'thread_store[otlp]' ({exc})") from exc
     try:
-        return configure_tracing(DEFAULT_SERVICE_NAME, endpoint,
-                                 str(trace_file) if trace_file else None)
+        return _Tracing(configure_tracing(DEFAULT_SERVICE_NAME, endpoint,
+                                          str(trace_file) if trace_file else None))
     except (RuntimeError, ValueError, OSError) as exc:
         raise click.ClickException(f"cannot set up tracing: {exc}") from exc
 
