@@ -129,7 +129,7 @@ def show(store_path: Path, thread_id: str, count: int, as_json: bool) -> None:
         if value is not None:
             click.echo(f"{key:<20}{json.dumps(value) if isinstance(value, dict) else value}")
     if items:
-        click.echo(f"\nlast {len(items)} items:")
+        click.echo(f"\nlast {_count(len(items), 'item')}:")
         _echo_table(("SEQ", "TIME", "TYPE", "PAYLOAD"),
                     [(str(s.seq), s.ts.strftime("%Y-%m-%d %H:%M:%S"), _kind(s.item),
                       _clip(json.dumps(s.item.get("payload"), ensure_ascii=False), 70)) for s in items])
@@ -177,6 +177,74 @@ def status(store_path: Path, as_json: bool) -> None:
 # -- writing ------------------------------------------------------------------------------
 
 
+@cli.command(epilog=_example("thread-store rename 0194a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b 'Fix the flaky test'"))
+@click.argument("thread_id")
+@click.argument("name")
+@click.pass_obj
+def rename(store_path: Path, thread_id: str, name: str) -> None:
+    """Give a thread a name (shown in lists instead of its title); '' clears it."""
+    with _open_existing(store_path) as store:
+        meta = store.update_metadata(thread_id, name=name or None)
+    click.echo(f"renamed {thread_id}: {meta.name or '(name cleared)'}")
+
+
+@cli.command(epilog=_example("thread-store archive 0194a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"))
+@click.argument("thread_id")
+@click.pass_obj
+def archive(store_path: Path, thread_id: str) -> None:
+    """Archive a thread: it leaves `list` and shows in `list --archived`."""
+    with _open_existing(store_path) as store:
+        store.archive_thread(thread_id)
+    click.echo(f"archived {thread_id}")
+
+
+@cli.command(epilog=_example("thread-store unarchive 0194a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"))
+@click.argument("thread_id")
+@click.pass_obj
+def unarchive(store_path: Path, thread_id: str) -> None:
+    """Bring an archived thread back to `list`."""
+    with _open_existing(store_path) as store:
+        store.unarchive_thread(thread_id)
+    click.echo(f"unarchived {thread_id}")
+
+
+@cli.command(epilog=_example("thread-store delete 0194a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b --yes"))
+@click.argument("thread_id")
+@click.option("--yes", is_flag=True, help="Do not ask; needed when stdin is not a terminal.")
+@click.pass_obj
+def delete(store_path: Path, thread_id: str, yes: bool) -> None:
+    """Delete a thread for good: its history and its metadata.
+
+    On a terminal it asks first; otherwise it refuses without --yes.
+    """
+    with _open_existing(store_path) as store:
+        meta = store.read_thread(thread_id)
+        if not yes:
+            if not sys.stdin.isatty():
+                raise click.UsageError(f"delete of {thread_id} needs --yes when not run on a terminal")
+            label = _clip(meta.name or meta.title or meta.preview or "untitled", _TITLE_WIDTH)
+            click.confirm(f"Delete thread {thread_id} ({label}, {_count(meta.item_count, 'item')}) "
+                          "for good?", abort=True, err=True)
+        store.delete_thread(thread_id)
+    click.echo(f"deleted {thread_id}")
+
+
+@cli.command(epilog=_example("thread-store export 0194a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b > session.jsonl"))
+@click.argument("thread_id")
+@click.pass_obj
+def export(store_path: Path, thread_id: str) -> None:
+    """Print a thread's history as JSON Lines: each item as it was appended, in order.
+
+    Items are written as compact JSON (the form the store keeps), so `import-codex` of
+    the output gives the same items back.
+    """
+    with ThreadStore.open(store_path, read_only=True) as store:
+        after = 0
+        while page := store.read_history(thread_id, after_seq=after, limit=1000):
+            click.echo("\n".join(json.dumps(s.item, separators=(",", ":")) for s in page))
+            after = page[-1].seq
+
+
 @cli.command(epilog=_example("thread-store --store ~/agent-threads reindex"))
 @click.pass_obj
 def reindex(store_path: Path) -> None:
@@ -207,9 +275,10 @@ def import_codex_command(store_path: Path, directory: Path, as_json: bool) -> No
             click.echo(f"skipped {line}", err=True)
         for problem in report.errors:
             click.echo(f"not imported: {problem}", err=True)
-        click.echo(f"{report.files} files: {report.threads_created} threads created, "
-                   f"{report.threads_updated} updated, {report.threads_unchanged} unchanged; "
-                   f"{report.items_appended} items appended, {len(report.skipped)} lines skipped")
+        click.echo(f"{_count(report.files, 'file')}: {_count(report.threads_created, 'thread')} "
+                   f"created, {report.threads_updated} updated, {report.threads_unchanged} unchanged; "
+                   f"{_count(report.items_appended, 'item')} appended, "
+                   f"{_count(len(report.skipped), 'line')} skipped")
     if report.errors:
         sys.exit(1)
 
@@ -248,7 +317,7 @@ def demo(store_path: Path, threads: int, seed: int | None, otlp_endpoint: str | 
         delivery = tracing.stop() if tracing is not None else None
     _echo_threads(metas)
     p50 = statistics.median(latencies) * 1000 if latencies else 0.0
-    click.echo(f"demo: {len(metas)} threads, {len(latencies) + flushed} appends "
+    click.echo(f"demo: {_count(len(metas), 'thread')}, {_count(len(latencies) + flushed, 'append')} "
                f"({flushed} append_and_flush) in {elapsed:.2f} s; p50 append {p50:.3f} ms; "
                f"store {store_path}")
     if tracing is not None and delivery is not None and delivery.failed:
@@ -267,6 +336,18 @@ def bench(ctx: click.Context, args: tuple[str, ...]) -> None:
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _open_existing(store_path: Path) -> ThreadStore:
+    """Open a store that must exist already: a typo in --store must not create one."""
+    if not store_path.exists():
+        raise NotAThreadStore(f"{store_path} does not exist; pass --store or set $THREAD_STORE")
+    return ThreadStore.open(store_path)
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 item``, ``2 items``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _every_thread(store: ThreadStore, archived: bool) -> Iterator[ThreadMetadata]:
