@@ -60,12 +60,30 @@ def lock_directory(root: Path) -> int:
     return fd
 
 
+def open_history(path: Path, durability: str, read_only: bool) -> History:
+    """Open the history; SQLite errors become typed (a missing, locked or unreadable file)."""
+    try:
+        return History(path, durability=durability, read_only=read_only)
+    except sqlite3.Error as exc:
+        raise _sqlite.storage_error(exc, f"opening {path}") from exc
+
+
 def open_index(path: Path, durability: str, read_only: bool) -> Index:
     """Open the index; a corrupt or foreign index is rebuilt from history (it is derived)."""
+    if read_only:
+        if not path.exists():
+            raise NotAThreadStore(
+                f"{path.parent} has no {path.name} (the index was deleted or is being "
+                "rebuilt); open the store once for writing, or run `thread-store reindex`, "
+                "then open it read-only")
+        try:
+            return Index(path, durability=durability, read_only=True)
+        except sqlite3.Error as exc:
+            raise _sqlite.storage_error(exc, f"opening {path} read-only") from exc
     try:
         return Index(path, durability=durability, read_only=read_only)
     except (NotAThreadStore, sqlite3.DatabaseError) as exc:
-        if read_only or _sqlite.is_transient(exc):
+        if _sqlite.is_transient(exc):
             raise  # busy, full or I/O: the file may be fine, so never delete it for that
         log.warning("thread_store: index %s is unreadable (%s); rebuilding it from history",
                     path, exc)

@@ -134,8 +134,10 @@ class Index:
                                      busy_timeout_ms=busy_timeout_ms, schema_version=SCHEMA_VERSION)
         self._db = sqlite_utils.Database(self._conn)
         self.fresh = _sqlite.migrate(self._conn, path, _MIGRATIONS, read_only=read_only) == 0
+        # A read-only store follows a rebuild of the index by the writer (a new file).
         self._readers = _sqlite.ConnectionPool(
-            lambda: _sqlite.connect(path, durability=durability, read_only=read_only))
+            lambda: _sqlite.connect(path, durability=durability, read_only=read_only),
+            follows=path if read_only else None)
         #: Held for every index write; ``fenced`` is set under it by close().
         self.write_lock = threading.Lock()
         #: The writer's history, told of every index transaction (None: read-only).

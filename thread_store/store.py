@@ -109,7 +109,7 @@ class ThreadStore:
         lock_fd = None if read_only else _files.lock_directory(root)
         history = index = None
         try:
-            history = History(root / _files.HISTORY_FILE, durability=durability, read_only=read_only)
+            history = _files.open_history(root / _files.HISTORY_FILE, durability, read_only)
             index = _files.open_index(root / _files.INDEX_FILE, durability, read_only)
             rules = rules or CodexRules()
             telemetry = Telemetry(tracer_provider, meter_provider)
