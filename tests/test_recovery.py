@@ -13,7 +13,8 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,20 @@ def _set_projected(store_path: Path, thread_id: str, projected: int, title: str)
 def _held_hook(release: threading.Event):  # type: ignore[no-untyped-def]
     """A projection_hook that holds open()'s catch-up until the test has looked."""
     return lambda thread_id, generation: release.wait(30)
+
+
+@contextmanager
+def _open_held(store_path: Path) -> Iterator[ThreadStore]:
+    """Open with catch-up held, so ``stats().pending_threads`` is what open() scheduled."""
+    release = threading.Event()
+    try:
+        with ThreadStore.open(store_path, projection_hook=_held_hook(release)) as store:
+            try:
+                yield store
+            finally:
+                release.set()
+    finally:
+        release.set()
 
 
 def _populate(store_path: Path, threads: int) -> list[str]:
@@ -145,8 +160,9 @@ def test_the_mark_survives_a_projection_of_an_older_head(store_path: Path) -> No
         assert store.flush(tid, generation=3, timeout=30).projected_seq == 3
         with pytest.raises(ProjectionFailed):
             store.flush(tid, generation=4, timeout=30)
-    with ThreadStore.open(store_path) as store:
+    with _open_held(store_path) as store:
         assert store.stats().pending_threads == 1
+    with ThreadStore.open(store_path) as store:
         assert store.flush(tid, timeout=30).projected_seq == 4
         assert_converged(store)
 
@@ -174,7 +190,7 @@ def test_index_ahead_of_history_after_power_loss_is_refolded(store_path: Path, t
     assert_store_integrity(store_path)
     # The disagreement was settled once: the next open trusts the marks again.
     _set_projected(store_path, kept, 1, "tampered")
-    with ThreadStore.open(store_path) as store:
+    with _open_held(store_path) as store:
         assert store.stats().pending_threads == 0
 
 
@@ -191,6 +207,27 @@ def test_index_behind_history_after_power_loss_catches_up(store_path: Path, tmp_
     with ThreadStore.open(store_path) as store:
         assert assert_converged(store) == 4
         assert store.read_thread(new).title == "new"
+    _set_projected(store_path, new, 0, "tampered")
+    with _open_held(store_path) as store:  # the epochs agree again: marks are trusted
+        assert store.stats().pending_threads == 0
+
+
+@pytest.mark.parametrize("rebuild", ["reindex", "corrupt index"])
+def test_open_after_an_index_rebuild_trusts_the_marks_again(store_path: Path, rebuild: str) -> None:
+    tids = _populate(store_path, 5)
+    with ThreadStore.open(store_path) as store:  # many index transactions before the rebuild
+        for n in range(10):
+            for tid in tids:
+                store.append_and_flush(tid, [plain(n)], timeout=30)
+    if rebuild == "reindex":
+        assert ThreadStore.rebuild_index(store_path) == 5
+    else:
+        (store_path / "index.db").write_bytes(b"not a database" * 100)
+        with ThreadStore.open(store_path) as store:
+            assert assert_converged(store) == 5
+    _set_projected(store_path, tids[0], 1, "tampered")
+    with _open_held(store_path) as store:
+        assert store.stats().pending_threads == 0
 
 
 def test_history_from_schema_1_is_migrated_and_compared_once(store_path: Path) -> None:

@@ -77,8 +77,12 @@ _CLEAR = ("DELETE FROM behind WHERE thread_id = ?1"
           " AND NOT EXISTS (SELECT 1 FROM items WHERE thread_id = ?1 AND seq > ?2)")
 _MARK = (f"INSERT OR IGNORE INTO behind (thread_id, since_us) SELECT thread_id, {_NOW_US} "
          "FROM threads WHERE thread_id = ? AND discarded_us IS NULL")
+# Acknowledgements only raise the epoch: with several writers they may arrive out of order.
+_RAISE_EPOCH = ("INSERT INTO store_meta (key, value) VALUES ('index_epoch', ?1) ON CONFLICT(key) "
+                "DO UPDATE SET value = max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))")
+# Recovery sets it exactly: after a rebuilt or rolled-back index it must go down too.
 _SET_EPOCH = ("INSERT INTO store_meta (key, value) VALUES ('index_epoch', ?1) ON CONFLICT(key) "
-              "DO UPDATE SET value = max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))")
+              "DO UPDATE SET value = excluded.value")
 _HEADS = ("SELECT t.thread_id, (SELECT max(seq) FROM items i WHERE i.thread_id = t.thread_id) "
           "FROM threads t WHERE t.discarded_us IS NULL")
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -192,10 +196,10 @@ class History:
         if projected:
             self._conn.executemany(_CLEAR, projected)
         if epoch is not None:
-            self._conn.execute(_SET_EPOCH, (epoch,))
+            self._conn.execute(_RAISE_EPOCH, (epoch,))
 
     def mark_behind(self, thread_ids: list[str], epoch: int | None = None) -> None:
-        """Durably mark threads as behind (and record ``epoch``) in one transaction.
+        """Durably mark threads as behind (and set the ``epoch``) in one transaction.
 
         Before an index row goes (discard, delete), and after open() compared every thread.
         """

@@ -76,6 +76,7 @@ def _add_epoch(db: sqlite_utils.Database) -> None:
 
 #: ``_MIGRATIONS[n]`` takes index.db from schema version n to n + 1.
 _MIGRATIONS: list[_sqlite.Migration] = [_create_schema, _add_epoch]
+SCHEMA_VERSION = len(_MIGRATIONS)
 _BUMP = "UPDATE index_meta SET value = value + 1 WHERE key = 'epoch' RETURNING value"
 
 
@@ -87,7 +88,6 @@ class HistoryLink(Protocol):
 
     def mark_behind(self, thread_ids: list[str], epoch: int | None = None) -> None:
         """Durably record that these threads' rows must be (re)written."""
-SCHEMA_VERSION = len(_MIGRATIONS)
 
 
 def _row_to_metadata(row: tuple[Any, ...]) -> ThreadMetadata:
