@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from pg_server import PostgresServer, PostgresUnavailable
 
 from thread_store import ThreadStore
+
+#: CI sets this, so that a machine that cannot start PostgreSQL fails the run, not skips.
+REQUIRE_POSTGRES = os.environ.get("THREAD_STORE_REQUIRE_POSTGRES") == "1"
 
 
 @pytest.fixture
@@ -25,6 +30,26 @@ def store(store_path: Path) -> Iterator[ThreadStore]:
         yield s
     finally:
         s.close(timeout=5.0)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server for the whole session, started on first use.
+
+    Skipped (one line in the summary) where the machine has no PostgreSQL, unless
+    ``THREAD_STORE_REQUIRE_POSTGRES=1`` (CI), which makes that a failure.
+    """
+    try:
+        server = PostgresServer()
+        server.__enter__()
+    except PostgresUnavailable as exc:
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"THREAD_STORE_REQUIRE_POSTGRES=1 but PostgreSQL cannot start: {exc}")
+        pytest.skip(f"PostgreSQL tests skipped: {str(exc).splitlines()[0]}")
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def user_msg(text: str, **extra: object) -> dict[str, object]:

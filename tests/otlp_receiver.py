@@ -77,9 +77,13 @@ class ReceivedSpan:
 
 
 class OTLPReceiver:
-    """An OTLP/HTTP receiver on a free port of 127.0.0.1; use it as a context manager."""
+    """An OTLP/HTTP receiver on a free port of 127.0.0.1; use it as a context manager.
 
-    def __init__(self) -> None:
+    With ``fail_with`` (an HTTP status) it answers every export with that error instead.
+    """
+
+    def __init__(self, fail_with: int | None = None) -> None:
+        self.fail_with = fail_with
         self._cond = threading.Condition()
         self._requests: list[ExportTraceServiceRequest] = []
         self.rejected: list[str] = []
@@ -136,6 +140,9 @@ class _Handler(BaseHTTPRequestHandler):
     owner: OTLPReceiver
 
     def do_POST(self) -> None:
+        if self.owner.fail_with is not None:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            return self._reject(self.owner.fail_with, "told to fail")
         if self.path != TRACES_PATH:
             return self._reject(404, f"unexpected path {self.path}")
         if self.headers.get("Content-Type") != _PROTOBUF:

@@ -362,12 +362,13 @@ def test_newer_schema_version_is_refused_and_left_alone(store_path: Path, name: 
     with ThreadStore.open(store_path) as s:
         s.append_and_flush(s.create_thread("t"), [user_msg("from the future")], timeout=10)
     conn = sqlite3.connect(store_path / name)
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
     conn.execute("PRAGMA user_version = 99")
     conn.close()
     # Also a too-new index is refused: rebuilding it would throw away a newer format.
     _assert_open_refused(store_path, SchemaTooNew, rf"{name} has schema version 99.*upgrade thread_store")
     conn = sqlite3.connect(store_path / name)
-    conn.execute("PRAGMA user_version = 1")
+    conn.execute(f"PRAGMA user_version = {version}")
     conn.close()
     with ThreadStore.open(store_path) as s:
         assert s.read_thread("t").title == "from the future"

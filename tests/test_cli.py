@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
@@ -186,7 +187,7 @@ def test_list_filters_and_paging(filled: dict[str, str], store_path: Path) -> No
 def test_show_table(filled: dict[str, str], store_path: Path) -> None:
     result = invoke("--store", str(store_path), "show", filled["flaky"], "--items", "1")
     assert result.exit_code == 0
-    assert "Fix the flaky test" in result.stdout and "last 1 items:" in result.stdout
+    assert "Fix the flaky test" in result.stdout and "last 1 item:" in result.stdout
     assert result.stdout.rstrip().splitlines()[-1].split()[0] == "3"  # session_meta, message, plain
 
 
@@ -228,7 +229,7 @@ def test_import_codex_conflict_exits_1(store_path: Path, tmp_path: Path) -> None
         s.append("0194a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b", [user_msg("unrelated")])
     result = invoke("--store", str(store_path), "import-codex", str(FIXTURES))
     assert result.exit_code == 1
-    assert "not imported:" in result.stderr and "1 threads created" in result.stdout
+    assert "not imported:" in result.stderr and "1 thread created" in result.stdout
 
 
 def test_runner_errors_are_one_line(tmp_path: Path) -> None:
@@ -253,3 +254,83 @@ def test_bench_passes_arguments_through() -> None:
     result = invoke("bench", "--", "--help")
     assert result.exit_code == 0
     assert "python -m benchmarks" in result.stdout
+
+
+def test_rename_archive_unarchive_change_what_list_shows(store_path: Path, filled: dict[str, str]) -> None:
+    store, flaky = ["--store", str(store_path)], filled["flaky"]
+    renamed = invoke(*store, "rename", flaky, "Deflake CI")
+    assert renamed.exit_code == 0, renamed.stderr
+    assert "Deflake CI" in invoke(*store, "list").stdout
+    assert invoke(*store, "archive", flaky).exit_code == 0
+    assert flaky not in invoke(*store, "list").stdout
+    archived = json.loads(invoke(*store, "list", "--archived", "--json").stdout)
+    assert [(t["thread_id"], t["name"]) for t in archived if t["thread_id"] == flaky] == [(flaky, "Deflake CI")]
+    assert invoke(*store, "unarchive", flaky).exit_code == 0
+    assert flaky in invoke(*store, "list").stdout
+    assert invoke(*store, "rename", flaky, "").exit_code == 0  # '' clears the name
+    with ThreadStore.open(store_path, read_only=True) as s:
+        assert s.read_thread(flaky).name is None and s.read_thread(flaky).archived_at is None
+
+
+def test_management_commands_never_create_a_store(tmp_path: Path) -> None:
+    missing = tmp_path / "typo"
+    for command in (["rename", "x", "y"], ["archive", "x"], ["unarchive", "x"], ["delete", "x", "--yes"],
+                    ["export", "x"]):
+        result = invoke("--store", str(missing), *command)
+        assert result.exit_code == 1, (command, result.stdout)
+        assert_one_line_error(result.stderr)
+    assert not missing.exists()
+
+
+def test_delete_off_a_terminal_needs_yes(store_path: Path, filled: dict[str, str]) -> None:
+    store, docs = ["--store", str(store_path)], filled["docs"]
+    refused = invoke(*store, "delete", docs)  # CliRunner's stdin is not a terminal
+    assert refused.exit_code == 2
+    assert_one_line_error(refused.stderr, "--yes")
+    assert docs in invoke(*store, "list").stdout
+    assert invoke(*store, "delete", docs, "--yes").exit_code == 0
+    gone = invoke(*store, "show", docs)
+    assert gone.exit_code == 1
+    assert_one_line_error(gone.stderr, docs)
+
+
+@pytest.mark.parametrize("answer, deleted", [("n", False), ("y", True)])
+def test_delete_on_a_terminal_asks_first(store_path: Path, filled: dict[str, str], answer: str,
+                                         deleted: bool) -> None:
+    docs = filled["docs"]
+    leader, follower = pty.openpty()
+    try:
+        child = subprocess.Popen([sys.executable, "-m", "thread_store.cli", "--store", str(store_path),
+                                  "delete", docs], stdin=follower, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        os.write(leader, f"{answer}\n".encode())
+        out, err = child.communicate(timeout=120)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert f"Delete thread {docs} (Update the docs, 3 items) for good?" in err
+    assert child.returncode == (0 if deleted else 1), err
+    with ThreadStore.open(store_path, read_only=True) as s:
+        listed = {m.thread_id for m in s.list_threads().threads}
+    assert (docs not in listed) == deleted
+
+
+def test_export_prints_the_items_as_appended_and_imports_back(store_path: Path, tmp_path: Path) -> None:
+    items = [{"type": "session_meta", "payload": {"cwd": "/repo", "note": "é ☃"}},
+             user_msg("Fix the flaky test"), plain(1), {"type": "event_msg", "payload": {"x": 1.5, "y": None}}]
+    with ThreadStore.open(store_path) as s:
+        tid = s.create_thread()
+        s.append(tid, items)
+    exported = invoke("--store", str(store_path), "export", tid)
+    assert exported.exit_code == 0, exported.stderr
+    lines = exported.stdout.splitlines()
+    assert lines == [json.dumps(i, separators=(",", ":")) for i in items]
+    assert [json.loads(line) for line in lines] == items
+
+    rollouts = tmp_path / "sessions"
+    rollouts.mkdir()
+    (rollouts / f"rollout-2026-01-01T00-00-00-{tid}.jsonl").write_text(exported.stdout)
+    copy = tmp_path / "copy"
+    assert invoke("--store", str(copy), "import-codex", str(rollouts)).exit_code == 0
+    with ThreadStore.open(copy, read_only=True) as s:
+        assert [stored.item for stored in s.read_history(tid)] == items

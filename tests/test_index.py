@@ -208,7 +208,8 @@ def test_non_string_cursor_is_invalid(listed_store: ThreadStore) -> None:
 
 def test_list_query_walks_an_index_without_sorting(listed_store: ThreadStore) -> None:
     """EXPLAIN QUERY PLAN of the SQL list_threads really runs: no temp B-tree for ORDER BY."""
-    conn, _ = listed_store._index._readers._mine()  # this thread's reader, the one list() uses
+    with listed_store._index._readers.connection() as conn:  # idle again: list() reuses it
+        pass
     statements: list[str] = []
     conn.set_trace_callback(statements.append)
     try:

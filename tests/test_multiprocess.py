@@ -9,7 +9,7 @@ import pytest
 from _child import READY, Child, assert_converged, assert_no_projector_thread
 from conftest import plain, user_msg
 
-from thread_store import ReadOnlyStore, StoreLocked, ThreadStore
+from thread_store import NotAThreadStore, ReadOnlyStore, StoreLocked, ThreadStore, ThreadStoreError
 
 
 @pytest.fixture
@@ -109,3 +109,44 @@ def test_read_only_status_sees_the_writers_backlog(tmp_path: Path) -> None:
             assert (status.head_seq, status.projected_seq, status.pending) == (4, 1, True)
             assert [i.seq for i in reader.read_history(tid)] == [1, 2, 3, 4]
         writer.resume_projection()
+
+
+def test_read_only_store_follows_an_index_rebuild(tmp_path: Path) -> None:
+    """A long-lived reader moves to the new index.db that reindex (or open) built."""
+    path = tmp_path / "store"
+    with ThreadStore.open(path) as writer:
+        old = writer.create_thread()
+        writer.append_and_flush(old, [user_msg("before the rebuild")], timeout=30)
+    with ThreadStore.open(path, read_only=True) as reader:
+        assert [m.thread_id for m in reader.list_threads().threads] == [old]
+        assert ThreadStore.rebuild_index(path) == 1  # deletes index.db and builds a new one
+        with ThreadStore.open(path) as writer:
+            new = writer.create_thread()
+            writer.append_and_flush(new, [user_msg("after the rebuild")], timeout=30)
+        assert {m.thread_id for m in reader.list_threads().threads} == {old, new}
+        status = reader.status(new)
+        assert (status.head_seq, status.projected_seq, status.pending) == (1, 1, False)
+        assert reader.read_thread(new).title == "after the rebuild"
+        assert reader.list_threads(search="after").threads[0].thread_id == new
+
+
+def test_read_only_open_without_an_index_raises_a_typed_error(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    with ThreadStore.open(path) as writer:
+        writer.append_and_flush(writer.create_thread(), [plain()], timeout=30)
+    (path / "index.db").unlink()
+    with pytest.raises(NotAThreadStore, match="reindex"):
+        ThreadStore.open(path, read_only=True)
+    assert not (path / "index.db").exists()  # a read-only open writes nothing
+    with ThreadStore.open(path) as writer:  # the writer rebuilds it
+        writer.flush_all(timeout=30)
+        assert len(writer.list_threads(include_empty=True).threads) == 1
+    with ThreadStore.open(path, read_only=True) as reader:
+        assert len(reader.list_threads(include_empty=True).threads) == 1
+
+
+def test_read_only_open_of_an_unopenable_history_raises_a_typed_error(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    (path / "history.db").mkdir(parents=True)  # there, but SQLite cannot open it
+    with pytest.raises(ThreadStoreError):
+        ThreadStore.open(path, read_only=True)

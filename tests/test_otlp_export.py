@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -83,6 +84,38 @@ def test_demo_subprocess_exports_linked_traces_over_otlp_http(tmp_path: Path, re
     for span in visible:
         assert span.parent in appends
         assert len(span.links) == 1 and span.links[0] in projects
+
+
+def _demo_exporting_to(endpoint: str, store_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    return subprocess.run([sys.executable, "-m", "thread_store.cli", "--store", str(store_path), "demo",
+                           "--threads", "2", "--otlp-endpoint", endpoint],
+                          env=env, capture_output=True, text=True, timeout=HANG, check=False)
+
+
+def _assert_one_line_delivery_error(done: subprocess.CompletedProcess[str]) -> None:
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr  # not one warning per retry
+    assert lines[0].startswith("error: ") and "spans could not be delivered" in lines[0]
+    assert "demo: 2 threads" in done.stdout  # the work itself was done and reported
+
+
+def test_demo_without_a_collector_says_so_in_one_line_and_fails(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = _demo_exporting_to(f"http://127.0.0.1:{port}", tmp_path / "store")
+    _assert_one_line_delivery_error(done)
+    assert "refused" in done.stderr.lower()
+
+
+@pytest.mark.parametrize("status", [400, 503])
+def test_demo_whose_collector_answers_an_http_error_fails(tmp_path: Path, status: int) -> None:
+    with OTLPReceiver(fail_with=status) as failing:
+        done = _demo_exporting_to(failing.endpoint, tmp_path / "store")
+        assert failing.rejected, "the exporter never reached the receiver"
+    _assert_one_line_delivery_error(done)
 
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")

@@ -1,25 +1,36 @@
-"""DESIGN §1.8 recovery: what open() checks after a clean close, a crash and power loss."""
+"""DESIGN §1.8 recovery: what open() checks after a clean close, a crash and power loss.
+
+History marks a thread behind in the append's own transaction; open() reads the marks
+(O(threads behind)) unless the index and history epochs say one file lost a tail, and
+then compares every thread once. Power loss is simulated by putting back an earlier copy
+of one file while keeping the other, which is what a lost WAL tail leaves.
+"""
 
 from __future__ import annotations
 
-import json
+import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 
+import pytest
+from _child import assert_converged, assert_store_integrity, folded, live_threads
 from conftest import plain, user_msg
-from thread_store import ThreadStore
 
+from thread_store import ProjectionFailed, ThreadStore
+from thread_store import history as history_module
+from thread_store import index as index_module
 
-def _fake_crash(store_path: Path) -> None:
-    """Make the last session look unclean, as a SIGKILL or power loss leaves it."""
-    with sqlite3.connect(store_path / "history.db") as conn:
-        conn.execute("UPDATE store_meta SET value = ? WHERE key = 'session'",
-                     (json.dumps({"clean": False}),))
+CHILD = Path(__file__).with_name("_recovery_child.py")
 
 
 def _set_projected(store_path: Path, thread_id: str, projected: int, title: str) -> None:
-    with sqlite3.connect(store_path / "index.db") as conn:
+    """Tamper with a row behind the store's back: only a full comparison would notice."""
+    with closing(sqlite3.connect(store_path / "index.db")) as conn, conn:
         conn.execute("UPDATE threads SET projected_seq = ?, title = ? WHERE thread_id = ?",
                      (projected, title, thread_id))
 
@@ -29,10 +40,18 @@ def _held_hook(release: threading.Event):  # type: ignore[no-untyped-def]
     return lambda thread_id, generation: release.wait(30)
 
 
-def _reopen_after_crash(store_path: Path, release: threading.Event) -> ThreadStore:
-    """Reopen as after a crash, with the catch-up held until ``release`` is set."""
-    _fake_crash(store_path)
-    return ThreadStore.open(store_path, projection_hook=_held_hook(release))
+@contextmanager
+def _open_held(store_path: Path) -> Iterator[ThreadStore]:
+    """Open with catch-up held, so ``stats().pending_threads`` is what open() scheduled."""
+    release = threading.Event()
+    try:
+        with ThreadStore.open(store_path, projection_hook=_held_hook(release)) as store:
+            try:
+                yield store
+            finally:
+                release.set()
+    finally:
+        release.set()
 
 
 def _populate(store_path: Path, threads: int) -> list[str]:
@@ -44,46 +63,215 @@ def _populate(store_path: Path, threads: int) -> list[str]:
     return tids
 
 
-def test_clean_reopen_checks_only_the_threads_close_left_behind(store_path: Path) -> None:
-    tids = _populate(store_path, 50)
-    # Tamper with a row behind the store's back. A clean close recorded nothing behind,
-    # so open() must not scan every thread and therefore does not notice the tampering.
-    _set_projected(store_path, tids[0], 1, "tampered")
-    with ThreadStore.open(store_path) as store:
-        assert store.stats().attempts == 0
-        assert store.read_thread(tids[0]).title == "tampered"
+def _copy(store_path: Path, name: str, dest: Path) -> None:
+    """A copy of one closed database file (close checkpointed its WAL into it)."""
+    dest.mkdir(exist_ok=True)
+    assert not Path(f"{store_path / name}-wal").exists()
+    shutil.copy2(store_path / name, dest / name)
 
 
-def test_crash_reopen_compares_every_thread(store_path: Path) -> None:
+def _restore(saved: Path, name: str, store_path: Path) -> None:
+    """Put back an earlier state of one file, as a power loss that lost its tail leaves it."""
+    for suffix in ("-wal", "-shm"):
+        Path(f"{store_path / name}{suffix}").unlink(missing_ok=True)
+    shutil.copy2(saved / name, store_path / name)
+
+
+def _run_child(*args: str) -> tuple[subprocess.Popen[str], list[str]]:
+    """Start a recovery child and return it with the words of its ``ready`` line."""
+    proc = subprocess.Popen([sys.executable, str(CHILD), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # EOF (a dead child) ends it too: never a hang
+    if not line.startswith("ready"):
+        proc.kill()
+        raise AssertionError(f"child failed: {line!r} {proc.communicate(timeout=60)[1]}")
+    return proc, line.split()[1:]
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert proc.returncode == -9
+
+
+# -- O(threads behind) -----------------------------------------------------------------------
+
+
+def test_clean_reopen_schedules_only_the_threads_left_behind(store_path: Path) -> None:
     tids = _populate(store_path, 50)
-    _set_projected(store_path, tids[0], 1, "tampered")
+    failing = set(tids[:3])
+
+    def hook(thread_id: str, generation: int) -> None:
+        if thread_id in failing:
+            raise RuntimeError("this thread's projection fails for good")
+
+    with ThreadStore.open(store_path, projection_hook=hook) as store:
+        for tid in tids[:3]:
+            store.append(tid, [plain(1)])
+            with pytest.raises(ProjectionFailed):
+                store.flush(tid, timeout=30)
+    # A caught-up thread tampered with: a scan of every thread would re-project it.
+    _set_projected(store_path, tids[10], 1, "tampered")
     release = threading.Event()
-    with _reopen_after_crash(store_path, release) as store:
-        assert store.status(tids[0]).pending
+    with ThreadStore.open(store_path, projection_hook=_held_hook(release)) as store:
+        assert store.stats().pending_threads == 3  # what open() scheduled: the marked ones
+        assert {t for t in tids if store.status(t).pending} == set(tids[:3]) | {tids[10]}
         release.set()
-        meta = store.flush(tids[0], timeout=30)
-        assert meta.title == f"title {tids[0]}" and meta.projected_seq == 2
-        assert store.stats().rows_written == 1
+        for tid in tids[:3]:
+            assert store.flush(tid, timeout=30).projected_seq == 3
+        assert store.stats().rows_written == 3
+        assert store.read_thread(tids[10]).title == "tampered"
 
 
-def test_index_ahead_of_history_is_refolded(store_path: Path) -> None:
-    """After power loss with durability=normal the index can be ahead of history."""
+def test_reopen_after_sigkill_schedules_only_the_threads_behind(store_path: Path) -> None:
+    proc, tids = _run_child("behind", str(store_path), "50", "4")
+    _kill(proc)
+    _set_projected(store_path, tids[10], 0, "tampered")
+    release = threading.Event()
+    with ThreadStore.open(store_path, projection_hook=_held_hook(release)) as store:
+        assert store.stats().pending_threads == 4
+        release.set()
+        for tid in tids[:4]:
+            meta = store.flush(tid, timeout=30)
+            assert (meta.projected_seq, meta.title) == (2, f"title {tid}")
+        assert store.stats().rows_written == 4
+        assert store.read_thread(tids[10]).title == "tampered"
+
+
+def test_the_mark_survives_a_projection_of_an_older_head(store_path: Path) -> None:
+    """The mark is cleared only while history holds nothing past the projected head."""
+    (tid,) = _populate(store_path, 1)
+    release = threading.Event()
+    started = threading.Event()
+
+    def hook(thread_id: str, generation: int) -> None:
+        if generation == 3:
+            started.set()
+            release.wait(30)
+        elif generation == 4:
+            raise RuntimeError("generation 4 stays behind")
+
+    with ThreadStore.open(store_path, projection_hook=hook, caller_runs=False) as store:
+        store.append(tid, [plain(1)])
+        assert started.wait(30)  # the projection of generation 3 is running
+        store.append(tid, [plain(2)])  # generation 4 lands before that projection commits
+        release.set()
+        assert store.flush(tid, generation=3, timeout=30).projected_seq == 3
+        with pytest.raises(ProjectionFailed):
+            store.flush(tid, generation=4, timeout=30)
+    with _open_held(store_path) as store:
+        assert store.stats().pending_threads == 1
+    with ThreadStore.open(store_path) as store:
+        assert store.flush(tid, timeout=30).projected_seq == 4
+        assert_converged(store)
+
+
+# -- power loss: one file keeps a tail the other lost -----------------------------------------
+
+
+def test_index_ahead_of_history_after_power_loss_is_refolded(store_path: Path, tmp_path: Path) -> None:
+    kept, gone = _populate(store_path, 2)
+    saved = tmp_path / "saved"
+    _copy(store_path, "history.db", saved)
+    with ThreadStore.open(store_path) as store:
+        store.append_and_flush(kept, [user_msg("lost"), plain(2)], timeout=30)
+        born_lost = store.create_thread(metadata={"cwd": "/lost"})
+        store.append_and_flush(born_lost, [user_msg("lost thread")], timeout=30)
+        store.discard(gone)
+    _restore(saved, "history.db", store_path)  # the history lost its tail; the index did not
+    with ThreadStore.open(store_path) as store:
+        assert set(live_threads(store_path)) == {kept, gone}
+        assert assert_converged(store) == 2  # no row of born_lost, no items that are gone
+        meta = store.read_thread(kept)
+        assert (meta.projected_seq, meta.item_count, meta.title) == (2, 2, f"title {kept}")
+        assert store.read_thread(gone) == folded(store, gone, live_threads(store_path)[gone])
+        assert {m.thread_id for m in store.list_threads(include_empty=True).threads} == {kept, gone}
+    assert_store_integrity(store_path)
+    # The disagreement was settled once: the next open trusts the marks again.
+    _set_projected(store_path, kept, 1, "tampered")
+    with _open_held(store_path) as store:
+        assert store.stats().pending_threads == 0
+
+
+def test_index_behind_history_after_power_loss_catches_up(store_path: Path, tmp_path: Path) -> None:
     tids = _populate(store_path, 3)
-    _set_projected(store_path, tids[1], 7, "from the future")
-    release = threading.Event()
-    with _reopen_after_crash(store_path, release) as store:
-        status = store.status(tids[1])
-        assert status.head_seq == 2 and status.projected_seq == 0
-        release.set()
-        meta = store.flush(tids[1], timeout=30)
-        assert (meta.projected_seq, meta.title, meta.item_count) == (2, f"title {tids[1]}", 2)
-
-
-def test_orphan_rows_of_removed_threads_are_dropped_after_a_crash(store_path: Path) -> None:
-    tids = _populate(store_path, 2)
-    with sqlite3.connect(store_path / "history.db") as conn:  # the history half of a delete
-        conn.execute("DELETE FROM items WHERE thread_id = ?", (tids[0],))
-        conn.execute("DELETE FROM threads WHERE thread_id = ?", (tids[0],))
-    _fake_crash(store_path)
+    saved = tmp_path / "saved"
+    _copy(store_path, "index.db", saved)
     with ThreadStore.open(store_path) as store:
-        assert [t.thread_id for t in store.list_threads().threads] == [tids[1]]
+        for tid in tids:
+            store.append_and_flush(tid, [plain(7)], timeout=30)
+        new = store.create_thread()
+        store.append_and_flush(new, [user_msg("new")], timeout=30)
+    _restore(saved, "index.db", store_path)  # the index lost its tail; the history did not
+    with ThreadStore.open(store_path) as store:
+        assert assert_converged(store) == 4
+        assert store.read_thread(new).title == "new"
+    _set_projected(store_path, new, 0, "tampered")
+    with _open_held(store_path) as store:  # the epochs agree again: marks are trusted
+        assert store.stats().pending_threads == 0
+
+
+@pytest.mark.parametrize("rebuild", ["reindex", "corrupt index"])
+def test_open_after_an_index_rebuild_trusts_the_marks_again(store_path: Path, rebuild: str) -> None:
+    tids = _populate(store_path, 5)
+    with ThreadStore.open(store_path) as store:  # many index transactions before the rebuild
+        for n in range(10):
+            for tid in tids:
+                store.append_and_flush(tid, [plain(n)], timeout=30)
+    if rebuild == "reindex":
+        assert ThreadStore.rebuild_index(store_path) == 5
+    else:
+        (store_path / "index.db").write_bytes(b"not a database" * 100)
+        with ThreadStore.open(store_path) as store:
+            assert assert_converged(store) == 5
+    _set_projected(store_path, tids[0], 1, "tampered")
+    with _open_held(store_path) as store:
+        assert store.stats().pending_threads == 0
+
+
+def test_history_from_schema_1_is_migrated_and_compared_once(store_path: Path) -> None:
+    """A store written before the per-thread marks: open migrates it and compares it all."""
+    tids = _populate(store_path, 3)
+    with closing(sqlite3.connect(store_path / "history.db")) as conn, conn:
+        # Take the file back to version 1: no marks, no trigger, the old session marker.
+        conn.execute("DROP TRIGGER items_behind")
+        conn.execute("DROP TABLE behind")
+        conn.execute("DELETE FROM store_meta")
+        conn.execute("""INSERT INTO store_meta VALUES ('session', '{"clean": true, "behind": []}')""")
+        conn.execute("INSERT INTO items (thread_id, seq, ts_us, item) VALUES (?, 3, 1, ?)",
+                     (tids[0], '{"type": "event_msg", "payload": {"type": "user_message", '
+                      '"message": "appended by an old version, never projected"}}'))
+        conn.execute("PRAGMA user_version = 1")
+    assert history_module.SCHEMA_VERSION == 2 and index_module.SCHEMA_VERSION == 2
+    with ThreadStore.open(store_path) as store:
+        assert store.flush(tids[0], timeout=30).projected_seq == 3
+        assert assert_converged(store) == 3
+        store.append(tids[1], [plain(9)])  # the migrated trigger marks it
+    with closing(sqlite3.connect(store_path / "history.db")) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("SELECT count(*) FROM store_meta WHERE key = 'session'").fetchone()[0] == 0
+
+
+# -- a crash in the middle of a discard --------------------------------------------------------
+
+
+def test_sigkill_between_index_and_history_removal_leaves_the_thread_whole(
+        store_path: Path) -> None:
+    """DESIGN §1.7: a discard that did not return changed nothing; the thread is whole."""
+    kept, victim = _populate(store_path, 2)
+    proc, (said,) = _run_child("discard", str(store_path), victim)
+    assert said == victim
+    with closing(sqlite3.connect(f"file:{store_path / 'index.db'}?mode=ro", uri=True)) as conn:
+        rows = {r[0] for r in conn.execute("SELECT thread_id FROM threads")}
+    assert rows == {kept}  # the child died with the row gone and the history whole
+    _kill(proc)
+    with ThreadStore.open(store_path) as store:
+        meta = store.flush(victim, timeout=30)
+        assert (meta.projected_seq, meta.title) == (2, f"title {victim}")
+        assert not store.status(victim).pending
+        assert victim in {m.thread_id for m in store.list_threads().threads}
+        assert assert_converged(store) == 2
+        store.discard(victim)  # and the discard can be retried
+    with ThreadStore.open(store_path) as store:
+        assert assert_converged(store) == 1

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 import sqlite_utils
 
-from thread_store import NotAThreadStore, SchemaTooNew
+from thread_store import NotAThreadStore, SchemaTooNew, StorageError
 from thread_store import _sqlite
 
 
@@ -74,3 +76,77 @@ def test_newer_and_foreign_files_are_refused(tmp_path: Path) -> None:
 ])
 def test_transient_classification(message: str, transient: bool) -> None:
     assert _sqlite.is_transient(sqlite3.OperationalError(message)) is transient
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_short_lived_reader_threads_leave_no_connections_behind(tmp_path: Path) -> None:
+    """Connections are pooled and capped, not kept per OS thread until close ."""
+    from thread_store import ThreadStore
+
+    with ThreadStore.open(tmp_path / "store") as store:
+        tid = store.create_thread()
+        store.append_and_flush(tid, [{"type": "event_msg", "payload": {
+            "type": "user_message", "message": "hello"}}], timeout=30)
+        store.read_thread(tid)
+        store.read_history(tid)
+        before = _open_fds()
+        errors: list[BaseException] = []
+        start = threading.Barrier(20)
+
+        def reader() -> None:
+            try:
+                start.wait(30)  # 20 at a time really read concurrently
+                store.read_thread(tid)
+                store.list_threads()
+                store.read_history(tid)
+                store.status(tid)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        for _ in range(6):  # 120 short-lived threads, 20 alive at a time
+            threads = [threading.Thread(target=reader) for _ in range(20)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+        assert not errors, errors
+        grown = _open_fds() - before
+        # At most the pool's cap of connections per file (4 descriptors each), not 480.
+        assert grown <= 2 * _sqlite.POOL_SIZE * 4, grown
+
+
+def test_pool_caps_connections_and_closes_borrowed_ones_on_return(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    _connect(path).close()
+    made: list[sqlite3.Connection] = []
+
+    def factory() -> sqlite3.Connection:
+        made.append(sqlite3.connect(path, check_same_thread=False))
+        return made[-1]
+
+    pool = _sqlite.ConnectionPool(factory, size=2)
+    with pool.connection() as a, pool.connection() as b:
+        assert a is not b
+        got: list[sqlite3.Connection] = []
+        trying = threading.Event()
+
+        def third() -> None:
+            trying.set()
+            got.append(pool.fetchone("t", "SELECT 1"))  # exhausted: waits for a return
+
+        waiter = threading.Thread(target=third)
+        waiter.start()
+        assert trying.wait(30)
+    waiter.join(30)
+    assert got == [(1,)] and len(made) == 2
+    with pool.connection() as c:
+        pool.close()
+        assert c.execute("SELECT 1").fetchone() == (1,)  # never closed under its borrower
+    with pytest.raises(sqlite3.ProgrammingError):
+        c.execute("SELECT 1")  # closed once given back
+    with pytest.raises(StorageError):
+        pool.fetchone("t", "SELECT 1")

@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 
 from . import _sqlite
-from .errors import NotAThreadStore, StoreLocked, ThreadDiscarded, ThreadNotFound
+from .errors import NotAThreadStore, StoreLocked
 from .history import History
 from .index import Index
 
@@ -19,7 +19,6 @@ log = logging.getLogger("thread_store")
 HISTORY_FILE = "history.db"
 INDEX_FILE = "index.db"
 LOCK_FILE = "store.lock"
-SESSION_KEY = "session"
 
 
 def prepare_directory(root: Path, read_only: bool) -> Path:
@@ -61,12 +60,30 @@ def lock_directory(root: Path) -> int:
     return fd
 
 
+def open_history(path: Path, durability: str, read_only: bool) -> History:
+    """Open the history; SQLite errors become typed (a missing, locked or unreadable file)."""
+    try:
+        return History(path, durability=durability, read_only=read_only)
+    except sqlite3.Error as exc:
+        raise _sqlite.storage_error(exc, f"opening {path}") from exc
+
+
 def open_index(path: Path, durability: str, read_only: bool) -> Index:
     """Open the index; a corrupt or foreign index is rebuilt from history (it is derived)."""
+    if read_only:
+        if not path.exists():
+            raise NotAThreadStore(
+                f"{path.parent} has no {path.name} (the index was deleted or is being "
+                "rebuilt); open the store once for writing, or run `thread-store reindex`, "
+                "then open it read-only")
+        try:
+            return Index(path, durability=durability, read_only=True)
+        except sqlite3.Error as exc:
+            raise _sqlite.storage_error(exc, f"opening {path} read-only") from exc
     try:
         return Index(path, durability=durability, read_only=read_only)
     except (NotAThreadStore, sqlite3.DatabaseError) as exc:
-        if read_only or _sqlite.is_transient(exc):
+        if _sqlite.is_transient(exc):
             raise  # busy, full or I/O: the file may be fine, so never delete it for that
         log.warning("thread_store: index %s is unreadable (%s); rebuilding it from history",
                     path, exc)
@@ -80,39 +97,55 @@ def remove_index(path: Path) -> None:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
-def recover(history: History, index: Index) -> dict[str, tuple[int, int, bool]]:
+Behind = dict[str, tuple[int, int, bool]]
+
+
+def recover(history: History, index: Index) -> Behind:
     """Find threads whose projection is behind (or, after power loss, ahead of) history.
 
-    After a clean close only the threads that close left behind are checked: O(behind).
-    After a crash, or with a new index, every thread is compared: O(threads).
+    History marks a thread behind in the append's own transaction and clears the mark
+    after the index committed its row, so open() reads only the marked threads:
+    O(threads behind), after a clean close or a crash alike. Every index transaction
+    bumps the index's epoch and is then acknowledged into history; the two epochs differ
+    only when one file lost a tail the other kept (power loss with ``durability="normal"``,
+    a restored backup) or a crash fell between an index commit and its acknowledgement.
+    Then, and for a new index, every thread is compared once, the findings are marked
+    in history, and the epochs agree again.
     """
-    session = history.get_meta(SESSION_KEY) or {}
-    behind: dict[str, tuple[int, int, bool]] = {}
-    if session.get("clean") and not index.fresh:
-        for thread_id in session.get("behind", []):
-            try:
-                head = history.head(thread_id)
-            except (ThreadNotFound, ThreadDiscarded):
-                with index.write_lock:  # removed while close was draining: drop its row too
-                    index.delete_row(thread_id)
-                continue
-            projected, state = index.load_state(thread_id)
-            _note_behind(behind, thread_id, head, projected if state is not None else None)
-    else:
-        if index.fresh and history.get_meta(SESSION_KEY) is not None:
-            log.warning("thread_store: rebuilding the index from history")
-        projected_by_id = index.projected_seqs()
-        for thread_id, head in history.live_threads():
-            _note_behind(behind, thread_id, head, projected_by_id.pop(thread_id, None))
-        with index.write_lock:
-            for orphan in projected_by_id:  # rows of threads discarded or deleted mid-crash
-                index.delete_row(orphan)
-    history.set_meta(SESSION_KEY, {"clean": False})
+    index.history = history
+    if index.fresh or history.index_epoch() != index.epoch():
+        return _compare_all(history, index)
+    behind: Behind = {}
+    caught_up = []
+    for thread_id, head in history.behind_threads().items():
+        projected, state = index.load_state(thread_id)
+        _note_behind(behind, thread_id, head, projected if state is not None else None)
+        if thread_id not in behind:
+            caught_up.append((thread_id, head))  # its acknowledgement was lost: redo it
+    if caught_up:
+        history.acknowledge(caught_up, None)
     return behind
 
 
-def _note_behind(behind: dict[str, tuple[int, int, bool]], thread_id: str, head: int,
-                 projected: int | None) -> None:
+def _compare_all(history: History, index: Index) -> Behind:
+    """Compare every thread's row with its history, once (see :func:`recover`)."""
+    if not index.fresh:
+        log.warning("thread_store: the index and the history disagree (a crash mid-write, "
+                    "a power loss or a restored file); comparing every thread")
+    elif history.index_epoch() is not None:
+        log.warning("thread_store: rebuilding the index from history")
+    projected_by_id = index.projected_seqs()
+    behind: Behind = {}
+    for thread_id, head in history.heads().items():
+        _note_behind(behind, thread_id, head, projected_by_id.pop(thread_id, None))
+    with index.write_lock:
+        # Rows of threads whose history is gone (removed mid-crash, or lost with a tail).
+        index.delete_rows(sorted(projected_by_id))
+    history.mark_behind(sorted(behind), epoch=index.epoch())
+    return behind
+
+
+def _note_behind(behind: Behind, thread_id: str, head: int, projected: int | None) -> None:
     """Record a thread that needs projecting; ``projected=None`` means it has no row yet.
 
     A thread without a row, or whose row is ahead of its history, is re-folded from its
@@ -122,8 +155,3 @@ def _note_behind(behind: dict[str, tuple[int, int, bool]], thread_id: str, head:
         behind[thread_id] = (head, 0, True)
     elif projected != head:
         behind[thread_id] = (head, projected, projected > head)
-
-
-def record_clean_close(history: History, behind: dict[str, int]) -> None:
-    """Mark the session closed cleanly, naming the threads it left behind for next open."""
-    history.set_meta(SESSION_KEY, {"clean": True, "behind": sorted(behind)})

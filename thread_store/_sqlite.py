@@ -132,54 +132,142 @@ def migrate(conn: sqlite3.Connection, path: Path, steps: Sequence[Migration], *,
     return found
 
 
-class ConnectionPool:
-    """One read connection per OS thread, all closed together by :meth:`close`.
+#: Read connections per database file; readers beyond it wait for one to come back.
+POOL_SIZE = 8
 
-    A read holds its connection's lock, and :meth:`close` takes each lock before closing:
-    closing a SQLite connection while another thread runs a statement on it can crash
-    the process (a worker fenced by close() may still be finishing a read).
+
+class ConnectionPool:
+    """At most ``size`` read connections, borrowed for one statement and given back.
+
+    Connections belong to the pool, not to threads: an application that reads from many
+    short-lived threads reuses the same few connections (each one holds four file
+    descriptors), and a reader finding them all busy waits for one. A connection is used
+    by one borrower at a time, so :meth:`close` never closes one under a running
+    statement: it closes the idle ones and the borrowers close theirs on return (closing
+    a SQLite connection while another thread runs a statement on it can crash the process).
+
+    With ``follows`` (a read-only store), a borrow notices that the file at that path was
+    replaced (a writer rebuilt the index) and moves to the new file once it has a schema.
     """
 
-    def __init__(self, factory: Callable[[], sqlite3.Connection]) -> None:
+    def __init__(self, factory: Callable[[], sqlite3.Connection], *, size: int = POOL_SIZE,
+                 follows: Path | None = None) -> None:
         self._factory = factory
-        self._local = threading.local()
-        self._all: list[tuple[sqlite3.Connection, threading.Lock]] = []
-        self._lock = threading.Lock()
+        self._size = size
+        self._idle: list[sqlite3.Connection] = []
+        self._count = 0
+        self._cond = threading.Condition(threading.Lock())
         self._closed = False
+        self._follows = follows
+        self._identity = _file_identity(follows) if follows is not None else None
+        #: Bumped when the followed file is replaced; connections of older files retire.
+        self._generation = 0
+        self._born: dict[int, int] = {}
 
-    def _mine(self) -> tuple[sqlite3.Connection, threading.Lock]:
-        """This thread's connection and its lock, opened on first use."""
-        entry: tuple[sqlite3.Connection, threading.Lock] | None = getattr(self._local, "entry", None)
-        if entry is None:
-            entry = (self._factory(), threading.Lock())
-            with self._lock:
-                if self._closed:
-                    entry[0].close()
-                    raise StorageError("the store's connections are closed")
-                self._all.append(entry)
-            self._local.entry = entry
-        return entry
+    @contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        """Borrow a connection for one read; it goes back to the pool afterwards."""
+        conn = self._borrow()
+        try:
+            yield conn
+        finally:
+            self._give_back(conn)
 
     def fetchone(self, what: str, sql: str, params: Sequence[object] = ()) -> Any:
-        """One row of a read on this thread's connection; SQLite errors become typed."""
-        conn, lock = self._mine()
-        with reading(what), lock:
+        """One row of a read on a pooled connection; SQLite errors become typed."""
+        with reading(what), self.connection() as conn:
             return conn.execute(sql, params).fetchone()
 
     def fetchall(self, what: str, sql: str, params: Sequence[object] = ()) -> list[Any]:
-        """All rows of a read on this thread's connection; SQLite errors become typed."""
-        conn, lock = self._mine()
-        with reading(what), lock:
+        """All rows of a read on a pooled connection; SQLite errors become typed."""
+        with reading(what), self.connection() as conn:
             return conn.execute(sql, params).fetchall()
 
     def close(self) -> None:
-        """Close every connection handed out, each once no read is running on it."""
-        with self._lock:
+        """Close the idle connections now; borrowed ones close when they come back."""
+        with self._cond:
             self._closed = True
-            entries, self._all = self._all, []
-        for conn, lock in entries:
-            with lock:
-                conn.close()
+            idle, self._idle = self._idle, []
+            self._cond.notify_all()
+        for conn in idle:
+            conn.close()
+
+    def _borrow(self) -> sqlite3.Connection:
+        self._check_replaced()
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise StorageError("the store's connections are closed")
+                if self._idle:
+                    return self._idle.pop()
+                if self._count < self._size:
+                    self._count += 1
+                    generation = self._generation
+                    break
+                self._cond.wait()
+        try:
+            conn = self._factory()
+        except BaseException:
+            with self._cond:
+                self._count -= 1
+                self._cond.notify()
+            raise
+        with self._cond:
+            self._born[id(conn)] = generation
+        return conn
+
+    def _give_back(self, conn: sqlite3.Connection) -> None:
+        with self._cond:
+            keep = not self._closed and self._born.get(id(conn)) == self._generation
+            if keep:
+                self._idle.append(conn)
+            else:
+                self._count -= 1
+                self._born.pop(id(conn), None)
+            self._cond.notify()
+        if not keep:
+            conn.close()
+
+    def _check_replaced(self) -> None:
+        """Retire every connection of a followed file that was replaced (a stat per read)."""
+        if self._follows is None:
+            return
+        identity = _file_identity(self._follows)
+        if identity is None or identity == self._identity or not _has_schema(self._follows):
+            return  # mid-rebuild: keep reading the old file until the new one is ready
+        with self._cond:
+            if identity == self._identity:
+                return
+            self._identity = identity
+            self._generation += 1
+            old, self._idle = self._idle, []
+            self._count -= len(old)
+            for conn in old:
+                self._born.pop(id(conn), None)
+        for conn in old:
+            conn.close()
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _has_schema(path: Path) -> bool:
+    """True once a writer committed the schema of a (new) file at ``path``."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return False
+    try:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0]) > 0
+    except sqlite3.Error:
+        return False
+    finally:
+        conn.close()
 
 
 def in_transaction(conn: sqlite3.Connection, body: Callable[[], T], *, immediate: bool = True) -> T:

@@ -34,6 +34,8 @@ from thread_store.demo import run_demo
 if TYPE_CHECKING:
     from click._termui_impl import ProgressBar
 
+    from thread_store.otel_setup import TraceDelivery
+
 DEFAULT_STORE = "thread-store-data"
 _OTEL_ENV = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_EXPORTER")
 _TITLE_WIDTH = 48
@@ -127,7 +129,7 @@ def show(store_path: Path, thread_id: str, count: int, as_json: bool) -> None:
         if value is not None:
             click.echo(f"{key:<20}{json.dumps(value) if isinstance(value, dict) else value}")
     if items:
-        click.echo(f"\nlast {len(items)} items:")
+        click.echo(f"\nlast {_count(len(items), 'item')}:")
         _echo_table(("SEQ", "TIME", "TYPE", "PAYLOAD"),
                     [(str(s.seq), s.ts.strftime("%Y-%m-%d %H:%M:%S"), _kind(s.item),
                       _clip(json.dumps(s.item.get("payload"), ensure_ascii=False), 70)) for s in items])
@@ -175,6 +177,74 @@ def status(store_path: Path, as_json: bool) -> None:
 # -- writing ------------------------------------------------------------------------------
 
 
+@cli.command(epilog=_example("thread-store rename 0194a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b 'Fix the flaky test'"))
+@click.argument("thread_id")
+@click.argument("name")
+@click.pass_obj
+def rename(store_path: Path, thread_id: str, name: str) -> None:
+    """Give a thread a name (shown in lists instead of its title); '' clears it."""
+    with _open_existing(store_path) as store:
+        meta = store.update_metadata(thread_id, name=name or None)
+    click.echo(f"renamed {thread_id}: {meta.name or '(name cleared)'}")
+
+
+@cli.command(epilog=_example("thread-store archive 0194a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"))
+@click.argument("thread_id")
+@click.pass_obj
+def archive(store_path: Path, thread_id: str) -> None:
+    """Archive a thread: it leaves `list` and shows in `list --archived`."""
+    with _open_existing(store_path) as store:
+        store.archive_thread(thread_id)
+    click.echo(f"archived {thread_id}")
+
+
+@cli.command(epilog=_example("thread-store unarchive 0194a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"))
+@click.argument("thread_id")
+@click.pass_obj
+def unarchive(store_path: Path, thread_id: str) -> None:
+    """Bring an archived thread back to `list`."""
+    with _open_existing(store_path) as store:
+        store.unarchive_thread(thread_id)
+    click.echo(f"unarchived {thread_id}")
+
+
+@cli.command(epilog=_example("thread-store delete 0194a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b --yes"))
+@click.argument("thread_id")
+@click.option("--yes", is_flag=True, help="Do not ask; needed when stdin is not a terminal.")
+@click.pass_obj
+def delete(store_path: Path, thread_id: str, yes: bool) -> None:
+    """Delete a thread for good: its history and its metadata.
+
+    On a terminal it asks first; otherwise it refuses without --yes.
+    """
+    with _open_existing(store_path) as store:
+        meta = store.read_thread(thread_id)
+        if not yes:
+            if not sys.stdin.isatty():
+                raise click.UsageError(f"delete of {thread_id} needs --yes when not run on a terminal")
+            label = _clip(meta.name or meta.title or meta.preview or "untitled", _TITLE_WIDTH)
+            click.confirm(f"Delete thread {thread_id} ({label}, {_count(meta.item_count, 'item')}) "
+                          "for good?", abort=True, err=True)
+        store.delete_thread(thread_id)
+    click.echo(f"deleted {thread_id}")
+
+
+@cli.command(epilog=_example("thread-store export 0194a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b > session.jsonl"))
+@click.argument("thread_id")
+@click.pass_obj
+def export(store_path: Path, thread_id: str) -> None:
+    """Print a thread's history as JSON Lines: each item as it was appended, in order.
+
+    Items are written as compact JSON (the form the store keeps), so `import-codex` of
+    the output gives the same items back.
+    """
+    with ThreadStore.open(store_path, read_only=True) as store:
+        after = 0
+        while page := store.read_history(thread_id, after_seq=after, limit=1000):
+            click.echo("\n".join(json.dumps(s.item, separators=(",", ":")) for s in page))
+            after = page[-1].seq
+
+
 @cli.command(epilog=_example("thread-store --store ~/agent-threads reindex"))
 @click.pass_obj
 def reindex(store_path: Path) -> None:
@@ -205,9 +275,10 @@ def import_codex_command(store_path: Path, directory: Path, as_json: bool) -> No
             click.echo(f"skipped {line}", err=True)
         for problem in report.errors:
             click.echo(f"not imported: {problem}", err=True)
-        click.echo(f"{report.files} files: {report.threads_created} threads created, "
-                   f"{report.threads_updated} updated, {report.threads_unchanged} unchanged; "
-                   f"{report.items_appended} items appended, {len(report.skipped)} lines skipped")
+        click.echo(f"{_count(report.files, 'file')}: {_count(report.threads_created, 'thread')} "
+                   f"created, {report.threads_updated} updated, {report.threads_unchanged} unchanged; "
+                   f"{_count(report.items_appended, 'item')} appended, "
+                   f"{_count(len(report.skipped), 'line')} skipped")
     if report.errors:
         sys.exit(1)
 
@@ -226,7 +297,7 @@ def demo(store_path: Path, threads: int, seed: int | None, otlp_endpoint: str | 
     Without --otlp-endpoint/--trace-file, tracing still follows the OTEL_* environment
     variables when OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_TRACES_EXPORTER is set.
     """
-    shutdown = _start_tracing(otlp_endpoint, trace_file)
+    tracing = _start_tracing(otlp_endpoint, trace_file)
     latencies: list[float] = []
     flushed = 0
 
@@ -243,13 +314,15 @@ def demo(store_path: Path, threads: int, seed: int | None, otlp_endpoint: str | 
             metas = run_demo(store, threads, seed, on_append=observe)
             elapsed = time.perf_counter() - started
     finally:
-        if shutdown is not None:
-            shutdown()
+        delivery = tracing.stop() if tracing is not None else None
     _echo_threads(metas)
     p50 = statistics.median(latencies) * 1000 if latencies else 0.0
-    click.echo(f"demo: {len(metas)} threads, {len(latencies) + flushed} appends "
+    click.echo(f"demo: {_count(len(metas), 'thread')}, {_count(len(latencies) + flushed, 'append')} "
                f"({flushed} append_and_flush) in {elapsed:.2f} s; p50 append {p50:.3f} ms; "
                f"store {store_path}")
+    if tracing is not None and delivery is not None and delivery.failed:
+        _fail(f"{delivery.failed} of {delivery.failed + delivery.delivered} spans could not be "
+              f"delivered: {tracing.first_warning or 'the exporter reported a failure'}", 1)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True},
@@ -263,6 +336,18 @@ def bench(ctx: click.Context, args: tuple[str, ...]) -> None:
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _open_existing(store_path: Path) -> ThreadStore:
+    """Open a store that must exist already: a typo in --store must not create one."""
+    if not store_path.exists():
+        raise NotAThreadStore(f"{store_path} does not exist; pass --store or set $THREAD_STORE")
+    return ThreadStore.open(store_path)
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 item``, ``2 items``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _every_thread(store: ThreadStore, archived: bool) -> Iterator[ThreadMetadata]:
@@ -300,7 +385,32 @@ def _progress(bars: ExitStack, label: str) -> Callable[[int, int], None]:
     return update
 
 
-def _start_tracing(endpoint: str | None, trace_file: Path | None) -> Callable[[], None] | None:
+class _Tracing(logging.Handler):
+    """The demo's tracing: stops the SDK, and keeps the exporters' first warning, so a
+    collector that is down makes one line of output, not one per retry."""
+
+    def __init__(self, stop: Callable[[], TraceDelivery]) -> None:
+        super().__init__(logging.WARNING)
+        self._stop = stop
+        self.first_warning: str | None = None
+        self._logger = logging.getLogger("opentelemetry")
+        self._logger.addHandler(self)
+        self._logger.propagate = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.first_warning is None:
+            self.first_warning = _clip(record.getMessage(), 300)
+
+    def stop(self) -> TraceDelivery:
+        """Flush and shut down the SDK; return what was delivered."""
+        try:
+            return self._stop()
+        finally:
+            self._logger.removeHandler(self)
+            self._logger.propagate = True
+
+
+def _start_tracing(endpoint: str | None, trace_file: Path | None) -> _Tracing | None:
     """Configure the OpenTelemetry SDK for the demo; ``None`` when tracing is off."""
     if not (endpoint or trace_file or any(os.environ.get(name) for name in _OTEL_ENV)):
         return None
@@ -310,8 +420,8 @@ def _start_tracing(endpoint: str | None, trace_file: Path | None) -> Callable[[]
         raise click.ClickException(f"tracing needs the OpenTelemetry SDK and exporter: "
                                    f"pip install 'thread_store[otlp]' ({exc})") from exc
     try:
-        return configure_tracing(DEFAULT_SERVICE_NAME, endpoint,
-                                 str(trace_file) if trace_file else None)
+        return _Tracing(configure_tracing(DEFAULT_SERVICE_NAME, endpoint,
+                                          str(trace_file) if trace_file else None))
     except (RuntimeError, ValueError, OSError) as exc:
         raise click.ClickException(f"cannot set up tracing: {exc}") from exc
 

@@ -3,11 +3,17 @@
 Writers serialize on an in-process lock, never on SQLite's busy handler. The head
 (last ``seq``) of every thread touched is cached, so an append is one INSERT and a
 COMMIT. Tombstones of discarded threads live here too, because history is the truth.
+
+History is also the durable record of which threads are behind their projection: a
+trigger adds the thread to the ``behind`` table in the transaction of the append itself,
+and the projector removes it once the index holds that head (see
+:meth:`History.acknowledge`), so neither a power loss nor another process can roll the
+record back or overwrite it.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import sqlite3
 import threading
 from pathlib import Path
@@ -23,6 +29,7 @@ _INSERT = "INSERT INTO items (thread_id, seq, ts_us, item) VALUES (?, ?, ?, ?)"
 _RANGE = ("SELECT seq, ts_us, item FROM items WHERE thread_id = ? AND seq > ? AND seq <= ? "
           "ORDER BY seq LIMIT ?")
 RawItem = tuple[int, int, str]  # (seq, ts_us, json text)
+log = logging.getLogger("thread_store")
 
 
 def _create_schema(db: sqlite_utils.Database) -> None:
@@ -38,8 +45,46 @@ def _create_schema(db: sqlite_utils.Database) -> None:
     db["store_meta"].create({"key": str, "value": str}, pk="key")  # type: ignore[union-attr]
 
 
+_NOW_US = "CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER)"
+
+
+def _add_behind_record(db: sqlite_utils.Database) -> None:
+    """Version 2: the per-thread record of being behind replaces the session marker.
+
+    Existing threads start unmarked; the missing ``index_epoch`` then makes the first open
+    compare every thread once (and mark the ones behind).
+    """
+    # Only threads behind have a row, so open() reads O(threads behind). A table of its
+    # own, not a column of ``threads``: small and hot, so marking a thread writes one
+    # page where a column and its partial index write two (measured on the append that
+    # sets the mark: +7 µs p50, against +14 µs for the column; +0 µs when already set).
+    db.execute("CREATE TABLE behind (thread_id TEXT PRIMARY KEY, since_us INTEGER NOT NULL) "
+               "WITHOUT ROWID")
+    # In the append's own statement: an autocommit INSERT stays one transaction. While
+    # the mark is already set it is a lookup without a write.
+    db.execute("CREATE TRIGGER items_behind AFTER INSERT ON items BEGIN "
+               f"INSERT OR IGNORE INTO behind (thread_id, since_us) VALUES (new.thread_id, {_NOW_US}); "
+               "END")
+    db.execute("DELETE FROM store_meta WHERE key = 'session'")
+
+
 #: ``_MIGRATIONS[n]`` takes history.db from schema version n to n + 1.
-_MIGRATIONS: list[_sqlite.Migration] = [_create_schema]
+_MIGRATIONS: list[_sqlite.Migration] = [_create_schema, _add_behind_record]
+_EPOCH_KEY = "index_epoch"
+# Cleared only while the history holds nothing past the projected head: a newer append's
+# mark (set in that append's transaction, serialized with this one) always survives.
+_CLEAR = ("DELETE FROM behind WHERE thread_id = ?1"
+          " AND NOT EXISTS (SELECT 1 FROM items WHERE thread_id = ?1 AND seq > ?2)")
+_MARK = (f"INSERT OR IGNORE INTO behind (thread_id, since_us) SELECT thread_id, {_NOW_US} "
+         "FROM threads WHERE thread_id = ? AND discarded_us IS NULL")
+# Acknowledgements only raise the epoch: with several writers they may arrive out of order.
+_RAISE_EPOCH = ("INSERT INTO store_meta (key, value) VALUES ('index_epoch', ?1) ON CONFLICT(key) "
+                "DO UPDATE SET value = max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))")
+# Recovery sets it exactly: after a rebuilt or rolled-back index it must go down too.
+_SET_EPOCH = ("INSERT INTO store_meta (key, value) VALUES ('index_epoch', ?1) ON CONFLICT(key) "
+              "DO UPDATE SET value = excluded.value")
+_HEADS = ("SELECT t.thread_id, (SELECT max(seq) FROM items i WHERE i.thread_id = t.thread_id) "
+          "FROM threads t WHERE t.discarded_us IS NULL")
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -56,9 +101,11 @@ class History:
         _sqlite.migrate(self._conn, path, _MIGRATIONS, read_only=read_only)
         self._readers = _sqlite.ConnectionPool(
             lambda: _sqlite.connect(path, durability=durability, read_only=read_only))
+        self._full = durability == "full"
         self.lock = threading.Lock()
         self._heads: dict[str, int] = {}
-        self._closed = False
+        self._closed = False  # writes rejected (close began)
+        self._conn_closed = False
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -74,8 +121,11 @@ class History:
                 raise ThreadExists(f"thread {thread_id!r} already exists; pick another id or omit it")
 
             def write() -> None:
+                # Behind from birth: even an empty thread owes the index its row.
                 self._conn.execute("INSERT INTO threads (thread_id, created_us) VALUES (?, ?)",
                                    (thread_id, created_us))
+                self._conn.execute("INSERT OR REPLACE INTO behind (thread_id, since_us) "
+                                   "VALUES (?, ?)", (thread_id, created_us))
                 if first is not None:
                     self._conn.execute(_INSERT, (thread_id, 1, first.ts_us, first.text))
 
@@ -112,6 +162,7 @@ class History:
 
             def write() -> None:
                 self._conn.execute("DELETE FROM items WHERE thread_id = ?", (thread_id,))
+                self._conn.execute("DELETE FROM behind WHERE thread_id = ?", (thread_id,))
                 if tombstone:
                     self._conn.execute(
                         "UPDATE threads SET discarded_us = CAST(strftime('%s','now') AS INTEGER)"
@@ -122,17 +173,51 @@ class History:
             self._write(write, "discard" if tombstone else "delete_thread")
             self._heads.pop(thread_id, None)
 
-    def set_meta(self, key: str, value: Any) -> None:
-        """Store a JSON value in ``store_meta`` (session markers)."""
+    def acknowledge(self, projected: list[tuple[str, int]], epoch: int | None) -> None:
+        """The index committed these ``(thread_id, seq)`` heads (and index ``epoch``).
+
+        Clears each thread's mark unless an append went past that seq, and records the
+        epoch, so open() can tell whether the two files still agree. Runs after the index
+        COMMIT, so the mark never disappears before the row it stands for is written.
+        Nothing here needs to be durable at once (a lost acknowledgement only costs open()
+        a check), so it never waits for an fsync, and a failure is only logged: also
+        during close, whose drain still projects after appends are rejected.
+        """
         with self.lock:
-            self._write(lambda: self._conn.execute(
-                "INSERT INTO store_meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
-                "SET value = excluded.value", (key, json.dumps(value))), "store_meta")
+            if self._conn_closed:
+                return
+            try:
+                self._relaxed(lambda: self._acknowledge(projected, epoch))
+            except sqlite3.Error as exc:
+                log.warning("thread_store: could not record projected heads in history (%s); "
+                            "the next open checks those threads again", exc)
+
+    def _acknowledge(self, projected: list[tuple[str, int]], epoch: int | None) -> None:
+        if projected:
+            self._conn.executemany(_CLEAR, projected)
+        if epoch is not None:
+            self._conn.execute(_RAISE_EPOCH, (epoch,))
+
+    def mark_behind(self, thread_ids: list[str], epoch: int | None = None) -> None:
+        """Durably mark threads as behind (and set the ``epoch``) in one transaction.
+
+        Before an index row goes (discard, delete), and after open() compared every thread.
+        """
+        with self.lock:
+            if self._conn_closed:
+                raise StoreClosed("the thread store is closed; open it again")
+
+            def write() -> None:
+                self._conn.executemany(_MARK, [(t,) for t in thread_ids])
+                if epoch is not None:
+                    self._conn.execute(_SET_EPOCH, (epoch,))
+
+            self._write(write, "marking threads behind")
 
     def close(self) -> None:
         """Refuse further writes and close every connection."""
         with self.lock:
-            self._closed = True
+            self._closed = self._conn_closed = True
             self._conn.close()
         self._readers.close()
 
@@ -143,10 +228,24 @@ class History:
 
     # -- reads ----------------------------------------------------------------------------
 
-    def get_meta(self, key: str) -> Any:
-        """Read a JSON value from ``store_meta``; ``None`` if missing."""
-        row = self._readers.fetchone("history", "SELECT value FROM store_meta WHERE key = ?", (key,))
-        return json.loads(row[0]) if row else None
+    def index_epoch(self) -> int | None:
+        """The last index epoch acknowledged here; ``None`` before any (or an old file)."""
+        row = self._readers.fetchone("history", "SELECT value FROM store_meta WHERE key = ?",
+                                     (_EPOCH_KEY,))
+        return int(row[0]) if row else None
+
+    def behind_threads(self) -> dict[str, int]:
+        """``{thread_id: head}`` of the live threads marked behind: O(marked threads)."""
+        rows = self._readers.fetchall(
+            "history", "SELECT t.thread_id, (SELECT max(seq) FROM items i "
+            "WHERE i.thread_id = t.thread_id) FROM behind b JOIN threads t USING (thread_id) "
+            "WHERE t.discarded_us IS NULL")
+        return {thread_id: int(head or 0) for thread_id, head in rows}
+
+    def heads(self) -> dict[str, int]:
+        """``{thread_id: head}`` of every live thread, in one read (recovery, reindex)."""
+        return {thread_id: int(head or 0)
+                for thread_id, head in self._readers.fetchall("history", _HEADS)}
 
     def head(self, thread_id: str) -> int:
         """Return the thread's head; raise if it is unknown or discarded."""
@@ -188,12 +287,8 @@ class History:
             after_seq = rows[-1][0]
 
     def live_threads(self) -> Iterator[tuple[str, int]]:
-        """Yield ``(thread_id, head)`` of every live thread (crash recovery, reindex)."""
-        for (thread_id,) in self._readers.fetchall(
-                "history", "SELECT thread_id FROM threads WHERE discarded_us IS NULL"):
-            head = self._readers.fetchone(
-                "history", "SELECT max(seq) FROM items WHERE thread_id = ?", (thread_id,))[0]
-            yield thread_id, int(head or 0)
+        """Yield ``(thread_id, head)`` of every live thread (reindex)."""
+        yield from self.heads().items()
 
     # -- internals ------------------------------------------------------------------------
 
@@ -233,6 +328,17 @@ class History:
             row: tuple[int | None] | None = self._conn.execute(
                 "SELECT discarded_us FROM threads WHERE thread_id = ?", (thread_id,)).fetchone()
         return row
+
+    def _relaxed(self, body: Callable[[], None]) -> None:
+        """Run ``body`` in a transaction that skips the fsync of ``durability="full"``."""
+        if not self._full:
+            _sqlite.in_transaction(self._conn, body)
+            return
+        self._conn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            _sqlite.in_transaction(self._conn, body)
+        finally:
+            self._conn.execute("PRAGMA synchronous = FULL")
 
     def _write(self, body: Callable[[], Any], what: str, *, txn: bool = True) -> None:
         try:

@@ -14,7 +14,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import sqlite_utils
 from sqlite_utils.db import DescIndex
@@ -68,9 +68,26 @@ def _create_schema(db: sqlite_utils.Database) -> None:
         f"INSERT INTO threads_fts (rowid, {', '.join(_FTS)}) VALUES (new.rowid, {new}); END")
 
 
+def _add_epoch(db: sqlite_utils.Database) -> None:
+    """Version 2: a counter of index transactions, acknowledged into history after each."""
+    db.execute("CREATE TABLE index_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+    db.execute("INSERT INTO index_meta (key, value) VALUES ('epoch', 0)")
+
+
 #: ``_MIGRATIONS[n]`` takes index.db from schema version n to n + 1.
-_MIGRATIONS: list[_sqlite.Migration] = [_create_schema]
+_MIGRATIONS: list[_sqlite.Migration] = [_create_schema, _add_epoch]
 SCHEMA_VERSION = len(_MIGRATIONS)
+_BUMP = "UPDATE index_meta SET value = value + 1 WHERE key = 'epoch' RETURNING value"
+
+
+class HistoryLink(Protocol):
+    """What the index tells the history about its writes (``History`` implements it)."""
+
+    def acknowledge(self, projected: list[tuple[str, int]], epoch: int | None) -> None:
+        """The index committed these ``(thread_id, seq)`` rows in transaction ``epoch``."""
+
+    def mark_behind(self, thread_ids: list[str], epoch: int | None = None) -> None:
+        """Durably record that these threads' rows must be (re)written."""
 
 
 def _row_to_metadata(row: tuple[Any, ...]) -> ThreadMetadata:
@@ -117,10 +134,14 @@ class Index:
                                      busy_timeout_ms=busy_timeout_ms, schema_version=SCHEMA_VERSION)
         self._db = sqlite_utils.Database(self._conn)
         self.fresh = _sqlite.migrate(self._conn, path, _MIGRATIONS, read_only=read_only) == 0
+        # A read-only store follows a rebuild of the index by the writer (a new file).
         self._readers = _sqlite.ConnectionPool(
-            lambda: _sqlite.connect(path, durability=durability, read_only=read_only))
+            lambda: _sqlite.connect(path, durability=durability, read_only=read_only),
+            follows=path if read_only else None)
         #: Held for every index write; ``fenced`` is set under it by close().
         self.write_lock = threading.Lock()
+        #: The writer's history, told of every index transaction (None: read-only).
+        self.history: HistoryLink | None = None
         self.fenced = False
         self.transactions = 0
 
@@ -151,21 +172,55 @@ class Index:
                         raise
                     errors[row.meta.thread_id] = exc
 
-        def fenced_body() -> None:
+        def fenced_body() -> int:
             body()
+            epoch = self._bump()
             if self.fenced:  # close() gave up waiting for this transaction: write nothing
                 raise StoreClosed("the store closed during this projection transaction")
+            return epoch
 
-        _sqlite.in_transaction(self._conn, fenced_body)
+        epoch = _sqlite.in_transaction(self._conn, fenced_body)
         self.transactions += 1
+        if self.history is not None:
+            self.history.acknowledge([(r.meta.thread_id, r.meta.projected_seq) for r in rows
+                                      if r.meta.thread_id not in errors], epoch)
         return errors
 
     def delete_row(self, thread_id: str) -> None:
-        """Remove a thread's row (discard, delete, or an orphan found at open)."""
+        """Remove a thread's row (discard, delete); the caller holds ``write_lock``."""
+        self.delete_rows([thread_id])
+
+    def delete_rows(self, thread_ids: list[str]) -> None:
+        """Remove rows (discard, delete, orphans found at open) in one transaction.
+
+        The threads are first marked behind in history: if the history removal that
+        follows never happens (a crash), the next open re-projects them whole.
+        """
+        if not thread_ids:
+            return
+        if self.history is not None:
+            self.history.mark_behind(thread_ids)
+
+        def body() -> int:
+            self._conn.executemany("DELETE FROM threads WHERE thread_id = ?",
+                                   [(t,) for t in thread_ids])
+            return self._bump()
+
         try:
-            self._conn.execute("DELETE FROM threads WHERE thread_id = ?", (thread_id,))
+            epoch = _sqlite.in_transaction(self._conn, body)
         except sqlite3.Error as exc:
             raise _sqlite.storage_error(exc, "removing the thread's index row") from exc
+        if self.history is not None:
+            self.history.acknowledge([], epoch)
+
+    def epoch(self) -> int:
+        """How many transactions the index has committed (open compares it with history's)."""
+        row = self._readers.fetchone("the index", "SELECT value FROM index_meta WHERE key = 'epoch'")
+        return int(row[0]) if row else 0
+
+    def _bump(self) -> int:
+        """Count this transaction; in it, so the epoch and the rows commit together."""
+        return int(self._conn.execute(_BUMP).fetchone()[0])
 
     def load_state(self, thread_id: str) -> tuple[int, str | None]:
         """Return ``(projected_seq, state json)`` of a thread; ``(0, None)`` without a row."""

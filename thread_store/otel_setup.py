@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict  # type: ignore[import-untyped]
@@ -29,8 +30,10 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.environment_variables import (
     OTEL_EXPORTER_OTLP_ENDPOINT,
     OTEL_EXPORTER_OTLP_PROTOCOL,
+    OTEL_EXPORTER_OTLP_TIMEOUT,
     OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
     OTEL_EXPORTER_OTLP_TRACES_PROTOCOL,
+    OTEL_EXPORTER_OTLP_TRACES_TIMEOUT,
 )
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -47,10 +50,21 @@ DEFAULT_SERVICE_NAME = "thread-store"
 TRACES_PATH = "/v1/traces"
 _OTEL_TRACES_EXPORTER = "OTEL_TRACES_EXPORTER"
 _ID_FIELDS = ("traceId", "spanId", "parentSpanId")
+#: Seconds one OTLP export may take, retries included, unless OTEL_EXPORTER_OTLP_*TIMEOUT
+#: says otherwise: a command with no collector to talk to fails in seconds, not the SDK's 10.
+EXPORT_TIMEOUT_S = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class TraceDelivery:
+    """What the exporters did with the spans, counted when tracing shut down."""
+
+    delivered: int
+    failed: int
 
 
 def configure_tracing(service_name: str = DEFAULT_SERVICE_NAME, otlp_endpoint: str | None = None,
-                      trace_file: str | None = None) -> Callable[[], None]:
+                      trace_file: str | None = None) -> Callable[[], TraceDelivery]:
     """Install a global SDK tracer provider that exports thread_store's spans.
 
     :param service_name: the ``service.name`` resource attribute. ``OTEL_SERVICE_NAME``
@@ -60,8 +74,9 @@ def configure_tracing(service_name: str = DEFAULT_SERVICE_NAME, otlp_endpoint: s
         to its ``/v1/traces``. Without it, the ``OTEL_EXPORTER_OTLP_*`` variables decide.
     :param trace_file: also write OTLP/JSON Lines here (one export request per line),
         replacing the file. Jaeger's UI loads it via "Upload JSON".
-    :returns: a function that flushes pending spans and shuts the provider down; call
-        it before the process exits.
+    :returns: a function that flushes pending spans, shuts the provider down and returns
+        the :class:`TraceDelivery` counts (spans an exporter failed to deliver, e.g. with
+        no collector listening, count as failed); call it before the process exits.
     :raises RuntimeError: a global tracer provider is already installed.
     :raises ValueError: the OTLP protocol or ``OTEL_TRACES_EXPORTER`` is not supported.
 
@@ -72,12 +87,15 @@ def configure_tracing(service_name: str = DEFAULT_SERVICE_NAME, otlp_endpoint: s
     if installed:
         raise RuntimeError("a global OpenTelemetry tracer provider is already set; configure "
                            "tracing once per process, or pass tracer_provider= to ThreadStore.open")
-    provider = build_tracer_provider(service_name, otlp_endpoint, trace_file)
+    counters = [_DeliveryCounter(e) for e in _exporters(otlp_endpoint, trace_file)]
+    provider = _provider(service_name, counters)
     trace.set_tracer_provider(provider)
 
-    def shutdown() -> None:
+    def shutdown() -> TraceDelivery:
         provider.force_flush()
         provider.shutdown()
+        return TraceDelivery(delivered=sum(c.delivered for c in counters),
+                             failed=sum(c.failed for c in counters))
 
     return shutdown
 
@@ -89,8 +107,12 @@ def build_tracer_provider(service_name: str = DEFAULT_SERVICE_NAME, otlp_endpoin
     Pass it to ``ThreadStore.open(tracer_provider=...)`` to trace one store only.
     Parameters as in :func:`configure_tracing`; the caller shuts the provider down.
     """
+    return _provider(service_name, _exporters(otlp_endpoint, trace_file))
+
+
+def _provider(service_name: str, exporters: Sequence[SpanExporter]) -> TracerProvider:
     provider = TracerProvider(resource=_resource(service_name))
-    for exporter in _exporters(otlp_endpoint, trace_file):
+    for exporter in exporters:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
 
@@ -116,12 +138,14 @@ def _resource(service_name: str) -> Resource:
 def _exporters(otlp_endpoint: str | None, trace_file: str | None) -> list[SpanExporter]:
     exporters: list[SpanExporter] = []
     if otlp_endpoint:
-        exporters.append(OTLPSpanExporter(endpoint=otlp_traces_url(otlp_endpoint)))
+        exporters.append(OTLPSpanExporter(endpoint=otlp_traces_url(otlp_endpoint),
+                                          timeout=_export_timeout()))
     else:
         for name in _env_exporter_names():
             if name == "otlp":
                 _check_protocol()
-                exporters.append(OTLPSpanExporter())  # the SDK resolves the endpoint env vars
+                # The SDK resolves the endpoint env vars.
+                exporters.append(OTLPSpanExporter(timeout=_export_timeout()))
             elif name == "console":
                 exporters.append(ConsoleSpanExporter())
             elif name != "none":
@@ -141,12 +165,51 @@ def _env_exporter_names() -> list[str]:
     return ["otlp"] if endpoint_set else []
 
 
+def _export_timeout() -> float | None:
+    """``None`` lets the SDK read a timeout the environment sets; else ours."""
+    if os.environ.get(OTEL_EXPORTER_OTLP_TRACES_TIMEOUT) or os.environ.get(OTEL_EXPORTER_OTLP_TIMEOUT):
+        return None
+    return EXPORT_TIMEOUT_S
+
+
 def _check_protocol() -> None:
     protocol = (os.environ.get(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL)
                 or os.environ.get(OTEL_EXPORTER_OTLP_PROTOCOL) or "http/protobuf").strip()
     if protocol != "http/protobuf":
         raise ValueError(f"OTLP protocol {protocol!r} is not supported by thread-store; "
                          "set OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf (port 4318)")
+
+
+class _DeliveryCounter(SpanExporter):
+    """Passes spans to ``exporter`` and counts the delivered and the failed ones."""
+
+    def __init__(self, exporter: SpanExporter) -> None:
+        self._exporter = exporter
+        self._lock = threading.Lock()
+        self.delivered = 0
+        self.failed = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        """Export through the wrapped exporter; an exception counts as a failure."""
+        try:
+            result = self._exporter.export(spans)
+        except Exception:
+            result = SpanExportResult.FAILURE
+            log.exception("thread_store: a span exporter failed")
+        with self._lock:
+            if result is SpanExportResult.SUCCESS:
+                self.delivered += len(spans)
+            else:
+                self.failed += len(spans)
+        return result
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Flush the wrapped exporter."""
+        return self._exporter.force_flush(timeout_millis)
+
+    def shutdown(self) -> None:
+        """Shut the wrapped exporter down."""
+        self._exporter.shutdown()
 
 
 class OTLPJsonFileExporter(SpanExporter):

@@ -24,7 +24,7 @@ from . import _files
 from ._options import check_open_kwargs, check_options, check_path
 from .derive import ARCHIVE_EDIT, METADATA_EDIT, CodexRules, ProjectionRules
 from .errors import (DURABLE_NOTE, FlushTimeout, InvalidArgument, NotAThreadStore, ProjectionFailed,
-                     ReadOnlyStore, StorageError, StoreClosed, ThreadDiscarded, ThreadStoreError)
+                     ReadOnlyStore, StorageError, StoreClosed, ThreadDiscarded)
 from .history import History
 from .index import Index
 from .model import (DEFAULT_MAX_ITEM_BYTES, EncodedItem, Page, StoredItem, ThreadMetadata,
@@ -113,7 +113,7 @@ class ThreadStore:
         lock_fd = None if read_only else _files.lock_directory(root)
         history = index = None
         try:
-            history = History(root / _files.HISTORY_FILE, durability=durability, read_only=read_only)
+            history = _files.open_history(root / _files.HISTORY_FILE, durability, read_only)
             index = _files.open_index(root / _files.INDEX_FILE, durability, read_only)
             rules = rules or CodexRules()
             telemetry = Telemetry(tracer_provider, meter_provider)
@@ -502,12 +502,8 @@ class ThreadStore:
         self._history.reject_writes()
         try:
             if self._projector is not None:
-                behind = self._projector.close(timeout)
-                try:
-                    _files.record_clean_close(self._history, behind)
-                except ThreadStoreError as exc:
-                    # Without the marker the next open checks every thread: slower, still right.
-                    log.warning("thread_store: could not record the clean close (%s)", exc)
+                # What the drain leaves behind stays marked in history for the next open.
+                self._projector.close(timeout)
         finally:
             self._history.close()
             self._index.close()
