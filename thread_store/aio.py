@@ -181,8 +181,9 @@ class AsyncThreadStore:
         """See :meth:`ThreadStore.resume_projection`."""
         await self._call(self._store.resume_projection)
 
-    async def close(self, timeout: float = 10.0) -> None:
-        """See :meth:`ThreadStore.close`: drains in the executor, resolves every waiter."""
+    async def close(self, timeout: float | None = 10.0) -> None:
+        """See :meth:`ThreadStore.close` (``None``: no limit): drains in the executor,
+        resolves every waiter."""
         await self._call(self._store.close, timeout)
 
     async def __aenter__(self) -> Self:
