@@ -125,11 +125,13 @@ class AttemptRunner:
         # A group commit can hold the lock for long; a barrier with a deadline must not
         # wait for it past the deadline, so it hands its attempt to the worker instead.
         wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
-        if not lock.acquire(timeout=wait):
-            for c, _, _ in rows:
-                results[id(c)] = Result("yielded")
-            return
-        try:
+        acquired = False
+        try:  # an interrupt (Ctrl-C in a caller) anywhere after the acquire releases the lock
+            acquired = lock.acquire(timeout=wait)
+            if not acquired:
+                for c, _, _ in rows:
+                    results[id(c)] = Result("yielded")
+                return
             if self._index.fenced:
                 for c, _, _ in rows:
                     results[id(c)] = Result("closed")
@@ -155,7 +157,8 @@ class AttemptRunner:
                     results[id(c)] = _failure(exc)
                 return
         finally:
-            lock.release()
+            if acquired:
+                lock.release()
         self._on_commit()
         for c, _, prepared in live:
             error = errors.get(c.state.thread_id)
