@@ -65,14 +65,15 @@ def test_calls_after_close_raise_store_closed(store_path: Path, name: str) -> No
         CLOSED_CALLS[name](s, tid)
 
 
-def test_worker_is_named_not_daemon_and_gone_after_close(store_path: Path) -> None:
+def test_worker_is_named_daemon_and_gone_after_close(store_path: Path) -> None:
+    """A daemon, so a fenced worker stuck in a hook cannot keep the process alive."""
     before = _workers()
     s = ThreadStore.open(store_path)
     try:
         mine = _workers() - before
         assert len(mine) == 1
         (worker,) = mine
-        assert worker.is_alive() and not worker.daemon
+        assert worker.is_alive() and worker.daemon
         s.append(s.create_thread(), [plain()])
     finally:
         s.close()

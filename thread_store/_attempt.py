@@ -2,11 +2,17 @@
 
 This is the projector's only I/O. It runs with no projector lock held, in the worker or
 in a barrier's calling thread.
+
+An error from user code (the hook, the rules) fails its own attempt only. The one
+exception: in a barrier's calling thread (``in_caller``), a ``BaseException`` that is
+not an ``Exception`` (``KeyboardInterrupt``, ``SystemExit``) propagates, so Ctrl-C is
+never swallowed; the projector then hands the attempts back (see ``Projector._run``).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from typing import Callable
 
 from . import _sqlite
@@ -20,8 +26,11 @@ ProjectionHook = Callable[[str, int], None]
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Errors worth a retry with backoff."""
-    return isinstance(exc, TransientProjectionError) or _sqlite.is_transient(exc)
+    """Errors worth a retry with backoff; never raises, whatever the error object does."""
+    try:
+        return isinstance(exc, TransientProjectionError) or _sqlite.is_transient(exc)
+    except Exception:  # noqa: BLE001 - a hostile error (from a hook) is simply not transient
+        return False
 
 
 def _failure(exc: BaseException) -> Result:
@@ -42,27 +51,35 @@ class AttemptRunner:
         types: frozenset[str] | None = getattr(rules, "item_types", None)
         self._reads: Callable[[str], bool] = (lambda _kind: True) if types is None else types.__contains__
 
-    def run(self, claims: list[Claim]) -> dict[int, Result]:
-        """Prepare every claim, then commit the good rows together; results by ``id(claim)``."""
+    def run(self, claims: list[Claim], deadline: float | None = None, *,
+            in_caller: bool = False) -> dict[int, Result]:
+        """Prepare every claim, then commit the good rows together; results by ``id(claim)``.
+
+        :param deadline: a barrier running its own attempt gives the work back
+            (``yielded``) rather than wait past it for the index write lock.
+        :param in_caller: runs in a barrier's calling thread: let interrupts through.
+        """
         results: dict[int, Result] = {}
         rows: list[tuple[Claim, RowWrite, Result]] = []
         for c in claims:
-            result, row = self._prepare(c)
+            result, row = self._prepare(c, in_caller)
             if row is None:
                 results[id(c)] = result
             else:
                 rows.append((c, row, result))
         if rows:
-            self._commit(rows, results)
+            self._commit(rows, results, deadline)
         return results
 
-    def _prepare(self, c: Claim) -> tuple[Result, RowWrite | None]:
+    def _prepare(self, c: Claim, in_caller: bool) -> tuple[Result, RowWrite | None]:
         """Run the hook and the fold for one claim."""
         thread_id = c.state.thread_id
         if self._hook is not None:
             try:
                 self._hook(thread_id, c.target)
             except BaseException as exc:  # noqa: BLE001 - any hook error fails this attempt only
+                if in_caller and not isinstance(exc, Exception):
+                    raise
                 return _failure(exc), None
         try:
             base, state = self._start_state(c)
@@ -79,10 +96,14 @@ class AttemptRunner:
             if seq != c.target:
                 return Result("gone", error=ThreadDiscarded(f"thread {thread_id!r} is gone")), None
             meta = self._rules.metadata(thread_id, state, c.target)
-            return Result("ok", meta=meta, fold_state=state), RowWrite(meta, json.dumps(state))
+            state_json = json.dumps(state)
+            return (Result("ok", meta=meta, fold_state=state, state_bytes=len(state_json)),
+                    RowWrite(meta, state_json))
         except (ThreadDiscarded, ThreadNotFound) as exc:  # removed while this attempt ran
             return Result("gone", error=exc), None
         except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
+            if in_caller and not isinstance(exc, Exception):
+                raise
             return _failure(exc), None
 
     def _start_state(self, c: Claim) -> tuple[int, dict[str, object]]:
@@ -98,17 +119,29 @@ class AttemptRunner:
         return 0, self._rules.initial(thread_id, self._history.created_us(thread_id))
 
     def _commit(self, rows: list[tuple[Claim, RowWrite, Result]],
-                results: dict[int, Result]) -> None:
+                results: dict[int, Result], deadline: float | None) -> None:
         """Write the rows in one transaction, fenced by close and by discard/delete."""
-        with self._index.write_lock:
+        lock = self._index.write_lock
+        # A group commit can hold the lock for long; a barrier with a deadline must not
+        # wait for it past the deadline, so it hands its attempt to the worker instead.
+        wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        acquired = False
+        try:  # an interrupt (Ctrl-C in a caller) anywhere after the acquire releases the lock
+            acquired = lock.acquire(timeout=wait)
+            if not acquired:
+                for c, _, _ in rows:
+                    results[id(c)] = Result("yielded")
+                return
             if self._index.fenced:
                 for c, _, _ in rows:
                     results[id(c)] = Result("closed")
                 return
             live = []
             for entry in rows:
-                if entry[0].state.gone:
-                    results[id(entry[0])] = Result("gone")
+                # Checked under the write lock, which a removal takes to delete the row:
+                # no attempt can write a row back once the removal began.
+                if not entry[0].state.live:
+                    results[id(entry[0])] = Result("fenced")
                 else:
                     live.append(entry)
             if not live:
@@ -119,10 +152,13 @@ class AttemptRunner:
                 for c, _, _ in live:
                     results[id(c)] = Result("closed")
                 return
-            except BaseException as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001
                 for c, _, _ in live:
                     results[id(c)] = _failure(exc)
                 return
+        finally:
+            if acquired:
+                lock.release()
         self._on_commit()
         for c, _, prepared in live:
             error = errors.get(c.state.thread_id)

@@ -191,10 +191,10 @@ class AsyncThreadStore:
         """See :meth:`ThreadStore.resume_projection`."""
         await self._call(self._store.resume_projection)
 
-    async def close(self, timeout: float = 10.0) -> None:
-        """See :meth:`ThreadStore.close`: drains off the loop, resolves every waiter."""
-        close: Callable[[Any], None] = self._store.close  # it takes what its own timeout takes
-        await self._within(close, timeout, cancellable=False)
+    async def close(self, timeout: float | None = 10.0) -> None:
+        """See :meth:`ThreadStore.close` (``None``: no limit): drains off the loop, resolves
+        every waiter."""
+        await self._within(self._store.close, timeout, cancellable=False)
 
     async def __aenter__(self) -> Self:
         return self

@@ -12,9 +12,10 @@ import binascii
 import json
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import sqlite_utils
 from sqlite_utils.db import DescIndex
@@ -155,28 +156,41 @@ class Index:
         """
         errors: dict[str, BaseException] = {}
         bad = (sqlite3.Error, ValueError, TypeError, OverflowError)
+        closed = "the store closed during this projection transaction"
+
+        def checked() -> Iterator[tuple[Any, ...]]:
+            # Checked for every row, so a long group commit stops soon after close().
+            for r in rows:
+                if self.fenced:
+                    raise StoreClosed(closed)
+                yield _metadata_to_row(r.meta, r.state)
 
         def body() -> None:
             try:
-                self._conn.executemany(_UPSERT, [_metadata_to_row(r.meta, r.state) for r in rows])
+                self._conn.executemany(_UPSERT, checked())
                 return
             except bad as exc:
-                if _sqlite.is_transient(exc):
+                if _sqlite.is_transient(exc) or self.fenced:
                     raise
             # Find the bad rows one by one; re-applying an upsert that went in is harmless.
             for row in rows:
                 try:
                     self._conn.execute(_UPSERT, _metadata_to_row(row.meta, row.state))
                 except bad as exc:
-                    if _sqlite.is_transient(exc):
+                    if _sqlite.is_transient(exc) or self.fenced:
                         raise
                     errors[row.meta.thread_id] = exc
 
         def fenced_body() -> int:
-            body()
+            try:
+                body()
+            except sqlite3.Error as exc:
+                if self.fenced:  # interrupted by close() (see fence)
+                    raise StoreClosed(closed) from exc
+                raise
             epoch = self._bump()
             if self.fenced:  # close() gave up waiting for this transaction: write nothing
-                raise StoreClosed("the store closed during this projection transaction")
+                raise StoreClosed(closed)
             return epoch
 
         epoch = _sqlite.in_transaction(self._conn, fenced_body)
@@ -185,6 +199,29 @@ class Index:
             self.history.acknowledge([(r.meta.thread_id, r.meta.projected_seq) for r in rows
                                       if r.meta.thread_id not in errors], epoch)
         return errors
+
+    def fence(self, timeout: float) -> bool:
+        """Make the writer write nothing more (close): set ``fenced``, stop its statement.
+
+        A running transaction checks ``fenced`` for every row and before COMMIT, and
+        ``interrupt()`` (safe from any thread) cuts its current statement short, so it
+        rolls back within milliseconds. Returns whether the writer let go of the write
+        lock within ``timeout`` seconds.
+        """
+        self.fenced = True
+        end = time.monotonic() + timeout
+        acquired = self.write_lock.acquire(blocking=False)
+        while not acquired:
+            try:
+                self._conn.interrupt()  # each round: a new statement may have started
+            except sqlite3.Error:
+                return False  # the connection is closed already
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            acquired = self.write_lock.acquire(timeout=min(0.05, left))
+        self.write_lock.release()
+        return True
 
     def delete_row(self, thread_id: str) -> None:
         """Remove a thread's row (discard, delete); the caller holds ``write_lock``."""

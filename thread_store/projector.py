@@ -8,6 +8,11 @@ per thread is O(1) (:mod:`thread_store._pending`).
 
 Lock order: history lock -> projector lock; the index write lock is never taken while
 the projector lock is held.
+
+Signals: CPython runs signal handlers only in the main thread, so a ``KeyboardInterrupt``
+can land in a barrier that runs its own attempt, never in the worker. A claimed attempt
+leaves flight in a ``finally`` (:meth:`Projector._run`), and a barrier interrupted between
+claiming and running gives its claim back (:meth:`Projector.begin_wait`).
 """
 
 from __future__ import annotations
@@ -25,17 +30,17 @@ from typing import Callable
 from opentelemetry.trace import SpanContext
 
 from ._attempt import AttemptRunner, ProjectionHook
-from ._pending import (Claim, Outcome, ProjectorStats, Result, RetryPolicy, Success, ThreadState,
-                       Waiter, describe)
+from ._pending import (Claim, Outcome, Phase, ProjectorStats, Result, RetryPolicy, Success,
+                       ThreadState, Waiter, describe)
 from .derive import ProjectionRules
 from .errors import DURABLE_NOTE, ProjectionFailed, StoreClosed
 from .history import History
 from .index import Index
 from .model import EncodedItem, ThreadMetadata
-from .tracing import MAX_LINKS, Telemetry
+from .tracing import MAX_LINKS, Projection, Telemetry
 
-__all__ = ["Outcome", "ProjectionHook", "Projector", "ProjectorStats", "RetryPolicy", "Success",
-           "Waiter"]
+__all__ = ["Outcome", "ProjectionHook", "Projector", "ProjectorStats", "Removal", "RetryPolicy",
+           "Success", "Waiter"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,9 @@ _HEARTBEAT_S = 1.0
 _MAX_BATCH = 512
 #: Caught-up threads keep their state (and fold cache) until this many are idle.
 _IDLE_STATES = 2048
+#: After close's deadline, how long it waits for a writer it has fenced and interrupted
+#: to roll back and let go of the index (a statement stops within milliseconds).
+_FENCE_GRACE_S = 1.0
 
 
 def _worker_main(ref: weakref.ReferenceType[Projector]) -> None:
@@ -54,8 +62,35 @@ def _worker_main(ref: weakref.ReferenceType[Projector]) -> None:
         claims = projector._next_batch()
         if claims is None:
             return
-        projector._run(claims)
+        try:
+            projector._run(claims)
+        except Exception:  # noqa: BLE001 - _run settles its claims; the worker must live on
+            log.exception("thread_store: the projector worker hit an unexpected error")
         del projector, claims
+
+
+class Removal:
+    """A discard or delete under way, in two phases (see :meth:`Projector.begin_removal`).
+
+    :meth:`commit` once the history and the row are gone; :meth:`abort` if removing
+    failed, which puts the thread back as it was: its pending work is scheduled again and
+    its waiters keep waiting, so a failed removal has changed nothing.
+    """
+
+    __slots__ = ("_projector", "_state", "_open")
+
+    def __init__(self, projector: Projector, state: ThreadState) -> None:
+        self._projector = projector
+        self._state = state
+        self._open = True
+
+    def commit(self) -> None:
+        """The thread is removed: fail its waiters with ThreadDiscarded, forget it."""
+        self._projector._end_removal(self, committed=True, row_deleted=True)
+
+    def abort(self, *, row_deleted: bool) -> None:
+        """Removing failed: restore the thread (re-fold it if its row was deleted)."""
+        self._projector._end_removal(self, committed=False, row_deleted=row_deleted)
 
 
 class Projector:
@@ -78,6 +113,7 @@ class Projector:
         self._scheduled: dict[str, ThreadState] = {}
         self._idle_lru: OrderedDict[str, None] = OrderedDict()
         self._in_flight = 0
+        self._removals = 0  # removals doing their I/O; close waits for them like for attempts
         self._paused = False
         self._closing = False
         self._stopped = False
@@ -85,8 +121,14 @@ class Projector:
         self._heartbeat = time.monotonic()
         self._rng = random.Random()
         self._counts = {"rows": 0, "attempts": 0, "retries": 0, "failures": 0}
+        # A daemon thread: after close() has fenced it, a worker stuck in a projection_hook
+        # can never write again, and it must not keep the process alive (as a non-daemon
+        # thread would, since interpreter exit joins those). Exiting without waiting for
+        # it loses nothing acknowledged: append returns only once the items are durable,
+        # and every store still open at exit is closed, so drained within its deadline,
+        # by the threading atexit hook in store.py, which runs before daemon threads stop.
         self._worker = threading.Thread(target=_worker_main, args=(weakref.ref(self),),
-                                        name="thread_store-projector", daemon=False)
+                                        name="thread_store-projector", daemon=True)
         telemetry.observe(self._gauges)
 
     def start(self, behind: dict[str, tuple[int, int, bool]]) -> None:
@@ -135,8 +177,10 @@ class Projector:
                 # Threads without state are fully projected: open() gave every thread
                 # that was behind a state, and idle states are dropped only when caught up.
                 st = self._threads[thread_id] = ThreadState(thread_id, first, first)
-            elif st.gone:
+            elif st.removed:
                 return
+            # While a removal is under way the work is recorded but not scheduled
+            # (_schedule skips it): if the removal fails, it is projected as usual.
             if st.buffer is not None:
                 st.buffer_items([(first + n, it.ts_us, it.text, it.kind)
                                  for n, it in enumerate(items, 1)])
@@ -157,38 +201,51 @@ class Projector:
 
     def begin_wait(self, thread_id: str, target: int,
                    callback: Callable[[Outcome], None] | None = None, *,
-                   allow_caller_run: bool = True, bounded: bool = False) -> Waiter | None:
+                   allow_caller_run: bool = True, deadline: float | None = None) -> Waiter | None:
         """Register a waiter for ``target``, or return ``None`` if it is already projected.
 
         The waiter is registered before the check, under the same lock the projector
         resolves waiters with, so no wake-up can be lost. With ``allow_caller_run`` the
-        caller may run its idle thread's projection itself; a caller with a deadline
-        (``bounded``) only does so when that work is small and cannot block (no hook, all
-        items buffered), so a barrier never outlives its timeout.
+        caller may run its idle thread's projection itself. A caller with a ``deadline``
+        only does so when the work is small and cannot block (no hook, buffered items on
+        a small cached fold state), and gives it back rather than wait for the index write
+        lock past the deadline, so a barrier never outlives its timeout.
+
+        A ``BaseException`` that is not an ``Exception`` (Ctrl-C) raised while the caller
+        runs the attempt propagates, after the attempt is handed back to the worker and
+        the waiter withdrawn.
         """
-        claim = None
-        with self._lock:
-            if self._closing or self._stopped:
-                raise StoreClosed(f"the thread store is closed. {DURABLE_NOTE}")
-            st = self._threads.get(thread_id)
-            if st is None:
-                return None
-            if st.gone:
-                raise st.gone_error()
-            if st.projected >= target and not st.refold:
-                return None
-            waiter = Waiter(thread_id, target, st.failure_epoch, callback, self._cond(st))
-            first = not st.waiters
-            st.waiters.append(waiter)
-            st.unhold()
-            small = not self._runner.has_hook and st.buffer is not None
-            if (allow_caller_run and self._caller_runs and st.in_flight is None
-                    and not self._paused and (small or not bounded)):
-                claim = self._claim(st, expedited=True)
-            elif st.in_flight is None and (first or st.ready_at is None):
-                self._schedule(st, 0.0, cut_backoff=True)
-        if claim is not None:
-            self._run([claim])
+        claim: Claim | None = None
+        waiter: Waiter | None = None
+        try:
+            with self._lock:
+                if self._closing or self._stopped:
+                    raise StoreClosed(f"the thread store is closed. {DURABLE_NOTE}")
+                st = self._threads.get(thread_id)
+                if st is None:
+                    return None
+                if st.removed:
+                    raise st.gone_error()
+                if st.projected >= target and not st.refold:
+                    return None
+                waiter = Waiter(thread_id, target, st.failure_epoch, callback, self._cond(st))
+                first = not st.waiters
+                st.waiters.append(waiter)
+                st.unhold()
+                small = not self._runner.has_hook and st.bounded_work
+                if (allow_caller_run and self._caller_runs and st.in_flight is None and st.live
+                        and not self._paused and (small or deadline is None)):
+                    claim = self._claim(st, expedited=True)
+                elif st.in_flight is None and (first or st.ready_at is None):
+                    self._schedule(st, 0.0, cut_backoff=True)
+            if claim is not None:
+                self._run([claim], deadline)
+        except BaseException:
+            if claim is not None and not claim.settled:  # interrupted before _run took it
+                self._end_attempts([claim], {}, {})
+            if waiter is not None:
+                self.cancel(waiter)
+            raise
         return waiter
 
     def wait(self, waiter: Waiter, deadline: float | None) -> Outcome | None:
@@ -211,7 +268,7 @@ class Projector:
         """Raise :class:`ThreadDiscarded` if the thread is being discarded or deleted."""
         with self._lock:
             st = self._threads.get(thread_id)
-            if st is not None and st.gone:
+            if st is not None and not st.live:
                 raise st.gone_error()
 
     def projected(self, thread_id: str) -> int | None:
@@ -221,9 +278,14 @@ class Projector:
             return None if st is None else st.projected
 
     def behind(self) -> dict[str, int]:
-        """``{thread_id: head}`` of every thread whose projection is behind."""
+        """``{thread_id: head}`` of every thread whose projection is behind.
+
+        A thread mid-removal counts too: its removal may still fail after deleting the
+        row, and then the next open must find it.
+        """
         with self._lock:
-            return {t: s.head for t, s in self._threads.items() if not s.gone and s.behind}
+            return {t: s.head for t, s in self._threads.items()
+                    if (s.live and s.behind) or s.phase is Phase.REMOVING}
 
     def status(self, thread_id: str) -> tuple[int, int, bool, int, str | None, int] | None:
         """``(head, projected, pending, attempts, last_error, waiters)`` if in memory."""
@@ -231,7 +293,7 @@ class Projector:
             st = self._threads.get(thread_id)
             if st is None:
                 return None
-            if st.gone:
+            if st.removed:
                 raise st.gone_error()
             return (st.head, st.projected, st.behind, st.attempts, st.last_error, len(st.waiters))
 
@@ -247,33 +309,78 @@ class Projector:
 
     # -- discard / delete -----------------------------------------------------------------
 
-    def forget(self, thread_id: str, kind: str, timeout: float | None) -> Callable[[], None]:
-        """Stop projecting a thread: drop pending work, fail its waiters, wait in-flight.
+    def begin_removal(self, thread_id: str, kind: str, head: int,
+                      timeout: float | None) -> Removal:
+        """Phase one of a discard or delete: stop projecting the thread, keep everything.
 
-        Returns a function that drops the state once history and index are cleaned.
-        An attempt still in flight after ``timeout`` is fenced: it re-checks ``gone``
-        under the index write lock and writes nothing.
+        Pending work stays recorded but is not scheduled, and waiters keep waiting: both
+        outlive a removal that fails (:meth:`Removal.abort`). Waits up to ``timeout`` for
+        an attempt in flight; one still running after that is fenced: it re-checks the
+        phase under the index write lock, which the removal takes to delete the row, and
+        writes nothing.
+
+        :param head: the thread's head as history has it, for a thread with no state here
+            (such a thread is fully projected).
+        :raises StoreClosed: the store is closing; the thread is left as it was.
+        :raises ThreadDiscarded: another removal of the thread is under way.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
+            if self._closing or self._stopped:
+                raise StoreClosed(f"the thread store is closed; thread {thread_id!r} was not "
+                                  f"{kind}")
             st = self._threads.get(thread_id)
             if st is None:
-                st = self._threads[thread_id] = ThreadState(thread_id, 0, 0)
-            st.gone = kind
+                st = self._threads[thread_id] = ThreadState(thread_id, head, head)
+            elif not st.live:
+                raise st.gone_error()
+            st.begin_removal(kind)
             self._scheduled.pop(thread_id, None)
-            self._resolve(st, None)
-            while st.in_flight is not None:
+            self._idle_lru.pop(thread_id, None)
+            self._idle.notify_all()  # close() may be waiting for the schedule to empty
+            while st.in_flight is not None and not self._closing:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
                 self._cond(st).wait(remaining)
+            if self._closing:  # close() woke us: leave the thread to its drain, untouched
+                st.abort_removal(row_deleted=False)
+                self._reschedule(st)
+                raise StoreClosed(f"the thread store closed; thread {thread_id!r} was not {kind}")
+            self._removals += 1
+        return Removal(self, st)
 
-        def drop() -> None:
-            with self._lock:
-                if self._threads.get(thread_id) is st:
-                    del self._threads[thread_id]
+    def _end_removal(self, removal: Removal, *, committed: bool, row_deleted: bool) -> None:
+        """Phase two of a removal: commit it or put the thread back (see :class:`Removal`)."""
+        with self._lock:
+            if not removal._open:
+                return
+            removal._open = False
+            self._removals -= 1
+            st = removal._state
+            if committed:
+                st.commit_removal()
+                self._resolve(st, None)
+                if self._threads.get(st.thread_id) is st:
+                    del self._threads[st.thread_id]
+            else:
+                st.abort_removal(row_deleted=row_deleted)
+                self._reschedule(st)
+            self._idle.notify_all()
+            if st.cond is not None:
+                st.cond.notify_all()
 
-        return drop
+    def _reschedule(self, st: ThreadState) -> None:
+        """Schedule a thread that has work and nothing in flight, or retire it (lock held).
+
+        An attempt in flight reschedules its thread when it ends (:meth:`_finish`).
+        """
+        if st.in_flight is not None:
+            return
+        if st.behind and not st.held and st.live and not self._stopped:
+            self._schedule(st, 0.0 if st.waiters else self._delay)
+        elif st.idle:
+            self._retire(st)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -293,38 +400,47 @@ class Projector:
             self._paused = False
             self._work.notify()
 
-    def close(self, timeout: float) -> dict[str, int]:
-        """Drain within ``timeout``, fence the index, resolve waiters, join the worker.
+    def close(self, timeout: float | None) -> dict[str, int]:
+        """Drain within ``timeout`` (``None``: no limit), fence the index, resolve waiters,
+        join the worker.
 
         Returns ``{thread_id: head}`` of the threads still behind (for the next open).
         """
-        deadline = time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def remaining() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
         with self._lock:
             already = self._closing
             self._closing = True
             self._paused = False
             self._work.notify()
-            while (self._scheduled or self._in_flight) and time.monotonic() < deadline:
-                self._idle.wait(deadline - time.monotonic())
+            for st in self._threads.values():  # removals waiting on an attempt give up
+                if st.phase is Phase.REMOVING and st.cond is not None:
+                    st.cond.notify_all()
+            while self._scheduled or self._in_flight or self._removals:
+                left = remaining()
+                if left == 0.0:
+                    break
+                self._idle.wait(left)
         if not already:
-            # An attempt holds the write lock only for its SQL (a statement waits at most
-            # the index's 100 ms busy timeout), never while it runs hooks. If even that
-            # overruns, the fence is still set: the transaction checks it before COMMIT.
-            lock = self._index.write_lock
-            acquired = lock.acquire(timeout=max(0.0, deadline - time.monotonic()) + 0.25)
-            self._index.fenced = True
-            if acquired:
-                lock.release()
+            # Past the deadline a group commit may still hold the write lock: the fence
+            # makes it roll back (it is checked for every row and before COMMIT), and the
+            # interrupt cuts its running statement short, so this returns on time.
+            if not self._index.fence(_FENCE_GRACE_S):
+                log.warning("thread_store: the index writer did not stop at close; it is "
+                            "fenced and will write nothing")
         with self._lock:
             self._stopped = True
             for st in self._threads.values():
                 self._resolve(st, None, final=True)
             self._work.notify_all()
         if self._worker.is_alive() and self._worker is not threading.current_thread():
-            self._worker.join(max(0.0, deadline - time.monotonic()))
+            self._worker.join(remaining())
             if self._worker.is_alive():
-                log.warning("thread_store: projector still busy at close (a projection_hook is "
-                            "blocking); it is fenced and will write nothing")
+                log.warning("thread_store: projector still busy at close (a projection_hook "
+                            "or an index write is running); it is fenced and will write nothing")
         return self.behind()
 
     def stop_now(self) -> None:
@@ -382,7 +498,7 @@ class Projector:
         A retry's backoff (``backoff=True``) is kept against later appends, so a busy
         thread does not burn its retry budget; only a new waiter (``cut_backoff``) cuts it.
         """
-        if st.in_flight is not None or st.gone:
+        if st.in_flight is not None or not st.live:
             return  # the attempt's end reschedules it if more work arrived
         if st.backing_off and not cut_backoff:
             return
@@ -413,37 +529,64 @@ class Projector:
                      st.dropped, st.appends, st.attempts, expedited, st.refold, st.pending_since,
                      None if st.refold else st.fold_state, items)
 
-    def _run(self, claims: list[Claim]) -> None:
-        """Run one attempt per claim and commit the successful ones in one transaction."""
+    def _run(self, claims: list[Claim], deadline: float | None = None) -> None:
+        """Run one attempt per claim and commit the successful ones in one transaction.
+
+        Every claim leaves flight in the ``finally``, whatever is raised where. In the
+        worker any error fails only the batch's attempts and the worker lives on. In a
+        barrier's calling thread, a ``BaseException`` that is not an ``Exception``
+        (Ctrl-C, SystemExit) gives the attempts back unrun and reaches the caller.
+        """
         tel = self._telemetry
-        spans = {}
+        spans: dict[int, Projection] = {}
         results: dict[int, Result] = {}
+        in_caller = threading.current_thread() is not self._worker
         try:
             if tel.tracing():
                 for c in claims:
                     spans[id(c)] = tel.start_projection(
                         c.state.thread_id, c.contexts, c.dropped, c.appends, c.base, c.target,
                         c.attempt, c.expedited, len(claims))
-            results = self._runner.run(claims)
+            results = self._runner.run(claims, deadline, in_caller=in_caller)
         except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
-            log.exception("thread_store: projection batch failed")
+            if in_caller and not isinstance(exc, Exception):
+                raise  # the finally hands the attempts back ("yielded")
+            log.error("thread_store: projection batch failed: %s", describe(exc))
             results = {id(c): results.get(id(c)) or Result("failed", error=exc) for c in claims}
+        finally:
+            self._end_attempts(claims, results, spans)
+
+    def _end_attempts(self, claims: list[Claim], results: dict[int, Result],
+                      spans: dict[int, Projection]) -> None:
+        """Take claims out of flight with their results (``yielded`` when missing)."""
+        outcomes = {id(c): results.get(id(c)) or Result("yielded") for c in claims}
+        backoffs: dict[int, float | None] = {}
         with self._lock:
-            backoffs = {id(c): self._finish(c, results[id(c)]) for c in claims}
+            try:
+                for c in claims:
+                    if not c.settled:
+                        c.settled = True
+                        backoffs[id(c)] = self._finish(c, outcomes[id(c)])
+            finally:
+                # Never leave a thread in flight, even if finishing one claim failed.
+                for c in claims:
+                    if not c.settled:
+                        c.settled = True
+                        c.state.in_flight = None
+                self._in_flight -= len(claims)
+                self._idle.notify_all()
         # Spans end outside the lock: a coalesced projection marks up to MAX_LINKS appends
         # visible, one span each, and appends (on_append) must not wait for that.
         for c in claims:
             span = spans.get(id(c))
             if span is not None:
-                result = results[id(c)]
+                result = outcomes[id(c)]
                 try:
+                    tel = self._telemetry
                     tel.end_projection(span, outcome=result.kind, error=result.error,
-                                       backoff=backoffs[id(c)])
+                                       backoff=backoffs.get(id(c)))
                 except Exception:  # noqa: BLE001 - telemetry must not stop the projector
                     log.exception("thread_store: ending a projection span failed")
-        with self._lock:
-            self._in_flight -= len(claims)
-            self._idle.notify_all()
 
     def _finish(self, c: Claim, result: Result) -> float | None:
         """Apply one attempt's outcome to its thread and resolve waiters (lock held)."""
@@ -451,11 +594,11 @@ class Projector:
         st.in_flight = None
         backoff = None
         now = time.monotonic()
-        if result.kind == "gone" and not st.gone:
-            st.gone = "deleted"  # its history vanished under it: never retry, fail its waiters
+        if result.kind == "gone" and st.live:
+            st.commit_removal("deleted")  # its history vanished: never retry, fail its waiters
         if result.kind == "ok":
             self._counts["rows"] += 1
-            st.projected_to(c.target, result.fold_state)
+            st.projected_to(c.target, result.fold_state, result.state_bytes)
             st.refold = False
             st.failure = None
             st.attempts = 0
@@ -468,6 +611,8 @@ class Projector:
             st.pending_since = now if st.projected < st.head else None
         else:
             st.fold_state = None  # an impure rule may have changed it mid-attempt
+        if result.kind in ("fenced", "yielded"):
+            st.attempts = max(0, st.attempts - 1)  # it never ran: no budget spent
         if result.kind == "retry" and st.attempts < self._retry.attempts:
             self._counts["retries"] += 1
             self._telemetry.retries.add(1)
@@ -478,9 +623,12 @@ class Projector:
             self._counts["failures"] += 1
             self._telemetry.failures.add(1)
             st.last_error = describe(result.error)
-            if result.error is not None and result.error.__traceback__ is not None:
-                # The frames hold the failed batch's items and rows: keep the error, not them.
-                traceback.clear_frames(result.error.__traceback__)
+            try:
+                if result.error is not None and result.error.__traceback__ is not None:
+                    # The frames hold the failed batch's items and rows: keep the error only.
+                    traceback.clear_frames(result.error.__traceback__)
+            except Exception:  # noqa: BLE001 - a hook's error class may override __traceback__
+                pass
             st.failure = result.error
             st.failed_gen = c.target
             st.failure_epoch += 1
@@ -492,11 +640,8 @@ class Projector:
         # A retry keeps its backoff: rescheduling it sooner here would spend the whole
         # budget in a burst while another process holds the lock (a new waiter still
         # cuts the backoff short in begin_wait).
-        if (backoff is None and st.projected < st.head and not st.held and not st.gone
-                and not self._stopped):
-            self._schedule(st, 0.0 if st.waiters else self._delay)
-        elif st.idle:
-            self._retire(st)
+        if backoff is None:
+            self._reschedule(st)
         if st.cond is not None:
             st.cond.notify_all()
         return backoff
@@ -508,7 +653,7 @@ class Projector:
         keep = []
         for w in st.waiters:
             outcome: Outcome | None = None
-            if st.gone:
+            if st.removed:
                 outcome = st.gone_error()
             elif st.projected >= w.target and not st.refold:
                 outcome = Success(meta if meta is not None and meta.projected_seq >= w.target else None)

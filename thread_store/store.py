@@ -22,9 +22,10 @@ from opentelemetry import metrics, trace
 
 from . import _files
 from ._options import check_open_kwargs, check_options, check_path
+from ._pending import describe
 from .derive import ARCHIVE_EDIT, METADATA_EDIT, CodexRules, ProjectionRules
 from .errors import (DURABLE_NOTE, FlushTimeout, InvalidArgument, NotAThreadStore, ProjectionFailed,
-                     ReadOnlyStore, StorageError, StoreClosed, ThreadDiscarded)
+                     ReadOnlyStore, StorageError, StoreClosed, ThreadDiscarded, ThreadStoreError)
 from .history import History
 from .index import Index
 from .model import (DEFAULT_MAX_ITEM_BYTES, EncodedItem, Page, StoredItem, ThreadMetadata,
@@ -392,7 +393,7 @@ class ThreadStore:
                 raise outcome
         if failed:
             error = ProjectionFailed([t for t, _ in failed], None,
-                                     "; ".join(f"{t}: {e.__cause__!r}" for t, e in failed))
+                                     "; ".join(f"{t}: {describe(e.__cause__)}" for t, e in failed))
             raise error from failed[0][1]
 
     # -- reads ----------------------------------------------------------------------------
@@ -488,13 +489,15 @@ class ThreadStore:
         """Undo :meth:`pause_projection`."""
         self._writable().resume()
 
-    def close(self, timeout: float = 10.0) -> None:
+    def close(self, timeout: float | None = 10.0) -> None:
         """Stop appends, drain pending projections within ``timeout``, resolve every waiter.
 
-        Waiters already projected succeed; the rest get :class:`StoreClosed`. A projection
-        stuck past the deadline is fenced and can never write. Idempotent.
+        ``timeout=None`` means no limit: everything pending is drained. Waiters already
+        projected succeed; the rest get :class:`StoreClosed`. A projection stuck past the
+        deadline is fenced and can never write, and does not keep the process alive.
+        Idempotent.
         """
-        timeout = check_timeout(timeout) or 0.0
+        timeout = check_timeout(timeout)
         with self._close_lock:
             if self._closed:
                 return
@@ -522,8 +525,8 @@ class ThreadStore:
     def __del__(self) -> None:
         if getattr(self, "_closed", True):
             return
-        # Stop first: under -W error the warning raises, and a live non-daemon worker
-        # would then hang interpreter exit.
+        # Stop first: under -W error the warning raises, and the worker must not go on
+        # projecting for a store nobody can close any more.
         if self._projector is not None:
             self._projector.stop_now()
         if self._lock_fd is not None:
@@ -565,7 +568,7 @@ class ThreadStore:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._telemetry.flush_span(thread_id) as info:
             info["target"] = generation
-            waiter = projector.begin_wait(thread_id, generation, bounded=deadline is not None)
+            waiter = projector.begin_wait(thread_id, generation, deadline=deadline)
             outcome = Success(None) if waiter is None else projector.wait(waiter, deadline)
             return self._settle(thread_id, generation, timeout, outcome, info)
 
@@ -573,20 +576,35 @@ class ThreadStore:
         return self.append_and_flush(thread_id, [_archive_edit(archived)], timeout)
 
     def _remove(self, thread_id: str, kind: str, timeout: float | None) -> None:
+        """Discard or delete, in two phases: a removal that raises has changed nothing."""
         check_thread_id(thread_id)
         timeout = check_timeout(timeout)
         projector = self._writable()
-        self._history.head(thread_id)  # raises for unknown or discarded ids
-        drop = projector.forget(thread_id, kind, timeout)
         try:
-            # The row goes first: until the history is removed no thread can take the id,
-            # so nothing can write a row that this would then delete. (The projection fence
-            # does not apply: this removes, and a discard racing close must still land.)
-            with self._index.write_lock:
-                self._index.delete_row(thread_id)
-            self._history.remove(thread_id, tombstone=kind == "discarded")
-        finally:
-            drop()
+            head = self._history.head(thread_id)  # raises for unknown or discarded ids
+            removal = projector.begin_removal(thread_id, kind, head, timeout)
+            row_deleted = history_removed = False
+            try:
+                # The row goes first: until the history is removed no thread can take the
+                # id, so nothing can write a row that this would then delete. A closing
+                # store removes nothing: past close's fence the thread stays as it was.
+                with self._index.write_lock:
+                    if self._index.fenced:
+                        raise StoreClosed(f"the store closed; thread {thread_id!r} was not {kind}")
+                    self._index.delete_row(thread_id)
+                    row_deleted = True
+                self._history.remove(thread_id, tombstone=kind == "discarded")
+                history_removed = True
+            finally:
+                if history_removed:
+                    removal.commit()
+                else:  # put everything back; a deleted row is re-folded from history
+                    removal.abort(row_deleted=row_deleted)
+        except ThreadStoreError as exc:
+            if self._closed and not isinstance(exc, (StoreClosed, ThreadDiscarded)):
+                # close() won the race (closed connections, an interrupted statement).
+                raise StoreClosed(f"the store closed; thread {thread_id!r} was not {kind}") from exc
+            raise
 
     def _open_check(self) -> None:
         if self._closed:

@@ -24,6 +24,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
 
+from ._pending import describe
+
 _package = "thread_store"
 
 SPAN_APPEND = "thread_store.append"
@@ -208,17 +210,27 @@ class Telemetry:
                        error: BaseException | None = None, backoff: float | None = None) -> None:
         """End a projection span with its outcome; mark linked appends visible."""
         span = projection.span
-        if span.is_recording():
-            span.set_attribute(ATTR_OUTCOME, outcome)
-            if error is not None:
-                span.record_exception(error)
-            if error is not None and outcome == "retry":
-                span.add_event(EVENT_RETRY, {ATTR_BACKOFF: backoff or 0.0,
-                                             "exception.type": type(error).__name__,
-                                             "exception.message": str(error)})
-            elif error is not None:
-                span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
-        span.end()
+        try:
+            if span.is_recording():
+                span.set_attribute(ATTR_OUTCOME, outcome)
+                if error is not None:
+                    # The error may come from a hook and be hostile (its __str__ raising):
+                    # format it once, safely, and never let recording skip span.end().
+                    text = describe(error)
+                    kind, _, message = text.partition(": ")
+                    try:
+                        span.record_exception(error)
+                    except Exception:  # noqa: BLE001 - the SDK formats it with str()
+                        span.add_event("exception", {"exception.type": kind,
+                                                     "exception.message": message})
+                    if outcome == "retry":
+                        span.add_event(EVENT_RETRY, {ATTR_BACKOFF: backoff or 0.0,
+                                                     "exception.type": kind,
+                                                     "exception.message": message})
+                    else:
+                        span.set_status(Status(StatusCode.ERROR, text))
+        finally:
+            span.end()
         if outcome == "ok" and not projection.child:
             self._mark_visible(projection)
 
