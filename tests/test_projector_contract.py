@@ -172,6 +172,9 @@ def test_fifty_appends_while_blocked_cost_at_most_two_projections(open_store, ga
 def test_two_hundred_dirty_threads_share_few_transactions(open_store) -> None:
     store = open_store()
     tids = [store.create_thread() for _ in range(200)]
+    # The new threads' own (empty) rows are projected first, so that the counters below
+    # see only the rows and transactions of the 200 appends.
+    store.flush_all(timeout=HANG)
     store.pause_projection()
     for tid in tids:
         store.append(tid, [user_msg(f"hello {tid}")])
@@ -486,8 +489,15 @@ def test_close_returns_on_time_and_next_open_catches_up(open_store, gate: Gate) 
     gate.released.set()
     wait_for(lambda: not any(t.name == "thread_store-projector" for t in threading.enumerate()),
              "fenced worker exit")
+    # Hold the reopened store's catch-up attempt in the hook, so it can be seen pending.
+    gate.released.clear()
+    gate.entered.clear()
+    gate.block.add(tid)
     reopened = open_store()
-    assert reopened.status(tid).pending
+    assert gate.entered.wait(HANG), "the reopened store must start the catch-up by itself"
+    status = reopened.status(tid)
+    assert status.pending and (status.projected_seq, status.head_seq) == (0, 1)
+    gate.released.set()
     assert reopened.flush(tid, timeout=HANG).title == "left behind"
 
 
