@@ -5,7 +5,9 @@ reports on its stdout, one line per event, flushed at once:
 
 - ``crash PATH SEED DURABILITY``: appends to many threads until it is killed, printing
   ``A <thread_id> <generation> <token>...`` only after ``append`` returned;
-- ``hold-index-lock PATH SECONDS``: holds ``BEGIN EXCLUSIVE`` on the store's index.db;
+- ``hold-index-lock PATH``: holds ``BEGIN EXCLUSIVE`` on the store's index.db until a line
+  (or EOF) arrives on its stdin, then prints ``released T`` with the monotonic time T taken
+  just before its COMMIT;
 - ``writer PATH``: keeps the store open for writing until its stdin closes.
 
 Imported, it gives the parent tests their shared checks: the fold of a thread's history,
@@ -136,6 +138,12 @@ class Child:
                 self._seen.wait(max(0.0, deadline - time.monotonic()))
         raise AssertionError(f"child never said {word!r}; stderr:\n{self.stderr()}")
 
+    def tell(self, line: str) -> None:
+        """Send the child one line on its stdin."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
     def kill(self) -> list[str]:
         """SIGKILL the child; return every complete line it printed."""
         self.proc.kill()
@@ -235,15 +243,20 @@ def crash_child(path: str, seed: int, durability: str) -> None:
                 _say("A", thread_id, generation, *(i["payload"]["token"] for i in items))
 
 
-def hold_index_lock(path: str, seconds: float) -> None:
-    """Hold the index database's write lock for ``seconds``, as another process might."""
+def hold_index_lock(path: str) -> None:
+    """Hold the index database's write lock, as another process might, until told to let go.
+
+    The parent decides when: a fixed hold time would race the parent's checks on a busy
+    machine. The release time is read before COMMIT, so nothing can finish before it.
+    """
     with closing(sqlite3.connect(Path(path) / INDEX, isolation_level=None)) as conn:
         conn.execute("PRAGMA busy_timeout = 10000")
         conn.execute("BEGIN EXCLUSIVE")
         _say("locked", time.monotonic())
-        time.sleep(seconds)
+        sys.stdin.readline()
+        released = time.monotonic()
         conn.execute("COMMIT")
-        _say("released", time.monotonic())
+        _say("released", released)
 
 
 def writer(path: str) -> None:
@@ -264,7 +277,7 @@ if __name__ == "__main__":
     if mode == "crash":
         crash_child(args[0], int(args[1]), args[2])
     elif mode == "hold-index-lock":
-        hold_index_lock(args[0], float(args[1]))
+        hold_index_lock(args[0])
     elif mode == "writer":
         writer(args[0])
     else:
