@@ -162,6 +162,9 @@ class Faults:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._armed: dict[str, tuple[str, int]] = {}
+        #: Transient faults raised in a row per thread: one attempt's retry budget spans
+        #: them, also across two arms of the same thread.
+        self._streak: dict[str, int] = {}
         #: Threads whose projection an injected permanent fault ever failed.
         self.failed: set[str] = set()
 
@@ -179,9 +182,15 @@ class Faults:
         """The ``projection_hook``: raise the armed fault, if any."""
         with self._lock:
             kind, left = self._armed.get(thread_id, ("", 0))
+            if kind == "transient" and self._streak.get(thread_id, 0) >= FAST_RETRY.attempts - 1:
+                # One more would exhaust the budget and fail the thread, which the model
+                # only expects of a permanent fault; this attempt passes, the next one resumes.
+                left = 0
             if not left:
+                self._streak.pop(thread_id, None)
                 return
             self._armed[thread_id] = (kind, left - 1)
+            self._streak[thread_id] = self._streak.get(thread_id, 0) + 1 if kind == "transient" else 0
             if kind == "permanent":
                 self.failed.add(thread_id)
         if kind != "transient":
