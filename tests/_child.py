@@ -94,8 +94,18 @@ def assert_store_integrity(store_path: Path) -> None:
         assert integrity(store_path / name) == "ok", name
 
 
-def assert_no_projector_thread() -> None:
-    """No projector worker is left running (call after every store is closed)."""
+def assert_no_projector_thread(grace: float = 0.0) -> None:
+    """No projector worker is left running (call after every store is closed).
+
+    ``grace``: seconds a worker may still take to exit. Give it after a close whose
+    deadline may pass (``close(timeout=0)``, or a short one on a busy machine): such a close
+    returns with its worker fenced but finishing its batch, and the worker must then exit
+    on its own. After a close that drained within its deadline, no grace is needed.
+    """
+    deadline = time.monotonic() + grace
+    for t in threading.enumerate():
+        if t.name == PROJECTOR_THREAD:
+            t.join(max(0.0, deadline - time.monotonic()))
     alive = [t.name for t in threading.enumerate() if t.name == PROJECTOR_THREAD]
     assert not alive, f"projector threads still alive after close: {alive}"
 

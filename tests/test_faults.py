@@ -175,7 +175,7 @@ def test_index_full_at_close_is_caught_up_on_reopen(store_path: Path) -> None:
         _fill(store._index._conn)
         store.append(tid, [_big("pending")])
         store.close(timeout=2.0)
-    assert_no_projector_thread()
+    assert_no_projector_thread(grace=30.0)  # a busy machine may overrun the 2 s deadline
     with ThreadStore.open(store_path) as store:
         assert store.flush(tid, timeout=10.0).title.startswith("pending")
         assert_converged(store)
@@ -207,7 +207,7 @@ def test_history_full_at_close_still_closes(store_path: Path) -> None:
             pass  # reporting the full disk is fine; leaking the store is not
     finally:
         store.close()
-    assert_no_projector_thread()
+    assert_no_projector_thread(grace=30.0)  # a busy machine may overrun the 2 s deadline
     with ThreadStore.open(store_path) as reopened:  # the write lock is free again
         assert reopened.read_thread(kept).title == "kept"
         assert reopened.flush(behind[-1], timeout=10.0).title == behind[-1]
