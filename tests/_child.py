@@ -5,7 +5,9 @@ reports on its stdout, one line per event, flushed at once:
 
 - ``crash PATH SEED DURABILITY``: appends to many threads until it is killed, printing
   ``A <thread_id> <generation> <token>...`` only after ``append`` returned;
-- ``hold-index-lock PATH SECONDS``: holds ``BEGIN EXCLUSIVE`` on the store's index.db;
+- ``hold-index-lock PATH``: holds ``BEGIN EXCLUSIVE`` on the store's index.db until a line
+  (or EOF) arrives on its stdin, then prints ``released T`` with the monotonic time T taken
+  just before its COMMIT;
 - ``writer PATH``: keeps the store open for writing until its stdin closes.
 
 Imported, it gives the parent tests their shared checks: the fold of a thread's history,
@@ -92,8 +94,18 @@ def assert_store_integrity(store_path: Path) -> None:
         assert integrity(store_path / name) == "ok", name
 
 
-def assert_no_projector_thread() -> None:
-    """No projector worker is left running (call after every store is closed)."""
+def assert_no_projector_thread(grace: float = 0.0) -> None:
+    """No projector worker is left running (call after every store is closed).
+
+    ``grace``: seconds a worker may still take to exit. Give it after a close whose
+    deadline may pass (``close(timeout=0)``, or a short one on a busy machine): such a close
+    returns with its worker fenced but finishing its batch, and the worker must then exit
+    on its own. After a close that drained within its deadline, no grace is needed.
+    """
+    deadline = time.monotonic() + grace
+    for t in threading.enumerate():
+        if t.name == PROJECTOR_THREAD:
+            t.join(max(0.0, deadline - time.monotonic()))
     alive = [t.name for t in threading.enumerate() if t.name == PROJECTOR_THREAD]
     assert not alive, f"projector threads still alive after close: {alive}"
 
@@ -135,6 +147,12 @@ class Child:
                     break
                 self._seen.wait(max(0.0, deadline - time.monotonic()))
         raise AssertionError(f"child never said {word!r}; stderr:\n{self.stderr()}")
+
+    def tell(self, line: str) -> None:
+        """Send the child one line on its stdin."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
 
     def kill(self) -> list[str]:
         """SIGKILL the child; return every complete line it printed."""
@@ -235,15 +253,20 @@ def crash_child(path: str, seed: int, durability: str) -> None:
                 _say("A", thread_id, generation, *(i["payload"]["token"] for i in items))
 
 
-def hold_index_lock(path: str, seconds: float) -> None:
-    """Hold the index database's write lock for ``seconds``, as another process might."""
+def hold_index_lock(path: str) -> None:
+    """Hold the index database's write lock, as another process might, until told to let go.
+
+    The parent decides when: a fixed hold time would race the parent's checks on a busy
+    machine. The release time is read before COMMIT, so nothing can finish before it.
+    """
     with closing(sqlite3.connect(Path(path) / INDEX, isolation_level=None)) as conn:
         conn.execute("PRAGMA busy_timeout = 10000")
         conn.execute("BEGIN EXCLUSIVE")
         _say("locked", time.monotonic())
-        time.sleep(seconds)
+        sys.stdin.readline()
+        released = time.monotonic()
         conn.execute("COMMIT")
-        _say("released", time.monotonic())
+        _say("released", released)
 
 
 def writer(path: str) -> None:
@@ -264,7 +287,7 @@ if __name__ == "__main__":
     if mode == "crash":
         crash_child(args[0], int(args[1]), args[2])
     elif mode == "hold-index-lock":
-        hold_index_lock(args[0], float(args[1]))
+        hold_index_lock(args[0])
     elif mode == "writer":
         writer(args[0])
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -14,6 +15,23 @@ from thread_store import ThreadStore
 
 #: CI sets this, so that a machine that cannot start PostgreSQL fails the run, not skips.
 REQUIRE_POSTGRES = os.environ.get("THREAD_STORE_REQUIRE_POSTGRES") == "1"
+
+
+@pytest.fixture(autouse=True)
+def projector_threads_end() -> Iterator[None]:
+    """Every projector worker a test started has exited by the end of that test.
+
+    A close whose deadline passed leaves its worker fenced, finishing its batch: it gets
+    a generous grace to exit, so it never counts against a later test's thread checks.
+    One that never exits (a leak, a hang) fails the test that started it.
+    """
+    before = set(threading.enumerate())
+    yield
+    started = [t for t in threading.enumerate() if t.name == "thread_store-projector" and t not in before]
+    for t in started:
+        t.join(30.0)
+    alive = [t for t in started if t.is_alive()]
+    assert not alive, f"projector threads started by this test are still running: {alive}"
 
 
 @pytest.fixture

@@ -192,19 +192,32 @@ def test_cancelled_flush_removes_its_waiter(store_path: Path) -> None:
     asyncio.run(main())
 
 
+class CountingExecutor(ThreadPoolExecutor):
+    """A real thread pool that counts the calls submitted to it."""
+
+    submitted = 0
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
 def test_cancel_during_registration_leaves_no_waiter(store_path: Path) -> None:
     gate = threading.Event()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+        executor = CountingExecutor(max_workers=1)
+        loop.set_default_executor(executor)
         async with AsyncThreadStore.open(store_path) as store:
             tid = await store.create_thread()
             await store.pause_projection()
             await store.append(tid, [plain()])
             busy = loop.run_in_executor(None, gate.wait, 30)  # the only worker is taken
+            queued = executor.submitted
             task = asyncio.create_task(store.flush(tid))
-            await asyncio.sleep(0.01)  # the flush's hop is queued behind the busy worker
+            # The flush's registration hop is queued behind the busy worker.
+            await until(lambda: _ge(lambda: executor.submitted, queued + 1), "flush hop queued")
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task

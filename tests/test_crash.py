@@ -47,7 +47,8 @@ def _torture(root: Path, kills: int, durability: str, seed: int) -> None:
         child = Child("crash", path, rng.randrange(1 << 30), durability)
         try:
             child.wait_for(READY)
-            time.sleep(rng.uniform(0.0, 0.25))
+            child.wait_for("A ")  # the kill lands mid-work, however slow the machine
+            time.sleep(rng.uniform(0.0, 0.25))  # at a random point of the work, not a wait
             lines = child.kill()
             assert child.proc.returncode == -9, child.stderr()
         finally:

@@ -321,7 +321,8 @@ def test_fuzz_close_timeout(tmp_path_factory: pytest.TempPathFactory, timeout: A
             pass  # a malformed timeout is refused; the store is still open
     finally:
         store.close()
-    assert_no_projector_thread()
+    # A drawn deadline near 0 returns while the fenced worker may finish its batch.
+    assert_no_projector_thread(grace=30.0)
 
 
 # -- explicit hostile values ------------------------------------------------------------------

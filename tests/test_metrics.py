@@ -136,6 +136,9 @@ def _flush_into(store: ThreadStore, thread_id: str, outcome: list[BaseException]
 def test_gauges_report_backlog_waiters_and_heartbeat(store_path: Path, metered: Metered) -> None:
     with ThreadStore.open(store_path, meter_provider=metered.provider) as store:
         first, second = store.create_thread(), store.create_thread()
+        # Their own rows first: an attempt of them finishing during the wait below would
+        # restart the backlog's age at its end.
+        store.flush_all(timeout=HANG)
         store.pause_projection()
         store.append(first, [plain(1)])
         store.append(second, [plain(2)])

@@ -172,6 +172,9 @@ def test_fifty_appends_while_blocked_cost_at_most_two_projections(open_store, ga
 def test_two_hundred_dirty_threads_share_few_transactions(open_store) -> None:
     store = open_store()
     tids = [store.create_thread() for _ in range(200)]
+    # The new threads' own (empty) rows are projected first, so that the counters below
+    # see only the rows and transactions of the 200 appends.
+    store.flush_all(timeout=HANG)
     store.pause_projection()
     for tid in tids:
         store.append(tid, [user_msg(f"hello {tid}")])
@@ -187,30 +190,35 @@ def test_two_hundred_dirty_threads_share_few_transactions(open_store) -> None:
 
 # -- 4. barriers ---------------------------------------------------------------------------
 
-def test_flush_covers_its_own_generation_not_later_appends(open_store) -> None:
+def test_flush_covers_its_own_generation_not_later_appends(open_store, gate: Gate) -> None:
     store = open_store(coalesce_delay=0.0)
-    tid = store.create_thread()
+    tid = fresh_thread(store)
+    gate.block.add(tid)  # its attempts wait in the hook until a later append has landed
     target = store.append(tid, [user_msg("x")] * 5)
     stop = threading.Event()
-    appended_after_flush_began: list[int] = []
-    flush_began = threading.Event()
+    flush_waiting = threading.Event()
+    appended_while_flush_waited: list[int] = []
 
     def writer() -> None:
         while not stop.is_set():
             gen = store.append(tid, [plain()])
-            if flush_began.is_set():
-                appended_after_flush_began.append(gen)
+            if flush_waiting.is_set():
+                appended_while_flush_waited.append(gen)
+                gate.released.set()
 
     w = threading.Thread(target=writer)
     w.start()
     try:
-        flush_began.set()
-        meta = store.flush(tid, generation=target, timeout=HANG)
+        flusher, out = in_thread(lambda: store.flush(tid, generation=target, timeout=HANG))
+        wait_for(lambda: store.status(tid).waiters == 1, "the flush waiting")
+        flush_waiting.set()
+        flusher.join(HANG)
     finally:
         stop.set()
         w.join()
-    assert meta.projected_seq >= target
-    assert appended_after_flush_began, "the writer must keep appending while flush waits"
+    assert "error" not in out, out
+    assert out["result"].projected_seq >= target  # type: ignore[attr-defined]
+    assert appended_while_flush_waited, "the writer must keep appending while flush waits"
 
 
 def test_flush_timeout_carries_generations_and_never_hangs(open_store, gate: Gate) -> None:
@@ -383,7 +391,16 @@ def test_discard_waits_for_in_flight_projection(open_store, gate: Gate) -> None:
     store = open_store()
     tid, _ = blocked_thread(store, gate, [user_msg("racing")])
     discarder, out = in_thread(lambda: store.discard(tid, timeout=HANG))
-    discarder.join(0.2)
+
+    def discard_began() -> bool:
+        try:
+            store.status(tid)
+        except ThreadDiscarded:
+            return True
+        return False
+
+    # The thread is marked gone under the projector lock, which discard then waits on.
+    wait_for(discard_began, "discard to start")
     assert discarder.is_alive(), "discard must wait for the attempt in flight"
     gate.released.set()
     discarder.join(HANG)
@@ -486,8 +503,15 @@ def test_close_returns_on_time_and_next_open_catches_up(open_store, gate: Gate) 
     gate.released.set()
     wait_for(lambda: not any(t.name == "thread_store-projector" for t in threading.enumerate()),
              "fenced worker exit")
+    # Hold the reopened store's catch-up attempt in the hook, so it can be seen pending.
+    gate.released.clear()
+    gate.entered.clear()
+    gate.block.add(tid)
     reopened = open_store()
-    assert reopened.status(tid).pending
+    assert gate.entered.wait(HANG), "the reopened store must start the catch-up by itself"
+    status = reopened.status(tid)
+    assert status.pending and (status.projected_seq, status.head_seq) == (0, 1)
+    gate.released.set()
     assert reopened.flush(tid, timeout=HANG).title == "left behind"
 
 

@@ -162,11 +162,11 @@ class Faults:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._armed: dict[str, tuple[str, int]] = {}
-        #: Threads whose projection an injected fault may have failed for good: a permanent
-        #: fault, or transient ones in a row enough to spend a retry budget (re-arming
-        #: before the last ones ran adds up).
-        self.failed: set[str] = set()
+        #: Transient faults raised in a row per thread: one attempt's retry budget spans
+        #: them, also across two arms of the same thread.
         self._streak: dict[str, int] = {}
+        #: Threads whose projection an injected permanent fault ever failed.
+        self.failed: set[str] = set()
 
     def arm(self, thread_id: str, kind: str, count: int) -> None:
         """Make the next ``count`` attempts on ``thread_id`` slow, or raise a ``kind`` error."""
@@ -182,12 +182,16 @@ class Faults:
         """The ``projection_hook``: raise the armed fault, if any."""
         with self._lock:
             kind, left = self._armed.get(thread_id, ("", 0))
-            streak = self._streak.get(thread_id, 0) + 1 if left and kind == "transient" else 0
-            self._streak[thread_id] = streak
+            if kind == "transient" and self._streak.get(thread_id, 0) >= FAST_RETRY.attempts - 1:
+                # One more would exhaust the budget and fail the thread, which the model
+                # only expects of a permanent fault; this attempt passes, the next one resumes.
+                left = 0
             if not left:
+                self._streak.pop(thread_id, None)
                 return
             self._armed[thread_id] = (kind, left - 1)
-            if kind == "permanent" or streak >= FAST_RETRY.attempts:
+            self._streak[thread_id] = self._streak.get(thread_id, 0) + 1 if kind == "transient" else 0
+            if kind == "permanent":
                 self.failed.add(thread_id)
         if kind != "transient":
             # Holds the attempt in flight, so appends, barriers, discards and closes race

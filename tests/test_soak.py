@@ -24,6 +24,9 @@ from thread_store import FlushTimeout, ThreadDiscarded, ThreadMetadata, ThreadNo
 WORKERS = 8
 # Another worker may delete or discard the thread a call is about: these are the answers.
 RACES = (ThreadNotFound, ThreadDiscarded)
+#: Each of these must have run at least once, however slow the machine: workers go on
+#: past the deadline until they have.
+REQUIRED = ("append", "list", "read", "delete")
 
 
 class _Soak:
@@ -52,7 +55,7 @@ class _Soak:
     def worker(self, seed: int) -> None:
         rng = random.Random(seed)
         seen: dict[str, ThreadMetadata] = {}
-        while time.monotonic() < self.deadline:
+        while time.monotonic() < self.deadline or not self.covered():
             op = rng.choice(["append"] * 6 + ["append_and_flush"] * 3 + ["list"] * 3
                             + ["read"] * 3 + ["archive", "create", "delete"])
             tid = self.pick(rng)
@@ -103,6 +106,10 @@ class _Soak:
                 store.discard(tid, timeout=30.0)
         return None
 
+    def covered(self) -> bool:
+        """Whether every required kind of call has run."""
+        return all(self.counts[op] > 0 for op in REQUIRED)
+
     def describe(self, thread_id: str) -> str:
         """The thread's status and projector counters, to diagnose a stall."""
         try:
@@ -148,7 +155,7 @@ def _run_and_check(store: ThreadStore, seconds: float) -> None:
     stuck = [w.name for w in workers if w.is_alive()]
     assert not stuck, f"deadlock: {stuck} still running (stacks dumped to stderr)"
     assert not soak.failures, soak.failures[:20]
-    assert all(soak.counts[op] > 0 for op in ("append", "list", "read", "delete")), soak.counts
+    assert soak.covered(), soak.counts
     print(f"\nsoak: {sum(soak.counts.values())} calls in {seconds:g}s: {dict(soak.counts)}")
     assert assert_converged(store) > 0
 

@@ -175,6 +175,7 @@ def test_discard_survives_reopen(discarded: tuple[ThreadStore, str], store_path:
 
 def test_status_reports_head_projected_and_pending(store: ThreadStore) -> None:
     tid = store.create_thread()
+    store.flush(tid, timeout=10)  # the new thread's own row: no attempt of it is left running
     store.pause_projection()
     store.append(tid, [plain(), plain(), plain()])
     st = store.status(tid)
