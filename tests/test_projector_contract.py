@@ -97,6 +97,16 @@ def in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, dict[str, obj
     return t, out
 
 
+def waiting_in(thread: threading.Thread, *functions: str) -> bool:
+    """Whether ``thread`` is inside calls of all ``functions`` (blocked there, for a test)."""
+    names = set()
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        names.add(frame.f_code.co_name)
+        frame = frame.f_back
+    return names.issuperset(functions)
+
+
 def fresh_thread(store: ThreadStore) -> str:
     """A new thread whose initial row is written, so no attempt of it is left over."""
     tid = store.create_thread()
@@ -391,16 +401,9 @@ def test_discard_waits_for_in_flight_projection(open_store, gate: Gate) -> None:
     store = open_store()
     tid, _ = blocked_thread(store, gate, [user_msg("racing")])
     discarder, out = in_thread(lambda: store.discard(tid, timeout=HANG))
-
-    def discard_began() -> bool:
-        try:
-            store.status(tid)
-        except ThreadDiscarded:
-            return True
-        return False
-
-    # The thread is marked gone under the projector lock, which discard then waits on.
-    wait_for(discard_began, "discard to start")
+    # A discard under way changes nothing a caller can see until it is done (a removal
+    # that fails must change nothing), so look at where the discarding thread stands.
+    wait_for(lambda: waiting_in(discarder, "begin_removal", "wait"), "discard to wait for the attempt")
     assert discarder.is_alive(), "discard must wait for the attempt in flight"
     gate.released.set()
     discarder.join(HANG)
