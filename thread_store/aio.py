@@ -37,10 +37,10 @@ from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
 from ._options import check_open_kwargs
-from .errors import ThreadStoreError
 from .model import Page, StoredItem, ThreadMetadata, ThreadStatus, check_timeout
 from .projector import Outcome, ProjectorStats, Success, Waiter
-from .store import _UNSET, ThreadStore, _archive_edit, _metadata_edit
+from .derive import NOT_GIVEN, archive_edit_item, metadata_edit_item
+from .store import ThreadStore
 
 T = TypeVar("T")
 
@@ -58,6 +58,7 @@ class AsyncThreadStore:
     def __init__(self, store: ThreadStore) -> None:
         """Wrap an open :class:`ThreadStore`; usually you call :meth:`open` instead."""
         self._store = store
+        self._barriers = store._barriers  # one barrier core, two faces (see _barriers)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], **options: Any) -> _Opening:
@@ -88,21 +89,21 @@ class AsyncThreadStore:
                                timeout: float | None = None) -> ThreadMetadata:
         """See :meth:`ThreadStore.append_and_flush`; the wait holds no thread."""
         timeout = check_timeout(timeout)
-        return await self._barrier(thread_id, lambda: self._store._append(thread_id, items, barrier=True), timeout)
+        return await self._barrier(thread_id, lambda: self._barriers.append(thread_id, items), timeout)
 
-    async def update_metadata(self, thread_id: str, *, name: str | None = _UNSET,
+    async def update_metadata(self, thread_id: str, *, name: str | None = NOT_GIVEN,
                               timeout: float | None = None) -> ThreadMetadata:
         """See :meth:`ThreadStore.update_metadata`."""
-        return await self.append_and_flush(thread_id, [_metadata_edit(name)], timeout)
+        return await self.append_and_flush(thread_id, [metadata_edit_item(name)], timeout)
 
     async def archive_thread(self, thread_id: str, *, timeout: float | None = None) -> ThreadMetadata:
         """See :meth:`ThreadStore.archive_thread`."""
-        return await self.append_and_flush(thread_id, [_archive_edit(True)], timeout)
+        return await self.append_and_flush(thread_id, [archive_edit_item(True)], timeout)
 
     async def unarchive_thread(self, thread_id: str, *,
                                timeout: float | None = None) -> ThreadMetadata:
         """See :meth:`ThreadStore.unarchive_thread`."""
-        return await self.append_and_flush(thread_id, [_archive_edit(False)], timeout)
+        return await self.append_and_flush(thread_id, [archive_edit_item(False)], timeout)
 
     async def delete_thread(self, thread_id: str, *, timeout: float | None = None) -> None:
         """See :meth:`ThreadStore.delete_thread` (waits for an in-flight attempt off the loop)."""
@@ -123,7 +124,7 @@ class AsyncThreadStore:
         """
         timeout = check_timeout(timeout)
         return await self._barrier(
-            thread_id, lambda: self._store._flush_target(thread_id, generation), timeout)
+            thread_id, lambda: self._barriers.target(thread_id, generation), timeout)
 
     async def flush_all(self, timeout: float | None = None) -> None:
         """See :meth:`ThreadStore.flush_all`; waits for every thread without holding a thread."""
@@ -141,7 +142,7 @@ class AsyncThreadStore:
                 _set_once(all_done, None)
 
         waiters = await self._register(
-            lambda: self._store._begin_flush_all(lambda outcome: _call_soon(loop, count_one)),
+            lambda: self._barriers.begin_all(lambda outcome: _call_soon(loop, count_one)),
             lambda registered: registered, deadline)
         total = len(waiters)
         if resolved < total:
@@ -149,12 +150,12 @@ class AsyncThreadStore:
                 async with asyncio.timeout_at(deadline):
                     await all_done
             except TimeoutError:
-                pass  # _settle_all withdraws the waiters and raises FlushTimeout
+                pass  # settle_all withdraws the waiters and raises FlushTimeout
             except BaseException:
                 for waiter in waiters:
-                    self._store._cancel_barrier(waiter)
+                    self._barriers.cancel(waiter)
                 raise
-        self._store._settle_all(waiters, timeout)
+        self._barriers.settle_all(waiters, timeout)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -230,25 +231,25 @@ class AsyncThreadStore:
 
         The waiter is registered in the same executor call right after ``target()``
         returns the generation, before the check that it is projected, so no wake-up is
-        lost; ``_settle`` turns the outcome into metadata or the sync store's typed error.
+        lost; ``settle`` turns the outcome into metadata or the sync store's typed error.
         The deadline is taken before the hop, so a busy executor counts against it too,
         and nothing here reads SQLite on the loop's thread.
         """
-        store = self._store
+        barriers = self._barriers
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         fut: asyncio.Future[Outcome] = loop.create_future()
 
         def begin() -> tuple[int, Waiter | None, Outcome | None]:
             generation = target()
-            waiter = store._begin_barrier(
+            waiter = barriers.begin(
                 thread_id, generation, lambda outcome: _call_soon(loop, _set_once, fut, outcome))
             # Already projected: read the metadata here, in the executor, not on the loop.
-            return generation, waiter, None if waiter is not None else _read_outcome(store, thread_id)
+            return generation, waiter, None if waiter is not None else barriers.read_outcome(thread_id)
 
         generation, waiter, outcome = await self._register(
             begin, lambda registered: [] if registered[1] is None else [registered[1]], deadline)
-        with store._telemetry.flush_span(thread_id) as info:
+        with barriers.span(thread_id) as info:
             info["target"] = generation
             if waiter is not None:
                 try:
@@ -257,15 +258,15 @@ class AsyncThreadStore:
                 except TimeoutError:
                     # It may have been resolved while the timeout fired; withdrawing under
                     # the projector lock tells which, as the sync wait() does.
-                    outcome = store._cancel_barrier(waiter)
+                    outcome = barriers.cancel(waiter)
                 except BaseException:
-                    store._cancel_barrier(waiter)
+                    barriers.cancel(waiter)
                     info["outcome"] = "cancelled"
                     raise
             if isinstance(outcome, Success) and outcome.meta is None:
                 # Projected, but the outcome carried no row: read it off the loop.
-                outcome = await _Hop(loop, lambda: _read_outcome(store, thread_id)).result(deadline)
-            return store._settle(thread_id, generation, timeout, outcome, info)
+                outcome = await _Hop(loop, lambda: barriers.read_outcome(thread_id)).result(deadline)
+            return barriers.settle(thread_id, generation, timeout, outcome, info)
 
     async def _register(self, begin: Callable[[], T], waiters_of: Callable[[T], list[Waiter]],
                         deadline: float | None) -> T:
@@ -282,7 +283,7 @@ class AsyncThreadStore:
             def withdraw(done: asyncio.Future[T]) -> None:
                 if not done.cancelled() and done.exception() is None:
                     for waiter in waiters_of(done.result()):
-                        self._store._cancel_barrier(waiter)
+                        self._barriers.cancel(waiter)
 
             hop.done.add_done_callback(withdraw)
             raise
@@ -383,14 +384,6 @@ class _Opening:
                         tb: TracebackType | None) -> None:
         if self._store is not None:
             await self._store.close()
-
-
-def _read_outcome(store: ThreadStore, thread_id: str) -> Outcome:
-    """The projected metadata as a barrier outcome, or the error reading it (blocking)."""
-    try:
-        return Success(store._projected_meta(thread_id))
-    except ThreadStoreError as exc:
-        return exc
 
 
 async def _in_executor(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from copy import deepcopy
 from typing import Any, Callable, Mapping, Protocol
 
+from .errors import InvalidArgument
 from .model import TEXT_FIELDS, ThreadMetadata, parse_timestamp, utc, utc_from_us
 
 State = dict[str, Any]
@@ -19,6 +20,25 @@ State = dict[str, Any]
 METADATA_EDIT = "thread_store.metadata"
 ARCHIVE_EDIT = "thread_store.archive"
 IMAGE_PLACEHOLDER = "[Image]"
+#: ``update_metadata(name=NOT_GIVEN)``: no field given (``name=None`` clears the name).
+NOT_GIVEN: Any = object()
+
+
+def metadata_edit_item(name: Any) -> dict[str, Any]:
+    """The history item ``update_metadata(name=...)`` appends, validated.
+
+    :raises InvalidArgument: no field given, or ``name`` is neither a string nor ``None``.
+    """
+    if name is NOT_GIVEN:
+        raise InvalidArgument("update_metadata needs at least one field, e.g. name='Fix CI'")
+    if name is not None and not isinstance(name, str):
+        raise InvalidArgument(f"name must be a string or None, not {type(name).__name__}")
+    return {"type": METADATA_EDIT, "payload": {"name": name}}
+
+
+def archive_edit_item(archived: bool) -> dict[str, Any]:
+    """The history item ``archive_thread`` / ``unarchive_thread`` append."""
+    return {"type": ARCHIVE_EDIT, "payload": {"archived": archived}}
 
 
 class ProjectionRules(Protocol):

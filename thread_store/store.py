@@ -13,31 +13,26 @@ import threading
 import time
 import uuid
 import warnings
-import weakref
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable, Mapping, Sequence
 
 from opentelemetry import metrics, trace
 
-from . import _files
+from . import _files, _lifecycle
+from ._barriers import Barriers
 from ._options import check_open_kwargs, check_options, check_path
-from ._pending import describe
-from .derive import ARCHIVE_EDIT, METADATA_EDIT, CodexRules, ProjectionRules
-from .errors import (DURABLE_NOTE, FlushTimeout, InvalidArgument, NotAThreadStore, ProjectionFailed,
-                     ReadOnlyStore, StorageError, StoreClosed, ThreadDiscarded, ThreadStoreError)
+from .derive import NOT_GIVEN, CodexRules, ProjectionRules, archive_edit_item, metadata_edit_item
+from .errors import (InvalidArgument, NotAThreadStore, ReadOnlyStore, StoreClosed, ThreadDiscarded, ThreadStoreError)
 from .history import History
 from .index import Index
 from .model import (DEFAULT_MAX_ITEM_BYTES, EncodedItem, Page, StoredItem, ThreadMetadata,
-                    ThreadStatus, caller_copy, check_count, check_thread_id, check_timeout, encode_item, utc)
-from .projector import (Outcome, Projector, ProjectionHook, ProjectorStats, RetryPolicy, Success,
-                        Waiter)
+                    ThreadStatus, check_count, check_thread_id, check_timeout, encode_item, utc)
+from .projector import (Projector, ProjectionHook, ProjectorStats, RetryPolicy)
 from .tracing import ATTR_GENERATION, Telemetry, capture
 
 log = logging.getLogger("thread_store")
 
-_UNSET: Any = object()
-_open_stores: weakref.WeakSet[ThreadStore] = weakref.WeakSet()
 
 
 class ThreadStore:
@@ -63,7 +58,11 @@ class ThreadStore:
         self._closed = False
         self._closed_why = "the thread store is closed; open it again"
         self._close_lock = threading.Lock()
-        _open_stores.add(self)
+        #: The barrier core, shared with AsyncThreadStore (one core, two faces).
+        self._barriers = Barriers(projector, history.head, self.read_thread, telemetry,
+                                  lambda: self._closed_why if self._closed else None,
+                                  lambda tid, items: self._append(tid, items, barrier=True))
+        _lifecycle.register(self)
 
     # -- opening --------------------------------------------------------------------------
 
@@ -200,7 +199,7 @@ class ThreadStore:
         self._history.create(thread_id, _now_us(), first,
                              lambda head: projector.on_create(thread_id, first))
         if first is not None and self._sync:
-            self._barrier(thread_id, 1, None)
+            self._barriers.wait(thread_id, 1, None)
         return thread_id
 
     def append(self, thread_id: str, items: Sequence[Mapping[str, Any]]) -> int:
@@ -218,7 +217,7 @@ class ThreadStore:
         sync = self._sync and bool(items) and not self._writable().paused
         generation = self._append(thread_id, items, barrier=sync)
         if sync:
-            self._barrier(thread_id, generation, None)
+            self._barriers.wait(thread_id, generation, None)
         return generation
 
     def append_and_flush(self, thread_id: str, items: Sequence[Mapping[str, Any]],
@@ -235,15 +234,15 @@ class ThreadStore:
         """
         timeout = check_timeout(timeout)
         generation = self._append(thread_id, items, barrier=True)
-        return self._barrier(thread_id, generation, timeout)
+        return self._barriers.wait(thread_id, generation, timeout)
 
-    def update_metadata(self, thread_id: str, *, name: str | None = _UNSET,
+    def update_metadata(self, thread_id: str, *, name: str | None = NOT_GIVEN,
                         timeout: float | None = None) -> ThreadMetadata:
         """Record an explicit edit as a history item, then wait until it is projected.
 
         :param name: the thread's user-given name; ``None`` clears it.
         """
-        return self.append_and_flush(thread_id, [_metadata_edit(name)], timeout)
+        return self.append_and_flush(thread_id, [metadata_edit_item(name)], timeout)
 
     def archive_thread(self, thread_id: str, *, timeout: float | None = None) -> ThreadMetadata:
         """Archive a thread (hide it from the default listing) and seal its metadata.
@@ -287,7 +286,7 @@ class ThreadStore:
         :raises StoreClosed: the store closed first.
         """
         timeout = check_timeout(timeout)
-        return self._barrier(thread_id, self._flush_target(thread_id, generation), timeout)
+        return self._barriers.wait(thread_id, self._barriers.target(thread_id, generation), timeout)
 
     def flush_all(self, timeout: float | None = None) -> None:
         """Wait until every thread's metadata covers its current generation.
@@ -295,106 +294,7 @@ class ThreadStore:
         :raises FlushTimeout: the deadline passed. :raises ProjectionFailed: names the
             threads whose projection failed.
         """
-        timeout = check_timeout(timeout)
-        projector = self._barrier_projector()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        waiters = self._begin_flush_all(None)
-        for waiter in waiters:
-            if projector.wait(waiter, deadline) is None:
-                break
-        self._settle_all(waiters, timeout)
-
-    # -- barrier building blocks (shared with AsyncThreadStore) ---------------------------
-
-    def _flush_target(self, thread_id: str, generation: int | None) -> int:
-        """Validate a flush's target generation; default the thread's head."""
-        check_thread_id(thread_id)
-        self._barrier_projector()
-        head = self._history.head(thread_id)
-        if generation is None:
-            generation = head
-        check_count(generation, name="generation", minimum=0, maximum=1 << 62)
-        if generation > head:
-            raise InvalidArgument(
-                f"generation {generation} is above thread {thread_id!r}'s head ({head}); "
-                "flush the generation append() returned")
-        return generation
-
-    def _begin_barrier(self, thread_id: str, generation: int,
-                       callback: Callable[[Outcome], None] | None) -> Waiter | None:
-        """Register a waiter resolved by push (``callback`` runs in the resolving thread).
-
-        Never runs the projection in the calling thread, so an awaiting caller holds no
-        thread. Returns ``None`` when ``generation`` is already projected.
-        """
-        return self._barrier_projector().begin_wait(thread_id, generation, callback,
-                                                    allow_caller_run=False)
-
-    def _cancel_barrier(self, waiter: Waiter) -> Outcome | None:
-        """Withdraw a waiter (timeout, cancellation); return its outcome if it had one."""
-        assert self._projector is not None
-        self._projector.cancel(waiter)
-        return waiter.outcome
-
-    def _settle(self, thread_id: str, generation: int, timeout: float | None,
-                outcome: Outcome | None, info: dict[str, Any]) -> ThreadMetadata:
-        """Turn a barrier's outcome (``None``: timed out) into metadata or its typed error."""
-        if outcome is None:
-            info["outcome"] = "timeout"
-            raise self._timed_out(thread_id, generation, timeout)
-        if isinstance(outcome, BaseException):
-            info["outcome"] = type(outcome).__name__
-            raise outcome
-        info["outcome"] = "ok"
-        return caller_copy(outcome.meta) if outcome.meta is not None else self._projected_meta(thread_id)
-
-    def _projected_meta(self, thread_id: str) -> ThreadMetadata:
-        """Read the metadata a barrier returns when its outcome carried none.
-
-        The barrier's generation is projected and its items are durable, so an error here
-        (the store closing under the read) must say so, like every barrier error.
-        """
-        try:
-            return self.read_thread(thread_id)
-        except (StoreClosed, StorageError) as exc:
-            if not self._closed and not isinstance(exc, StoreClosed):
-                raise StorageError(f"{exc} {DURABLE_NOTE}") from exc
-            raise StoreClosed(f"the thread store closed before the barrier on thread {thread_id!r} "
-                              f"could read its metadata. {DURABLE_NOTE}") from exc
-
-    def _timed_out(self, thread_id: str, target: int, timeout: float | None) -> FlushTimeout:
-        """The timeout error of a barrier, with the generation projected so far."""
-        projected = self._projector.projected(thread_id) if self._projector else None
-        return FlushTimeout(thread_id, target, projected or 0, timeout or 0.0)
-
-    def _begin_flush_all(self, callback: Callable[[Outcome], None] | None) -> list[Waiter]:
-        """Register one waiter per thread that is behind (``flush_all``)."""
-        projector = self._barrier_projector()
-        waiters: list[Waiter] = []
-        for thread_id, head in projector.behind().items():
-            try:
-                waiter = projector.begin_wait(thread_id, head, callback, allow_caller_run=False)
-            except ThreadDiscarded:
-                continue
-            if waiter is not None:
-                waiters.append(waiter)
-        return waiters
-
-    def _settle_all(self, waiters: list[Waiter], timeout: float | None) -> None:
-        """Withdraw ``flush_all``'s unresolved waiters and raise what their outcomes say."""
-        failed: list[tuple[str, BaseException]] = []
-        outcomes = [(w, self._cancel_barrier(w)) for w in waiters]
-        for waiter, outcome in outcomes:
-            if outcome is None:
-                raise self._timed_out(waiter.thread_id, waiter.target, timeout)
-            if isinstance(outcome, ProjectionFailed):
-                failed.append((waiter.thread_id, outcome))
-            elif isinstance(outcome, StoreClosed):
-                raise outcome
-        if failed:
-            error = ProjectionFailed([t for t, _ in failed], None,
-                                     "; ".join(f"{t}: {describe(e.__cause__)}" for t, e in failed))
-            raise error from failed[0][1]
+        self._barriers.wait_all(check_timeout(timeout))
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -513,7 +413,7 @@ class ThreadStore:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
-            _open_stores.discard(self)
+            _lifecycle.unregister(self)
 
     def __enter__(self) -> ThreadStore:
         return self
@@ -563,17 +463,8 @@ class ThreadStore:
         now = _now_us()
         return [encode_item(item, now, self._max_item_bytes) for item in items]
 
-    def _barrier(self, thread_id: str, generation: int, timeout: float | None) -> ThreadMetadata:
-        projector = self._barrier_projector()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._telemetry.flush_span(thread_id) as info:
-            info["target"] = generation
-            waiter = projector.begin_wait(thread_id, generation, deadline=deadline)
-            outcome = Success(None) if waiter is None else projector.wait(waiter, deadline)
-            return self._settle(thread_id, generation, timeout, outcome, info)
-
     def _set_archived(self, thread_id: str, archived: bool, timeout: float | None) -> ThreadMetadata:
-        return self.append_and_flush(thread_id, [_archive_edit(archived)], timeout)
+        return self.append_and_flush(thread_id, [archive_edit_item(archived)], timeout)
 
     def _remove(self, thread_id: str, kind: str, timeout: float | None) -> None:
         """Discard or delete, in two phases: a removal that raises has changed nothing."""
@@ -610,14 +501,6 @@ class ThreadStore:
         if self._closed:
             raise StoreClosed(self._closed_why)
 
-    def _barrier_projector(self) -> Projector:
-        """The projector, for a barrier: often its items were just appended, so a store
-        that closed in between must say that they are durable (a bare "closed" would read
-        like a rejected append, inviting the caller to append them again)."""
-        if self._closed:
-            raise StoreClosed(f"{self._closed_why}. {DURABLE_NOTE}")
-        return self._writable()
-
     def _writable(self) -> Projector:
         self._open_check()
         if self._projector is None:
@@ -625,8 +508,14 @@ class ThreadStore:
                                 "read_only to write or wait on barriers")
         return self._projector
 
-    def _after_fork_in_child(self) -> None:
-        _open_stores.discard(self)
+    def _describe(self) -> str:
+        """``ThreadStore at PATH``, for messages."""
+        return f"ThreadStore at {self.path}"
+
+    def _disown_after_fork(self) -> None:
+        """In a forked child: every call raises :class:`StoreClosed`; the parent keeps
+        the store (called by the fork handler)."""
+        _lifecycle.unregister(self)
         self._closed = True
         self._closed_why = ("this store was opened in the parent process before fork(); "
                             "open it again in the child")
@@ -648,37 +537,3 @@ def _encodable(text: str) -> bool:
 
 def _now_us() -> int:
     return time.time_ns() // 1000
-
-
-def _metadata_edit(name: Any) -> dict[str, Any]:
-    """The history item of ``update_metadata(name=...)``, validated."""
-    if name is _UNSET:
-        raise InvalidArgument("update_metadata needs at least one field, e.g. name='Fix CI'")
-    if name is not None and not isinstance(name, str):
-        raise InvalidArgument(f"name must be a string or None, not {type(name).__name__}")
-    return {"type": METADATA_EDIT, "payload": {"name": name}}
-
-
-def _archive_edit(archived: bool) -> dict[str, Any]:
-    """The history item of ``archive_thread`` / ``unarchive_thread``."""
-    return {"type": ARCHIVE_EDIT, "payload": {"archived": archived}}
-
-
-def _close_open_stores_at_exit() -> None:
-    """Interpreter exit: drain what is pending, so no worker outlives the program."""
-    for store in list(_open_stores):
-        try:
-            store.close(timeout=5.0)
-        finally:
-            # Warn only once it is closed: under -W error the warning raises.
-            warnings.warn(f"ThreadStore at {store.path} was still open at exit; it was closed",
-                          ResourceWarning, stacklevel=1)
-
-
-def _after_fork_in_child() -> None:
-    for store in list(_open_stores):
-        store._after_fork_in_child()
-
-
-threading._register_atexit(_close_open_stores_at_exit)  # type: ignore[attr-defined]
-os.register_at_fork(after_in_child=_after_fork_in_child)
