@@ -6,6 +6,7 @@ A full disk is simulated with ``PRAGMA max_page_count`` on the store's own conne
 
 from __future__ import annotations
 
+import sqlite3
 import statistics
 import threading
 import time
@@ -16,7 +17,8 @@ import pytest
 from _child import Child, assert_converged, assert_no_projector_thread, assert_store_integrity
 from conftest import plain, user_msg
 
-from thread_store import ProjectionFailed, RetryPolicy, StorageError, ThreadStore, ThreadStoreError
+from thread_store import (ProjectionFailed, RetryPolicy, StorageError, ThreadStore, ThreadStoreError,
+                          TransientStorageError)
 
 LOCK_SECONDS = 2.0  # how long appends are timed while another process holds the lock
 
@@ -166,6 +168,30 @@ def test_index_full_fails_barriers_but_keeps_the_work(store_path: Path) -> None:
         assert_converged(store)
     assert_store_integrity(store_path)
     assert_no_projector_thread()
+
+
+def test_driver_errors_reach_users_only_translated(store_path: Path) -> None:
+    """SQLite's errors are translated once, at the backend boundary (DESIGN §4): users see
+    ThreadStoreErrors, with the driver's error chained below them, never above."""
+    with ThreadStore.open(store_path, retry=FAST_RETRY) as store:
+        tid = store.create_thread()
+        store.append_and_flush(tid, [plain()], timeout=10.0)
+        index_cap = _fill(store._index._conn)  # a full disk under the index: transient
+        with pytest.raises(ProjectionFailed) as failed:
+            store.append_and_flush(tid, [_big("large")], timeout=10.0)
+        cause = failed.value.__cause__
+        assert isinstance(cause, TransientStorageError), repr(cause)
+        assert isinstance(cause.__cause__, sqlite3.Error)
+        assert (store.status(tid).last_error or "").startswith("TransientStorageError: ")
+        store._index._conn.execute(f"PRAGMA max_page_count = {index_cap}")
+
+        history_cap = _fill(store._history._conn)  # a full disk under the history
+        with pytest.raises(StorageError) as rejected:
+            store.append(tid, [_big("rejected")])
+        assert isinstance(rejected.value, TransientStorageError)
+        assert isinstance(rejected.value.__cause__, sqlite3.Error)
+        store._history._conn.execute(f"PRAGMA max_page_count = {history_cap}")
+        assert store.flush(tid, timeout=10.0).item_count == 2
 
 
 def test_index_full_at_close_is_caught_up_on_reopen(store_path: Path) -> None:

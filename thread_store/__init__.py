@@ -20,6 +20,7 @@ from .errors import (
     ThreadNotFound,
     ThreadStoreError,
     TransientProjectionError,
+    TransientStorageError,
 )
 from .model import Page, StoredItem, ThreadMetadata, ThreadStatus
 from .projector import ProjectorStats, RetryPolicy
@@ -55,4 +56,5 @@ __all__ = [
     "ThreadStore",
     "ThreadStoreError",
     "TransientProjectionError",
+    "TransientStorageError",
 ]

@@ -15,10 +15,10 @@ import json
 import time
 from typing import Callable
 
-from . import _sqlite
 from ._pending import Claim, Result
 from .derive import ProjectionRules
-from .errors import StoreClosed, ThreadDiscarded, ThreadNotFound, TransientProjectionError
+from .errors import (StoreClosed, ThreadDiscarded, ThreadNotFound, TransientProjectionError,
+                     TransientStorageError)
 from .history import History
 from .index import Index, RowWrite
 
@@ -26,11 +26,8 @@ ProjectionHook = Callable[[str, int], None]
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Errors worth a retry with backoff; never raises, whatever the error object does."""
-    try:
-        return isinstance(exc, TransientProjectionError) or _sqlite.is_transient(exc)
-    except Exception:  # noqa: BLE001 - a hostile error (from a hook) is simply not transient
-        return False
+    """Errors worth a retry with backoff: the storage boundary and hooks say so by type."""
+    return isinstance(exc, (TransientProjectionError, TransientStorageError))
 
 
 def _failure(exc: BaseException) -> Result:

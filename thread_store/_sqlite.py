@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import sqlite_utils
 
-from .errors import NotAThreadStore, SchemaTooNew, StorageError, ThreadStoreError
+from .errors import NotAThreadStore, SchemaTooNew, StorageError, TransientStorageError
 
 T = TypeVar("T")
 
@@ -27,8 +27,6 @@ APPLICATION_ID = 0x74735354  # "tsST": marks our files, so a foreign database is
 
 def is_transient(exc: BaseException) -> bool:
     """True for SQLite errors that may go away on their own (busy, locked, I/O, full)."""
-    if isinstance(exc, StorageError) and isinstance(exc.__cause__, sqlite3.Error):
-        exc = exc.__cause__
     code = getattr(exc, "sqlite_errorcode", None)
     if isinstance(code, int):
         return (code & 0xFF) in _TRANSIENT_CODES
@@ -38,20 +36,31 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def storage_error(exc: sqlite3.Error, what: str) -> ThreadStoreError:
-    """Translate a SQLite error at the storage boundary into a typed error."""
-    return StorageError(f"{what} failed in SQLite: {exc}. Nothing of this call was written.")
+def translate(exc: BaseException, message: str) -> StorageError:
+    """The one translation of a SQLite error into thread_store's types.
+
+    Transient errors (busy, locked, I/O, full) become :class:`TransientStorageError`,
+    which the retry policy knows; the rest :class:`StorageError`. The caller chains the
+    driver's error below it (``raise translate(exc, ...) from exc``).
+    """
+    kind = TransientStorageError if is_transient(exc) else StorageError
+    return kind(f"{message}: {exc}")
+
+
+def storage_error(exc: sqlite3.Error, what: str) -> StorageError:
+    """A write that failed: nothing of the call was written."""
+    return translate(exc, f"{what} failed in SQLite (nothing of this call was written)")
 
 
 @contextmanager
 def reading(what: str) -> Iterator[None]:
-    """Translate SQLite errors of a read (a damaged page, a closed connection) into
-    :class:`StorageError`; :func:`is_transient` still sees the cause."""
+    """Translate SQLite errors of a read (a damaged page, a closed connection, a lock
+    held past the busy timeout) into :class:`StorageError` or its transient kind."""
     try:
         yield
     except sqlite3.Error as exc:
-        raise StorageError(f"reading {what} failed in SQLite: {exc}; if the index is damaged, "
-                           "`thread-store reindex` rebuilds it from history") from exc
+        raise translate(exc, f"reading {what} failed in SQLite (if the index is damaged, "
+                             "`thread-store reindex` rebuilds it from history)") from exc
 
 
 def create_private_file(path: Path) -> None:

@@ -55,7 +55,15 @@ class SchemaTooNew(ThreadStoreError):
 
 
 class StorageError(ThreadStoreError, OSError):
-    """SQLite could not store the data (disk full, I/O error, lock held too long)."""
+    """The storage backend failed (damaged file, I/O error, a row it cannot store).
+
+    The driver's own error is chained as ``__cause__``.
+    """
+
+
+class TransientStorageError(StorageError):
+    """A storage failure that may go away on its own (busy or locked database, I/O error,
+    full disk, lost connection); projections retry it with backoff."""
 
 
 class TransientProjectionError(ThreadStoreError):

@@ -21,7 +21,7 @@ import sqlite_utils
 from sqlite_utils.db import DescIndex
 
 from . import _sqlite
-from .errors import InvalidCursor, StoreClosed
+from .errors import InvalidCursor, StorageError, StoreClosed
 from .model import TEXT_FIELDS, THREAD_ID_PATTERN, Page, ThreadMetadata, us_from_utc, utc_from_us
 
 _TEXT = TEXT_FIELDS
@@ -193,7 +193,13 @@ class Index:
                 raise StoreClosed(closed)
             return epoch
 
-        epoch = _sqlite.in_transaction(self._conn, fenced_body)
+        try:
+            epoch = _sqlite.in_transaction(self._conn, fenced_body)
+        except sqlite3.Error as exc:
+            raise _sqlite.translate(exc, "the projection transaction failed in SQLite "
+                                         "(none of its rows were written)") from exc
+        for thread_id, error in list(errors.items()):
+            errors[thread_id] = _unstorable(error)
         self.transactions += 1
         if self.history is not None:
             self.history.acknowledge([(r.meta.thread_id, r.meta.projected_seq) for r in rows
@@ -307,6 +313,13 @@ class Index:
         self._readers.close()
         with self.write_lock:  # a fenced worker may still be in its (bounded) transaction
             self._conn.close()
+
+
+def _unstorable(error: BaseException) -> StorageError:
+    """A row the index refused (a value SQLite cannot bind or store), with its cause."""
+    translated = _sqlite.translate(error, "the thread's metadata row could not be stored in SQLite")
+    translated.__cause__ = error
+    return translated
 
 
 def _encode_cursor(query: list[Any], recency_us: int, thread_id: str) -> str:
