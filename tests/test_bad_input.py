@@ -311,6 +311,21 @@ def test_malformed_path_raises_invalid_argument(tmp_path: Path, monkeypatch: pyt
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("target", [":memory:", "postgresql://me@127.0.0.1:5432/db", "postgres://db",
+                                    "sqlite:///tmp/x", "s3://bucket/threads",
+                                    "host=localhost dbname=threads", "host='a b' port=5432"])
+def test_targets_of_other_backends_never_become_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           target: str) -> None:
+    monkeypatch.chdir(tmp_path)  # a target taken for a relative directory would land here
+    with pytest.raises(InvalidArgument):
+        ThreadStore.open(target)
+    with pytest.raises(InvalidArgument):
+        asyncio.run(_aio_open(target, {}))
+    with pytest.raises(InvalidArgument):
+        ThreadStore.rebuild_index(target)
+    assert list(tmp_path.rglob("*")) == []
+
+
 # -- paths and files ------------------------------------------------------------------------
 
 def _tree(root: Path) -> dict[str, bytes]:

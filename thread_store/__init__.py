@@ -23,7 +23,7 @@ from .errors import (
     TransientStorageError,
 )
 from .model import Page, StoredItem, ThreadMetadata, ThreadStatus
-from .projector import ProjectorStats, RetryPolicy
+from .model import ProjectorStats, RetryPolicy
 from .store import ThreadStore
 
 __version__ = "0.1.0"

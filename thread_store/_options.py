@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Set
 from pathlib import Path
 from typing import Any, Mapping
 
-from ._pending import RetryPolicy
+from .model import RetryPolicy
 from .errors import InvalidArgument
 from .model import DEFAULT_MAX_ITEM_BYTES, check_count
 
@@ -23,6 +24,10 @@ _RULE_METHODS = ("initial", "apply", "metadata")
 #: The common limits of Linux and macOS file systems (NAME_MAX, PATH_MAX less the NUL).
 _NAME_MAX = 255
 _PATH_MAX = 4095
+#: ``scheme://...``: a URL, never a directory name (DESIGN §3).
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+#: A libpq connection string, ``host=... dbname=...``: not a directory name either.
+_CONNINFO = re.compile(r"\s*(\w+\s*=\s*('[^']*'|\S*)\s*)+")
 
 
 def check_path(path: object) -> Path:
@@ -46,6 +51,7 @@ def check_path(path: object) -> Path:
     if not raw or "\x00" in raw:
         raise InvalidArgument(f"path must be a non-empty directory name without NUL characters, "
                               f"not {raw!r}")
+    _refuse_other_targets(raw)
     try:
         encoded = os.fsencode(raw)
     except UnicodeError as exc:
@@ -56,6 +62,21 @@ def check_path(path: object) -> Path:
         raise InvalidArgument(f"path is too long for the file system (at most {_NAME_MAX} bytes a "
                               f"name, {_PATH_MAX} in all): {raw[:80]!r}...")
     return Path(raw)
+
+
+def _refuse_other_targets(raw: str) -> None:
+    """Targets that name another backend must never become a directory of that name."""
+    if raw == ":memory:":
+        raise InvalidArgument("':memory:' (the in-memory backend) is not available in this "
+                              "version; open a temporary directory for tests instead")
+    if _URL.match(raw):
+        scheme = raw.split("://", 1)[0]
+        raise InvalidArgument(f"{scheme}:// stores are not available in this version (the "
+                              "PostgreSQL backend is planned); pass a directory path for the "
+                              "embedded store")
+    if _CONNINFO.fullmatch(raw):
+        raise InvalidArgument("a libpq 'key=value' connection string is not a store target; pass a "
+                              "directory path (or, once available, a postgresql:// URL)")
 
 
 def check_open_kwargs(options: Mapping[str, Any]) -> None:

@@ -9,14 +9,13 @@ the projector reads the items back from history.
 from __future__ import annotations
 
 import enum
-import random
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from opentelemetry.trace import SpanContext
 
-from .errors import DURABLE_NOTE, InvalidArgument, ThreadDiscarded
+from .errors import DURABLE_NOTE, ThreadDiscarded
 from .model import ThreadMetadata
 
 BUFFER_ITEMS = 16
@@ -27,42 +26,6 @@ BUFFER_BYTES = 64 * 1024
 CALLER_RUN_BYTES = 256 * 1024
 
 BufferedItem = tuple[int, int, str, str]  # (seq, ts_us, json text, type)
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Capped exponential backoff with jitter; ``attempts`` is the budget per failure run."""
-
-    attempts: int = 8
-    base_delay: float = 0.05
-    max_delay: float = 1.0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
-            raise InvalidArgument(f"RetryPolicy.attempts must be an integer >= 1, not {self.attempts!r}")
-        for name in ("base_delay", "max_delay"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-                raise InvalidArgument(f"RetryPolicy.{name} must be a finite number of seconds >= 0, "
-                                      f"not {value!r}")
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        """Backoff before retry number ``attempt`` (1-based), jittered into [50%, 100%]."""
-        backoff: float = min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1))
-        return backoff * rng.uniform(0.5, 1.0)
-
-
-@dataclass(frozen=True, slots=True)
-class ProjectorStats:
-    """Counters since open: group commits, rows, attempts, retries, failures, backlog."""
-
-    transactions: int
-    rows_written: int
-    attempts: int
-    retries: int
-    failures: int
-    pending_threads: int
-    waiters: int
 
 
 class Success:

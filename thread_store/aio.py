@@ -37,8 +37,8 @@ from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
 from ._options import check_open_kwargs
-from .model import Page, StoredItem, ThreadMetadata, ThreadStatus, check_timeout
-from .projector import Outcome, ProjectorStats, Success, Waiter
+from .model import Page, ProjectorStats, StoredItem, ThreadMetadata, ThreadStatus, check_timeout
+from .projector import Outcome, Success, Waiter
 from .derive import NOT_GIVEN, archive_edit_item, metadata_edit_item
 from .store import ThreadStore
 

@@ -30,17 +30,15 @@ from typing import Callable
 from opentelemetry.trace import SpanContext
 
 from ._attempt import AttemptRunner, ProjectionHook
-from ._pending import (Claim, Outcome, Phase, ProjectorStats, Result, RetryPolicy, Success,
-                       ThreadState, Waiter, describe)
+from ._pending import Claim, Outcome, Phase, Result, Success, ThreadState, Waiter, describe
 from .derive import ProjectionRules
 from .errors import DURABLE_NOTE, ProjectionFailed, StoreClosed
 from .history import History
 from .index import Index
-from .model import EncodedItem, ThreadMetadata
+from .model import EncodedItem, ProjectorStats, RetryPolicy, ThreadMetadata
 from .tracing import MAX_LINKS, Projection, Telemetry
 
-__all__ = ["Outcome", "ProjectionHook", "Projector", "ProjectorStats", "Removal", "RetryPolicy",
-           "Success", "Waiter"]
+__all__ = ["Outcome", "ProjectionHook", "Projector", "Removal", "Success", "Waiter"]
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,10 @@ from .derive import NOT_GIVEN, CodexRules, ProjectionRules, archive_edit_item, m
 from .errors import (InvalidArgument, NotAThreadStore, ReadOnlyStore, StoreClosed, ThreadDiscarded, ThreadStoreError)
 from .history import History
 from .index import Index
-from .model import (DEFAULT_MAX_ITEM_BYTES, EncodedItem, Page, StoredItem, ThreadMetadata,
-                    ThreadStatus, check_count, check_thread_id, check_timeout, encode_item, utc)
-from .projector import (Projector, ProjectionHook, ProjectorStats, RetryPolicy)
+from .model import (DEFAULT_MAX_ITEM_BYTES, EncodedItem, Page, ProjectorStats, RetryPolicy, StoredItem,
+                    ThreadMetadata, ThreadStatus, check_count, check_thread_id, check_timeout,
+                    encode_item, utc)
+from .projector import Projector, ProjectionHook
 from .tracing import ATTR_GENERATION, Telemetry, capture
 
 log = logging.getLogger("thread_store")
