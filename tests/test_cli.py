@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import pty
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -221,6 +222,37 @@ def test_import_codex_reports_and_exit_codes(store_path: Path) -> None:
     second = invoke(*store, "import-codex", str(FIXTURES))
     assert second.exit_code == 0
     assert "0 items appended" in second.stdout and "2 unchanged" in second.stdout
+
+
+def test_import_codex_defaults_to_codex_home_and_skips_unchanged_files(store_path: Path, tmp_path: Path) -> None:
+    codex_home = tmp_path / "codex-home"
+    shutil.copytree(FIXTURES, codex_home / "sessions")
+    env = {"CODEX_HOME": str(codex_home)}
+    first = invoke("--store", str(store_path), "import-codex", "--json", env=env)
+    assert first.exit_code == 0, first.stderr
+    assert json.loads(first.stdout)["threads_created"] == 2
+    assert (store_path / "codex-import.json").is_file()
+    second = invoke("--store", str(store_path), "import-codex", env=env)
+    assert second.exit_code == 0, second.stderr
+    assert "2 files (2 unchanged, skipped)" in second.stdout and "2 unchanged" in second.stdout
+    missing = invoke("--store", str(store_path), "import-codex", env={"CODEX_HOME": str(tmp_path / "none")})
+    assert missing.exit_code == 2
+    assert_one_line_error(missing.stderr, "DIRECTORY")
+
+
+def test_import_codex_replace_reimports_a_truncated_rollout(store_path: Path, tmp_path: Path) -> None:
+    sessions = Path(shutil.copytree(FIXTURES, tmp_path / "sessions"))
+    store = ["--store", str(store_path)]
+    assert invoke(*store, "import-codex", str(sessions)).exit_code == 0
+    rollout = next(sessions.rglob("rollout-*0194a1b2*.jsonl"))
+    rollout.write_text("".join(rollout.read_text().splitlines(keepends=True)[:3]))
+    kept = invoke(*store, "import-codex", str(sessions))
+    assert kept.exit_code == 1 and "--replace" in kept.stderr
+    replaced = invoke(*store, "import-codex", str(sessions), "--replace")
+    assert replaced.exit_code == 0, replaced.stderr
+    assert "1 replaced" in replaced.stdout
+    with ThreadStore.open(store_path, read_only=True) as s:
+        assert s.read_thread("0194a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b").item_count == 3
 
 
 def test_import_codex_conflict_exits_1(store_path: Path, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -150,6 +151,57 @@ def test_conflicting_history_is_reported_and_left_alone(store: ThreadStore, sess
     assert report.items_appended == 6  # only B
     assert len(report.errors) == 1 and A in report.errors[0] and "prefix" in report.errors[0]
     assert len(history(store, A)) == 1
+
+
+def test_unchanged_files_are_skipped_by_size_and_mtime(store: ThreadStore, sessions: Path) -> None:
+    seen: dict[str, dict[str, object]] = {}
+    first = import_codex(store, sessions, seen=seen)
+    assert (first.threads_created, first.files_unchanged) == (2, 0)
+    assert set(seen) == {str(sessions / FILE_A), str(sessions / FILE_B)}
+    before = {t: history(store, t) for t in (A, B)}
+
+    # Same size and mtime, other content: not read at all, so not even the conflict shows.
+    path = sessions / FILE_B
+    stat = path.stat()
+    text = path.read_text()
+    path.write_text(text.replace('"cwd"', '"CWD"', 1))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+    again = import_codex(store, sessions, seen=seen)
+    assert (again.files_unchanged, again.threads_unchanged, again.items_appended) == (2, 2, 0)
+    assert again.errors == [] and again.skipped == []  # no file was parsed
+    assert {t: history(store, t) for t in (A, B)} == before
+
+    # A new modification time: that file, and only its thread, is verified again.
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    verified = import_codex(store, sessions, seen=seen)
+    assert verified.files_unchanged == 1
+    assert len(verified.errors) == 1 and B in verified.errors[0] and "--replace" in verified.errors[0]
+
+
+def test_a_deleted_thread_with_unchanged_files_is_imported_again(store: ThreadStore, sessions: Path) -> None:
+    seen: dict[str, dict[str, object]] = {}
+    import_codex(store, sessions, seen=seen)
+    store.delete_thread(A)
+    again = import_codex(store, sessions, seen=seen)
+    assert (again.threads_created, again.threads_unchanged, again.files_unchanged) == (1, 1, 1)
+    assert history(store, A) == valid_lines(sessions / FILE_A)
+
+
+def test_replace_reimports_an_edited_rollout(store: ThreadStore, sessions: Path) -> None:
+    import_codex(store, sessions)
+    path = sessions / FILE_A
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:5]))  # truncated: the store's history runs past it
+    kept = import_codex(store, sessions)
+    assert len(kept.errors) == 1 and A in kept.errors[0] and "replace" in kept.errors[0]
+    assert len(history(store, A)) == 17
+    store.update_metadata(A, name="kept?")
+    replaced = import_codex(store, sessions, replace=True)
+    assert (replaced.threads_replaced, replaced.errors) == (1, [])
+    assert history(store, A) == valid_lines(path)
+    assert store.read_thread(A).name is None  # a replaced thread starts over from its files
+    assert [s.line for s in replaced.skipped] == [s.line for s in kept.skipped]
 
 
 def test_a_resumed_session_in_two_files_is_one_thread(store: ThreadStore, tmp_path: Path) -> None:

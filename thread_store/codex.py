@@ -27,6 +27,15 @@ common prefix. So:
 The price is reading each imported thread's history once per import, which costs about
 as much as reading the file itself. A counter (items imported so far) would be cheaper
 but breaks as soon as the thread gets an item that is not from the file.
+
+**Unchanged files are skipped.** Given a ``seen`` record (``thread-store import-codex``
+keeps one beside the store), a thread whose files all have the size and modification
+time they had when it was last imported in full is not compared again: only a cheap
+check that the thread still exists. Only what changed is verified.
+
+**A rewritten file** (edited, so the thread's history is no longer a prefix of it, or
+truncated, so the history holds more than it) is reported and left alone;
+``replace=True`` deletes such a thread and imports it again from its files.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,30 +82,41 @@ class ImportReport:
     """
 
     files: int = 0
+    files_unchanged: int = 0
     threads_created: int = 0
     threads_updated: int = 0
     threads_unchanged: int = 0
+    threads_replaced: int = 0
     items_appended: int = 0
     skipped: list[SkippedLine] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """Return the report as a JSON-ready dict."""
-        return {"files": self.files, "threads_created": self.threads_created,
+        return {"files": self.files, "files_unchanged": self.files_unchanged,
+                "threads_created": self.threads_created,
                 "threads_updated": self.threads_updated,
                 "threads_unchanged": self.threads_unchanged,
+                "threads_replaced": self.threads_replaced,
                 "items_appended": self.items_appended,
                 "skipped": [{"path": s.path, "line": s.line, "reason": s.reason} for s in self.skipped],
                 "errors": list(self.errors)}
 
 
 def import_codex(store: ThreadStore, directory: str | os.PathLike[str],
-                 progress: Callable[[int, int], None] | None = None) -> ImportReport:
+                 progress: Callable[[int, int], None] | None = None, *,
+                 seen: MutableMapping[str, dict[str, Any]] | None = None,
+                 replace: bool = False) -> ImportReport:
     """Import every ``rollout-*.jsonl`` under ``directory`` (recursively) into ``store``.
 
     Safe to run again on the same directory: see the module docstring.
 
     :param progress: called as ``progress(threads_done, threads_total)`` after each thread.
+    :param seen: the files imported in full so far, ``{path: {"size", "mtime_ns",
+        "thread_id"}}``; read to skip unchanged files and updated in place. Keep it
+        between runs (JSON-ready) to make a re-import cheap.
+    :param replace: delete and re-import a thread whose files no longer start with its
+        history (a rollout that was edited or truncated).
     :returns: counts, skipped lines (``file:line: reason``) and per-thread errors.
     :raises InvalidArgument: ``directory`` is not a directory.
 
@@ -107,31 +127,102 @@ def import_codex(store: ThreadStore, directory: str | os.PathLike[str],
     if not root.is_dir():
         raise InvalidArgument(f"{root} is not a directory; pass a Codex sessions directory "
                               "such as ~/.codex/sessions")
+    seen = {} if seen is None else seen
     report = ImportReport()
-    groups: dict[str, list[Path]] = {}
+    groups: dict[str, list[_File]] = {}
     for path in sorted(root.rglob("rollout-*.jsonl")):
         if not path.is_file():
             continue
         report.files += 1
-        thread_id = _thread_id(path)
-        if thread_id is None:
+        file = _File.stat(path, seen.get(str(path)))
+        if file.thread_id is None:
             report.errors.append(f"{path}: no session_meta id and no UUID in the file name; "
                                  "file not imported")
         else:
-            groups.setdefault(thread_id, []).append(path)
-    for done, (thread_id, paths) in enumerate(groups.items(), 1):
-        try:
-            _import_thread(store, thread_id, paths, report)
-        except (InvalidArgument, ThreadDiscarded) as exc:
-            report.errors.append(f"{paths[0]}: thread {thread_id!r} not imported: {exc}")
+            groups.setdefault(file.thread_id, []).append(file)
+    for done, (thread_id, files) in enumerate(groups.items(), 1):
+        if all(f.unchanged for f in files) and _still_there(store, thread_id):
+            report.files_unchanged += len(files)
+            report.threads_unchanged += 1
+        else:
+            try:
+                if _import_thread(store, thread_id, [f.path for f in files], report, replace):
+                    seen.update((str(f.path), f.record()) for f in files)
+            except (InvalidArgument, ThreadDiscarded) as exc:
+                report.errors.append(f"{files[0].path}: thread {thread_id!r} not imported: {exc}")
         if progress is not None:
             progress(done, len(groups))
     return report
 
 
+@dataclass(frozen=True, slots=True)
+class _File:
+    """A rollout file as found now, and whether it is as it was when last imported."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+    thread_id: str | None
+    unchanged: bool
+
+    @classmethod
+    def stat(cls, path: Path, last: Mapping[str, Any] | None) -> _File:
+        # Taken before the file is read: a file growing meanwhile is verified next time.
+        info = path.stat()
+        unchanged = (last is not None and last.get("size") == info.st_size
+                     and last.get("mtime_ns") == info.st_mtime_ns and isinstance(last.get("thread_id"), str))
+        thread_id = last["thread_id"] if unchanged and last is not None else _thread_id(path)
+        return cls(path, info.st_size, info.st_mtime_ns, thread_id, unchanged)
+
+    def record(self) -> dict[str, Any]:
+        """What ``seen`` keeps of this file."""
+        return {"size": self.size, "mtime_ns": self.mtime_ns, "thread_id": self.thread_id}
+
+
+def _still_there(store: ThreadStore, thread_id: str) -> bool:
+    """Whether the thread exists (a deleted thread is imported again); one cheap read."""
+    try:
+        store.status(thread_id)
+    except (ThreadNotFound, ThreadDiscarded):
+        return False
+    return True
+
+
 def _import_thread(store: ThreadStore, thread_id: str, paths: list[Path],
-                   report: ImportReport) -> None:
-    """Append the lines of ``paths`` past the thread's common prefix with them."""
+                   report: ImportReport, replace: bool) -> bool:
+    """Import one thread's files; returns whether it now holds every importable line."""
+    skipped = len(report.skipped)
+    conflict, appended, existed = _append_new_lines(store, thread_id, paths, report)
+    if conflict is not None and replace:
+        store.delete_thread(thread_id)
+        first_pass = set(report.skipped[skipped:])
+        again = ImportReport()
+        conflict, appended, _ = _append_new_lines(store, thread_id, paths, again)
+        report.skipped.extend(s for s in again.skipped if s not in first_pass)
+        report.threads_replaced += 1
+        report.items_appended += appended
+        return conflict is None
+    if conflict is not None:
+        report.errors.append(conflict)
+        return False
+    report.items_appended += appended
+    if appended and existed:
+        report.threads_updated += 1
+    elif appended:
+        report.threads_created += 1
+    elif existed:
+        report.threads_unchanged += 1
+    return True
+
+
+def _append_new_lines(store: ThreadStore, thread_id: str, paths: list[Path],
+                      report: ImportReport) -> tuple[str | None, int, bool]:
+    """Append the lines of ``paths`` past the thread's common prefix with them.
+
+    :returns: ``(conflict, appended, existed)``: why nothing was imported (the history
+        is not a prefix of the files) or ``None``, how many items were appended, and
+        whether the thread existed before.
+    """
     try:
         history: Iterator[dict[str, Any]] | None = _own_items(store, thread_id)
         existed = True
@@ -147,28 +238,28 @@ def _import_thread(store: ThreadStore, thread_id: str, paths: list[Path],
                 history = None  # past the common prefix: everything from here is new
             elif stored == item:
                 continue
-            else:
-                report.errors.append(
-                    f"{path}:{number}: thread {thread_id!r} in the store differs from this line; "
-                    "its history is not a prefix of the rollout, so nothing was imported for it")
-                return
+            else:  # nothing was appended yet: appends start only past the common prefix
+                return (f"{path}:{number}: thread {thread_id!r} in the store differs from this "
+                        "line: its history is not a prefix of the rollout (was the file edited "
+                        "or truncated?), so nothing was imported for it. Import with "
+                        "replace=True (thread-store import-codex --replace) to delete the "
+                        "thread and import it again from its files"), 0, existed
         pending.append(item)
         if len(pending) >= BATCH:
             exists = _append(store, thread_id, pending, exists)
             appended += len(pending)
             pending = []
+    if history is not None and next(history, _END) is not _END:
+        return (f"{paths[-1]}: thread {thread_id!r} in the store holds more items than its rollout "
+                "(was the file truncated, or a file of the session removed?), so nothing was "
+                "imported for it. Import with replace=True (thread-store import-codex --replace) "
+                "to delete the thread and import it again from its files"), 0, existed
     if pending:
         exists = _append(store, thread_id, pending, exists)
         appended += len(pending)
     if appended:
         store.flush(thread_id)
-        report.items_appended += appended
-        if existed:
-            report.threads_updated += 1
-        else:
-            report.threads_created += 1
-    elif existed:
-        report.threads_unchanged += 1
+    return None, appended, existed
 
 
 def _append(store: ThreadStore, thread_id: str, items: list[dict[str, Any]], exists: bool) -> bool:
