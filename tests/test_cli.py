@@ -33,7 +33,8 @@ def run(*args: str, script: bool = False, env: dict[str, str] | None = None,
 
 
 def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
-    return CliRunner(env=env).invoke(cli, list(args), catch_exceptions=False)
+    """Run the CLI in-process, on a wide terminal unless ``env`` sets ``COLUMNS``."""
+    return CliRunner(env={"COLUMNS": "200", **(env or {})}).invoke(cli, list(args), catch_exceptions=False)
 
 
 def assert_one_line_error(stderr: str, *words: str) -> None:
@@ -366,3 +367,62 @@ def test_export_prints_the_items_as_appended_and_imports_back(store_path: Path, 
     assert invoke("--store", str(copy), "import-codex", str(rollouts)).exit_code == 0
     with ThreadStore.open(copy, read_only=True) as s:
         assert [stored.item for stored in s.read_history(tid)] == items
+
+
+def _many_threads(store_path: Path, ids: list[str]) -> None:
+    with ThreadStore.open(store_path) as s:
+        for tid in ids:
+            s.create_thread(tid)
+            s.append_and_flush(tid, [user_msg("A title that is too long to fit beside a full thread id"),
+                                     {"type": "turn_context", "payload": {"model": "gpt-5-codex"}},
+                                     {"type": "event_msg", "payload": {"type": "token_count", "info": {
+                                         "total_token_usage": {f"kind_{n}_tokens": n for n in range(9)}}}}])
+
+
+def test_list_and_show_fit_an_80_column_terminal(store_path: Path) -> None:
+    ids = ["0194a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b", "0194a1b2-ffff-7e5f-8a9b-0c1d2e3f4a5b",
+           "7f3e9a10-0000-4000-8000-000000000000"]
+    _many_threads(store_path, ids)
+    narrow = invoke("--store", str(store_path), "list", env={"COLUMNS": "80"})
+    assert narrow.exit_code == 0, narrow.stderr
+    lines = narrow.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, narrow.stdout
+    assert "…" in narrow.stdout  # the title was clipped, with an ellipsis
+    shown = {line.split()[0] for line in lines[1:]}
+    assert shown == {"0194a1b2-c", "0194a1b2-f", "7f3e9a10"}  # short and still unique
+    wide = invoke("--store", str(store_path), "list", env={"COLUMNS": "200"})
+    assert {line.split()[0] for line in wide.stdout.splitlines()[1:]} == set(ids)
+    assert "…" not in wide.stdout
+    detail = invoke("--store", str(store_path), "show", "7f3e", env={"COLUMNS": "80"})
+    assert detail.exit_code == 0, detail.stderr
+    assert max(len(line) for line in detail.stdout.splitlines()) <= 80, detail.stdout
+
+
+def test_commands_take_a_unique_id_prefix_and_list_candidates_otherwise(store_path: Path) -> None:
+    ids = ["0194a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b", "0194a1b2-ffff-7e5f-8a9b-0c1d2e3f4a5b",
+           "0194a1b2"]
+    _many_threads(store_path, ids)
+    store = ["--store", str(store_path)]
+    assert invoke(*store, "rename", "0194a1b2-c", "by prefix").exit_code == 0
+    with ThreadStore.open(store_path, read_only=True) as s:
+        assert s.read_thread(ids[0]).name == "by prefix"
+    exported = invoke(*store, "export", "0194a1b2-f")
+    assert exported.exit_code == 0 and len(exported.stdout.splitlines()) == 3
+    exact = invoke(*store, "show", "0194a1b2", "--json")  # an exact id wins over the prefix
+    assert json.loads(exact.stdout)["thread"]["thread_id"] == "0194a1b2"
+    ambiguous = invoke(*store, "archive", "0194a1b2-")
+    assert ambiguous.exit_code == 2
+    assert_one_line_error(ambiguous.stderr, ids[0], ids[1], "more of the id")
+    unknown = invoke(*store, "show", "ffff")
+    assert unknown.exit_code == 1
+    assert_one_line_error(unknown.stderr, "ffff")
+
+
+def test_long_commands_show_progress(store_path: Path) -> None:
+    demo = invoke("--store", str(store_path), "demo", "--threads", "100", "--seed", "1")
+    assert demo.exit_code == 0, demo.stderr
+    assert demo.stderr.startswith("sessions")  # click's bar, on stderr (a label off a terminal)
+    small = invoke("--store", str(store_path), "demo", "--threads", "3")
+    assert small.stderr == ""  # a short run prints no bar
+    reindexed = invoke("--store", str(store_path), "reindex")
+    assert reindexed.exit_code == 0 and reindexed.stderr.startswith("re-projecting")

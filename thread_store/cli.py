@@ -15,6 +15,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -27,7 +28,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 import thread_store
-from thread_store import NotAThreadStore, StoredItem, ThreadMetadata, ThreadStore, ThreadStoreError
+from thread_store import (NotAThreadStore, StoredItem, ThreadMetadata, ThreadNotFound, ThreadStore,
+                          ThreadStoreError)
 from thread_store.codex import import_codex
 from thread_store.demo import run_demo
 
@@ -39,6 +41,10 @@ if TYPE_CHECKING:
 DEFAULT_STORE = "thread-store-data"
 _OTEL_ENV = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_EXPORTER")
 _TITLE_WIDTH = 48
+#: Narrowest a clipped column gets; the TITLE column's width before ids are shortened.
+_MIN_FLEXIBLE = 10
+_MIN_TITLE = 20
+_SHORT_ID = 8
 #: What ``import-codex`` has imported in full, beside the store: lets a re-import skip
 #: unchanged files (the store itself keeps no application bookkeeping).
 _IMPORT_RECORD = "codex-import.json"
@@ -122,20 +128,24 @@ def list_threads(store_path: Path, archived: bool, search: str | None, limit: in
 def show(store_path: Path, thread_id: str, count: int, as_json: bool) -> None:
     """Show a thread's metadata and its last history items."""
     with ThreadStore.open(store_path, read_only=True) as store:
+        thread_id = _resolve(store, thread_id)
         meta = store.read_thread(thread_id)
         items = _last_items(store, thread_id, meta.projected_seq, count)
     if as_json:
         _echo_json({"thread": meta.to_json(),
                     "items": [{"seq": s.seq, "ts": s.ts.isoformat(), "item": s.item} for s in items]})
         return
+    room = max(_terminal_width() - 20, _MIN_FLEXIBLE)
     for key, value in meta.to_json().items():
         if value is not None:
-            click.echo(f"{key:<20}{json.dumps(value) if isinstance(value, dict) else value}")
+            text = json.dumps(value) if isinstance(value, dict) else str(value)
+            click.echo(f"{key:<20}{_clip(text, room)}")
     if items:
         click.echo(f"\nlast {_count(len(items), 'item')}:")
         _echo_table(("SEQ", "TIME", "TYPE", "PAYLOAD"),
                     [(str(s.seq), s.ts.strftime("%Y-%m-%d %H:%M:%S"), _kind(s.item),
-                      _clip(json.dumps(s.item.get("payload"), ensure_ascii=False), 70)) for s in items])
+                      " ".join(json.dumps(s.item.get("payload"), ensure_ascii=False).split()))
+                     for s in items], flexible=3)
 
 
 @cli.command(epilog=_example("thread-store status --json"))
@@ -174,7 +184,8 @@ def status(store_path: Path, as_json: bool) -> None:
     if behind:
         _echo_table(("ID", "HEAD", "PROJECTED", "LAG", "ATTEMPTS", "LAST ERROR"),
                     [(b["thread_id"], str(b["head_seq"]), str(b["projected_seq"]), str(b["lag"]),
-                      str(b["attempts"]), _clip(b["last_error"] or "", 60)) for b in behind])
+                      str(b["attempts"]), " ".join((b["last_error"] or "").split())) for b in behind],
+                    flexible=5)
 
 
 # -- writing ------------------------------------------------------------------------------
@@ -187,6 +198,7 @@ def status(store_path: Path, as_json: bool) -> None:
 def rename(store_path: Path, thread_id: str, name: str) -> None:
     """Give a thread a name (shown in lists instead of its title); '' clears it."""
     with _open_existing(store_path) as store:
+        thread_id = _resolve(store, thread_id)
         meta = store.update_metadata(thread_id, name=name or None)
     click.echo(f"renamed {thread_id}: {meta.name or '(name cleared)'}")
 
@@ -197,6 +209,7 @@ def rename(store_path: Path, thread_id: str, name: str) -> None:
 def archive(store_path: Path, thread_id: str) -> None:
     """Archive a thread: it leaves `list` and shows in `list --archived`."""
     with _open_existing(store_path) as store:
+        thread_id = _resolve(store, thread_id)
         store.archive_thread(thread_id)
     click.echo(f"archived {thread_id}")
 
@@ -207,6 +220,7 @@ def archive(store_path: Path, thread_id: str) -> None:
 def unarchive(store_path: Path, thread_id: str) -> None:
     """Bring an archived thread back to `list`."""
     with _open_existing(store_path) as store:
+        thread_id = _resolve(store, thread_id)
         store.unarchive_thread(thread_id)
     click.echo(f"unarchived {thread_id}")
 
@@ -221,6 +235,7 @@ def delete(store_path: Path, thread_id: str, yes: bool) -> None:
     On a terminal it asks first; otherwise it refuses without --yes.
     """
     with _open_existing(store_path) as store:
+        thread_id = _resolve(store, thread_id)
         meta = store.read_thread(thread_id)
         if not yes:
             if not sys.stdin.isatty():
@@ -242,6 +257,7 @@ def export(store_path: Path, thread_id: str) -> None:
     the output gives the same items back.
     """
     with ThreadStore.open(store_path, read_only=True) as store:
+        thread_id = _resolve(store, thread_id)
         after = 0
         while page := store.read_history(thread_id, after_seq=after, limit=1000):
             click.echo("\n".join(json.dumps(s.item, separators=(",", ":")) for s in page))
@@ -327,9 +343,10 @@ def demo(store_path: Path, threads: int, seed: int | None, otlp_endpoint: str | 
             latencies.append(seconds)
 
     try:
-        with ThreadStore.open(store_path) as store:
+        with ThreadStore.open(store_path) as store, ExitStack() as bars:
             started = time.perf_counter()
-            metas = run_demo(store, threads, seed, on_append=observe)
+            metas = run_demo(store, threads, seed, on_append=observe,
+                             progress=_progress(bars, "sessions") if threads >= 100 else None)
             elapsed = time.perf_counter() - started
     finally:
         delivery = tracing.stop() if tracing is not None else None
@@ -493,16 +510,76 @@ def _echo_threads(threads: Sequence[ThreadMetadata]) -> None:
     if not threads:
         click.echo("no threads", err=True)
         return
-    _echo_table(("ID", "TITLE", "MODEL", "ITEMS", "RECENCY (UTC)"),
-                [(m.thread_id, _clip(m.name or m.title or m.preview or "", _TITLE_WIDTH),
-                  m.model or "", str(m.item_count),
-                  m.recency_at.strftime("%Y-%m-%d %H:%M") if m.recency_at else "") for m in threads])
+    rows = [[m.thread_id, " ".join((m.name or m.title or m.preview or "").split()),
+             m.model or "", str(m.item_count),
+             m.recency_at.strftime("%Y-%m-%d %H:%M") if m.recency_at else ""] for m in threads]
+    headers = ("ID", "TITLE", "MODEL", "ITEMS", "RECENCY (UTC)")
+    if _table_width(headers, rows, flexible=1, flexible_width=_MIN_TITLE) > _terminal_width():
+        # Like git: a short unique prefix, which every command taking an ID accepts.
+        short = _short_ids([r[0] for r in rows])
+        for row in rows:
+            row[0] = short[row[0]]
+    _echo_table(headers, rows, flexible=1)
 
 
-def _echo_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
+def _terminal_width() -> int:
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+def _table_width(headers: Sequence[str], rows: Sequence[Sequence[str]], *, flexible: int,
+                 flexible_width: int) -> int:
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows)]
+    widths[flexible] = min(widths[flexible], flexible_width)
+    return sum(widths) + 2 * (len(widths) - 1)
+
+
+def _echo_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *,
+                flexible: int | None = None) -> None:
+    """Print aligned columns; the ``flexible`` one is clipped to fit the terminal."""
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows)]
+    if flexible is not None:
+        room = _terminal_width() - (sum(widths) - widths[flexible]) - 2 * (len(widths) - 1)
+        widths[flexible] = max(min(widths[flexible], room), _MIN_FLEXIBLE)
+        rows = [[_clip(cell, widths[flexible]) if i == flexible else cell for i, cell in enumerate(row)]
+                for row in rows]
     for row in (headers, *rows):
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def _short_ids(ids: Sequence[str]) -> dict[str, str]:
+    """The shortest prefix of each id (at least 8 characters) unique among ``ids``."""
+    short = {}
+    for thread_id in ids:
+        length = _SHORT_ID
+        while length < len(thread_id) and any(o != thread_id and o.startswith(thread_id[:length])
+                                              for o in ids):
+            length += 1
+        short[thread_id] = thread_id[:length]
+    return short
+
+
+def _resolve(store: ThreadStore, given: str) -> str:
+    """The thread ``given`` names: its id (an exact match wins) or a unique prefix of one.
+
+    Finding prefixes scans the index, which is fine for a command run by hand.
+
+    :raises click.UsageError: the prefix matches several threads (they are listed).
+    """
+    try:
+        store.status(given)
+        return given
+    except ThreadNotFound:
+        pass
+    found = [m.thread_id for archived in (False, True) for m in _every_thread(store, archived)
+             if m.thread_id.startswith(given)]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ThreadNotFound(f"thread {given!r} does not exist, and no thread id starts with it; "
+                             "`thread-store list` shows the ids")
+    shown = ", ".join(found[:10]) + (f" and {len(found) - 10} more" if len(found) > 10 else "")
+    raise click.UsageError(f"{given!r} is the start of {len(found)} thread ids ({shown}); "
+                           "give more of the id")
 
 
 def _clip(text: str, width: int) -> str:

@@ -25,7 +25,8 @@ AppendObserver = Callable[[float, bool], None]
 
 
 def run_demo(store: ThreadStore, threads: int = 20, seed: int | None = None, *,
-             on_append: AppendObserver | None = None) -> list[ThreadMetadata]:
+             on_append: AppendObserver | None = None,
+             progress: Callable[[int, int], None] | None = None) -> list[ThreadMetadata]:
     """Run the demo workload on ``store`` and return its threads as listed, newest first.
 
     Thread ids are fresh UUIDs, so the demo can run again on the same store. Sessions
@@ -34,6 +35,7 @@ def run_demo(store: ThreadStore, threads: int = 20, seed: int | None = None, *,
     :param threads: how many threads (sessions) to create.
     :param seed: seed of the content and interleaving (ids stay random).
     :param on_append: observer of each append call's latency.
+    :param progress: called as ``progress(sessions_done, sessions_total)`` as each session ends.
     :returns: the metadata of the demo's threads, in ``list_threads`` order.
     """
     rng = random.Random(seed)
@@ -49,6 +51,8 @@ def run_demo(store: ThreadStore, threads: int = 20, seed: int | None = None, *,
         chunk = list(islice(live[thread_id], rng.randint(1, 3)))
         if not chunk:
             del live[thread_id]
+            if progress is not None:
+                progress(threads - len(live), threads)
             continue
         first_message = thread_id not in greeted and any(_is_user_message(i) for i in chunk)
         started = time.perf_counter()
