@@ -208,12 +208,11 @@ def test_cancel_during_registration_leaves_no_waiter(store_path: Path) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         executor = CountingExecutor(max_workers=1)
-        loop.set_default_executor(executor)
-        async with AsyncThreadStore.open(store_path) as store:
+        async with AsyncThreadStore.open(store_path, executor=executor) as store:
             tid = await store.create_thread()
             await store.pause_projection()
             await store.append(tid, [plain()])
-            busy = loop.run_in_executor(None, gate.wait, 30)  # the only worker is taken
+            busy = loop.run_in_executor(executor, gate.wait, 30)  # the only worker is taken
             queued = executor.submitted
             task = asyncio.create_task(store.flush(tid))
             # The flush's registration hop is queued behind the busy worker.
@@ -223,7 +222,7 @@ def test_cancel_during_registration_leaves_no_waiter(store_path: Path) -> None:
                 await task
             gate.set()
             await busy
-            await loop.run_in_executor(None, lambda: None)  # queued behind the hop: it has run
+            await loop.run_in_executor(executor, lambda: None)  # queued behind the hop: it has run
             # The hop registered a waiter after the cancel; it must be withdrawn (soon, as
             # the loop sees the hop end), not left until the thread is projected.
             await until(lambda: _no_waiters(store, tid), "late waiter withdrawn", timeout=3)
@@ -364,16 +363,16 @@ async def _is_set(event: threading.Event) -> bool:
     return event.is_set()
 
 
-async def _fill_default_executor(loop: asyncio.AbstractEventLoop, workers: int,
-                                 gate: threading.Event) -> list[asyncio.Future[bool]]:
-    """Take every worker of the loop's default executor until ``gate`` is set."""
+async def _fill_executor(loop: asyncio.AbstractEventLoop, executor: ThreadPoolExecutor | None,
+                         workers: int, gate: threading.Event) -> list[asyncio.Future[bool]]:
+    """Take every worker of ``executor`` (``None``: the loop's default) until ``gate`` is set."""
     started = [threading.Event() for _ in range(workers)]
 
     def block(mine: threading.Event) -> bool:
         mine.set()
         return gate.wait(60)
 
-    jobs = [loop.run_in_executor(None, block, mine) for mine in started]
+    jobs = [loop.run_in_executor(executor, block, mine) for mine in started]
     for mine in started:
         await until(lambda mine=mine: _is_set(mine), "executor worker taken")  # type: ignore[misc]
     return jobs
@@ -388,18 +387,18 @@ async def _timed(call: Awaitable[object]) -> tuple[object, float]:
     return result, time.monotonic() - start
 
 
-def test_barriers_return_within_their_timeout_while_the_default_executor_is_busy(store_path: Path) -> None:
+def test_barriers_return_within_their_timeout_while_the_executor_is_busy(store_path: Path) -> None:
     gate = threading.Event()
+    busy = ThreadPoolExecutor(max_workers=2)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        loop.set_default_executor(ThreadPoolExecutor(max_workers=2))
-        async with AsyncThreadStore.open(store_path) as store:
+        async with AsyncThreadStore.open(store_path, executor=busy) as store:
             tid = await store.create_thread()
             await store.append_and_flush(tid, [user_msg("hi")], timeout=30)
             await store.pause_projection()
             await store.append(tid, [plain(1)])
-            jobs = await _fill_default_executor(loop, 2, gate)
+            jobs = await _fill_executor(loop, busy, 2, gate)
             calls: dict[str, Callable[[], Awaitable[object]]] = {
                 "flush": lambda: store.flush(tid, timeout=0.1),
                 "append_and_flush": lambda: store.append_and_flush(tid, [plain(2)], timeout=0.1),
@@ -429,17 +428,18 @@ def test_barriers_return_within_their_timeout_while_the_default_executor_is_busy
         asyncio.run(main())
     finally:
         gate.set()
+        busy.shutdown()
 
 
 def test_a_cancelled_barrier_whose_hop_never_started_writes_nothing(store_path: Path) -> None:
     gate = threading.Event()
+    busy = ThreadPoolExecutor(max_workers=1)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
-        async with AsyncThreadStore.open(store_path) as store:
+        async with AsyncThreadStore.open(store_path, executor=busy) as store:
             tid = await store.create_thread()
-            jobs = await _fill_default_executor(loop, 1, gate)
+            jobs = await _fill_executor(loop, busy, 1, gate)
             task = asyncio.create_task(store.append_and_flush(tid, [plain()], timeout=30))
             await asyncio.sleep(0)  # let it queue its hop
             task.cancel()
@@ -454,6 +454,7 @@ def test_a_cancelled_barrier_whose_hop_never_started_writes_nothing(store_path: 
         asyncio.run(main())
     finally:
         gate.set()
+        busy.shutdown()
 
 
 def _lock_index_readers(store_path: Path) -> subprocess.Popen[str]:
@@ -536,17 +537,17 @@ def test_store_closed_between_append_and_barrier_says_the_items_are_durable(
         assert len(reopened.read_history(tid)) == 1  # durable, as the error said
 
 
-def test_discard_and_close_return_within_their_timeout_while_the_default_executor_is_busy(
+def test_discard_and_close_return_within_their_timeout_while_the_executor_is_busy(
         store_path: Path) -> None:
     gate = threading.Event()
+    busy = ThreadPoolExecutor(max_workers=1)
 
     async def main() -> tuple[str, str]:
         loop = asyncio.get_running_loop()
-        loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
-        store = await AsyncThreadStore.open(store_path)
+        store = await AsyncThreadStore.open(store_path, executor=busy)
         gone, kept = await store.create_thread(), await store.create_thread()
         await store.append(kept, [plain()])
-        jobs = await _fill_default_executor(loop, 1, gate)
+        jobs = await _fill_executor(loop, busy, 1, gate)
         for call in (store.discard(gone, timeout=0.1), store.close(timeout=0.1)):
             error, took = await _timed(call)
             assert error is None and took < 0.1 + MARGIN_S, (error, took)
@@ -558,6 +559,7 @@ def test_discard_and_close_return_within_their_timeout_while_the_default_executo
         gone, kept = asyncio.run(main())
     finally:
         gate.set()
+        busy.shutdown()
     with ThreadStore.open(store_path) as reopened:
         with pytest.raises(ThreadDiscarded):
             reopened.read_history(gone)
@@ -566,13 +568,13 @@ def test_discard_and_close_return_within_their_timeout_while_the_default_executo
 
 def test_a_close_cancelled_before_its_hop_started_still_closes(store_path: Path) -> None:
     gate = threading.Event()
+    busy = ThreadPoolExecutor(max_workers=1)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
-        store = await AsyncThreadStore.open(store_path)
+        store = await AsyncThreadStore.open(store_path, executor=busy)
         await store.create_thread()
-        jobs = await _fill_default_executor(loop, 1, gate)
+        jobs = await _fill_executor(loop, busy, 1, gate)
         closing = asyncio.create_task(store.close())
         await asyncio.sleep(0)  # let it queue its hop
         closing.cancel()
@@ -586,6 +588,7 @@ def test_a_close_cancelled_before_its_hop_started_still_closes(store_path: Path)
         asyncio.run(main())
     finally:
         gate.set()
+        busy.shutdown()
 
 
 async def _reopens(store_path: Path) -> bool:
@@ -594,3 +597,46 @@ async def _reopens(store_path: Path) -> bool:
     except StoreLocked:
         return False
     return True
+
+
+def test_calls_never_queue_behind_the_applications_jobs_on_the_default_executor(store_path: Path) -> None:
+    """The store runs its blocking calls on an executor of its own (issue: a busy default
+    executor delayed appends by a second)."""
+    gate = threading.Event()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=2))
+        jobs = await _fill_executor(loop, None, 2, gate)  # the application's blocking jobs
+        async with AsyncThreadStore.open(store_path) as store:
+            tid = await asyncio.wait_for(store.create_thread(), 60)
+            assert await asyncio.wait_for(store.append(tid, [user_msg("not delayed")]), 60) == 1
+            meta = await asyncio.wait_for(store.flush(tid), 60)
+            page = await asyncio.wait_for(store.list_threads(), 60)
+            assert meta.title == "not delayed" and [m.thread_id for m in page.threads] == [tid]
+            assert not gate.is_set() and not any(job.done() for job in jobs)
+            names = await asyncio.wait_for(store._call(lambda: threading.current_thread().name), 60)
+            assert names.startswith("thread_store-aio")
+        gate.set()
+        await asyncio.gather(*jobs)
+
+    try:
+        asyncio.run(main())
+    finally:
+        gate.set()
+
+
+def test_a_given_executor_runs_the_calls_and_outlives_the_store(store_path: Path) -> None:
+    mine = ThreadPoolExecutor(max_workers=1, thread_name_prefix="app-pool")
+
+    async def main() -> None:
+        async with AsyncThreadStore.open(store_path, executor=mine) as store:
+            assert (await store._call(lambda: threading.current_thread().name)).startswith("app-pool")
+        assert mine.submit(lambda: 7).result(timeout=60) == 7  # close() left it running
+
+    try:
+        asyncio.run(main())
+    finally:
+        mine.shutdown()
+    with pytest.raises(InvalidArgument):
+        AsyncThreadStore.open(store_path, executor="four threads")  # type: ignore[arg-type]

@@ -32,17 +32,22 @@ import functools
 import os
 import threading
 from collections.abc import Callable, Generator, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
 from ._options import check_open_kwargs
+from .derive import NOT_GIVEN, archive_edit_item, metadata_edit_item
+from .errors import InvalidArgument
 from .model import Page, ProjectorStats, StoredItem, ThreadMetadata, ThreadStatus, check_timeout
 from .projector import Outcome, Success, Waiter
-from .derive import NOT_GIVEN, archive_edit_item, metadata_edit_item
 from .store import ThreadStore
 
 T = TypeVar("T")
+#: Threads of the executor an AsyncThreadStore makes for itself: enough for concurrent
+#: reads (the SQLite pool holds 8 connections per file) besides appends and barriers.
+EXECUTOR_WORKERS = 8
 
 
 class AsyncThreadStore:
@@ -55,19 +60,34 @@ class AsyncThreadStore:
     ``store = await AsyncThreadStore.open(path)`` works too; then ``await store.close()``.
     """
 
-    def __init__(self, store: ThreadStore) -> None:
-        """Wrap an open :class:`ThreadStore`; usually you call :meth:`open` instead."""
+    def __init__(self, store: ThreadStore, executor: Executor | None = None) -> None:
+        """Wrap an open :class:`ThreadStore`; usually you call :meth:`open` instead.
+
+        :param executor: runs the blocking calls; ``None`` makes one of the store's own,
+            shut down by :meth:`close`.
+        """
         self._store = store
         self._barriers = store._barriers  # one barrier core, two faces (see _barriers)
+        self._executor = _OwnExecutor() if executor is None else executor
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], **options: Any) -> _Opening:
-        """Open a store in the executor; await the result or use it with ``async with``.
+    def open(cls, path: str | os.PathLike[str], *, executor: Executor | None = None,
+             **options: Any) -> _Opening:
+        """Open a store off the loop; await the result or use it with ``async with``.
 
+        Blocking calls run on an executor of the store's own (``EXECUTOR_WORKERS``
+        threads), never the loop's default one, so the application's own blocking jobs
+        cannot delay an append; pass ``executor=`` to use yours (it is not shut down).
+
+        :param executor: a :class:`concurrent.futures.Executor` for the blocking calls.
         :param options: the keyword options of :meth:`ThreadStore.open`.
         :returns: an awaitable that is also an async context manager (which closes).
+        :raises InvalidArgument: ``executor`` is not an Executor, or a bad option.
         """
-        return _Opening(cls, path, options)
+        if executor is not None and not isinstance(executor, Executor):
+            raise InvalidArgument(f"executor must be a concurrent.futures.Executor or None, not "
+                                  f"{type(executor).__name__}")
+        return _Opening(cls, path, options, executor)
 
     @property
     def path(self) -> Path:
@@ -195,7 +215,11 @@ class AsyncThreadStore:
     async def close(self, timeout: float | None = 10.0) -> None:
         """See :meth:`ThreadStore.close` (``None``: no limit): drains off the loop, resolves
         every waiter."""
-        await self._within(self._store.close, timeout, cancellable=False)
+        try:
+            await self._within(self._store.close, timeout, cancellable=False)
+        finally:
+            if isinstance(self._executor, _OwnExecutor):
+                self._executor.shutdown(wait=False)  # its threads end once idle
 
     async def __aenter__(self) -> Self:
         return self
@@ -207,7 +231,7 @@ class AsyncThreadStore:
     # -- internals ------------------------------------------------------------------------
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await _in_executor(fn, *args, **kwargs)
+        return await _in_executor(self._executor, fn, *args, **kwargs)
 
     async def _within(self, call: Callable[[float | None], T], timeout: float | None, *,
                       cancellable: bool = True) -> T:
@@ -223,7 +247,7 @@ class AsyncThreadStore:
         def run() -> T:
             return call(None if deadline is None else max(0.0, deadline - loop.time()))
 
-        return await _Hop(loop, run).result(deadline, cancellable=cancellable)
+        return await _Hop(loop, self._executor, run).result(deadline, cancellable=cancellable)
 
     async def _barrier(self, thread_id: str, target: Callable[[], int],
                        timeout: float | None) -> ThreadMetadata:
@@ -265,7 +289,8 @@ class AsyncThreadStore:
                     raise
             if isinstance(outcome, Success) and outcome.meta is None:
                 # Projected, but the outcome carried no row: read it off the loop.
-                outcome = await _Hop(loop, lambda: barriers.read_outcome(thread_id)).result(deadline)
+                outcome = await _Hop(loop, self._executor,
+                                     lambda: barriers.read_outcome(thread_id)).result(deadline)
             return barriers.settle(thread_id, generation, timeout, outcome, info)
 
     async def _register(self, begin: Callable[[], T], waiters_of: Callable[[T], list[Waiter]],
@@ -276,7 +301,7 @@ class AsyncThreadStore:
         runs, it still finishes and the waiters it registered (``waiters_of(result)``)
         are then withdrawn, so no waiter outlives its caller.
         """
-        hop = _Hop(asyncio.get_running_loop(), begin)
+        hop = _Hop(asyncio.get_running_loop(), self._executor, begin)
         try:
             return await hop.result(deadline)
         except asyncio.CancelledError:
@@ -290,17 +315,18 @@ class AsyncThreadStore:
 
 
 class _Hop(Generic[T]):
-    """One blocking call handed to the loop's default executor, bounded by a deadline.
+    """One blocking call handed to the store's executor, bounded by a deadline.
 
-    If no executor thread has started the call by the deadline (the application keeps
-    them all busy), the call moves to a thread of its own: a barrier that appended must
+    If no executor thread has started the call by the deadline (they are all busy), the
+    call moves to a thread of its own: a barrier that appended must
     still tell whether its items are durable, and it returns on time only if its hop
     cannot queue indefinitely. A call whose caller is cancelled before it starts never
     runs. The result reaches the loop by ``call_soon_threadsafe``.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fn: Callable[[], T]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, executor: Executor, fn: Callable[[], T]) -> None:
         self._loop = loop
+        self._executor = executor
         self._fn = fn
         self._context = contextvars.copy_context()  # trace parents survive the hop
         self._lock = threading.Lock()
@@ -336,8 +362,8 @@ class _Hop(Generic[T]):
             cancelled before it started (``close``: else the store would stay open).
         """
         try:
-            self._loop.run_in_executor(None, self._run_if_untaken)
-        except RuntimeError:  # the default executor is shut down
+            self._loop.run_in_executor(self._executor, self._run_if_untaken)
+        except RuntimeError:  # the executor is shut down
             self._run_elsewhere()
         expiry = asyncio.timeout_at(deadline)
         try:
@@ -362,16 +388,24 @@ class _Opening:
     """What :meth:`AsyncThreadStore.open` returns: awaitable, and an async context manager."""
 
     def __init__(self, cls: type[AsyncThreadStore], path: str | os.PathLike[str],
-                 options: dict[str, Any]) -> None:
+                 options: dict[str, Any], executor: Executor | None) -> None:
         self._cls = cls
         self._path = path
         self._options = options
+        self._executor = executor
         self._store: AsyncThreadStore | None = None
 
     async def _open(self) -> AsyncThreadStore:
         # Passed through **options, an unknown name would otherwise be a TypeError.
         check_open_kwargs(self._options)
-        return self._cls(await _in_executor(ThreadStore.open, self._path, **self._options))
+        executor = _OwnExecutor() if self._executor is None else self._executor
+        try:
+            store = await _in_executor(executor, ThreadStore.open, self._path, **self._options)
+        except BaseException:
+            if isinstance(executor, _OwnExecutor):
+                executor.shutdown(wait=False)
+            raise
+        return self._cls(store, executor)
 
     def __await__(self) -> Generator[Any, None, AsyncThreadStore]:
         return self._open().__await__()
@@ -386,10 +420,25 @@ class _Opening:
             await self._store.close()
 
 
-async def _in_executor(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a blocking call in the default executor, in a copy of the caller's context."""
+async def _in_executor(executor: Executor, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking call in ``executor``, in a copy of the caller's context."""
     call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-    return await asyncio.get_running_loop().run_in_executor(None, call)
+    loop = asyncio.get_running_loop()
+    try:
+        future = loop.run_in_executor(executor, call)
+    except RuntimeError:
+        # The store's own executor ends with close(); a call after that only raises
+        # StoreClosed, which the loop's default executor can tell it at once.
+        future = loop.run_in_executor(None, call)
+    return await future
+
+
+class _OwnExecutor(ThreadPoolExecutor):
+    """An executor a store made for itself (and shuts down): appends never queue behind
+    the application's jobs on the loop's default executor."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=EXECUTOR_WORKERS, thread_name_prefix="thread_store-aio")
 
 
 def _set_once(fut: asyncio.Future[T], value: T) -> None:
