@@ -125,7 +125,7 @@ def test_clean_reopen_schedules_only_the_threads_left_behind(store_path: Path) -
 
 
 def test_reopen_after_sigkill_schedules_only_the_threads_behind(store_path: Path) -> None:
-    proc, tids = _run_child("behind", str(store_path), "50", "4")
+    proc, tids = _run_child("behind", str(store_path), "50", "4", "written")
     _kill(proc)
     _set_projected(store_path, tids[10], 0, "tampered")
     release = threading.Event()
@@ -243,7 +243,7 @@ def test_history_from_schema_1_is_migrated_and_compared_once(store_path: Path) -
                      (tids[0], '{"type": "event_msg", "payload": {"type": "user_message", '
                       '"message": "appended by an old version, never projected"}}'))
         conn.execute("PRAGMA user_version = 1")
-    assert history_module.SCHEMA_VERSION == 2 and index_module.SCHEMA_VERSION == 2
+    assert history_module.SCHEMA_VERSION == 2 and index_module.SCHEMA_VERSION == 3
     with ThreadStore.open(store_path) as store:
         assert store.flush(tids[0], timeout=30).projected_seq == 3
         assert assert_converged(store) == 3

@@ -61,6 +61,11 @@ class AttemptRunner:
         """
         results: dict[int, Result] = {}
         rows: list[tuple[Claim, RowWrite, Result]] = []
+        try:
+            # Read before the fold: every item it folds is committed, so at or below this.
+            history_mark = self._history.high_water()
+        except Exception as exc:  # noqa: BLE001 - a failed read fails this batch's attempts
+            return {id(c): _failure(exc) for c in claims}
         for c in claims:
             result, row = self._prepare(c, in_caller)
             if row is None:
@@ -68,7 +73,7 @@ class AttemptRunner:
             else:
                 rows.append((c, row, result))
         if rows:
-            self._commit(rows, results, deadline)
+            self._commit(rows, results, deadline, history_mark)
         return results
 
     def _prepare(self, c: Claim, in_caller: bool) -> tuple[Result, RowWrite | None]:
@@ -119,7 +124,7 @@ class AttemptRunner:
         return 0, self._rules.initial(thread_id, self._history.created_us(thread_id))
 
     def _commit(self, rows: list[tuple[Claim, RowWrite, Result]],
-                results: dict[int, Result], deadline: float | None) -> None:
+                results: dict[int, Result], deadline: float | None, history_mark: int) -> None:
         """Write the rows in one transaction, fenced by close and by discard/delete."""
         lock = self._index.write_lock
         # A group commit can hold the lock for long; a barrier with a deadline must not
@@ -147,7 +152,7 @@ class AttemptRunner:
             if not live:
                 return
             try:
-                errors = self._index.write_rows([row for _, row, _ in live])
+                errors = self._index.write_rows([row for _, row, _ in live], history_mark)
             except StoreClosed:
                 for c, _, _ in live:
                     results[id(c)] = Result("closed")

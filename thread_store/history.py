@@ -6,9 +6,10 @@ COMMIT. Tombstones of discarded threads live here too, because history is the tr
 
 History is also the durable record of which threads are behind their projection: a
 trigger adds the thread to the ``behind`` table in the transaction of the append itself,
-and the projector removes it once the index holds that head (see
+and acknowledgements remove it once the index holds that head (see
 :meth:`History.acknowledge`), so neither a power loss nor another process can roll the
-record back or overwrite it.
+record back or overwrite it. Acknowledgements are lazy: batched in memory and written
+about once per second by the projector's worker, never on an append's or a barrier's path.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Callable, Iterator
 import sqlite_utils
 
 from . import _sqlite
+from ._acks import AckBatch
 from .errors import StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
 from .model import EncodedItem
 
@@ -106,6 +108,7 @@ class History:
         self._heads: dict[str, int] = {}
         self._closed = False  # writes rejected (close began)
         self._conn_closed = False
+        self._acks = AckBatch()
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -159,6 +162,9 @@ class History:
         """Delete a thread's items; keep a tombstone (discard) or forget the id (delete)."""
         with self.lock:
             self._check_open()
+            # A head acknowledged after this would clear the mark of a thread that takes
+            # the id next (delete_thread frees it).
+            self._acks.forget([thread_id])
 
             def write() -> None:
                 self._conn.execute("DELETE FROM items WHERE thread_id = ?", (thread_id,))
@@ -174,17 +180,32 @@ class History:
             self._heads.pop(thread_id, None)
 
     def acknowledge(self, projected: list[tuple[str, int]], epoch: int | None) -> None:
-        """The index committed these ``(thread_id, seq)`` heads (and index ``epoch``).
+        """The index committed these ``(thread_id, seq)`` heads (in index transaction ``epoch``).
 
-        Clears each thread's mark unless an append went past that seq, and records the
-        epoch, so open() can tell whether the two files still agree. Runs after the index
-        COMMIT, so the mark never disappears before the row it stands for is written.
-        Nothing here needs to be durable at once (a lost acknowledgement only costs open()
-        a check), so it never waits for an fsync, and a failure is only logged: also
-        during close, whose drain still projects after appends are rejected.
+        Only remembered in memory (:class:`~thread_store._acks.AckBatch`), so an index
+        commit never waits for a history write; :meth:`write_acknowledgements` writes them.
+        Called after the index COMMIT, so a mark never disappears before its row is
+        written.
+        """
+        self._acks.add(projected, epoch)
+
+    def acknowledgements_due_at(self) -> float:
+        """When :meth:`write_acknowledgements` should run (monotonic; ``inf``: nothing to do)."""
+        return self._acks.due_at()
+
+    def write_acknowledgements(self) -> None:
+        """Write the remembered acknowledgements in one transaction (the worker, close).
+
+        Clears each thread's mark unless an append went past that seq, and raises the
+        recorded index epoch, so open() can tell whether the index lost a tail. Nothing
+        here needs to be durable at once (a lost acknowledgement only costs open() a
+        check), so it never waits for an fsync, and a failure is only logged.
         """
         with self.lock:
-            if self._conn_closed:
+            # Taken under the lock that removals hold, so a head taken here was not
+            # forgotten by a removal (or a re-creation of its id) that came before.
+            projected, epoch = self._acks.take()
+            if self._conn_closed or (not projected and epoch is None):
                 return
             try:
                 self._relaxed(lambda: self._acknowledge(projected, epoch))
@@ -202,8 +223,11 @@ class History:
         """Durably mark threads as behind (and set the ``epoch``) in one transaction.
 
         Before an index row goes (discard, delete), and after open() compared every thread.
+        Heads of these threads waiting to be acknowledged are forgotten: written later,
+        they would clear the mark this writes.
         """
         with self.lock:
+            self._acks.forget(thread_ids)
             if self._conn_closed:
                 raise StoreClosed("the thread store is closed; open it again")
 
@@ -215,7 +239,9 @@ class History:
             self._write(write, "marking threads behind")
 
     def close(self) -> None:
-        """Refuse further writes and close every connection."""
+        """Write the acknowledgements still in memory, refuse further writes, and close
+        every connection."""
+        self.write_acknowledgements()
         with self.lock:
             self._closed = self._conn_closed = True
             self._conn.close()
@@ -233,6 +259,12 @@ class History:
         row = self._readers.fetchone("history", "SELECT value FROM store_meta WHERE key = ?",
                                      (_EPOCH_KEY,))
         return int(row[0]) if row else None
+
+    def high_water(self) -> int:
+        """The highest items rowid in the file: an index that folded an item past it saw
+        a tail of history that is gone (see :func:`thread_store._files.recover`)."""
+        row = self._readers.fetchone("history", "SELECT max(rowid) FROM items")
+        return int(row[0] or 0)
 
     def behind_threads(self) -> dict[str, int]:
         """``{thread_id: head}`` of the live threads marked behind: O(marked threads)."""
