@@ -118,9 +118,8 @@ def recover(history: History, index: Index) -> Behind:
       transactions) is below the one history recorded with its last acknowledgement;
     - history lost items that the index folded: its highest items rowid is below the
       index's ``history_mark`` (what history's highest rowid was before each fold).
-      Removing the threads that hold the highest rowids lowers it too, so the open after
-      such a discard or delete compares every thread once more (a false alarm, never a
-      missed one).
+      Rowids only grow (a removal keeps the highest one, see
+      ``History._keep_high_water``), so removing the newest thread is no false alarm.
     """
     index.history = history
     acknowledged = history.index_epoch()

@@ -167,6 +167,7 @@ class History:
             self._acks.forget([thread_id])
 
             def write() -> None:
+                self._keep_high_water(thread_id)
                 self._conn.execute("DELETE FROM items WHERE thread_id = ?", (thread_id,))
                 self._conn.execute("DELETE FROM behind WHERE thread_id = ?", (thread_id,))
                 if tombstone:
@@ -360,6 +361,21 @@ class History:
             row: tuple[int | None] | None = self._conn.execute(
                 "SELECT discarded_us FROM threads WHERE thread_id = ?", (thread_id,)).fetchone()
         return row
+
+    def _keep_high_water(self, thread_id: str) -> None:
+        """Before a thread's items go: if it holds the highest rowid, keep that row as the
+        placeholder (thread id ``''``, which no thread can have) instead of deleting it.
+
+        So the highest rowid never goes down, and SQLite, which gives a new row the
+        highest rowid plus one, never hands out a rowid again: an index whose
+        ``history_mark`` is above it folded items that a power loss took from history,
+        and removing the newest thread is no false alarm (see ``_files.recover``).
+        """
+        top = self._conn.execute("SELECT thread_id FROM items ORDER BY rowid DESC LIMIT 1").fetchone()
+        if top is not None and top[0] == thread_id:
+            self._conn.execute("DELETE FROM items WHERE thread_id = ''")
+            self._conn.execute("UPDATE items SET thread_id = '', seq = 0, ts_us = 0, item = '' "
+                               "WHERE rowid = (SELECT max(rowid) FROM items)")
 
     def _relaxed(self, body: Callable[[], None]) -> None:
         """Run ``body`` in a transaction that skips the fsync of ``durability="full"``."""
