@@ -162,9 +162,6 @@ class History:
         """Delete a thread's items; keep a tombstone (discard) or forget the id (delete)."""
         with self.lock:
             self._check_open()
-            # A head acknowledged after this would clear the mark of a thread that takes
-            # the id next (delete_thread frees it).
-            self._acks.forget([thread_id])
 
             def write() -> None:
                 self._keep_high_water(thread_id)
@@ -225,7 +222,8 @@ class History:
 
         Before an index row goes (discard, delete), and after open() compared every thread.
         Heads of these threads waiting to be acknowledged are forgotten: written later,
-        they would clear the mark this writes.
+        they would clear the mark this writes (or, once a delete freed the id, the mark of
+        the new thread that took it).
         """
         with self.lock:
             self._acks.forget(thread_ids)
