@@ -476,3 +476,25 @@ def test_index_losing_commits_that_history_acknowledged_is_found_by_the_epoch(
             assert assert_converged(store) == 3
             assert store.read_thread(tids[1]).projected_seq == 3
         assert FULL_COMPARE in caplog.text
+
+
+def test_index_from_schema_2_is_migrated_and_trusts_the_marks(
+        store_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A version 2 index (eagerly acknowledged, no history mark) opens without a full
+    comparison, and its mark then follows history."""
+    tids = _populate(store_path, 3)
+    with closing(sqlite3.connect(store_path / "index.db")) as conn, conn:
+        conn.execute("DELETE FROM index_meta WHERE key = 'history_mark'")
+        conn.execute("PRAGMA user_version = 2")
+    _set_projected(store_path, tids[0], 1, "tampered")
+    with caplog.at_level(logging.WARNING, logger="thread_store"), _open_held(store_path) as store:
+        assert store.stats().pending_threads == 0
+        assert FULL_COMPARE not in caplog.text
+    with ThreadStore.open(store_path) as store:
+        store.append_and_flush(tids[1], [plain(3)], timeout=30)
+    with closing(sqlite3.connect(store_path / "index.db")) as conn, \
+            closing(sqlite3.connect(store_path / "history.db")) as history:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        (mark,), = conn.execute("SELECT value FROM index_meta WHERE key = 'history_mark'")
+        (top,), = history.execute("SELECT max(rowid) FROM items")
+    assert mark == top
