@@ -61,11 +61,8 @@ class AttemptRunner:
         """
         results: dict[int, Result] = {}
         rows: list[tuple[Claim, RowWrite, Result]] = []
-        try:
-            # Read before the fold: every item it folds is committed, so at or below this.
-            history_mark = self._history.high_water()
-        except Exception as exc:  # noqa: BLE001 - a failed read fails this batch's attempts
-            return {id(c): _failure(exc) for c in claims}
+        # Taken before the fold: every item it folds was committed, so is at or below it.
+        history_mark = self._history.last_rowid
         for c in claims:
             result, row = self._prepare(c, in_caller)
             if row is None:

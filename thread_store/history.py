@@ -18,7 +18,7 @@ import logging
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import sqlite_utils
 
@@ -31,6 +31,7 @@ _INSERT = "INSERT INTO items (thread_id, seq, ts_us, item) VALUES (?, ?, ?, ?)"
 _RANGE = ("SELECT seq, ts_us, item FROM items WHERE thread_id = ? AND seq > ? AND seq <= ? "
           "ORDER BY seq LIMIT ?")
 RawItem = tuple[int, int, str]  # (seq, ts_us, json text)
+T = TypeVar("T")
 log = logging.getLogger("thread_store")
 
 
@@ -109,6 +110,11 @@ class History:
         self._closed = False  # writes rejected (close began)
         self._conn_closed = False
         self._acks = AckBatch()
+        #: The highest items rowid committed: read at open, then raised by this process's
+        #: own appends (the store's writer lock makes them the only ones) before they are
+        #: published, so it bounds every item a projection can fold. A process that folds
+        #: items another process appended must raise it first.
+        self.last_rowid = 0 if read_only else self._top_rowid()
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -123,16 +129,17 @@ class History:
                     raise ThreadDiscarded(f"thread {thread_id!r} was discarded; its id cannot be reused")
                 raise ThreadExists(f"thread {thread_id!r} already exists; pick another id or omit it")
 
-            def write() -> None:
+            def write() -> int | None:
                 # Behind from birth: even an empty thread owes the index its row.
                 self._conn.execute("INSERT INTO threads (thread_id, created_us) VALUES (?, ?)",
                                    (thread_id, created_us))
                 self._conn.execute("INSERT OR REPLACE INTO behind (thread_id, since_us) "
                                    "VALUES (?, ?)", (thread_id, created_us))
-                if first is not None:
-                    self._conn.execute(_INSERT, (thread_id, 1, first.ts_us, first.text))
+                if first is None:
+                    return None
+                return self._conn.execute(_INSERT, (thread_id, 1, first.ts_us, first.text)).lastrowid
 
-            self._write(write, "create_thread")
+            self._raise_last_rowid(self._write(write, "create_thread"))
             head = 1 if first is not None else 0
             self._publish(thread_id, head, on_commit)
 
@@ -149,11 +156,18 @@ class History:
             if len(items) == 1:
                 # Autocommit: one statement is one transaction, no BEGIN/COMMIT round trips.
                 item = items[0]
-                self._write(lambda: self._conn.execute(
-                    _INSERT, (thread_id, head + 1, item.ts_us, item.text)), "append", txn=False)
+                rowid = self._write(lambda: self._conn.execute(
+                    _INSERT, (thread_id, head + 1, item.ts_us, item.text)).lastrowid, "append",
+                    txn=False)
             else:
                 rows = [(thread_id, head + i, it.ts_us, it.text) for i, it in enumerate(items, 1)]
-                self._write(lambda: self._conn.executemany(_INSERT, rows), "append")
+
+                def write() -> int:
+                    self._conn.executemany(_INSERT, rows)  # sets no lastrowid
+                    return int(self._conn.execute("SELECT last_insert_rowid()").fetchone()[0])
+
+                rowid = self._write(write, "append")
+            self._raise_last_rowid(rowid)
             head += len(items)
             self._publish(thread_id, head, on_commit)
             return head
@@ -360,6 +374,15 @@ class History:
                 "SELECT discarded_us FROM threads WHERE thread_id = ?", (thread_id,)).fetchone()
         return row
 
+    def _top_rowid(self) -> int:
+        with _sqlite.reading("history"):
+            return int(self._conn.execute("SELECT max(rowid) FROM items").fetchone()[0] or 0)
+
+    def _raise_last_rowid(self, rowid: int | None) -> None:
+        """Called with the lock held, after a commit and before it is published."""
+        if rowid is not None and rowid > self.last_rowid:
+            self.last_rowid = rowid
+
     def _keep_high_water(self, thread_id: str) -> None:
         """Before a thread's items go: if it holds the highest rowid, keep that row as the
         placeholder (thread id ``''``, which no thread can have) instead of deleting it.
@@ -386,11 +409,10 @@ class History:
         finally:
             self._conn.execute("PRAGMA synchronous = FULL")
 
-    def _write(self, body: Callable[[], Any], what: str, *, txn: bool = True) -> None:
+    def _write(self, body: Callable[[], T], what: str, *, txn: bool = True) -> T:
         try:
             if txn:
-                _sqlite.in_transaction(self._conn, body)
-            else:
-                body()
+                return _sqlite.in_transaction(self._conn, body)
+            return body()
         except sqlite3.Error as exc:
             raise _sqlite.storage_error(exc, what) from exc
