@@ -1,18 +1,21 @@
 """DESIGN §1.8 recovery: what open() checks after a clean close, a crash and power loss.
 
-History marks a thread behind in the append's own transaction; open() reads the marks
-(O(threads behind)) unless the index and history epochs say one file lost a tail, and
-then compares every thread once. Power loss is simulated by putting back an earlier copy
-of one file while keeping the other, which is what a lost WAL tail leaves.
+History marks a thread behind in the append's own transaction, and acknowledgements,
+batched in memory and written about once per second, clear the marks; open() reads the
+marks (O(threads behind)) unless the index's epoch or its history mark says one file lost
+a tail, and then compares every thread once. Power loss is simulated by putting back an
+earlier copy of one file while keeping the other, which is what a lost WAL tail leaves.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -21,11 +24,28 @@ import pytest
 from _child import assert_converged, assert_store_integrity, folded, live_threads
 from conftest import plain, user_msg
 
-from thread_store import ProjectionFailed, ThreadStore
+from thread_store import ProjectionFailed, ThreadStore, _acks
 from thread_store import history as history_module
 from thread_store import index as index_module
 
 CHILD = Path(__file__).with_name("_recovery_child.py")
+#: What open() logs when it compares every thread (O(all threads)).
+FULL_COMPARE = "comparing every thread"
+
+
+def _marked(store_path: Path) -> set[str]:
+    """The threads history has marked behind (read beside an open store: WAL allows it)."""
+    with closing(sqlite3.connect(f"file:{store_path / 'history.db'}?mode=ro", uri=True)) as conn:
+        return {r[0] for r in conn.execute("SELECT thread_id FROM behind")}
+
+
+def _epochs(store_path: Path) -> tuple[int, int]:
+    """``(index epoch, epoch history last acknowledged)`` of a closed store."""
+    with closing(sqlite3.connect(store_path / "index.db")) as index, \
+            closing(sqlite3.connect(store_path / "history.db")) as history:
+        (epoch,), = index.execute("SELECT value FROM index_meta WHERE key = 'epoch'")
+        (acked,), = history.execute("SELECT value FROM store_meta WHERE key = 'index_epoch'")
+    return int(epoch), int(acked)
 
 
 def _set_projected(store_path: Path, thread_id: str, projected: int, title: str) -> None:
@@ -125,7 +145,7 @@ def test_clean_reopen_schedules_only_the_threads_left_behind(store_path: Path) -
 
 
 def test_reopen_after_sigkill_schedules_only_the_threads_behind(store_path: Path) -> None:
-    proc, tids = _run_child("behind", str(store_path), "50", "4")
+    proc, tids = _run_child("behind", str(store_path), "50", "4", "written")
     _kill(proc)
     _set_projected(store_path, tids[10], 0, "tampered")
     release = threading.Event()
@@ -243,7 +263,7 @@ def test_history_from_schema_1_is_migrated_and_compared_once(store_path: Path) -
                      (tids[0], '{"type": "event_msg", "payload": {"type": "user_message", '
                       '"message": "appended by an old version, never projected"}}'))
         conn.execute("PRAGMA user_version = 1")
-    assert history_module.SCHEMA_VERSION == 2 and index_module.SCHEMA_VERSION == 2
+    assert history_module.SCHEMA_VERSION == 2 and index_module.SCHEMA_VERSION == 3
     with ThreadStore.open(store_path) as store:
         assert store.flush(tids[0], timeout=30).projected_seq == 3
         assert assert_converged(store) == 3
@@ -275,3 +295,206 @@ def test_sigkill_between_index_and_history_removal_leaves_the_thread_whole(
         store.discard(victim)  # and the discard can be retried
     with ThreadStore.open(store_path) as store:
         assert assert_converged(store) == 1
+
+
+# -- lazy acknowledgements: no history write on an index commit ---------------------------------
+
+
+def test_barriers_and_group_commits_write_nothing_to_history_but_the_items(
+        store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An index commit adds its heads to a batch in memory; only the worker writes it."""
+    monkeypatch.setattr(_acks, "INTERVAL_S", 3600.0)  # no batch comes due in this test
+    tids = _populate(store_path, 20)
+    with ThreadStore.open(store_path) as store:
+        for tid in tids:  # state loaded and heads cached: what follows is the steady state
+            store.append_and_flush(tid, [plain(0)], timeout=30)
+        statements: list[str] = []
+        store._history._conn.set_trace_callback(statements.append)
+        for n in range(5):
+            store.append_and_flush(tids[0], [plain(n)], timeout=30)  # in the caller
+        for tid in tids:
+            store.append(tid, [plain(9)])
+        store.flush_all(timeout=30)  # a group commit in the worker
+        store._history._conn.set_trace_callback(None)
+        assert store.stats().transactions >= 7
+        writes = [s for s in statements if not s.startswith(("SELECT", "--"))]
+        assert writes and all(s.startswith("INSERT INTO items") for s in writes), writes
+        assert set(tids) <= _marked(store_path)  # nothing acknowledged yet
+    assert not _marked(store_path)  # close wrote the batch
+
+
+def test_the_worker_writes_acknowledgements_within_about_a_second(
+        store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_acks, "INTERVAL_S", 0.05)
+    (tid,) = _populate(store_path, 1)
+    with ThreadStore.open(store_path) as store:
+        store.append_and_flush(tid, [plain(1)], timeout=30)
+        deadline = time.monotonic() + 30
+        while _marked(store_path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not _marked(store_path)
+
+
+def test_a_full_batch_is_written_at_once_and_heads_past_it_stay_marked(
+        store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_acks, "INTERVAL_S", 3600.0)
+    monkeypatch.setattr(_acks, "LIMIT", 4)
+    with ThreadStore.open(store_path) as store:
+        tids = [store.create_thread() for _ in range(4)]
+        for tid in tids:
+            store.append_and_flush(tid, [user_msg("hi")], timeout=30)
+        deadline = time.monotonic() + 30  # the fourth head filled it: the worker writes it
+        while _marked(store_path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not _marked(store_path)
+        store.pause_projection()
+        more = [store.create_thread() for _ in range(6)]
+        for tid in more:
+            store.append(tid, [user_msg("hi")])
+        store.resume_projection()
+        store.flush_all(timeout=30)  # a group commit of six: two heads left out, unless split
+        left_out = store._history._acks.left_out
+    assert len(_marked(store_path)) == left_out  # close wrote the ones it held
+    with _open_held(store_path) as store:  # their rows are there: open finds nothing to do
+        assert store.stats().pending_threads == 0
+
+
+def test_a_late_acknowledgement_never_clears_a_mark_a_removal_needs(
+        store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Removals forget the thread's head: written later, it would clear the mark of a
+    discard in progress, or of a new thread that took a deleted thread's id."""
+    monkeypatch.setattr(_acks, "INTERVAL_S", 3600.0)
+    with ThreadStore.open(store_path) as store:
+        reused, pending = store.create_thread("reused"), store.create_thread("pending")
+        for tid in (reused, pending):
+            store.append_and_flush(tid, [user_msg("one"), plain(2)], timeout=30)
+        store.delete_thread(reused)
+        store.pause_projection()
+        store.create_thread(reused)
+        store.append(reused, [plain(1)])  # seq 1, below the acknowledged head 2
+        with store._index.write_lock:  # the first phase of a removal: the row goes
+            store._index.delete_rows([pending])
+        store._history.write_acknowledgements()
+        assert _marked(store_path) == {reused, pending}
+        store._history.remove(pending, tombstone=False)  # finish it by hand
+        store.resume_projection()
+        assert store.flush(reused, timeout=30).item_count == 1
+
+
+def test_sigkill_before_any_acknowledgement_reopens_in_o_marked(
+        store_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Commits whose acknowledgements were never written: open re-checks exactly the
+    marked threads (no full comparison), projects the ones behind, and converges."""
+    proc, tids = _run_child("behind", str(store_path), "50", "4", "unwritten")
+    _kill(proc)
+    assert _marked(store_path) == set(tids)  # every thread: no acknowledgement was written
+    epoch, acked = _epochs(store_path)
+    assert epoch > acked  # the index ran ahead of what history acknowledged: the normal case
+    with caplog.at_level(logging.WARNING, logger="thread_store"):
+        with _open_held(store_path) as store:
+            assert store.stats().pending_threads == 4
+        assert FULL_COMPARE not in caplog.text
+    with ThreadStore.open(store_path) as store:
+        assert assert_converged(store) == 50
+        for tid in tids[:4]:
+            assert store.read_thread(tid).projected_seq == 2
+    assert not _marked(store_path)
+
+
+def test_history_losing_a_tail_the_index_folded_is_found_by_the_history_mark(
+        store_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The epochs cannot see it (the index is ahead of history's acknowledgements, as
+    usual): the index's history mark, above history's highest rowid, does."""
+    tids = _populate(store_path, 3)
+    saved = tmp_path / "saved"
+    _copy(store_path, "history.db", saved)
+    with ThreadStore.open(store_path) as store:
+        store.append_and_flush(tids[0], [user_msg("lost"), plain(2)], timeout=30)
+    _restore(saved, "history.db", store_path)
+    epoch, acked = _epochs(store_path)
+    assert epoch > acked
+    with caplog.at_level(logging.WARNING, logger="thread_store"):
+        with _open_held(store_path) as store:
+            assert store.stats().pending_threads == 1
+        assert FULL_COMPARE in caplog.text
+    with ThreadStore.open(store_path) as store:
+        assert assert_converged(store) == 3
+        meta = store.read_thread(tids[0])
+        assert (meta.projected_seq, meta.title) == (2, f"title {tids[0]}")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="thread_store"), _open_held(store_path):
+        assert FULL_COMPARE not in caplog.text  # settled once: mark and epoch agree again
+
+
+def test_removing_the_newest_thread_is_no_false_alarm_and_rowids_stay_unique(
+        store_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A removal keeps the highest rowid, so history's highest rowid never goes down:
+    no full comparison after it, and items appended later still get rowids above every
+    one the index's mark counted, so losing them is still found."""
+    kept, newest, deleted = _populate(store_path, 3)
+    with ThreadStore.open(store_path) as store:
+        store.append_and_flush(deleted, [plain(3)], timeout=30)
+        store.delete_thread(deleted)
+        store.append_and_flush(newest, [plain(4)], timeout=30)
+        store.discard(newest)  # now the thread with the highest rowid
+    with caplog.at_level(logging.WARNING, logger="thread_store"), _open_held(store_path) as store:
+        assert store.stats().pending_threads == 0
+        assert FULL_COMPARE not in caplog.text
+    saved = tmp_path / "saved"
+    _copy(store_path, "history.db", saved)
+    with ThreadStore.open(store_path) as store:
+        store.append_and_flush(kept, [user_msg("lost")], timeout=30)
+    _restore(saved, "history.db", store_path)
+    with caplog.at_level(logging.WARNING, logger="thread_store"):
+        with ThreadStore.open(store_path) as store:
+            assert assert_converged(store) == 1
+            assert store.read_thread(kept).projected_seq == 2
+        assert FULL_COMPARE in caplog.text
+    assert_store_integrity(store_path)
+
+
+def test_index_losing_commits_that_history_acknowledged_is_found_by_the_epoch(
+        store_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An acknowledgement raised history's epoch past the epoch of the index's older copy:
+    open compares every thread and catches up what the copy lacks."""
+    monkeypatch.setattr(_acks, "INTERVAL_S", 0.05)
+    tids = _populate(store_path, 3)
+    saved = tmp_path / "saved"
+    _copy(store_path, "index.db", saved)
+    with ThreadStore.open(store_path) as store:
+        store.append_and_flush(tids[1], [user_msg("kept by history")], timeout=30)
+        deadline = time.monotonic() + 30
+        while _marked(store_path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not _marked(store_path)  # acknowledged by the worker, while open
+    _restore(saved, "index.db", store_path)
+    epoch, acked = _epochs(store_path)
+    assert epoch < acked
+    with caplog.at_level(logging.WARNING, logger="thread_store"):
+        with ThreadStore.open(store_path) as store:
+            assert assert_converged(store) == 3
+            assert store.read_thread(tids[1]).projected_seq == 3
+        assert FULL_COMPARE in caplog.text
+
+
+def test_index_from_schema_2_is_migrated_and_trusts_the_marks(
+        store_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A version 2 index (eagerly acknowledged, no history mark) opens without a full
+    comparison, and its mark then follows history."""
+    tids = _populate(store_path, 3)
+    with closing(sqlite3.connect(store_path / "index.db")) as conn, conn:
+        conn.execute("DELETE FROM index_meta WHERE key = 'history_mark'")
+        conn.execute("PRAGMA user_version = 2")
+    _set_projected(store_path, tids[0], 1, "tampered")
+    with caplog.at_level(logging.WARNING, logger="thread_store"), _open_held(store_path) as store:
+        assert store.stats().pending_threads == 0
+        assert FULL_COMPARE not in caplog.text
+    with ThreadStore.open(store_path) as store:
+        store.append_and_flush(tids[1], [plain(3)], timeout=30)
+    with closing(sqlite3.connect(store_path / "index.db")) as conn, \
+            closing(sqlite3.connect(store_path / "history.db")) as history:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        (mark,), = conn.execute("SELECT value FROM index_meta WHERE key = 'history_mark'")
+        (top,), = history.execute("SELECT max(rowid) FROM items")
+    assert mark == top

@@ -58,6 +58,8 @@ class AttemptRunner:
         """
         results: dict[int, Result] = {}
         rows: list[tuple[Claim, RowWrite, Result]] = []
+        # Taken before the fold: every item it folds was committed, so is at or below it.
+        history_mark = self._history.last_rowid
         for c in claims:
             result, row = self._prepare(c, in_caller)
             if row is None:
@@ -65,7 +67,7 @@ class AttemptRunner:
             else:
                 rows.append((c, row, result))
         if rows:
-            self._commit(rows, results, deadline)
+            self._commit(rows, results, deadline, history_mark)
         return results
 
     def _prepare(self, c: Claim, in_caller: bool) -> tuple[Result, RowWrite | None]:
@@ -116,7 +118,7 @@ class AttemptRunner:
         return 0, self._rules.initial(thread_id, self._history.created_us(thread_id))
 
     def _commit(self, rows: list[tuple[Claim, RowWrite, Result]],
-                results: dict[int, Result], deadline: float | None) -> None:
+                results: dict[int, Result], deadline: float | None, history_mark: int) -> None:
         """Write the rows in one transaction, fenced by close and by discard/delete."""
         lock = self._index.write_lock
         # A group commit can hold the lock for long; a barrier with a deadline must not
@@ -144,7 +146,7 @@ class AttemptRunner:
             if not live:
                 return
             try:
-                errors = self._index.write_rows([row for _, row, _ in live])
+                errors = self._index.write_rows([row for _, row, _ in live], history_mark)
             except StoreClosed:
                 for c, _, _ in live:
                     results[id(c)] = Result("closed")

@@ -6,9 +6,10 @@ COMMIT. Tombstones of discarded threads live here too, because history is the tr
 
 History is also the durable record of which threads are behind their projection: a
 trigger adds the thread to the ``behind`` table in the transaction of the append itself,
-and the projector removes it once the index holds that head (see
+and acknowledgements remove it once the index holds that head (see
 :meth:`History.acknowledge`), so neither a power loss nor another process can roll the
-record back or overwrite it.
+record back or overwrite it. Acknowledgements are lazy: batched in memory and written
+about once per second by the projector's worker, never on an append's or a barrier's path.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import logging
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import sqlite_utils
 
 from . import _sqlite
+from ._acks import AckBatch
 from .errors import StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
 from .model import EncodedItem
 
@@ -29,6 +31,7 @@ _INSERT = "INSERT INTO items (thread_id, seq, ts_us, item) VALUES (?, ?, ?, ?)"
 _RANGE = ("SELECT seq, ts_us, item FROM items WHERE thread_id = ? AND seq > ? AND seq <= ? "
           "ORDER BY seq LIMIT ?")
 RawItem = tuple[int, int, str]  # (seq, ts_us, json text)
+T = TypeVar("T")
 log = logging.getLogger("thread_store")
 
 
@@ -106,6 +109,12 @@ class History:
         self._heads: dict[str, int] = {}
         self._closed = False  # writes rejected (close began)
         self._conn_closed = False
+        self._acks = AckBatch()
+        #: The highest items rowid committed: read at open, then raised by this process's
+        #: own appends (the store's writer lock makes them the only ones) before they are
+        #: published, so it bounds every item a projection can fold. A process that folds
+        #: items another process appended must raise it first.
+        self.last_rowid = 0 if read_only else self._top_rowid()
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -120,16 +129,17 @@ class History:
                     raise ThreadDiscarded(f"thread {thread_id!r} was discarded; its id cannot be reused")
                 raise ThreadExists(f"thread {thread_id!r} already exists; pick another id or omit it")
 
-            def write() -> None:
+            def write() -> int | None:
                 # Behind from birth: even an empty thread owes the index its row.
                 self._conn.execute("INSERT INTO threads (thread_id, created_us) VALUES (?, ?)",
                                    (thread_id, created_us))
                 self._conn.execute("INSERT OR REPLACE INTO behind (thread_id, since_us) "
                                    "VALUES (?, ?)", (thread_id, created_us))
-                if first is not None:
-                    self._conn.execute(_INSERT, (thread_id, 1, first.ts_us, first.text))
+                if first is None:
+                    return None
+                return self._conn.execute(_INSERT, (thread_id, 1, first.ts_us, first.text)).lastrowid
 
-            self._write(write, "create_thread")
+            self._raise_last_rowid(self._write(write, "create_thread"))
             head = 1 if first is not None else 0
             self._publish(thread_id, head, on_commit)
 
@@ -146,11 +156,18 @@ class History:
             if len(items) == 1:
                 # Autocommit: one statement is one transaction, no BEGIN/COMMIT round trips.
                 item = items[0]
-                self._write(lambda: self._conn.execute(
-                    _INSERT, (thread_id, head + 1, item.ts_us, item.text)), "append", txn=False)
+                rowid = self._write(lambda: self._conn.execute(
+                    _INSERT, (thread_id, head + 1, item.ts_us, item.text)).lastrowid, "append",
+                    txn=False)
             else:
                 rows = [(thread_id, head + i, it.ts_us, it.text) for i, it in enumerate(items, 1)]
-                self._write(lambda: self._conn.executemany(_INSERT, rows), "append")
+
+                def write() -> int:
+                    self._conn.executemany(_INSERT, rows)  # sets no lastrowid
+                    return int(self._conn.execute("SELECT last_insert_rowid()").fetchone()[0])
+
+                rowid = self._write(write, "append")
+            self._raise_last_rowid(rowid)
             head += len(items)
             self._publish(thread_id, head, on_commit)
             return head
@@ -161,6 +178,7 @@ class History:
             self._check_open()
 
             def write() -> None:
+                self._keep_high_water(thread_id)
                 self._conn.execute("DELETE FROM items WHERE thread_id = ?", (thread_id,))
                 self._conn.execute("DELETE FROM behind WHERE thread_id = ?", (thread_id,))
                 if tombstone:
@@ -174,17 +192,32 @@ class History:
             self._heads.pop(thread_id, None)
 
     def acknowledge(self, projected: list[tuple[str, int]], epoch: int | None) -> None:
-        """The index committed these ``(thread_id, seq)`` heads (and index ``epoch``).
+        """The index committed these ``(thread_id, seq)`` heads (in index transaction ``epoch``).
 
-        Clears each thread's mark unless an append went past that seq, and records the
-        epoch, so open() can tell whether the two files still agree. Runs after the index
-        COMMIT, so the mark never disappears before the row it stands for is written.
-        Nothing here needs to be durable at once (a lost acknowledgement only costs open()
-        a check), so it never waits for an fsync, and a failure is only logged: also
-        during close, whose drain still projects after appends are rejected.
+        Only remembered in memory (:class:`~thread_store._acks.AckBatch`), so an index
+        commit never waits for a history write; :meth:`write_acknowledgements` writes them.
+        Called after the index COMMIT, so a mark never disappears before its row is
+        written.
+        """
+        self._acks.add(projected, epoch)
+
+    def acknowledgements_due_at(self) -> float:
+        """When :meth:`write_acknowledgements` should run (monotonic; ``inf``: nothing to do)."""
+        return self._acks.due_at()
+
+    def write_acknowledgements(self) -> None:
+        """Write the remembered acknowledgements in one transaction (the worker, close).
+
+        Clears each thread's mark unless an append went past that seq, and raises the
+        recorded index epoch, so open() can tell whether the index lost a tail. Nothing
+        here needs to be durable at once (a lost acknowledgement only costs open() a
+        check), so it never waits for an fsync, and a failure is only logged.
         """
         with self.lock:
-            if self._conn_closed:
+            # Taken under the lock that removals hold, so a head taken here was not
+            # forgotten by a removal (or a re-creation of its id) that came before.
+            projected, epoch = self._acks.take()
+            if self._conn_closed or (not projected and epoch is None):
                 return
             try:
                 self._relaxed(lambda: self._acknowledge(projected, epoch))
@@ -202,8 +235,12 @@ class History:
         """Durably mark threads as behind (and set the ``epoch``) in one transaction.
 
         Before an index row goes (discard, delete), and after open() compared every thread.
+        Heads of these threads waiting to be acknowledged are forgotten: written later,
+        they would clear the mark this writes (or, once a delete freed the id, the mark of
+        the new thread that took it).
         """
         with self.lock:
+            self._acks.forget(thread_ids)
             if self._conn_closed:
                 raise StoreClosed("the thread store is closed; open it again")
 
@@ -215,7 +252,9 @@ class History:
             self._write(write, "marking threads behind")
 
     def close(self) -> None:
-        """Refuse further writes and close every connection."""
+        """Write the acknowledgements still in memory, refuse further writes, and close
+        every connection."""
+        self.write_acknowledgements()
         with self.lock:
             self._closed = self._conn_closed = True
             self._conn.close()
@@ -233,6 +272,12 @@ class History:
         row = self._readers.fetchone("history", "SELECT value FROM store_meta WHERE key = ?",
                                      (_EPOCH_KEY,))
         return int(row[0]) if row else None
+
+    def high_water(self) -> int:
+        """The highest items rowid in the file: an index that folded an item past it saw
+        a tail of history that is gone (see :func:`thread_store._files.recover`)."""
+        row = self._readers.fetchone("history", "SELECT max(rowid) FROM items")
+        return int(row[0] or 0)
 
     def behind_threads(self) -> dict[str, int]:
         """``{thread_id: head}`` of the live threads marked behind: O(marked threads)."""
@@ -329,6 +374,30 @@ class History:
                 "SELECT discarded_us FROM threads WHERE thread_id = ?", (thread_id,)).fetchone()
         return row
 
+    def _top_rowid(self) -> int:
+        with _sqlite.reading("history"):
+            return int(self._conn.execute("SELECT max(rowid) FROM items").fetchone()[0] or 0)
+
+    def _raise_last_rowid(self, rowid: int | None) -> None:
+        """Called with the lock held, after a commit and before it is published."""
+        if rowid is not None and rowid > self.last_rowid:
+            self.last_rowid = rowid
+
+    def _keep_high_water(self, thread_id: str) -> None:
+        """Before a thread's items go: if it holds the highest rowid, keep that row as the
+        placeholder (thread id ``''``, which no thread can have) instead of deleting it.
+
+        So the highest rowid never goes down, and SQLite, which gives a new row the
+        highest rowid plus one, never hands out a rowid again: an index whose
+        ``history_mark`` is above it folded items that a power loss took from history,
+        and removing the newest thread is no false alarm (see ``_files.recover``).
+        """
+        top = self._conn.execute("SELECT thread_id FROM items ORDER BY rowid DESC LIMIT 1").fetchone()
+        if top is not None and top[0] == thread_id:
+            self._conn.execute("DELETE FROM items WHERE thread_id = ''")
+            self._conn.execute("UPDATE items SET thread_id = '', seq = 0, ts_us = 0, item = '' "
+                               "WHERE rowid = (SELECT max(rowid) FROM items)")
+
     def _relaxed(self, body: Callable[[], None]) -> None:
         """Run ``body`` in a transaction that skips the fsync of ``durability="full"``."""
         if not self._full:
@@ -340,11 +409,10 @@ class History:
         finally:
             self._conn.execute("PRAGMA synchronous = FULL")
 
-    def _write(self, body: Callable[[], Any], what: str, *, txn: bool = True) -> None:
+    def _write(self, body: Callable[[], T], what: str, *, txn: bool = True) -> T:
         try:
             if txn:
-                _sqlite.in_transaction(self._conn, body)
-            else:
-                body()
+                return _sqlite.in_transaction(self._conn, body)
+            return body()
         except sqlite3.Error as exc:
             raise _sqlite.storage_error(exc, what) from exc

@@ -70,22 +70,36 @@ def _create_schema(db: sqlite_utils.Database) -> None:
 
 
 def _add_epoch(db: sqlite_utils.Database) -> None:
-    """Version 2: a counter of index transactions, acknowledged into history after each."""
+    """Version 2: a counter of index transactions, acknowledged into history."""
     db.execute("CREATE TABLE index_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
     db.execute("INSERT INTO index_meta (key, value) VALUES ('epoch', 0)")
 
 
+def _add_history_mark(db: sqlite_utils.Database) -> None:
+    """Version 3: the highest history rowid the index may have folded (see ``_BUMP``).
+
+    Version 2 acknowledged every index transaction in history at once, so the epochs
+    already cover what a version 2 file holds: a mark of 0 claims nothing more.
+    """
+    db.execute("INSERT INTO index_meta (key, value) VALUES ('history_mark', 0)")
+
+
 #: ``_MIGRATIONS[n]`` takes index.db from schema version n to n + 1.
-_MIGRATIONS: list[_sqlite.Migration] = [_create_schema, _add_epoch]
+_MIGRATIONS: list[_sqlite.Migration] = [_create_schema, _add_epoch, _add_history_mark]
 SCHEMA_VERSION = len(_MIGRATIONS)
-_BUMP = "UPDATE index_meta SET value = value + 1 WHERE key = 'epoch' RETURNING value"
+# Counts the transaction (the epoch) and raises the history mark, in the transaction of
+# the rows: a history whose highest rowid is below the mark lost items the index folded.
+_BUMP = ("UPDATE index_meta SET value = CASE key WHEN 'epoch' THEN value + 1 "
+         "ELSE max(value, ?1) END WHERE key IN ('epoch', 'history_mark') RETURNING key, value")
+_SET_MARK = "UPDATE index_meta SET value = ? WHERE key = 'history_mark'"
 
 
 class HistoryLink(Protocol):
     """What the index tells the history about its writes (``History`` implements it)."""
 
     def acknowledge(self, projected: list[tuple[str, int]], epoch: int | None) -> None:
-        """The index committed these ``(thread_id, seq)`` rows in transaction ``epoch``."""
+        """The index committed these ``(thread_id, seq)`` rows in transaction ``epoch``
+        (remembered now, written to history later)."""
 
     def mark_behind(self, thread_ids: list[str], epoch: int | None = None) -> None:
         """Durably record that these threads' rows must be (re)written."""
@@ -148,11 +162,15 @@ class Index:
 
     # -- writes (callers hold write_lock) --------------------------------------------------
 
-    def write_rows(self, rows: list[RowWrite]) -> dict[str, BaseException]:
+    def write_rows(self, rows: list[RowWrite], history_mark: int) -> dict[str, BaseException]:
         """Upsert rows in one transaction; return per-thread errors of rows that failed.
 
         A failing statement has no effect in SQLite, so one bad row does not undo the
-        others. A failing COMMIT raises and writes nothing.
+        others. A failing COMMIT raises and writes nothing. The committed heads then go
+        to the history's acknowledgement batch, in memory: no history write here.
+
+        :param history_mark: the history's highest items rowid, read before the rows were
+            folded (:meth:`History.high_water`), so at least that of every item they hold.
         """
         errors: dict[str, BaseException] = {}
         bad = (sqlite3.Error, ValueError, TypeError, OverflowError)
@@ -188,7 +206,7 @@ class Index:
                 if self.fenced:  # interrupted by close() (see fence)
                     raise StoreClosed(closed) from exc
                 raise
-            epoch = self._bump()
+            epoch = self._bump(history_mark)
             if self.fenced:  # close() gave up waiting for this transaction: write nothing
                 raise StoreClosed(closed)
             return epoch
@@ -247,7 +265,7 @@ class Index:
         def body() -> int:
             self._conn.executemany("DELETE FROM threads WHERE thread_id = ?",
                                    [(t,) for t in thread_ids])
-            return self._bump()
+            return self._bump(0)
 
         try:
             epoch = _sqlite.in_transaction(self._conn, body)
@@ -256,14 +274,37 @@ class Index:
         if self.history is not None:
             self.history.acknowledge([], epoch)
 
+    def reset_history_mark(self, history_mark: int) -> None:
+        """Set the mark exactly, once open() compared every thread with history (which
+        may have lost the items the old mark counted); the caller holds ``write_lock``."""
+
+        def body() -> None:
+            self._conn.execute(_SET_MARK, (history_mark,))
+            self._bump(0)
+
+        try:
+            _sqlite.in_transaction(self._conn, body)
+        except sqlite3.Error as exc:
+            raise _sqlite.storage_error(exc, "resetting the index's history mark") from exc
+
     def epoch(self) -> int:
         """How many transactions the index has committed (open compares it with history's)."""
-        row = self._readers.fetchone("the index", "SELECT value FROM index_meta WHERE key = 'epoch'")
+        return self._meta("epoch")
+
+    def history_mark(self) -> int:
+        """The highest history rowid that a committed row may have folded."""
+        return self._meta("history_mark")
+
+    def _meta(self, key: str) -> int:
+        row = self._readers.fetchone("the index", "SELECT value FROM index_meta WHERE key = ?",
+                                     (key,))
         return int(row[0]) if row else 0
 
-    def _bump(self) -> int:
-        """Count this transaction; in it, so the epoch and the rows commit together."""
-        return int(self._conn.execute(_BUMP).fetchone()[0])
+    def _bump(self, history_mark: int) -> int:
+        """Count this transaction and raise the history mark, in it, so both commit with
+        the rows; returns the new epoch."""
+        values = dict(self._conn.execute(_BUMP, (history_mark,)).fetchall())
+        return int(values["epoch"])
 
     def load_state(self, thread_id: str) -> tuple[int, str | None]:
         """Return ``(projected_seq, state json)`` of a thread; ``(0, None)`` without a row."""

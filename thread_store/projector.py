@@ -61,7 +61,9 @@ def _worker_main(ref: weakref.ReferenceType[Projector]) -> None:
         if claims is None:
             return
         try:
-            projector._run(claims)
+            if claims:
+                projector._run(claims)
+            projector._write_acknowledgements()
         except Exception:  # noqa: BLE001 - _run settles its claims; the worker must live on
             log.exception("thread_store: the projector worker hit an unexpected error")
         del projector, claims
@@ -97,6 +99,7 @@ class Projector:
     def __init__(self, history: History, index: Index, rules: ProjectionRules,
                  telemetry: Telemetry, *, hook: ProjectionHook | None, retry: RetryPolicy,
                  coalesce_delay: float, caller_runs: bool) -> None:
+        self._history = history
         self._index = index
         self._telemetry = telemetry
         self._runner = AttemptRunner(history, index, rules, hook,
@@ -461,7 +464,8 @@ class Projector:
     # -- worker ---------------------------------------------------------------------------
 
     def _next_batch(self) -> list[Claim] | None:
-        """Wait until some thread is due, then claim a batch; ``None`` means exit.
+        """Wait until some thread is due, then claim a batch; ``None`` means exit, and
+        no claim means the history's acknowledgements are due.
 
         The batch takes every scheduled thread, not only the due ones: the first due
         thread opens one group commit for all that are waiting out their coalescing delay,
@@ -486,6 +490,13 @@ class Projector:
                         self._worker_wake_at = None
                         return [self._claim(st, expedited=bool(st.waiters))
                                 for st in eligible[:_MAX_BATCH]]
+                # The timed wait below is what paces the acknowledgements: no timer of
+                # their own, and never a write on an append's or a barrier's path.
+                acks_at = self._history.acknowledgements_due_at()
+                if acks_at <= now:
+                    self._worker_wake_at = None
+                    return []
+                wake = min(wake, acks_at)
                 self._worker_wake_at = None if self._paused else wake
                 self._work.wait(max(0.0, min(wake - now, _HEARTBEAT_S)))
 
@@ -553,6 +564,14 @@ class Projector:
             results = {id(c): results.get(id(c)) or Result("failed", error=exc) for c in claims}
         finally:
             self._end_attempts(claims, results, spans)
+            if in_caller and self._history.acknowledgements_due_at() <= time.monotonic():
+                with self._lock:  # the batch is full: the worker writes it, not this caller
+                    self._work.notify()
+
+    def _write_acknowledgements(self) -> None:
+        """In the worker, with no lock held: write the history's acknowledgements if due."""
+        if self._history.acknowledgements_due_at() <= time.monotonic():
+            self._history.write_acknowledgements()
 
     def _end_attempts(self, claims: list[Claim], results: dict[int, Result],
                       spans: dict[int, Projection]) -> None:
