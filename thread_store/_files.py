@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 
 from . import _sqlite
-from .errors import NotAThreadStore, StoreLocked
+from .errors import InvalidArgument, NotAThreadStore, StoreLocked
 from .history import History
 from .index import Index
 
@@ -89,6 +89,32 @@ def open_index(path: Path, durability: str, read_only: bool) -> Index:
                     path, exc)
         remove_index(path)
         return Index(path, durability=durability)
+
+
+def backup(history: History, index: Index, dest: Path) -> None:
+    """Copy the store into the new directory ``dest`` while appends go on.
+
+    The index is copied before the history, so the copy's index never holds rows of items
+    its history lacks; what it misses (or anything a mark cleared meanwhile) is caught up
+    when the copy is opened, by the usual recovery.
+    """
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise InvalidArgument(f"backup destination {dest} exists and is not an empty directory; "
+                              "pass a new path")
+    created = not dest.exists()
+    try:
+        dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot create the backup directory {dest}: {exc}") from exc
+    try:
+        index.backup_to(dest / INDEX_FILE)
+        history.backup_to(dest / HISTORY_FILE)
+    except BaseException:
+        for name in (INDEX_FILE, HISTORY_FILE):
+            (dest / name).unlink(missing_ok=True)
+        if created:
+            dest.rmdir()
+        raise
 
 
 def remove_index(path: Path) -> None:

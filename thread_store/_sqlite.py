@@ -192,6 +192,20 @@ class ConnectionPool:
         with reading(what), self.connection() as conn:
             return conn.execute(sql, params).fetchall()
 
+    def backup_to(self, dest: Path) -> None:
+        """Copy the database, as one consistent snapshot, into the new file ``dest``.
+
+        SQLite's online backup in a single step holds one read transaction, so writers
+        (in WAL mode) go on meanwhile.
+        """
+        create_private_file(dest)
+        with reading(f"{dest.name} for a backup"), self.connection() as source:
+            target = sqlite3.connect(dest)
+            try:
+                source.backup(target, pages=-1)
+            finally:
+                target.close()
+
     def close(self) -> None:
         """Close the idle connections now; borrowed ones close when they come back."""
         with self._cond:

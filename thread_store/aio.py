@@ -194,6 +194,10 @@ class AsyncThreadStore:
         return await self._call(self._store.list_threads, limit, cursor, archived, search,
                                 include_empty)
 
+    async def backup(self, dest: str | os.PathLike[str]) -> None:
+        """See :meth:`ThreadStore.backup` (the copy runs off the loop)."""
+        await self._call(self._store.backup, dest)
+
     async def status(self, thread_id: str) -> ThreadStatus:
         """See :meth:`ThreadStore.status`."""
         return await self._call(self._store.status, thread_id)

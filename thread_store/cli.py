@@ -264,6 +264,20 @@ def export(store_path: Path, thread_id: str) -> None:
             after = page[-1].seq
 
 
+@cli.command(epilog=_example("thread-store backup /backups/threads-2026-11-30"))
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.pass_obj
+def backup(store_path: Path, dest: Path) -> None:
+    """Write a consistent copy of the store to DEST (a new or empty directory).
+
+    It opens the store read-only, so agents may keep appending meanwhile; the copy opens
+    as a normal store and catches up whatever its index missed.
+    """
+    with ThreadStore.open(store_path, read_only=True) as store:
+        store.backup(dest)
+    click.echo(f"backed up {store_path} to {dest}")
+
+
 @cli.command(epilog=_example("thread-store --store ~/agent-threads reindex"))
 @click.pass_obj
 def reindex(store_path: Path) -> None:

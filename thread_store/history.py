@@ -251,6 +251,10 @@ class History:
 
             self._write(write, "marking threads behind")
 
+    def backup_to(self, dest: Path) -> None:
+        """Copy this file, as one consistent snapshot, into the new file ``dest``."""
+        self._readers.backup_to(dest)
+
     def close(self) -> None:
         """Write the acknowledgements still in memory, refuse further writes, and close
         every connection."""

@@ -349,6 +349,10 @@ class Index:
             next_cursor = _encode_cursor(query, us_from_utc(last.recency_at), last.thread_id)
         return Page(threads=threads, next_cursor=next_cursor)
 
+    def backup_to(self, dest: Path) -> None:
+        """Copy this file, as one consistent snapshot, into the new file ``dest``."""
+        self._readers.backup_to(dest)
+
     def close(self) -> None:
         """Close every connection; the writer once no transaction is running on it."""
         self._readers.close()

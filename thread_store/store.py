@@ -357,6 +357,21 @@ class ThreadStore:
         return self._index.list(limit=limit, cursor=cursor, archived=archived, search=search,
                                 include_empty=include_empty)
 
+    def backup(self, dest: str | os.PathLike[str]) -> None:
+        """Write a consistent copy of the store into the new directory ``dest``.
+
+        Appends (in this or other processes) go on meanwhile: each file is copied as one
+        snapshot with SQLite's online backup. The copy opens as a normal store; opening it
+        catches up whatever its index missed. Works on read-only stores too.
+
+        :param dest: a path that does not exist yet, or an empty directory.
+        :raises InvalidArgument: ``dest`` is malformed, not empty, or cannot be created.
+        :raises StorageError: SQLite could not read the store or write the copy.
+        """
+        target = check_path(dest)
+        self._open_check()
+        _files.backup(self._history, self._index, target)
+
     def status(self, thread_id: str) -> ThreadStatus:
         """Return where the thread's projection stands.
 
