@@ -13,8 +13,9 @@ from __future__ import annotations
 import sys
 import threading
 
-from thread_store import ThreadStore, _acks
-from thread_store.history import History
+from thread_store import ThreadStore
+from thread_store.backends.sqlite import _acks
+from thread_store.backends.sqlite.history import History
 
 
 def _say(*words: object) -> None:

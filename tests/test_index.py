@@ -15,8 +15,8 @@ import sqlite_utils
 
 from conftest import plain, user_msg
 from thread_store import InvalidCursor, ThreadMetadata, ThreadStore
-from thread_store.history import SCHEMA_VERSION as HISTORY_VERSION
-from thread_store.index import SCHEMA_VERSION as INDEX_VERSION
+from thread_store.backends.sqlite.history import SCHEMA_VERSION as HISTORY_VERSION
+from thread_store.backends.sqlite.index import SCHEMA_VERSION as INDEX_VERSION
 
 BASE = datetime(2024, 5, 1, tzinfo=timezone.utc)
 

@@ -24,9 +24,10 @@ import pytest
 from _child import assert_converged, assert_store_integrity, folded, live_threads
 from conftest import plain, user_msg
 
-from thread_store import ProjectionFailed, ThreadStore, _acks
-from thread_store import history as history_module
-from thread_store import index as index_module
+from thread_store import ProjectionFailed, ThreadStore
+from thread_store.backends.sqlite import _acks
+from thread_store.backends.sqlite import history as history_module
+from thread_store.backends.sqlite import index as index_module
 
 CHILD = Path(__file__).with_name("_recovery_child.py")
 #: What open() logs when it compares every thread (O(all threads)).

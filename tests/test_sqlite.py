@@ -11,7 +11,7 @@ import pytest
 import sqlite_utils
 
 from thread_store import NotAThreadStore, SchemaTooNew, StorageError
-from thread_store import _sqlite
+from thread_store.backends.sqlite import _connections
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -29,26 +29,26 @@ def _v2(db: sqlite_utils.Database) -> None:
 def test_migrate_creates_then_upgrades_step_by_step(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
     conn = _connect(path)
-    assert _sqlite.migrate(conn, path, [_v1], read_only=False) == 0
+    assert _connections.migrate(conn, path, [_v1], read_only=False) == 0
     conn.execute("INSERT INTO things (id, name) VALUES (1, 'kept')")
-    assert _sqlite.migrate(conn, path, [_v1, _v2], read_only=False) == 1
+    assert _connections.migrate(conn, path, [_v1, _v2], read_only=False) == 1
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
     assert conn.execute("SELECT name, colour FROM things").fetchall() == [("kept", None)]
-    assert _sqlite.migrate(conn, path, [_v1, _v2], read_only=False) == 2  # nothing left to do
+    assert _connections.migrate(conn, path, [_v1, _v2], read_only=False) == 2  # nothing left to do
     conn.close()
 
 
 def test_failed_migration_keeps_the_old_version(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
     conn = _connect(path)
-    _sqlite.migrate(conn, path, [_v1], read_only=False)
+    _connections.migrate(conn, path, [_v1], read_only=False)
 
     def broken(db: sqlite_utils.Database) -> None:
         _v2(db)
         raise RuntimeError("disk on fire")
 
     with pytest.raises(RuntimeError):
-        _sqlite.migrate(conn, path, [_v1, broken], read_only=False)
+        _connections.migrate(conn, path, [_v1, broken], read_only=False)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
     assert [c[1] for c in conn.execute("PRAGMA table_info(things)")] == ["id", "name"]
     conn.close()
@@ -57,15 +57,15 @@ def test_failed_migration_keeps_the_old_version(tmp_path: Path) -> None:
 def test_newer_and_foreign_files_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
     conn = _connect(path)
-    _sqlite.migrate(conn, path, [_v1, _v2], read_only=False)
+    _connections.migrate(conn, path, [_v1, _v2], read_only=False)
     with pytest.raises(SchemaTooNew, match="upgrade thread_store"):
-        _sqlite.migrate(conn, path, [_v1], read_only=False)
+        _connections.migrate(conn, path, [_v1], read_only=False)
     conn.close()
     foreign = tmp_path / "foreign.sqlite"
     other = _connect(foreign)
     other.execute("CREATE TABLE x (y)")
     with pytest.raises(NotAThreadStore):
-        _sqlite.migrate(other, foreign, [_v1], read_only=False)
+        _connections.migrate(other, foreign, [_v1], read_only=False)
     other.close()
 
 
@@ -75,7 +75,7 @@ def test_newer_and_foreign_files_are_refused(tmp_path: Path) -> None:
     ("no such table: x", False),
 ])
 def test_transient_classification(message: str, transient: bool) -> None:
-    assert _sqlite.is_transient(sqlite3.OperationalError(message)) is transient
+    assert _connections.is_transient(sqlite3.OperationalError(message)) is transient
 
 
 def _open_fds() -> int:
@@ -116,7 +116,7 @@ def test_short_lived_reader_threads_leave_no_connections_behind(tmp_path: Path) 
         assert not errors, errors
         grown = _open_fds() - before
         # At most the pool's cap of connections per file (4 descriptors each), not 480.
-        assert grown <= 2 * _sqlite.POOL_SIZE * 4, grown
+        assert grown <= 2 * _connections.POOL_SIZE * 4, grown
 
 
 def test_pool_caps_connections_and_closes_borrowed_ones_on_return(tmp_path: Path) -> None:
@@ -128,7 +128,7 @@ def test_pool_caps_connections_and_closes_borrowed_ones_on_return(tmp_path: Path
         made.append(sqlite3.connect(path, check_same_thread=False))
         return made[-1]
 
-    pool = _sqlite.ConnectionPool(factory, size=2)
+    pool = _connections.ConnectionPool(factory, size=2)
     with pool.connection() as a, pool.connection() as b:
         assert a is not b
         got: list[sqlite3.Connection] = []

@@ -19,8 +19,8 @@ from ._pending import Claim, Result
 from .derive import ProjectionRules
 from .errors import (StoreClosed, ThreadDiscarded, ThreadNotFound, TransientProjectionError,
                      TransientStorageError)
-from .history import History
-from .index import Index, RowWrite
+from .backends.sqlite.history import History
+from .backends.sqlite.index import Index, RowWrite
 
 ProjectionHook = Callable[[str, int], None]
 

@@ -33,8 +33,8 @@ from ._attempt import AttemptRunner, ProjectionHook
 from ._pending import Claim, Outcome, Phase, Result, Success, ThreadState, Waiter, describe
 from .derive import ProjectionRules
 from .errors import DURABLE_NOTE, ProjectionFailed, StoreClosed
-from .history import History
-from .index import Index
+from .backends.sqlite.history import History
+from .backends.sqlite.index import Index
 from .model import EncodedItem, ProjectorStats, RetryPolicy, ThreadMetadata
 from .tracing import MAX_LINKS, Projection, Telemetry
 

@@ -19,13 +19,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 from opentelemetry import metrics, trace
 
-from . import _files, _lifecycle
+from . import _lifecycle
 from ._barriers import Barriers
 from ._options import check_open_kwargs, check_options, check_path
 from .derive import NOT_GIVEN, CodexRules, ProjectionRules, archive_edit_item, metadata_edit_item
 from .errors import (InvalidArgument, NotAThreadStore, ReadOnlyStore, StoreClosed, ThreadDiscarded, ThreadStoreError)
-from .history import History
-from .index import Index
+from .backends.sqlite import _files
+from .backends.sqlite.history import History
+from .backends.sqlite.index import Index
 from .model import (DEFAULT_MAX_ITEM_BYTES, EncodedItem, Page, ProjectorStats, RetryPolicy, StoredItem,
                     ThreadMetadata, ThreadStatus, check_count, check_thread_id, check_timeout,
                     encode_item, utc)

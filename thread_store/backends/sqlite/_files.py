@@ -9,8 +9,8 @@ import os
 import sqlite3
 from pathlib import Path
 
-from . import _sqlite
-from .errors import InvalidArgument, NotAThreadStore, StoreLocked
+from . import _connections
+from ...errors import InvalidArgument, NotAThreadStore, StoreLocked
 from .history import History
 from .index import Index
 
@@ -65,7 +65,7 @@ def open_history(path: Path, durability: str, read_only: bool) -> History:
     try:
         return History(path, durability=durability, read_only=read_only)
     except sqlite3.Error as exc:
-        raise _sqlite.storage_error(exc, f"opening {path}") from exc
+        raise _connections.storage_error(exc, f"opening {path}") from exc
 
 
 def open_index(path: Path, durability: str, read_only: bool) -> Index:
@@ -79,11 +79,11 @@ def open_index(path: Path, durability: str, read_only: bool) -> Index:
         try:
             return Index(path, durability=durability, read_only=True)
         except sqlite3.Error as exc:
-            raise _sqlite.storage_error(exc, f"opening {path} read-only") from exc
+            raise _connections.storage_error(exc, f"opening {path} read-only") from exc
     try:
         return Index(path, durability=durability, read_only=read_only)
     except (NotAThreadStore, sqlite3.DatabaseError) as exc:
-        if _sqlite.is_transient(exc):
+        if _connections.is_transient(exc):
             raise  # busy, full or I/O: the file may be fine, so never delete it for that
         log.warning("thread_store: index %s is unreadable (%s); rebuilding it from history",
                     path, exc)

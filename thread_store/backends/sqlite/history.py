@@ -22,10 +22,10 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import sqlite_utils
 
-from . import _sqlite
+from . import _connections
 from ._acks import AckBatch
-from .errors import StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
-from .model import EncodedItem
+from ...errors import StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
+from ...model import EncodedItem
 
 _INSERT = "INSERT INTO items (thread_id, seq, ts_us, item) VALUES (?, ?, ?, ?)"
 _RANGE = ("SELECT seq, ts_us, item FROM items WHERE thread_id = ? AND seq > ? AND seq <= ? "
@@ -72,7 +72,7 @@ def _add_behind_record(db: sqlite_utils.Database) -> None:
 
 
 #: ``_MIGRATIONS[n]`` takes history.db from schema version n to n + 1.
-_MIGRATIONS: list[_sqlite.Migration] = [_create_schema, _add_behind_record]
+_MIGRATIONS: list[_connections.Migration] = [_create_schema, _add_behind_record]
 _EPOCH_KEY = "index_epoch"
 # Cleared only while the history holds nothing past the projected head: a newer append's
 # mark (set in that append's transaction, serialized with this one) always survives.
@@ -98,12 +98,12 @@ class History:
         self.path = path
         self.read_only = read_only
         if not read_only:
-            _sqlite.create_private_file(path)
-        self._conn = _sqlite.connect(path, durability=durability, read_only=read_only,
+            _connections.create_private_file(path)
+        self._conn = _connections.connect(path, durability=durability, read_only=read_only,
                                      schema_version=SCHEMA_VERSION)
-        _sqlite.migrate(self._conn, path, _MIGRATIONS, read_only=read_only)
-        self._readers = _sqlite.ConnectionPool(
-            lambda: _sqlite.connect(path, durability=durability, read_only=read_only))
+        _connections.migrate(self._conn, path, _MIGRATIONS, read_only=read_only)
+        self._readers = _connections.ConnectionPool(
+            lambda: _connections.connect(path, durability=durability, read_only=read_only))
         self._full = durability == "full"
         self.lock = threading.Lock()
         self._heads: dict[str, int] = {}
@@ -194,7 +194,7 @@ class History:
     def acknowledge(self, projected: list[tuple[str, int]], epoch: int | None) -> None:
         """The index committed these ``(thread_id, seq)`` heads (in index transaction ``epoch``).
 
-        Only remembered in memory (:class:`~thread_store._acks.AckBatch`), so an index
+        Only remembered in memory (:class:`~thread_store.backends.sqlite._acks.AckBatch`), so an index
         commit never waits for a history write; :meth:`write_acknowledgements` writes them.
         Called after the index COMMIT, so a mark never disappears before its row is
         written.
@@ -279,7 +279,7 @@ class History:
 
     def high_water(self) -> int:
         """The highest items rowid in the file: an index that folded an item past it saw
-        a tail of history that is gone (see :func:`thread_store._files.recover`)."""
+        a tail of history that is gone (see :func:`thread_store.backends.sqlite._files.recover`)."""
         row = self._readers.fetchone("history", "SELECT max(rowid) FROM items")
         return int(row[0] or 0)
 
@@ -365,7 +365,7 @@ class History:
     def _load_head(self, thread_id: str) -> int:
         """Called with the lock held: find a thread's head and cache it."""
         self._check_row(thread_id, self._tombstone(thread_id))
-        with _sqlite.reading("history"):
+        with _connections.reading("history"):
             head = self._conn.execute(
                 "SELECT max(seq) FROM items WHERE thread_id = ?", (thread_id,)).fetchone()[0] or 0
         self._heads[thread_id] = head
@@ -373,13 +373,13 @@ class History:
 
     def _tombstone(self, thread_id: str) -> tuple[int | None] | None:
         """The thread's row, ``(discarded_us,)``, read on the writer connection; ``None`` if unknown."""
-        with _sqlite.reading("history"):
+        with _connections.reading("history"):
             row: tuple[int | None] | None = self._conn.execute(
                 "SELECT discarded_us FROM threads WHERE thread_id = ?", (thread_id,)).fetchone()
         return row
 
     def _top_rowid(self) -> int:
-        with _sqlite.reading("history"):
+        with _connections.reading("history"):
             return int(self._conn.execute("SELECT max(rowid) FROM items").fetchone()[0] or 0)
 
     def _raise_last_rowid(self, rowid: int | None) -> None:
@@ -405,18 +405,18 @@ class History:
     def _relaxed(self, body: Callable[[], None]) -> None:
         """Run ``body`` in a transaction that skips the fsync of ``durability="full"``."""
         if not self._full:
-            _sqlite.in_transaction(self._conn, body)
+            _connections.in_transaction(self._conn, body)
             return
         self._conn.execute("PRAGMA synchronous = NORMAL")
         try:
-            _sqlite.in_transaction(self._conn, body)
+            _connections.in_transaction(self._conn, body)
         finally:
             self._conn.execute("PRAGMA synchronous = FULL")
 
     def _write(self, body: Callable[[], T], what: str, *, txn: bool = True) -> T:
         try:
             if txn:
-                return _sqlite.in_transaction(self._conn, body)
+                return _connections.in_transaction(self._conn, body)
             return body()
         except sqlite3.Error as exc:
-            raise _sqlite.storage_error(exc, what) from exc
+            raise _connections.storage_error(exc, what) from exc

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import sqlite_utils
 
-from .errors import NotAThreadStore, SchemaTooNew, StorageError, TransientStorageError
+from ...errors import NotAThreadStore, SchemaTooNew, StorageError, TransientStorageError
 
 T = TypeVar("T")
 

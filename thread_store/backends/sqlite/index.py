@@ -20,9 +20,9 @@ from typing import Any, Iterator, Protocol
 import sqlite_utils
 from sqlite_utils.db import DescIndex
 
-from . import _sqlite
-from .errors import InvalidCursor, StorageError, StoreClosed
-from .model import TEXT_FIELDS, THREAD_ID_PATTERN, Page, ThreadMetadata, us_from_utc, utc_from_us
+from . import _connections
+from ...errors import InvalidCursor, StorageError, StoreClosed
+from ...model import TEXT_FIELDS, THREAD_ID_PATTERN, Page, ThreadMetadata, us_from_utc, utc_from_us
 
 _TEXT = TEXT_FIELDS
 _FTS = ("title", "preview", "first_user_message")
@@ -85,7 +85,7 @@ def _add_history_mark(db: sqlite_utils.Database) -> None:
 
 
 #: ``_MIGRATIONS[n]`` takes index.db from schema version n to n + 1.
-_MIGRATIONS: list[_sqlite.Migration] = [_create_schema, _add_epoch, _add_history_mark]
+_MIGRATIONS: list[_connections.Migration] = [_create_schema, _add_epoch, _add_history_mark]
 SCHEMA_VERSION = len(_MIGRATIONS)
 # Counts the transaction (the epoch) and raises the history mark, in the transaction of
 # the rows: a history whose highest rowid is below the mark lost items the index folded.
@@ -142,16 +142,16 @@ class Index:
                  busy_timeout_ms: int = 100) -> None:
         self.path = path
         if not read_only:
-            _sqlite.create_private_file(path)
+            _connections.create_private_file(path)
         # A short busy timeout: another process holding the lock becomes a transient
         # error that the projector retries with backoff, and close() stays on time.
-        self._conn = _sqlite.connect(path, durability=durability, read_only=read_only,
+        self._conn = _connections.connect(path, durability=durability, read_only=read_only,
                                      busy_timeout_ms=busy_timeout_ms, schema_version=SCHEMA_VERSION)
         self._db = sqlite_utils.Database(self._conn)
-        self.fresh = _sqlite.migrate(self._conn, path, _MIGRATIONS, read_only=read_only) == 0
+        self.fresh = _connections.migrate(self._conn, path, _MIGRATIONS, read_only=read_only) == 0
         # A read-only store follows a rebuild of the index by the writer (a new file).
-        self._readers = _sqlite.ConnectionPool(
-            lambda: _sqlite.connect(path, durability=durability, read_only=read_only),
+        self._readers = _connections.ConnectionPool(
+            lambda: _connections.connect(path, durability=durability, read_only=read_only),
             follows=path if read_only else None)
         #: Held for every index write; ``fenced`` is set under it by close().
         self.write_lock = threading.Lock()
@@ -188,14 +188,14 @@ class Index:
                 self._conn.executemany(_UPSERT, checked())
                 return
             except bad as exc:
-                if _sqlite.is_transient(exc) or self.fenced:
+                if _connections.is_transient(exc) or self.fenced:
                     raise
             # Find the bad rows one by one; re-applying an upsert that went in is harmless.
             for row in rows:
                 try:
                     self._conn.execute(_UPSERT, _metadata_to_row(row.meta, row.state))
                 except bad as exc:
-                    if _sqlite.is_transient(exc) or self.fenced:
+                    if _connections.is_transient(exc) or self.fenced:
                         raise
                     errors[row.meta.thread_id] = exc
 
@@ -212,9 +212,9 @@ class Index:
             return epoch
 
         try:
-            epoch = _sqlite.in_transaction(self._conn, fenced_body)
+            epoch = _connections.in_transaction(self._conn, fenced_body)
         except sqlite3.Error as exc:
-            raise _sqlite.translate(exc, "the projection transaction failed in SQLite "
+            raise _connections.translate(exc, "the projection transaction failed in SQLite "
                                          "(none of its rows were written)") from exc
         for thread_id, error in list(errors.items()):
             errors[thread_id] = _unstorable(error)
@@ -268,9 +268,9 @@ class Index:
             return self._bump(0)
 
         try:
-            epoch = _sqlite.in_transaction(self._conn, body)
+            epoch = _connections.in_transaction(self._conn, body)
         except sqlite3.Error as exc:
-            raise _sqlite.storage_error(exc, "removing the thread's index row") from exc
+            raise _connections.storage_error(exc, "removing the thread's index row") from exc
         if self.history is not None:
             self.history.acknowledge([], epoch)
 
@@ -283,9 +283,9 @@ class Index:
             self._bump(0)
 
         try:
-            _sqlite.in_transaction(self._conn, body)
+            _connections.in_transaction(self._conn, body)
         except sqlite3.Error as exc:
-            raise _sqlite.storage_error(exc, "resetting the index's history mark") from exc
+            raise _connections.storage_error(exc, "resetting the index's history mark") from exc
 
     def epoch(self) -> int:
         """How many transactions the index has committed (open compares it with history's)."""
@@ -362,7 +362,7 @@ class Index:
 
 def _unstorable(error: BaseException) -> StorageError:
     """A row the index refused (a value SQLite cannot bind or store), with its cause."""
-    translated = _sqlite.translate(error, "the thread's metadata row could not be stored in SQLite")
+    translated = _connections.translate(error, "the thread's metadata row could not be stored in SQLite")
     translated.__cause__ = error
     return translated
 
