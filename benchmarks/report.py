@@ -53,7 +53,9 @@ def summarize_sustained(r: Sustained) -> dict[str, Any]:
 
 def summarize_listing(raw: dict[str, Any]) -> dict[str, Any]:
     """Replace the listing samples by their percentiles."""
-    return {**raw, "first_page": _us(raw["first_page"]), "deep_page": _us(raw["deep_page"])}
+    return {**raw, "first_page": _us(raw["first_page"]), "deep_page": _us(raw["deep_page"]),
+            "search_first_page": {q: _us(s) for q, s in raw["search_first_page"].items()},
+            "cwd_first_page": _us(raw["cwd_first_page"])}
 
 
 def machine() -> dict[str, Any]:
@@ -156,6 +158,13 @@ def _scale_table(scale: dict[str, Any], quick: bool) -> list[str]:
          f"threads{fewer} | p50 {_f(first['p50_us'], ' µs')}, p99 {_f(first['p99_us'], ' µs')} |"),
         (f"| list_threads deep page (offset {listing['deep_offset']:,}, keyset cursor) "
          f"| p50 {_f(deep['p50_us'], ' µs')}, p99 {_f(deep['p99_us'], ' µs')} |"),
+        *(f"| list_threads(search={query!r}) first page, same store "
+          f"| p50 {_f(s['p50_us'], ' µs')} ({s['p50_us'] / first['p50_us']:.1f}× the plain list), "
+          f"p99 {_f(s['p99_us'], ' µs')} |"
+          for query, s in listing["search_first_page"].items()),
+        (f"| list_threads(cwd=...) first page (up to a tenth of the threads), same store "
+         f"| p50 {_f(listing['cwd_first_page']['p50_us'], ' µs')} "
+         f"({listing['cwd_first_page']['p50_us'] / first['p50_us']:.1f}× the plain list) |"),
         f"| building that index through the API (create + append + flush_all) | {listing['build_s']:.1f} s |",
         (f"| catch-up after losing index.db: {catch['items']:,} items in {catch['threads']:,} threads"
         f"{fewer_items} | {_f(catch['items_per_s'])} items/s (open {catch['open_s']:.2f} s, "

@@ -16,25 +16,38 @@ _LIST_REPEATS = 50
 _PAGE = 50
 
 
-def listing(root: Path, n_threads: int) -> dict[str, Any]:
-    """``list_threads`` latency, first page and a deep page (90 % down), at ``n_threads``.
+#: Working directories of the listing benchmark's threads: each holds a tenth of them
+#: (fewer in small runs, so a filtered first page is still full).
+_CWDS = 10
+#: Searches whose first page is full: every opening message says "flaky" (a trigram
+#: match) and so contains "fl" (two characters: a LIKE scan, the slowest path).
+SEARCHES = ("flaky", "fl")
 
-    The index is built through the public API: one thread with one user message each,
-    then ``flush_all``.
+
+def listing(root: Path, n_threads: int) -> dict[str, Any]:
+    """``list_threads`` latency at ``n_threads``: the plain keyset first page, a deep page
+    (90 % down), searches (``SEARCHES``) and a ``cwd`` filter, measured side by side.
+
+    The index is built through the public API: one thread per session with its working
+    directory and one user message, then ``flush_all``.
     """
     tids = thread_ids(n_threads, "l")
+    cwds = max(1, min(_CWDS, n_threads // _PAGE))  # each filter still fills a page
     t0 = time.perf_counter()
     with ThreadStore.open(root) as store:
         for i, thread_id in enumerate(tids):
-            store.create_thread(thread_id)
+            store.create_thread(thread_id, metadata={"cwd": f"/repo/{i % cwds}"})
             store.append(thread_id, [first_message(i)])
         store.flush_all(timeout=600.0)
         build_s = time.perf_counter() - t0
         deep_cursor, depth = _cursor_at(store, min(n_threads * 9 // 10, n_threads - _PAGE))
         first = _time_page(store, None)
         deep = _time_page(store, deep_cursor)
+        searches = {query: _time_page(store, None, search=query) for query in SEARCHES}
+        by_cwd = _time_page(store, None, cwd=f"/repo/{cwds - 1}")
     return {"threads": n_threads, "build_s": build_s, "deep_offset": depth,
-            "first_page": first, "deep_page": deep, "page_size": _PAGE}
+            "first_page": first, "deep_page": deep, "page_size": _PAGE,
+            "search_first_page": searches, "cwd_first_page": by_cwd}
 
 
 def _cursor_at(store: ThreadStore, offset: int) -> tuple[str | None, int]:
@@ -49,11 +62,11 @@ def _cursor_at(store: ThreadStore, offset: int) -> tuple[str | None, int]:
     return cursor, depth
 
 
-def _time_page(store: ThreadStore, cursor: str | None) -> list[int]:
+def _time_page(store: ThreadStore, cursor: str | None, **query: Any) -> list[int]:
     samples = []
     for _ in range(_LIST_REPEATS):
         t0 = time.perf_counter_ns()
-        page = store.list_threads(limit=_PAGE, cursor=cursor)
+        page = store.list_threads(limit=_PAGE, cursor=cursor, **query)
         samples.append(time.perf_counter_ns() - t0)
         if len(page.threads) != _PAGE:
             raise AssertionError(f"listing returned {len(page.threads)} threads, expected {_PAGE}")

@@ -426,3 +426,12 @@ def test_long_commands_show_progress(store_path: Path) -> None:
     assert small.stderr == ""  # a short run prints no bar
     reindexed = invoke("--store", str(store_path), "reindex")
     assert reindexed.exit_code == 0 and reindexed.stderr.startswith("re-projecting")
+
+
+def test_list_filters_by_cwd(store_path: Path, filled: dict[str, str]) -> None:
+    store = ["--store", str(store_path)]
+    listed = json.loads(invoke(*store, "list", "--cwd", "/repo", "--json").stdout)
+    assert sorted(t["thread_id"] for t in listed) == sorted([filled["flaky"], filled["docs"]])
+    assert json.loads(invoke(*store, "list", "--cwd", "/elsewhere", "--json").stdout) == []
+    found = json.loads(invoke(*store, "list", "--search", "flak", "--json").stdout)
+    assert [t["thread_id"] for t in found] == [filled["flaky"]]

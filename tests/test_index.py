@@ -299,3 +299,66 @@ def test_search_text_with_quotes_matches_as_words(store: ThreadStore) -> None:
     assert ids(store.list_threads(search='"hello"').threads) == [tid]
     assert ids(store.list_threads(search='hello AND').threads) == [tid]
     assert ids(store.list_threads(search='hello NOT').threads) == []
+
+
+def test_search_words_are_case_insensitive_substrings_of_name_title_preview_or_message(
+        store: ThreadStore) -> None:
+    pigs = store.create_thread("pigs")
+    store.append_and_flush(pigs, [user_msg("Three little pigs build houses")])
+    cjk = store.create_thread("cjk")
+    store.append_and_flush(cjk, [user_msg("修复不稳定的测试")])
+    ja = store.create_thread("ja")
+    store.append_and_flush(ja, [user_msg("不安定なテストを直す")])
+    named = store.create_thread("named")
+    store.append_and_flush(named, [user_msg("something else")])
+    store.update_metadata(named, name="Deploy Runbook")
+    wild = store.create_thread("wild")
+    store.append_and_flush(wild, [user_msg("100% of foo_bar")])
+
+    def found(query: str) -> list[str]:
+        return sorted(ids(store.list_threads(search=query, include_empty=True).threads))
+
+    assert found("thr") == ["pigs"]  # a prefix, not a whole word
+    assert found("THREE") == found("three") == ["pigs"]
+    assert found("ttle") == ["pigs"]  # inside a word
+    assert found("three pigs") == ["pigs"] and found("three wolves") == []  # words ANDed
+    assert found("测试") == ["cjk"]  # two characters inside a longer CJK run
+    assert found("不稳定") == ["cjk"]
+    assert found("テスト") == ["ja"] and found("直す") == ["ja"]
+    assert found("runbook") == ["named"] and found("ru") == ["named"]  # the user-set name
+    assert found("ig") == ["pigs"] and found("IG") == ["pigs"]  # short words: LIKE, any ASCII case
+    assert found("%") == ["wild"] and found("_") == ["wild"]  # LIKE's wildcards are literal here
+    assert found("o_b") == ["wild"] and found("0%") == ["wild"]
+
+
+def test_list_threads_filters_by_cwd_and_pages(store: ThreadStore) -> None:
+    for i in range(5):
+        store.append(store.create_thread(f"a{i}", metadata={"cwd": "/repo/a"}), [user_msg(f"in a {i}")])
+        store.append(store.create_thread(f"b{i}", metadata={"cwd": "/repo/b"}), [user_msg(f"in b {i}")])
+    store.flush_all(timeout=10)
+    pages = list_all(store, limit=2, cwd="/repo/a")
+    assert sorted(t for p in pages for t in ids(p)) == [f"a{i}" for i in range(5)]
+    assert ids(store.list_threads(cwd="/repo").threads) == []  # exactly, not a prefix
+    assert ids(store.list_threads(cwd="/repo/b", search="b 3").threads) == ["b3"]
+    cursor = store.list_threads(limit=1, cwd="/repo/a").next_cursor
+    with pytest.raises(InvalidCursor):
+        store.list_threads(limit=1, cwd="/repo/b", cursor=cursor)
+
+
+def test_an_index_from_schema_3_is_migrated_to_substring_search(store_path: Path) -> None:
+    with ThreadStore.open(store_path) as store:
+        store.append_and_flush(store.create_thread("pigs"), [user_msg("Three little pigs")])
+    # Make index.db what version 3 wrote: a unicode61 FTS table and no cwd index.
+    db = sqlite_utils.Database(sqlite3.connect(store_path / "index.db"))
+    for trigger in ("threads_ai", "threads_ad", "threads_au"):
+        db.execute(f"DROP TRIGGER {trigger}")
+    db.execute("DROP TABLE threads_fts")
+    db.execute("DROP INDEX threads_by_cwd")
+    db["threads"].enable_fts(["title", "preview", "first_user_message"], fts_version="FTS5",
+                             create_triggers=True)
+    db.execute("PRAGMA user_version = 3")
+    db.conn.close()
+    with ThreadStore.open(store_path) as store:
+        assert ids(store.list_threads(search="thr").threads) == ["pigs"]
+    with sqlite3.connect(store_path / "index.db") as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == INDEX_VERSION == 4

@@ -189,10 +189,11 @@ class AsyncThreadStore:
         return await self._call(self._store.read_history, thread_id, after_seq, limit)
 
     async def list_threads(self, limit: int = 50, cursor: str | None = None, archived: bool = False,
-                           search: str | None = None, include_empty: bool = False) -> Page:
+                           search: str | None = None, include_empty: bool = False,
+                           cwd: str | None = None) -> Page:
         """See :meth:`ThreadStore.list_threads`."""
         return await self._call(self._store.list_threads, limit, cursor, archived, search,
-                                include_empty)
+                                include_empty, cwd)
 
     async def backup(self, dest: str | os.PathLike[str]) -> None:
         """See :meth:`ThreadStore.backup` (the copy runs off the loop)."""

@@ -98,18 +98,20 @@ def cli(ctx: click.Context, store_path: Path) -> None:
 @cli.command("list", epilog=_example("thread-store list --search 'flaky test' --limit 20",
                                      "thread-store list --json | jq '.[].title'"))
 @click.option("--archived", is_flag=True, help="List archived threads instead of active ones.")
-@click.option("--search", metavar="TEXT", help="Full-text search in title, preview, first message.")
+@click.option("--search", metavar="TEXT",
+              help="Words found (as substrings, any case) in the name, title, preview or first message.")
+@click.option("--cwd", metavar="DIR", help="Only threads whose working directory is DIR.")
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
 @click.option("--cursor", help="The next-page cursor a previous list printed.")
 @click.option("--include-empty", is_flag=True, help="Also list threads without a preview yet.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of ThreadMetadata objects.")
 @click.pass_obj
-def list_threads(store_path: Path, archived: bool, search: str | None, limit: int,
+def list_threads(store_path: Path, archived: bool, search: str | None, cwd: str | None, limit: int,
                  cursor: str | None, include_empty: bool, as_json: bool) -> None:
     """List threads, most recent first (reads the index; never writes)."""
     with ThreadStore.open(store_path, read_only=True) as store:
         page = store.list_threads(limit=limit, cursor=cursor, archived=archived, search=search,
-                                  include_empty=include_empty)
+                                  include_empty=include_empty, cwd=cwd)
     if as_json:
         _echo_json([meta.to_json() for meta in page.threads])
     else:

@@ -337,13 +337,17 @@ class ThreadStore:
         return [StoredItem(seq, utc(ts), json.loads(text)) for seq, ts, text in rows]
 
     def list_threads(self, limit: int = 50, cursor: str | None = None, archived: bool = False,
-                     search: str | None = None, include_empty: bool = False) -> Page:
+                     search: str | None = None, include_empty: bool = False,
+                     cwd: str | None = None) -> Page:
         """Return a page of threads, newest recency first.
 
         :param cursor: ``next_cursor`` of the previous page of the same query.
         :param archived: list archived threads instead of active ones.
-        :param search: full-text search over title, preview and first user message.
+        :param search: words, each a case-insensitive substring (ANDed) of the name,
+            title, preview or first user message; Chinese and Japanese text matches any
+            substring. Words under three characters match case-insensitively for ASCII only.
         :param include_empty: also list threads with no preview yet.
+        :param cwd: only threads whose working directory is exactly this.
         :raises InvalidCursor: the cursor is not from this query.
         """
         check_count(limit, name="limit", minimum=1, maximum=1000)
@@ -354,9 +358,13 @@ class ThreadStore:
                                    or "\x00" in search or not _encodable(search)):
             raise InvalidArgument("search must be a string of at most 1000 characters, without "
                                   "NUL characters or lone surrogates, or None")
+        if cwd is not None and (not isinstance(cwd, str) or len(cwd) > 4096 or "\x00" in cwd
+                                or not _encodable(cwd)):
+            raise InvalidArgument("cwd must be a directory path string (at most 4096 characters, "
+                                  "no NUL characters or lone surrogates) or None")
         self._open_check()
         return self._index.list(limit=limit, cursor=cursor, archived=archived, search=search,
-                                include_empty=include_empty)
+                                include_empty=include_empty, cwd=cwd)
 
     def backup(self, dest: str | os.PathLike[str]) -> None:
         """Write a consistent copy of the store into the new directory ``dest``.

@@ -25,7 +25,10 @@ from ...errors import InvalidCursor, StorageError, StoreClosed
 from ...model import TEXT_FIELDS, THREAD_ID_PATTERN, Page, ThreadMetadata, us_from_utc, utc_from_us
 
 _TEXT = TEXT_FIELDS
-_FTS = ("title", "preview", "first_user_message")
+#: What ``list_threads(search=...)`` looks in.
+_SEARCHED = ("name", "title", "preview", "first_user_message")
+#: The trigram table matches words this long; shorter ones are matched with LIKE.
+_TRIGRAM = 3
 _TIMES = ("created_at", "updated_at", "recency_at", "archived_at")
 _COLUMNS = ("thread_id", *_TEXT, "token_usage", *(f"{t[:-3]}_us" for t in _TIMES),
             "item_count", "projected_seq", "is_archived", "has_preview", "state")
@@ -35,7 +38,7 @@ _UPSERT = (
     + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS[:-3])} FROM threads"
-_CURSOR_VERSION = 1
+_CURSOR_VERSION = 2
 
 
 def _create_schema(db: sqlite_utils.Database) -> None:
@@ -54,19 +57,25 @@ def _create_schema(db: sqlite_utils.Database) -> None:
                         DescIndex("thread_id")], index_name="threads_listed")
     table.create_index(["is_archived", DescIndex("recency_us"), DescIndex("thread_id")],  # type: ignore[union-attr]
                        index_name="threads_all")
-    table.enable_fts(list(_FTS), fts_version="FTS5", create_triggers=True)  # type: ignore[union-attr]
+    _enable_search(db, ("title", "preview", "first_user_message"), tokenize=None)
+
+
+def _enable_search(db: sqlite_utils.Database, columns: tuple[str, ...], tokenize: str | None) -> None:
+    """An FTS5 table over ``columns`` of ``threads``, kept up to date by triggers."""
+    db["threads"].enable_fts(list(columns), fts_version="FTS5", create_triggers=True,  # type: ignore[union-attr]
+                             tokenize=tokenize)
     # sqlite-utils' update trigger re-indexes every row update; projections update a row
     # per batch but its searchable text rarely, so only re-index when that text changed
     # (this halves the cost of a projection write, measured in benchmarks/).
-    changed = " OR ".join(f"old.{c} IS NOT new.{c}" for c in _FTS)
-    old = ", ".join(f"old.{c}" for c in _FTS)
-    new = ", ".join(f"new.{c}" for c in _FTS)
+    changed = " OR ".join(f"old.{c} IS NOT new.{c}" for c in columns)
+    old = ", ".join(f"old.{c}" for c in columns)
+    new = ", ".join(f"new.{c}" for c in columns)
     db.execute("DROP TRIGGER threads_au")
     db.execute(
         f"CREATE TRIGGER threads_au AFTER UPDATE ON threads WHEN {changed} BEGIN "
-        f"INSERT INTO threads_fts (threads_fts, rowid, {', '.join(_FTS)}) "
+        f"INSERT INTO threads_fts (threads_fts, rowid, {', '.join(columns)}) "
         f"VALUES ('delete', old.rowid, {old}); "
-        f"INSERT INTO threads_fts (rowid, {', '.join(_FTS)}) VALUES (new.rowid, {new}); END")
+        f"INSERT INTO threads_fts (rowid, {', '.join(columns)}) VALUES (new.rowid, {new}); END")
 
 
 def _add_epoch(db: sqlite_utils.Database) -> None:
@@ -84,8 +93,25 @@ def _add_history_mark(db: sqlite_utils.Database) -> None:
     db.execute("INSERT INTO index_meta (key, value) VALUES ('history_mark', 0)")
 
 
+def _search_substrings(db: sqlite_utils.Database) -> None:
+    """Version 4: search matches substrings, and the user-set name, and lists filter by cwd.
+
+    The ``unicode61`` tokenizer matched whole words only (``thr`` missed "three", and a
+    CJK run was one token, so ``测试`` missed ``修复不稳定的测试``). A trigram table matches
+    any substring of three characters or more, case-insensitively; shorter words are
+    matched with LIKE in :meth:`Index.list`.
+    """
+    for trigger in ("threads_ai", "threads_ad", "threads_au"):
+        db.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+    db.execute("DROP TABLE threads_fts")
+    _enable_search(db, _SEARCHED, tokenize="trigram case_sensitive 0")
+    db["threads"].create_index(["is_archived", "cwd", DescIndex("recency_us"),  # type: ignore[union-attr]
+                                DescIndex("thread_id")], index_name="threads_by_cwd")
+
+
 #: ``_MIGRATIONS[n]`` takes index.db from schema version n to n + 1.
-_MIGRATIONS: list[_connections.Migration] = [_create_schema, _add_epoch, _add_history_mark]
+_MIGRATIONS: list[_connections.Migration] = [_create_schema, _add_epoch, _add_history_mark,
+                                             _search_substrings]
 SCHEMA_VERSION = len(_MIGRATIONS)
 # Counts the transaction (the epoch) and raises the history mark, in the transaction of
 # the rows: a history whose highest rowid is below the mark lost items the index folded.
@@ -147,7 +173,6 @@ class Index:
         # error that the projector retries with backoff, and close() stays on time.
         self._conn = _connections.connect(path, durability=durability, read_only=read_only,
                                      busy_timeout_ms=busy_timeout_ms, schema_version=SCHEMA_VERSION)
-        self._db = sqlite_utils.Database(self._conn)
         self.fresh = _connections.migrate(self._conn, path, _MIGRATIONS, read_only=read_only) == 0
         # A read-only store follows a rebuild of the index by the writer (a new file).
         self._readers = _connections.ConnectionPool(
@@ -322,18 +347,30 @@ class Index:
         return _row_to_metadata(row) if row else None
 
     def list(self, *, limit: int, cursor: str | None, archived: bool, search: str | None,
-             include_empty: bool) -> Page:
-        """Return one page, newest recency first, by keyset pagination."""
-        search = search.strip() if search else None
-        query = [archived, include_empty, search]
+             include_empty: bool, cwd: str | None = None) -> Page:
+        """Return one page, newest recency first, by keyset pagination.
+
+        ``search``: each word is a case-insensitive substring (ANDed) of the name, title,
+        preview or first user message. ``cwd``: only threads with that working directory.
+        """
+        words = search.split() if search else []
+        query = [archived, include_empty, " ".join(words) or None, cwd]
         where = ["is_archived = ?"]
         params: list[Any] = [int(archived)]
         if not include_empty:
             where.append("has_preview = 1")
-        if search:
+        if cwd is not None:
+            where.append("cwd = ?")
+            params.append(cwd)
+        long = [w for w in words if len(w) >= _TRIGRAM]
+        if long:
             where.append("rowid IN (SELECT rowid FROM threads_fts WHERE threads_fts MATCH ?)")
-            # quote_fts drops lone quotes; an empty MATCH is a syntax error, '""' matches nothing.
-            params.append(self._db.quote_fts(search) or '""')
+            # Each word a phrase: the trigram table then matches it as a substring.
+            params.append(" AND ".join('"' + w.replace('"', '""') + '"' for w in long))
+        for word in words:
+            if len(word) < _TRIGRAM:  # too short for trigrams: LIKE (case-insensitive for ASCII)
+                where.append("(" + " OR ".join(f"{c} LIKE ? ESCAPE '\\'" for c in _SEARCHED) + ")")
+                params.extend([_like_pattern(word)] * len(_SEARCHED))
         if cursor is not None:
             recency_us, thread_id = _decode_cursor(cursor, query)
             where.append("(recency_us, thread_id) < (?, ?)")
@@ -358,6 +395,12 @@ class Index:
         self._readers.close()
         with self.write_lock:  # a fenced worker may still be in its (bounded) transaction
             self._conn.close()
+
+
+def _like_pattern(word: str) -> str:
+    """``%word%`` with LIKE's own wildcards escaped."""
+    escaped = word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
 
 
 def _unstorable(error: BaseException) -> StorageError:
