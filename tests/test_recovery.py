@@ -264,7 +264,7 @@ def test_history_from_schema_1_is_migrated_and_compared_once(store_path: Path) -
                      (tids[0], '{"type": "event_msg", "payload": {"type": "user_message", '
                       '"message": "appended by an old version, never projected"}}'))
         conn.execute("PRAGMA user_version = 1")
-    assert history_module.SCHEMA_VERSION == 2 and index_module.SCHEMA_VERSION == 3
+    assert history_module.SCHEMA_VERSION == 2 and index_module.SCHEMA_VERSION == 4
     with ThreadStore.open(store_path) as store:
         assert store.flush(tids[0], timeout=30).projected_seq == 3
         assert assert_converged(store) == 3
@@ -495,7 +495,24 @@ def test_index_from_schema_2_is_migrated_and_trusts_the_marks(
         store.append_and_flush(tids[1], [plain(3)], timeout=30)
     with closing(sqlite3.connect(store_path / "index.db")) as conn, \
             closing(sqlite3.connect(store_path / "history.db")) as history:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == index_module.SCHEMA_VERSION
         (mark,), = conn.execute("SELECT value FROM index_meta WHERE key = 'history_mark'")
         (top,), = history.execute("SELECT max(rowid) FROM items")
     assert mark == top
+
+
+def test_a_reindex_that_was_asked_for_warns_about_nothing(store_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    with ThreadStore.open(store_path) as store:
+        store.append_and_flush(store.create_thread(), [user_msg("kept")])
+    with caplog.at_level(logging.WARNING, logger="thread_store"):
+        assert ThreadStore.rebuild_index(store_path) == 1
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    # An index that vanished unasked is still reported.
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{store_path / 'index.db'}{suffix}").unlink(missing_ok=True)
+    with caplog.at_level(logging.WARNING, logger="thread_store"):
+        with ThreadStore.open(store_path) as store:
+            store.flush_all(timeout=30)
+            assert [m.title for m in store.list_threads().threads] == ["kept"]
+    assert any("rebuilding the index" in r.getMessage() for r in caplog.records)

@@ -165,7 +165,7 @@ class ThreadStore:
             raise NotAThreadStore(f"{root} holds no thread store (no {_files.HISTORY_FILE}) to reindex")
         lock_fd = _files.lock_directory(root)
         try:
-            _files.remove_index(root / _files.INDEX_FILE)
+            _files.drop_index(root)
         finally:
             os.close(lock_fd)  # open() takes it again; whoever wins finds no index and rebuilds
         with cls.open(root, **options) as store:

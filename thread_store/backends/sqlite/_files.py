@@ -7,11 +7,12 @@ import fcntl
 import logging
 import os
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 from . import _connections
 from ...errors import InvalidArgument, NotAThreadStore, StoreLocked
-from .history import History
+from .history import EPOCH_KEY, History
 from .index import Index
 
 log = logging.getLogger("thread_store")
@@ -53,6 +54,9 @@ def lock_directory(root: Path) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
+        if holder == str(os.getpid()):
+            raise StoreLocked(f"{root} is already open for writing in this process (pid {holder}); "
+                              "use that ThreadStore, or close it before opening the store again") from None
         raise StoreLocked(f"{root} is open for writing in another process (pid {holder}); "
                           "close it there, or open this one with read_only=True") from None
     os.ftruncate(fd, 0)
@@ -115,6 +119,20 @@ def backup(history: History, index: Index, dest: Path) -> None:
         if created:
             dest.rmdir()
         raise
+
+
+def drop_index(root: Path) -> None:
+    """Delete the store's index on request (``reindex``); the caller holds the writer lock.
+
+    History first forgets the index epoch it acknowledged: it belonged to the index going
+    away, and without it the next open rebuilds without warning about a lost index.
+    """
+    with closing(sqlite3.connect(root / HISTORY_FILE, isolation_level=None)) as conn:
+        try:
+            conn.execute("DELETE FROM store_meta WHERE key = ?", (EPOCH_KEY,))
+        except sqlite3.Error as exc:
+            raise _connections.storage_error(exc, "resetting the index epoch") from exc
+    remove_index(root / INDEX_FILE)
 
 
 def remove_index(path: Path) -> None:

@@ -73,7 +73,7 @@ def _add_behind_record(db: sqlite_utils.Database) -> None:
 
 #: ``_MIGRATIONS[n]`` takes history.db from schema version n to n + 1.
 _MIGRATIONS: list[_connections.Migration] = [_create_schema, _add_behind_record]
-_EPOCH_KEY = "index_epoch"
+EPOCH_KEY = "index_epoch"
 # Cleared only while the history holds nothing past the projected head: a newer append's
 # mark (set in that append's transaction, serialized with this one) always survives.
 _CLEAR = ("DELETE FROM behind WHERE thread_id = ?1"
@@ -274,7 +274,7 @@ class History:
     def index_epoch(self) -> int | None:
         """The last index epoch acknowledged here; ``None`` before any (or an old file)."""
         row = self._readers.fetchone("history", "SELECT value FROM store_meta WHERE key = ?",
-                                     (_EPOCH_KEY,))
+                                     (EPOCH_KEY,))
         return int(row[0]) if row else None
 
     def high_water(self) -> int:
@@ -358,7 +358,7 @@ class History:
     @staticmethod
     def _check_row(thread_id: str, row: tuple[Any, ...] | None) -> None:
         if row is None:
-            raise ThreadNotFound(f"thread {thread_id!r} does not exist; create_thread() it first")
+            raise ThreadNotFound(f"thread {thread_id!r} does not exist; create it with create_thread() first")
         if row[-1] is not None:
             raise ThreadDiscarded(f"thread {thread_id!r} was discarded")
 

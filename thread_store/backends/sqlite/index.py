@@ -103,10 +103,10 @@ def _search_substrings(db: sqlite_utils.Database) -> None:
     """
     for trigger in ("threads_ai", "threads_ad", "threads_au"):
         db.execute(f"DROP TRIGGER IF EXISTS {trigger}")
-    db.execute("DROP TABLE threads_fts")
+    db.execute("DROP TABLE IF EXISTS threads_fts")
     _enable_search(db, _SEARCHED, tokenize="trigram case_sensitive 0")
     db["threads"].create_index(["is_archived", "cwd", DescIndex("recency_us"),  # type: ignore[union-attr]
-                                DescIndex("thread_id")], index_name="threads_by_cwd")
+                                DescIndex("thread_id")], index_name="threads_by_cwd", if_not_exists=True)
 
 
 #: ``_MIGRATIONS[n]`` takes index.db from schema version n to n + 1.
