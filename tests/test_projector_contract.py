@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from conftest import plain, user_msg
+from conftest import in_thread, plain, user_msg, wait_for
 from thread_store import (FlushTimeout, ProjectionFailed, StoreClosed, ThreadDiscarded,
                           ThreadNotFound, ThreadStore, TransientProjectionError)
 from thread_store.derive import CodexRules, fold
@@ -82,21 +82,6 @@ def expected_metadata(store: ThreadStore, thread_id: str):  # type: ignore[no-un
     return rules.metadata(thread_id, state, history[-1].seq if history else 0)
 
 
-def in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, dict[str, object]]:
-    """Run ``fn`` in a thread; its result or exception lands in the returned dict."""
-    out: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            out["result"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            out["error"] = exc
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t, out
-
-
 def waiting_in(thread: threading.Thread, *functions: str) -> bool:
     """Whether ``thread`` is inside calls of all ``functions`` (blocked there, for a test)."""
     names = set()
@@ -133,14 +118,6 @@ def blocked_thread(store: ThreadStore, gate: Gate, items: list[dict[str, object]
     gen = store.append(tid, items)
     assert gate.entered.wait(HANG)
     return tid, gen
-
-
-def wait_for(predicate: Callable[[], bool], what: str) -> None:
-    """Poll a test condition (tests may poll; the library never does)."""
-    deadline = time.monotonic() + HANG
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 # -- 1. append is not blocked by projection ---------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from conftest import plain, user_msg
+from conftest import in_thread, plain, user_msg, wait_for
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -26,29 +26,6 @@ from thread_store import (FlushTimeout, ProjectionFailed, StorageError, StoreClo
 
 HANG = 30.0  # generous timeout that only catches hangs
 MARGIN = 2.0  # DESIGN §1.4: a call with a timeout returns within it plus this
-
-
-def wait_for(predicate: Callable[[], bool], what: str) -> None:
-    """Poll a test condition (tests may poll; the library never does)."""
-    deadline = time.monotonic() + HANG
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
-
-
-def in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, dict[str, object]]:
-    """Run ``fn`` in a thread; its result or exception lands in the returned dict."""
-    out: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            out["result"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            out["error"] = exc
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t, out
 
 
 class WriteLock:

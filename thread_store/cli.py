@@ -199,10 +199,8 @@ def status(store_path: Path, as_json: bool) -> None:
 @click.pass_obj
 def rename(store_path: Path, thread_id: str, name: str) -> None:
     """Give a thread a name (shown in lists instead of its title); '' clears it."""
-    with _open_existing(store_path) as store:
-        thread_id = _resolve(store, thread_id)
-        meta = store.update_metadata(thread_id, name=name or None)
-    click.echo(f"renamed {thread_id}: {meta.name or '(name cleared)'}")
+    thread_id = _change(store_path, thread_id, lambda s, t: s.update_metadata(t, name=name or None))
+    click.echo(f"renamed {thread_id}: {name or '(name cleared)'}")
 
 
 @cli.command(epilog=_example("thread-store archive 0194a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"))
@@ -210,10 +208,7 @@ def rename(store_path: Path, thread_id: str, name: str) -> None:
 @click.pass_obj
 def archive(store_path: Path, thread_id: str) -> None:
     """Archive a thread: it leaves `list` and shows in `list --archived`."""
-    with _open_existing(store_path) as store:
-        thread_id = _resolve(store, thread_id)
-        store.archive_thread(thread_id)
-    click.echo(f"archived {thread_id}")
+    click.echo(f"archived {_change(store_path, thread_id, ThreadStore.archive_thread)}")
 
 
 @cli.command(epilog=_example("thread-store unarchive 0194a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"))
@@ -221,10 +216,7 @@ def archive(store_path: Path, thread_id: str) -> None:
 @click.pass_obj
 def unarchive(store_path: Path, thread_id: str) -> None:
     """Bring an archived thread back to `list`."""
-    with _open_existing(store_path) as store:
-        thread_id = _resolve(store, thread_id)
-        store.unarchive_thread(thread_id)
-    click.echo(f"unarchived {thread_id}")
+    click.echo(f"unarchived {_change(store_path, thread_id, ThreadStore.unarchive_thread)}")
 
 
 @cli.command(epilog=_example("thread-store delete 0194a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b --yes"))
@@ -412,6 +404,14 @@ def _write_json_atomically(path: Path, value: Any) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(value), encoding="utf-8")
     os.replace(partial, path)
+
+
+def _change(store_path: Path, thread_id: str, change: Callable[[ThreadStore, str], object]) -> str:
+    """Open the (existing) store, resolve ``thread_id``, apply ``change``; return the id."""
+    with _open_existing(store_path) as store:
+        thread_id = _resolve(store, thread_id)
+        change(store, thread_id)
+    return thread_id
 
 
 def _open_existing(store_path: Path) -> ThreadStore:
