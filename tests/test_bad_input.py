@@ -141,7 +141,7 @@ def test_malformed_thread_id_is_rejected(seeded: ThreadStore, bad_id: Any) -> No
 @pytest.mark.parametrize("name", sorted(ID_CALLS))
 def test_unknown_thread_is_not_found(seeded: ThreadStore, name: str) -> None:
     assert_rejected(seeded, lambda: ID_CALLS[name](seeded, "nobody"), ThreadNotFound,
-                    "'nobody' does not exist; create_thread")
+                    "'nobody' does not exist; create it with create_thread")
 
 
 def test_append_to_a_deleted_thread_is_not_found(seeded: ThreadStore) -> None:
