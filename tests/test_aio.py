@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -202,9 +202,7 @@ class CountingExecutor(ThreadPoolExecutor):
         return super().submit(fn, *args, **kwargs)
 
 
-def test_cancel_during_registration_leaves_no_waiter(store_path: Path) -> None:
-    gate = threading.Event()
-
+def test_cancel_during_registration_leaves_no_waiter(store_path: Path, gate: threading.Event) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         executor = CountingExecutor(max_workers=1)
@@ -228,10 +226,7 @@ def test_cancel_during_registration_leaves_no_waiter(store_path: Path) -> None:
             await until(lambda: _no_waiters(store, tid), "late waiter withdrawn", timeout=3)
             await store.resume_projection()
 
-    try:
-        asyncio.run(main())
-    finally:
-        gate.set()
+    asyncio.run(main())
 
 
 async def _no_waiters(store: AsyncThreadStore, thread_id: str) -> bool:
@@ -356,6 +351,29 @@ def test_trace_parent_survives_the_executor_hop(store_path: Path) -> None:
 
 # -- deadlines cover the executor hop; no blocking I/O on the loop's thread ---------------
 
+@pytest.fixture
+def gate() -> Iterator[threading.Event]:
+    """Holds blocked executor jobs until set; set at the end, so none outlives its test."""
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+@pytest.fixture
+def busy_executor(gate: threading.Event) -> Iterator[Callable[[int], ThreadPoolExecutor]]:
+    """Makes executors of N workers for a test to keep busy; released and shut down after."""
+    made: list[ThreadPoolExecutor] = []
+
+    def make(workers: int) -> ThreadPoolExecutor:
+        made.append(ThreadPoolExecutor(max_workers=workers))
+        return made[-1]
+
+    yield make
+    gate.set()
+    for executor in made:
+        executor.shutdown()
+
+
 MARGIN_S = 2.0  # DESIGN §1.4: a barrier returns within its timeout plus a scheduling margin
 
 
@@ -387,9 +405,9 @@ async def _timed(call: Awaitable[object]) -> tuple[object, float]:
     return result, time.monotonic() - start
 
 
-def test_barriers_return_within_their_timeout_while_the_executor_is_busy(store_path: Path) -> None:
-    gate = threading.Event()
-    busy = ThreadPoolExecutor(max_workers=2)
+def test_barriers_return_within_their_timeout_while_the_executor_is_busy(store_path: Path, gate: threading.Event,
+        busy_executor: Callable[[int], ThreadPoolExecutor]) -> None:
+    busy = busy_executor(2)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -424,16 +442,12 @@ def test_barriers_return_within_their_timeout_while_the_executor_is_busy(store_p
             assert [i.item for i in await store.read_history(tid)][1:3] == [plain(1), plain(2)]
             assert (meta.item_count, meta.name, meta.archived_at is not None) == (5, "n", True)
 
-    try:
-        asyncio.run(main())
-    finally:
-        gate.set()
-        busy.shutdown()
+    asyncio.run(main())
 
 
-def test_a_cancelled_barrier_whose_hop_never_started_writes_nothing(store_path: Path) -> None:
-    gate = threading.Event()
-    busy = ThreadPoolExecutor(max_workers=1)
+def test_a_cancelled_barrier_whose_hop_never_started_writes_nothing(store_path: Path, gate: threading.Event,
+        busy_executor: Callable[[int], ThreadPoolExecutor]) -> None:
+    busy = busy_executor(1)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -450,11 +464,7 @@ def test_a_cancelled_barrier_whose_hop_never_started_writes_nothing(store_path: 
             assert await store.read_history(tid) == []
             assert await waiters(store, tid) == 0
 
-    try:
-        asyncio.run(main())
-    finally:
-        gate.set()
-        busy.shutdown()
+    asyncio.run(main())
 
 
 def _lock_index_readers(store_path: Path) -> subprocess.Popen[str]:
@@ -538,9 +548,9 @@ def test_store_closed_between_append_and_barrier_says_the_items_are_durable(
 
 
 def test_discard_and_close_return_within_their_timeout_while_the_executor_is_busy(
-        store_path: Path) -> None:
-    gate = threading.Event()
-    busy = ThreadPoolExecutor(max_workers=1)
+        store_path: Path, gate: threading.Event,
+        busy_executor: Callable[[int], ThreadPoolExecutor]) -> None:
+    busy = busy_executor(1)
 
     async def main() -> tuple[str, str]:
         loop = asyncio.get_running_loop()
@@ -555,20 +565,16 @@ def test_discard_and_close_return_within_their_timeout_while_the_executor_is_bus
         await asyncio.gather(*jobs)
         return gone, kept
 
-    try:
-        gone, kept = asyncio.run(main())
-    finally:
-        gate.set()
-        busy.shutdown()
+    gone, kept = asyncio.run(main())
     with ThreadStore.open(store_path) as reopened:
         with pytest.raises(ThreadDiscarded):
             reopened.read_history(gone)
         assert reopened.flush(kept, timeout=30).item_count == 1
 
 
-def test_a_close_cancelled_before_its_hop_started_still_closes(store_path: Path) -> None:
-    gate = threading.Event()
-    busy = ThreadPoolExecutor(max_workers=1)
+def test_a_close_cancelled_before_its_hop_started_still_closes(store_path: Path, gate: threading.Event,
+        busy_executor: Callable[[int], ThreadPoolExecutor]) -> None:
+    busy = busy_executor(1)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -584,11 +590,7 @@ def test_a_close_cancelled_before_its_hop_started_still_closes(store_path: Path)
         await asyncio.gather(*jobs)
         await until(lambda: _reopens(store_path), "the store closed all the same")
 
-    try:
-        asyncio.run(main())
-    finally:
-        gate.set()
-        busy.shutdown()
+    asyncio.run(main())
 
 
 async def _reopens(store_path: Path) -> bool:
@@ -599,10 +601,10 @@ async def _reopens(store_path: Path) -> bool:
     return True
 
 
-def test_calls_never_queue_behind_the_applications_jobs_on_the_default_executor(store_path: Path) -> None:
+def test_calls_never_queue_behind_the_applications_jobs_on_the_default_executor(
+        store_path: Path, gate: threading.Event) -> None:
     """The store runs its blocking calls on an executor of its own (issue: a busy default
     executor delayed appends by a second)."""
-    gate = threading.Event()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -620,10 +622,7 @@ def test_calls_never_queue_behind_the_applications_jobs_on_the_default_executor(
         gate.set()
         await asyncio.gather(*jobs)
 
-    try:
-        asyncio.run(main())
-    finally:
-        gate.set()
+    asyncio.run(main())
 
 
 def test_a_given_executor_runs_the_calls_and_outlives_the_store(store_path: Path) -> None:
