@@ -311,7 +311,25 @@ def test_malformed_path_raises_invalid_argument(tmp_path: Path, monkeypatch: pyt
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("target", [":memory:", "postgresql://me@127.0.0.1:5432/db", "postgres://db",
+def test_memory_never_becomes_a_directory_and_refuses_options_it_cannot_keep(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for options in ({"read_only": True}, {"durability": "full"}):
+        with pytest.raises(InvalidArgument, match=":memory:"):
+            ThreadStore.open(":memory:", **options)
+        with pytest.raises(InvalidArgument, match=":memory:"):
+            asyncio.run(_aio_open(":memory:", options))
+    with pytest.raises(InvalidArgument, match="in-memory"):
+        ThreadStore.rebuild_index(":memory:")
+    with ThreadStore.open(":memory:") as store:
+        with pytest.raises(InvalidArgument, match="no files"):
+            store.backup(tmp_path / "copy")
+        with pytest.raises(InvalidArgument, match="in-memory backend"):
+            store.backup(":memory:")
+    assert list(tmp_path.rglob("*")) == []
+
+
+@pytest.mark.parametrize("target", ["postgresql://me@127.0.0.1:5432/db", "postgres://db",
                                     "sqlite:///tmp/x", "s3://bucket/threads",
                                     "host=localhost dbname=threads", "host='a b' port=5432"])
 def test_targets_of_other_backends_never_become_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

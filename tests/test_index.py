@@ -348,12 +348,15 @@ def test_list_threads_filters_by_cwd_and_pages(store: ThreadStore) -> None:
 def test_an_index_from_schema_3_is_migrated_to_substring_search(store_path: Path) -> None:
     with ThreadStore.open(store_path) as store:
         store.append_and_flush(store.create_thread("pigs"), [user_msg("Three little pigs")])
-    # Make index.db what version 3 wrote: a unicode61 FTS table and no cwd index.
+    # Make index.db what version 3 wrote: a unicode61 FTS table, no cwd index, and none of
+    # version 5's tables.
     db = sqlite_utils.Database(sqlite3.connect(store_path / "index.db"))
     for trigger in ("threads_ai", "threads_ad", "threads_au"):
         db.execute(f"DROP TRIGGER {trigger}")
     db.execute("DROP TABLE threads_fts")
     db.execute("DROP INDEX threads_by_cwd")
+    db.execute("DROP TABLE failures")
+    db.execute("DROP TABLE index_info")
     db["threads"].enable_fts(["title", "preview", "first_user_message"], fts_version="FTS5",
                              create_triggers=True)
     db.execute("PRAGMA user_version = 3")
@@ -361,4 +364,4 @@ def test_an_index_from_schema_3_is_migrated_to_substring_search(store_path: Path
     with ThreadStore.open(store_path) as store:
         assert ids(store.list_threads(search="thr").threads) == ["pigs"]
     with sqlite3.connect(store_path / "index.db") as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == INDEX_VERSION == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == INDEX_VERSION == 5

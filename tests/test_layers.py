@@ -8,8 +8,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "thread_store"
 DRIVERS = {"sqlite3", "sqlite_utils", "fcntl", "psycopg", "psycopg_pool"}
-#: What a backend may use from the rest of the package: the data and error types.
-BACKEND_MAY_IMPORT = {"thread_store.errors", "thread_store.model"}
+#: What a backend may use from the rest of the package: the data and error types, and the ports.
+BACKEND_MAY_IMPORT = {"thread_store.errors", "thread_store.model", "thread_store.storage"}
 
 
 def _imports(path: Path) -> set[str]:

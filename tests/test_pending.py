@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from thread_store.storage import StoredRow
 from thread_store import InvalidArgument, RetryPolicy
 from thread_store._pending import BUFFER_BYTES, BUFFER_ITEMS, ThreadState
 
@@ -27,8 +28,8 @@ def test_backoff_grows_is_capped_and_jittered() -> None:
         assert nominal / 2 <= delay <= nominal
 
 
-def _item(seq: int, size: int = 10) -> tuple[int, int, str, str]:
-    return (seq, seq, "x" * size, "response_item")
+def _item(seq: int, size: int = 10) -> StoredRow:
+    return StoredRow(seq, seq, "x" * size, "response_item")
 
 
 def test_buffer_holds_unprojected_items_until_a_cap_then_gives_up() -> None:

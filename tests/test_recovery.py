@@ -258,13 +258,14 @@ def test_history_from_schema_1_is_migrated_and_compared_once(store_path: Path) -
         # Take the file back to version 1: no marks, no trigger, the old session marker.
         conn.execute("DROP TRIGGER items_behind")
         conn.execute("DROP TABLE behind")
+        conn.execute("DROP TABLE idempotency")
         conn.execute("DELETE FROM store_meta")
         conn.execute("""INSERT INTO store_meta VALUES ('session', '{"clean": true, "behind": []}')""")
         conn.execute("INSERT INTO items (thread_id, seq, ts_us, item) VALUES (?, 3, 1, ?)",
                      (tids[0], '{"type": "event_msg", "payload": {"type": "user_message", '
                       '"message": "appended by an old version, never projected"}}'))
         conn.execute("PRAGMA user_version = 1")
-    assert history_module.SCHEMA_VERSION == 2 and index_module.SCHEMA_VERSION == 4
+    assert history_module.SCHEMA_VERSION == 3 and index_module.SCHEMA_VERSION == 5
     with ThreadStore.open(store_path) as store:
         assert store.flush(tids[0], timeout=30).projected_seq == 3
         assert assert_converged(store) == 3

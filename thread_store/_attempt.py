@@ -12,15 +12,12 @@ never swallowed; the projector then hands the attempts back (see ``Projector._ru
 from __future__ import annotations
 
 import json
-import time
-from typing import Callable
+from typing import Callable, Iterator
 
 from ._pending import Claim, Result
 from .derive import ProjectionRules
-from .errors import (StoreClosed, ThreadDiscarded, ThreadNotFound, TransientProjectionError,
-                     TransientStorageError)
-from .backends.sqlite.history import History
-from .backends.sqlite.index import Index, RowWrite
+from .errors import ThreadDiscarded, ThreadNotFound, TransientProjectionError, TransientStorageError
+from .storage import CommitOutcome, HistoryLog, MetadataIndex, RowWrite, StoredRow
 
 ProjectionHook = Callable[[str, int], None]
 
@@ -34,10 +31,21 @@ def _failure(exc: BaseException) -> Result:
     return Result("retry" if is_transient(exc) else "failed", error=exc)
 
 
+def history_pages(history: HistoryLog, thread_id: str, after_seq: int, upto_seq: int,
+                  page: int = 1000) -> Iterator[list[StoredRow]]:
+    """Yield the items ``after_seq < seq <= upto_seq`` in pages, to keep memory bounded."""
+    while after_seq < upto_seq:
+        rows = history.read(thread_id, after_seq, upto_seq, page)
+        if not rows:
+            return
+        yield rows
+        after_seq = rows[-1].seq
+
+
 class AttemptRunner:
     """Runs attempts against one store's history and index."""
 
-    def __init__(self, history: History, index: Index, rules: ProjectionRules,
+    def __init__(self, history: HistoryLog, index: MetadataIndex, rules: ProjectionRules,
                  hook: ProjectionHook | None, on_commit: Callable[[], None]) -> None:
         self._history = history
         self._index = index
@@ -59,7 +67,7 @@ class AttemptRunner:
         results: dict[int, Result] = {}
         rows: list[tuple[Claim, RowWrite, Result]] = []
         # Taken before the fold: every item it folds was committed, so is at or below it.
-        history_mark = self._history.last_rowid
+        position = self._history.position()
         for c in claims:
             result, row = self._prepare(c, in_caller)
             if row is None:
@@ -67,7 +75,7 @@ class AttemptRunner:
             else:
                 rows.append((c, row, result))
         if rows:
-            self._commit(rows, results, deadline, history_mark)
+            self._commit(rows, results, deadline, position)
         return results
 
     def _prepare(self, c: Claim, in_caller: bool) -> tuple[Result, RowWrite | None]:
@@ -84,14 +92,17 @@ class AttemptRunner:
             base, state = self._start_state(c)
             seq = base
             if c.items is not None and base == c.base:
-                for seq, ts_us, text, kind in c.items:
+                for row in c.items:
                     # Items of a type no rule reads need no parsing: most are response items.
-                    item = json.loads(text) if self._reads(kind) else {"type": kind}
-                    state = self._rules.apply(state, item, ts_us)
+                    kind = row.kind
+                    item = json.loads(row.text) if kind is None or self._reads(kind) else {"type": kind}
+                    state = self._rules.apply(state, item, row.ts_us)
+                    seq = row.seq
             else:
-                for page in self._history.iter_range(thread_id, base, c.target):
-                    for seq, ts_us, text in page:
-                        state = self._rules.apply(state, json.loads(text), ts_us)
+                for page in history_pages(self._history, thread_id, base, c.target):
+                    for row in page:
+                        state = self._rules.apply(state, json.loads(row.text), row.ts_us)
+                    seq = page[-1].seq
             if seq != c.target:
                 return Result("gone", error=ThreadDiscarded(f"thread {thread_id!r} is gone")), None
             meta = self._rules.metadata(thread_id, state, c.target)
@@ -111,54 +122,37 @@ class AttemptRunner:
         if not c.refold:
             if c.fold_state is not None:
                 return c.base, c.fold_state
-            base, state_json = self._index.load_state(thread_id)
-            if state_json is not None and base <= c.target:
-                return base, json.loads(state_json)
+            stored = self._index.checkpoint(thread_id)
+            if stored.fold_state is not None and stored.projected_seq <= c.target:
+                return stored.projected_seq, json.loads(stored.fold_state)
         # No row yet, or the row is ahead of history (power loss): fold from the start.
         return 0, self._rules.initial(thread_id, self._history.created_us(thread_id))
 
     def _commit(self, rows: list[tuple[Claim, RowWrite, Result]],
-                results: dict[int, Result], deadline: float | None, history_mark: int) -> None:
+                results: dict[int, Result], deadline: float | None, position: int) -> None:
         """Write the rows in one transaction, fenced by close and by discard/delete."""
-        lock = self._index.write_lock
-        # A group commit can hold the lock for long; a barrier with a deadline must not
-        # wait for it past the deadline, so it hands its attempt to the worker instead.
-        wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
-        acquired = False
-        try:  # an interrupt (Ctrl-C in a caller) anywhere after the acquire releases the lock
-            acquired = lock.acquire(timeout=wait)
-            if not acquired:
-                for c, _, _ in rows:
-                    results[id(c)] = Result("yielded")
-                return
-            if self._index.fenced:
-                for c, _, _ in rows:
-                    results[id(c)] = Result("closed")
-                return
-            live = []
-            for entry in rows:
-                # Checked under the write lock, which a removal takes to delete the row:
-                # no attempt can write a row back once the removal began.
-                if not entry[0].state.live:
-                    results[id(entry[0])] = Result("fenced")
-                else:
-                    live.append(entry)
-            if not live:
-                return
-            try:
-                errors = self._index.write_rows([row for _, row, _ in live], history_mark)
-            except StoreClosed:
-                for c, _, _ in live:
-                    results[id(c)] = Result("closed")
-                return
-            except Exception as exc:  # noqa: BLE001
-                for c, _, _ in live:
-                    results[id(c)] = _failure(exc)
-                return
-        finally:
-            if acquired:
-                lock.release()
-        self._on_commit()
-        for c, _, prepared in live:
-            error = errors.get(c.state.thread_id)
-            results[id(c)] = Result("failed", error=error) if error else prepared
+        live = {c.state.thread_id: c for c, _, _ in rows}
+        try:
+            # Asked under the index's write lock, which a removal holds to delete the row.
+            done = self._index.commit([row for _, row, _ in rows], position=position,
+                                      may_write=lambda thread_id: live[thread_id].state.live,
+                                      deadline=deadline)
+        except Exception as exc:  # noqa: BLE001 - translated by the backend; fails this batch
+            for c, _, _ in rows:
+                results[id(c)] = _failure(exc)
+            return
+        if done.outcome is not CommitOutcome.COMMITTED:
+            # BUSY: a barrier out of time hands its attempt to the worker; FENCED: closed.
+            kind = "yielded" if done.outcome is CommitOutcome.BUSY else "closed"
+            for c, _, _ in rows:
+                results[id(c)] = Result(kind)
+            return
+        if len(done.refused) < len(rows):
+            self._on_commit()
+        for c, _, prepared in rows:
+            thread_id = c.state.thread_id
+            error = done.errors.get(thread_id)
+            if thread_id in done.refused:
+                results[id(c)] = Result("fenced")
+            else:
+                results[id(c)] = Result("failed", error=error) if error else prepared

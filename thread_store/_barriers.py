@@ -19,32 +19,34 @@ from .errors import (DURABLE_NOTE, FlushTimeout, InvalidArgument, ProjectionFail
                      StorageError, StoreClosed, ThreadDiscarded, ThreadStoreError)
 from .model import ThreadMetadata, caller_copy, check_count, check_thread_id
 from .projector import Outcome, Projector, Success, Waiter
+from .storage import Storage
 from .tracing import Telemetry
 
 #: ``closed_reason()``: why the store is closed, or ``None`` while it is open.
 ClosedReason = Callable[[], str | None]
-#: ``append(thread_id, items) -> generation``: durable, and no wake-up is spent on the
-#: projector, because the barrier that follows claims or expedites the thread itself.
-AppendForBarrier = Callable[[str, Sequence[Mapping[str, Any]]], int]
+#: ``append(thread_id, items, idempotency_key) -> generation``: durable, and no wake-up is
+#: spent on the projector, because the barrier that follows claims or expedites the thread.
+AppendForBarrier = Callable[[str, Sequence[Mapping[str, Any]], str | None], int]
 
 
 class Barriers:
     """Targets, waiting and outcomes of ``flush``, ``append_and_flush`` and ``flush_all``."""
 
-    def __init__(self, projector: Projector | None, head: Callable[[str], int],
+    def __init__(self, projector: Projector | None, storage: Storage,
                  read_meta: Callable[[str], ThreadMetadata], telemetry: Telemetry,
                  closed_reason: ClosedReason, append: AppendForBarrier) -> None:
         """Wire the barrier core to a store's parts.
 
         :param projector: the store's projector; ``None`` for a read-only store.
-        :param head: the thread's head generation (raises for unknown or removed ids).
+        :param storage: the store's backend: heads and checkpoints come from it.
         :param read_meta: the thread's projected metadata (``ThreadStore.read_thread``).
         :param closed_reason: why the store is closed, or ``None`` while it is open.
         :param append: the store's durable append, told that a barrier follows at once.
         """
         self.append = append
         self._projector = projector
-        self._head = head
+        self._head = storage.history.head
+        self._checkpoint = storage.index.checkpoint
         self._read_meta = read_meta
         self._telemetry = telemetry
         self._closed_reason = closed_reason
@@ -192,6 +194,9 @@ class Barriers:
 
     def _timed_out(self, thread_id: str, target: int, timeout: float | None) -> FlushTimeout:
         """The timeout error of a barrier, with the generation projected so far."""
-        projected = self._projector.projected(thread_id) if self._projector else None
-        return FlushTimeout(thread_id, target, projected or 0, timeout or 0.0)
+        try:
+            projected = self._checkpoint(thread_id).projected_seq
+        except ThreadStoreError:  # the store closing under the read: what was known is 0
+            projected = 0
+        return FlushTimeout(thread_id, target, projected, timeout or 0.0)
 

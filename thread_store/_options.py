@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from .model import RetryPolicy
 from .errors import InvalidArgument
 from .model import DEFAULT_MAX_ITEM_BYTES, check_count
+from .storage import MEMORY
 
 #: Longest coalescing delay accepted: beyond an hour it is a typo, not a tuning choice.
 MAX_COALESCE_DELAY_S = 3600.0
@@ -28,6 +29,16 @@ _PATH_MAX = 4095
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 #: A libpq connection string, ``host=... dbname=...``: not a directory name either.
 _CONNINFO = re.compile(r"\s*(\w+\s*=\s*('[^']*'|\S*)\s*)+")
+
+
+def check_target(target: object) -> Path | str:
+    """The store ``open`` names: :data:`MEMORY`, or a directory :class:`Path`.
+
+    :raises InvalidArgument: anything else (see :func:`check_path`).
+    """
+    if target == MEMORY and isinstance(target, str):
+        return MEMORY
+    return check_path(target)
 
 
 def check_path(path: object) -> Path:
@@ -66,9 +77,9 @@ def check_path(path: object) -> Path:
 
 def _refuse_other_targets(raw: str) -> None:
     """Targets that name another backend must never become a directory of that name."""
-    if raw == ":memory:":
-        raise InvalidArgument("':memory:' (the in-memory backend) is not available in this "
-                              "version; open a temporary directory for tests instead")
+    if raw == MEMORY:
+        raise InvalidArgument("':memory:' names the in-memory backend, not a directory; "
+                              "pass a directory path here")
     if _URL.match(raw):
         scheme = raw.split("://", 1)[0]
         raise InvalidArgument(f"{scheme}:// stores are not available in this version (the "
@@ -129,6 +140,10 @@ def _check_rules(rules: object) -> None:
     if missing:
         raise InvalidArgument(f"rules must implement ProjectionRules ({', '.join(_RULE_METHODS)}); "
                               f"{type(rules).__name__} lacks {', '.join(missing)}")
+    declared = getattr(rules, "rules_id", None)
+    if declared is not None and (not isinstance(declared, str) or not declared):
+        raise InvalidArgument(f"rules.rules_id must be a non-empty string naming the rules and "
+                              f"their version, or absent; not {declared!r}")
     types = getattr(rules, "item_types", None)
     if types is not None and (not isinstance(types, Set) or not all(isinstance(t, str) for t in types)):
         raise InvalidArgument(f"rules.item_types must be a frozenset of item type strings or None, "

@@ -17,6 +17,7 @@ from opentelemetry.trace import SpanContext
 
 from .errors import DURABLE_NOTE, ThreadDiscarded
 from .model import ThreadMetadata
+from .storage import StoredRow
 
 BUFFER_ITEMS = 16
 BUFFER_BYTES = 64 * 1024
@@ -25,7 +26,6 @@ BUFFER_BYTES = 64 * 1024
 #: then a few milliseconds, so the barrier cannot outlive its timeout doing it.
 CALLER_RUN_BYTES = 256 * 1024
 
-BufferedItem = tuple[int, int, str, str]  # (seq, ts_us, json text, type)
 
 
 class Success:
@@ -96,17 +96,17 @@ class ThreadState:
         self.removal: str | None = None  # "discarded" or "deleted" once a removal began
         self.refold = False  # fold from the first item: no row yet, or the row ran ahead
         # Items (projected, head] while it holds them all; None once it overflowed.
-        self.buffer: list[BufferedItem] | None = [] if head == projected else None
+        self.buffer: list[StoredRow] | None = [] if head == projected else None
         self.buffer_bytes = 0
         self.fold_state: dict[str, Any] | None = None  # the fold at ``projected``
         self.state_bytes = 0  # size of fold_state as last written
         self.backing_off = False  # due time is a retry backoff: only a new waiter cuts it
 
-    def buffer_items(self, items: list[BufferedItem]) -> None:
+    def buffer_items(self, items: list[StoredRow]) -> None:
         """Keep appended items for the next attempt, or give up past the caps."""
         if self.buffer is None:
             return
-        self.buffer_bytes += sum(len(b[2]) for b in items)
+        self.buffer_bytes += sum(len(b.text) for b in items)
         if len(self.buffer) + len(items) > BUFFER_ITEMS or self.buffer_bytes > BUFFER_BYTES:
             self.buffer, self.buffer_bytes = None, 0
         else:
@@ -119,8 +119,8 @@ class ThreadState:
         self.fold_state = fold_state
         self.state_bytes = state_bytes
         if self.buffer is not None:
-            self.buffer = [b for b in self.buffer if b[0] > target]
-            self.buffer_bytes = sum(len(b[2]) for b in self.buffer)
+            self.buffer = [b for b in self.buffer if b.seq > target]
+            self.buffer_bytes = sum(len(b.text) for b in self.buffer)
         elif self.head == self.projected:
             self.buffer, self.buffer_bytes = [], 0
 
@@ -197,6 +197,15 @@ class ThreadState:
                 and not self.refold and self.live)
 
 
+@dataclass(frozen=True, slots=True)
+class LocalStatus:
+    """What this process alone knows of a thread (``status()`` adds the store's state)."""
+
+    attempts: int
+    waiters: int
+    last_error: str | None
+
+
 @dataclass(slots=True)
 class Claim:
     """One thread's projection attempt: what it covers, snapshotted at its start."""
@@ -212,7 +221,7 @@ class Claim:
     refold: bool
     pending_since: float | None
     fold_state: dict[str, Any] | None
-    items: list[BufferedItem] | None  # (base, target] when buffered, else read history
+    items: list[StoredRow] | None  # (base, target] when buffered, else read history
     settled: bool = False  # the attempt has left flight (Projector._end_attempts)
 
 

@@ -90,7 +90,7 @@ class AsyncThreadStore:
         return _Opening(cls, path, options, executor)
 
     @property
-    def path(self) -> Path:
+    def path(self) -> Path | None:
         """The store directory."""
         return self._store.path
 
@@ -101,15 +101,19 @@ class AsyncThreadStore:
         """See :meth:`ThreadStore.create_thread`."""
         return await self._call(self._store.create_thread, thread_id, metadata=metadata)
 
-    async def append(self, thread_id: str, items: Sequence[Mapping[str, Any]]) -> int:
+    async def append(self, thread_id: str, items: Sequence[Mapping[str, Any]], *,
+                     idempotency_key: str | None = None) -> int:
         """See :meth:`ThreadStore.append`: returns once the items are durable."""
-        return await self._call(self._store.append, thread_id, items)
+        return await self._call(self._store.append, thread_id, items,
+                                idempotency_key=idempotency_key)
 
     async def append_and_flush(self, thread_id: str, items: Sequence[Mapping[str, Any]],
-                               timeout: float | None = None) -> ThreadMetadata:
+                               timeout: float | None = None, *,
+                               idempotency_key: str | None = None) -> ThreadMetadata:
         """See :meth:`ThreadStore.append_and_flush`; the wait holds no thread."""
         timeout = check_timeout(timeout)
-        return await self._barrier(thread_id, lambda: self._barriers.append(thread_id, items), timeout)
+        return await self._barrier(
+            thread_id, lambda: self._barriers.append(thread_id, items, idempotency_key), timeout)
 
     async def update_metadata(self, thread_id: str, *, name: str | None = NOT_GIVEN,
                               timeout: float | None = None) -> ThreadMetadata:

@@ -46,7 +46,12 @@ class ProjectionRules(Protocol):
 
     Rules may also define ``item_types``: a frozenset of the item types ``apply`` reads
     beyond ``type`` and the timestamp. Items of other types then reach ``apply`` as just
-    ``{"type": ...}``, which spares the projector parsing them."""
+    ``{"type": ...}``, which spares the projector parsing them.
+
+    Rules may define ``rules_id``: a string naming the rules and their version. A store
+    records it and refuses other rules at open (DESIGN §1.11), since its rows are the
+    fold of these rules; change it when the fold changes. Without it the rules' class
+    (module and name) is the identifier (see :func:`rules_id`)."""
 
     def initial(self, thread_id: str, created_us: int) -> State:
         """Return the state of a thread with no items, created at ``created_us``."""
@@ -173,6 +178,7 @@ class CodexRules:
     """
 
     item_types: frozenset[str] | None = frozenset(_HANDLERS)
+    rules_id = "thread_store.codex/1"
 
     def initial(self, thread_id: str, created_us: int) -> State:
         """Return the empty state of a thread created at ``created_us``."""
@@ -223,3 +229,11 @@ def fold(rules: ProjectionRules, state: State, items: list[tuple[int, Mapping[st
     for ts_us, item in items:
         state = rules.apply(state, item, ts_us)
     return state
+
+
+def rules_id(rules: ProjectionRules) -> str:
+    """The identifier a store records for ``rules`` (see :class:`ProjectionRules`)."""
+    declared = getattr(rules, "rules_id", None)
+    if isinstance(declared, str) and declared:
+        return declared
+    return f"{type(rules).__module__}.{type(rules).__qualname__}"

@@ -66,6 +66,16 @@ class TransientStorageError(StorageError):
     full disk, lost connection); projections retry it with backoff."""
 
 
+class OutcomeUnknown(ThreadStoreError):
+    """The backend cannot tell whether a write was stored (a connection lost during its
+    commit). With an ``idempotency_key``, repeating the same call is safe and answers it."""
+
+
+class DiscardTimeout(ThreadStoreError, TimeoutError):
+    """``discard`` (or ``delete_thread``) gave up waiting for a projection in flight in
+    another process; nothing was removed, and the call may be retried."""
+
+
 class TransientProjectionError(ThreadStoreError):
     """Raise from a ``projection_hook`` (or rules) to ask for a retry with backoff."""
 

@@ -6,8 +6,9 @@ registers a waiter before it checks, expedites its thread, and may run its threa
 projection itself when nothing else is (saving two thread hand-offs). The pending state
 per thread is O(1) (:mod:`thread_store._pending`).
 
-Lock order: history lock -> projector lock; the index write lock is never taken while
-the projector lock is held.
+Lock order: the projector lock is never held while calling storage. Local state is a
+cache of the store: ``projected`` is a lower bound of the stored ``projected_seq``, and a
+thread with no state here is not taken as caught up (a barrier reads its checkpoint).
 
 Signals: CPython runs signal handlers only in the main thread, so a ``KeyboardInterrupt``
 can land in a barrier that runs its own attempt, never in the worker. A claimed attempt
@@ -30,12 +31,12 @@ from typing import Callable
 from opentelemetry.trace import SpanContext
 
 from ._attempt import AttemptRunner, ProjectionHook
-from ._pending import Claim, Outcome, Phase, Result, Success, ThreadState, Waiter, describe
+from ._pending import (Claim, LocalStatus, Outcome, Phase, Result, Success, ThreadState, Waiter,
+                       describe)
 from .derive import ProjectionRules
 from .errors import DURABLE_NOTE, ProjectionFailed, StoreClosed
-from .backends.sqlite.history import History
-from .backends.sqlite.index import Index
 from .model import EncodedItem, ProjectorStats, RetryPolicy, ThreadMetadata
+from .storage import Failure, Lag, Storage, StoredRow
 from .tracing import MAX_LINKS, Projection, Telemetry
 
 __all__ = ["Outcome", "ProjectionHook", "Projector", "Removal", "Success", "Waiter"]
@@ -63,7 +64,7 @@ def _worker_main(ref: weakref.ReferenceType[Projector]) -> None:
         try:
             if claims:
                 projector._run(claims)
-            projector._write_acknowledgements()
+            projector._housekeep()
         except Exception:  # noqa: BLE001 - _run settles its claims; the worker must live on
             log.exception("thread_store: the projector worker hit an unexpected error")
         del projector, claims
@@ -96,14 +97,14 @@ class Removal:
 class Projector:
     """Keeps the index caught up with the history, and serves barriers."""
 
-    def __init__(self, history: History, index: Index, rules: ProjectionRules,
+    def __init__(self, storage: Storage, rules: ProjectionRules,
                  telemetry: Telemetry, *, hook: ProjectionHook | None, retry: RetryPolicy,
                  coalesce_delay: float, caller_runs: bool) -> None:
-        self._history = history
-        self._index = index
+        self._storage = storage
+        self._index = storage.index
         self._telemetry = telemetry
-        self._runner = AttemptRunner(history, index, rules, hook,
-                                     on_commit=lambda: telemetry.transactions.add(1))
+        self._runner = AttemptRunner(storage.history, storage.index, rules, hook,
+                                     on_commit=self._count_transaction)
         self._retry = retry
         self._delay = coalesce_delay
         self._caller_runs = caller_runs
@@ -121,7 +122,8 @@ class Projector:
         self._worker_wake_at: float | None = None
         self._heartbeat = time.monotonic()
         self._rng = random.Random()
-        self._counts = {"rows": 0, "attempts": 0, "retries": 0, "failures": 0}
+        self._counts = {"transactions": 0, "rows": 0, "attempts": 0, "retries": 0, "failures": 0}
+        self._failed: list[Failure] = []  # to record in the store, outside the lock
         # A daemon thread: after close() has fenced it, a worker stuck in a projection_hook
         # can never write again, and it must not keep the process alive (as a non-daemon
         # thread would, since interpreter exit joins those). Exiting without waiting for
@@ -132,12 +134,13 @@ class Projector:
                                         name="thread_store-projector", daemon=True)
         telemetry.observe(self._gauges)
 
-    def start(self, behind: dict[str, tuple[int, int, bool]]) -> None:
-        """Schedule catch-up for ``{thread_id: (head, projected, refold)}`` and start."""
+    def start(self, behind: list[Lag]) -> None:
+        """Schedule catch-up of the threads found behind at open, and start."""
         with self._lock:
-            for thread_id, (head, projected, refold) in behind.items():
-                st = ThreadState(thread_id, head, 0 if refold else projected)
-                st.refold = refold
+            for lag in behind:
+                thread_id = lag.thread_id
+                st = ThreadState(thread_id, lag.head, 0 if lag.refold else lag.projected or 0)
+                st.refold = lag.refold
                 st.pending_since = time.monotonic()
                 self._threads[thread_id] = st
                 self._schedule(st, 0.0)
@@ -145,12 +148,17 @@ class Projector:
         # caller's context (threads start with an empty contextvars context anyway).
         self._worker.start()
 
-    # -- events from the store (called with the history lock held) --------------------
+    # -- events from the store (called once the history committed) -------------------
 
     def on_create(self, thread_id: str, first: EncodedItem | None) -> None:
         """A thread was created, with its ``first`` item or none."""
         head = 0 if first is None else 1
         with self._lock:
+            raced = self._threads.get(thread_id)
+            if raced is not None and raced.live:
+                # An append to the new id got here first: it only lacks the fold's origin.
+                raced.refold = True
+                return
             st = ThreadState(thread_id, 0, 0)
             self._threads[thread_id] = st
             # A new thread folds from scratch and never reads a row (one left by a deleted
@@ -159,7 +167,7 @@ class Projector:
             st.refold = True
             if first is not None:
                 st.head = head
-                st.buffer_items([(1, first.ts_us, first.text, first.kind)])
+                st.buffer_items([StoredRow(1, first.ts_us, first.text, first.kind)])
                 st.appends = 1
                 st.pending_since = time.monotonic()
             self._schedule(st, self._delay)
@@ -175,17 +183,19 @@ class Projector:
         with self._lock:
             st = self._threads.get(thread_id)
             if st is None:
-                # Threads without state are fully projected: open() gave every thread
-                # that was behind a state, and idle states are dropped only when caught up.
-                st = self._threads[thread_id] = ThreadState(thread_id, first, first)
-            elif st.removed:
-                return
+                # Nothing known here: the attempt reads the stored checkpoint (projected 0
+                # is a lower bound), and a fresh empty thread may buffer from its start.
+                st = self._threads[thread_id] = ThreadState(thread_id, first, 0)
+            elif st.removed or head <= st.projected:
+                return  # an attempt that read it from history made it visible already
             # While a removal is under way the work is recorded but not scheduled
             # (_schedule skips it): if the removal fails, it is projected as usual.
+            if st.buffer is not None and first != st.head:
+                st.buffer, st.buffer_bytes = None, 0  # another append got here first
             if st.buffer is not None:
-                st.buffer_items([(first + n, it.ts_us, it.text, it.kind)
+                st.buffer_items([StoredRow(first + n, it.ts_us, it.text, it.kind)
                                  for n, it in enumerate(items, 1)])
-            st.head = head
+            st.head = max(st.head, head)
             st.appends += 1
             if context is not None:
                 if len(st.contexts) < MAX_LINKS:
@@ -218,13 +228,25 @@ class Projector:
         """
         claim: Claim | None = None
         waiter: Waiter | None = None
+        with self._lock:
+            known = thread_id in self._threads
+        # No state here says nothing about the store: read where its projection stands.
+        checkpoint = None if known else self._index.checkpoint(thread_id)
         try:
             with self._lock:
                 if self._closing or self._stopped:
                     raise StoreClosed(f"the thread store is closed. {DURABLE_NOTE}")
                 st = self._threads.get(thread_id)
-                if st is None:
-                    return None
+                if st is None and checkpoint is not None:
+                    if checkpoint.fold_state is not None and checkpoint.projected_seq >= target:
+                        return None
+                    st = self._threads[thread_id] = ThreadState(
+                        thread_id, max(target, checkpoint.projected_seq), checkpoint.projected_seq)
+                    st.refold = checkpoint.fold_state is None
+                    st.pending_since = time.monotonic()
+                if st is None:  # forgotten while the checkpoint was read: read it again
+                    return self.begin_wait(thread_id, target, callback,
+                                           allow_caller_run=allow_caller_run, deadline=deadline)
                 if st.removed:
                     raise st.gone_error()
                 if st.projected >= target and not st.refold:
@@ -272,12 +294,6 @@ class Projector:
             if st is not None and not st.live:
                 raise st.gone_error()
 
-    def projected(self, thread_id: str) -> int | None:
-        """The in-memory projected generation, or ``None`` when the thread has no state."""
-        with self._lock:
-            st = self._threads.get(thread_id)
-            return None if st is None else st.projected
-
     def behind(self) -> dict[str, int]:
         """``{thread_id: head}`` of every thread whose projection is behind.
 
@@ -288,21 +304,24 @@ class Projector:
             return {t: s.head for t, s in self._threads.items()
                     if (s.live and s.behind) or s.phase is Phase.REMOVING}
 
-    def status(self, thread_id: str) -> tuple[int, int, bool, int, str | None, int] | None:
-        """``(head, projected, pending, attempts, last_error, waiters)`` if in memory."""
+    def local_status(self, thread_id: str) -> LocalStatus:
+        """This process's attempts, waiters and last error of the thread.
+
+        :raises ThreadDiscarded: the thread is being (or was) discarded or deleted.
+        """
         with self._lock:
             st = self._threads.get(thread_id)
             if st is None:
-                return None
-            if st.removed:
+                return LocalStatus(0, 0, None)
+            if not st.live:
                 raise st.gone_error()
-            return (st.head, st.projected, st.behind, st.attempts, st.last_error, len(st.waiters))
+            return LocalStatus(st.attempts, len(st.waiters), st.last_error)
 
     def stats(self) -> ProjectorStats:
         """Counters since open."""
         with self._lock:
             return ProjectorStats(
-                transactions=self._index.transactions, rows_written=self._counts["rows"],
+                transactions=self._counts["transactions"], rows_written=self._counts["rows"],
                 attempts=self._counts["attempts"], retries=self._counts["retries"],
                 failures=self._counts["failures"],
                 pending_threads=sum(1 for s in self._threads.values() if s.behind),
@@ -320,8 +339,7 @@ class Projector:
         phase under the index write lock, which the removal takes to delete the row, and
         writes nothing.
 
-        :param head: the thread's head as history has it, for a thread with no state here
-            (such a thread is fully projected).
+        :param head: the thread's head as history has it, for a thread with no state here.
         :raises StoreClosed: the store is closing; the thread is left as it was.
         :raises ThreadDiscarded: another removal of the thread is under way.
         """
@@ -331,8 +349,8 @@ class Projector:
                 raise StoreClosed(f"the thread store is closed; thread {thread_id!r} was not "
                                   f"{kind}")
             st = self._threads.get(thread_id)
-            if st is None:
-                st = self._threads[thread_id] = ThreadState(thread_id, head, head)
+            if st is None:  # projected unknown (0 is a lower bound): an abort re-folds it
+                st = self._threads[thread_id] = ThreadState(thread_id, head, 0)
             elif not st.live:
                 raise st.gone_error()
             st.begin_removal(kind)
@@ -448,8 +466,8 @@ class Projector:
         """Stop without draining (garbage collection, fork): history keeps everything."""
         with self._lock:
             self._closing = self._stopped = True
-            self._index.fenced = True
             self._work.notify_all()
+        self._index.fence(0.0)
 
     def reset_after_fork(self) -> None:
         """In a forked child: new locks, no worker; every call raises StoreClosed."""
@@ -492,7 +510,7 @@ class Projector:
                                 for st in eligible[:_MAX_BATCH]]
                 # The timed wait below is what paces the acknowledgements: no timer of
                 # their own, and never a write on an append's or a barrier's path.
-                acks_at = self._history.acknowledgements_due_at()
+                acks_at = self._storage.housekeeping_due_at()
                 if acks_at <= now:
                     self._worker_wake_at = None
                     return []
@@ -564,14 +582,20 @@ class Projector:
             results = {id(c): results.get(id(c)) or Result("failed", error=exc) for c in claims}
         finally:
             self._end_attempts(claims, results, spans)
-            if in_caller and self._history.acknowledgements_due_at() <= time.monotonic():
+            if in_caller and self._storage.housekeeping_due_at() <= time.monotonic():
                 with self._lock:  # the batch is full: the worker writes it, not this caller
                     self._work.notify()
 
-    def _write_acknowledgements(self) -> None:
-        """In the worker, with no lock held: write the history's acknowledgements if due."""
-        if self._history.acknowledgements_due_at() <= time.monotonic():
-            self._history.write_acknowledgements()
+    def _housekeep(self) -> None:
+        """In the worker, with no lock held: the storage's deferred bookkeeping, if due."""
+        if self._storage.housekeeping_due_at() <= time.monotonic():
+            self._storage.housekeep()
+
+    def _count_transaction(self) -> None:
+        """A group commit landed (called by the attempt runner, no lock held)."""
+        with self._lock:
+            self._counts["transactions"] += 1
+        self._telemetry.transactions.add(1)
 
     def _end_attempts(self, claims: list[Claim], results: dict[int, Result],
                       spans: dict[int, Projection]) -> None:
@@ -592,6 +616,9 @@ class Projector:
                         c.state.in_flight = None
                 self._in_flight -= len(claims)
                 self._idle.notify_all()
+                failed, self._failed = self._failed, []
+        if failed:  # in the store, so status() shows it from every process
+            self._index.record_failures(failed)
         # Spans end outside the lock: a coalesced projection marks up to MAX_LINKS appends
         # visible, one span each, and appends (on_append) must not wait for that.
         for c in claims:
@@ -648,6 +675,7 @@ class Projector:
                 pass
             st.failure = result.error
             st.failed_gen = c.target
+            self._failed.append(Failure(st.thread_id, c.target, describe(result.error)))
             st.failure_epoch += 1
             # Work that arrived while this attempt ran gets a fresh attempt and budget.
             st.held = st.head <= c.target

@@ -6,6 +6,7 @@ recovery, trace propagation) is stated once, in the README and in DESIGN §1.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,20 +22,19 @@ from opentelemetry import metrics, trace
 
 from . import _lifecycle
 from ._barriers import Barriers
-from ._options import check_open_kwargs, check_options, check_path
-from .derive import NOT_GIVEN, CodexRules, ProjectionRules, archive_edit_item, metadata_edit_item
-from .errors import (InvalidArgument, NotAThreadStore, ReadOnlyStore, StoreClosed, ThreadDiscarded, ThreadStoreError)
-from .backends.sqlite import _files
-from .backends.sqlite.history import History
-from .backends.sqlite.index import Index
+from ._options import check_open_kwargs, check_options, check_path, check_target
+from .backends import drop_index, open_storage
+from .derive import (NOT_GIVEN, CodexRules, ProjectionRules, archive_edit_item, metadata_edit_item,
+                     rules_id)
+from .errors import InvalidArgument, ReadOnlyStore, StoreClosed, ThreadDiscarded, ThreadStoreError
 from .model import (DEFAULT_MAX_ITEM_BYTES, EncodedItem, Page, ProjectorStats, RetryPolicy, StoredItem,
                     ThreadMetadata, ThreadStatus, check_count, check_thread_id, check_timeout,
                     encode_item, utc)
 from .projector import Projector, ProjectionHook
+from .storage import IdempotencyKey, ListQuery, Storage, decode_cursor
 from .tracing import ATTR_GENERATION, Telemetry, capture
 
 log = logging.getLogger("thread_store")
-
 
 
 class ThreadStore:
@@ -44,44 +44,47 @@ class ThreadStore:
     methods are thread-safe. See the README for the full contract.
     """
 
-    def __init__(self, path: Path, history: History, index: Index, projector: Projector | None,
+    def __init__(self, storage: Storage, projector: Projector | None,
                  rules: ProjectionRules, telemetry: Telemetry, *, projection: str,
-                 max_item_bytes: int, lock_fd: int | None) -> None:
+                 max_item_bytes: int) -> None:
         """Use :meth:`ThreadStore.open`; this constructor only wires the parts together."""
-        self.path = path
-        self._history = history
-        self._index = index
+        #: The store's directory (embedded SQLite), else ``None``.
+        self.path: Path | None = storage.path
+        self._storage = storage
+        self._history = storage.history
+        self._index = storage.index
         self._projector = projector
         self._rules = rules
         self._telemetry = telemetry
         self._sync = projection == "sync"
         self._max_item_bytes = max_item_bytes
-        self._lock_fd = lock_fd
         self._closed = False
         self._closed_why = "the thread store is closed; open it again"
         self._close_lock = threading.Lock()
         #: The barrier core, shared with AsyncThreadStore (one core, two faces).
-        self._barriers = Barriers(projector, history.head, self.read_thread, telemetry,
+        self._barriers = Barriers(projector, storage, self.read_thread, telemetry,
                                   lambda: self._closed_why if self._closed else None,
-                                  lambda tid, items: self._append(tid, items, barrier=True))
+                                  lambda tid, items, key: self._append(tid, items, key, barrier=True))
         _lifecycle.register(self)
 
     # -- opening --------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, projection: str = "async",
+    def open(cls, target: str | os.PathLike[str], *, projection: str = "async",
              durability: str = "normal", tracer_provider: trace.TracerProvider | None = None,
              meter_provider: metrics.MeterProvider | None = None,
              projection_hook: ProjectionHook | None = None, rules: ProjectionRules | None = None,
              max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES, coalesce_delay: float = 0.005,
              retry: RetryPolicy | None = None, caller_runs: bool = True,
              read_only: bool = False, **other: Any) -> ThreadStore:
-        """Open (creating as needed) the store in directory ``path``.
+        """Open (creating as needed) the store ``target`` names (DESIGN §6).
 
+        :param target: a directory path (the embedded SQLite store, created as needed), or
+            ``":memory:"``: a fresh in-memory store for tests, living as long as the object.
         :param projection: ``"async"`` (default) projects in the background; ``"sync"``
             projects inside ``append`` (the baseline design, and an escape hatch).
-        :param durability: ``"normal"`` (WAL, synchronous=NORMAL: survives a process
-            crash) or ``"full"`` (synchronous=FULL: also survives power loss).
+        :param durability: ``"normal"`` (survives a process crash) or ``"full"`` (also
+            survives power loss; not for ``":memory:"``).
         :param tracer_provider: OpenTelemetry tracer provider; default the global one.
         :param meter_provider: OpenTelemetry meter provider; default the global one.
         :param projection_hook: ``hook(thread_id, generation)`` runs before each thread's
@@ -93,54 +96,47 @@ class ThreadStore:
         :param retry: retry budget and backoff of transient projection errors.
         :param caller_runs: let a barrier project its own idle thread in the calling
             thread, saving two thread hand-offs.
-        :param read_only: open for reading while another process writes.
+        :param read_only: open for reading while another process writes (not for
+            ``":memory:"``).
         :param other: nothing else is accepted; an unknown option raises
             :class:`InvalidArgument` (DESIGN §3), as a bad value of a known one does.
         :returns: the open store.
-        :raises NotAThreadStore: ``path`` holds something else or cannot be written.
+        :raises NotAThreadStore: ``target`` holds something else or cannot be written.
         :raises StoreLocked: another process has the store open for writing.
         :raises SchemaTooNew: the files come from a newer thread_store.
-        :raises InvalidArgument: a malformed path or option; nothing was opened or written.
+        :raises InvalidArgument: a malformed target or option, an option the backend does
+            not take, or other fold rules than the store's; nothing was opened or written.
 
         >>> with ThreadStore.open("data/threads") as store:  # doctest: +SKIP
         ...     tid = store.create_thread(metadata={"cwd": "/repo"})
         """
-        target = check_path(path)
+        where = check_target(target)
         check_open_kwargs(other)
         check_options(projection=projection, durability=durability, tracer_provider=tracer_provider,
                       meter_provider=meter_provider, projection_hook=projection_hook, rules=rules,
                       max_item_bytes=max_item_bytes, coalesce_delay=coalesce_delay, retry=retry,
                       caller_runs=caller_runs, read_only=read_only)
-        root = _files.prepare_directory(target, read_only)
-        lock_fd = None if read_only else _files.lock_directory(root)
-        history = index = None
+        rules = rules or CodexRules()
+        storage = open_storage(where, durability=durability, read_only=read_only,
+                               rules_id=rules_id(rules))
         try:
-            history = _files.open_history(root / _files.HISTORY_FILE, durability, read_only)
-            index = _files.open_index(root / _files.INDEX_FILE, durability, read_only)
-            rules = rules or CodexRules()
             telemetry = Telemetry(tracer_provider, meter_provider)
             projector = None
             if not read_only:
-                behind = _files.recover(history, index)
-                projector = Projector(history, index, rules, telemetry, hook=projection_hook,
+                projector = Projector(storage, rules, telemetry, hook=projection_hook,
                                       retry=retry or RetryPolicy(), coalesce_delay=coalesce_delay,
                                       caller_runs=caller_runs)
-                projector.start(behind)
+                projector.start(storage.lagging())
         except BaseException:
-            # Release everything, or this process could never open the store again.
-            for part in (index, history):
-                if part is not None:
-                    part.close()
-            if lock_fd is not None:
-                os.close(lock_fd)
+            storage.close()  # or this process could never open the store again
             raise
-        return cls(root, history, index, projector, rules, telemetry, projection=projection,
-                   max_item_bytes=max_item_bytes, lock_fd=lock_fd)
+        return cls(storage, projector, rules, telemetry, projection=projection,
+                   max_item_bytes=max_item_bytes)
 
     @classmethod
-    def rebuild_index(cls, path: str | os.PathLike[str], *,
+    def rebuild_index(cls, target: str | os.PathLike[str], *,
                       progress: Callable[[int, int], None] | None = None, **options: Any) -> int:
-        """Rebuild the metadata index of the closed store at ``path`` from its history.
+        """Rebuild the metadata index of the closed store ``target`` from its history.
 
         The index is derived data: this deletes it under the store's writer lock, opens
         the store (which re-projects every thread from its first item) and waits for each
@@ -152,25 +148,20 @@ class ThreadStore:
         :raises StoreLocked: the store is open for writing somewhere.
         :raises ProjectionFailed: a thread's projection failed; the rebuild stops there
             (the index stays derived data: run it again once the cause is fixed).
-        :raises InvalidArgument: a malformed path or option; nothing was removed.
+        :raises InvalidArgument: a malformed target or option, or ``":memory:"``; nothing
+            was removed.
         """
-        root = check_path(path)
+        where = check_target(target)
         check_open_kwargs(options)
         if options.get("read_only"):
             raise InvalidArgument("rebuild_index writes the index; it cannot use read_only=True")
         if progress is not None and not callable(progress):
             raise InvalidArgument(f"progress must be a callable progress(done, total) or None, "
                                   f"not {type(progress).__name__}")
-        if not (root / _files.HISTORY_FILE).is_file():
-            raise NotAThreadStore(f"{root} holds no thread store (no {_files.HISTORY_FILE}) to reindex")
-        lock_fd = _files.lock_directory(root)
-        try:
-            _files.drop_index(root)
-        finally:
-            os.close(lock_fd)  # open() takes it again; whoever wins finds no index and rebuilds
-        with cls.open(root, **options) as store:
+        drop_index(where)
+        with cls.open(where, **options) as store:
             # Every thread with items; the catch-up open() started may have covered some.
-            heads = {t: head for t, head in store._history.live_threads() if head}
+            heads = {t: head for t, head in store._history.heads().items() if head}
             for done, (thread_id, head) in enumerate(heads.items(), 1):
                 try:
                     store.flush(thread_id, generation=head)
@@ -198,44 +189,53 @@ class ThreadStore:
                 raise InvalidArgument(f"metadata must be a dict, not {type(metadata).__name__}")
             if metadata:
                 first = self._encode([{"type": "session_meta", "payload": dict(metadata)}])[0]
-        self._history.create(thread_id, _now_us(), first,
-                             lambda head: projector.on_create(thread_id, first))
+        self._history.create(thread_id, created_us=_now_us(), first=first)
+        projector.on_create(thread_id, first)
         if first is not None and self._sync:
             self._barriers.wait(thread_id, 1, None)
         return thread_id
 
-    def append(self, thread_id: str, items: Sequence[Mapping[str, Any]]) -> int:
+    def append(self, thread_id: str, items: Sequence[Mapping[str, Any]], *,
+               idempotency_key: str | None = None) -> int:
         """Append items durably and return the thread's new generation (its last ``seq``).
 
         Returns as soon as the items are committed to the history; the metadata follows
         in the background (in ``projection="sync"`` mode, before returning). An empty list
         writes nothing and returns the current generation.
 
+        :param idempotency_key: 1 to 128 characters, scoped to the thread: an append
+            repeated with the same key and items writes nothing and returns the first's
+            generation; the same key with other items raises :class:`InvalidArgument`.
+
         :raises InvalidItem: an item is malformed; nothing was written.
         :raises ThreadNotFound: unknown thread. :raises ThreadDiscarded: discarded thread.
         :raises ProjectionFailed: sync mode only; the items are durable all the same.
+        :raises OutcomeUnknown: the backend cannot tell whether the items were stored;
+            with a key, the same call again gives the answer.
         """
         # A paused projector (a test's tool) defers even sync projection: items stay durable.
         sync = self._sync and bool(items) and not self._writable().paused
-        generation = self._append(thread_id, items, barrier=sync)
+        generation = self._append(thread_id, items, idempotency_key, barrier=sync)
         if sync:
             self._barriers.wait(thread_id, generation, None)
         return generation
 
     def append_and_flush(self, thread_id: str, items: Sequence[Mapping[str, Any]],
-                         timeout: float | None = None) -> ThreadMetadata:
+                         timeout: float | None = None, *,
+                         idempotency_key: str | None = None) -> ThreadMetadata:
         """Append durably, then wait until the metadata covers the append.
 
         Use it for threads that must be list-visible at once (e.g. a goal-first thread).
 
         :param items: the items, as for :meth:`append`.
         :param timeout: seconds to wait for the projection; ``None`` waits as long as needed.
+        :param idempotency_key: as for :meth:`append`.
         :returns: the projected metadata, list-visible when this returns.
         :raises FlushTimeout: see :meth:`flush`; the items are durable.
         :raises ProjectionFailed: the projection covering them failed; they are durable.
         """
         timeout = check_timeout(timeout)
-        generation = self._append(thread_id, items, barrier=True)
+        generation = self._append(thread_id, items, idempotency_key, barrier=True)
         return self._barriers.wait(thread_id, generation, timeout)
 
     def update_metadata(self, thread_id: str, *, name: str | None = NOT_GIVEN,
@@ -331,10 +331,8 @@ class ThreadStore:
         check_count(after_seq, name="after_seq", minimum=0, maximum=1 << 62)
         check_count(limit, name="limit", minimum=1, maximum=100_000)
         self._open_check()
-        head = (self._history.head(thread_id) if self._projector
-                else self._history.current_head(thread_id))
-        rows = self._history.read(thread_id, after_seq, head, limit)
-        return [StoredItem(seq, utc(ts), json.loads(text)) for seq, ts, text in rows]
+        rows = self._history.read(thread_id, after_seq, self._history.head(thread_id), limit)
+        return [StoredItem(row.seq, utc(row.ts_us), json.loads(row.text)) for row in rows]
 
     def list_threads(self, limit: int = 50, cursor: str | None = None, archived: bool = False,
                      search: str | None = None, include_empty: bool = False,
@@ -363,42 +361,52 @@ class ThreadStore:
             raise InvalidArgument("cwd must be a directory path string (at most 4096 characters, "
                                   "no NUL characters or lone surrogates) or None")
         self._open_check()
-        return self._index.list(limit=limit, cursor=cursor, archived=archived, search=search,
-                                include_empty=include_empty, cwd=cwd)
+        query = ListQuery(limit=limit, archived=archived, include_empty=include_empty,
+                          words=tuple(search.split()) if search else (), cwd=cwd)
+        if cursor is not None:
+            query = ListQuery(limit=limit, archived=archived, include_empty=include_empty,
+                              words=query.words, cwd=cwd,
+                              after=decode_cursor(cursor, query.filters()))
+        return self._index.list(query)
 
     def backup(self, dest: str | os.PathLike[str]) -> None:
         """Write a consistent copy of the store into the new directory ``dest``.
 
         Appends (in this or other processes) go on meanwhile: each file is copied as one
         snapshot with SQLite's online backup. The copy opens as a normal store; opening it
-        catches up whatever its index missed. Works on read-only stores too.
+        catches up whatever its index missed. Works on read-only stores too; an in-memory
+        store has no files to copy.
 
         :param dest: a path that does not exist yet, or an empty directory.
-        :raises InvalidArgument: ``dest`` is malformed, not empty, or cannot be created.
-        :raises StorageError: SQLite could not read the store or write the copy.
+        :raises InvalidArgument: ``dest`` is malformed, not empty, or cannot be created;
+            or the store is in memory.
+        :raises StorageError: the store could not be read or the copy written.
         """
         target = check_path(dest)
         self._open_check()
-        _files.backup(self._history, self._index, target)
+        self._storage.backup(target)
 
     def status(self, thread_id: str) -> ThreadStatus:
-        """Return where the thread's projection stands.
+        """Return where the thread's projection stands, as the store has it (DESIGN §1.11).
 
-        :returns: ``ThreadStatus(head_seq, projected_seq, pending, attempts, last_error,
-            waiters)``; ``last_error`` stays set until an attempt succeeds.
-        :raises ThreadNotFound: unknown id. :raises ThreadDiscarded: discarded thread.
+        :returns: ``ThreadStatus``: ``head_seq`` and ``projected_seq`` from the store;
+            ``pending`` is ``projected_seq < head_seq``; ``last_error`` is the error of the
+            last attempt that failed for good, recorded in the store until an attempt
+            succeeds (or, while this process retries, the error it retries); ``attempts``
+            and ``waiters`` are this process's own.
+        :raises ThreadNotFound: unknown id.
+        :raises ThreadDiscarded: discarded thread, or one being discarded or deleted.
         """
         check_thread_id(thread_id)
         self._open_check()
-        if self._projector is None:  # read-only: the writer is another process
-            head = self._history.current_head(thread_id)
-        else:
-            head = self._history.head(thread_id)
-            live = self._projector.status(thread_id)
-            if live is not None:
-                return ThreadStatus(*live)
-        projected = self._index.load_state(thread_id)[0]
-        return ThreadStatus(head, projected, projected < head, 0, None, 0)
+        local = self._projector.local_status(thread_id) if self._projector else None
+        head = self._history.head(thread_id)
+        stored = self._index.checkpoint(thread_id)
+        projected = stored.projected_seq
+        if local is None:
+            return ThreadStatus(head, projected, projected < head, 0, stored.last_error, 0)
+        return ThreadStatus(head, projected, projected < head, local.attempts,
+                            stored.last_error or local.last_error, local.waiters)
 
     def stats(self) -> ProjectorStats:
         """Projector counters since open: group commits, rows, retries, backlog."""
@@ -427,17 +435,13 @@ class ThreadStore:
             if self._closed:
                 return
             self._closed = True
-        self._history.reject_writes()
+        self._storage.reject_writes()
         try:
             if self._projector is not None:
-                # What the drain leaves behind stays marked in history for the next open.
+                # What the drain leaves behind stays recorded as behind for the next open.
                 self._projector.close(timeout)
         finally:
-            self._history.close()
-            self._index.close()
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+            self._storage.close()
             _lifecycle.unregister(self)
 
     def __enter__(self) -> ThreadStore:
@@ -454,31 +458,32 @@ class ThreadStore:
         # projecting for a store nobody can close any more.
         if self._projector is not None:
             self._projector.stop_now()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # else this process could never open the store again
-            self._lock_fd = None
-        warnings.warn(f"ThreadStore at {self.path} was not closed; call close() or use 'with'",
+        self._storage.abandon()  # else this process could never open the store again
+        warnings.warn(f"{self._describe()} was not closed; call close() or use 'with'",
                       ResourceWarning, stacklevel=2)
 
     # -- internals ------------------------------------------------------------------------
 
-    def _append(self, thread_id: str, items: Sequence[Mapping[str, Any]], *,
-                barrier: bool = False) -> int:
+    def _append(self, thread_id: str, items: Sequence[Mapping[str, Any]],
+                idempotency_key: str | None, *, barrier: bool = False) -> int:
         """Append durably; ``barrier=True`` when the caller waits on the result at once."""
         check_thread_id(thread_id)
         projector = self._writable()
         encoded = self._encode(items)
-        schedule = not barrier
+        key = None if idempotency_key is None else _idempotency_key(idempotency_key, encoded)
         if not self._telemetry.tracing():
-            return self._history.append(thread_id, encoded, lambda head: projector.on_append(
-                thread_id, head, encoded, None, schedule=schedule))
+            done = self._history.append(thread_id, encoded, key)
+            if done.written:
+                projector.on_append(thread_id, done.generation, encoded, None, schedule=not barrier)
+            return done.generation
         with self._telemetry.append_span(thread_id, len(encoded)) as span:
-            context = capture(span)
-            generation = self._history.append(thread_id, encoded, lambda head: projector.on_append(
-                thread_id, head, encoded, context, schedule=schedule))
+            done = self._history.append(thread_id, encoded, key)
+            if done.written:
+                projector.on_append(thread_id, done.generation, encoded, capture(span),
+                                    schedule=not barrier)
             if span.is_recording():
-                span.set_attribute(ATTR_GENERATION, generation)
-            return generation
+                span.set_attribute(ATTR_GENERATION, done.generation)
+            return done.generation
 
     def _encode(self, items: Sequence[Mapping[str, Any]]) -> list[EncodedItem]:
         # A list is the common case; the ABC checks cost about a microsecond each.
@@ -499,23 +504,16 @@ class ThreadStore:
         try:
             head = self._history.head(thread_id)  # raises for unknown or discarded ids
             removal = projector.begin_removal(thread_id, kind, head, timeout)
-            row_deleted = history_removed = False
+            removed = False
             try:
-                # The row goes first: until the history is removed no thread can take the
-                # id, so nothing can write a row that this would then delete. A closing
-                # store removes nothing: past close's fence the thread stays as it was.
-                with self._index.write_lock:
-                    if self._index.fenced:
-                        raise StoreClosed(f"the store closed; thread {thread_id!r} was not {kind}")
-                    self._index.delete_row(thread_id)
-                    row_deleted = True
-                self._history.remove(thread_id, tombstone=kind == "discarded")
-                history_removed = True
+                # A closing store removes nothing: past close's fence the thread stays.
+                self._storage.remove_thread(thread_id, tombstone=kind == "discarded")
+                removed = True
             finally:
-                if history_removed:
+                if removed:
                     removal.commit()
-                else:  # put everything back; a deleted row is re-folded from history
-                    removal.abort(row_deleted=row_deleted)
+                else:  # put everything back; the row may be gone: re-fold from history
+                    removal.abort(row_deleted=True)
         except ThreadStoreError as exc:
             if self._closed and not isinstance(exc, (StoreClosed, ThreadDiscarded)):
                 # close() won the race (closed connections, an interrupted statement).
@@ -535,7 +533,7 @@ class ThreadStore:
 
     def _describe(self) -> str:
         """``ThreadStore at PATH``, for messages."""
-        return f"ThreadStore at {self.path}"
+        return f"ThreadStore at {self._storage.description}"
 
     def _disown_after_fork(self) -> None:
         """In a forked child: every call raises :class:`StoreClosed`; the parent keeps
@@ -546,13 +544,24 @@ class ThreadStore:
                             "open it again in the child")
         if self._projector is not None:
             self._projector.reset_after_fork()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # the parent keeps its lock; ours is a shared description
-            self._lock_fd = None
+        self._storage.abandon()  # the parent keeps its locks; ours share their descriptions
+
+
+def _idempotency_key(key: object, items: list[EncodedItem]) -> IdempotencyKey:
+    """Validate a key and pair it with the digest of the items it guards."""
+    if (not isinstance(key, str) or not 1 <= len(key) <= 128 or "\x00" in key
+            or not _encodable(key)):
+        raise InvalidArgument(f"idempotency_key must be a string of 1 to 128 characters without "
+                              f"NUL characters or lone surrogates, or None; not {key!r:.80}")
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(item.text.encode())
+        digest.update(b"\x00")
+    return IdempotencyKey(key, digest.hexdigest())
 
 
 def _encodable(text: str) -> bool:
-    """False for strings SQLite cannot take (lone surrogates do not encode to UTF-8)."""
+    """False for strings storage cannot take (lone surrogates do not encode to UTF-8)."""
     try:
         text.encode()
     except UnicodeEncodeError:

@@ -1,10 +1,17 @@
 """The embedded SQLite backend: a directory holding ``history.db`` (the durable item log)
 and ``index.db`` (the projected metadata), opened by one writer process at a time.
 
+- ``_storage``: :class:`SQLiteStorage`, the backend behind the storage ports;
 - ``_connections``: connections, the reader pool, pragmas, migrations, and the one place
   SQLite errors become ``StorageError`` / ``TransientStorageError``;
-- ``history``: the item log, per-thread ``seq``, tombstones and behind marks;
-- ``index``: projected rows, keyset listing, FTS5 search, fencing;
+- ``history``: the item log, per-thread ``seq``, tombstones, idempotency keys and
+  behind marks;
+- ``index``: projected rows, keyset listing, trigram search, failures, fencing;
 - ``_acks``: the lazy acknowledgements that clear behind marks;
-- ``_files``: the store directory, the writer lock, backup and the recovery scan at open.
+- ``_directory``: the store directory, the writer lock, opening the files, backup;
+- ``_recovery``: the scan at open for threads whose projection is behind.
 """
+
+from ._storage import SQLiteStorage
+
+__all__ = ["SQLiteStorage"]

@@ -18,19 +18,21 @@ import logging
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import sqlite_utils
 
 from . import _connections
 from ._acks import AckBatch
-from ...errors import StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
+from ...errors import InvalidArgument, StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
 from ...model import EncodedItem
+from ...storage import Appended, IdempotencyKey, StoredRow
 
 _INSERT = "INSERT INTO items (thread_id, seq, ts_us, item) VALUES (?, ?, ?, ?)"
 _RANGE = ("SELECT seq, ts_us, item FROM items WHERE thread_id = ? AND seq > ? AND seq <= ? "
           "ORDER BY seq LIMIT ?")
-RawItem = tuple[int, int, str]  # (seq, ts_us, json text)
+_KEY_FIND = "SELECT digest, generation FROM idempotency WHERE thread_id = ? AND key = ?"
+_KEY_STORE = "INSERT INTO idempotency (thread_id, key, digest, generation) VALUES (?, ?, ?, ?)"
 T = TypeVar("T")
 log = logging.getLogger("thread_store")
 
@@ -71,8 +73,16 @@ def _add_behind_record(db: sqlite_utils.Database) -> None:
     db.execute("DELETE FROM store_meta WHERE key = 'session'")
 
 
+def _add_idempotency_keys(db: sqlite_utils.Database) -> None:
+    """Version 3: idempotency keys of appends, kept as long as their thread."""
+    db.execute("CREATE TABLE IF NOT EXISTS idempotency (thread_id TEXT NOT NULL, key TEXT NOT NULL, "
+               "digest TEXT NOT NULL, generation INTEGER NOT NULL, "
+               "PRIMARY KEY (thread_id, key)) WITHOUT ROWID")
+
+
 #: ``_MIGRATIONS[n]`` takes history.db from schema version n to n + 1.
-_MIGRATIONS: list[_connections.Migration] = [_create_schema, _add_behind_record]
+_MIGRATIONS: list[_connections.Migration] = [_create_schema, _add_behind_record,
+                                             _add_idempotency_keys]
 EPOCH_KEY = "index_epoch"
 # Cleared only while the history holds nothing past the projected head: a newer append's
 # mark (set in that append's transaction, serialized with this one) always survives.
@@ -118,8 +128,7 @@ class History:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def create(self, thread_id: str, created_us: int, first: EncodedItem | None,
-               on_commit: Callable[[int], None]) -> None:
+    def create(self, thread_id: str, *, created_us: int, first: EncodedItem | None) -> None:
         """Create a thread, optionally with its first item; raise if the id is taken."""
         with self.lock:
             self._check_open()
@@ -140,19 +149,20 @@ class History:
                 return self._conn.execute(_INSERT, (thread_id, 1, first.ts_us, first.text)).lastrowid
 
             self._raise_last_rowid(self._write(write, "create_thread"))
-            head = 1 if first is not None else 0
-            self._publish(thread_id, head, on_commit)
+            self._heads[thread_id] = 1 if first is not None else 0
 
-    def append(self, thread_id: str, items: list[EncodedItem],
-               on_commit: Callable[[int], None]) -> int:
-        """Append items durably and return the new head; ``on_commit`` runs under the lock."""
+    def append(self, thread_id: str, items: Sequence[EncodedItem],
+               key: IdempotencyKey | None = None) -> Appended:
+        """Append items durably at the next ``seq`` values (see ``HistoryLog.append``)."""
         with self.lock:
             self._check_open()
             head = self._heads.get(thread_id)
             if head is None:
                 head = self._load_head(thread_id)
             if not items:
-                return head
+                return Appended(head, written=False)
+            if key is not None:
+                return self._append_once(thread_id, head, items, key)
             if len(items) == 1:
                 # Autocommit: one statement is one transaction, no BEGIN/COMMIT round trips.
                 item = items[0]
@@ -167,10 +177,37 @@ class History:
                     return int(self._conn.execute("SELECT last_insert_rowid()").fetchone()[0])
 
                 rowid = self._write(write, "append")
-            self._raise_last_rowid(rowid)
-            head += len(items)
-            self._publish(thread_id, head, on_commit)
-            return head
+            return self._committed(thread_id, head + len(items), rowid)
+
+    def _append_once(self, thread_id: str, head: int, items: Sequence[EncodedItem],
+                     key: IdempotencyKey) -> Appended:
+        """An append with an idempotency key: the key is checked and stored in the
+        transaction of the items (lock held)."""
+        rows = [(thread_id, head + i, it.ts_us, it.text) for i, it in enumerate(items, 1)]
+        generation = head + len(items)
+
+        def write() -> Appended | int:
+            found = self._conn.execute(_KEY_FIND, (thread_id, key.key)).fetchone()
+            if found is not None:
+                if found[0] != key.digest:
+                    raise InvalidArgument(
+                        f"idempotency key {key.key!r} of thread {thread_id!r} was used for "
+                        f"other items (generation {found[1]}); use a new key for new items")
+                return Appended(int(found[1]), written=False)
+            self._conn.executemany(_INSERT, rows)
+            self._conn.execute(_KEY_STORE, (thread_id, key.key, key.digest, generation))
+            return int(self._conn.execute("SELECT last_insert_rowid()").fetchone()[0])
+
+        outcome = self._write(write, "append")
+        if isinstance(outcome, Appended):
+            return outcome
+        return self._committed(thread_id, generation, outcome)
+
+    def _committed(self, thread_id: str, head: int, rowid: int | None) -> Appended:
+        """Publish an append's commit (lock held): the position, then the cached head."""
+        self._raise_last_rowid(rowid)
+        self._heads[thread_id] = head
+        return Appended(head, written=True)
 
     def remove(self, thread_id: str, *, tombstone: bool) -> None:
         """Delete a thread's items; keep a tombstone (discard) or forget the id (delete)."""
@@ -181,6 +218,7 @@ class History:
                 self._keep_high_water(thread_id)
                 self._conn.execute("DELETE FROM items WHERE thread_id = ?", (thread_id,))
                 self._conn.execute("DELETE FROM behind WHERE thread_id = ?", (thread_id,))
+                self._conn.execute("DELETE FROM idempotency WHERE thread_id = ?", (thread_id,))
                 if tombstone:
                     self._conn.execute(
                         "UPDATE threads SET discarded_us = CAST(strftime('%s','now') AS INTEGER)"
@@ -297,20 +335,25 @@ class History:
                 for thread_id, head in self._readers.fetchall("history", _HEADS)}
 
     def head(self, thread_id: str) -> int:
-        """Return the thread's head; raise if it is unknown or discarded."""
+        """Return the thread's head; raise if it is unknown or discarded.
+
+        A writer caches the heads it wrote (its lock makes it the only writer); a
+        read-only store reads the file each time, since its writer is another process.
+        """
+        if self.read_only:
+            self.created_us(thread_id)
+            row = self._readers.fetchone("history", "SELECT max(seq) FROM items "
+                                         "WHERE thread_id = ?", (thread_id,))
+            return int(row[0] or 0)
         head = self._heads.get(thread_id)
         if head is not None:
             return head
         with self.lock:
             return self._load_head(thread_id)
 
-    def current_head(self, thread_id: str) -> int:
-        """The head as the file has it now, uncached: for a read-only store, whose writer
-        is another process. Raises for unknown or discarded ids."""
-        self.created_us(thread_id)
-        row = self._readers.fetchone("history", "SELECT max(seq) FROM items WHERE thread_id = ?",
-                                     (thread_id,))
-        return int(row[0] or 0)
+    def position(self) -> int:
+        """The highest items rowid committed (see ``last_rowid``)."""
+        return self.last_rowid
 
     def created_us(self, thread_id: str) -> int:
         """Return the thread's creation time; raise if it is unknown or discarded."""
@@ -319,37 +362,12 @@ class History:
         self._check_row(thread_id, row)
         return int(row[0])
 
-    def read(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> list[RawItem]:
-        """Return up to ``limit`` raw items with ``after_seq < seq <= upto_seq``, in order."""
-        rows: list[RawItem] = self._readers.fetchall("history", _RANGE,
-                                                     (thread_id, after_seq, upto_seq, limit))
-        return rows
-
-    def iter_range(self, thread_id: str, after_seq: int, upto_seq: int,
-                   page: int = 1000) -> Iterator[list[RawItem]]:
-        """Yield the items ``after_seq < seq <= upto_seq`` in pages, to keep memory bounded."""
-        while after_seq < upto_seq:
-            rows = self.read(thread_id, after_seq, upto_seq, page)
-            if not rows:
-                return
-            yield rows
-            after_seq = rows[-1][0]
-
-    def live_threads(self) -> Iterator[tuple[str, int]]:
-        """Yield ``(thread_id, head)`` of every live thread (reindex)."""
-        yield from self.heads().items()
+    def read(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> list[StoredRow]:
+        """Return up to ``limit`` items with ``after_seq < seq <= upto_seq``, in order."""
+        rows = self._readers.fetchall("history", _RANGE, (thread_id, after_seq, upto_seq, limit))
+        return [StoredRow(seq, ts_us, text) for seq, ts_us, text in rows]
 
     # -- internals ------------------------------------------------------------------------
-
-    def _publish(self, thread_id: str, head: int, on_commit: Callable[[int], None]) -> None:
-        """Tell the projector about a commit, then make the new head visible to readers.
-
-        In this order a barrier that reads the head always finds the projector's state.
-        """
-        try:
-            on_commit(head)
-        finally:
-            self._heads[thread_id] = head
 
     def _check_open(self) -> None:
         if self._closed:

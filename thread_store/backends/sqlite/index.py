@@ -7,24 +7,25 @@ thread_id desc)`` on covering indexes; search is FTS5 set up by sqlite-utils.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
+import logging
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import sqlite_utils
 from sqlite_utils.db import DescIndex
 
 from . import _connections
-from ...errors import InvalidCursor, StorageError, StoreClosed
-from ...model import TEXT_FIELDS, THREAD_ID_PATTERN, Page, ThreadMetadata, us_from_utc, utc_from_us
+from ...errors import StorageError, StoreClosed, ThreadStoreError
+from ...model import TEXT_FIELDS, Page, ThreadMetadata, us_from_utc, utc_from_us
+from ...storage import (Checkpoint, CommitOutcome, CommitResult, Failure, ListQuery, RowWrite,
+                        encode_cursor)
 
 _TEXT = TEXT_FIELDS
+log = logging.getLogger("thread_store")
 #: What ``list_threads(search=...)`` looks in.
 _SEARCHED = ("name", "title", "preview", "first_user_message")
 #: The trigram table matches words this long; shorter ones are matched with LIKE.
@@ -38,7 +39,6 @@ _UPSERT = (
     + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS[:-3])} FROM threads"
-_CURSOR_VERSION = 2
 
 
 def _create_schema(db: sqlite_utils.Database) -> None:
@@ -109,15 +109,30 @@ def _search_substrings(db: sqlite_utils.Database) -> None:
                                 DescIndex("thread_id")], index_name="threads_by_cwd", if_not_exists=True)
 
 
+def _add_failures_and_rules(db: sqlite_utils.Database) -> None:
+    """Version 5: projections that failed for good (``status().last_error`` from any
+    process), and the identifier of the fold rules the rows were made with."""
+    db.execute("CREATE TABLE IF NOT EXISTS failures (thread_id TEXT PRIMARY KEY, generation INTEGER NOT NULL, "
+               "error TEXT NOT NULL) WITHOUT ROWID")
+    db.execute("CREATE TABLE IF NOT EXISTS index_info (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
 #: ``_MIGRATIONS[n]`` takes index.db from schema version n to n + 1.
 _MIGRATIONS: list[_connections.Migration] = [_create_schema, _add_epoch, _add_history_mark,
-                                             _search_substrings]
+                                             _search_substrings, _add_failures_and_rules]
 SCHEMA_VERSION = len(_MIGRATIONS)
 # Counts the transaction (the epoch) and raises the history mark, in the transaction of
 # the rows: a history whose highest rowid is below the mark lost items the index folded.
 _BUMP = ("UPDATE index_meta SET value = CASE key WHEN 'epoch' THEN value + 1 "
          "ELSE max(value, ?1) END WHERE key IN ('epoch', 'history_mark') RETURNING key, value")
 _SET_MARK = "UPDATE index_meta SET value = ? WHERE key = 'history_mark'"
+# A failure is recorded only while no row covers its generation: a success that won the
+# race (in this process or another) is never overwritten by an older failure.
+_RECORD_FAILURE = ("INSERT OR REPLACE INTO failures (thread_id, generation, error) "
+                   "SELECT ?1, ?2, ?3 WHERE NOT EXISTS (SELECT 1 FROM threads "
+                   "WHERE thread_id = ?1 AND projected_seq >= ?2)")
+_CLEAR_FAILURE = "DELETE FROM failures WHERE thread_id = ? AND generation <= ?"
+_RULES_KEY = "rules"
 
 
 class HistoryLink(Protocol):
@@ -153,14 +168,6 @@ def _metadata_to_row(meta: ThreadMetadata, state: str) -> tuple[Any, ...]:
             int(bool(meta.preview)), state)
 
 
-@dataclass(frozen=True, slots=True)
-class RowWrite:
-    """A projected row to store: the public metadata and the serialized fold state."""
-
-    meta: ThreadMetadata
-    state: str
-
-
 class Index:
     """The metadata index of one store (``index.db``)."""
 
@@ -183,11 +190,36 @@ class Index:
         #: The writer's history, told of every index transaction (None: read-only).
         self.history: HistoryLink | None = None
         self.fenced = False
-        self.transactions = 0
 
-    # -- writes (callers hold write_lock) --------------------------------------------------
+    # -- writes ---------------------------------------------------------------------------
 
-    def write_rows(self, rows: list[RowWrite], history_mark: int) -> dict[str, BaseException]:
+    def commit(self, rows: Sequence[RowWrite], *, position: int,
+               may_write: Callable[[str], bool], deadline: float | None) -> CommitResult:
+        """Write the rows in one transaction under the write lock (``MetadataIndex.commit``).
+
+        A group commit can hold the lock for long; a caller with a ``deadline`` does not
+        wait for it past the deadline (``BUSY``). ``may_write`` is asked under the lock,
+        which a removal holds to delete the row: no row is written back once it began.
+        """
+        wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self.write_lock.acquire(timeout=wait):
+            return CommitResult(CommitOutcome.BUSY)
+        try:  # an interrupt (Ctrl-C in a caller) after the acquire still releases the lock
+            if self.fenced:
+                return CommitResult(CommitOutcome.FENCED)
+            refused = frozenset(r.meta.thread_id for r in rows if not may_write(r.meta.thread_id))
+            live = [r for r in rows if r.meta.thread_id not in refused]
+            if not live:
+                return CommitResult(CommitOutcome.COMMITTED, refused=refused)
+            try:
+                errors = self._write_rows(live, position)
+            except StoreClosed:
+                return CommitResult(CommitOutcome.FENCED)
+        finally:
+            self.write_lock.release()
+        return CommitResult(CommitOutcome.COMMITTED, errors, refused)
+
+    def _write_rows(self, rows: list[RowWrite], history_mark: int) -> dict[str, ThreadStoreError]:
         """Upsert rows in one transaction; return per-thread errors of rows that failed.
 
         A failing statement has no effect in SQLite, so one bad row does not undo the
@@ -198,6 +230,7 @@ class Index:
             folded (:meth:`History.high_water`), so at least that of every item they hold.
         """
         errors: dict[str, BaseException] = {}
+        stored: dict[str, ThreadStoreError] = {}
         bad = (sqlite3.Error, ValueError, TypeError, OverflowError)
         closed = "the store closed during this projection transaction"
 
@@ -206,7 +239,7 @@ class Index:
             for r in rows:
                 if self.fenced:
                     raise StoreClosed(closed)
-                yield _metadata_to_row(r.meta, r.state)
+                yield _metadata_to_row(r.meta, r.fold_state)
 
         def body() -> None:
             try:
@@ -218,7 +251,7 @@ class Index:
             # Find the bad rows one by one; re-applying an upsert that went in is harmless.
             for row in rows:
                 try:
-                    self._conn.execute(_UPSERT, _metadata_to_row(row.meta, row.state))
+                    self._conn.execute(_UPSERT, _metadata_to_row(row.meta, row.fold_state))
                 except bad as exc:
                     if _connections.is_transient(exc) or self.fenced:
                         raise
@@ -231,6 +264,7 @@ class Index:
                 if self.fenced:  # interrupted by close() (see fence)
                     raise StoreClosed(closed) from exc
                 raise
+            self._clear_failures([r for r in rows if r.meta.thread_id not in errors])
             epoch = self._bump(history_mark)
             if self.fenced:  # close() gave up waiting for this transaction: write nothing
                 raise StoreClosed(closed)
@@ -241,13 +275,50 @@ class Index:
         except sqlite3.Error as exc:
             raise _connections.translate(exc, "the projection transaction failed in SQLite "
                                          "(none of its rows were written)") from exc
-        for thread_id, error in list(errors.items()):
-            errors[thread_id] = _unstorable(error)
-        self.transactions += 1
+        for thread_id, error in errors.items():
+            stored[thread_id] = _unstorable(error)
         if self.history is not None:
             self.history.acknowledge([(r.meta.thread_id, r.meta.projected_seq) for r in rows
                                       if r.meta.thread_id not in errors], epoch)
-        return errors
+        return stored
+
+    def _clear_failures(self, rows: list[RowWrite]) -> None:
+        """A row written clears its thread's recorded failure (in the rows' transaction).
+
+        Failures are rare: one cheap probe per transaction, and a delete only when any.
+        """
+        if rows and self._conn.execute("SELECT 1 FROM failures LIMIT 1").fetchone():
+            self._conn.executemany(_CLEAR_FAILURE, [(r.meta.thread_id, r.meta.projected_seq)
+                                                    for r in rows])
+
+    def record_failures(self, failures: Sequence[Failure]) -> None:
+        """Record projections that failed for good (``MetadataIndex.record_failures``)."""
+        if not failures:
+            return
+        params = [(f.thread_id, f.generation, f.error) for f in failures]
+        try:
+            with self.write_lock:
+                if self.fenced:
+                    return
+                _connections.in_transaction(
+                    self._conn, lambda: self._conn.executemany(_RECORD_FAILURE, params))
+        except sqlite3.Error as exc:
+            log.warning("thread_store: could not record failed projections (%s)", exc)
+
+    def rules_id(self) -> str | None:
+        """The identifier of the fold rules this index was projected with, if recorded."""
+        row = self._readers.fetchone("the index", "SELECT value FROM index_info WHERE key = ?",
+                                     (_RULES_KEY,))
+        return str(row[0]) if row else None
+
+    def set_rules_id(self, rules_id: str) -> None:
+        """Record the fold rules' identifier (a new or rebuilt index)."""
+        try:
+            with self.write_lock:
+                self._conn.execute("INSERT OR REPLACE INTO index_info (key, value) VALUES (?, ?)",
+                                   (_RULES_KEY, rules_id))
+        except sqlite3.Error as exc:
+            raise _connections.storage_error(exc, "recording the fold rules") from exc
 
     def fence(self, timeout: float) -> bool:
         """Make the writer write nothing more (close): set ``fenced``, stop its statement.
@@ -288,8 +359,9 @@ class Index:
             self.history.mark_behind(thread_ids)
 
         def body() -> int:
-            self._conn.executemany("DELETE FROM threads WHERE thread_id = ?",
-                                   [(t,) for t in thread_ids])
+            for table in ("threads", "failures"):
+                self._conn.executemany(f"DELETE FROM {table} WHERE thread_id = ?",
+                                       [(t,) for t in thread_ids])
             return self._bump(0)
 
         try:
@@ -331,11 +403,13 @@ class Index:
         values = dict(self._conn.execute(_BUMP, (history_mark,)).fetchall())
         return int(values["epoch"])
 
-    def load_state(self, thread_id: str) -> tuple[int, str | None]:
-        """Return ``(projected_seq, state json)`` of a thread; ``(0, None)`` without a row."""
-        row = self._readers.fetchone("the index", "SELECT projected_seq, state FROM threads "
-                                     "WHERE thread_id = ?", (thread_id,))
-        return (int(row[0]), row[1]) if row else (0, None)
+    def checkpoint(self, thread_id: str) -> Checkpoint:
+        """Where the thread's projection stands (``MetadataIndex.checkpoint``)."""
+        row = self._readers.fetchone(
+            "the index", "SELECT t.projected_seq, t.state, (SELECT error FROM failures f "
+            "WHERE f.thread_id = ?1) FROM (SELECT ?1 AS thread_id) q "
+            "LEFT JOIN threads t USING (thread_id)", (thread_id,))
+        return Checkpoint(int(row[0] or 0), row[1], row[2])
 
     def projected_seqs(self) -> dict[str, int]:
         """Every row's ``projected_seq`` (crash recovery)."""
@@ -346,22 +420,21 @@ class Index:
         row = self._readers.fetchone("the index", f"{_SELECT} WHERE thread_id = ?", (thread_id,))
         return _row_to_metadata(row) if row else None
 
-    def list(self, *, limit: int, cursor: str | None, archived: bool, search: str | None,
-             include_empty: bool, cwd: str | None = None) -> Page:
+    def list(self, query: ListQuery) -> Page:
         """Return one page, newest recency first, by keyset pagination.
 
-        ``search``: each word is a case-insensitive substring (ANDed) of the name, title,
-        preview or first user message. ``cwd``: only threads with that working directory.
+        Each search word is a case-insensitive substring (ANDed) of the name, title,
+        preview or first user message: the trigram table from three characters, LIKE
+        below (case-insensitive for ASCII only).
         """
-        words = search.split() if search else []
-        query = [archived, include_empty, " ".join(words) or None, cwd]
+        words = query.words
         where = ["is_archived = ?"]
-        params: list[Any] = [int(archived)]
-        if not include_empty:
+        params: list[Any] = [int(query.archived)]
+        if not query.include_empty:
             where.append("has_preview = 1")
-        if cwd is not None:
+        if query.cwd is not None:
             where.append("cwd = ?")
-            params.append(cwd)
+            params.append(query.cwd)
         long = [w for w in words if len(w) >= _TRIGRAM]
         if long:
             where.append("rowid IN (SELECT rowid FROM threads_fts WHERE threads_fts MATCH ?)")
@@ -371,19 +444,18 @@ class Index:
             if len(word) < _TRIGRAM:  # too short for trigrams: LIKE (case-insensitive for ASCII)
                 where.append("(" + " OR ".join(f"{c} LIKE ? ESCAPE '\\'" for c in _SEARCHED) + ")")
                 params.extend([_like_pattern(word)] * len(_SEARCHED))
-        if cursor is not None:
-            recency_us, thread_id = _decode_cursor(cursor, query)
+        if query.after is not None:
             where.append("(recency_us, thread_id) < (?, ?)")
-            params.extend((recency_us, thread_id))
+            params.extend(query.after)
         sql = (f"{_SELECT} WHERE {' AND '.join(where)} "
                "ORDER BY recency_us DESC, thread_id DESC LIMIT ?")
-        rows = self._readers.fetchall("the index", sql, (*params, limit + 1))
-        threads = [_row_to_metadata(r) for r in rows[:limit]]
+        rows = self._readers.fetchall("the index", sql, (*params, query.limit + 1))
+        threads = [_row_to_metadata(r) for r in rows[:query.limit]]
         next_cursor = None
-        if len(rows) > limit:
+        if len(rows) > query.limit:
             last = threads[-1]
             assert last.recency_at is not None
-            next_cursor = _encode_cursor(query, us_from_utc(last.recency_at), last.thread_id)
+            next_cursor = encode_cursor(query, us_from_utc(last.recency_at), last.thread_id)
         return Page(threads=threads, next_cursor=next_cursor)
 
     def backup_to(self, dest: Path) -> None:
@@ -408,29 +480,3 @@ def _unstorable(error: BaseException) -> StorageError:
     translated = _connections.translate(error, "the thread's metadata row could not be stored in SQLite")
     translated.__cause__ = error
     return translated
-
-
-def _encode_cursor(query: list[Any], recency_us: int, thread_id: str) -> str:
-    raw = json.dumps([_CURSOR_VERSION, *query, recency_us, thread_id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: object, query: list[Any]) -> tuple[int, str]:
-    """Decode a cursor; it must come from the same query (filters and search)."""
-    problem = InvalidCursor(
-        "invalid cursor: pass back the next_cursor of a page from the same list_threads "
-        "query (same archived, search and include_empty)")
-    if not isinstance(cursor, str) or len(cursor) > 4096:
-        raise problem
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        version, *got, recency_us, thread_id = json.loads(raw)
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError, RecursionError) as exc:
-        raise problem from exc
-    # A forged cursor must not reach SQLite with a value it cannot bind (OverflowError,
-    # UnicodeEncodeError): only what _encode_cursor could have written passes.
-    if (version != _CURSOR_VERSION or got != query or type(recency_us) is not int
-            or not -(2**63) <= recency_us < 2**63 or not isinstance(thread_id, str)
-            or not THREAD_ID_PATTERN.fullmatch(thread_id)):
-        raise problem
-    return recency_us, thread_id

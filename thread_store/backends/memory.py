@@ -1,0 +1,320 @@
+"""The in-memory backend: the whole contract in dicts, for users' own tests.
+
+``ThreadStore.open(":memory:")`` gives a fresh store that lives as long as the object:
+no files, nothing survives it, and it shares no code with the SQLite backend beyond the
+storage ports (it is also the proof that the seam is real). Each thread's items are a list;
+the index is a dict of rows. One lock guards the history, and one the index writes, as a
+real backend's transactions would.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..errors import (InvalidArgument, StorageError, StoreClosed, ThreadDiscarded, ThreadExists,
+                      ThreadNotFound, ThreadStoreError)
+from ..model import TEXT_FIELDS, EncodedItem, Page, ThreadMetadata, us_from_utc
+from ..storage import (Appended, Capabilities, Checkpoint, CommitOutcome, CommitResult, Failure,
+                       IdempotencyKey, Lag, ListQuery, RowWrite, StoredRow, encode_cursor)
+
+CAPABILITIES = Capabilities(reopen=False, read_only=False, durability_full=False, backup=False,
+                            files=False)
+#: What ``list_threads(search=...)`` looks in.
+_SEARCHED = ("name", "title", "preview", "first_user_message")
+
+
+@dataclass(slots=True)
+class _Thread:
+    created_us: int
+    items: list[StoredRow] = field(default_factory=list)
+    #: ``{key: (digest, generation)}`` of idempotent appends.
+    keys: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+
+class MemoryHistory:
+    """The item log: a list of rows per thread, and the ids of discarded threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._threads: dict[str, _Thread] = {}
+        self._discarded: set[str] = set()
+        self._closed = False
+
+    def create(self, thread_id: str, *, created_us: int, first: EncodedItem | None) -> None:
+        """Create a thread, with its first item or none."""
+        with self._lock:
+            self._check_open()
+            if thread_id in self._discarded:
+                raise ThreadDiscarded(f"thread {thread_id!r} was discarded; its id cannot be reused")
+            if thread_id in self._threads:
+                raise ThreadExists(f"thread {thread_id!r} already exists; pick another id or omit it")
+            thread = self._threads[thread_id] = _Thread(created_us)
+            if first is not None:
+                thread.items.append(StoredRow(1, first.ts_us, first.text))
+
+    def append(self, thread_id: str, items: Sequence[EncodedItem],
+               key: IdempotencyKey | None = None) -> Appended:
+        """Append the items at the next ``seq`` values (see ``HistoryLog.append``)."""
+        with self._lock:
+            self._check_open()
+            thread = self._live(thread_id)
+            head = len(thread.items)
+            if not items:
+                return Appended(head, written=False)
+            if key is not None and key.key in thread.keys:
+                digest, generation = thread.keys[key.key]
+                if digest != key.digest:
+                    raise InvalidArgument(
+                        f"idempotency key {key.key!r} of thread {thread_id!r} was used for "
+                        f"other items (generation {generation}); use a new key for new items")
+                return Appended(generation, written=False)
+            thread.items.extend(StoredRow(head + n, it.ts_us, it.text)
+                                for n, it in enumerate(items, 1))
+            if key is not None:
+                thread.keys[key.key] = (key.digest, len(thread.items))
+            return Appended(len(thread.items), written=True)
+
+    def head(self, thread_id: str) -> int:
+        """The thread's last ``seq``."""
+        with self._lock:
+            return len(self._live(thread_id).items)
+
+    def created_us(self, thread_id: str) -> int:
+        """When the thread was created."""
+        with self._lock:
+            return self._live(thread_id).created_us
+
+    def read(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> list[StoredRow]:
+        """Items ``after_seq < seq <= upto_seq``, at most ``limit``; ``seq`` n is at n - 1."""
+        with self._lock:
+            thread = self._threads.get(thread_id)
+            if thread is None:
+                return []
+            return thread.items[after_seq:min(upto_seq, after_seq + limit)]
+
+    def heads(self) -> dict[str, int]:
+        """Every live thread's head."""
+        with self._lock:
+            return {t: len(thread.items) for t, thread in self._threads.items()}
+
+    def position(self) -> int:
+        """Nothing to detect: memory loses no tail while the object lives."""
+        return 0
+
+    def remove(self, thread_id: str, *, tombstone: bool) -> None:
+        """Forget the thread; remember a discarded id."""
+        with self._lock:
+            self._check_open()
+            self._live(thread_id)
+            del self._threads[thread_id]
+            if tombstone:
+                self._discarded.add(thread_id)
+
+    def reject_writes(self) -> None:
+        """Later writes raise :class:`StoreClosed`."""
+        with self._lock:
+            self._closed = True
+
+    def _live(self, thread_id: str) -> _Thread:
+        thread = self._threads.get(thread_id)
+        if thread is not None:
+            return thread
+        if thread_id in self._discarded:
+            raise ThreadDiscarded(f"thread {thread_id!r} was discarded")
+        raise ThreadNotFound(f"thread {thread_id!r} does not exist; create it with create_thread() first")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed("the thread store is closed; open it again to write")
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    meta: ThreadMetadata
+    fold_state: str
+    recency_us: int
+
+
+class MemoryIndex:
+    """The projected rows in a dict; listing sorts the matching rows (fine for tests)."""
+
+    def __init__(self) -> None:
+        self.write_lock = threading.Lock()
+        self._rows: dict[str, _Row] = {}
+        self._failures: dict[str, Failure] = {}
+        self._fenced = False
+
+    def read(self, thread_id: str) -> ThreadMetadata | None:
+        """The row's metadata, or ``None``."""
+        row = self._rows.get(thread_id)
+        return None if row is None else row.meta
+
+    def list(self, query: ListQuery) -> Page:
+        """Filter, sort newest first, and cut one page after the cursor."""
+        words = [w.casefold() for w in query.words]
+        rows = [r for r in list(self._rows.values()) if _listed(r, query, words)]
+        rows.sort(key=lambda r: (r.recency_us, r.meta.thread_id), reverse=True)
+        page = rows[:query.limit + 1]
+        threads = [r.meta for r in page[:query.limit]]
+        next_cursor = None
+        if len(page) > query.limit:
+            last = page[query.limit - 1]
+            next_cursor = encode_cursor(query, last.recency_us, last.meta.thread_id)
+        return Page(threads=threads, next_cursor=next_cursor)
+
+    def checkpoint(self, thread_id: str) -> Checkpoint:
+        """The row's ``projected_seq`` and fold state, and the recorded failure."""
+        row = self._rows.get(thread_id)
+        failure = self._failures.get(thread_id)
+        error = None if failure is None else failure.error
+        if row is None:
+            return Checkpoint(0, None, error)
+        return Checkpoint(row.meta.projected_seq, row.fold_state, error)
+
+    def commit(self, rows: Sequence[RowWrite], *, position: int,
+               may_write: Callable[[str], bool], deadline: float | None) -> CommitResult:
+        """Store the rows under the write lock, all at once (``MetadataIndex.commit``)."""
+        wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self.write_lock.acquire(timeout=wait):
+            return CommitResult(CommitOutcome.BUSY)
+        try:
+            if self._fenced:
+                return CommitResult(CommitOutcome.FENCED)
+            refused = frozenset(r.meta.thread_id for r in rows if not may_write(r.meta.thread_id))
+            errors: dict[str, ThreadStoreError] = {}
+            for row in rows:
+                thread_id = row.meta.thread_id
+                if thread_id in refused:
+                    continue
+                problem = _unstorable(row.meta)
+                if problem is not None:
+                    errors[thread_id] = StorageError(problem)
+                    continue
+                recency = row.meta.recency_at
+                self._rows[thread_id] = _Row(row.meta, row.fold_state,
+                                             0 if recency is None else us_from_utc(recency))
+                failure = self._failures.get(thread_id)
+                if failure is not None and failure.generation <= row.meta.projected_seq:
+                    del self._failures[thread_id]
+            return CommitResult(CommitOutcome.COMMITTED, errors, refused)
+        finally:
+            self.write_lock.release()
+
+    def record_failures(self, failures: Sequence[Failure]) -> None:
+        """Record each failure unless a row already covers its generation."""
+        with self.write_lock:
+            for failure in failures:
+                row = self._rows.get(failure.thread_id)
+                if row is None or row.meta.projected_seq < failure.generation:
+                    self._failures[failure.thread_id] = failure
+
+    def delete_row(self, thread_id: str) -> None:
+        """Forget a thread's row and failure (the caller holds ``write_lock``)."""
+        self._rows.pop(thread_id, None)
+        self._failures.pop(thread_id, None)
+
+    def fence(self, timeout: float) -> bool:
+        """No commit lands after this returns; waits for one under way up to ``timeout``."""
+        self._fenced = True
+        if not self.write_lock.acquire(timeout=timeout):
+            return False
+        self.write_lock.release()
+        return True
+
+    @property
+    def fenced(self) -> bool:
+        """Whether :meth:`fence` ran."""
+        return self._fenced
+
+
+def _listed(row: _Row, query: ListQuery, words: list[str]) -> bool:
+    meta = row.meta
+    if (meta.archived_at is not None) != query.archived:
+        return False
+    if not query.include_empty and not meta.preview:
+        return False
+    if query.cwd is not None and meta.cwd != query.cwd:
+        return False
+    if query.after is not None and (row.recency_us, meta.thread_id) >= query.after:
+        return False
+    texts = [t.casefold() for t in (getattr(meta, c) for c in _SEARCHED) if t]
+    return all(any(w in t for t in texts) for w in words)
+
+
+def _unstorable(meta: ThreadMetadata) -> str | None:
+    """Why a row cannot be stored as text (lone surrogates do not encode), or ``None``."""
+    for name in TEXT_FIELDS:
+        value = getattr(meta, name)
+        if value is not None:
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return f"the thread's {name} cannot be stored: it is not valid Unicode text"
+    return None
+
+
+class MemoryStorage:
+    """A fresh in-memory store (see the module doc)."""
+
+    capabilities = CAPABILITIES
+    read_only = False
+    description = ":memory:"
+    path: Path | None = None
+
+    def __init__(self) -> None:
+        """Use :meth:`open`."""
+        self.history = MemoryHistory()
+        self.index = MemoryIndex()
+
+    @classmethod
+    def open(cls, *, durability: str, read_only: bool, rules_id: str) -> MemoryStorage:
+        """A fresh store; the options that do not apply are refused.
+
+        :raises InvalidArgument: ``read_only=True`` or ``durability="full"``.
+        """
+        if read_only:
+            raise InvalidArgument("read_only=True does not apply to ':memory:': an in-memory "
+                                  "store has no other writer to read beside")
+        if durability != "normal":
+            raise InvalidArgument("durability='full' does not apply to ':memory:': nothing in "
+                                  "memory survives power loss; use a directory path")
+        del rules_id  # a fresh store holds no rows of other rules
+        return cls()
+
+    def lagging(self) -> list[Lag]:
+        """Nothing: a fresh store is caught up."""
+        return []
+
+    def remove_thread(self, thread_id: str, *, tombstone: bool) -> None:
+        """Drop the row under the index write lock, then the history."""
+        with self.index.write_lock:
+            if self.index.fenced:
+                raise StoreClosed(f"the store closed; thread {thread_id!r} was not removed")
+            self.index.delete_row(thread_id)
+        self.history.remove(thread_id, tombstone=tombstone)
+
+    def housekeeping_due_at(self) -> float:
+        """Never: there is no deferred bookkeeping."""
+        return float("inf")
+
+    def housekeep(self) -> None:
+        """Nothing to do."""
+
+    def backup(self, dest: Path) -> None:
+        """Refused: there are no files to copy."""
+        raise InvalidArgument("an in-memory store has no files to back up; use a directory "
+                              "path store for backup()")
+
+    def reject_writes(self) -> None:
+        """Later history writes raise :class:`StoreClosed`."""
+        self.history.reject_writes()
+
+    def close(self) -> None:
+        """Nothing to release: the dicts go with the object."""
+
+    def abandon(self) -> None:
+        """Nothing to release."""

@@ -1,0 +1,78 @@
+"""The recovery scan at open: which threads' projections are behind their history.
+
+History marks a thread behind in the append's own transaction and acknowledgements clear
+the mark once the index holds that head, so open reads only the marked threads; every
+thread is compared only when one file lost a tail the other kept.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .history import History
+from .index import Index
+from ...storage import Lag
+
+log = logging.getLogger("thread_store")
+
+
+def recover(history: History, index: Index) -> list[Lag]:
+    """Find threads whose projection is behind (or, after power loss, ahead of) history.
+
+    History marks a thread behind in the append's own transaction, and acknowledgements
+    clear the mark once the index committed the thread's row, so open() reads only the
+    marked threads: O(threads behind), after a clean close or a crash alike.
+    Acknowledgements are written lazily (about once per second, and at close), so a
+    crash leaves the threads of the last commits marked although their rows are written:
+    they are checked here, found caught up, and acknowledged.
+
+    Every thread is compared once, the findings are marked in history and the files
+    agree again, only when one file lost a tail the other kept (power loss with
+    ``durability="normal"``, a restored backup), or for a new index:
+
+    - the index lost commits that history acknowledged: its epoch (a count of its
+      transactions) is below the one history recorded with its last acknowledgement;
+    - history lost items that the index folded: its highest items rowid is below the
+      index's ``history_mark`` (what history's highest rowid was before each fold).
+      Rowids only grow (a removal keeps the highest one, see
+      ``History._keep_high_water``), so removing the newest thread is no false alarm.
+    """
+    acknowledged = history.index_epoch()
+    if (index.fresh or acknowledged is None or index.epoch() < acknowledged
+            or history.high_water() < index.history_mark()):
+        return _compare_all(history, index)
+    behind: list[Lag] = []
+    caught_up = []
+    for thread_id, head in history.behind_threads().items():
+        checkpoint = index.checkpoint(thread_id)
+        lag = Lag(thread_id, head, None if checkpoint.fold_state is None else checkpoint.projected_seq)
+        if lag.projected == head:
+            caught_up.append((thread_id, head))  # its acknowledgement was not written yet
+        else:
+            behind.append(lag)
+    history.acknowledge(caught_up, None)  # the worker writes it with the others
+    return behind
+
+
+def _compare_all(history: History, index: Index) -> list[Lag]:
+    """Compare every thread's row with its history, once (see :func:`recover`).
+
+    Crash-safe in this order: the findings are marked in history before the index's mark
+    and history's epoch say that the files agree again.
+    """
+    if not index.fresh:
+        log.warning("thread_store: the index and the history disagree (a power loss or a "
+                    "restored file); comparing every thread")
+    elif history.index_epoch() is not None:
+        log.warning("thread_store: rebuilding the index from history")
+    high_water = history.high_water()
+    projected_by_id = index.projected_seqs()
+    behind = [lag for thread_id, head in history.heads().items()
+              if (lag := Lag(thread_id, head, projected_by_id.pop(thread_id, None))).projected != head]
+    history.mark_behind(sorted(lag.thread_id for lag in behind))
+    with index.write_lock:
+        # Rows of threads whose history is gone (removed mid-crash, or lost with a tail).
+        index.delete_rows(sorted(projected_by_id))
+        index.reset_history_mark(high_water)
+    history.mark_behind([], epoch=index.epoch())
+    return behind

@@ -1,0 +1,139 @@
+"""``SQLiteStorage``: the embedded backend as one object behind the storage ports.
+
+It owns the store directory, the single-writer lock, both files, the recovery scan at
+open, and the order that makes a removal safe against a racing projection.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import _directory
+from ._recovery import recover
+from .history import History
+from .index import Index
+from ...errors import InvalidArgument, NotAThreadStore, StoreClosed
+from ...storage import Capabilities, Lag
+
+CAPABILITIES = Capabilities(reopen=True, read_only=True, durability_full=True, backup=True,
+                            files=True)
+
+
+class SQLiteStorage:
+    """A store directory holding ``history.db`` and ``index.db`` (see the package doc)."""
+
+    capabilities = CAPABILITIES
+
+    def __init__(self, root: Path, history: History, index: Index, lock_fd: int | None) -> None:
+        """Use :meth:`open`; this only wires the parts together."""
+        self.path: Path | None = root
+        self.history = history
+        self.index = index
+        self.read_only = lock_fd is None
+        self.description = str(root)
+        self._lock_fd = lock_fd
+        index.history = None if self.read_only else history
+
+    @classmethod
+    def open(cls, root: Path, *, durability: str, read_only: bool, rules_id: str) -> SQLiteStorage:
+        """Open (creating as needed) the store in directory ``root``.
+
+        :raises NotAThreadStore: ``root`` holds something else or cannot be written.
+        :raises StoreLocked: another process has the store open for writing.
+        :raises SchemaTooNew: the files come from a newer thread_store.
+        :raises InvalidArgument: the index was projected with other fold rules.
+        """
+        root = _directory.prepare_directory(root, read_only)
+        lock_fd = None if read_only else _directory.lock_directory(root)
+        history = index = None
+        try:
+            history = _directory.open_history(root / _directory.HISTORY_FILE, durability, read_only)
+            index = _directory.open_index(root / _directory.INDEX_FILE, durability, read_only)
+            storage = cls(root, history, index, lock_fd)
+            storage._check_rules(rules_id)
+            return storage
+        except BaseException:
+            # Release everything, or this process could never open the store again.
+            for part in (index, history):
+                if part is not None:
+                    part.close()
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+
+    @staticmethod
+    def drop_index(root: Path) -> None:
+        """Delete the index of the closed store at ``root`` (``rebuild_index``).
+
+        :raises StoreLocked: the store is open for writing somewhere.
+        :raises NotAThreadStore: ``root`` holds no store.
+        """
+        if not (root / _directory.HISTORY_FILE).is_file():
+            raise NotAThreadStore(f"{root} holds no thread store (no {_directory.HISTORY_FILE}) "
+                                  "to reindex")
+        lock_fd = _directory.lock_directory(root)
+        try:
+            _directory.drop_index(root)
+        finally:
+            os.close(lock_fd)  # open() takes it again; whoever wins finds no index and rebuilds
+
+    def _check_rules(self, rules_id: str) -> None:
+        """The rows are the fold of these rules: refuse others, adopt them on a new index."""
+        stored = self.index.rules_id()
+        if stored is None:
+            if not self.read_only:
+                self.index.set_rules_id(rules_id)
+        elif stored != rules_id and not self.read_only:
+            raise InvalidArgument(
+                f"the store at {self.path} was projected with the fold rules {stored!r}, not "
+                f"{rules_id!r}; open it with those rules, or apply the new ones with "
+                "ThreadStore.rebuild_index(path, rules=...)")
+
+    def lagging(self) -> list[Lag]:
+        """The recovery scan: threads behind (or ahead of) their history."""
+        return recover(self.history, self.index)
+
+    def remove_thread(self, thread_id: str, *, tombstone: bool) -> None:
+        """Delete the row, then the history (``Storage.remove_thread``).
+
+        The row goes first, under the index write lock that every group commit holds:
+        until the history is removed no thread can take the id, so nothing can write a
+        row that this would then delete. The row's thread is marked behind in history
+        first, so a crash between the two re-projects it whole.
+        """
+        with self.index.write_lock:
+            if self.index.fenced:
+                raise StoreClosed(f"the store closed; thread {thread_id!r} was not removed")
+            self.index.delete_rows([thread_id])
+        self.history.remove(thread_id, tombstone=tombstone)
+
+    def housekeeping_due_at(self) -> float:
+        """When the lazy acknowledgements of projected heads are due."""
+        return self.history.acknowledgements_due_at()
+
+    def housekeep(self) -> None:
+        """Write the acknowledgements that clear history's behind marks."""
+        self.history.write_acknowledgements()
+
+    def backup(self, dest: Path) -> None:
+        """Copy both files with SQLite's online backup into the new directory ``dest``."""
+        _directory.backup(self.history, self.index, dest)
+
+    def reject_writes(self) -> None:
+        """Later history writes raise :class:`StoreClosed`."""
+        self.history.reject_writes()
+
+    def close(self) -> None:
+        """Close both files, then let go of the writer lock."""
+        try:
+            self.history.close()
+            self.index.close()
+        finally:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Release the writer lock (a forked child shares its description: only close it)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

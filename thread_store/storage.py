@@ -1,0 +1,365 @@
+"""The storage seam: the ports the contract needs and the records that cross them.
+
+The contract (projector, barriers, the facades) talks to storage only through these
+ports; each backend under :mod:`thread_store.backends` implements them and owns its
+driver, SQL, locks, files and its one error boundary. Every port method raises only
+:class:`~thread_store.errors.ThreadStoreError` subclasses (a driver's own error is chained
+as ``__cause__``), and a transient failure is a
+:class:`~thread_store.errors.TransientStorageError`, which projections retry.
+
+Three roles:
+
+- :class:`HistoryLog`: the durable, append-only item log (per-thread ``seq``, tombstones,
+  idempotency keys). It is the truth.
+- :class:`MetadataIndex`: one projected row per thread, written with its
+  ``projected_seq`` in one statement: the only truth for barriers (DESIGN §1.3).
+- :class:`Storage`: one open backend: both roles plus the operations that span them
+  (removal, recovery at open, fencing at close, housekeeping).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Protocol, Sequence
+
+from .errors import InvalidCursor, ThreadStoreError
+from .model import THREAD_ID_PATTERN, EncodedItem, Page, ThreadMetadata
+
+#: The ``open`` target of the in-memory backend.
+MEMORY = ":memory:"
+
+# -- records ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRow:
+    """One history item as stored: its ``seq``, its timestamp in µs and its JSON text.
+
+    ``kind`` is the item's ``type`` when the writer still knows it (items buffered by the
+    projector); ``None`` for rows read back from storage.
+    """
+
+    seq: int
+    ts_us: int
+    text: str
+    kind: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    """An append's idempotency key and the digest of its items (DESIGN §3)."""
+
+    key: str
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """What an append did: the generation to report, and whether it wrote anything
+    (``False`` for an empty append, or a repeated one with the same idempotency key)."""
+
+    generation: int
+    written: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A thread's projection as stored: ``projected_seq``, the fold state at it (JSON;
+    ``None`` while the thread has no row) and the last error recorded for it."""
+
+    projected_seq: int
+    fold_state: str | None
+    last_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Lag:
+    """A thread whose projection is behind its history, found at open."""
+
+    thread_id: str
+    head: int
+    #: The row's ``projected_seq``; ``None`` when it has no row.
+    projected: int | None
+
+    @property
+    def refold(self) -> bool:
+        """Fold from the first item: no row yet, or a row ahead of history (power loss)."""
+        return self.projected is None or self.projected > self.head
+
+
+@dataclass(frozen=True, slots=True)
+class RowWrite:
+    """A projected row to store: the public metadata and the serialized fold state."""
+
+    meta: ThreadMetadata
+    fold_state: str
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A projection that failed for good: recorded in the store for ``status()``."""
+
+    thread_id: str
+    generation: int
+    error: str
+
+
+class CommitOutcome(enum.Enum):
+    """How a :meth:`MetadataIndex.commit` call ended as a whole."""
+
+    #: The transaction committed (rows in ``errors`` or ``refused`` were not written).
+    COMMITTED = "committed"
+    #: Another writer held the index past the caller's deadline; nothing was written.
+    BUSY = "busy"
+    #: The index is fenced (the store is closing); nothing was written.
+    FENCED = "fenced"
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    """The result of one group commit of projected rows."""
+
+    outcome: CommitOutcome
+    #: Rows the index refused to store (a value it cannot hold), by thread id.
+    errors: Mapping[str, ThreadStoreError] = field(default_factory=dict)
+    #: Rows skipped because ``may_write`` said no (a removal began).
+    refused: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class ListQuery:
+    """One ``list_threads`` call, validated: the filters and the decoded cursor."""
+
+    limit: int
+    archived: bool = False
+    include_empty: bool = False
+    #: Words of the search, each a case-insensitive substring (ANDed); empty: no search.
+    words: tuple[str, ...] = ()
+    cwd: str | None = None
+    #: ``(recency_us, thread_id)`` of the last row of the previous page.
+    after: tuple[int, str] | None = None
+
+    def filters(self) -> list[object]:
+        """What a cursor is bound to: the same filters must come back with it."""
+        return [self.archived, self.include_empty, " ".join(self.words) or None, self.cwd]
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can do beyond the contract every backend keeps.
+
+    The contract suite skips a test by these, never by a backend's name.
+    """
+
+    #: A store can be closed and opened again with its data (files, a server).
+    reopen: bool
+    #: ``read_only=True`` opens it for reading beside a writer.
+    read_only: bool
+    #: ``durability="full"`` (survives power loss) is available.
+    durability_full: bool
+    #: ``store.backup(dest)`` writes a copy.
+    backup: bool
+    #: The store lives in files on this machine (file modes, crash tests with kill -9).
+    files: bool
+
+
+# -- the keyset cursor, the same on every backend ---------------------------------------
+
+_CURSOR_VERSION = 2
+
+
+def encode_cursor(query: ListQuery, recency_us: int, thread_id: str) -> str:
+    """The opaque ``next_cursor`` after the row ``(recency_us, thread_id)``."""
+    raw = json.dumps([_CURSOR_VERSION, *query.filters(), recency_us, thread_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: object, filters: list[object]) -> tuple[int, str]:
+    """Decode a cursor of a query with these ``filters``.
+
+    Only what :func:`encode_cursor` could have written passes: a forged cursor never
+    reaches a database with a value it cannot bind.
+
+    :raises InvalidCursor: the cursor is malformed or from another query.
+    """
+    problem = InvalidCursor(
+        "invalid cursor: pass back the next_cursor of a page from the same list_threads "
+        "query (same archived, search, cwd and include_empty)")
+    if not isinstance(cursor, str) or len(cursor) > 4096:
+        raise problem
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        version, *got, recency_us, thread_id = json.loads(raw)
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError, RecursionError) as exc:
+        raise problem from exc
+    if (version != _CURSOR_VERSION or got != filters or type(recency_us) is not int
+            or not -(2**63) <= recency_us < 2**63 or not isinstance(thread_id, str)
+            or not THREAD_ID_PATTERN.fullmatch(thread_id)):
+        raise problem
+    return recency_us, thread_id
+
+
+# -- ports ------------------------------------------------------------------------------
+
+
+class HistoryLog(Protocol):
+    """The durable item log: per-thread ``seq`` allocation, tombstones, paging."""
+
+    def create(self, thread_id: str, *, created_us: int, first: EncodedItem | None) -> None:
+        """Create a thread, with its first item (``seq`` 1) or none, atomically.
+
+        :raises ThreadExists: the id is taken. :raises ThreadDiscarded: it was discarded.
+        :raises StoreClosed: the store is closing.
+        """
+
+    def append(self, thread_id: str, items: Sequence[EncodedItem],
+               key: IdempotencyKey | None = None) -> Appended:
+        """Commit the items durably at the next ``seq`` values, atomically (all or none).
+
+        With ``key``: a key already stored for the thread with the same digest writes
+        nothing and returns the generation of that first append; with another digest it
+        raises :class:`InvalidArgument`. The key is stored in the append's transaction.
+        Empty ``items`` write nothing and return the head.
+
+        :raises ThreadNotFound: unknown id. :raises ThreadDiscarded: discarded id.
+        :raises StoreClosed: the store is closing. :raises StorageError: the write failed
+            (nothing was stored). :raises OutcomeUnknown: the backend cannot tell.
+        """
+
+    def head(self, thread_id: str) -> int:
+        """The thread's last ``seq`` in the store (0 for an empty thread).
+
+        :raises ThreadNotFound: unknown id. :raises ThreadDiscarded: discarded id.
+        """
+
+    def created_us(self, thread_id: str) -> int:
+        """When the thread was created (µs since the epoch).
+
+        :raises ThreadNotFound: unknown id. :raises ThreadDiscarded: discarded id.
+        """
+
+    def read(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> list[StoredRow]:
+        """Up to ``limit`` items with ``after_seq < seq <= upto_seq``, in ``seq`` order;
+        an unknown or removed thread has none."""
+
+    def heads(self) -> dict[str, int]:
+        """``{thread_id: head}`` of every live thread (reindex), in one read."""
+
+    def position(self) -> int:
+        """A mark at or above every item committed so far. Taken before a fold and passed
+        to :meth:`MetadataIndex.commit`, it lets a backend detect, after a power loss,
+        an index that folded items its history lost. Backends that need none return 0."""
+
+
+class MetadataIndex(Protocol):
+    """The projected table: one row per thread, written with its ``projected_seq``."""
+
+    def read(self, thread_id: str) -> ThreadMetadata | None:
+        """The thread's projected metadata, or ``None`` while it has no row."""
+
+    def list(self, query: ListQuery) -> Page:
+        """One page of rows, newest ``recency_at`` first, keyset-paginated (DESIGN §3)."""
+
+    def checkpoint(self, thread_id: str) -> Checkpoint:
+        """Where the thread's projection stands in the store (``projected_seq`` 0 and no
+        fold state without a row), with the failure recorded for it, if any."""
+
+    def commit(self, rows: Sequence[RowWrite], *, position: int,
+               may_write: Callable[[str], bool], deadline: float | None) -> CommitResult:
+        """Write the rows in one transaction (a group commit), each with its
+        ``projected_seq``; a row's write clears the failure recorded for it.
+
+        ``may_write(thread_id)`` is asked for every row inside the writer's critical
+        section, after which no removal of that thread can interleave: rows it refuses are
+        skipped. A row the index cannot store fails alone (``errors``). ``deadline``
+        (monotonic) bounds the wait for another writer (``BUSY``). After :meth:`fence`,
+        nothing is written (``FENCED``).
+
+        :raises TransientStorageError: the transaction failed and may succeed on retry;
+            nothing was written. :raises StorageError: it failed for good.
+        """
+
+    def record_failures(self, failures: Sequence[Failure]) -> None:
+        """Record projections that failed for good, unless a row already covers their
+        generation (a later success won the race). Best effort: never raises."""
+
+    def fence(self, timeout: float) -> bool:
+        """Stop every write of this process: after it returns ``True`` (within
+        ``timeout`` seconds) no commit started here can land; ``False`` if a writer was
+        still letting go (it is fenced all the same and writes nothing)."""
+
+
+class Storage(Protocol):
+    """One open backend: its history, its index, and what spans both."""
+
+    @property
+    def history(self) -> HistoryLog:
+        """The item log."""
+
+    @property
+    def index(self) -> MetadataIndex:
+        """The projected rows."""
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What it can do beyond the contract."""
+
+    @property
+    def read_only(self) -> bool:
+        """Opened with ``read_only=True``: it never writes (no history writes, no projection)."""
+
+    @property
+    def description(self) -> str:
+        """Where it lives, for messages (a path, ``:memory:``, a URL without its password)."""
+
+    @property
+    def path(self) -> Path | None:
+        """The store's directory, for the embedded backend; ``None`` for the others."""
+
+    def lagging(self) -> list[Lag]:
+        """Threads whose projection is behind (or ahead of) their history: run once at
+        open, O(threads behind); what it returns is caught up by the projector."""
+
+    def remove_thread(self, thread_id: str, *, tombstone: bool) -> None:
+        """Remove a thread's row and history; keep a tombstone (discard) or free the id.
+
+        No projection started before can write the row afterwards (see ``may_write``).
+        If it raises, the history is intact, though the row may be gone: the caller
+        re-projects the thread from its first item.
+
+        :raises StoreClosed: the index is fenced (closing); nothing was removed.
+        :raises StorageError: the removal failed.
+        """
+
+    def housekeeping_due_at(self) -> float:
+        """When :meth:`housekeep` should run (monotonic; ``inf``: nothing to do)."""
+
+    def housekeep(self) -> None:
+        """Deferred bookkeeping, run by the projector's worker off every caller's path.
+        Never raises."""
+
+    def backup(self, dest: Path) -> None:
+        """Write a consistent copy into the new directory ``dest`` while writes go on.
+
+        :raises InvalidArgument: the backend has no file copy, or ``dest`` is unusable.
+        """
+
+    def reject_writes(self) -> None:
+        """Make later history writes raise :class:`StoreClosed` (the first step of close)."""
+
+    def close(self) -> None:
+        """Finish deferred bookkeeping and release everything (connections, locks)."""
+
+    def abandon(self) -> None:
+        """Release what would block another opener (locks), without I/O on shared
+        connections: for garbage collection and the child of a ``fork``."""
+
+
+__all__ = ["MEMORY", "Appended", "Capabilities", "Checkpoint", "CommitOutcome", "CommitResult", "Failure",
+           "HistoryLog", "IdempotencyKey", "Lag", "ListQuery", "MetadataIndex", "RowWrite",
+           "Storage", "StoredRow", "decode_cursor", "encode_cursor"]
