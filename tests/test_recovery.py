@@ -271,7 +271,7 @@ def test_history_from_schema_1_is_migrated_and_compared_once(store_path: Path) -
         assert assert_converged(store) == 3
         store.append(tids[1], [plain(9)])  # the migrated trigger marks it
     with closing(sqlite3.connect(store_path / "history.db")) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == history_module.SCHEMA_VERSION
         assert conn.execute("SELECT count(*) FROM store_meta WHERE key = 'session'").fetchone()[0] == 0
 
 
