@@ -152,6 +152,20 @@ class Barriers:
         except ThreadStoreError as exc:
             return exc
 
+    def wait_each(self, heads: Mapping[str, int], progress: Callable[[int, int], None] | None) -> None:
+        """Wait for each thread in turn until its ``heads`` generation is projected
+        (``rebuild_index``); a thread discarded meanwhile counts as done.
+
+        :param progress: called as ``progress(threads_done, threads_total)``.
+        """
+        for done, (thread_id, head) in enumerate(heads.items(), 1):
+            try:
+                self.wait(thread_id, self.target(thread_id, head), None)
+            except ThreadDiscarded:
+                pass
+            if progress is not None:
+                progress(done, len(heads))
+
     # -- flush_all ------------------------------------------------------------------------
 
     def wait_all(self, timeout: float | None) -> None:

@@ -1,4 +1,4 @@
-"""Validation of ``ThreadStore.open``'s target and options.
+"""Validation of ``ThreadStore.open``'s target and options (and ``rebuild_index``'s).
 
 It runs before ``open`` touches the file system, so a bad option can never surface later,
 after a call has already written (a ``coalesce_delay=None`` used to fail ``create_thread``
@@ -100,6 +100,19 @@ def check_open_kwargs(options: Mapping[str, Any]) -> None:
         raise InvalidArgument(f"unknown ThreadStore.open option(s) {', '.join(map(repr, unknown))}; "
                               f"the options are {', '.join(sorted(_OPTION_NAMES))}")
     check_options(**options)
+
+
+def check_rebuild_options(options: Mapping[str, Any], progress: object) -> None:
+    """Check ``rebuild_index``'s options: ``open``'s but ``read_only``, and ``progress``.
+
+    :raises InvalidArgument: an unknown name, a bad value, or ``read_only=True``.
+    """
+    check_open_kwargs(options)
+    if options.get("read_only"):
+        raise InvalidArgument("rebuild_index writes the index; it cannot use read_only=True")
+    if progress is not None and not callable(progress):
+        raise InvalidArgument(f"progress must be a callable progress(done, total) or None, "
+                              f"not {type(progress).__name__}")
 
 
 def check_options(*, projection: object = "async", durability: object = "normal",

@@ -27,16 +27,14 @@ projection runs inside ``append``, and so in the executor thread.
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import functools
 import os
-import threading
 from collections.abc import Callable, Generator, Mapping, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Self, TypeVar
 
+from ._aio_hop import Hop, OwnExecutor, call_soon, in_executor, set_once
 from ._options import check_open_kwargs
 from .derive import NOT_GIVEN, archive_edit_item, metadata_edit_item
 from .errors import InvalidArgument
@@ -68,7 +66,7 @@ class AsyncThreadStore:
         """
         self._store = store
         self._barriers = store._barriers  # one barrier core, two faces (see _barriers)
-        self._executor = _OwnExecutor() if executor is None else executor
+        self._executor = OwnExecutor(EXECUTOR_WORKERS) if executor is None else executor
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, executor: Executor | None = None,
@@ -163,10 +161,10 @@ class AsyncThreadStore:
             nonlocal resolved
             resolved += 1
             if total is not None and resolved >= total:
-                _set_once(all_done, None)
+                set_once(all_done, None)
 
         waiters = await self._register(
-            lambda: self._barriers.begin_all(lambda outcome: _call_soon(loop, count_one)),
+            lambda: self._barriers.begin_all(lambda outcome: call_soon(loop, count_one)),
             lambda registered: registered, deadline)
         total = len(waiters)
         if resolved < total:
@@ -227,7 +225,7 @@ class AsyncThreadStore:
         try:
             await self._within(self._store.close, timeout, cancellable=False)
         finally:
-            if isinstance(self._executor, _OwnExecutor):
+            if isinstance(self._executor, OwnExecutor):
                 self._executor.shutdown(wait=False)  # its threads end once idle
 
     async def __aenter__(self) -> Self:
@@ -240,7 +238,7 @@ class AsyncThreadStore:
     # -- internals ------------------------------------------------------------------------
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await _in_executor(self._executor, fn, *args, **kwargs)
+        return await in_executor(self._executor, fn, *args, **kwargs)
 
     async def _within(self, call: Callable[[float | None], T], timeout: float | None, *,
                       cancellable: bool = True) -> T:
@@ -256,7 +254,7 @@ class AsyncThreadStore:
         def run() -> T:
             return call(None if deadline is None else max(0.0, deadline - loop.time()))
 
-        return await _Hop(loop, self._executor, run).result(deadline, cancellable=cancellable)
+        return await Hop(loop, self._executor, run).result(deadline, cancellable=cancellable)
 
     async def _barrier(self, thread_id: str, target: Callable[[], int],
                        timeout: float | None) -> ThreadMetadata:
@@ -276,7 +274,7 @@ class AsyncThreadStore:
         def begin() -> tuple[int, Waiter | None, Outcome | None]:
             generation = target()
             waiter = barriers.begin(
-                thread_id, generation, lambda outcome: _call_soon(loop, _set_once, fut, outcome))
+                thread_id, generation, lambda outcome: call_soon(loop, set_once, fut, outcome))
             # Already projected: read the metadata here, in the executor, not on the loop.
             return generation, waiter, None if waiter is not None else barriers.read_outcome(thread_id)
 
@@ -298,7 +296,7 @@ class AsyncThreadStore:
                     raise
             if isinstance(outcome, Success) and outcome.meta is None:
                 # Projected, but the outcome carried no row: read it off the loop.
-                outcome = await _Hop(loop, self._executor,
+                outcome = await Hop(loop, self._executor,
                                      lambda: barriers.read_outcome(thread_id)).result(deadline)
             return barriers.settle(thread_id, generation, timeout, outcome, info)
 
@@ -310,7 +308,7 @@ class AsyncThreadStore:
         runs, it still finishes and the waiters it registered (``waiters_of(result)``)
         are then withdrawn, so no waiter outlives its caller.
         """
-        hop = _Hop(asyncio.get_running_loop(), self._executor, begin)
+        hop = Hop(asyncio.get_running_loop(), self._executor, begin)
         try:
             return await hop.result(deadline)
         except asyncio.CancelledError:
@@ -321,76 +319,6 @@ class AsyncThreadStore:
 
             hop.done.add_done_callback(withdraw)
             raise
-
-
-class _Hop(Generic[T]):
-    """One blocking call handed to the store's executor, bounded by a deadline.
-
-    If no executor thread has started the call by the deadline (they are all busy), the
-    call moves to a thread of its own: a barrier that appended must
-    still tell whether its items are durable, and it returns on time only if its hop
-    cannot queue indefinitely. A call whose caller is cancelled before it starts never
-    runs. The result reaches the loop by ``call_soon_threadsafe``.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, executor: Executor, fn: Callable[[], T]) -> None:
-        self._loop = loop
-        self._executor = executor
-        self._fn = fn
-        self._context = contextvars.copy_context()  # trace parents survive the hop
-        self._lock = threading.Lock()
-        self._taken = False
-        self.done: asyncio.Future[T] = loop.create_future()
-
-    def _take(self) -> bool:
-        """Claim the call, for the executor, a thread of its own, or a cancellation."""
-        with self._lock:
-            taken, self._taken = self._taken, True
-            return not taken
-
-    def _run(self) -> None:
-        try:
-            result = self._context.run(self._fn)
-        except BaseException as exc:  # noqa: BLE001 - the awaiting caller gets it, whatever it is
-            _call_soon(self._loop, _fail_once, self.done, exc)
-        else:
-            _call_soon(self._loop, _set_once, self.done, result)
-
-    def _run_if_untaken(self) -> None:
-        if self._take():
-            self._run()
-
-    def _run_elsewhere(self) -> None:
-        if self._take():
-            threading.Thread(target=self._run, name="thread_store-aio-hop").start()
-
-    async def result(self, deadline: float | None, *, cancellable: bool = True) -> T:
-        """Await the call's result; past ``deadline`` it runs on a thread of its own.
-
-        :param cancellable: ``False`` for a call that must run even if its caller is
-            cancelled before it started (``close``: else the store would stay open).
-        """
-        try:
-            self._loop.run_in_executor(self._executor, self._run_if_untaken)
-        except RuntimeError:  # the executor is shut down
-            self._run_elsewhere()
-        expiry = asyncio.timeout_at(deadline)
-        try:
-            async with expiry:
-                # shield: a cancelled caller must not cancel the result that tells which
-                # waiters to withdraw.
-                return await asyncio.shield(self.done)
-        except TimeoutError:
-            if not expiry.expired():
-                raise  # the call's own TimeoutError
-        except asyncio.CancelledError:
-            if cancellable:
-                self._take()  # not started yet: it never will be
-            else:
-                self._run_elsewhere()
-            raise
-        self._run_elsewhere()
-        return await asyncio.shield(self.done)  # bounded by the call's own work now
 
 
 class _Opening:
@@ -407,11 +335,11 @@ class _Opening:
     async def _open(self) -> AsyncThreadStore:
         # Passed through **options, an unknown name would otherwise be a TypeError.
         check_open_kwargs(self._options)
-        executor = _OwnExecutor() if self._executor is None else self._executor
+        executor = OwnExecutor(EXECUTOR_WORKERS) if self._executor is None else self._executor
         try:
-            store = await _in_executor(executor, ThreadStore.open, self._path, **self._options)
+            store = await in_executor(executor, ThreadStore.open, self._path, **self._options)
         except BaseException:
-            if isinstance(executor, _OwnExecutor):
+            if isinstance(executor, OwnExecutor):
                 executor.shutdown(wait=False)
             raise
         return self._cls(store, executor)
@@ -427,42 +355,3 @@ class _Opening:
                         tb: TracebackType | None) -> None:
         if self._store is not None:
             await self._store.close()
-
-
-async def _in_executor(executor: Executor, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a blocking call in ``executor``, in a copy of the caller's context."""
-    call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-    loop = asyncio.get_running_loop()
-    try:
-        future = loop.run_in_executor(executor, call)
-    except RuntimeError:
-        # The store's own executor ends with close(); a call after that only raises
-        # StoreClosed, which the loop's default executor can tell it at once.
-        future = loop.run_in_executor(None, call)
-    return await future
-
-
-class _OwnExecutor(ThreadPoolExecutor):
-    """An executor a store made for itself (and shuts down): appends never queue behind
-    the application's jobs on the loop's default executor."""
-
-    def __init__(self) -> None:
-        super().__init__(max_workers=EXECUTOR_WORKERS, thread_name_prefix="thread_store-aio")
-
-
-def _set_once(fut: asyncio.Future[T], value: T) -> None:
-    if not fut.done():  # a cancelled or timed-out await already gave up on it
-        fut.set_result(value)
-
-
-def _fail_once(fut: asyncio.Future[T], error: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(error)
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: Any) -> None:
-    """Hand a resolution to the loop from the projector's thread (under its lock)."""
-    try:
-        loop.call_soon_threadsafe(fn, *args)
-    except RuntimeError:
-        pass  # the loop is closed: nobody awaits this barrier any more

@@ -6,12 +6,7 @@ recovery, trace propagation) is stated once, in the README and in DESIGN §1.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import os
-import threading
-import time
 import uuid
 import warnings
 from pathlib import Path
@@ -22,19 +17,20 @@ from opentelemetry import metrics, trace
 
 from . import _lifecycle
 from ._barriers import Barriers
-from ._options import check_open_kwargs, check_options, check_path, check_target
+from ._inputs import check_idempotency_key, encode_items, from_cursor, list_query, session_meta_item
+from ._lifecycle import Lifetime
+from ._options import check_open_kwargs, check_options, check_path, check_rebuild_options, check_target
+from ._reads import Reads
+from ._writes import Writes
 from .backends import drop_index, open_storage
 from .derive import (NOT_GIVEN, CodexRules, ProjectionRules, archive_edit_item, metadata_edit_item,
                      rules_id)
-from .errors import InvalidArgument, ReadOnlyStore, StoreClosed, ThreadDiscarded, ThreadStoreError
-from .model import (DEFAULT_MAX_ITEM_BYTES, EncodedItem, Page, ProjectorStats, RetryPolicy, StoredItem,
-                    ThreadMetadata, ThreadStatus, check_count, check_thread_id, check_timeout,
-                    encode_item, utc)
+from .errors import ReadOnlyStore
+from .model import (DEFAULT_MAX_ITEM_BYTES, Page, ProjectorStats, RetryPolicy, StoredItem,
+                    ThreadMetadata, ThreadStatus, check_count, check_thread_id, check_timeout)
 from .projector import Projector, ProjectionHook
-from .storage import IdempotencyKey, ListQuery, Storage, decode_cursor
-from .tracing import ATTR_GENERATION, Telemetry, capture
-
-log = logging.getLogger("thread_store")
+from .storage import Storage
+from .tracing import Telemetry
 
 
 class ThreadStore:
@@ -53,19 +49,16 @@ class ThreadStore:
         self._storage = storage
         self._history = storage.history
         self._index = storage.index
-        self._projector = projector
-        self._rules = rules
-        self._telemetry = telemetry
         self._sync = projection == "sync"
         self._max_item_bytes = max_item_bytes
-        self._closed = False
-        self._closed_why = "the thread store is closed; open it again"
-        self._close_lock = threading.Lock()
+        self._lifetime = lifetime = Lifetime(storage, projector)
+        self._reads = Reads(storage, projector, rules)
+        self._writes = None if projector is None else Writes(storage, projector, telemetry,
+                                                              lifetime.closed_reason)
         #: The barrier core, shared with AsyncThreadStore (one core, two faces).
-        self._barriers = Barriers(projector, storage, self.read_thread, telemetry,
-                                  lambda: self._closed_why if self._closed else None,
+        self._barriers = Barriers(projector, storage, self.read_thread, telemetry, lifetime.closed_reason,
                                   lambda tid, items, key: self._append(tid, items, key, barrier=True))
-        _lifecycle.register(self)
+        _lifecycle.register(lifetime)
 
     # -- opening --------------------------------------------------------------------------
 
@@ -152,23 +145,12 @@ class ThreadStore:
             was removed.
         """
         where = check_target(target)
-        check_open_kwargs(options)
-        if options.get("read_only"):
-            raise InvalidArgument("rebuild_index writes the index; it cannot use read_only=True")
-        if progress is not None and not callable(progress):
-            raise InvalidArgument(f"progress must be a callable progress(done, total) or None, "
-                                  f"not {type(progress).__name__}")
+        check_rebuild_options(options, progress)
         drop_index(where)
         with cls.open(where, **options) as store:
             # Every thread with items; the catch-up open() started may have covered some.
             heads = {t: head for t, head in store._history.heads().items() if head}
-            for done, (thread_id, head) in enumerate(heads.items(), 1):
-                try:
-                    store.flush(thread_id, generation=head)
-                except ThreadDiscarded:
-                    pass
-                if progress is not None:
-                    progress(done, len(heads))
+            store._barriers.wait_each(heads, progress)
         return len(heads)
 
     # -- writes ---------------------------------------------------------------------------
@@ -181,16 +163,10 @@ class ThreadStore:
             stored as the thread's first history item; none means no item.
         :raises ThreadExists: the id is taken. :raises ThreadDiscarded: the id was discarded.
         """
-        projector = self._writable()
+        writes = self._writable()
         thread_id = str(uuid.uuid4()) if thread_id is None else check_thread_id(thread_id)
-        first = None
-        if metadata is not None:
-            if not isinstance(metadata, Mapping):
-                raise InvalidArgument(f"metadata must be a dict, not {type(metadata).__name__}")
-            if metadata:
-                first = self._encode([{"type": "session_meta", "payload": dict(metadata)}])[0]
-        self._history.create(thread_id, created_us=_now_us(), first=first)
-        projector.on_create(thread_id, first)
+        first = session_meta_item(metadata, self._max_item_bytes)
+        writes.create(thread_id, first)
         if first is not None and self._sync:
             self._barriers.wait(thread_id, 1, None)
         return thread_id
@@ -214,7 +190,7 @@ class ThreadStore:
             with a key, the same call again gives the answer.
         """
         # A paused projector (a test's tool) defers even sync projection: items stay durable.
-        sync = self._sync and bool(items) and not self._writable().paused
+        sync = self._sync and bool(items) and not self._writable().projector.paused
         generation = self._append(thread_id, items, idempotency_key, barrier=sync)
         if sync:
             self._barriers.wait(thread_id, generation, None)
@@ -252,11 +228,11 @@ class ThreadStore:
         The archive is a history item, flushed before returning, so no later read of the
         thread pays for catch-up.
         """
-        return self._set_archived(thread_id, True, timeout)
+        return self.append_and_flush(thread_id, [archive_edit_item(True)], timeout)
 
     def unarchive_thread(self, thread_id: str, *, timeout: float | None = None) -> ThreadMetadata:
         """Bring an archived thread back to the default listing."""
-        return self._set_archived(thread_id, False, timeout)
+        return self.append_and_flush(thread_id, [archive_edit_item(False)], timeout)
 
     def delete_thread(self, thread_id: str, *, timeout: float | None = None) -> None:
         """Remove a thread for good: history, metadata and pending work.
@@ -308,14 +284,8 @@ class ThreadStore:
         :raises ThreadNotFound: unknown id. :raises ThreadDiscarded: discarded or being removed.
         """
         check_thread_id(thread_id)
-        self._open_check()
-        meta = self._index.read(thread_id)
-        if meta is not None:
-            return meta
-        if self._projector is not None:
-            self._projector.check_live(thread_id)  # mid-removal its row is already gone
-        created = self._history.created_us(thread_id)
-        return self._rules.metadata(thread_id, self._rules.initial(thread_id, created), 0)
+        self._lifetime.check_open()
+        return self._reads.metadata(thread_id)
 
     def read_history(self, thread_id: str, after_seq: int = 0, limit: int = 1000) -> list[StoredItem]:
         """Return up to ``limit`` items with ``seq > after_seq``, in order.
@@ -330,9 +300,8 @@ class ThreadStore:
         check_thread_id(thread_id)
         check_count(after_seq, name="after_seq", minimum=0, maximum=1 << 62)
         check_count(limit, name="limit", minimum=1, maximum=100_000)
-        self._open_check()
-        rows = self._history.read(thread_id, after_seq, self._history.head(thread_id), limit)
-        return [StoredItem(row.seq, utc(row.ts_us), json.loads(row.text)) for row in rows]
+        self._lifetime.check_open()
+        return self._reads.history(thread_id, after_seq, limit)
 
     def list_threads(self, limit: int = 50, cursor: str | None = None, archived: bool = False,
                      search: str | None = None, include_empty: bool = False,
@@ -348,26 +317,10 @@ class ThreadStore:
         :param cwd: only threads whose working directory is exactly this.
         :raises InvalidCursor: the cursor is not from this query.
         """
-        check_count(limit, name="limit", minimum=1, maximum=1000)
-        for flag, name in ((archived, "archived"), (include_empty, "include_empty")):
-            if not isinstance(flag, bool):
-                raise InvalidArgument(f"{name} must be True or False, not {flag!r}")
-        if search is not None and (not isinstance(search, str) or len(search) > 1000
-                                   or "\x00" in search or not _encodable(search)):
-            raise InvalidArgument("search must be a string of at most 1000 characters, without "
-                                  "NUL characters or lone surrogates, or None")
-        if cwd is not None and (not isinstance(cwd, str) or len(cwd) > 4096 or "\x00" in cwd
-                                or not _encodable(cwd)):
-            raise InvalidArgument("cwd must be a directory path string (at most 4096 characters, "
-                                  "no NUL characters or lone surrogates) or None")
-        self._open_check()
-        query = ListQuery(limit=limit, archived=archived, include_empty=include_empty,
-                          words=tuple(search.split()) if search else (), cwd=cwd)
-        if cursor is not None:
-            query = ListQuery(limit=limit, archived=archived, include_empty=include_empty,
-                              words=query.words, cwd=cwd,
-                              after=decode_cursor(cursor, query.filters()))
-        return self._index.list(query)
+        query = list_query(limit, archived=archived, search=search, include_empty=include_empty,
+                           cwd=cwd)
+        self._lifetime.check_open()
+        return self._index.list(from_cursor(query, cursor))
 
     def backup(self, dest: str | os.PathLike[str]) -> None:
         """Write a consistent copy of the store into the new directory ``dest``.
@@ -383,7 +336,7 @@ class ThreadStore:
         :raises StorageError: the store could not be read or the copy written.
         """
         target = check_path(dest)
-        self._open_check()
+        self._lifetime.check_open()
         self._storage.backup(target)
 
     def status(self, thread_id: str) -> ThreadStatus:
@@ -398,29 +351,22 @@ class ThreadStore:
         :raises ThreadDiscarded: discarded thread, or one being discarded or deleted.
         """
         check_thread_id(thread_id)
-        self._open_check()
-        local = self._projector.local_status(thread_id) if self._projector else None
-        head = self._history.head(thread_id)
-        stored = self._index.checkpoint(thread_id)
-        projected = stored.projected_seq
-        if local is None:
-            return ThreadStatus(head, projected, projected < head, 0, stored.last_error, 0)
-        return ThreadStatus(head, projected, projected < head, local.attempts,
-                            stored.last_error or local.last_error, local.waiters)
+        self._lifetime.check_open()
+        return self._reads.status(thread_id)
 
     def stats(self) -> ProjectorStats:
         """Projector counters since open: group commits, rows, retries, backlog."""
-        return self._writable().stats()
+        return self._writable().projector.stats()
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def pause_projection(self) -> None:
         """Hold the projector still (for tests); appends still succeed and stay durable."""
-        self._writable().pause()
+        self._writable().projector.pause()
 
     def resume_projection(self) -> None:
         """Undo :meth:`pause_projection`."""
-        self._writable().resume()
+        self._writable().projector.resume()
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Stop appends, drain pending projections within ``timeout``, resolve every waiter.
@@ -430,19 +376,7 @@ class ThreadStore:
         deadline is fenced and can never write, and does not keep the process alive.
         Idempotent.
         """
-        timeout = check_timeout(timeout)
-        with self._close_lock:
-            if self._closed:
-                return
-            self._closed = True
-        self._storage.reject_writes()
-        try:
-            if self._projector is not None:
-                # What the drain leaves behind stays recorded as behind for the next open.
-                self._projector.close(timeout)
-        finally:
-            self._storage.close()
-            _lifecycle.unregister(self)
+        self._lifetime.close(check_timeout(timeout))
 
     def __enter__(self) -> ThreadStore:
         return self
@@ -452,15 +386,11 @@ class ThreadStore:
         self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "_closed", True):
-            return
-        # Stop first: under -W error the warning raises, and the worker must not go on
-        # projecting for a store nobody can close any more.
-        if self._projector is not None:
-            self._projector.stop_now()
-        self._storage.abandon()  # else this process could never open the store again
-        warnings.warn(f"{self._describe()} was not closed; call close() or use 'with'",
-                      ResourceWarning, stacklevel=2)
+        lifetime: Lifetime | None = getattr(self, "_lifetime", None)
+        # abandon() stops the worker before the warning, which raises under -W error.
+        if lifetime is not None and lifetime.abandon():
+            warnings.warn(f"{lifetime.describe()} was not closed; call close() or use 'with'",
+                          ResourceWarning, stacklevel=2)
 
     # -- internals ------------------------------------------------------------------------
 
@@ -468,106 +398,19 @@ class ThreadStore:
                 idempotency_key: str | None, *, barrier: bool = False) -> int:
         """Append durably; ``barrier=True`` when the caller waits on the result at once."""
         check_thread_id(thread_id)
-        projector = self._writable()
-        encoded = self._encode(items)
-        key = None if idempotency_key is None else _idempotency_key(idempotency_key, encoded)
-        if not self._telemetry.tracing():
-            done = self._history.append(thread_id, encoded, key)
-            if done.written:
-                projector.on_append(thread_id, done.generation, encoded, None, schedule=not barrier)
-            return done.generation
-        with self._telemetry.append_span(thread_id, len(encoded)) as span:
-            done = self._history.append(thread_id, encoded, key)
-            if done.written:
-                projector.on_append(thread_id, done.generation, encoded, capture(span),
-                                    schedule=not barrier)
-            if span.is_recording():
-                span.set_attribute(ATTR_GENERATION, done.generation)
-            return done.generation
-
-    def _encode(self, items: Sequence[Mapping[str, Any]]) -> list[EncodedItem]:
-        # A list is the common case; the ABC checks cost about a microsecond each.
-        if type(items) is not list and (isinstance(items, (str, bytes, Mapping))
-                                        or not isinstance(items, Sequence)):
-            raise InvalidArgument("items must be a list of item dicts, e.g. [{'type': 'event_msg', ...}]")
-        now = _now_us()
-        return [encode_item(item, now, self._max_item_bytes) for item in items]
-
-    def _set_archived(self, thread_id: str, archived: bool, timeout: float | None) -> ThreadMetadata:
-        return self.append_and_flush(thread_id, [archive_edit_item(archived)], timeout)
+        writes = self._writable()
+        encoded = encode_items(items, self._max_item_bytes)
+        key = None if idempotency_key is None else check_idempotency_key(idempotency_key, encoded)
+        return writes.append(thread_id, encoded, key, barrier=barrier)
 
     def _remove(self, thread_id: str, kind: str, timeout: float | None) -> None:
-        """Discard or delete, in two phases: a removal that raises has changed nothing."""
         check_thread_id(thread_id)
         timeout = check_timeout(timeout)
-        projector = self._writable()
-        try:
-            head = self._history.head(thread_id)  # raises for unknown or discarded ids
-            removal = projector.begin_removal(thread_id, kind, head, timeout)
-            removed = False
-            try:
-                # A closing store removes nothing: past close's fence the thread stays.
-                self._storage.remove_thread(thread_id, tombstone=kind == "discarded")
-                removed = True
-            finally:
-                if removed:
-                    removal.commit()
-                else:  # put everything back; the row may be gone: re-fold from history
-                    removal.abort(row_deleted=True)
-        except ThreadStoreError as exc:
-            if self._closed and not isinstance(exc, (StoreClosed, ThreadDiscarded)):
-                # close() won the race (closed connections, an interrupted statement).
-                raise StoreClosed(f"the store closed; thread {thread_id!r} was not {kind}") from exc
-            raise
+        self._writable().remove(thread_id, kind, timeout)
 
-    def _open_check(self) -> None:
-        if self._closed:
-            raise StoreClosed(self._closed_why)
-
-    def _writable(self) -> Projector:
-        self._open_check()
-        if self._projector is None:
+    def _writable(self) -> Writes:
+        self._lifetime.check_open()
+        if self._writes is None:
             raise ReadOnlyStore("this store was opened with read_only=True; open it without "
                                 "read_only to write or wait on barriers")
-        return self._projector
-
-    def _describe(self) -> str:
-        """``ThreadStore at PATH``, for messages."""
-        return f"ThreadStore at {self._storage.description}"
-
-    def _disown_after_fork(self) -> None:
-        """In a forked child: every call raises :class:`StoreClosed`; the parent keeps
-        the store (called by the fork handler)."""
-        _lifecycle.unregister(self)
-        self._closed = True
-        self._closed_why = ("this store was opened in the parent process before fork(); "
-                            "open it again in the child")
-        if self._projector is not None:
-            self._projector.reset_after_fork()
-        self._storage.abandon()  # the parent keeps its locks; ours share their descriptions
-
-
-def _idempotency_key(key: object, items: list[EncodedItem]) -> IdempotencyKey:
-    """Validate a key and pair it with the digest of the items it guards."""
-    if (not isinstance(key, str) or not 1 <= len(key) <= 128 or "\x00" in key
-            or not _encodable(key)):
-        raise InvalidArgument(f"idempotency_key must be a string of 1 to 128 characters without "
-                              f"NUL characters or lone surrogates, or None; not {key!r:.80}")
-    digest = hashlib.sha256()
-    for item in items:
-        digest.update(item.text.encode())
-        digest.update(b"\x00")
-    return IdempotencyKey(key, digest.hexdigest())
-
-
-def _encodable(text: str) -> bool:
-    """False for strings storage cannot take (lone surrogates do not encode to UTF-8)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _now_us() -> int:
-    return time.time_ns() // 1000
+        return self._writes

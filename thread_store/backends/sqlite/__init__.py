@@ -5,8 +5,9 @@ and ``index.db`` (the projected metadata), opened by one writer process at a tim
 - ``_connections``: connections, the reader pool, pragmas, migrations, and the one place
   SQLite errors become ``StorageError`` / ``TransientStorageError``;
 - ``history``: the item log, per-thread ``seq``, tombstones, idempotency keys and
-  behind marks;
+  behind marks; ``_history_schema``: its tables and migrations;
 - ``index``: projected rows, keyset listing, trigram search, failures, fencing;
+  ``_index_schema``: its tables, the row of a thread's metadata, and migrations;
 - ``_acks``: the lazy acknowledgements that clear behind marks;
 - ``_directory``: the store directory, the writer lock, opening the files, backup;
 - ``_recovery``: the scan at open for threads whose projection is behind.

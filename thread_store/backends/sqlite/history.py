@@ -10,6 +10,7 @@ and acknowledgements remove it once the index holds that head (see
 :meth:`History.acknowledge`), so neither a power loss nor another process can roll the
 record back or overwrite it. Acknowledgements are lazy: batched in memory and written
 about once per second by the projector's worker, never on an append's or a barrier's path.
+The tables and their migrations are in :mod:`._history_schema`.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-import sqlite_utils
-
 from . import _connections
 from ._acks import AckBatch
+from ._history_schema import MIGRATIONS, NOW_US, SCHEMA_VERSION
 from ...errors import InvalidArgument, StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
 from ...model import EncodedItem
 from ...storage import Appended, IdempotencyKey, StoredRow
@@ -35,60 +35,12 @@ _KEY_FIND = "SELECT digest, generation FROM idempotency WHERE thread_id = ? AND 
 _KEY_STORE = "INSERT INTO idempotency (thread_id, key, digest, generation) VALUES (?, ?, ?, ?)"
 T = TypeVar("T")
 log = logging.getLogger("thread_store")
-
-
-def _create_schema(db: sqlite_utils.Database) -> None:
-    db["threads"].create(  # type: ignore[union-attr]
-        {"thread_id": str, "created_us": int, "discarded_us": int},
-        pk="thread_id", not_null={"created_us"},
-    )
-    db["items"].create(  # type: ignore[union-attr]
-        {"id": int, "thread_id": str, "seq": int, "ts_us": int, "item": str},
-        pk="id", not_null={"thread_id", "seq", "ts_us", "item"},
-    )
-    db["items"].create_index(["thread_id", "seq"], unique=True)  # type: ignore[union-attr]
-    db["store_meta"].create({"key": str, "value": str}, pk="key")  # type: ignore[union-attr]
-
-
-_NOW_US = "CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER)"
-
-
-def _add_behind_record(db: sqlite_utils.Database) -> None:
-    """Version 2: the per-thread record of being behind replaces the session marker.
-
-    Existing threads start unmarked; the missing ``index_epoch`` then makes the first open
-    compare every thread once (and mark the ones behind).
-    """
-    # Only threads behind have a row, so open() reads O(threads behind). A table of its
-    # own, not a column of ``threads``: small and hot, so marking a thread writes one
-    # page where a column and its partial index write two (measured on the append that
-    # sets the mark: +7 µs p50, against +14 µs for the column; +0 µs when already set).
-    db.execute("CREATE TABLE behind (thread_id TEXT PRIMARY KEY, since_us INTEGER NOT NULL) "
-               "WITHOUT ROWID")
-    # In the append's own statement: an autocommit INSERT stays one transaction. While
-    # the mark is already set it is a lookup without a write.
-    db.execute("CREATE TRIGGER items_behind AFTER INSERT ON items BEGIN "
-               f"INSERT OR IGNORE INTO behind (thread_id, since_us) VALUES (new.thread_id, {_NOW_US}); "
-               "END")
-    db.execute("DELETE FROM store_meta WHERE key = 'session'")
-
-
-def _add_idempotency_keys(db: sqlite_utils.Database) -> None:
-    """Version 3: idempotency keys of appends, kept as long as their thread."""
-    db.execute("CREATE TABLE IF NOT EXISTS idempotency (thread_id TEXT NOT NULL, key TEXT NOT NULL, "
-               "digest TEXT NOT NULL, generation INTEGER NOT NULL, "
-               "PRIMARY KEY (thread_id, key)) WITHOUT ROWID")
-
-
-#: ``_MIGRATIONS[n]`` takes history.db from schema version n to n + 1.
-_MIGRATIONS: list[_connections.Migration] = [_create_schema, _add_behind_record,
-                                             _add_idempotency_keys]
 EPOCH_KEY = "index_epoch"
 # Cleared only while the history holds nothing past the projected head: a newer append's
 # mark (set in that append's transaction, serialized with this one) always survives.
 _CLEAR = ("DELETE FROM behind WHERE thread_id = ?1"
           " AND NOT EXISTS (SELECT 1 FROM items WHERE thread_id = ?1 AND seq > ?2)")
-_MARK = (f"INSERT OR IGNORE INTO behind (thread_id, since_us) SELECT thread_id, {_NOW_US} "
+_MARK = (f"INSERT OR IGNORE INTO behind (thread_id, since_us) SELECT thread_id, {NOW_US} "
          "FROM threads WHERE thread_id = ? AND discarded_us IS NULL")
 # Acknowledgements only raise the epoch: with several writers they may arrive out of order.
 _RAISE_EPOCH = ("INSERT INTO store_meta (key, value) VALUES ('index_epoch', ?1) ON CONFLICT(key) "
@@ -98,7 +50,6 @@ _SET_EPOCH = ("INSERT INTO store_meta (key, value) VALUES ('index_epoch', ?1) ON
               "DO UPDATE SET value = excluded.value")
 _HEADS = ("SELECT t.thread_id, (SELECT max(seq) FROM items i WHERE i.thread_id = t.thread_id) "
           "FROM threads t WHERE t.discarded_us IS NULL")
-SCHEMA_VERSION = len(_MIGRATIONS)
 
 
 class History:
@@ -111,7 +62,7 @@ class History:
             _connections.create_private_file(path)
         self._conn = _connections.connect(path, durability=durability, read_only=read_only,
                                      schema_version=SCHEMA_VERSION)
-        _connections.migrate(self._conn, path, _MIGRATIONS, read_only=read_only)
+        _connections.migrate(self._conn, path, MIGRATIONS, read_only=read_only)
         self._readers = _connections.ConnectionPool(
             lambda: _connections.connect(path, durability=durability, read_only=read_only))
         self._full = durability == "full"

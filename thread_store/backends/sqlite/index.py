@@ -2,12 +2,12 @@
 
 The row and ``projected_seq`` are written in one statement, so the row always equals the
 fold of the history up to that seq. Listing uses a keyset over ``(recency_us desc,
-thread_id desc)`` on covering indexes; search is FTS5 set up by sqlite-utils.
+thread_id desc)`` on covering indexes; search is FTS5 set up by sqlite-utils. The tables
+and their migrations are in :mod:`._index_schema`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import threading
@@ -15,112 +15,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
-import sqlite_utils
-from sqlite_utils.db import DescIndex
-
 from . import _connections
+from ._index_schema import (MIGRATIONS, SCHEMA_VERSION, SEARCHED, SELECT, UPSERT, metadata_to_row,
+                            row_to_metadata)
 from ...errors import StorageError, StoreClosed, ThreadStoreError
-from ...model import TEXT_FIELDS, Page, ThreadMetadata, us_from_utc, utc_from_us
+from ...model import Page, ThreadMetadata, us_from_utc
 from ...storage import (Checkpoint, CommitOutcome, CommitResult, Failure, ListQuery, RowWrite,
                         encode_cursor)
 
-_TEXT = TEXT_FIELDS
 log = logging.getLogger("thread_store")
-#: What ``list_threads(search=...)`` looks in.
-_SEARCHED = ("name", "title", "preview", "first_user_message")
 #: The trigram table matches words this long; shorter ones are matched with LIKE.
 _TRIGRAM = 3
-_TIMES = ("created_at", "updated_at", "recency_at", "archived_at")
-_COLUMNS = ("thread_id", *_TEXT, "token_usage", *(f"{t[:-3]}_us" for t in _TIMES),
-            "item_count", "projected_seq", "is_archived", "has_preview", "state")
-_UPSERT = (
-    f"INSERT INTO threads ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
-    "ON CONFLICT(thread_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
-)
-_SELECT = f"SELECT {', '.join(_COLUMNS[:-3])} FROM threads"
-
-
-def _create_schema(db: sqlite_utils.Database) -> None:
-    columns: dict[str, Any] = {"thread_id": str}
-    columns.update({c: str for c in _TEXT})
-    columns["token_usage"] = str
-    columns.update({f"{t[:-3]}_us": int for t in _TIMES})
-    columns.update({"item_count": int, "projected_seq": int, "is_archived": int,
-                    "has_preview": int, "state": str})
-    table = db["threads"]
-    table.create(columns, pk="thread_id",  # type: ignore[union-attr]
-                 not_null={"item_count", "projected_seq", "is_archived", "has_preview",
-                           "recency_us", "state"})
-    # The default listing, and include_empty=True; both walk the index in order.
-    table.create_index(["is_archived", "has_preview", DescIndex("recency_us"),  # type: ignore[union-attr]
-                        DescIndex("thread_id")], index_name="threads_listed")
-    table.create_index(["is_archived", DescIndex("recency_us"), DescIndex("thread_id")],  # type: ignore[union-attr]
-                       index_name="threads_all")
-    _enable_search(db, ("title", "preview", "first_user_message"), tokenize=None)
-
-
-def _enable_search(db: sqlite_utils.Database, columns: tuple[str, ...], tokenize: str | None) -> None:
-    """An FTS5 table over ``columns`` of ``threads``, kept up to date by triggers."""
-    db["threads"].enable_fts(list(columns), fts_version="FTS5", create_triggers=True,  # type: ignore[union-attr]
-                             tokenize=tokenize)
-    # sqlite-utils' update trigger re-indexes every row update; projections update a row
-    # per batch but its searchable text rarely, so only re-index when that text changed
-    # (this halves the cost of a projection write, measured in benchmarks/).
-    changed = " OR ".join(f"old.{c} IS NOT new.{c}" for c in columns)
-    old = ", ".join(f"old.{c}" for c in columns)
-    new = ", ".join(f"new.{c}" for c in columns)
-    db.execute("DROP TRIGGER threads_au")
-    db.execute(
-        f"CREATE TRIGGER threads_au AFTER UPDATE ON threads WHEN {changed} BEGIN "
-        f"INSERT INTO threads_fts (threads_fts, rowid, {', '.join(columns)}) "
-        f"VALUES ('delete', old.rowid, {old}); "
-        f"INSERT INTO threads_fts (rowid, {', '.join(columns)}) VALUES (new.rowid, {new}); END")
-
-
-def _add_epoch(db: sqlite_utils.Database) -> None:
-    """Version 2: a counter of index transactions, acknowledged into history."""
-    db.execute("CREATE TABLE index_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-    db.execute("INSERT INTO index_meta (key, value) VALUES ('epoch', 0)")
-
-
-def _add_history_mark(db: sqlite_utils.Database) -> None:
-    """Version 3: the highest history rowid the index may have folded (see ``_BUMP``).
-
-    Version 2 acknowledged every index transaction in history at once, so the epochs
-    already cover what a version 2 file holds: a mark of 0 claims nothing more.
-    """
-    db.execute("INSERT INTO index_meta (key, value) VALUES ('history_mark', 0)")
-
-
-def _search_substrings(db: sqlite_utils.Database) -> None:
-    """Version 4: search matches substrings, and the user-set name, and lists filter by cwd.
-
-    The ``unicode61`` tokenizer matched whole words only (``thr`` missed "three", and a
-    CJK run was one token, so ``测试`` missed ``修复不稳定的测试``). A trigram table matches
-    any substring of three characters or more, case-insensitively; shorter words are
-    matched with LIKE in :meth:`Index.list`.
-    """
-    for trigger in ("threads_ai", "threads_ad", "threads_au"):
-        db.execute(f"DROP TRIGGER IF EXISTS {trigger}")
-    db.execute("DROP TABLE IF EXISTS threads_fts")
-    _enable_search(db, _SEARCHED, tokenize="trigram case_sensitive 0")
-    db["threads"].create_index(["is_archived", "cwd", DescIndex("recency_us"),  # type: ignore[union-attr]
-                                DescIndex("thread_id")], index_name="threads_by_cwd", if_not_exists=True)
-
-
-def _add_failures_and_rules(db: sqlite_utils.Database) -> None:
-    """Version 5: projections that failed for good (``status().last_error`` from any
-    process), and the identifier of the fold rules the rows were made with."""
-    db.execute("CREATE TABLE IF NOT EXISTS failures (thread_id TEXT PRIMARY KEY, generation INTEGER NOT NULL, "
-               "error TEXT NOT NULL) WITHOUT ROWID")
-    db.execute("CREATE TABLE IF NOT EXISTS index_info (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-
-
-#: ``_MIGRATIONS[n]`` takes index.db from schema version n to n + 1.
-_MIGRATIONS: list[_connections.Migration] = [_create_schema, _add_epoch, _add_history_mark,
-                                             _search_substrings, _add_failures_and_rules]
-SCHEMA_VERSION = len(_MIGRATIONS)
 # Counts the transaction (the epoch) and raises the history mark, in the transaction of
 # the rows: a history whose highest rowid is below the mark lost items the index folded.
 _BUMP = ("UPDATE index_meta SET value = CASE key WHEN 'epoch' THEN value + 1 "
@@ -146,28 +51,6 @@ class HistoryLink(Protocol):
         """Durably record that these threads' rows must be (re)written."""
 
 
-def _row_to_metadata(row: tuple[Any, ...]) -> ThreadMetadata:
-    values: dict[str, Any] = dict(zip(_COLUMNS, row))
-    usage = values["token_usage"]
-    fields: dict[str, Any] = {c: values[c] for c in _TEXT}
-    fields.update({t: utc_from_us(values[f"{t[:-3]}_us"]) for t in _TIMES})
-    return ThreadMetadata(
-        thread_id=values["thread_id"],
-        token_usage=json.loads(usage) if usage is not None else None,
-        item_count=values["item_count"],
-        projected_seq=values["projected_seq"],
-        **fields,
-    )
-
-
-def _metadata_to_row(meta: ThreadMetadata, state: str) -> tuple[Any, ...]:
-    times = [us_from_utc(v) if (v := getattr(meta, t)) is not None else None for t in _TIMES]
-    usage = json.dumps(meta.token_usage) if meta.token_usage is not None else None
-    return (meta.thread_id, *(getattr(meta, c) for c in _TEXT), usage, *times,
-            meta.item_count, meta.projected_seq, int(meta.archived_at is not None),
-            int(bool(meta.preview)), state)
-
-
 class Index:
     """The metadata index of one store (``index.db``)."""
 
@@ -180,7 +63,7 @@ class Index:
         # error that the projector retries with backoff, and close() stays on time.
         self._conn = _connections.connect(path, durability=durability, read_only=read_only,
                                      busy_timeout_ms=busy_timeout_ms, schema_version=SCHEMA_VERSION)
-        self.fresh = _connections.migrate(self._conn, path, _MIGRATIONS, read_only=read_only) == 0
+        self.fresh = _connections.migrate(self._conn, path, MIGRATIONS, read_only=read_only) == 0
         # A read-only store follows a rebuild of the index by the writer (a new file).
         self._readers = _connections.ConnectionPool(
             lambda: _connections.connect(path, durability=durability, read_only=read_only),
@@ -239,11 +122,11 @@ class Index:
             for r in rows:
                 if self.fenced:
                     raise StoreClosed(closed)
-                yield _metadata_to_row(r.meta, r.fold_state)
+                yield metadata_to_row(r.meta, r.fold_state)
 
         def body() -> None:
             try:
-                self._conn.executemany(_UPSERT, checked())
+                self._conn.executemany(UPSERT, checked())
                 return
             except bad as exc:
                 if _connections.is_transient(exc) or self.fenced:
@@ -251,7 +134,7 @@ class Index:
             # Find the bad rows one by one; re-applying an upsert that went in is harmless.
             for row in rows:
                 try:
-                    self._conn.execute(_UPSERT, _metadata_to_row(row.meta, row.fold_state))
+                    self._conn.execute(UPSERT, metadata_to_row(row.meta, row.fold_state))
                 except bad as exc:
                     if _connections.is_transient(exc) or self.fenced:
                         raise
@@ -417,8 +300,8 @@ class Index:
 
     def read(self, thread_id: str) -> ThreadMetadata | None:
         """Return a thread's projected metadata, or ``None`` without a row."""
-        row = self._readers.fetchone("the index", f"{_SELECT} WHERE thread_id = ?", (thread_id,))
-        return _row_to_metadata(row) if row else None
+        row = self._readers.fetchone("the index", f"{SELECT} WHERE thread_id = ?", (thread_id,))
+        return row_to_metadata(row) if row else None
 
     def list(self, query: ListQuery) -> Page:
         """Return one page, newest recency first, by keyset pagination.
@@ -442,15 +325,15 @@ class Index:
             params.append(" AND ".join('"' + w.replace('"', '""') + '"' for w in long))
         for word in words:
             if len(word) < _TRIGRAM:  # too short for trigrams: LIKE (case-insensitive for ASCII)
-                where.append("(" + " OR ".join(f"{c} LIKE ? ESCAPE '\\'" for c in _SEARCHED) + ")")
-                params.extend([_like_pattern(word)] * len(_SEARCHED))
+                where.append("(" + " OR ".join(f"{c} LIKE ? ESCAPE '\\'" for c in SEARCHED) + ")")
+                params.extend([_like_pattern(word)] * len(SEARCHED))
         if query.after is not None:
             where.append("(recency_us, thread_id) < (?, ?)")
             params.extend(query.after)
-        sql = (f"{_SELECT} WHERE {' AND '.join(where)} "
+        sql = (f"{SELECT} WHERE {' AND '.join(where)} "
                "ORDER BY recency_us DESC, thread_id DESC LIMIT ?")
         rows = self._readers.fetchall("the index", sql, (*params, query.limit + 1))
-        threads = [_row_to_metadata(r) for r in rows[:query.limit]]
+        threads = [row_to_metadata(r) for r in rows[:query.limit]]
         next_cursor = None
         if len(rows) > query.limit:
             last = threads[-1]
