@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Callable, Iterator
 
-from ._pending import Claim, Result
+from ._state import Claim, Result
 from .derive import ProjectionRules
 from .errors import ThreadDiscarded, ThreadNotFound, TransientProjectionError, TransientStorageError
 from .storage import CommitOutcome, HistoryLog, MetadataIndex, RowWrite, StoredRow

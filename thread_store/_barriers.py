@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-from ._pending import describe
+from ._state import describe
 from .errors import (DURABLE_NOTE, FlushTimeout, InvalidArgument, ProjectionFailed, ReadOnlyStore,
                      StorageError, StoreClosed, ThreadDiscarded, ThreadStoreError)
 from .model import ThreadMetadata, caller_copy, check_count, check_thread_id

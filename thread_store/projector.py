@@ -4,7 +4,7 @@ One worker thread (``thread_store-projector``) takes every thread that is due an
 projects them in one index transaction (:mod:`thread_store._attempt`). A barrier
 registers a waiter before it checks, expedites its thread, and may run its thread's
 projection itself when nothing else is (saving two thread hand-offs). The pending state
-per thread is O(1) (:mod:`thread_store._pending`).
+per thread is O(1) (:mod:`thread_store._state`).
 
 Lock order: the projector lock is never held while calling storage. Local state is a
 cache of the store: ``projected`` is a lower bound of the stored ``projected_seq``, and a
@@ -31,7 +31,7 @@ from typing import Callable
 from opentelemetry.trace import SpanContext
 
 from ._attempt import AttemptRunner, ProjectionHook
-from ._pending import (Claim, LocalStatus, Outcome, Phase, Result, Success, ThreadState, Waiter,
+from ._state import (Claim, LocalStatus, Outcome, Phase, Result, Success, ThreadState, Waiter,
                        describe)
 from .derive import ProjectionRules
 from .errors import DURABLE_NOTE, ProjectionFailed, StoreClosed
