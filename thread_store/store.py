@@ -21,8 +21,10 @@ from typing import Any, Callable, Mapping, Sequence
 from opentelemetry import metrics, trace
 
 from . import _lifecycle
+from ._attempt import ProjectionHook
 from ._barriers import Barriers
 from ._options import check_open_kwargs, check_options, check_path, check_target
+from ._state import RemovalKind
 from .backends import drop_index, open_storage
 from .derive import (NOT_GIVEN, CodexRules, ProjectionRules, archive_edit_item, metadata_edit_item,
                      rules_id)
@@ -30,7 +32,7 @@ from .errors import InvalidArgument, ReadOnlyStore, StoreClosed, ThreadDiscarded
 from .model import (DEFAULT_MAX_ITEM_BYTES, EncodedItem, Page, ProjectorStats, RetryPolicy, StoredItem,
                     ThreadMetadata, ThreadStatus, check_count, check_thread_id, check_timeout,
                     encode_item, utc)
-from .projector import Projector, ProjectionHook
+from .projector import Projector
 from .storage import IdempotencyKey, ListQuery, Storage, decode_cursor
 from .tracing import ATTR_GENERATION, Telemetry, capture
 
@@ -264,7 +266,7 @@ class ThreadStore:
         Its waiters get :class:`ThreadDiscarded`; afterwards the id is unknown and may be
         reused. Pending projection work is dropped, not run (it would be deleted anyway).
         """
-        self._remove(thread_id, "deleted", timeout)
+        self._remove(thread_id, RemovalKind.DELETED, timeout)
 
     def discard(self, thread_id: str, timeout: float | None = None) -> None:
         """Drop an ephemeral thread so that it never becomes visible, and tombstone it.
@@ -273,7 +275,7 @@ class ThreadStore:
         is awaited up to ``timeout`` and is fenced after that, so it cannot write. Later
         calls on the id raise :class:`ThreadDiscarded`, also after a restart.
         """
-        self._remove(thread_id, "discarded", timeout)
+        self._remove(thread_id, RemovalKind.DISCARDED, timeout)
 
     # -- barriers -------------------------------------------------------------------------
 
@@ -496,7 +498,7 @@ class ThreadStore:
     def _set_archived(self, thread_id: str, archived: bool, timeout: float | None) -> ThreadMetadata:
         return self.append_and_flush(thread_id, [archive_edit_item(archived)], timeout)
 
-    def _remove(self, thread_id: str, kind: str, timeout: float | None) -> None:
+    def _remove(self, thread_id: str, kind: RemovalKind, timeout: float | None) -> None:
         """Discard or delete, in two phases: a removal that raises has changed nothing."""
         check_thread_id(thread_id)
         timeout = check_timeout(timeout)
@@ -507,7 +509,7 @@ class ThreadStore:
             removed = False
             try:
                 # A closing store removes nothing: past close's fence the thread stays.
-                self._storage.remove_thread(thread_id, tombstone=kind == "discarded")
+                self._storage.remove_thread(thread_id, tombstone=kind is RemovalKind.DISCARDED)
                 removed = True
             finally:
                 if removed:
@@ -517,7 +519,7 @@ class ThreadStore:
         except ThreadStoreError as exc:
             if self._closed and not isinstance(exc, (StoreClosed, ThreadDiscarded)):
                 # close() won the race (closed connections, an interrupted statement).
-                raise StoreClosed(f"the store closed; thread {thread_id!r} was not {kind}") from exc
+                raise StoreClosed(f"the store closed; thread {thread_id!r} was not {kind.value}") from exc
             raise
 
     def _open_check(self) -> None:
