@@ -1,8 +1,9 @@
 """What a projection attempt and a barrier come to: the records the projector hands on.
 
 Pure data with no I/O. An attempt ends in a :class:`Result` (its :class:`AttemptOutcome`
-and what it folded); a barrier's :class:`Waiter` ends in an :data:`Outcome` (a
-:class:`Success` or the error to raise).
+and what it folded), and settling it in a :class:`Settlement`; a barrier's
+:class:`Waiter` ends in an :data:`Outcome` (a :class:`Success` or the error to raise).
+:class:`LocalStatus` is what this process alone knows of a thread.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .model import ThreadMetadata
+from .storage import Failure
 
 
 class AttemptOutcome(enum.Enum):
@@ -46,6 +48,18 @@ class Result:
     state_bytes: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What settling an attempt asks of the projector beyond the thread's own state."""
+
+    #: Seconds from the first unprojected append to its projection (``OK`` only).
+    lag: float | None = None
+    #: Retry after this many seconds (``RETRY`` within the budget): schedule a backoff.
+    backoff: float | None = None
+    #: A failure for good, to record in the store.
+    failure: Failure | None = None
+
+
 class Success:
     """Outcome of a waiter whose generation is projected (``meta`` when known)."""
 
@@ -71,3 +85,12 @@ class Waiter:
         self.outcome: Outcome | None = None
         self.callback = callback
         self.cond = cond
+
+
+@dataclass(frozen=True, slots=True)
+class LocalStatus:
+    """What this process alone knows of a thread (``status()`` adds the store's state)."""
+
+    attempts: int
+    waiters: int
+    last_error: str | None

@@ -1,7 +1,7 @@
 """The projector's per-thread state machine: one phase, its transitions, and claims.
 
 Pure: no lock, no I/O, no clock. The projector holds its lock around every call here and
-passes the time in, so each transition can be tested on its own (``tests/test_state.py``).
+passes the time in, so each transition can be tested alone (``tests/test_state.py``).
 Per thread the state is O(1) whatever the backlog: watermarks, counters, at most
 :data:`~thread_store.tracing.MAX_LINKS` captured trace contexts, and a small buffer of the
 newest items (:data:`BUFFER_ITEMS`, :data:`BUFFER_BYTES`); beyond it the projector reads
@@ -19,7 +19,7 @@ from typing import Any
 
 from opentelemetry.trace import SpanContext
 
-from ._outcomes import AttemptOutcome, Outcome, Result, Success, Waiter
+from ._outcomes import AttemptOutcome, Outcome, Result, Settlement, Success, Waiter
 from .errors import DURABLE_NOTE, ProjectionFailed, StoreClosed, ThreadDiscarded, describe
 from .model import EncodedItem, RetryPolicy, ThreadMetadata
 from .storage import Failure, StoredRow
@@ -75,15 +75,6 @@ class RemovalKind(enum.Enum):
     DELETED = "deleted"
 
 
-@dataclass(frozen=True, slots=True)
-class LocalStatus:
-    """What this process alone knows of a thread (``status()`` adds the store's state)."""
-
-    attempts: int
-    waiters: int
-    last_error: str | None
-
-
 @dataclass(slots=True, kw_only=True)
 class Claim:
     """One thread's projection attempt: what it covers, snapshotted at its start."""
@@ -100,19 +91,7 @@ class Claim:
     pending_since: float | None
     fold_state: dict[str, Any] | None
     items: list[StoredRow] | None  # (base, target] when buffered, else read history
-    settled: bool = False  # the attempt has left flight (Projector._end_attempts)
-
-
-@dataclass(frozen=True, slots=True)
-class Settlement:
-    """What settling an attempt asks of the projector beyond the thread's own state."""
-
-    #: Seconds from the first unprojected append to its projection (``OK`` only).
-    lag: float | None = None
-    #: Retry after this many seconds (``RETRY`` within the budget): schedule a backoff.
-    backoff: float | None = None
-    #: A failure for good, to record in the store.
-    failure: Failure | None = None
+    settled: bool = False  # the attempt has left flight (Schedule.settle)
 
 
 class ThreadState:
@@ -297,10 +276,7 @@ class ThreadState:
         lag = None
         if kind is AttemptOutcome.OK:
             self.projected_to(claim.target, result.fold_state, result.state_bytes)
-            self.refold = False
-            self.failure = None
-            self.attempts = 0
-            self.last_error = None
+            self.refold, self.failure, self.attempts, self.last_error = False, None, 0, None
             self.contexts = [(g, ctx) for g, ctx in self.contexts if g > claim.target]
             self.appends -= claim.appends
             self.dropped -= claim.dropped
@@ -328,8 +304,7 @@ class ThreadState:
                 traceback.clear_frames(error.__traceback__)
         except Exception:  # noqa: BLE001 - a hook's error class may override __traceback__
             pass
-        self.failure = error
-        self.failed_gen = target
+        self.failure, self.failed_gen = error, target
         self.failure_epoch += 1
         if self.head <= target:
             if not self.removed:
@@ -387,6 +362,13 @@ class ThreadState:
                 self.phase = Phase.IDLE
             self.attempts = 0
 
+    def condition(self, lock: threading.Lock) -> threading.Condition:
+        """The condition its waiters and its removal wait on (on the projector's lock),
+        made on first use: most threads never need one."""
+        if self.cond is None:
+            self.cond = threading.Condition(lock)
+        return self.cond
+
     # -- answers ----------------------------------------------------------------------
 
     def gone_error(self) -> Exception:
@@ -416,7 +398,3 @@ class ThreadState:
                 f"{waiter.target} (projected: {self.projected}); it is caught up on the next "
                 "open. " + DURABLE_NOTE)
         return None
-
-    def local_status(self) -> LocalStatus:
-        """This process's attempts, waiters and last error of the thread."""
-        return LocalStatus(self.attempts, len(self.waiters), self.last_error)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import threading
 import time
 import weakref
@@ -30,15 +29,15 @@ from typing import Callable
 from opentelemetry.trace import SpanContext
 
 from ._attempt import AttemptRunner, ProjectionHook
-from ._outcomes import AttemptOutcome, Outcome, Result, Waiter
-from ._removal import Removal
+from ._outcomes import AttemptOutcome, LocalStatus, Outcome, Result, Waiter
+from ._removal import Removal, Removals
 from ._schedule import Schedule
-from ._state import SCHEDULABLE, Claim, LocalStatus, Phase, RemovalKind, ThreadState
+from ._state import SCHEDULABLE, Claim, Phase, RemovalKind, ThreadState
 from .derive import ProjectionRules
 from .errors import DURABLE_NOTE, StoreClosed
 from .model import EncodedItem, ProjectorStats, RetryPolicy
-from .storage import Failure, Lag, Storage, StoredRow
-from .tracing import MAX_LINKS, Telemetry
+from .storage import Lag, Storage
+from .tracing import Telemetry
 
 __all__ = ["Projector"]
 
@@ -80,23 +79,16 @@ class Projector:
         self._telemetry = telemetry
         self._runner = AttemptRunner(storage.history, storage.index, rules, hook, telemetry,
                                      on_commit=self._count_transaction)
-        self._retry = retry
         self._delay = coalesce_delay
         self._caller_runs = caller_runs
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._idle = threading.Condition(self._lock)
-        self._schedule = Schedule(coalesce_delay)
+        self._schedule = Schedule(coalesce_delay, retry, telemetry)  # guarded by the lock
         self._threads = self._schedule.states
-        self._in_flight = 0
-        self._removals = 0  # removals doing their I/O; close waits for them like for attempts
+        self._removals = Removals(self._lock, self._idle, self._schedule, self._work.notify)
         self._paused = False
-        self._closing = False
-        self._stopped = False
         self._heartbeat = time.monotonic()
-        self._rng = random.Random()
-        self._counts = {"transactions": 0, "rows": 0, "attempts": 0, "retries": 0, "failures": 0}
-        self._failed: list[Failure] = []  # to record in the store, outside the lock
         # A daemon thread: after close() has fenced it, a worker stuck in a projection_hook
         # can never write again, and it must not keep the process alive (as a non-daemon
         # thread would, since interpreter exit joins those). Exiting without waiting for
@@ -111,11 +103,9 @@ class Projector:
         """Schedule catch-up of the threads found behind at open, and start."""
         with self._lock:
             for lag in behind:
-                thread_id = lag.thread_id
-                st = ThreadState(thread_id, lag.head, 0 if lag.refold else lag.projected or 0)
-                st.refold = lag.refold
-                st.pending_since = time.monotonic()
-                self._threads[thread_id] = st
+                st = ThreadState(lag.thread_id, lag.head, 0 if lag.refold else lag.projected or 0)
+                st.refold, st.pending_since = lag.refold, time.monotonic()
+                self._threads[lag.thread_id] = st
                 self._make_due(st, 0.0)
         # Started from open(), never lazily from a request, so the worker inherits no
         # caller's context (threads start with an empty contextvars context anyway).
@@ -125,25 +115,9 @@ class Projector:
 
     def on_create(self, thread_id: str, first: EncodedItem | None) -> None:
         """A thread was created, with its ``first`` item or none."""
-        head = 0 if first is None else 1
         with self._lock:
-            raced = self._threads.get(thread_id)
-            if raced is not None and raced.live:
-                # An append to the new id got here first: it only lacks the fold's origin.
-                raced.refold = True
-                return
-            st = ThreadState(thread_id, 0, 0)
-            self._threads[thread_id] = st
-            # A new thread folds from scratch and never reads a row (one left by a deleted
-            # thread of the same id is overwritten); an empty thread still gets its row, so
-            # include_empty lists it, and counts as behind until then.
-            st.refold = True
-            if first is not None:
-                st.head = head
-                st.buffer_items([StoredRow(1, first.ts_us, first.text, first.kind)])
-                st.appends = 1
-                st.pending_since = time.monotonic()
-            self._make_due(st, self._delay)
+            if self._schedule.created(thread_id, first, time.monotonic()):
+                self._work.notify()
 
     def on_append(self, thread_id: str, head: int, items: list[EncodedItem],
                   context: SpanContext | None, *, schedule: bool = True) -> None:
@@ -152,21 +126,10 @@ class Projector:
         ``schedule=False`` when a barrier on ``head`` follows at once (append_and_flush,
         sync mode): the barrier claims or expedites the thread, so no wake-up is spent.
         """
-        first = head - len(items)
         with self._lock:
-            st = self._threads.get(thread_id)
-            if st is None:
-                # Nothing known here: the attempt reads the stored checkpoint (projected 0
-                # is a lower bound), and a fresh empty thread may buffer from its start.
-                st = self._threads[thread_id] = ThreadState(thread_id, first, 0)
-            elif st.removed or head <= st.projected:
-                return  # an attempt that read it from history made it visible already
-            # While a removal is under way the work is recorded but not scheduled: if the
-            # removal fails, it is projected as usual.
-            st.record_append(first, head, items, context, now=time.monotonic(),
-                             max_links=MAX_LINKS)
-            if schedule:
-                self._make_due(st, 0.0 if st.waiters else self._delay)
+            if self._schedule.appended(thread_id, head, items, context, time.monotonic(),
+                                       schedule=schedule):
+                self._work.notify()
 
     # -- barriers -------------------------------------------------------------------------
 
@@ -194,7 +157,7 @@ class Projector:
         checkpoint = None if known else self._index.checkpoint(thread_id)
         try:
             with self._lock:
-                if self._closing or self._stopped:
+                if self._schedule.closing or self._schedule.stopped:
                     raise StoreClosed(f"the thread store is closed. {DURABLE_NOTE}")
                 st = self._threads.get(thread_id)
                 if st is None and checkpoint is not None:
@@ -202,8 +165,7 @@ class Projector:
                         return None
                     st = self._threads[thread_id] = ThreadState(
                         thread_id, max(target, checkpoint.projected_seq), checkpoint.projected_seq)
-                    st.refold = checkpoint.fold_state is None
-                    st.pending_since = time.monotonic()
+                    st.refold, st.pending_since = checkpoint.fold_state is None, time.monotonic()
                 if st is None:  # forgotten while the checkpoint was read: read it again
                     return self.begin_wait(thread_id, target, callback,
                                            allow_caller_run=allow_caller_run, deadline=deadline)
@@ -211,14 +173,14 @@ class Projector:
                     raise st.gone_error()
                 if st.projected >= target and not st.refold:
                     return None
-                waiter = Waiter(thread_id, target, st.failure_epoch, callback, self._cond(st))
+                waiter = Waiter(thread_id, target, st.failure_epoch, callback, st.condition(self._lock))
                 first = not st.waiters
                 st.waiters.append(waiter)
                 st.unhold()
                 small = not self._runner.has_hook and st.bounded_work
                 if (allow_caller_run and self._caller_runs and st.phase in SCHEDULABLE
                         and not self._paused and (small or deadline is None)):
-                    claim = self._claim(st, expedited=True)
+                    claim = self._schedule.claim(st, expedited=True)
                 elif st.phase is Phase.IDLE or (first and st.due_at is not None):
                     self._make_due(st, 0.0, cut_backoff=True)
             if claim is not None:
@@ -237,7 +199,7 @@ class Projector:
             while waiter.outcome is None:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    self._drop_waiter_locked(waiter)
+                    self._schedule.drop_waiter(waiter)
                     return None
                 waiter.cond.wait(remaining)
             return waiter.outcome
@@ -245,7 +207,7 @@ class Projector:
     def cancel(self, waiter: Waiter) -> None:
         """Remove a waiter that timed out or was cancelled."""
         with self._lock:
-            self._drop_waiter_locked(waiter)
+            self._schedule.drop_waiter(waiter)
 
     def check_live(self, thread_id: str) -> None:
         """Raise :class:`ThreadDiscarded` if the thread is being discarded or deleted."""
@@ -266,76 +228,19 @@ class Projector:
         :raises ThreadDiscarded: the thread is being (or was) discarded or deleted.
         """
         with self._lock:
-            st = self._threads.get(thread_id)
-            if st is None:
-                return LocalStatus(0, 0, None)
-            if not st.live:
-                raise st.gone_error()
-            return st.local_status()
+            return self._schedule.local_status(thread_id)
 
     def stats(self) -> ProjectorStats:
         """Counters since open."""
         with self._lock:
-            return ProjectorStats(
-                transactions=self._counts["transactions"], rows_written=self._counts["rows"],
-                attempts=self._counts["attempts"], retries=self._counts["retries"],
-                failures=self._counts["failures"],
-                pending_threads=len(self._schedule.pending()), waiters=self._schedule.waiters())
+            return self._schedule.stats()
 
     # -- discard / delete -----------------------------------------------------------------
 
     def begin_removal(self, thread_id: str, kind: RemovalKind, head: int,
                       timeout: float | None) -> Removal:
-        """Phase one of a discard or delete: stop projecting the thread, keep everything.
-
-        Pending work stays recorded but is not scheduled, and waiters keep waiting: both
-        outlive a removal that fails (:meth:`Removal.abort`). Waits up to ``timeout`` for
-        an attempt in flight; one still running after that is fenced: it re-checks the
-        phase under the index write lock, which the removal takes to delete the row, and
-        writes nothing.
-
-        :param head: the thread's head as history has it, for a thread with no state here.
-        :raises StoreClosed: the store is closing; the thread is left as it was.
-        :raises ThreadDiscarded: another removal of the thread is under way.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            if self._closing or self._stopped:
-                raise StoreClosed(f"the thread store is closed; thread {thread_id!r} was not "
-                                  f"{kind.value}")
-            st = self._schedule.begin_removal(thread_id, kind, head)
-            self._idle.notify_all()  # close() may be waiting for the schedule to empty
-            while st.in_flight and not self._closing:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    break
-                self._cond(st).wait(remaining)
-            if self._closing:  # close() woke us: leave the thread to its drain, untouched
-                st.abort_removal(row_deleted=False)
-                self._reschedule(st)
-                raise StoreClosed(f"the thread store closed; thread {thread_id!r} was not "
-                                  f"{kind.value}")
-            self._removals += 1
-        return Removal(self._end_removal, st)
-
-    def _end_removal(self, removal: Removal, *, committed: bool, row_deleted: bool) -> None:
-        """Phase two of a removal: commit it or put the thread back (see :class:`Removal`)."""
-        with self._lock:
-            if not removal.open:
-                return
-            removal.open = False
-            self._removals -= 1
-            st = removal.state
-            if committed:
-                st.commit_removal()
-                self._schedule.resolve(st, None)
-                self._schedule.forget(st)
-            else:
-                st.abort_removal(row_deleted=row_deleted)
-                self._reschedule(st)
-            self._idle.notify_all()
-            if st.cond is not None:
-                st.cond.notify_all()
+        """Phase one of a discard or delete (see :meth:`Removals.begin`)."""
+        return self._removals.begin(thread_id, kind, head, timeout)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -366,15 +271,14 @@ class Projector:
         def remaining() -> float | None:
             return None if deadline is None else max(0.0, deadline - time.monotonic())
 
+        schedule = self._schedule
         with self._lock:
-            already = self._closing
-            self._closing = True
+            already = schedule.closing
+            schedule.closing = True
             self._paused = False
             self._work.notify()
-            for st in self._threads.values():  # removals waiting on an attempt give up
-                if st.phase is Phase.REMOVING and st.cond is not None:
-                    st.cond.notify_all()
-            while self._schedule.has_due or self._in_flight or self._removals:
+            self._removals.give_up()
+            while schedule.has_due or schedule.in_flight or self._removals.active:
                 left = remaining()
                 if left == 0.0:
                     break
@@ -387,9 +291,9 @@ class Projector:
                 log.warning("thread_store: the index writer did not stop at close; it is "
                             "fenced and will write nothing")
         with self._lock:
-            self._stopped = True
+            schedule.stopped = True
             for st in self._threads.values():
-                self._schedule.resolve(st, None, final=True)
+                schedule.resolve(st, None, final=True)
             self._work.notify_all()
         if self._worker.is_alive() and self._worker is not threading.current_thread():
             self._worker.join(remaining())
@@ -401,7 +305,7 @@ class Projector:
     def stop_now(self) -> None:
         """Stop without draining (garbage collection, fork): history keeps everything."""
         with self._lock:
-            self._closing = self._stopped = True
+            self._schedule.closing = self._schedule.stopped = True
             self._work.notify_all()
         self._index.fence(0.0)
 
@@ -410,9 +314,10 @@ class Projector:
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._idle = threading.Condition(self._lock)
-        self._schedule = Schedule(self._delay)
+        self._schedule.clear()
         self._threads = self._schedule.states
-        self._closing = self._stopped = True
+        self._removals = Removals(self._lock, self._idle, self._schedule, self._work.notify)
+        self._schedule.closing = self._schedule.stopped = True
 
     # -- worker ---------------------------------------------------------------------------
 
@@ -423,14 +328,14 @@ class Projector:
             while True:
                 now = time.monotonic()
                 self._heartbeat = now
-                if self._stopped:
+                if self._schedule.stopped:
                     return None
                 wake = math.inf
                 if not self._paused:
-                    batch, wake = self._schedule.due(now, closing=self._closing, limit=_MAX_BATCH)
+                    batch, wake = self._schedule.due(now, limit=_MAX_BATCH)
                     if batch:
                         self._schedule.wake_at = None
-                        return [self._claim(st, expedited=bool(st.waiters)) for st in batch]
+                        return [self._schedule.claim(st, expedited=bool(st.waiters)) for st in batch]
                 # The timed wait below is what paces the acknowledgements: no timer of
                 # their own, and never a write on an append's or a barrier's path.
                 acks_at = self._storage.housekeeping_due_at()
@@ -447,17 +352,6 @@ class Projector:
         if self._schedule.schedule(st, time.monotonic() + delay, backoff=backoff,
                                    cut_backoff=cut_backoff):
             self._work.notify()
-
-    def _reschedule(self, st: ThreadState) -> None:
-        """Schedule a thread that has work and nothing in flight, or retire it (lock held)."""
-        if self._schedule.reschedule(st, time.monotonic(), stopped=self._stopped):
-            self._work.notify()
-
-    def _claim(self, st: ThreadState, *, expedited: bool) -> Claim:
-        """Start an attempt on ``st`` covering its current head (lock held)."""
-        self._in_flight += 1
-        self._counts["attempts"] += 1
-        return self._schedule.claim(st, expedited=expedited)
 
     def _run(self, claims: list[Claim], deadline: float | None = None) -> None:
         """Run the claims' attempts; each leaves flight in :meth:`_end_attempts` whatever
@@ -478,76 +372,26 @@ class Projector:
     def _count_transaction(self) -> None:
         """A group commit landed (called by the attempt runner, no lock held)."""
         with self._lock:
-            self._counts["transactions"] += 1
+            self._schedule.counts.transactions += 1
         self._telemetry.transactions.add(1)
 
     def _end_attempts(self, claims: list[Claim], results: dict[int, Result]) -> dict[int, float | None]:
-        """Take claims out of flight with their results; returns each retry's backoff."""
-        backoffs: dict[int, float | None] = {}
+        """Take claims out of flight with their results (:meth:`Schedule.settle`);
+        returns each retry's backoff."""
         with self._lock:
             try:
-                for c in claims:
-                    if not c.settled:
-                        c.settled = True
-                        backoffs[id(c)] = self._finish(c, results[id(c)])
+                settled = self._schedule.settle(claims, results, now=time.monotonic())
             finally:
-                # Never leave a thread in flight, even if finishing one claim failed.
-                for c in claims:
-                    if not c.settled:
-                        c.settled = True
-                        if c.state.in_flight:
-                            c.state.end_flight()
-                self._in_flight -= len(claims)
                 self._idle.notify_all()
-                failed, self._failed = self._failed, []
-        if failed:  # in the store, so status() shows it from every process
-            self._index.record_failures(failed)
-        return backoffs
-
-    def _finish(self, claim: Claim, result: Result) -> float | None:
-        """Settle one attempt (:meth:`ThreadState.settle`), count it, resolve waiters and
-        schedule what comes next (lock held). Returns the retry's backoff, if any."""
-        st = claim.state
-        settled = st.settle(claim, result, retry=self._retry, rng=self._rng, now=time.monotonic())
-        if result.kind is AttemptOutcome.OK:
-            self._counts["rows"] += 1
-            if settled.lag is not None:
-                self._telemetry.lag.record(settled.lag)
-        if settled.backoff is not None:
-            self._counts["retries"] += 1
-            self._telemetry.retries.add(1)
-            self._make_due(st, settled.backoff, backoff=True)
-        elif settled.failure is not None:
-            self._counts["failures"] += 1
-            self._telemetry.failures.add(1)
-            self._failed.append(settled.failure)
-        self._schedule.resolve(st, result.meta)
-        # A retry keeps its backoff: rescheduling it sooner here would spend the whole
-        # budget in a burst while another process holds the lock (a new waiter still
-        # cuts the backoff short in begin_wait).
-        if settled.backoff is None:
-            self._reschedule(st)
-        if st.cond is not None:
-            st.cond.notify_all()
-        return settled.backoff
-
-    def _cond(self, st: ThreadState) -> threading.Condition:
-        if st.cond is None:
-            st.cond = threading.Condition(self._lock)
-        return st.cond
-
-    def _drop_waiter_locked(self, waiter: Waiter) -> None:
-        st = self._threads.get(waiter.thread_id)
-        if st is not None and waiter in st.waiters:
-            st.waiters.remove(waiter)
+            if settled.wake:
+                self._work.notify()
+        if settled.failures:  # in the store, so status() shows it from every process
+            self._index.record_failures(settled.failures)
+        return settled.backoffs
 
     def _gauges(self) -> dict[str, float]:
         with self._lock:
-            if self._stopped:
+            if self._schedule.stopped:
                 return {}  # a closed store reports nothing (see Telemetry.observe)
             now = time.monotonic()
-            pending = self._schedule.pending()
-            oldest = min((s.pending_since for s in pending if s.pending_since is not None),
-                         default=now)
-            return {"pending_threads": len(pending), "oldest_pending_age": now - oldest,
-                    "waiters": self._schedule.waiters(), "heartbeat_age": now - self._heartbeat}
+            return {**self._schedule.gauges(now), "heartbeat_age": now - self._heartbeat}
