@@ -15,7 +15,7 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from thread_store import ThreadStore
-from thread_store._pending import BUFFER_BYTES, BUFFER_ITEMS
+from thread_store._state import BUFFER_BYTES, BUFFER_ITEMS
 from thread_store.tracing import MAX_LINKS
 
 ITEM = {"type": "response_item", "payload": {"type": "message", "text": "x"}}

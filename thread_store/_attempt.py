@@ -1,25 +1,34 @@
-"""One batch of projection attempts: hook, fold, and one fenced index transaction.
+"""One batch of projection attempts: spans, hook, fold, and one fenced index transaction.
 
 This is the projector's only I/O. It runs with no projector lock held, in the worker or
-in a barrier's calling thread.
+in a barrier's calling thread, and hands every claim back to the projector to settle.
 
 An error from user code (the hook, the rules) fails its own attempt only. The one
 exception: in a barrier's calling thread (``in_caller``), a ``BaseException`` that is
 not an ``Exception`` (``KeyboardInterrupt``, ``SystemExit``) propagates, so Ctrl-C is
-never swallowed; the projector then hands the attempts back (see ``Projector._run``).
+never swallowed; the attempts are then handed back (see :meth:`AttemptRunner.run`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Callable, Iterator
 
-from ._pending import Claim, Result
+from ._outcomes import AttemptOutcome, Result
+from ._state import Claim
 from .derive import ProjectionRules
-from .errors import ThreadDiscarded, ThreadNotFound, TransientProjectionError, TransientStorageError
+from .errors import (ThreadDiscarded, ThreadNotFound, TransientProjectionError,
+                     TransientStorageError, describe)
 from .storage import CommitOutcome, HistoryLog, MetadataIndex, RowWrite, StoredRow
+from .tracing import Projection, Telemetry
 
 ProjectionHook = Callable[[str, int], None]
+#: Takes the claims out of flight with their results (by ``id(claim)``) and returns each
+#: retry's backoff (by ``id(claim)``); the projector takes its lock for it.
+Settle = Callable[[list[Claim], dict[int, Result]], dict[int, float | None]]
+
+log = logging.getLogger("thread_store.projector")  # the projector's messages, as before
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -28,7 +37,7 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def _failure(exc: BaseException) -> Result:
-    return Result("retry" if is_transient(exc) else "failed", error=exc)
+    return Result(AttemptOutcome.RETRY if is_transient(exc) else AttemptOutcome.FAILED, error=exc)
 
 
 def history_pages(history: HistoryLog, thread_id: str, after_seq: int, upto_seq: int,
@@ -46,24 +55,64 @@ class AttemptRunner:
     """Runs attempts against one store's history and index."""
 
     def __init__(self, history: HistoryLog, index: MetadataIndex, rules: ProjectionRules,
-                 hook: ProjectionHook | None, on_commit: Callable[[], None]) -> None:
+                 hook: ProjectionHook | None, telemetry: Telemetry,
+                 on_commit: Callable[[], None]) -> None:
         self._history = history
         self._index = index
         self._rules = rules
         self._hook = hook
         self.has_hook = hook is not None
+        self._telemetry = telemetry
         self._on_commit = on_commit
         types: frozenset[str] | None = getattr(rules, "item_types", None)
         self._reads: Callable[[str], bool] = (lambda _kind: True) if types is None else types.__contains__
 
-    def run(self, claims: list[Claim], deadline: float | None = None, *,
-            in_caller: bool = False) -> dict[int, Result]:
-        """Prepare every claim, then commit the good rows together; results by ``id(claim)``.
+    def run(self, claims: list[Claim], settle: Settle, deadline: float | None = None, *,
+            in_caller: bool = False) -> None:
+        """Run one attempt per claim and commit the successful ones in one transaction;
+        then every claim goes to ``settle`` with its result, whatever is raised where.
+
+        In the worker any error fails only the batch's attempts. In a barrier's calling
+        thread (``in_caller``), a ``BaseException`` that is not an ``Exception`` (Ctrl-C,
+        SystemExit) gives the attempts back unrun (``yielded``) and propagates.
 
         :param deadline: a barrier running its own attempt gives the work back
             (``yielded``) rather than wait past it for the index write lock.
-        :param in_caller: runs in a barrier's calling thread: let interrupts through.
         """
+        tel = self._telemetry
+        spans: dict[int, Projection] = {}
+        results: dict[int, Result] = {}
+        try:
+            if tel.tracing():
+                for c in claims:
+                    spans[id(c)] = tel.start_projection(
+                        c.state.thread_id, c.contexts, c.dropped, c.appends, c.base, c.target,
+                        c.attempt, c.expedited, len(claims))
+            results = self._attempt(claims, deadline, in_caller)
+        except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
+            if in_caller and not isinstance(exc, Exception):
+                raise  # the finally hands the attempts back ("yielded")
+            log.error("thread_store: projection batch failed: %s", describe(exc))
+            results = {id(c): results.get(id(c)) or Result(AttemptOutcome.FAILED, error=exc)
+                       for c in claims}
+        finally:
+            results = {id(c): results.get(id(c)) or Result(AttemptOutcome.YIELDED) for c in claims}
+            backoffs = settle(claims, results)
+            # Spans end outside the projector lock: a coalesced projection marks up to
+            # MAX_LINKS appends visible, one span each, and appends must not wait for that.
+            for c in claims:
+                span = spans.get(id(c))
+                if span is not None:
+                    result = results[id(c)]
+                    try:
+                        tel.end_projection(span, outcome=result.kind.value, error=result.error,
+                                           backoff=backoffs.get(id(c)))
+                    except Exception:  # noqa: BLE001 - telemetry must not stop the projector
+                        log.exception("thread_store: ending a projection span failed")
+
+    def _attempt(self, claims: list[Claim], deadline: float | None,
+                 in_caller: bool) -> dict[int, Result]:
+        """Prepare every claim, then commit the good rows together; results by ``id(claim)``."""
         results: dict[int, Result] = {}
         rows: list[tuple[Claim, RowWrite, Result]] = []
         # Taken before the fold: every item it folds was committed, so is at or below it.
@@ -104,13 +153,13 @@ class AttemptRunner:
                         state = self._rules.apply(state, json.loads(row.text), row.ts_us)
                     seq = page[-1].seq
             if seq != c.target:
-                return Result("gone", error=ThreadDiscarded(f"thread {thread_id!r} is gone")), None
+                return Result(AttemptOutcome.GONE, error=ThreadDiscarded(f"thread {thread_id!r} is gone")), None
             meta = self._rules.metadata(thread_id, state, c.target)
             state_json = json.dumps(state)
-            return (Result("ok", meta=meta, fold_state=state, state_bytes=len(state_json)),
+            return (Result(AttemptOutcome.OK, meta=meta, fold_state=state, state_bytes=len(state_json)),
                     RowWrite(meta, state_json))
         except (ThreadDiscarded, ThreadNotFound) as exc:  # removed while this attempt ran
-            return Result("gone", error=exc), None
+            return Result(AttemptOutcome.GONE, error=exc), None
         except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
             if in_caller and not isinstance(exc, Exception):
                 raise
@@ -143,7 +192,8 @@ class AttemptRunner:
             return
         if done.outcome is not CommitOutcome.COMMITTED:
             # BUSY: a barrier out of time hands its attempt to the worker; FENCED: closed.
-            kind = "yielded" if done.outcome is CommitOutcome.BUSY else "closed"
+            kind = (AttemptOutcome.YIELDED if done.outcome is CommitOutcome.BUSY
+                    else AttemptOutcome.CLOSED)
             for c, _, _ in rows:
                 results[id(c)] = Result(kind)
             return
@@ -153,6 +203,6 @@ class AttemptRunner:
             thread_id = c.state.thread_id
             error = done.errors.get(thread_id)
             if thread_id in done.refused:
-                results[id(c)] = Result("fenced")
+                results[id(c)] = Result(AttemptOutcome.FENCED)
             else:
-                results[id(c)] = Result("failed", error=error) if error else prepared
+                results[id(c)] = Result(AttemptOutcome.FAILED, error=error) if error else prepared

@@ -14,11 +14,11 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-from ._pending import describe
+from ._outcomes import Outcome, Success, Waiter
 from .errors import (DURABLE_NOTE, FlushTimeout, InvalidArgument, ProjectionFailed, ReadOnlyStore,
-                     StorageError, StoreClosed, ThreadDiscarded, ThreadStoreError)
+                     StorageError, StoreClosed, ThreadDiscarded, ThreadStoreError, describe)
 from .model import ThreadMetadata, caller_copy, check_count, check_thread_id
-from .projector import Outcome, Projector, Success, Waiter
+from .projector import Projector
 from .storage import Storage
 from .tracing import Telemetry
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ._inputs import now_us
+from ._state import RemovalKind
 from .errors import StoreClosed, ThreadDiscarded, ThreadStoreError
 from .model import EncodedItem
 from .projector import Projector
@@ -57,10 +58,10 @@ class Writes:
                 span.set_attribute(ATTR_GENERATION, done.generation)
             return done.generation
 
-    def remove(self, thread_id: str, kind: str, timeout: float | None) -> None:
+    def remove(self, thread_id: str, kind: RemovalKind, timeout: float | None) -> None:
         """Discard or delete, in two phases: a removal that raises has changed nothing.
 
-        :param kind: ``"discarded"`` (keep a tombstone) or ``"deleted"`` (free the id).
+        :param kind: ``DISCARDED`` keeps a tombstone; ``DELETED`` frees the id.
         """
         try:
             head = self._history.head(thread_id)  # raises for unknown or discarded ids
@@ -68,7 +69,7 @@ class Writes:
             removed = False
             try:
                 # A closing store removes nothing: past close's fence the thread stays.
-                self._storage.remove_thread(thread_id, tombstone=kind == "discarded")
+                self._storage.remove_thread(thread_id, tombstone=kind is RemovalKind.DISCARDED)
                 removed = True
             finally:
                 if removed:
@@ -79,5 +80,5 @@ class Writes:
             if (self._closed_reason() is not None
                     and not isinstance(exc, (StoreClosed, ThreadDiscarded))):
                 # close() won the race (closed connections, an interrupted statement).
-                raise StoreClosed(f"the store closed; thread {thread_id!r} was not {kind}") from exc
+                raise StoreClosed(f"the store closed; thread {thread_id!r} was not {kind.value}") from exc
             raise

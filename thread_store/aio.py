@@ -36,10 +36,10 @@ from typing import Any, Self, TypeVar
 
 from ._aio_hop import Hop, OwnExecutor, call_soon, in_executor, set_once
 from ._options import check_open_kwargs
+from ._outcomes import Outcome, Success, Waiter
 from .derive import NOT_GIVEN, archive_edit_item, metadata_edit_item
 from .errors import InvalidArgument
 from .model import Page, ProjectorStats, StoredItem, ThreadMetadata, ThreadStatus, check_timeout
-from .projector import Outcome, Success, Waiter
 from .store import ThreadStore
 
 T = TypeVar("T")

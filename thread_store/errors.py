@@ -114,3 +114,29 @@ class ProjectionFailed(BarrierError):
 
 class ReadOnlyStore(ThreadStoreError):
     """A write was attempted on a store opened with ``read_only=True``."""
+
+
+def describe(error: BaseException | None) -> str:
+    """``Type: message`` of an error, for status(), ProjectionFailed, logs and spans.
+
+    The error may come from user code (a hook, the rules) and be hostile: its
+    ``__str__`` may raise or return a non-string, its ``__repr__`` too. This never
+    raises, so nothing that reports an error can take the projector down.
+    """
+    if error is None:
+        return "unknown error"
+    name = "exception"
+    try:
+        raw = type(error).__name__
+        if isinstance(raw, str):
+            name = str.__str__(raw)  # a str subclass could override formatting too
+    except Exception:  # noqa: BLE001 - a metaclass can make even the name raise
+        pass
+    for render in (str, repr):
+        try:
+            text = render(error)
+            if isinstance(text, str):
+                return name + ": " + str.__str__(text)
+        except Exception:  # noqa: BLE001 - see the docstring
+            continue
+    return name + ": <unprintable " + name + " object>"

@@ -16,11 +16,13 @@ from typing import Any, Callable, Mapping, Sequence
 from opentelemetry import metrics, trace
 
 from . import _lifecycle
+from ._attempt import ProjectionHook
 from ._barriers import Barriers
 from ._inputs import check_idempotency_key, encode_items, from_cursor, list_query, session_meta_item
 from ._lifecycle import Lifetime
 from ._options import check_open_kwargs, check_options, check_path, check_rebuild_options, check_target
 from ._reads import Reads
+from ._state import RemovalKind
 from ._writes import Writes
 from .backends import drop_index, open_storage
 from .derive import (NOT_GIVEN, CodexRules, ProjectionRules, archive_edit_item, metadata_edit_item,
@@ -28,7 +30,7 @@ from .derive import (NOT_GIVEN, CodexRules, ProjectionRules, archive_edit_item, 
 from .errors import ReadOnlyStore
 from .model import (DEFAULT_MAX_ITEM_BYTES, Page, ProjectorStats, RetryPolicy, StoredItem,
                     ThreadMetadata, ThreadStatus, check_count, check_thread_id, check_timeout)
-from .projector import Projector, ProjectionHook
+from .projector import Projector
 from .storage import Storage
 from .tracing import Telemetry
 
@@ -240,7 +242,7 @@ class ThreadStore:
         Its waiters get :class:`ThreadDiscarded`; afterwards the id is unknown and may be
         reused. Pending projection work is dropped, not run (it would be deleted anyway).
         """
-        self._remove(thread_id, "deleted", timeout)
+        self._remove(thread_id, RemovalKind.DELETED, timeout)
 
     def discard(self, thread_id: str, timeout: float | None = None) -> None:
         """Drop an ephemeral thread so that it never becomes visible, and tombstone it.
@@ -249,7 +251,7 @@ class ThreadStore:
         is awaited up to ``timeout`` and is fenced after that, so it cannot write. Later
         calls on the id raise :class:`ThreadDiscarded`, also after a restart.
         """
-        self._remove(thread_id, "discarded", timeout)
+        self._remove(thread_id, RemovalKind.DISCARDED, timeout)
 
     # -- barriers -------------------------------------------------------------------------
 
@@ -403,7 +405,7 @@ class ThreadStore:
         key = None if idempotency_key is None else check_idempotency_key(idempotency_key, encoded)
         return writes.append(thread_id, encoded, key, barrier=barrier)
 
-    def _remove(self, thread_id: str, kind: str, timeout: float | None) -> None:
+    def _remove(self, thread_id: str, kind: RemovalKind, timeout: float | None) -> None:
         check_thread_id(thread_id)
         timeout = check_timeout(timeout)
         self._writable().remove(thread_id, kind, timeout)

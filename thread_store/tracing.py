@@ -24,7 +24,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
 
-from ._pending import describe
+from .errors import describe
 
 _package = "thread_store"
 

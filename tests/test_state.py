@@ -1,4 +1,4 @@
-"""The projector's pure data: retry policy and the per-thread item buffer."""
+"""The projector's per-thread state: retry policy and the per-thread item buffer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from thread_store.storage import StoredRow
 from thread_store import InvalidArgument, RetryPolicy
-from thread_store._pending import BUFFER_BYTES, BUFFER_ITEMS, ThreadState
+from thread_store._state import BUFFER_BYTES, BUFFER_ITEMS, ThreadState
 
 
 @pytest.mark.parametrize("kwargs", [{"attempts": 0}, {"attempts": 1.5}, {"attempts": True},
