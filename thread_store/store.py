@@ -28,8 +28,8 @@ from .derive import (NOT_GIVEN, CodexRules, ProjectionRules, archive_edit_item, 
                      rules_id)
 from .errors import InvalidArgument, ReadOnlyStore, StoreClosed, ThreadDiscarded, ThreadStoreError
 from .model import (DEFAULT_MAX_ITEM_BYTES, EncodedItem, Page, ProjectorStats, RetryPolicy, StoredItem,
-                    ThreadMetadata, ThreadStatus, check_count, check_thread_id, check_timeout,
-                    encode_item, utc)
+                    StoreReport, ThreadMetadata, ThreadStatus, check_count, check_thread_id,
+                    check_timeout, encode_item, utc)
 from .projector import Projector, ProjectionHook
 from .storage import IdempotencyKey, ListQuery, Storage, decode_cursor
 from .tracing import ATTR_GENERATION, Telemetry, capture
@@ -407,6 +407,17 @@ class ThreadStore:
             return ThreadStatus(head, projected, projected < head, 0, stored.last_error, 0)
         return ThreadStatus(head, projected, projected < head, local.attempts,
                             stored.last_error or local.last_error, local.waiters)
+
+    def report(self, limit: int = 100) -> StoreReport:
+        """The store's projection health, read from the store without writing (works on
+        read-only stores, beside a writer): live threads, the threads behind (longest
+        first) and by how much, and the threads whose projection failed for good.
+
+        :param limit: at most this many threads in ``behind`` and in ``failed`` (1 to 10,000).
+        """
+        check_count(limit, name="limit", minimum=1, maximum=10_000)
+        self._open_check()
+        return self._storage.report(limit)
 
     def stats(self) -> ProjectorStats:
         """Projector counters since open: group commits, rows, retries, backlog."""
