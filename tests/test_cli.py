@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 from conftest import plain, user_msg
-
-HANG = 30.0  # generous timeout that only catches hangs
 from otlp_receiver import OTLPReceiver
 
 from thread_store import ProjectionFailed, ThreadMetadata, ThreadStore
@@ -24,6 +22,7 @@ from thread_store.cli import cli
 FIXTURES = Path(__file__).parent / "fixtures" / "codex"
 FIELDS = [f.name for f in dataclasses.fields(ThreadMetadata)]
 CONSOLE_SCRIPT = Path(sys.executable).with_name("thread-store")
+HANG = 30.0  # generous timeout that only catches hangs
 
 
 def run(*args: str, script: bool = False, env: dict[str, str] | None = None,
