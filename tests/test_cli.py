@@ -16,12 +16,13 @@ from click.testing import CliRunner, Result
 from conftest import plain, user_msg
 from otlp_receiver import OTLPReceiver
 
-from thread_store import ThreadMetadata, ThreadStore
+from thread_store import ProjectionFailed, ThreadMetadata, ThreadStore
 from thread_store.cli import cli
 
 FIXTURES = Path(__file__).parent / "fixtures" / "codex"
 FIELDS = [f.name for f in dataclasses.fields(ThreadMetadata)]
 CONSOLE_SCRIPT = Path(sys.executable).with_name("thread-store")
+HANG = 30.0  # generous timeout that only catches hangs
 
 
 def run(*args: str, script: bool = False, env: dict[str, str] | None = None,
@@ -85,8 +86,8 @@ def test_console_script_demo_then_list_show_status(store_path: Path) -> None:
     report = run("--store", str(store_path), "status", "--json")
     assert report.returncode == 0, report.stderr
     status = json.loads(report.stdout)
-    assert status["threads"] == {"active": 7, "archived": 0}
-    assert status["behind"] == [] and status["stats"]["failures"] == 0
+    assert status["threads"] == 7
+    assert (status["behind"], status["failed"], status["threads_behind"]) == ([], [], 0)
 
 
 def test_import_codex_and_reindex_in_a_subprocess(store_path: Path) -> None:
@@ -202,15 +203,37 @@ def test_status_names_threads_left_behind(filled: dict[str, str], store_path: Pa
     result = invoke("--store", str(store_path), "status", "--json")
     assert result.exit_code == 0
     report = json.loads(result.stdout)
-    assert report["threads"] == {"active": 3, "archived": 1}  # "empty" counts, though unlisted
-    assert report["stats"]["pending_threads"] <= 2
-    # open() is already catching up, so each may or may not still be behind here.
-    assert {b["thread_id"] for b in report["behind"]} <= {filled["flaky"], filled["docs"]}
-    assert all(b["lag"] == b["head_seq"] - b["projected_seq"] > 0 for b in report["behind"])
+    # Read-only: it caught nothing up, so both are behind by exactly their two items.
+    assert report["threads"] == 4  # "empty" counts, though unlisted; archived ones too
+    assert (report["threads_behind"], report["items_behind"]) == (2, 4)
+    assert sorted((b["thread_id"], b["head_seq"] - b["projected_seq"]) for b in report["behind"]) == \
+        sorted((filled[name], 2) for name in ("flaky", "docs"))
+    assert report["oldest_behind_since"] is not None and report["failed"] == []
+    assert report["schema_version"] == {"history": 3, "index": 5}
     text = invoke("--store", str(store_path), "status")
-    assert "4 (3 active, 1 archived)" in text.stdout
+    assert "2 threads, 4 items" in text.stdout and filled["flaky"] in text.stdout
 
 
+def test_status_reads_a_store_an_agent_has_open_and_changes_nothing(store_path: Path) -> None:
+    def fail(thread_id: str, generation: int) -> None:
+        if thread_id == "broken":
+            raise RuntimeError("the disk is haunted")
+
+    with ThreadStore.open(store_path, projection_hook=fail) as agent:
+        agent.create_thread("broken")
+        with pytest.raises(ProjectionFailed):
+            agent.append_and_flush("broken", [user_msg("boo")], timeout=HANG)
+        agent.pause_projection()
+        for n in range(3):
+            agent.create_thread(f"t{n}")
+            agent.append("t0", [plain(n)])
+        result = invoke("--store", str(store_path), "status", "--json", "--limit", "1")
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["failed"] == [{"thread_id": "broken", "last_error": "RuntimeError: the disk is haunted"}]
+        assert [b["thread_id"] for b in report["behind"]] in (["broken"], ["t0"])  # limited to 1
+        assert report["threads_behind"] == 2 and report["items_behind"] == 1 + 3
+        assert agent.status("t0").pending  # the report caught nothing up
 def test_import_codex_reports_and_exit_codes(store_path: Path) -> None:
     store = ["--store", str(store_path)]
     first = invoke(*store, "import-codex", str(FIXTURES), "--json")

@@ -8,6 +8,7 @@ fold rules' identifier is stored and other rules are refused at open.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,39 @@ def test_a_malformed_rules_id_is_refused(tmp_path: Path, bad: object) -> None:
     with pytest.raises(InvalidArgument, match="rules_id"):
         ThreadStore.open(tmp_path / "s", rules=Bad())
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("target", ["sqlite", "memory"])
+def test_report_reads_threads_behind_and_failures_from_the_store(tmp_path: Path, target: str) -> None:
+    where = str(tmp_path / "s") if target == "sqlite" else ":memory:"
+    with ThreadStore.open(where, projection_hook=_fail_for("broken")) as store:
+        store.create_thread("broken")
+        with pytest.raises(ProjectionFailed):
+            store.append_and_flush("broken", [user_msg("x")], timeout=30)
+        store.append_and_flush(store.create_thread("done"), [user_msg("y")], timeout=30)
+        store.pause_projection()
+        store.create_thread("later")
+        store.append("later", [user_msg("a"), user_msg("b")])
+        store.discard(store.create_thread("gone"))
+        report = store.report()
+        assert report.threads == 3  # the discarded one is not counted
+        assert (report.threads_behind, report.items_behind) == (2, 1 + 2)
+        assert [(b.thread_id, b.head_seq, b.projected_seq) for b in report.behind] == [
+            ("broken", 1, 0), ("later", 2, 0)]  # longest behind first
+        assert report.oldest_behind_since is not None
+        assert [(f.thread_id, f.last_error) for f in report.failed] == [
+            ("broken", "RuntimeError: no projection for broken at 1")]
+        assert len(store.report(limit=1).behind) == 1
+        assert store.status("later").pending  # reporting caught nothing up
+        store.resume_projection()
+        store.flush("later", timeout=30)
+        assert [b.thread_id for b in store.report().behind] == ["broken"]
+        with pytest.raises(InvalidArgument):
+            store.report(limit=0)
+
+
+def _fail_for(victim: str) -> Callable[[str, int], None]:
+    def hook(thread_id: str, generation: int) -> None:
+        if thread_id == victim:
+            _fail(thread_id, generation)
+    return hook

@@ -24,7 +24,7 @@ from .errors import (
     TransientProjectionError,
     TransientStorageError,
 )
-from .model import Page, StoredItem, ThreadMetadata, ThreadStatus
+from .model import BehindThread, FailedThread, Page, StoreReport, StoredItem, ThreadMetadata, ThreadStatus
 from .model import ProjectorStats, RetryPolicy
 from .store import ThreadStore
 
@@ -33,8 +33,10 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncThreadStore",
     "BarrierError",
+    "BehindThread",
     "CodexRules",
     "DiscardTimeout",
+    "FailedThread",
     "FlushTimeout",
     "InvalidArgument",
     "InvalidCursor",
@@ -51,6 +53,7 @@ __all__ = [
     "StorageError",
     "StoreClosed",
     "StoreLocked",
+    "StoreReport",
     "StoredItem",
     "ThreadDiscarded",
     "ThreadExists",

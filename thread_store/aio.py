@@ -39,7 +39,8 @@ from ._options import check_open_kwargs
 from ._outcomes import Outcome, Success, Waiter
 from .derive import NOT_GIVEN, archive_edit_item, metadata_edit_item
 from .errors import InvalidArgument
-from .model import Page, ProjectorStats, StoredItem, ThreadMetadata, ThreadStatus, check_timeout
+from .model import (Page, ProjectorStats, StoredItem, StoreReport, ThreadMetadata, ThreadStatus,
+                    check_timeout)
 from .store import ThreadStore
 
 T = TypeVar("T")
@@ -204,6 +205,10 @@ class AsyncThreadStore:
     async def status(self, thread_id: str) -> ThreadStatus:
         """See :meth:`ThreadStore.status`."""
         return await self._call(self._store.status, thread_id)
+
+    async def report(self, limit: int = 100) -> StoreReport:
+        """See :meth:`ThreadStore.report`."""
+        return await self._call(self._store.report, limit)
 
     async def stats(self) -> ProjectorStats:
         """See :meth:`ThreadStore.stats`."""

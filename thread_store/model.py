@@ -7,7 +7,7 @@ import math
 import random
 import re
 from copy import deepcopy
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Mapping
 
@@ -225,6 +225,51 @@ class RetryPolicy:
         """Backoff before retry number ``attempt`` (1-based), jittered into [50%, 100%]."""
         backoff: float = min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1))
         return backoff * rng.uniform(0.5, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class BehindThread:
+    """A thread whose projection is behind its history, in a :class:`StoreReport`."""
+
+    thread_id: str
+    head_seq: int
+    projected_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class FailedThread:
+    """A thread whose last projection failed for good, in a :class:`StoreReport`."""
+
+    thread_id: str
+    last_error: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoreReport:
+    """The store's projection health, read from the store (no process's counters).
+
+    ``threads`` counts live threads (archived included, discarded ones not);
+    ``items_behind`` sums head minus projected over the threads behind; ``behind`` lists
+    the longest-behind first and ``failed`` the threads with a recorded failure, each at
+    most the report's limit.
+    """
+
+    schema_version: dict[str, int]
+    threads: int
+    threads_behind: int
+    items_behind: int
+    oldest_behind_since: datetime | None
+    behind: list[BehindThread]
+    failed: list[FailedThread]
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as a JSON-ready dict (the time as ISO 8601)."""
+        since = self.oldest_behind_since
+        return {"schema_version": dict(self.schema_version), "threads": self.threads,
+                "threads_behind": self.threads_behind, "items_behind": self.items_behind,
+                "oldest_behind_since": None if since is None else since.isoformat(),
+                "behind": [asdict(b) for b in self.behind],
+                "failed": [asdict(f) for f in self.failed]}
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Protocol, Sequence
 
 from .errors import InvalidCursor, ThreadStoreError
-from .model import THREAD_ID_PATTERN, EncodedItem, Page, ThreadMetadata
+from .model import THREAD_ID_PATTERN, EncodedItem, Page, StoreReport, ThreadMetadata
 
 #: The ``open`` target of the in-memory backend.
 MEMORY = ":memory:"
@@ -324,6 +324,11 @@ class Storage(Protocol):
     def lagging(self) -> list[Lag]:
         """Threads whose projection is behind (or ahead of) their history: run once at
         open, O(threads behind); what it returns is caught up by the projector."""
+
+    def report(self, limit: int) -> StoreReport:
+        """The store's projection health, read without writing: live threads, the threads
+        behind (O(threads behind), longest first, at most ``limit``) and the recorded
+        failures (at most ``limit``)."""
 
     def remove_thread(self, thread_id: str, *, tombstone: bool) -> None:
         """Remove a thread's row and history; keep a tombstone (discard) or free the id.

@@ -29,7 +29,8 @@ from .derive import (NOT_GIVEN, CodexRules, ProjectionRules, archive_edit_item, 
                      rules_id)
 from .errors import ReadOnlyStore
 from .model import (DEFAULT_MAX_ITEM_BYTES, Page, ProjectorStats, RetryPolicy, StoredItem,
-                    ThreadMetadata, ThreadStatus, check_count, check_thread_id, check_timeout)
+                    StoreReport, ThreadMetadata, ThreadStatus, check_count, check_thread_id,
+                    check_timeout)
 from .projector import Projector
 from .storage import Storage
 from .tracing import Telemetry
@@ -355,6 +356,17 @@ class ThreadStore:
         check_thread_id(thread_id)
         self._lifetime.check_open()
         return self._reads.status(thread_id)
+
+    def report(self, limit: int = 100) -> StoreReport:
+        """The store's projection health, read from the store without writing (works on
+        read-only stores, beside a writer): live threads, the threads behind (longest
+        first) and by how much, and the threads whose projection failed for good.
+
+        :param limit: at most this many threads in ``behind`` and in ``failed`` (1 to 10,000).
+        """
+        check_count(limit, name="limit", minimum=1, maximum=10_000)
+        self._lifetime.check_open()
+        return self._storage.report(limit)
 
     def stats(self) -> ProjectorStats:
         """Projector counters since open: group commits, rows, retries, backlog."""

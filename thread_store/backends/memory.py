@@ -17,7 +17,8 @@ from typing import Callable, Sequence
 
 from ..errors import (InvalidArgument, StorageError, StoreClosed, ThreadDiscarded, ThreadExists,
                       ThreadNotFound, ThreadStoreError)
-from ..model import TEXT_FIELDS, EncodedItem, Page, ThreadMetadata, us_from_utc
+from ..model import (TEXT_FIELDS, BehindThread, EncodedItem, FailedThread, Page, StoreReport,
+                     ThreadMetadata, us_from_utc, utc)
 from ..storage import (Appended, Capabilities, Checkpoint, CommitOutcome, CommitResult, Failure,
                        IdempotencyKey, Lag, ListQuery, RowWrite, StoredRow, encode_cursor)
 
@@ -31,6 +32,8 @@ _SEARCHED = ("name", "title", "preview", "first_user_message")
 class _Thread:
     created_us: int
     items: list[StoredRow] = field(default_factory=list)
+    #: When each item was appended (µs): item ``seq`` n at ``n - 1``.
+    appended_us: list[int] = field(default_factory=list)
     #: ``{key: (digest, generation)}`` of idempotent appends.
     keys: dict[str, tuple[str, int]] = field(default_factory=dict)
 
@@ -55,6 +58,7 @@ class MemoryHistory:
             thread = self._threads[thread_id] = _Thread(created_us)
             if first is not None:
                 thread.items.append(StoredRow(1, first.ts_us, first.text))
+                thread.appended_us.append(created_us)
 
     def append(self, thread_id: str, items: Sequence[EncodedItem],
                key: IdempotencyKey | None = None) -> Appended:
@@ -74,6 +78,7 @@ class MemoryHistory:
                 return Appended(generation, written=False)
             thread.items.extend(StoredRow(head + n, it.ts_us, it.text)
                                 for n, it in enumerate(items, 1))
+            thread.appended_us.extend([time.time_ns() // 1000] * len(items))
             if key is not None:
                 thread.keys[key.key] = (key.digest, len(thread.items))
             return Appended(len(thread.items), written=True)
@@ -104,6 +109,23 @@ class MemoryHistory:
     def position(self) -> int:
         """Nothing to detect: memory loses no tail while the object lives."""
         return 0
+
+    def behind(self, projected: Callable[[str], int]) -> list[tuple[int, BehindThread]]:
+        """``(since_us, thread)`` of the threads whose ``projected(thread_id)`` is below
+        their head; since: when the first item past it was appended."""
+        with self._lock:
+            found = []
+            for thread_id, thread in self._threads.items():
+                done = projected(thread_id)
+                if done < len(thread.items):
+                    found.append((thread.appended_us[done],
+                                  BehindThread(thread_id, len(thread.items), done)))
+            return found
+
+    def live_count(self) -> int:
+        """How many live threads it holds."""
+        with self._lock:
+            return len(self._threads)
 
     def remove(self, thread_id: str, *, tombstone: bool) -> None:
         """Forget the thread; remember a discarded id."""
@@ -204,6 +226,17 @@ class MemoryIndex:
         finally:
             self.write_lock.release()
 
+    def projected(self, thread_id: str) -> int:
+        """The row's ``projected_seq``, 0 without a row."""
+        row = self._rows.get(thread_id)
+        return 0 if row is None else row.meta.projected_seq
+
+    def failures(self, limit: int) -> Sequence[FailedThread]:
+        """Up to ``limit`` recorded failures, by thread id."""
+        with self.write_lock:
+            recorded = sorted(self._failures.values(), key=lambda f: f.thread_id)
+        return [FailedThread(f.thread_id, f.error) for f in recorded[:limit]]
+
     def record_failures(self, failures: Sequence[Failure]) -> None:
         """Record each failure unless a row already covers its generation."""
         with self.write_lock:
@@ -288,6 +321,17 @@ class MemoryStorage:
     def lagging(self) -> list[Lag]:
         """Nothing: a fresh store is caught up."""
         return []
+
+    def report(self, limit: int) -> StoreReport:
+        """Compare every thread's head with its row (memory holds few threads)."""
+        behind = sorted(self.history.behind(self.index.projected),
+                        key=lambda found: (found[0], found[1].thread_id))
+        return StoreReport(
+            schema_version={"memory": 1}, threads=self.history.live_count(),
+            threads_behind=len(behind),
+            items_behind=sum(b.head_seq - b.projected_seq for _, b in behind),
+            oldest_behind_since=utc(behind[0][0]) if behind else None,
+            behind=[b for _, b in behind[:limit]], failed=list(self.index.failures(limit)))
 
     def remove_thread(self, thread_id: str, *, tombstone: bool) -> None:
         """Drop the row under the index write lock, then the history."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections import deque
 from pathlib import Path
@@ -13,7 +12,7 @@ import click
 from thread_store import StoredItem, ThreadStore
 
 from ._output import echo_fields, echo_json, echo_table, echo_threads, example, plural
-from ._stores import every_thread, open_existing, resolve_id
+from ._stores import open_existing, resolve_id
 
 
 @click.command("list", epilog=example("thread-store list --search 'flaky test' --limit 20",
@@ -68,41 +67,40 @@ def show(store_path: Path, thread_id: str, count: int, as_json: bool) -> None:
 
 
 @click.command(epilog=example("thread-store status --json"))
-@click.option("--json", "as_json", is_flag=True, help="Print the report as a JSON object.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10_000),
+              help="Name at most this many threads behind, and as many failed.")
 @click.pass_obj
-def status(store_path: Path, as_json: bool) -> None:
-    """Report projection health: threads behind their history, retries, failures.
+def status(store_path: Path, as_json: bool, limit: int) -> None:
+    """Report projection health as the store has it: threads behind their history and by
+    how much, the oldest lag, failed threads with their last error, schema versions.
 
-    Opening the store starts catching up threads that a crash or a slow shutdown left
-    behind, so this is a snapshot taken right after open. Threads that never got a row
-    in the index count in "pending" but are not named.
+    Opens the store read-only and writes nothing, so it works while agents have the
+    store open, and it never catches up the backlog itself.
     """
-    with open_existing(store_path) as store:
-        stats = store.stats()
-        counts = {"active": 0, "archived": 0}
-        behind = []
-        for archived in (False, True):
-            for meta in every_thread(store, archived):
-                counts["archived" if archived else "active"] += 1
-                st = store.status(meta.thread_id)
-                if st.pending or st.last_error:
-                    behind.append({"thread_id": meta.thread_id, **dataclasses.asdict(st),
-                                   "lag": st.head_seq - st.projected_seq})
+    with open_existing(store_path, read_only=True) as store:
+        report = store.report(limit)
     if as_json:
-        echo_json({"path": str(store_path), "threads": counts, "stats": dataclasses.asdict(stats),
-                   "behind": behind})
+        echo_json({"path": str(store_path), **report.to_json()})
         return
+    since = report.oldest_behind_since
     click.echo(f"store      {store_path}")
-    click.echo(f"threads    {counts['active'] + counts['archived']} "
-               f"({counts['active']} active, {counts['archived']} archived)")
-    click.echo(f"pending    {stats.pending_threads} threads, {stats.waiters} waiters")
-    click.echo(f"projector  {stats.transactions} transactions, {stats.rows_written} rows, "
-               f"{stats.attempts} attempts, {stats.retries} retries, {stats.failures} failures")
-    if behind:
-        echo_table(("ID", "HEAD", "PROJECTED", "LAG", "ATTEMPTS", "LAST ERROR"),
-                   [(b["thread_id"], str(b["head_seq"]), str(b["projected_seq"]), str(b["lag"]),
-                     str(b["attempts"]), " ".join((b["last_error"] or "").split())) for b in behind],
-                   flexible=5)
+    click.echo("schema     " + ", ".join(f"{k} {v}" for k, v in report.schema_version.items()))
+    click.echo(f"threads    {report.threads}")
+    click.echo(f"behind     {plural(report.threads_behind, 'thread')}, "
+               f"{plural(report.items_behind, 'item')}"
+               + (f"; the oldest since {since.isoformat(timespec='seconds')}" if since else ""))
+    click.echo(f"failed     {plural(len(report.failed), 'thread')}")
+    if report.behind:
+        click.echo()
+        echo_table(("ID", "HEAD", "PROJECTED", "LAG"),
+                   [(b.thread_id, str(b.head_seq), str(b.projected_seq),
+                     str(b.head_seq - b.projected_seq)) for b in report.behind], flexible=0)
+    if report.failed:
+        click.echo()
+        echo_table(("ID", "LAST ERROR"),
+                   [(f.thread_id, " ".join(f.last_error.split())) for f in report.failed],
+                   flexible=1)
 
 
 @click.command(epilog=example("thread-store export 0194a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b > session.jsonl"))

@@ -10,14 +10,17 @@ import click
 from thread_store import NotAThreadStore, ThreadMetadata, ThreadNotFound, ThreadStore
 
 
-def open_existing(store_path: Path) -> ThreadStore:
+def open_existing(store_path: Path, *, read_only: bool = False) -> ThreadStore:
     """Open a store that must exist already: a typo in --store must not create one.
+
+    Commands that only read open it ``read_only``: they write nothing, never catch up a
+    backlog, and work while agents have the store open for writing.
 
     :raises NotAThreadStore: ``store_path`` does not exist.
     """
     if not store_path.exists():
         raise NotAThreadStore(f"{store_path} does not exist; pass --store or set $THREAD_STORE")
-    return ThreadStore.open(store_path)
+    return ThreadStore.open(store_path, read_only=read_only)
 
 
 def change_thread(store_path: Path, thread_id: str, change: Callable[[ThreadStore, str], object]) -> str:

@@ -43,11 +43,12 @@ def recover(history: History, index: Index) -> list[Lag]:
         return _compare_all(history, index)
     behind: list[Lag] = []
     caught_up = []
-    for thread_id, head in history.behind_threads().items():
-        checkpoint = index.checkpoint(thread_id)
-        lag = Lag(thread_id, head, None if checkpoint.fold_state is None else checkpoint.projected_seq)
-        if lag.projected == head:
-            caught_up.append((thread_id, head))  # its acknowledgement was not written yet
+    for marked in history.behind_threads():
+        checkpoint = index.checkpoint(marked.thread_id)
+        lag = Lag(marked.thread_id, marked.head,
+                  None if checkpoint.fold_state is None else checkpoint.projected_seq)
+        if lag.projected == marked.head:
+            caught_up.append((lag.thread_id, lag.head))  # its acknowledgement was not written yet
         else:
             behind.append(lag)
     history.acknowledge(caught_up, None)  # the worker writes it with the others

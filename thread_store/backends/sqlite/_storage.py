@@ -14,6 +14,7 @@ from ._recovery import recover
 from .history import History
 from .index import Index
 from ...errors import InvalidArgument, NotAThreadStore, StoreClosed
+from ...model import BehindThread, FailedThread, StoreReport, utc
 from ...storage import Capabilities, Lag
 
 CAPABILITIES = Capabilities(reopen=True, read_only=True, durability_full=True, backup=True,
@@ -93,6 +94,26 @@ class SQLiteStorage:
     def lagging(self) -> list[Lag]:
         """The recovery scan: threads behind (or ahead of) their history."""
         return recover(self.history, self.index)
+
+    def report(self, limit: int) -> StoreReport:
+        """Read the behind marks, the rows they name and the failures; write nothing.
+
+        Marks are cleared lazily, so each marked thread is checked against its row.
+        """
+        marked = self.history.behind_threads()
+        projected = self.index.projected_of([m.thread_id for m in marked])
+        behind = sorted((m for m in marked if projected.get(m.thread_id, 0) < m.head),
+                        key=lambda m: (m.since_us, m.thread_id))
+        failed = [FailedThread(t, error) for t, error in self.index.failures(limit)]
+        return StoreReport(
+            schema_version={"history": self.history.schema_version(),
+                            "index": self.index.schema_version()},
+            threads=self.history.live_count(), threads_behind=len(behind),
+            items_behind=sum(m.head - projected.get(m.thread_id, 0) for m in behind),
+            oldest_behind_since=utc(behind[0].since_us) if behind else None,
+            behind=[BehindThread(m.thread_id, m.head, projected.get(m.thread_id, 0))
+                    for m in behind[:limit]],
+            failed=failed)
 
     def remove_thread(self, thread_id: str, *, tombstone: bool) -> None:
         """Delete the row, then the history (``Storage.remove_thread``).

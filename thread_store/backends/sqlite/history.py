@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -50,6 +51,15 @@ _SET_EPOCH = ("INSERT INTO store_meta (key, value) VALUES ('index_epoch', ?1) ON
               "DO UPDATE SET value = excluded.value")
 _HEADS = ("SELECT t.thread_id, (SELECT max(seq) FROM items i WHERE i.thread_id = t.thread_id) "
           "FROM threads t WHERE t.discarded_us IS NULL")
+
+
+@dataclass(frozen=True, slots=True)
+class Marked:
+    """A thread marked behind in history: its head, and since when (µs) it is marked."""
+
+    thread_id: str
+    head: int
+    since_us: int
 
 
 class History:
@@ -272,13 +282,26 @@ class History:
         row = self._readers.fetchone("history", "SELECT max(rowid) FROM items")
         return int(row[0] or 0)
 
-    def behind_threads(self) -> dict[str, int]:
-        """``{thread_id: head}`` of the live threads marked behind: O(marked threads)."""
+    def behind_threads(self) -> list[Marked]:
+        """The live threads marked behind, with their heads: O(marked threads).
+
+        Marks are cleared lazily, so some of these may be caught up already.
+        """
         rows = self._readers.fetchall(
             "history", "SELECT t.thread_id, (SELECT max(seq) FROM items i "
-            "WHERE i.thread_id = t.thread_id) FROM behind b JOIN threads t USING (thread_id) "
-            "WHERE t.discarded_us IS NULL")
-        return {thread_id: int(head or 0) for thread_id, head in rows}
+            "WHERE i.thread_id = t.thread_id), b.since_us FROM behind b "
+            "JOIN threads t USING (thread_id) WHERE t.discarded_us IS NULL")
+        return [Marked(thread_id, int(head or 0), since_us) for thread_id, head, since_us in rows]
+
+    def live_count(self) -> int:
+        """How many live threads the store holds (discarded ones not)."""
+        row = self._readers.fetchone("history", "SELECT count(*) FROM threads "
+                                     "WHERE discarded_us IS NULL")
+        return int(row[0])
+
+    def schema_version(self) -> int:
+        """The file's schema version."""
+        return int(self._readers.fetchone("history", "PRAGMA user_version")[0])
 
     def heads(self) -> dict[str, int]:
         """``{thread_id: head}`` of every live thread, in one read (recovery, reindex)."""

@@ -294,6 +294,27 @@ class Index:
             "LEFT JOIN threads t USING (thread_id)", (thread_id,))
         return Checkpoint(int(row[0] or 0), row[1], row[2])
 
+    def projected_of(self, thread_ids: list[str]) -> dict[str, int]:
+        """``projected_seq`` of those of ``thread_ids`` that have a row."""
+        found: dict[str, int] = {}
+        for start in range(0, len(thread_ids), 500):  # under SQLite's bound-parameter limit
+            chunk = thread_ids[start:start + 500]
+            found.update(self._readers.fetchall(
+                "the index", "SELECT thread_id, projected_seq FROM threads WHERE thread_id IN "
+                f"({', '.join('?' * len(chunk))})", chunk))
+        return found
+
+    def failures(self, limit: int) -> list[tuple[str, str]]:
+        """``(thread_id, error)`` of up to ``limit`` recorded failures, by thread id."""
+        rows: list[tuple[str, str]] = self._readers.fetchall(
+            "the index", "SELECT thread_id, error FROM failures ORDER BY thread_id LIMIT ?",
+            (limit,))
+        return rows
+
+    def schema_version(self) -> int:
+        """The file's schema version."""
+        return int(self._readers.fetchone("the index", "PRAGMA user_version")[0])
+
     def projected_seqs(self) -> dict[str, int]:
         """Every row's ``projected_seq`` (crash recovery)."""
         return dict(self._readers.fetchall("the index", "SELECT thread_id, projected_seq FROM threads"))
