@@ -22,7 +22,8 @@ from opentelemetry import metrics, trace
 
 from . import _lifecycle
 from ._barriers import Barriers
-from ._options import check_open_kwargs, check_options, check_path, check_target
+from ._options import (backend_options, check_open_kwargs, check_options, check_path,
+                       check_target)
 from .backends import drop_index, open_storage
 from .derive import (NOT_GIVEN, CodexRules, ProjectionRules, archive_edit_item, metadata_edit_item,
                      rules_id)
@@ -118,7 +119,7 @@ class ThreadStore:
                       caller_runs=caller_runs, read_only=read_only)
         rules = rules or CodexRules()
         storage = open_storage(where, durability=durability, read_only=read_only,
-                               rules_id=rules_id(rules))
+                               rules_id=rules_id(rules), options=backend_options(where, other))
         try:
             telemetry = Telemetry(tracer_provider, meter_provider)
             projector = None
@@ -158,7 +159,7 @@ class ThreadStore:
         if progress is not None and not callable(progress):
             raise InvalidArgument(f"progress must be a callable progress(done, total) or None, "
                                   f"not {type(progress).__name__}")
-        drop_index(where)
+        drop_index(where, backend_options(where, options))
         with cls.open(where, **options) as store:
             # Every thread with items; the catch-up open() started may have covered some.
             heads = {t: head for t, head in store._history.heads().items() if head}
