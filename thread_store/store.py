@@ -80,8 +80,11 @@ class ThreadStore:
              read_only: bool = False, **other: Any) -> ThreadStore:
         """Open (creating as needed) the store ``target`` names (DESIGN §6).
 
-        :param target: a directory path (the embedded SQLite store, created as needed), or
-            ``":memory:"``: a fresh in-memory store for tests, living as long as the object.
+        :param target: a directory path (the embedded SQLite store, created as needed),
+            ``":memory:"``: a fresh in-memory store for tests, living as long as the object,
+            or a ``postgresql://`` URL (the ``postgres`` extra; options ``schema``,
+            ``pool_min_size``, ``pool_max_size``, ``connect_timeout``,
+            ``statement_timeout``: see the README).
         :param projection: ``"async"`` (default) projects in the background; ``"sync"``
             projects inside ``append`` (the baseline design, and an escape hatch).
         :param durability: ``"normal"`` (survives a process crash) or ``"full"`` (also
