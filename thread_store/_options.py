@@ -27,18 +27,52 @@ _NAME_MAX = 255
 _PATH_MAX = 4095
 #: ``scheme://...``: a URL, never a directory name (DESIGN §3).
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+#: The URL schemes of the PostgreSQL backend (DESIGN §3).
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+#: Options that only a PostgreSQL target takes (DESIGN §3's table), with their checks.
+POSTGRES_OPTIONS = ("schema", "pool_min_size", "pool_max_size", "connect_timeout",
+                    "statement_timeout")
+#: A schema name: an unquoted lower-case PostgreSQL identifier, so it needs no quoting
+#: in tools (``pg_dump --schema``) and cannot collide with a differently-cased one.
+_SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 #: A libpq connection string, ``host=... dbname=...``: not a directory name either.
 _CONNINFO = re.compile(r"\s*(\w+\s*=\s*('[^']*'|\S*)\s*)+")
 
 
 def check_target(target: object) -> Path | str:
-    """The store ``open`` names: :data:`MEMORY`, or a directory :class:`Path`.
+    """The store ``open`` names: :data:`MEMORY`, a ``postgresql://`` URL (a ``str``), or
+    a directory :class:`Path`.
 
     :raises InvalidArgument: anything else (see :func:`check_path`).
     """
     if target == MEMORY and isinstance(target, str):
         return MEMORY
+    if is_postgres(target):
+        assert isinstance(target, str)
+        if "\x00" in target or not target.isprintable():
+            raise InvalidArgument("a postgresql:// URL must be printable text without NUL "
+                                  "characters")
+        return target
     return check_path(target)
+
+
+def is_postgres(target: object) -> bool:
+    """Whether ``target`` is a ``postgresql://`` or ``postgres://`` URL."""
+    return (isinstance(target, str) and bool(_URL.match(target))
+            and target.split("://", 1)[0].lower() in POSTGRES_SCHEMES)
+
+
+def backend_options(target: Path | str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The backend-specific options given in ``options`` (already checked), for
+    ``open_storage``.
+
+    :raises InvalidArgument: one of them given for a target that does not take it.
+    """
+    given = {k: v for k, v in options.items() if k in POSTGRES_OPTIONS and v is not None}
+    if given and not is_postgres(target):
+        raise InvalidArgument(f"option(s) {', '.join(sorted(given))} apply only to postgresql:// "
+                              "stores, not to an embedded or in-memory one")
+    return given
 
 
 def check_path(path: object) -> Path:
@@ -82,12 +116,11 @@ def _refuse_other_targets(raw: str) -> None:
                               "pass a directory path here")
     if _URL.match(raw):
         scheme = raw.split("://", 1)[0]
-        raise InvalidArgument(f"{scheme}:// stores are not available in this version (the "
-                              "PostgreSQL backend is planned); pass a directory path for the "
-                              "embedded store")
+        raise InvalidArgument(f"{scheme}:// is not a store target; pass a directory path for "
+                              "the embedded store, or a postgresql:// URL")
     if _CONNINFO.fullmatch(raw):
         raise InvalidArgument("a libpq 'key=value' connection string is not a store target; pass a "
-                              "directory path (or, once available, a postgresql:// URL)")
+                              "directory path, or a postgresql://user@host:port/database URL")
 
 
 def check_open_kwargs(options: Mapping[str, Any]) -> None:
@@ -119,8 +152,15 @@ def check_options(*, projection: object = "async", durability: object = "normal"
                   tracer_provider: object = None, meter_provider: object = None,
                   projection_hook: object = None, rules: object = None,
                   max_item_bytes: object = DEFAULT_MAX_ITEM_BYTES, coalesce_delay: object = 0.005,
-                  retry: object = None, caller_runs: object = True, read_only: object = False) -> None:
-    """Check the type and range of every ``open`` option; raise :class:`InvalidArgument`."""
+                  retry: object = None, caller_runs: object = True, read_only: object = False,
+                  schema: object = None, pool_min_size: object = None, pool_max_size: object = None,
+                  connect_timeout: object = None, statement_timeout: object = None) -> None:
+    """Check the type and range of every ``open`` option; raise :class:`InvalidArgument`.
+
+    ``None`` for a PostgreSQL option means its default (see the README).
+    """
+    _check_postgres_options(schema, pool_min_size, pool_max_size, connect_timeout,
+                            statement_timeout)
     if not isinstance(projection, str) or projection not in ("async", "sync"):
         raise InvalidArgument(f"projection must be 'async' or 'sync', not {projection!r}")
     if not isinstance(durability, str) or durability not in ("normal", "full"):
@@ -146,6 +186,27 @@ def check_options(*, projection: object = "async", durability: object = "normal"
     for flag, name in ((caller_runs, "caller_runs"), (read_only, "read_only")):
         if not isinstance(flag, bool):
             raise InvalidArgument(f"{name} must be True or False, not {flag!r}")
+
+
+def _check_postgres_options(schema: object, pool_min_size: object, pool_max_size: object,
+                            connect_timeout: object, statement_timeout: object) -> None:
+    if schema is not None and (not isinstance(schema, str) or not _SCHEMA.fullmatch(schema)
+                               or schema.startswith("pg_")):
+        raise InvalidArgument(f"schema must be a lower-case PostgreSQL identifier of at most 63 "
+                              f"characters ([a-z_][a-z0-9_]*, not pg_...), not {schema!r}")
+    for size, name in ((pool_min_size, "pool_min_size"), (pool_max_size, "pool_max_size")):
+        if size is not None:
+            check_count(size, name=name, minimum=0 if name == "pool_min_size" else 1, maximum=1000)
+    if (isinstance(pool_min_size, int) and isinstance(pool_max_size, int)
+            and pool_min_size > pool_max_size):
+        raise InvalidArgument(f"pool_min_size ({pool_min_size}) must not exceed pool_max_size "
+                              f"({pool_max_size})")
+    for seconds, name, low in ((connect_timeout, "connect_timeout", 1.0),
+                               (statement_timeout, "statement_timeout", 0.0)):
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                    or math.isnan(seconds) or not low <= seconds <= 86400):
+            raise InvalidArgument(f"{name} must be a number of seconds from {low:g} to 86400, "
+                                  f"not {seconds!r}")
 
 
 def _check_rules(rules: object) -> None:

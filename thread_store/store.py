@@ -20,7 +20,8 @@ from ._attempt import ProjectionHook
 from ._barriers import Barriers
 from ._inputs import check_idempotency_key, encode_items, from_cursor, list_query, session_meta_item
 from ._lifecycle import Lifetime
-from ._options import check_open_kwargs, check_options, check_path, check_rebuild_options, check_target
+from ._options import (backend_options, check_open_kwargs, check_options, check_path,
+                       check_rebuild_options, check_target)
 from ._reads import Reads
 from ._state import RemovalKind
 from ._writes import Writes
@@ -75,8 +76,11 @@ class ThreadStore:
              read_only: bool = False, **other: Any) -> ThreadStore:
         """Open (creating as needed) the store ``target`` names (DESIGN §6).
 
-        :param target: a directory path (the embedded SQLite store, created as needed), or
-            ``":memory:"``: a fresh in-memory store for tests, living as long as the object.
+        :param target: a directory path (the embedded SQLite store, created as needed),
+            ``":memory:"``: a fresh in-memory store for tests, living as long as the object,
+            or a ``postgresql://`` URL (the ``postgres`` extra; options ``schema``,
+            ``pool_min_size``, ``pool_max_size``, ``connect_timeout``,
+            ``statement_timeout``: see the README).
         :param projection: ``"async"`` (default) projects in the background; ``"sync"``
             projects inside ``append`` (the baseline design, and an escape hatch).
         :param durability: ``"normal"`` (survives a process crash) or ``"full"`` (also
@@ -114,7 +118,7 @@ class ThreadStore:
                       caller_runs=caller_runs, read_only=read_only)
         rules = rules or CodexRules()
         storage = open_storage(where, durability=durability, read_only=read_only,
-                               rules_id=rules_id(rules))
+                               rules_id=rules_id(rules), options=backend_options(where, other))
         try:
             telemetry = Telemetry(tracer_provider, meter_provider)
             projector = None
@@ -149,7 +153,7 @@ class ThreadStore:
         """
         where = check_target(target)
         check_rebuild_options(options, progress)
-        drop_index(where)
+        drop_index(where, backend_options(where, options))
         with cls.open(where, **options) as store:
             # Every thread with items; the catch-up open() started may have covered some.
             heads = {t: head for t, head in store._history.heads().items() if head}

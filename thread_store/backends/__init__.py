@@ -8,33 +8,54 @@ plus one branch in :func:`open_storage`.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from types import ModuleType
+from typing import Any, Mapping
 
 from ..errors import InvalidArgument
 from ..storage import MEMORY, Storage
 from .memory import MemoryStorage
 from .sqlite import SQLiteStorage
 
-def open_storage(target: str | Path, *, durability: str, read_only: bool,
-                 rules_id: str) -> Storage:
-    """Open the backend ``target`` names: ``":memory:"`` or a directory path (validated).
 
-    :raises InvalidArgument: an option the backend does not take (DESIGN §3's table).
+def open_storage(target: str | Path, *, durability: str, read_only: bool,
+                 rules_id: str, options: Mapping[str, Any] | None = None) -> Storage:
+    """Open the backend ``target`` names: ``":memory:"``, a directory path, or a
+    ``postgresql://`` URL (all validated), with that backend's own ``options``.
+
+    :raises InvalidArgument: an option the backend does not take (DESIGN §3's table), or
+        a PostgreSQL target without the ``postgres`` extra installed.
     """
     if target == MEMORY:
         return MemoryStorage.open(durability=durability, read_only=read_only, rules_id=rules_id)
-    assert isinstance(target, Path)
+    if isinstance(target, str):
+        storage: Storage = _postgres().PostgresStorage.open(
+            target, durability=durability, read_only=read_only, rules_id=rules_id,
+            **(options or {}))
+        return storage
     return SQLiteStorage.open(target, durability=durability, read_only=read_only,
                               rules_id=rules_id)
 
 
-def drop_index(target: str | Path) -> None:
+def drop_index(target: str | Path, options: Mapping[str, Any] | None = None) -> None:
     """Delete the index of the closed store ``target``, for ``rebuild_index``."""
     if target == MEMORY:
         raise InvalidArgument("an in-memory store has no index to rebuild; it lives and dies "
                               "with its ThreadStore object")
-    assert isinstance(target, Path)
+    if isinstance(target, str):
+        _postgres().PostgresStorage.drop_index(target, **(options or {}))
+        return
     SQLiteStorage.drop_index(target)
+
+
+def _postgres() -> ModuleType:
+    """The PostgreSQL backend, imported on first use: the embedded default needs no driver."""
+    try:
+        return importlib.import_module(".postgres", __name__)
+    except ImportError as exc:
+        raise InvalidArgument("postgresql:// stores need the PostgreSQL driver: "
+                              "pip install 'thread_store[postgres]'") from exc
 
 
 __all__ = ["drop_index", "open_storage"]

@@ -1,0 +1,472 @@
+"""The PostgreSQL backend against a real server: each port guarantee, then the public API
+end to end on a ``postgresql://`` URL (DESIGN §6).
+
+Every test gets a schema of its own; the module gets a database of its own, so where
+``pg_trgm`` lands never meets the other PostgreSQL tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+import uuid
+from typing import Iterator
+
+import psycopg
+import pytest
+from conftest import plain, user_msg
+from pg_server import PostgresServer
+
+from thread_store import (AsyncThreadStore, InvalidArgument, ProjectionFailed, ReadOnlyStore,
+                          ThreadDiscarded, ThreadNotFound, ThreadStore)
+from thread_store.backends.postgres import PostgresStorage
+from thread_store.errors import (NotAThreadStore, SchemaTooNew, StorageError, ThreadExists,
+                                 TransientStorageError)
+from thread_store.model import EncodedItem, ThreadMetadata, utc
+from thread_store.storage import (Appended, CommitOutcome, Failure, IdempotencyKey, ListQuery,
+                                  RowWrite, decode_cursor)
+
+DATABASE = "thread_store_backend"
+
+
+@pytest.fixture(scope="module")
+def pg_url(postgres_server: PostgresServer) -> str:
+    with psycopg.connect(postgres_server.url, autocommit=True, connect_timeout=30) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {DATABASE}")
+        conn.execute(f"CREATE DATABASE {DATABASE}")
+    return postgres_server.url.rsplit("/", 1)[0] + "/" + DATABASE
+
+
+@pytest.fixture
+def schema() -> str:
+    return f"t_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def storage(pg_url: str, schema: str) -> Iterator[PostgresStorage]:
+    s = PostgresStorage.open(pg_url, durability="normal", read_only=False, rules_id="rules-1",
+                             schema=schema)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def store(pg_url: str, schema: str) -> Iterator[ThreadStore]:
+    s = ThreadStore.open(pg_url, schema=schema)
+    try:
+        yield s
+    finally:
+        s.close(timeout=5.0)
+
+
+def item(n: int, ts_us: int = 1_700_000_000_000_000) -> EncodedItem:
+    return EncodedItem(text=f'{{"type": "response_item", "n": {n}}}', ts_us=ts_us + n,
+                       kind="response_item")
+
+
+def row(thread_id: str, seq: int, **fields: object) -> RowWrite:
+    meta = ThreadMetadata(thread_id=thread_id, projected_seq=seq, item_count=seq,
+                          recency_at=utc(1_700_000_000_000_000 + seq), **fields)  # type: ignore[arg-type]
+    return RowWrite(meta, fold_state=f'{{"seq": {seq}}}')
+
+
+def commit(storage: PostgresStorage, *rows: RowWrite, may_write: object = None) -> object:
+    allowed = may_write if callable(may_write) else (lambda _tid: True)
+    return storage.index.commit(list(rows), position=0, may_write=allowed, deadline=None)
+
+
+# -- HistoryLog -------------------------------------------------------------------------
+
+
+def test_create_append_read_and_heads(storage: PostgresStorage) -> None:
+    h = storage.history
+    h.create("a", created_us=123, first=item(1))
+    h.create("b", created_us=456, first=None)
+    assert (h.head("a"), h.head("b"), h.created_us("a")) == (1, 0, 123)
+    assert h.append("a", [item(2), item(3)]) == Appended(3, written=True)
+    assert h.append("a", []) == Appended(3, written=False)
+    assert [(r.seq, r.ts_us) for r in h.read("a", 0, 10, 10)] == [(1, item(1).ts_us), (2, item(2).ts_us),
+                                                                  (3, item(3).ts_us)]
+    assert [r.seq for r in h.read("a", 1, 3, 1)] == [2]
+    assert h.read("a", 0, 3, 10)[2].text == item(3).text
+    assert h.read("missing", 0, 10, 10) == []
+    assert h.heads() == {"a": 3, "b": 0}
+    assert h.position() == 0
+    with pytest.raises(ThreadExists):
+        h.create("a", created_us=1, first=None)
+    with pytest.raises(ThreadNotFound):
+        h.append("missing", [item(1)])
+    with pytest.raises(ThreadNotFound):
+        h.head("missing")
+
+
+def test_concurrent_appends_to_one_thread_get_gap_free_seqs(storage: PostgresStorage) -> None:
+    storage.history.create("t", created_us=1, first=None)
+    generations: list[int] = []
+
+    def appender() -> None:
+        for n in range(20):
+            generations.append(storage.history.append("t", [item(n), item(n)]).generation)
+
+    workers = [threading.Thread(target=appender) for _ in range(6)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert sorted(generations) == list(range(2, 241, 2))
+    assert [r.seq for r in storage.history.read("t", 0, 1000, 1000)] == list(range(1, 241))
+
+
+def test_idempotency_keys(storage: PostgresStorage) -> None:
+    h = storage.history
+    h.create("t", created_us=1, first=item(0))
+    key = IdempotencyKey("k1", "digest-a")
+    assert h.append("t", [item(1), item(2)], key) == Appended(3, written=True)
+    h.append("t", [item(3)])
+    assert h.append("t", [item(1), item(2)], key) == Appended(3, written=False)
+    with pytest.raises(InvalidArgument, match="other items"):
+        h.append("t", [item(9)], IdempotencyKey("k1", "digest-b"))
+    assert h.append("t", [], IdempotencyKey("k2", "x")) == Appended(4, written=False)
+    assert h.head("t") == 4
+    assert h.append("t", [item(5)], IdempotencyKey("k2", "x")) == Appended(5, written=True)
+
+
+def test_concurrent_appends_with_one_key_write_once(storage: PostgresStorage) -> None:
+    storage.history.create("t", created_us=1, first=None)
+    results: list[Appended] = []
+    barrier = threading.Barrier(6)
+
+    def appender() -> None:
+        barrier.wait()
+        results.append(storage.history.append("t", [item(1)], IdempotencyKey("same", "d")))
+
+    workers = [threading.Thread(target=appender) for _ in range(6)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert storage.history.head("t") == 1
+    assert sorted(r.written for r in results) == [False] * 5 + [True]
+    assert {r.generation for r in results} == {1}
+
+
+def test_discard_keeps_a_tombstone_and_delete_frees_the_id(storage: PostgresStorage) -> None:
+    h = storage.history
+    for tid in ("gone", "deleted"):
+        h.create(tid, created_us=1, first=item(1))
+        commit(storage, row(tid, 1, preview="x"))
+    storage.remove_thread("gone", tombstone=True)
+    storage.remove_thread("deleted", tombstone=False)
+    for call in (lambda: h.head("gone"), lambda: h.append("gone", [item(2)]),
+                 lambda: h.create("gone", created_us=2, first=None),
+                 lambda: storage.remove_thread("gone", tombstone=True)):
+        with pytest.raises(ThreadDiscarded):
+            call()
+    assert h.read("gone", 0, 10, 10) == [] and storage.index.read("gone") is None
+    with pytest.raises(ThreadNotFound):
+        h.head("deleted")
+    h.create("deleted", created_us=2, first=None)
+    assert h.head("deleted") == 0 and storage.index.read("deleted") is None
+    assert h.heads() == {"deleted": 0}
+
+
+def test_reject_writes(storage: PostgresStorage) -> None:
+    storage.history.create("t", created_us=1, first=None)
+    storage.reject_writes()
+    from thread_store.errors import StoreClosed
+    with pytest.raises(StoreClosed):
+        storage.history.append("t", [item(1)])
+    assert storage.history.head("t") == 0
+
+
+# -- MetadataIndex ----------------------------------------------------------------------
+
+
+def test_commit_read_checkpoint_and_no_step_backwards(storage: PostgresStorage) -> None:
+    storage.history.create("t", created_us=1, first=None)
+    assert storage.index.checkpoint("t").fold_state is None
+    result = commit(storage, row("t", 5, title="five"))
+    assert result.outcome is CommitOutcome.COMMITTED and not result.errors  # type: ignore[attr-defined]
+    commit(storage, row("t", 3, title="stale"))
+    meta = storage.index.read("t")
+    assert meta is not None and (meta.title, meta.projected_seq) == ("five", 5)
+    assert storage.index.checkpoint("t").projected_seq == 5
+    assert storage.index.checkpoint("t").fold_state == '{"seq": 5}'
+
+
+def test_commit_never_resurrects_a_removed_thread(storage: PostgresStorage) -> None:
+    storage.history.create("t", created_us=1, first=None)
+    storage.remove_thread("t", tombstone=True)
+    commit(storage, row("t", 1, preview="late"))
+    commit(storage, row("never-created", 1, preview="late"))
+    assert storage.index.read("t") is None and storage.index.read("never-created") is None
+
+
+def test_a_row_postgres_refuses_fails_alone(storage: PostgresStorage) -> None:
+    for tid in ("good", "nul", "big"):
+        storage.history.create(tid, created_us=1, first=None)
+    result = commit(storage, row("good", 1, title="fine"), row("nul", 1, title="a\x00b"),
+                    row("big", 1, cwd="\ud800"))
+    assert set(result.errors) == {"nul", "big"}  # type: ignore[attr-defined]
+    assert all(isinstance(e, StorageError) for e in result.errors.values())  # type: ignore[attr-defined]
+    assert storage.index.read("good") is not None and storage.index.read("nul") is None
+
+
+def test_may_write_refuses_rows(storage: PostgresStorage) -> None:
+    for tid in ("a", "b"):
+        storage.history.create(tid, created_us=1, first=None)
+    result = commit(storage, row("a", 1), row("b", 1), may_write=lambda tid: tid == "a")
+    assert result.refused == frozenset({"b"})  # type: ignore[attr-defined]
+    assert storage.index.read("a") is not None and storage.index.read("b") is None
+
+
+def test_failures_are_recorded_and_cleared(storage: PostgresStorage) -> None:
+    storage.history.create("t", created_us=1, first=None)
+    commit(storage, row("t", 2))
+    storage.index.record_failures([Failure("t", 2, "covered already")])
+    assert storage.index.checkpoint("t").last_error is None
+    storage.index.record_failures([Failure("t", 3, "boom\x00")])
+    assert storage.index.checkpoint("t").last_error == "boom\\0"
+    commit(storage, row("t", 3))
+    assert storage.index.checkpoint("t").last_error is None
+
+
+def test_fence_cancels_a_running_transaction(storage: PostgresStorage, pg_url: str, schema: str) -> None:
+    storage.history.create("t", created_us=1, first=None)
+    commit(storage, row("t", 1))
+    with psycopg.connect(pg_url) as blocker:  # holds the row: the next commit blocks on it
+        blocker.execute(f"SELECT 1 FROM {schema}.meta WHERE thread_id = 't' FOR UPDATE")
+        out: dict[str, object] = {}
+        worker = threading.Thread(target=lambda: out.update(r=commit(storage, row("t", 2))))
+        worker.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        assert storage.index.fence(5.0)
+        assert time.monotonic() - started < 2.0
+        worker.join(5.0)
+        assert out["r"].outcome is CommitOutcome.FENCED  # type: ignore[attr-defined]
+    assert commit(storage, row("t", 3)).outcome is CommitOutcome.FENCED  # type: ignore[attr-defined]
+    meta = storage.index.read("t")
+    assert meta is not None and meta.projected_seq == 1
+
+
+def test_list_keyset_filters_and_search(storage: PostgresStorage) -> None:
+    texts = {"t1": "修复不稳定的测试", "t2": "Élan vital ÉCOLE", "t3": "100% done_ok \\ back",
+             "t4": "three little pigs", "t5": None}
+    for n, (tid, text) in enumerate(texts.items(), 1):
+        storage.history.create(tid, created_us=1, first=None)
+        commit(storage, row(tid, n, preview=text, cwd="/a" if n % 2 else "/b"))
+    storage.history.create("arch", created_us=1, first=None)
+    commit(storage, row("arch", 9, preview="x", archived_at=utc(5)))
+
+    def ids(**kw: object) -> list[str]:
+        return [m.thread_id for m in storage.index.list(ListQuery(limit=50, **kw)).threads]  # type: ignore[arg-type]
+
+    assert ids() == ["t4", "t3", "t2", "t1"]
+    assert ids(include_empty=True) == ["t5", "t4", "t3", "t2", "t1"]
+    assert ids(archived=True) == ["arch"]
+    assert ids(cwd="/a") == ["t3", "t1"]
+    assert ids(words=("测试",)) == ["t1"]
+    assert ids(words=("不稳定",)) == ["t1"]
+    assert ids(words=("école",)) == ["t2"]
+    assert ids(words=("élan", "VITAL")) == ["t2"]
+    assert ids(words=("thr",)) == ["t4"] and ids(words=("ee",)) == ["t4"]
+    assert ids(words=("%",)) == ["t3"] and ids(words=("_",)) == ["t3"] and ids(words=("\\",)) == ["t3"]
+    assert ids(words=("0%",)) == ["t3"] and ids(words=("e_o",)) == ["t3"]
+    assert ids(words=("three", "nope")) == []
+    query = ListQuery(limit=2, include_empty=True)
+    page = storage.index.list(query)
+    seen = [m.thread_id for m in page.threads]
+    while page.next_cursor:
+        query = ListQuery(limit=2, include_empty=True, after=decode_cursor(page.next_cursor, query.filters()))
+        page = storage.index.list(query)
+        seen += [m.thread_id for m in page.threads]
+    assert seen == ["t5", "t4", "t3", "t2", "t1"]
+
+
+# -- Storage ----------------------------------------------------------------------------
+
+
+def test_lagging_and_housekeeping(storage: PostgresStorage) -> None:
+    assert storage.lagging() == [] and storage.housekeeping_due_at() == float("inf")
+    storage.history.create("a", created_us=1, first=item(1))
+    storage.history.create("b", created_us=1, first=None)
+    storage.history.append("b", [item(1), item(2)])
+    lag = {x.thread_id: (x.head, x.projected) for x in storage.lagging()}
+    assert lag == {"a": (1, None), "b": (2, None)}
+    commit(storage, row("a", 1), row("b", 1))
+    assert {x.thread_id: (x.head, x.projected) for x in storage.lagging()} == {"b": (2, 1)}
+    assert storage.housekeeping_due_at() < float("inf")
+    storage.housekeep()
+    assert storage.housekeeping_due_at() == float("inf")
+    assert [x.thread_id for x in storage.lagging()] == ["b"]
+    commit(storage, row("b", 2))
+    storage.housekeep()
+    assert storage.lagging() == []
+
+
+def test_backup_points_to_pg_dump(storage: PostgresStorage, tmp_path: object) -> None:
+    with pytest.raises(InvalidArgument, match="pg_dump"):
+        storage.backup(tmp_path)  # type: ignore[arg-type]
+
+
+def test_schema_too_new_and_foreign_schemas(pg_url: str, schema: str) -> None:
+    PostgresStorage.open(pg_url, durability="normal", read_only=False, rules_id="r",
+                         schema=schema).close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"UPDATE {schema}.store_meta SET value = '99' WHERE key = 'version'")
+        conn.execute("CREATE SCHEMA IF NOT EXISTS foreign_stuff")
+        conn.execute("CREATE TABLE IF NOT EXISTS foreign_stuff.customers (id int)")
+    with pytest.raises(SchemaTooNew):
+        ThreadStore.open(pg_url, schema=schema)
+    with pytest.raises(NotAThreadStore, match="foreign_stuff"):
+        ThreadStore.open(pg_url, schema="foreign_stuff")
+
+
+def test_rules_id_is_stored_and_other_rules_refused(pg_url: str, schema: str) -> None:
+    PostgresStorage.open(pg_url, durability="normal", read_only=False, rules_id="r1",
+                         schema=schema).close()
+    with pytest.raises(InvalidArgument, match="fold rules"):
+        PostgresStorage.open(pg_url, durability="normal", read_only=False, rules_id="r2",
+                             schema=schema)
+    PostgresStorage.open(pg_url, durability="full", read_only=False, rules_id="r1",
+                         schema=schema).close()
+
+
+def test_errors_are_typed_and_passwords_never_shown(pg_url: str) -> None:
+    secret = "s3cr3t-pw"
+    url = f"postgresql://someone:{secret}@127.0.0.1:1/nowhere"
+    with pytest.raises(TransientStorageError) as caught:
+        ThreadStore.open(url, connect_timeout=1)
+    assert secret not in str(caught.value) and caught.value.__cause__ is not None
+    assert isinstance(caught.value.__cause__, psycopg.OperationalError)
+    good = pg_url.replace("thread_store@", f"thread_store:{secret}@")
+    with ThreadStore.open(good, schema=f"t_{uuid.uuid4().hex[:12]}") as store:
+        assert secret not in repr(store._storage.description) and "***" in store._storage.description
+
+
+def test_options_apply_to_postgres_only(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(InvalidArgument, match="only to postgresql"):
+        ThreadStore.open(":memory:", schema="x")
+    with pytest.raises(InvalidArgument, match="only to postgresql"):
+        ThreadStore.open(str(tmp_path) + "/s", pool_max_size=3)
+    for bad in ({"schema": "Bad-Name"}, {"schema": "pg_x"}, {"pool_min_size": 5, "pool_max_size": 2},
+                {"connect_timeout": 0}, {"statement_timeout": -1}):
+        with pytest.raises(InvalidArgument):
+            ThreadStore.open("postgresql://u@127.0.0.1:1/db", **bad)
+    monkeypatch.setitem(sys.modules, "thread_store.backends.postgres", None)  # the extra missing
+    with pytest.raises(InvalidArgument, match=r"thread_store\[postgres\]"):
+        ThreadStore.open("postgresql://u@127.0.0.1:1/db")
+
+
+# -- the public API on a postgresql:// URL ----------------------------------------------
+
+
+def test_end_to_end(store: ThreadStore) -> None:
+    tid = store.create_thread(metadata={"cwd": "/repo"})
+    assert store.append(tid, [user_msg("fix the flaky 测试")]) == 2
+    meta = store.append_and_flush(tid, [plain(1)], timeout=10.0)
+    assert (meta.projected_seq, meta.title, meta.cwd) == (3, "fix the flaky 测试", "/repo")
+    store.append(tid, [plain(2)])
+    assert store.flush(tid, timeout=10.0).item_count == 4
+    assert [m.thread_id for m in store.list_threads(search="FLAKY 测试").threads] == [tid]
+    assert [m.thread_id for m in store.list_threads(cwd="/repo").threads] == [tid]
+    assert [s.seq for s in store.read_history(tid)] == [1, 2, 3, 4]
+    assert store.append(tid, [plain(5)], idempotency_key="k") == 5
+    assert store.append(tid, [plain(5)], idempotency_key="k") == 5
+    with pytest.raises(InvalidArgument):
+        store.append(tid, [plain(6)], idempotency_key="k")
+    status = store.status(tid)
+    assert status.head_seq == 5 and status.last_error is None
+    other = store.create_thread(metadata={"cwd": "/x"})
+    store.discard(other)
+    with pytest.raises(ThreadDiscarded):
+        store.append(other, [plain()])
+    store.delete_thread(tid)
+    with pytest.raises(ThreadNotFound):
+        store.read_history(tid)
+    store.create_thread(thread_id=tid)
+    assert store.append_and_flush(tid, [user_msg("again")], timeout=10.0).item_count == 1
+    with pytest.raises(InvalidArgument, match="pg_dump"):
+        store.backup("/tmp/never")
+
+
+def test_failed_projection_is_recorded_in_status(pg_url: str, schema: str) -> None:
+    failing = {"on": True}
+
+    def hook(_tid: str, _gen: int) -> None:
+        if failing["on"]:
+            raise RuntimeError("the hook says no")
+
+    with ThreadStore.open(pg_url, schema=schema, projection_hook=hook) as store:
+        tid = store.create_thread()
+        with pytest.raises(ProjectionFailed):
+            store.append_and_flush(tid, [user_msg("hi")], timeout=10.0)
+        assert "the hook says no" in (store.status(tid).last_error or "")
+        failing["on"] = False
+        store.append_and_flush(tid, [plain()], timeout=10.0)
+        assert store.status(tid).last_error is None
+
+
+def test_close_and_reopen_catches_up(pg_url: str, schema: str) -> None:
+    store = ThreadStore.open(pg_url, schema=schema)
+    tid = store.create_thread()
+    store.append_and_flush(tid, [user_msg("first")], timeout=10.0)
+    store.pause_projection()
+    store.append(tid, [user_msg("second"), plain()])
+    assert store.status(tid).pending
+    store.close(timeout=0)  # the paused work stays durable and recorded as behind
+    with ThreadStore.open(pg_url, schema=schema, read_only=True) as reader:
+        assert reader.status(tid).pending
+        with pytest.raises(ReadOnlyStore):
+            reader.append(tid, [plain()])
+        with pytest.raises(ReadOnlyStore):
+            reader.flush(tid)
+    with ThreadStore.open(pg_url, schema=schema) as store:
+        meta = store.flush(tid, timeout=10.0)
+        assert (meta.projected_seq, meta.item_count) == (3, 3)
+        assert not store.status(tid).pending
+
+
+def test_read_only_sessions_refuse_writes_in_the_server(pg_url: str, schema: str) -> None:
+    PostgresStorage.open(pg_url, durability="normal", read_only=False, rules_id="r",
+                         schema=schema).close()
+    reader = PostgresStorage.open(pg_url, durability="normal", read_only=True, rules_id="r",
+                                  schema=schema)
+    try:
+        with pytest.raises(StorageError, match="read-only"):
+            reader.history.create("t", created_us=1, first=None)
+    finally:
+        reader.close()
+
+
+def test_read_only_open_of_a_missing_store(pg_url: str, schema: str) -> None:
+    with pytest.raises(NotAThreadStore):
+        ThreadStore.open(pg_url, schema=schema, read_only=True)
+
+
+def test_rebuild_index(pg_url: str, schema: str) -> None:
+    with ThreadStore.open(pg_url, schema=schema) as store:
+        tids = [store.create_thread() for _ in range(3)]
+        for tid in tids:
+            store.append_and_flush(tid, [user_msg(f"hello {tid}")], timeout=10.0)
+    assert ThreadStore.rebuild_index(pg_url, schema=schema) == 3
+    with ThreadStore.open(pg_url, schema=schema) as store:
+        assert {m.thread_id for m in store.list_threads().threads} == set(tids)
+
+
+def test_async_store(pg_url: str, schema: str) -> None:
+    async def main() -> None:
+        async with AsyncThreadStore.open(pg_url, schema=schema) as store:
+            tid = await store.create_thread()
+            await store.append(tid, [user_msg("async hello")])
+            meta = await store.append_and_flush(tid, [plain()], timeout=10.0)
+            assert meta.projected_seq == 2 and meta.title == "async hello"
+            page = await store.list_threads(search="async")
+            assert [m.thread_id for m in page.threads] == [tid]
+
+    asyncio.run(main())
