@@ -51,3 +51,36 @@ def test_backends_import_only_the_storage_layer_below_them() -> None:
                  and not n.startswith("thread_store.backends")
                  and not any(n == m or n.startswith(m + ".") for m in BACKEND_MAY_IMPORT)}
         assert not above, f"{path.relative_to(PACKAGE)} imports {sorted(above)}"
+
+
+def _module(path: Path) -> str:
+    return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+
+
+def test_imports_point_down_without_cycles() -> None:
+    """STYLE: one module per layer, imports pointing down; a cycle would mean two modules
+    that each need the other, so neither is below. Package ``__init__`` files only
+    re-export, and ``from . import x`` names the package on the way to ``x``: both are left
+    out."""
+    paths = {_module(p): p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    graph = {name: {n for n in _imports(path) if n in paths and n != name}
+             for name, path in paths.items()}
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import cycle: {' -> '.join(path[path.index(name):] + (name,))}"
+        if name not in done:
+            for dep in sorted(graph[name]):
+                visit(dep, path + (name,))
+            done.add(name)
+
+    for name in sorted(graph):
+        visit(name, ())
+
+
+def test_the_projector_sees_storage_only_through_the_ports() -> None:
+    core = ["projector.py", "_state.py", "_outcomes.py", "_schedule.py", "_removal.py",
+            "_attempt.py", "_barriers.py"]
+    for name in core:
+        backends = sorted(n for n in _imports(PACKAGE / name) if n.startswith("thread_store.backends"))
+        assert not backends, f"{name} imports {backends}"

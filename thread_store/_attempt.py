@@ -153,7 +153,8 @@ class AttemptRunner:
                         state = self._rules.apply(state, json.loads(row.text), row.ts_us)
                     seq = page[-1].seq
             if seq != c.target:
-                return Result(AttemptOutcome.GONE, error=ThreadDiscarded(f"thread {thread_id!r} is gone")), None
+                gone = ThreadDiscarded(f"thread {thread_id!r} is gone")
+                return Result(AttemptOutcome.GONE, error=gone), None
             meta = self._rules.metadata(thread_id, state, c.target)
             state_json = json.dumps(state)
             return (Result(AttemptOutcome.OK, meta=meta, fold_state=state, state_bytes=len(state_json)),

@@ -5,7 +5,9 @@ One worker thread (``thread_store-projector``) takes every thread that is due
 (:mod:`thread_store._attempt`). A barrier registers a waiter before it checks, expedites
 its thread, and may run its thread's projection itself when nothing else is (saving two
 thread hand-offs). Each thread's phase and its transitions are pure
-(:mod:`thread_store._state`); this module only runs them under its lock.
+(:mod:`thread_store._state`), and so is the bookkeeping over all threads
+(:mod:`thread_store._schedule`); this module runs them under its lock, and
+:mod:`thread_store._removal` borrows that lock for discard and delete.
 
 Lock order: the projector lock is never held while calling storage. Local state is a
 cache of the store: ``projected`` is a lower bound of the stored ``projected_seq``, and a
@@ -13,7 +15,7 @@ thread with no state here is not taken as caught up (a barrier reads its checkpo
 
 Signals: CPython runs signal handlers only in the main thread, so a ``KeyboardInterrupt``
 can land in a barrier that runs its own attempt, never in the worker. A claimed attempt
-leaves flight in a ``finally`` (:meth:`Projector._run`), and a barrier interrupted between
+leaves flight in a ``finally`` (:meth:`AttemptRunner.run`), and a barrier interrupted between
 claiming and running gives its claim back (:meth:`Projector.begin_wait`).
 """
 
