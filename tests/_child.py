@@ -93,7 +93,7 @@ def _live_threads_and_rows(store: ThreadStore) -> tuple[dict[str, int], set[str]
     threads = {t: storage.history.created_us(t) for t in storage.history.heads()}
     listed = [storage.index.list(ListQuery(limit=len(threads) + 1000, archived=archived,
                                            include_empty=True)) for archived in (False, True)]
-    assert all(page.next_cursor is None for page in listed), "more rows than live threads"
+    assert all(page.next_cursor is None for page in listed), "1000 rows more than live threads"
     return threads, {m.thread_id for page in listed for m in page.threads}
 
 

@@ -114,9 +114,10 @@ class Backend:
         self._opened.append(store)
         return store
 
-    def open_storage(self) -> Storage:
-        """Open the backend's storage ports (no ThreadStore) where ``target`` lives."""
-        storage = self._kind.storage(self._root)
+    def open_storage(self, root: Path | None = None) -> Storage:
+        """Open the backend's storage ports (no ThreadStore) where ``target`` lives, or
+        where a store at directory ``root`` would (a backup's copy)."""
+        storage = self._kind.storage(root or self._root)
         self._opened.append(storage)
         return storage
 

@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
@@ -418,6 +419,7 @@ def test_a_fresh_storage(storage: Storage, backend: Backend) -> None:
     assert storage.capabilities == backend.capabilities
     assert isinstance(storage.capabilities, Capabilities)
     assert storage.read_only is False
+    assert storage.path == backend.path
     assert isinstance(storage.description, str) and storage.description
     assert storage.lagging() == []
     assert storage.history.heads() == {}
@@ -455,3 +457,33 @@ def test_reopened_storage_lags_by_the_threads_behind(backend: Backend, storage: 
     assert [lag.refold for lag in lagging] == [False, True]
     assert reopened.index.read("caught-up") == row("caught-up", 1).meta
     assert reopened.history.heads() == {"no-row": 1, "caught-up": 1, "behind": 2}
+
+
+def test_backup_copies_into_a_new_directory_where_the_backend_can(storage: Storage, backend: Backend,
+                                                                  tmp_path: Path) -> None:
+    storage.history.create("t", created_us=CREATED_US, first=item(1))
+    commit(storage, row("t", 1, preview="copied"))
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    with pytest.raises(InvalidArgument):
+        storage.backup(taken)  # not a new directory, or no backup at all
+    assert [p.name for p in taken.iterdir()] == ["notes.txt"]
+    copy = tmp_path / "copy"
+    if not backend.capabilities.backup:
+        with pytest.raises(InvalidArgument):
+            storage.backup(copy)
+        assert not copy.exists()
+        return
+    storage.backup(copy)
+    copied = backend.open_storage(copy)
+    assert copied.history.heads() == {"t": 1}
+    assert copied.index.read("t") == row("t", 1, preview="copied").meta
+
+
+def test_abandon_lets_another_opener_in(storage: Storage, backend: Backend) -> None:
+    storage.history.create("t", created_us=CREATED_US, first=item(1))
+    storage.abandon()
+    backend.requires("reopen")
+    other = backend.open_storage()  # the lock is released: no StoreLocked
+    assert other.history.heads() == {"t": 1}
