@@ -18,7 +18,8 @@ import pytest
 from conftest import Backend, in_thread
 
 from thread_store import InvalidArgument, StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
-from thread_store.model import EncodedItem, ThreadMetadata, us_from_utc
+from thread_store.model import (BehindThread, EncodedItem, FailedThread, ThreadMetadata,
+                                us_from_utc)
 from thread_store.storage import (Appended, Capabilities, Checkpoint, CommitOutcome, CommitResult,
                                   Failure, IdempotencyKey, Lag, ListQuery, RowWrite, Storage,
                                   StoredRow, decode_cursor)
@@ -49,8 +50,23 @@ def row(thread_id: str, projected_seq: int, *, minutes: int = 0, state: str = '{
     return RowWrite(meta, state)
 
 
+def thread(storage: Storage, thread_id: str, head: int) -> None:
+    """Make the thread's history hold at least ``head`` items (creating the thread)."""
+    try:
+        have = storage.history.head(thread_id)
+    except ThreadNotFound:
+        storage.history.create(thread_id, created_us=CREATED_US, first=None)
+        have = 0
+    if have < head:
+        storage.history.append(thread_id, [item(n) for n in range(have + 1, head + 1)])
+
+
 def commit(storage: Storage, *rows: RowWrite, may_write: Callable[[str], bool] = lambda t: True,
            deadline: float | None = None) -> CommitResult:
+    """One group commit of the rows, as the projector makes it: of threads whose history
+    holds each row's ``projected_seq`` (written here first where it does not)."""
+    for written in rows:
+        thread(storage, written.meta.thread_id, written.meta.projected_seq)
     return storage.index.commit(rows, position=storage.history.position(), may_write=may_write,
                                 deadline=deadline)
 
@@ -244,7 +260,7 @@ def test_a_row_the_index_cannot_store_fails_alone(storage: Storage) -> None:
 
 def test_after_fence_nothing_is_written(storage: Storage) -> None:
     commit(storage, row("a", 1))
-    storage.history.create("a", created_us=CREATED_US, first=item(1))
+    thread(storage, "c", 1)
     assert storage.index.fence(HANG) is True
     assert commit(storage, row("a", 2), row("b", 1)).outcome is CommitOutcome.FENCED
     storage.index.record_failures([Failure("c", 1, "too late")])
@@ -253,7 +269,7 @@ def test_after_fence_nothing_is_written(storage: Storage) -> None:
     assert storage.index.checkpoint("c") == Checkpoint(0, None, None)
     with pytest.raises(StoreClosed, match="'a'"):
         storage.remove_thread("a", tombstone=True)
-    assert storage.index.read("a") is not None and storage.history.head("a") == 1
+    assert storage.index.read("a") is not None and seqs(storage, "a") == [1, 2]  # nothing removed
 
 
 @pytest.fixture
@@ -300,6 +316,7 @@ def test_fence_waits_for_the_writer_within_its_timeout_and_fences_all_the_same(
 
 
 def test_a_recorded_failure_shows_until_a_commit_covers_it(storage: Storage) -> None:
+    thread(storage, "t", 3)
     storage.index.record_failures([Failure("t", 3, "RuntimeError: boom")])
     assert storage.index.checkpoint("t") == Checkpoint(0, None, "RuntimeError: boom")
     commit(storage, row("t", 2))  # an older generation's success does not clear it
@@ -310,6 +327,7 @@ def test_a_recorded_failure_shows_until_a_commit_covers_it(storage: Storage) -> 
 
 def test_a_failure_a_row_already_covers_is_not_recorded(storage: Storage) -> None:
     commit(storage, row("t", 5))
+    thread(storage, "other", 1)
     storage.index.record_failures([Failure("t", 4, "older"), Failure("t", 5, "same generation"),
                                    Failure("other", 1, "recorded")])
     assert storage.index.checkpoint("t").last_error is None
@@ -425,6 +443,41 @@ def test_a_fresh_storage(storage: Storage, backend: Backend) -> None:
     assert storage.history.heads() == {}
     assert isinstance(storage.housekeeping_due_at(), float)
     storage.housekeep()  # never raises
+
+
+def test_report_counts_live_threads_those_behind_and_failures_without_writing(storage: Storage) -> None:
+    history = storage.history
+    history.create("done", created_us=CREATED_US, first=item(1))
+    commit(storage, row("done", 1))
+    a_created = time.time_ns() // 1000
+    history.create("a-old", created_us=a_created, first=item(1))  # behind since its creation
+    history.create("b-new", created_us=a_created + 1, first=None)
+    history.append("b-new", [item(1), item(2), item(3)])
+    commit(storage, row("b-new", 1))
+    history.create("empty", created_us=CREATED_US, first=None)  # nothing to project
+    history.create("gone", created_us=CREATED_US, first=item(1))
+    storage.remove_thread("gone", tombstone=True)
+    storage.index.record_failures([Failure("b-new", 3, "boom b"), Failure("a-old", 1, "boom a")])
+    heads, checkpoints = history.heads(), {t: storage.index.checkpoint(t) for t in history.heads()}
+
+    report = storage.report(10)
+    assert report.threads == 4  # live ones: the discarded thread is not counted
+    assert (report.threads_behind, report.items_behind) == (2, 1 + 2)
+    assert report.behind == [BehindThread("a-old", 1, 0), BehindThread("b-new", 3, 1)]  # longest first
+    assert report.oldest_behind_since is not None
+    assert report.failed == [FailedThread("a-old", "boom a"), FailedThread("b-new", "boom b")]
+    assert report.schema_version and all(isinstance(v, int) for v in report.schema_version.values())
+    limited = storage.report(1)
+    assert (limited.threads_behind, limited.behind, limited.failed) == (
+        2, [BehindThread("a-old", 1, 0)], [FailedThread("a-old", "boom a")])
+    # Reporting wrote nothing.
+    assert history.heads() == heads
+    assert {t: storage.index.checkpoint(t) for t in heads} == checkpoints
+
+    commit(storage, row("a-old", 1), row("b-new", 3))
+    caught_up = storage.report(10)
+    assert (caught_up.threads_behind, caught_up.items_behind, caught_up.behind) == (0, 0, [])
+    assert caught_up.oldest_behind_since is None and caught_up.failed == []
 
 
 def test_remove_thread_takes_the_row_the_failure_and_the_history(storage: Storage) -> None:

@@ -119,10 +119,8 @@ def test_a_malformed_rules_id_is_refused(tmp_path: Path, bad: object) -> None:
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.parametrize("target", ["sqlite", "memory"])
-def test_report_reads_threads_behind_and_failures_from_the_store(tmp_path: Path, target: str) -> None:
-    where = str(tmp_path / "s") if target == "sqlite" else ":memory:"
-    with ThreadStore.open(where, projection_hook=_fail_for("broken")) as store:
+def test_report_reads_threads_behind_and_failures_from_the_store(backend: Backend) -> None:
+    with backend.open_store(projection_hook=_fail_for("broken")) as store:
         store.create_thread("broken")
         with pytest.raises(ProjectionFailed):
             store.append_and_flush("broken", [user_msg("x")], timeout=30)
