@@ -31,6 +31,7 @@ from typing import Any
 from thread_store import CodexRules, ThreadMetadata, ThreadStore, ThreadStoreError
 from thread_store.derive import fold
 from thread_store.model import us_from_utc
+from thread_store.storage import ListQuery
 
 HISTORY = "history.db"
 INDEX = "index.db"
@@ -71,16 +72,29 @@ def assert_converged(store: ThreadStore, timeout: float = 30.0) -> int:
     thread that is not live. Returns how many live threads were checked.
     """
     store.flush_all(timeout=timeout)
-    threads = live_threads(store.path)
+    threads, rows = _live_threads_and_rows(store)
     for thread_id, created_us in threads.items():
         expected = folded(store, thread_id, created_us)
         assert store.read_thread(thread_id) == expected, thread_id
         status = store.status(thread_id)
         assert (status.head_seq, status.projected_seq, status.pending) == (
             expected.projected_seq, expected.projected_seq, False), (thread_id, status)
-    rows = {r[0] for r in _query(store.path / INDEX, "SELECT thread_id FROM threads")}
     assert rows <= set(threads), f"index rows of dead threads: {sorted(rows - set(threads))}"
     return len(threads)
+
+
+def _live_threads_and_rows(store: ThreadStore) -> tuple[dict[str, int], set[str]]:
+    """``{thread_id: created_us}`` of the live threads, and the ids of the index's rows:
+    read from the files where the store has them, else asked of the storage ports."""
+    if store.path is not None:
+        rows = {r[0] for r in _query(store.path / INDEX, "SELECT thread_id FROM threads")}
+        return live_threads(store.path), rows
+    storage = store._storage
+    threads = {t: storage.history.created_us(t) for t in storage.history.heads()}
+    listed = [storage.index.list(ListQuery(limit=len(threads) + 1000, archived=archived,
+                                           include_empty=True)) for archived in (False, True)]
+    assert all(page.next_cursor is None for page in listed), "1000 rows more than live threads"
+    return threads, {m.thread_id for page in listed for m in page.threads}
 
 
 def integrity(db: Path) -> str:

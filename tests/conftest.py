@@ -1,18 +1,30 @@
-"""Shared fixtures: real stores in temporary directories, always closed."""
+"""Shared fixtures: real stores on every backend, always closed.
+
+The contract suite runs on every backend through ``backend`` (and the ``store`` and
+``open_store`` fixtures built on it); a test that needs what a backend cannot do skips by
+the backend's declared capability (:meth:`Backend.requires`), never by its name. Tests of
+one backend's own machinery (its files, locks, pragmas, crash recovery) take
+``sqlite_backend`` or ``sqlite_store`` instead.
+"""
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from pg_server import PostgresServer, PostgresUnavailable
 
 from thread_store import ThreadStore
+from thread_store.backends.memory import MemoryStorage
+from thread_store.backends.sqlite import SQLiteStorage
+from thread_store.storage import MEMORY, Capabilities, Storage
 
 #: CI sets this, so that a machine that cannot start PostgreSQL fails the run, not skips.
 REQUIRE_POSTGRES = os.environ.get("THREAD_STORE_REQUIRE_POSTGRES") == "1"
@@ -41,14 +53,131 @@ def store_path(tmp_path: Path) -> Path:
     return tmp_path / "store"
 
 
-@pytest.fixture
-def store(store_path: Path) -> Iterator[ThreadStore]:
-    """An open async-projection store, closed after the test."""
-    s = ThreadStore.open(store_path)
+#: The fold-rules identifier the port tests open storage with.
+PORT_RULES_ID = "test"
+
+
+def _sqlite_storage(root: Path) -> Storage:
+    return SQLiteStorage.open(root, durability="normal", read_only=False, rules_id=PORT_RULES_ID)
+
+
+def _memory_storage(root: Path) -> Storage:
+    return MemoryStorage.open(durability="normal", read_only=False, rules_id=PORT_RULES_ID)
+
+
+@dataclass(frozen=True)
+class BackendKind:
+    """What the suite needs to know of one backend; a new backend adds one to ``BACKENDS``."""
+
+    capabilities: Capabilities
+    #: The ``ThreadStore.open`` target of a store that may live at this (unused) path.
+    target: Callable[[Path], str | Path]
+    #: Open the backend's :class:`~thread_store.storage.Storage` there, for the port tests.
+    storage: Callable[[Path], Storage]
+
+
+#: Every backend the contract suite runs on.
+BACKENDS: dict[str, BackendKind] = {
+    "sqlite": BackendKind(SQLiteStorage.capabilities, lambda root: root, _sqlite_storage),
+    "memory": BackendKind(MemoryStorage.capabilities, lambda root: MEMORY, _memory_storage),
+}
+#: What a backend without the capability cannot do, for the skip message.
+_CANNOT = {
+    "reopen": "reopen a store (nothing outlives the object that opened it)",
+    "read_only": "open a store read-only beside its writer",
+    "durability_full": "take durability='full'",
+    "backup": "back a store up",
+    "files": "keep a store in files on this machine",
+}
+
+
+class Backend:
+    """One backend under test: how to open stores (or its storage ports) on it, and what
+    it can do. Everything it opened is closed after the test."""
+
+    def __init__(self, name: str, root: Path) -> None:
+        self.name = name
+        self._kind = BACKENDS[name]
+        self.capabilities = self._kind.capabilities
+        self._root = root
+        self._fresh = itertools.count(1)
+        #: What ``ThreadStore.open`` takes; every :meth:`open_store` opens this same store
+        #: (on a backend that can reopen, a reopen finds its data).
+        self.target = self._kind.target(root)
+        #: What ``store.path`` reports: the directory of a store that lives in one.
+        self.path = self.target if isinstance(self.target, Path) else None
+        self._opened: list[ThreadStore | Storage] = []
+
+    def open_store(self, **options: Any) -> ThreadStore:
+        """Open ``target`` with these ``ThreadStore.open`` options."""
+        store = ThreadStore.open(self.target, **options)
+        self._opened.append(store)
+        return store
+
+    def open_storage(self, root: Path | None = None) -> Storage:
+        """Open the backend's storage ports (no ThreadStore) where ``target`` lives, or
+        where a store at directory ``root`` would (a backup's copy)."""
+        storage = self._kind.storage(root or self._root)
+        self._opened.append(storage)
+        return storage
+
+    def new_target(self) -> str | Path:
+        """Another store's target, for a test that needs several (SQLite: a new directory)."""
+        return self._kind.target(self._root.with_name(f"{self._root.name}-{next(self._fresh)}"))
+
+    def requires(self, capability: str) -> None:
+        """Skip the test unless the backend declares ``capability`` (a ``Capabilities`` field).
+
+        Call it where the test starts to need it: what the test checked before still ran.
+        """
+        if not getattr(self.capabilities, capability):
+            pytest.skip(f"the {self.name} backend cannot {_CANNOT[capability]}")
+
+    def close_all(self) -> None:
+        """Close everything this opened, newest first (closing twice is harmless)."""
+        for opened in reversed(self._opened):
+            if isinstance(opened, ThreadStore):
+                opened.close(timeout=5.0)
+            else:
+                opened.close()
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request: pytest.FixtureRequest, store_path: Path) -> Iterator[Backend]:
+    """Each backend in turn (the test id names it); its stores are closed after the test."""
+    opened = Backend(request.param, store_path)
     try:
-        yield s
+        yield opened
     finally:
-        s.close(timeout=5.0)
+        opened.close_all()
+
+
+@pytest.fixture
+def sqlite_backend(store_path: Path) -> Iterator[Backend]:
+    """The embedded SQLite backend alone, for tests of its own files, locks and recovery."""
+    opened = Backend("sqlite", store_path)
+    try:
+        yield opened
+    finally:
+        opened.close_all()
+
+
+@pytest.fixture
+def open_store(backend: Backend) -> Callable[..., ThreadStore]:
+    """Open stores on each backend with the given options; all closed after the test."""
+    return backend.open_store
+
+
+@pytest.fixture
+def store(backend: Backend) -> ThreadStore:
+    """An open async-projection store on each backend, closed after the test."""
+    return backend.open_store()
+
+
+@pytest.fixture
+def sqlite_store(sqlite_backend: Backend) -> ThreadStore:
+    """An open async-projection SQLite store in ``store_path``, closed after the test."""
+    return sqlite_backend.open_store()
 
 
 @pytest.fixture(scope="session")

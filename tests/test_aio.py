@@ -1,4 +1,5 @@
-"""AsyncThreadStore: the full API as coroutines, barriers awaited without holding threads."""
+"""AsyncThreadStore: the full API as coroutines, barriers awaited without holding threads,
+on every backend."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import CloseAfterAppend, plain, user_msg
+from conftest import Backend, CloseAfterAppend, plain, user_msg
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -27,7 +28,6 @@ from thread_store import (
     ThreadDiscarded,
     ThreadMetadata,
     ThreadNotFound,
-    ThreadStore,
 )
 from thread_store.errors import DURABLE_NOTE
 
@@ -46,11 +46,11 @@ async def waiters(store: AsyncThreadStore, thread_id: str) -> int:
     return (await store.status(thread_id)).waiters
 
 
-def test_full_api_smoke(store_path: Path) -> None:
+def test_full_api_smoke(backend: Backend) -> None:
     async def main() -> None:
-        store = await AsyncThreadStore.open(store_path)
+        store = await AsyncThreadStore.open(backend.target)
         try:
-            assert store.path == store_path
+            assert store.path == backend.path
             tid = await store.create_thread(metadata={"cwd": "/repo", "model_provider": "openai"})
             assert await store.append(tid, [user_msg("Fix the flaky test")]) == 2
             meta = await store.append_and_flush(tid, [plain(1)], timeout=5.0)
@@ -92,15 +92,16 @@ def test_full_api_smoke(store_path: Path) -> None:
     asyncio.run(main())
 
 
-def test_async_with_opens_and_closes(store_path: Path) -> None:
+def test_async_with_opens_and_closes(backend: Backend) -> None:
     async def main() -> AsyncThreadStore:
-        async with AsyncThreadStore.open(store_path, projection="sync") as store:
+        async with AsyncThreadStore.open(backend.target, projection="sync") as store:
             tid = await store.create_thread()
             await store.append(tid, [user_msg("hello")])
             assert (await store.read_thread(tid)).title == "hello"  # sync mode projects in append
         with pytest.raises(StoreClosed):
             await store.append(tid, [plain()])
-        async with await AsyncThreadStore.open(store_path) as again:
+        backend.requires("reopen")
+        async with await AsyncThreadStore.open(backend.target) as again:
             assert (await again.list_threads()).threads[0].thread_id == tid
         return again
 
@@ -109,7 +110,7 @@ def test_async_with_opens_and_closes(store_path: Path) -> None:
         asyncio.run(closed.read_thread("x"))
 
 
-def test_loop_stays_responsive_while_flush_waits_on_blocked_projection(store_path: Path) -> None:
+def test_loop_stays_responsive_while_flush_waits_on_blocked_projection(backend: Backend) -> None:
     release = threading.Event()
     blocked = threading.Event()
 
@@ -119,7 +120,7 @@ def test_loop_stays_responsive_while_flush_waits_on_blocked_projection(store_pat
             release.wait(30)
 
     async def main() -> None:
-        async with AsyncThreadStore.open(store_path, projection_hook=hook) as store:
+        async with AsyncThreadStore.open(backend.target, projection_hook=hook) as store:
             await store.create_thread("slow")
             flush = asyncio.create_task(store.append_and_flush("slow", [user_msg("hi")], timeout=30))
             ticks = 0
@@ -150,10 +151,10 @@ async def _ge(value: Callable[[], int], minimum: int) -> bool:
     return value() >= minimum
 
 
-def test_waiting_flushes_hold_no_executor_thread(store_path: Path) -> None:
+def test_waiting_flushes_hold_no_executor_thread(backend: Backend) -> None:
     async def main() -> None:
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=2))
-        async with AsyncThreadStore.open(store_path) as store:
+        async with AsyncThreadStore.open(backend.target) as store:
             ids = [await store.create_thread(f"t{i}") for i in range(50)]
             await store.pause_projection()
             gens = [await store.append(t, [user_msg(f"message {t}")]) for t in ids]
@@ -175,9 +176,9 @@ def test_waiting_flushes_hold_no_executor_thread(store_path: Path) -> None:
     asyncio.run(main())
 
 
-def test_cancelled_flush_removes_its_waiter(store_path: Path) -> None:
+def test_cancelled_flush_removes_its_waiter(backend: Backend) -> None:
     async def main() -> None:
-        async with AsyncThreadStore.open(store_path) as store:
+        async with AsyncThreadStore.open(backend.target) as store:
             tid = await store.create_thread()
             await store.pause_projection()
             await store.append(tid, [plain()])
@@ -202,11 +203,11 @@ class CountingExecutor(ThreadPoolExecutor):
         return super().submit(fn, *args, **kwargs)
 
 
-def test_cancel_during_registration_leaves_no_waiter(store_path: Path, gate: threading.Event) -> None:
+def test_cancel_during_registration_leaves_no_waiter(backend: Backend, gate: threading.Event) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         executor = CountingExecutor(max_workers=1)
-        async with AsyncThreadStore.open(store_path, executor=executor) as store:
+        async with AsyncThreadStore.open(backend.target, executor=executor) as store:
             tid = await store.create_thread()
             await store.pause_projection()
             await store.append(tid, [plain()])
@@ -237,9 +238,9 @@ async def _ge_waiters(store: AsyncThreadStore, thread_id: str, n: int) -> bool:
     return await waiters(store, thread_id) >= n
 
 
-def test_timeout_carries_generations_and_removes_waiter(store_path: Path) -> None:
+def test_timeout_carries_generations_and_removes_waiter(backend: Backend) -> None:
     async def main() -> None:
-        async with AsyncThreadStore.open(store_path) as store:
+        async with AsyncThreadStore.open(backend.target) as store:
             tid = await store.create_thread()
             await store.append_and_flush(tid, [plain()])
             await store.pause_projection()
@@ -258,9 +259,9 @@ def test_timeout_carries_generations_and_removes_waiter(store_path: Path) -> Non
     asyncio.run(main())
 
 
-def test_flush_all_waits_for_every_thread(store_path: Path) -> None:
+def test_flush_all_waits_for_every_thread(backend: Backend) -> None:
     async def main() -> None:
-        async with AsyncThreadStore.open(store_path) as store:
+        async with AsyncThreadStore.open(backend.target) as store:
             ids = [await store.create_thread() for _ in range(5)]
             await store.pause_projection()
             for t in ids:
@@ -279,13 +280,13 @@ async def _stats_waiters(store: AsyncThreadStore, n: int) -> bool:
     return (await store.stats()).waiters == n
 
 
-def test_barrier_errors_are_the_sync_ones(store_path: Path) -> None:
+def test_barrier_errors_are_the_sync_ones(backend: Backend) -> None:
     def hook(thread_id: str, generation: int) -> None:
         if thread_id == "broken":
             raise RuntimeError("rules exploded")
 
     async def main() -> None:
-        async with AsyncThreadStore.open(store_path, projection_hook=hook) as store:
+        async with AsyncThreadStore.open(backend.target, projection_hook=hook) as store:
             await store.create_thread("broken")
             with pytest.raises(ProjectionFailed) as failed:
                 await store.append_and_flush("broken", [plain()], timeout=10)
@@ -304,14 +305,14 @@ def test_barrier_errors_are_the_sync_ones(store_path: Path) -> None:
     asyncio.run(main())
 
 
-def test_close_resolves_waiters_with_store_closed(store_path: Path) -> None:
+def test_close_resolves_waiters_with_store_closed(backend: Backend) -> None:
     release = threading.Event()
 
     def hook(thread_id: str, generation: int) -> None:
         release.wait(30)
 
     async def main() -> None:
-        store = await AsyncThreadStore.open(store_path, projection_hook=hook)
+        store = await AsyncThreadStore.open(backend.target, projection_hook=hook)
         tid = await store.create_thread()
         flush = asyncio.create_task(store.append_and_flush(tid, [plain()], timeout=30))
         await until(lambda: _ge_waiters(store, tid, 1), "flush registered")
@@ -325,14 +326,14 @@ def test_close_resolves_waiters_with_store_closed(store_path: Path) -> None:
         release.set()
 
 
-def test_trace_parent_survives_the_executor_hop(store_path: Path) -> None:
+def test_trace_parent_survives_the_executor_hop(backend: Backend) -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracer = provider.get_tracer("test")
 
     async def main() -> None:
-        async with AsyncThreadStore.open(store_path, tracer_provider=provider) as store:
+        async with AsyncThreadStore.open(backend.target, tracer_provider=provider) as store:
             tid = await store.create_thread()
             with tracer.start_as_current_span("agent-turn") as parent:
                 await store.append(tid, [plain()])
@@ -405,13 +406,13 @@ async def _timed(call: Awaitable[object]) -> tuple[object, float]:
     return result, time.monotonic() - start
 
 
-def test_barriers_return_within_their_timeout_while_the_executor_is_busy(store_path: Path, gate: threading.Event,
+def test_barriers_return_within_their_timeout_while_the_executor_is_busy(backend: Backend, gate: threading.Event,
         busy_executor: Callable[[int], ThreadPoolExecutor]) -> None:
     busy = busy_executor(2)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        async with AsyncThreadStore.open(store_path, executor=busy) as store:
+        async with AsyncThreadStore.open(backend.target, executor=busy) as store:
             tid = await store.create_thread()
             await store.append_and_flush(tid, [user_msg("hi")], timeout=30)
             await store.pause_projection()
@@ -445,13 +446,13 @@ def test_barriers_return_within_their_timeout_while_the_executor_is_busy(store_p
     asyncio.run(main())
 
 
-def test_a_cancelled_barrier_whose_hop_never_started_writes_nothing(store_path: Path, gate: threading.Event,
+def test_a_cancelled_barrier_whose_hop_never_started_writes_nothing(backend: Backend, gate: threading.Event,
         busy_executor: Callable[[int], ThreadPoolExecutor]) -> None:
     busy = busy_executor(1)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        async with AsyncThreadStore.open(store_path, executor=busy) as store:
+        async with AsyncThreadStore.open(backend.target, executor=busy) as store:
             tid = await store.create_thread()
             jobs = await _fill_executor(loop, busy, 1, gate)
             task = asyncio.create_task(store.append_and_flush(tid, [plain()], timeout=30))
@@ -482,6 +483,7 @@ def _lock_index_readers(store_path: Path) -> subprocess.Popen[str]:
 
 
 def test_a_barrier_on_a_projected_generation_never_reads_sqlite_on_the_loop(store_path: Path) -> None:
+    """SQLite's own: another process holds its index's read marks."""
     async def main() -> None:
         async with AsyncThreadStore.open(store_path) as store:
             tid = await store.create_thread()
@@ -519,7 +521,7 @@ async def _ge_list(ticks: list[int], n: int) -> bool:
 @pytest.mark.parametrize("call", ["append_and_flush", "update_metadata", "archive_thread",
                                   "unarchive_thread"])
 def test_store_closed_between_append_and_barrier_says_the_items_are_durable(
-        store_path: Path, call: str) -> None:
+        backend: Backend, call: str) -> None:
     closer = CloseAfterAppend()
     provider = TracerProvider()
     provider.add_span_processor(closer)
@@ -532,7 +534,7 @@ def test_store_closed_between_append_and_barrier_says_the_items_are_durable(
 
     async def main() -> str:
         loop = asyncio.get_running_loop()
-        store = await AsyncThreadStore.open(store_path, tracer_provider=provider)
+        store = await AsyncThreadStore.open(backend.target, tracer_provider=provider)
         tid = await store.create_thread()
         closer.close = lambda: asyncio.run_coroutine_threadsafe(store.close(), loop).result(30)
         with pytest.raises(StoreClosed, match="durable") as info:
@@ -543,18 +545,19 @@ def test_store_closed_between_append_and_barrier_says_the_items_are_durable(
 
     tid = asyncio.run(main())
     provider.shutdown()
-    with ThreadStore.open(store_path) as reopened:
+    backend.requires("reopen")
+    with backend.open_store() as reopened:
         assert len(reopened.read_history(tid)) == 1  # durable, as the error said
 
 
 def test_discard_and_close_return_within_their_timeout_while_the_executor_is_busy(
-        store_path: Path, gate: threading.Event,
+        backend: Backend, gate: threading.Event,
         busy_executor: Callable[[int], ThreadPoolExecutor]) -> None:
     busy = busy_executor(1)
 
     async def main() -> tuple[str, str]:
         loop = asyncio.get_running_loop()
-        store = await AsyncThreadStore.open(store_path, executor=busy)
+        store = await AsyncThreadStore.open(backend.target, executor=busy)
         gone, kept = await store.create_thread(), await store.create_thread()
         await store.append(kept, [plain()])
         jobs = await _fill_executor(loop, busy, 1, gate)
@@ -566,19 +569,20 @@ def test_discard_and_close_return_within_their_timeout_while_the_executor_is_bus
         return gone, kept
 
     gone, kept = asyncio.run(main())
-    with ThreadStore.open(store_path) as reopened:
+    backend.requires("reopen")
+    with backend.open_store() as reopened:
         with pytest.raises(ThreadDiscarded):
             reopened.read_history(gone)
         assert reopened.flush(kept, timeout=30).item_count == 1
 
 
-def test_a_close_cancelled_before_its_hop_started_still_closes(store_path: Path, gate: threading.Event,
+def test_a_close_cancelled_before_its_hop_started_still_closes(backend: Backend, gate: threading.Event,
         busy_executor: Callable[[int], ThreadPoolExecutor]) -> None:
     busy = busy_executor(1)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        store = await AsyncThreadStore.open(store_path, executor=busy)
+        store = await AsyncThreadStore.open(backend.target, executor=busy)
         await store.create_thread()
         jobs = await _fill_executor(loop, busy, 1, gate)
         closing = asyncio.create_task(store.close())
@@ -588,21 +592,22 @@ def test_a_close_cancelled_before_its_hop_started_still_closes(store_path: Path,
             await closing
         gate.set()
         await asyncio.gather(*jobs)
-        await until(lambda: _reopens(store_path), "the store closed all the same")
+        backend.requires("reopen")
+        await until(lambda: _reopens(backend), "the store closed all the same")
 
     asyncio.run(main())
 
 
-async def _reopens(store_path: Path) -> bool:
+async def _reopens(backend: Backend) -> bool:
     try:
-        ThreadStore.open(store_path).close()
+        backend.open_store().close()
     except StoreLocked:
         return False
     return True
 
 
 def test_calls_never_queue_behind_the_applications_jobs_on_the_default_executor(
-        store_path: Path, gate: threading.Event) -> None:
+        backend: Backend, gate: threading.Event) -> None:
     """The store runs its blocking calls on an executor of its own (issue: a busy default
     executor delayed appends by a second)."""
 
@@ -610,7 +615,7 @@ def test_calls_never_queue_behind_the_applications_jobs_on_the_default_executor(
         loop = asyncio.get_running_loop()
         loop.set_default_executor(ThreadPoolExecutor(max_workers=2))
         jobs = await _fill_executor(loop, None, 2, gate)  # the application's blocking jobs
-        async with AsyncThreadStore.open(store_path) as store:
+        async with AsyncThreadStore.open(backend.target) as store:
             tid = await asyncio.wait_for(store.create_thread(), 60)
             assert await asyncio.wait_for(store.append(tid, [user_msg("not delayed")]), 60) == 1
             meta = await asyncio.wait_for(store.flush(tid), 60)
@@ -625,11 +630,11 @@ def test_calls_never_queue_behind_the_applications_jobs_on_the_default_executor(
     asyncio.run(main())
 
 
-def test_a_given_executor_runs_the_calls_and_outlives_the_store(store_path: Path) -> None:
+def test_a_given_executor_runs_the_calls_and_outlives_the_store(backend: Backend) -> None:
     mine = ThreadPoolExecutor(max_workers=1, thread_name_prefix="app-pool")
 
     async def main() -> None:
-        async with AsyncThreadStore.open(store_path, executor=mine) as store:
+        async with AsyncThreadStore.open(backend.target, executor=mine) as store:
             assert (await store._call(lambda: threading.current_thread().name)).startswith("app-pool")
         assert mine.submit(lambda: 7).result(timeout=60) == 7  # close() left it running
 
@@ -638,4 +643,4 @@ def test_a_given_executor_runs_the_calls_and_outlives_the_store(store_path: Path
     finally:
         mine.shutdown()
     with pytest.raises(InvalidArgument):
-        AsyncThreadStore.open(store_path, executor="four threads")  # type: ignore[arg-type]
+        AsyncThreadStore.open(backend.target, executor="four threads")  # type: ignore[arg-type]

@@ -68,19 +68,19 @@ def test_backup_while_appends_go_on_gives_a_store_that_converges(store_path: Pat
         assert _assert_a_consistent_copy(tmp_path / copy, store_path) == 5
 
 
-def test_backup_refuses_a_destination_that_is_not_empty(store: ThreadStore, tmp_path: Path) -> None:
-    store.create_thread()
+def test_backup_refuses_a_destination_that_is_not_empty(sqlite_store: ThreadStore, tmp_path: Path) -> None:
+    sqlite_store.create_thread()
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "notes.txt").write_text("mine")
     with pytest.raises(InvalidArgument, match="not an empty directory"):
-        store.backup(taken)
+        sqlite_store.backup(taken)
     assert [p.name for p in taken.iterdir()] == ["notes.txt"]
     with pytest.raises(InvalidArgument):
-        store.backup(taken / "notes.txt")
+        sqlite_store.backup(taken / "notes.txt")
     empty = tmp_path / "empty"
     empty.mkdir()
-    store.backup(empty)  # an empty directory is fine
+    sqlite_store.backup(empty)  # an empty directory is fine
     assert sorted(p.name for p in empty.iterdir()) == ["history.db", "index.db"]
 
 

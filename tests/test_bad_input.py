@@ -1,4 +1,5 @@
-"""DESIGN §5: every bad input raises a typed error with a helpful message and writes nothing."""
+"""DESIGN §5: every bad input raises a typed error with a helpful message and writes nothing,
+on every backend; bad paths and files concern the SQLite backend alone."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from conftest import plain, user_msg
+from conftest import Backend, plain, user_msg
 from thread_store import (AsyncThreadStore, InvalidArgument, InvalidItem, NotAThreadStore, RetryPolicy,
                           SchemaTooNew, ThreadDiscarded, ThreadNotFound, ThreadStore, ThreadStoreError)
 
@@ -21,9 +22,15 @@ MAX_ITEM = 1024
 Call = Callable[[ThreadStore, str], Any]
 
 
-def _raw_counts(path: Path) -> tuple[int, ...]:
-    """Row counts of the history tables, read beside the store: catches writes to any thread."""
-    conn = sqlite3.connect(f"file:{path / 'history.db'}?mode=ro", uri=True)
+def _raw_counts(store: ThreadStore) -> tuple[int, ...]:
+    """Row counts of the history tables, read beside the store: catches writes to any thread.
+
+    A store without files is asked through its history port: live threads and their items.
+    """
+    if store.path is None:
+        heads = store._storage.history.heads()
+        return sum(heads.values()), len(heads)
+    conn = sqlite3.connect(f"file:{store.path / 'history.db'}?mode=ro", uri=True)
     try:
         return tuple(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("items", "threads"))
     finally:
@@ -33,15 +40,15 @@ def _raw_counts(path: Path) -> tuple[int, ...]:
 def snapshot(store: ThreadStore) -> tuple[Any, ...]:
     """Everything a rejected call must leave alone."""
     listed = store.list_threads(limit=1000, include_empty=True).threads
-    return (_raw_counts(store.path), listed,
+    return (_raw_counts(store), listed,
             {t.thread_id: store.read_history(t.thread_id) for t in listed},
             {t.thread_id: store.status(t.thread_id) for t in listed})
 
 
 @pytest.fixture
-def seeded(store_path: Path) -> Iterator[ThreadStore]:
+def seeded(backend: Backend) -> Iterator[ThreadStore]:
     """Threads 't' and 'other', projected; items up to MAX_ITEM bytes. Checks the store survives."""
-    with ThreadStore.open(store_path, max_item_bytes=MAX_ITEM) as s:
+    with backend.open_store(max_item_bytes=MAX_ITEM) as s:
         s.append_and_flush(s.create_thread("t"), [user_msg("hello"), plain(1)], timeout=10)
         s.append_and_flush(s.create_thread("other"), [user_msg("other")], timeout=10)
         yield s
@@ -249,12 +256,12 @@ def test_bad_update_metadata_is_rejected(seeded: ThreadStore, kwargs: dict[str, 
     ({"schema": "thread_store"}, "only to postgresql"),
 ], ids=repr)
 def test_bad_open_options_are_rejected_before_anything_is_written(
-        store_path: Path, kwargs: dict[str, Any], match: str) -> None:
+        backend: Backend, store_path: Path, kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(InvalidArgument, match=match):
-        ThreadStore.open(store_path, **kwargs)
+        ThreadStore.open(backend.target, **kwargs)
     assert not store_path.exists()
     with pytest.raises(InvalidArgument, match=match):
-        asyncio.run(_aio_open(store_path, kwargs))
+        asyncio.run(_aio_open(backend.target, kwargs))
     assert not store_path.exists()
 
 
@@ -263,11 +270,11 @@ async def _aio_open(path: object, kwargs: dict[str, Any]) -> None:
     await store.close()
 
 
-def test_no_call_fails_after_its_write_with_the_default_options(store_path: Path) -> None:
+def test_no_call_fails_after_its_write_with_the_default_options(backend: Backend) -> None:
     # coalesce_delay=None used to be accepted, then create_thread failed with a TypeError
     # after the thread was committed; every accepted option set must work end to end.
-    with ThreadStore.open(store_path, coalesce_delay=0, caller_runs=False, max_item_bytes=64,
-                          retry=RetryPolicy(attempts=1), projection_hook=lambda t, g: None) as s:
+    with backend.open_store(coalesce_delay=0, caller_runs=False, max_item_bytes=64,
+                            retry=RetryPolicy(attempts=1), projection_hook=lambda t, g: None) as s:
         tid = s.create_thread(metadata={"cwd": "/r"})
         assert s.append(tid, [plain()]) == 2
         assert s.update_metadata(tid, name="n", timeout=30).name == "n"

@@ -1,4 +1,5 @@
-"""history.py through the public API: per-thread seq allocation, timestamps, durability, paging."""
+"""The history through the public API: per-thread seq allocation, timestamps and paging on
+every backend; SQLite's keys, durability pragmas and reopen."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import plain
+from conftest import Backend, plain
 from thread_store import StoredItem, ThreadStore
 
 WORKERS = 16
@@ -76,8 +77,8 @@ def test_seqs_are_per_thread_and_batches_are_contiguous(store: ThreadStore) -> N
     assert [(i.seq, i.item["payload"]["n"]) for i in store.read_history(b)] == [(1, 4)]
 
 
-def test_history_is_keyed_by_thread_and_seq(store: ThreadStore, store_path: Path) -> None:
-    store.append(store.create_thread(), [plain()])
+def test_history_is_keyed_by_thread_and_seq(sqlite_store: ThreadStore, store_path: Path) -> None:
+    sqlite_store.append(sqlite_store.create_thread(), [plain()])
     conn = sqlite3.connect(store_path / "history.db")
     try:
         unique = [
@@ -118,13 +119,14 @@ def test_item_without_timestamp_gets_append_time(store: ThreadStore) -> None:
     assert "timestamp" not in stored.item
 
 
-def test_timestamps_survive_reopen(store_path: Path) -> None:
-    with ThreadStore.open(store_path) as s:
+def test_timestamps_survive_reopen(backend: Backend) -> None:
+    backend.requires("reopen")
+    with backend.open_store() as s:
         tid = s.create_thread()
         s.append(tid, [plain(), {**plain(), "timestamp": "2020-01-01T00:00:00Z"}])
         stored = s.read_history(tid)
     time.sleep(0.01)  # a later append time would differ from what was stored
-    with ThreadStore.open(store_path) as s:
+    with backend.open_store() as s:
         assert s.read_history(tid) == stored
 
 

@@ -3,7 +3,8 @@
 Hypothesis throws arbitrary JSON, strings, ids, cursors, sizes and timeouts at every call.
 Besides the outcome being typed, a rejected call writes nothing, and a sentinel thread
 nobody touches keeps its history and metadata, and can still be appended to and flushed.
-Thread ids never become paths or SQL, and the store's files are private to their owner.
+All of that holds on every backend. Thread ids never become paths or SQL, and the SQLite
+store's files are private to their owner.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 from _child import assert_converged, assert_no_projector_thread, assert_store_integrity
-from conftest import plain, user_msg
+from conftest import Backend, plain, user_msg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -277,8 +278,8 @@ def _sentinel(store: ThreadStore) -> tuple[Any, ...]:
             store.status(SENTINEL).head_seq)
 
 
-def _fuzz_every_public_call(store_path: Path, examples: int) -> None:
-    with ThreadStore.open(store_path) as store:
+def _fuzz_every_public_call(backend: Backend, examples: int) -> None:
+    with backend.open_store() as store:
         store.create_thread(SENTINEL, metadata={"cwd": "/sentinel"})
         store.append_and_flush(SENTINEL, [user_msg("guard me"), plain()], timeout=10.0)
         before = _sentinel(store)
@@ -296,23 +297,27 @@ def _fuzz_every_public_call(store_path: Path, examples: int) -> None:
         assert _sentinel(store) == before
         assert store.append_and_flush(SENTINEL, [plain()], timeout=10.0).item_count == 4
         assert_converged(store)
-    assert_store_integrity(store_path)
+    if backend.capabilities.files:
+        assert_store_integrity(store.path)  # type: ignore[arg-type]
     assert_no_projector_thread()
 
 
-def test_fuzz_every_public_call(store_path: Path) -> None:
-    _fuzz_every_public_call(store_path, 400)
+def test_fuzz_every_public_call(backend: Backend) -> None:
+    _fuzz_every_public_call(backend, 400)
 
 
 @pytest.mark.slow
-def test_fuzz_every_public_call_long(store_path: Path) -> None:
-    _fuzz_every_public_call(store_path, 5000)
+def test_fuzz_every_public_call_long(backend: Backend) -> None:
+    _fuzz_every_public_call(backend, 5000)
 
 
 @given(timeout=timeouts)
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_fuzz_close_timeout(tmp_path_factory: pytest.TempPathFactory, timeout: Any) -> None:
-    store = ThreadStore.open(tmp_path_factory.mktemp("close"))
+# Each example opens a store of its own (backend.new_target()): the fixture keeps no state
+# between examples.
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+def test_fuzz_close_timeout(backend: Backend, timeout: Any) -> None:
+    store = ThreadStore.open(backend.new_target())
     try:
         store.append(store.create_thread(), [plain()])
         try:
@@ -393,9 +398,9 @@ def test_odd_but_valid_items_are_stored_and_projected(store: ThreadStore, case: 
     assert assert_converged(store) == 1
 
 
-def test_ten_megabyte_item_with_raised_limit(store_path: Path) -> None:
+def test_ten_megabyte_item_with_raised_limit(backend: Backend) -> None:
     big = {"type": "response_item", "payload": {"blob": "y" * TEN_MB}}
-    with ThreadStore.open(store_path, max_item_bytes=16 * 1024 * 1024) as store:
+    with backend.open_store(max_item_bytes=16 * 1024 * 1024) as store:
         tid = store.create_thread()
         assert store.append_and_flush(tid, [big, user_msg("after")], timeout=30.0).item_count == 2
         assert store.read_history(tid, limit=1)[0].item == big
@@ -418,7 +423,7 @@ def test_nasty_cursor_is_invalid_cursor(store: ThreadStore, cursor: str) -> None
         store.list_threads(cursor=cursor)
 
 
-# -- ids and files ----------------------------------------------------------------------------
+# -- ids and files (SQLite's own) -------------------------------------------------------------
 
 STORE_FILES = {"history.db", "history.db-wal", "history.db-shm", "index.db", "index.db-wal",
                "index.db-shm", "store.lock"}

@@ -8,24 +8,12 @@ keys are scoped to their thread and live as long as it.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from conftest import plain, user_msg
+from conftest import Backend, plain, user_msg
 from thread_store import AsyncThreadStore, InvalidArgument, ThreadStore
-
-
-@pytest.fixture(params=["sqlite", "memory"])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return str(tmp_path / "store") if request.param == "sqlite" else ":memory:"
-
-
-@pytest.fixture
-def store(target: str) -> Iterator[ThreadStore]:
-    with ThreadStore.open(target) as opened:
-        yield opened
 
 
 def _items(store: ThreadStore, tid: str) -> list[dict[str, Any]]:
@@ -79,19 +67,19 @@ def test_malformed_keys_are_refused_before_anything_is_written(store: ThreadStor
     assert _items(store, tid) == []
 
 
-def test_a_key_outlives_a_reopen(tmp_path: Path) -> None:
-    path = tmp_path / "store"
-    with ThreadStore.open(path) as store:
+def test_a_key_outlives_a_reopen(backend: Backend) -> None:
+    backend.requires("reopen")
+    with backend.open_store() as store:
         tid = store.create_thread()
         assert store.append(tid, [user_msg("hi")], idempotency_key="once") == 1
-    with ThreadStore.open(path) as store:
+    with backend.open_store() as store:
         assert store.append(tid, [user_msg("hi")], idempotency_key="once") == 1
         assert len(store.read_history(tid)) == 1
 
 
-def test_the_async_face_takes_keys_too(target: str) -> None:
+def test_the_async_face_takes_keys_too(backend: Backend) -> None:
     async def run() -> tuple[int, int, int]:
-        async with AsyncThreadStore.open(target) as store:
+        async with AsyncThreadStore.open(backend.target) as store:
             tid = await store.create_thread()
             first = await store.append(tid, [plain(1)], idempotency_key="k")
             meta = await store.append_and_flush(tid, [plain(1)], idempotency_key="k", timeout=30)

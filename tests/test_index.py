@@ -1,4 +1,5 @@
-"""index.py through the public API: schema, listing order, keyset pagination, filters, search.
+"""The index through the public API: listing order, keyset pagination, filters and search on
+every backend; SQLite's schema, migrations, rebuilds and query plans.
 
 A newer schema version (SchemaTooNew, never a rebuild) is tested with the other bad input,
 in test_bad_input.py.
@@ -57,8 +58,8 @@ def _pragma(path: Path, name: str) -> int:
 
 # -- schema ---------------------------------------------------------------------------------
 
-def test_schema_is_versioned_and_created_with_fts(store: ThreadStore, store_path: Path) -> None:
-    store.append_and_flush(store.create_thread(), [user_msg("hello")])
+def test_schema_is_versioned_and_created_with_fts(sqlite_store: ThreadStore, store_path: Path) -> None:
+    sqlite_store.append_and_flush(sqlite_store.create_thread(), [user_msg("hello")])
     assert _pragma(store_path / "history.db", "user_version") == HISTORY_VERSION >= 1
     assert _pragma(store_path / "index.db", "user_version") == INDEX_VERSION >= 1
     db = sqlite_utils.Database(store_path / "index.db")
@@ -161,7 +162,12 @@ def _cursor(store: ThreadStore, **query: object) -> str:
 
 @pytest.fixture
 def listed_store(store: ThreadStore) -> ThreadStore:
-    """A store with active, archived and empty threads, enough for two pages of each query."""
+    """A store on each backend with active, archived and empty threads, enough for two
+    pages of each query."""
+    return _fill_for_listing(store)
+
+
+def _fill_for_listing(store: ThreadStore) -> ThreadStore:
     for i in range(3):
         store.append(store.create_thread(f"a{i}"), [user_msg(f"apple {i}")])
         store.append(store.create_thread(f"e{i}"), [plain()])
@@ -206,8 +212,9 @@ def test_non_string_cursor_is_invalid(listed_store: ThreadStore) -> None:
         listed_store.list_threads(cursor=12345)  # type: ignore[arg-type]
 
 
-def test_list_query_walks_an_index_without_sorting(listed_store: ThreadStore) -> None:
+def test_list_query_walks_an_index_without_sorting(sqlite_store: ThreadStore) -> None:
     """EXPLAIN QUERY PLAN of the SQL list_threads really runs: no temp B-tree for ORDER BY."""
+    listed_store = _fill_for_listing(sqlite_store)
     with listed_store._index._readers.connection() as conn:  # idle again: list() reuses it
         pass
     statements: list[str] = []

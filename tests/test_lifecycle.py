@@ -1,4 +1,5 @@
-"""Lifecycle: open/close, closed-store errors, garbage collection, process exit, crash and fork."""
+"""Lifecycle: open/close, closed-store errors and garbage collection on every backend;
+process exit, crash and fork with the SQLite backend's files and lock."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any, Callable
 
 import pytest
 
-from conftest import plain, user_msg
+from conftest import Backend, plain, user_msg
 from thread_store import StoreClosed, StoreLocked, ThreadStore
 
 WORKER_NAME = "thread_store-projector"
@@ -37,20 +38,21 @@ def _workers() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name == WORKER_NAME}
 
 
-def test_close_is_idempotent_and_releases_the_store(store_path: Path) -> None:
-    s = ThreadStore.open(store_path)
+def test_close_is_idempotent_and_releases_the_store(backend: Backend) -> None:
+    s = backend.open_store()
     tid = s.create_thread()
     s.append(tid, [user_msg("hi")])
     s.close()
     s.close()
     s.close(timeout=0)
-    with ThreadStore.open(store_path) as again:  # the writer lock was released
+    backend.requires("reopen")
+    with backend.open_store() as again:  # the writer lock was released
         assert again.flush(tid, timeout=10).title == "hi"
 
 
-def test_context_manager_closes_even_on_error(store_path: Path) -> None:
+def test_context_manager_closes_even_on_error(backend: Backend) -> None:
     with pytest.raises(RuntimeError, match="boom"):
-        with ThreadStore.open(store_path) as s:
+        with backend.open_store() as s:
             tid = s.create_thread()
             raise RuntimeError("boom")
     with pytest.raises(StoreClosed):
@@ -58,17 +60,17 @@ def test_context_manager_closes_even_on_error(store_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(CLOSED_CALLS))
-def test_calls_after_close_raise_store_closed(store_path: Path, name: str) -> None:
-    with ThreadStore.open(store_path) as s:
+def test_calls_after_close_raise_store_closed(backend: Backend, name: str) -> None:
+    with backend.open_store() as s:
         tid = s.create_thread()
     with pytest.raises(StoreClosed, match="closed"):
         CLOSED_CALLS[name](s, tid)
 
 
-def test_worker_is_named_daemon_and_gone_after_close(store_path: Path) -> None:
+def test_worker_is_named_daemon_and_gone_after_close(backend: Backend) -> None:
     """A daemon, so a fenced worker stuck in a hook cannot keep the process alive."""
     before = _workers()
-    s = ThreadStore.open(store_path)
+    s = backend.open_store()
     try:
         mine = _workers() - before
         assert len(mine) == 1
@@ -80,12 +82,12 @@ def test_worker_is_named_daemon_and_gone_after_close(store_path: Path) -> None:
     assert not worker.is_alive()
 
 
-def test_unclosed_store_warns_when_collected(store_path: Path) -> None:
+def test_unclosed_store_warns_when_collected(backend: Backend) -> None:
     before = _workers()
     with warnings.catch_warnings(record=True) as caught:
         # pytest turns ResourceWarning into an error; here it is the expected outcome.
         warnings.simplefilter("always", ResourceWarning)
-        s = ThreadStore.open(store_path)
+        s = ThreadStore.open(backend.target)  # not backend.open_store(), which would keep it
         tid = s.create_thread()
         s.append(tid, [user_msg("left open")])
         (worker,) = _workers() - before
@@ -94,9 +96,12 @@ def test_unclosed_store_warns_when_collected(store_path: Path) -> None:
     assert any(issubclass(w.category, ResourceWarning) and "not closed" in str(w.message) for w in caught)
     worker.join(10)
     assert not worker.is_alive()
-    with ThreadStore.open(store_path) as s:  # nothing lost; this process can open it again
+    backend.requires("reopen")
+    with backend.open_store() as s:  # nothing lost; this process can open it again
         assert s.flush(tid, timeout=10).title == "left open"
 
+
+# -- the SQLite backend's own: other processes, its files and its writer lock -----------------
 
 def _run_child(store_path: Path, ending: str, *python_args: str) -> subprocess.CompletedProcess[str]:
     """A process that appends with projection paused, then ends with ``ending`` and no close."""

@@ -1,16 +1,15 @@
 """Projector and barrier metrics through the OTel metrics API, read with the SDK's
-InMemoryMetricReader via ``meter_provider=``."""
+InMemoryMetricReader via ``meter_provider=``, on every backend."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import plain, user_msg
+from conftest import Backend, plain, user_msg
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
@@ -63,7 +62,7 @@ def wait_until(condition: Any, what: str) -> None:
         time.sleep(0.002)
 
 
-def test_projection_transactions_retries_failures_and_lag(store_path: Path, metered: Metered) -> None:
+def test_projection_transactions_retries_failures_and_lag(backend: Backend, metered: Metered) -> None:
     transient: dict[str, list[BaseException]] = {}
     broken: set[str] = set()
 
@@ -73,7 +72,7 @@ def test_projection_transactions_retries_failures_and_lag(store_path: Path, mete
         if thread_id in broken:
             raise ValueError("bad item")
 
-    with ThreadStore.open(store_path, meter_provider=metered.provider, projection_hook=hook,
+    with backend.open_store(meter_provider=metered.provider, projection_hook=hook,
                           retry=RetryPolicy(attempts=5, base_delay=0.001, max_delay=0.002)) as store:
         flaky, failing, fine = store.create_thread(), store.create_thread(), store.create_thread()
         transient[flaky] = [TransientProjectionError("busy")]
@@ -101,8 +100,8 @@ def test_projection_transactions_retries_failures_and_lag(store_path: Path, mete
     assert lag.min >= 0
 
 
-def test_flush_latency_is_recorded_by_outcome(store_path: Path, metered: Metered) -> None:
-    with ThreadStore.open(store_path, meter_provider=metered.provider) as store:
+def test_flush_latency_is_recorded_by_outcome(backend: Backend, metered: Metered) -> None:
+    with backend.open_store(meter_provider=metered.provider) as store:
         tid, doomed = store.create_thread(), store.create_thread()
         store.append(tid, [user_msg("hello")])
         store.flush(tid, timeout=HANG)
@@ -133,8 +132,8 @@ def _flush_into(store: ThreadStore, thread_id: str, outcome: list[BaseException]
         outcome.append(exc)
 
 
-def test_gauges_report_backlog_waiters_and_heartbeat(store_path: Path, metered: Metered) -> None:
-    with ThreadStore.open(store_path, meter_provider=metered.provider) as store:
+def test_gauges_report_backlog_waiters_and_heartbeat(backend: Backend, metered: Metered) -> None:
+    with backend.open_store(meter_provider=metered.provider) as store:
         first, second = store.create_thread(), store.create_thread()
         # Their own rows first: an attempt of them finishing during the wait below would
         # restart the backlog's age at its end.
@@ -165,13 +164,13 @@ def test_gauges_report_backlog_waiters_and_heartbeat(store_path: Path, metered: 
     assert gauge(idle, "oldest_pending_age") == 0
 
 
-def test_gauges_follow_every_live_store_of_a_provider(tmp_path: Path, metered: Metered) -> None:
+def test_gauges_follow_every_live_store_of_a_provider(backend: Backend, metered: Metered) -> None:
     # An SDK meter ignores the callbacks of a second registration under the same name:
     # the gauges must still see stores opened after the first one closed.
-    with ThreadStore.open(tmp_path / "first", meter_provider=metered.provider) as first:
+    with ThreadStore.open(backend.new_target(), meter_provider=metered.provider) as first:
         first.append(first.create_thread(), [plain(1)])
-    with (ThreadStore.open(tmp_path / "a", meter_provider=metered.provider) as a,
-          ThreadStore.open(tmp_path / "b", meter_provider=metered.provider) as b):
+    with (ThreadStore.open(backend.new_target(), meter_provider=metered.provider) as a,
+          ThreadStore.open(backend.new_target(), meter_provider=metered.provider) as b):
         a.pause_projection()
         b.pause_projection()
         a.append(a.create_thread(), [plain(1)])

@@ -33,11 +33,11 @@ def test_second_writer_gets_store_locked_naming_the_holder(store_path: Path,
     assert_no_projector_thread()
 
 
-def test_second_writer_in_the_same_process_is_told_it_is_this_process(store: ThreadStore,
+def test_second_writer_in_the_same_process_is_told_it_is_this_process(sqlite_store: ThreadStore,
                                                                          store_path: Path) -> None:
     with pytest.raises(StoreLocked, match=f"already open for writing in this process \\(pid {os.getpid()}\\)"):
         ThreadStore.open(store_path)
-    assert store.create_thread()  # the first store is untouched
+    assert sqlite_store.create_thread()  # the first store is untouched
 
 
 def test_read_only_store_reads_while_the_writer_is_open(store_path: Path,

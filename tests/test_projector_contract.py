@@ -1,4 +1,5 @@
-"""DESIGN §1 points 2-8, one named test per point, through the public API of ThreadStore."""
+"""DESIGN §1 points 2-8, one named test per point, through the public API of ThreadStore,
+on every backend."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from conftest import in_thread, plain, user_msg, wait_for
+from conftest import Backend, in_thread, plain, user_msg, wait_for
 from thread_store import (FlushTimeout, ProjectionFailed, StoreClosed, ThreadDiscarded,
                           ThreadNotFound, ThreadStore, TransientProjectionError)
 from thread_store.derive import CodexRules, fold
@@ -55,20 +56,16 @@ def gate() -> Gate:
 
 
 @pytest.fixture
-def open_store(store_path: Path, gate: Gate) -> Iterator[Callable[..., ThreadStore]]:
-    """Open stores with the gate as hook; every store is closed at the end."""
-    opened: list[ThreadStore] = []
+def open_store(backend: Backend, gate: Gate) -> Iterator[Callable[..., ThreadStore]]:
+    """Open stores on each backend with the gate as hook; every store is closed at the end
+    (by ``backend``, after the gate let every held attempt go)."""
 
     def _open(**kw: object) -> ThreadStore:
         kw.setdefault("projection_hook", gate)
-        s = ThreadStore.open(store_path, **kw)  # type: ignore[arg-type]
-        opened.append(s)
-        return s
+        return backend.open_store(**kw)
 
     yield _open
     gate.released.set()
-    for s in opened:
-        s.close(timeout=5.0)
 
 
 def expected_metadata(store: ThreadStore, thread_id: str):  # type: ignore[no-untyped-def]
@@ -389,7 +386,7 @@ def test_discard_waits_for_in_flight_projection(open_store, gate: Gate) -> None:
 
 
 def test_fenced_projection_never_resurrects_a_discarded_thread(open_store, gate: Gate,
-                                                               store_path: Path) -> None:
+                                                               backend: Backend) -> None:
     store = open_store()
     tid, _ = blocked_thread(store, gate, [user_msg("must never show")])
     calls = gate.count(tid)
@@ -399,13 +396,14 @@ def test_fenced_projection_never_resurrects_a_discarded_thread(open_store, gate:
     store.flush_all(timeout=HANG)
     assert store.list_threads(include_empty=True).threads == []
     store.close()
+    backend.requires("reopen")
     reopened = open_store()
     assert reopened.list_threads(include_empty=True).threads == []
     with pytest.raises(ThreadDiscarded):
         reopened.read_thread(tid)
 
 
-def test_delete_resolves_waiters_and_removes_history(open_store) -> None:
+def test_delete_resolves_waiters_and_removes_history(open_store, backend: Backend) -> None:
     store = open_store()
     tid = store.create_thread()
     store.append_and_flush(tid, [user_msg("bye")], timeout=HANG)
@@ -420,6 +418,7 @@ def test_delete_resolves_waiters_and_removes_history(open_store) -> None:
         store.read_history(tid)
     store.resume_projection()
     store.close()
+    backend.requires("reopen")
     reopened = open_store()
     with pytest.raises(ThreadNotFound):
         reopened.read_thread(tid)
@@ -440,13 +439,14 @@ def test_archive_seals_the_thread(open_store) -> None:
 
 # -- 7. shutdown -------------------------------------------------------------------------------
 
-def test_close_drains_so_reopen_needs_no_catch_up(open_store) -> None:
+def test_close_drains_so_reopen_needs_no_catch_up(open_store, backend: Backend) -> None:
     store = open_store(coalesce_delay=600.0, caller_runs=False)
     tids = [store.create_thread() for _ in range(50)]
     for tid in tids:
         store.append(tid, [user_msg(tid), plain()])
     assert store.stats().pending_threads == 50
     store.close(timeout=HANG)
+    backend.requires("reopen")
     reopened = open_store()
     assert reopened.stats().attempts == 0
     for tid in tids:
@@ -473,7 +473,8 @@ def test_close_resolves_every_waiter_and_rejects_appends(open_store, gate: Gate)
     store.close()  # idempotent
 
 
-def test_close_returns_on_time_and_next_open_catches_up(open_store, gate: Gate) -> None:
+def test_close_returns_on_time_and_next_open_catches_up(open_store, gate: Gate,
+                                                        backend: Backend) -> None:
     store = open_store()
     tid, _ = blocked_thread(store, gate, [user_msg("left behind")])
     started = time.monotonic()
@@ -483,6 +484,7 @@ def test_close_returns_on_time_and_next_open_catches_up(open_store, gate: Gate) 
     gate.released.set()
     wait_for(lambda: not any(t.name == "thread_store-projector" for t in threading.enumerate()),
              "fenced worker exit")
+    backend.requires("reopen")
     # Hold the reopened store's catch-up attempt in the hook, so it can be seen pending.
     gate.released.clear()
     gate.entered.clear()
@@ -495,8 +497,8 @@ def test_close_returns_on_time_and_next_open_catches_up(open_store, gate: Gate) 
     assert reopened.flush(tid, timeout=HANG).title == "left behind"
 
 
-def test_no_worker_left_after_close(store_path: Path) -> None:
-    store = ThreadStore.open(store_path)
+def test_no_worker_left_after_close(backend: Backend) -> None:
+    store = backend.open_store()
     workers = [t for t in threading.enumerate() if t.name == "thread_store-projector"]
     assert workers
     store.close()
@@ -521,7 +523,8 @@ sys.stdin.read()  # wait to be killed
 """
 
 
-def test_crash_catch_up_after_sigkill(open_store, store_path: Path) -> None:
+def test_crash_catch_up_after_sigkill(sqlite_backend: Backend, gate: Gate, store_path: Path) -> None:
+    """SQLite's own: a process killed with SIGKILL (the other backends have no such crash)."""
     with subprocess.Popen([sys.executable, "-c", _CHILD, str(store_path)],
                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as child:
         try:
@@ -530,7 +533,7 @@ def test_crash_catch_up_after_sigkill(open_store, store_path: Path) -> None:
             os.kill(child.pid, signal.SIGKILL)
             child.wait(HANG)
     assert child.returncode == -signal.SIGKILL
-    store = open_store(coalesce_delay=600.0, caller_runs=False)
+    store = sqlite_backend.open_store(projection_hook=gate, coalesce_delay=600.0, caller_runs=False)
     for tid in tids:
         assert store.status(tid).head_seq == 40
     metas = [store.flush(tid, timeout=HANG) for tid in tids]  # waits for the catch-up
@@ -567,7 +570,7 @@ def test_hook_raising_a_store_error_fails_only_that_attempt(open_store, gate: Ga
     assert store.flush(tid, timeout=HANG).title == "still alive"
 
 
-def test_recreated_id_never_inherits_the_deleted_threads_metadata(open_store) -> None:
+def test_recreated_id_never_inherits_the_deleted_threads_metadata(open_store, backend: Backend) -> None:
     store = open_store()
     tid = store.create_thread("reused-id")
     store.append_and_flush(tid, [user_msg("old thread")], timeout=HANG)
@@ -576,5 +579,6 @@ def test_recreated_id_never_inherits_the_deleted_threads_metadata(open_store) ->
     meta = store.append_and_flush("reused-id", [plain()], timeout=HANG)
     assert (meta.title, meta.item_count, meta.projected_seq) == (None, 1, 1)
     store.close()
+    backend.requires("reopen")
     reopened = open_store()
     assert reopened.read_thread("reused-id") == meta

@@ -1,6 +1,8 @@
 """The projector's concurrency and lifecycle, attacked through the public API: failed and
 racing removals, hostile errors, Ctrl-C in a barrier, barriers and close() on time, close
-without a limit, and process exit with a stuck hook (DESIGN §1.4, §1.6-§1.8)."""
+without a limit, and process exit with a stuck hook (DESIGN §1.4, §1.6-§1.8). The contract
+runs on every backend; locked files, long SQLite group commits and child processes are the
+SQLite backend's own."""
 
 from __future__ import annotations
 
@@ -13,10 +15,10 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable
 
 import pytest
-from conftest import in_thread, plain, user_msg, wait_for
+from conftest import Backend, in_thread, plain, user_msg, wait_for
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -40,21 +42,6 @@ class WriteLock:
         self.conn.close()
 
 
-@pytest.fixture
-def opened(store_path: Path) -> Iterator[Callable[..., ThreadStore]]:
-    """Open stores at ``store_path``; every one is closed at the end."""
-    stores: list[ThreadStore] = []
-
-    def _open(**kw: Any) -> ThreadStore:
-        s = ThreadStore.open(store_path, **kw)
-        stores.append(s)
-        return s
-
-    yield _open
-    for s in stores:
-        s.close(timeout=5.0)
-
-
 # -- 1. a failed discard or delete_thread has changed nothing -----------------------------
 
 @pytest.mark.parametrize(("remove", "locked", "then"), [
@@ -63,12 +50,12 @@ def opened(store_path: Path) -> Iterator[Callable[..., ThreadStore]]:
     # history.db fails only after its 5 s busy timeout: two cases cover that path
     ("discard", "history.db", "flush"), ("delete_thread", "history.db", "reopen"),
 ])
-def test_failed_discard_changes_nothing(opened: Callable[..., ThreadStore], store_path: Path,
+def test_failed_discard_changes_nothing(sqlite_backend: Backend, store_path: Path,
                                         remove: str, locked: str, then: str) -> None:
     """The removal fails on a locked file (index: before anything is removed; history:
     after the index row is gone). Pending work, waiters and the record of being behind
     survive: no flush returns metadata older than its target, and a reopen catches up."""
-    store = opened()
+    store = sqlite_backend.open_store()
     tid = store.create_thread()
     store.append_and_flush(tid, [user_msg("first")], timeout=HANG)
     store.pause_projection()
@@ -88,7 +75,7 @@ def test_failed_discard_changes_nothing(opened: Callable[..., ThreadStore], stor
         store.close(timeout=0)  # likely nothing drained: left behind for the next open
         waiter.join(HANG)
         assert isinstance(out.get("error"), StoreClosed) or out["result"].projected_seq == 3  # type: ignore[attr-defined]
-        store = opened()
+        store = sqlite_backend.open_store()
     else:
         store.resume_projection()
         waiter.join(HANG)
@@ -104,13 +91,14 @@ def test_failed_discard_changes_nothing(opened: Callable[..., ThreadStore], stor
 
 # -- 2. close() racing discard() ------------------------------------------------------------
 
-def test_close_racing_discard_leaves_the_thread_discarded_or_untouched(tmp_path: Path) -> None:
+def test_close_racing_discard_leaves_the_thread_discarded_or_untouched(backend: Backend) -> None:
     """Either the discard returned and the thread is gone, or it raised StoreClosed and the
     thread is intact and caught up; never another error, never something in between."""
+    backend.requires("reopen")  # what the close left is seen by the next open
     rng = random.Random(10)
     outcomes = set()
-    for round_ in range(30):
-        path = tmp_path / f"s{round_}"
+    for _ in range(30):
+        path = backend.new_target()
         store = ThreadStore.open(path, coalesce_delay=0.0)
         tid = store.create_thread()
         store.append_and_flush(tid, [user_msg("keep or drop")], timeout=HANG)
@@ -145,7 +133,7 @@ def test_close_racing_discard_leaves_the_thread_discarded_or_untouched(tmp_path:
 
 
 def test_discard_waiting_for_an_attempt_when_close_begins_raises_store_closed(
-        opened: Callable[..., ThreadStore]) -> None:
+        open_store: Callable[..., ThreadStore], backend: Backend) -> None:
     """A discard waiting for an attempt stuck in a hook when close() fences it: the
     discard raises StoreClosed (never a raw StorageError on a closed database) and the
     thread is left as it was, caught up by the next open."""
@@ -156,7 +144,7 @@ def test_discard_waiting_for_an_attempt_when_close_begins_raises_store_closed(
             entered.set()
             assert release.wait(HANG)
 
-    store = opened(projection_hook=hook)
+    store = open_store(projection_hook=hook)
     tid = store.create_thread()
     store.append_and_flush(tid, [user_msg("survives")], timeout=HANG)
     store.append(tid, [plain()])
@@ -168,7 +156,8 @@ def test_discard_waiting_for_an_attempt_when_close_begins_raises_store_closed(
     release.set()
     discarder.join(HANG)
     assert isinstance(out.get("error"), StoreClosed), out
-    reopened = opened()
+    backend.requires("reopen")
+    reopened = open_store()
     assert reopened.flush(tid, timeout=HANG).projected_seq == 2
     assert reopened.read_thread(tid).title == "survives"
 
@@ -195,7 +184,7 @@ class NothingPrints(Exception):
 
 @pytest.mark.parametrize("error", [StrRaises, StrNotAString, NothingPrints, KeyboardInterrupt],
                          ids=lambda e: e.__name__)
-def test_hostile_hook_exception_cannot_kill_the_projector(opened: Callable[..., ThreadStore],
+def test_hostile_hook_exception_cannot_kill_the_projector(open_store: Callable[..., ThreadStore],
                                                           error: type[BaseException]) -> None:
     """The hook fails one thread in the worker with an error that cannot be printed (or a
     KeyboardInterrupt, which signals never deliver to the worker). Reporting it (status,
@@ -208,7 +197,7 @@ def test_hostile_hook_exception_cannot_kill_the_projector(opened: Callable[..., 
         if thread_id == "bad":
             raise error()
 
-    store = opened(projection_hook=hook, tracer_provider=provider, coalesce_delay=0.0)
+    store = open_store(projection_hook=hook, tracer_provider=provider, coalesce_delay=0.0)
     for tid in ("bad", "good"):
         store.create_thread(tid)
     store.flush("good", timeout=HANG)
@@ -236,11 +225,11 @@ def test_hostile_hook_exception_cannot_kill_the_projector(opened: Callable[..., 
 # -- 5. a barrier never outlives its timeout, whatever the size of the work -----------------
 
 def test_bounded_flush_never_runs_a_large_projection_in_the_caller(
-        opened: Callable[..., ThreadStore]) -> None:
+        open_store: Callable[..., ThreadStore]) -> None:
     """The next attempt of a thread with a large row only folds one small buffered item,
     but serializing and writing the row is slow: a flush with a deadline leaves it to
     the worker and returns on time."""
-    store = opened(coalesce_delay=600.0)
+    store = open_store(coalesce_delay=600.0)
     tid = store.create_thread()
     text = " ".join(f"word{n}" for n in range(350_000))  # ~3.5 MB each in five fields
     store.append(tid, [user_msg(text)])
@@ -284,10 +273,10 @@ def _pending_big_threads(store: ThreadStore, count: int) -> list[str]:
 
 
 def test_bounded_flush_does_not_wait_out_a_long_group_commit(
-        opened: Callable[..., ThreadStore], store_path: Path) -> None:
+        sqlite_backend: Backend, store_path: Path) -> None:
     """A flush running its small attempt itself gives it back to the worker at its
     deadline instead of waiting for the index write lock a long group commit holds."""
-    store = opened(coalesce_delay=600.0)
+    store = sqlite_backend.open_store(coalesce_delay=600.0)
     small = store.create_thread()
     store.append_and_flush(small, [user_msg("small")], timeout=HANG)
     _pending_big_threads(store, 60)
@@ -301,7 +290,7 @@ def test_bounded_flush_does_not_wait_out_a_long_group_commit(
 
 # -- 6. close(timeout=...) returns on time during a long group commit ------------------------
 
-def test_close_returns_on_time_during_a_long_group_commit(opened: Callable[..., ThreadStore],
+def test_close_returns_on_time_during_a_long_group_commit(sqlite_backend: Backend,
                                                           store_path: Path) -> None:
     """Sixty rows with large full-text fields take seconds to commit; close(timeout=0.1)
     stops that transaction instead of waiting for it, and the next open catches up."""
@@ -314,7 +303,7 @@ def test_close_returns_on_time_during_a_long_group_commit(opened: Callable[..., 
         if len(calls) == count:
             prepared.set()  # the last row is folded: the group commit starts now
 
-    store = opened(coalesce_delay=600.0, caller_runs=False, projection_hook=hook)
+    store = sqlite_backend.open_store(coalesce_delay=600.0, caller_runs=False, projection_hook=hook)
     tids = _pending_big_threads(store, count)
     with pytest.raises(FlushTimeout):
         store.flush_all(timeout=0)  # expedites every thread: one batch
@@ -322,7 +311,7 @@ def test_close_returns_on_time_during_a_long_group_commit(opened: Callable[..., 
     started = time.monotonic()
     store.close(timeout=0.1)
     assert time.monotonic() - started < 0.1 + MARGIN
-    reopened = opened()
+    reopened = sqlite_backend.open_store()
     reopened.flush_all(timeout=HANG)
     assert all(reopened.status(t).projected_seq == 1 for t in tids)
 
@@ -377,7 +366,7 @@ def _interrupt_by_signal() -> None:
 
 
 @pytest.mark.parametrize("interrupt", ["KeyboardInterrupt", "SIGINT", "SystemExit"])
-def test_ctrl_c_in_a_barrier_reaches_the_caller(opened: Callable[..., ThreadStore],
+def test_ctrl_c_in_a_barrier_reaches_the_caller(open_store: Callable[..., ThreadStore],
                                                 interrupt: str) -> None:
     """A barrier with no deadline runs its thread's attempt in the calling (main) thread;
     an interrupt there reaches the caller, leaves nothing in flight, and the work is
@@ -392,7 +381,7 @@ def test_ctrl_c_in_a_barrier_reaches_the_caller(opened: Callable[..., ThreadStor
                 _interrupt_by_signal()
             raise KeyboardInterrupt if interrupt == "KeyboardInterrupt" else SystemExit(3)
 
-    store = opened(projection_hook=hook, coalesce_delay=600.0)
+    store = open_store(projection_hook=hook, coalesce_delay=600.0)
     tid = store.create_thread()
     store.flush(tid, timeout=HANG)
     store.append(tid, [user_msg("interrupted once")])
@@ -408,13 +397,14 @@ def test_ctrl_c_in_a_barrier_reaches_the_caller(opened: Callable[..., ThreadStor
 
 # -- 18. close(timeout=None) means no limit ---------------------------------------------------
 
-def test_close_without_timeout_drains_everything(opened: Callable[..., ThreadStore]) -> None:
+def test_close_without_timeout_drains_everything(open_store: Callable[..., ThreadStore],
+                                                 backend: Backend) -> None:
     release = threading.Event()
 
     def slow(thread_id: str, generation: int) -> None:
         assert release.wait(HANG)
 
-    store = opened(coalesce_delay=600.0, caller_runs=False, projection_hook=slow)
+    store = open_store(coalesce_delay=600.0, caller_runs=False, projection_hook=slow)
     tids = [store.create_thread() for _ in range(20)]
     for tid in tids:
         store.append(tid, [user_msg(tid)])
@@ -424,7 +414,8 @@ def test_close_without_timeout_drains_everything(opened: Callable[..., ThreadSto
     release.set()
     closer.join(HANG)
     assert out == {"result": None}
-    reopened = opened()
+    backend.requires("reopen")
+    reopened = open_store()
     assert reopened.stats().attempts == 0  # nothing was left to catch up
     for tid in tids:
         assert reopened.read_thread(tid).title == tid

@@ -2,24 +2,22 @@
 
 Part one checks the pure fold: resuming from a JSON-serialized state at any split point
 equals one fold, and the times move forward where the design promises it. Part two drives
-a real store (SQLite files in a temp dir, the real projector thread) with a hypothesis
-state machine: appends, barriers, discards, deletes, restarts, paused projection and
-injected projection faults, checking after every step that each thread's row equals the
-fold of its stored history up to the row's ``projected_seq``.
+a real store on every backend (the real projector thread) with a hypothesis state machine:
+appends, barriers, discards, deletes, restarts (where the backend can reopen), paused
+projection and injected projection faults, checking after every step that each thread's
+row equals the fold of its stored history up to the row's ``projected_seq``.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import threading
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import pytest
+from conftest import Backend
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -205,11 +203,16 @@ class Faults:
 
 
 class StoreMachine(RuleBasedStateMachine):
-    """Drives a real store and keeps a model: each live thread's expected history."""
+    """Drives a real store and keeps a model: each live thread's expected history.
 
-    def __init__(self) -> None:
+    Each example opens a new store on ``backend``; it restarts the store only where the
+    backend can reopen one.
+    """
+
+    def __init__(self, backend: Backend) -> None:
         super().__init__()
-        self.root = Path(tempfile.mkdtemp(prefix="thread_store-props-"))
+        self.target = backend.new_target()
+        self.can_reopen = backend.capabilities.reopen
         self.faults = Faults()
         self.store = self._open()
         self.history: dict[str, list[Item]] = {}
@@ -222,7 +225,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.paused = False
 
     def _open(self) -> ThreadStore:
-        return ThreadStore.open(self.root / "store", projection_hook=self.faults.hook,
+        return ThreadStore.open(self.target, projection_hook=self.faults.hook,
                                 coalesce_delay=0.001, retry=FAST_RETRY)
 
     # -- model helpers --------------------------------------------------------------------
@@ -363,6 +366,7 @@ class StoreMachine(RuleBasedStateMachine):
         if discard:
             self.discarded.add(thread_id)  # tombstoned; a deleted id may be created again
 
+    @precondition(lambda self: self.can_reopen)
     @rule(timeout=st.sampled_from([0.0, 10.0]))
     def reopen(self, timeout: float) -> None:
         # close(0) leaves pending work (and maybe a slow attempt, fenced) to the next open.
@@ -407,7 +411,6 @@ class StoreMachine(RuleBasedStateMachine):
             self._final_checks()
         finally:
             self.store.close(timeout=10.0)
-            shutil.rmtree(self.root, ignore_errors=True)
 
     def _final_checks(self) -> None:
         self.store.resume_projection()
@@ -433,12 +436,14 @@ class StoreMachine(RuleBasedStateMachine):
 
 MACHINE_SETTINGS = settings(max_examples=40, stateful_step_count=30, deadline=None,
                             suppress_health_check=[HealthCheck.too_slow])
-TestStoreMachine = StoreMachine.TestCase
-TestStoreMachine.settings = MACHINE_SETTINGS
+
+
+def test_store_machine(backend: Backend) -> None:
+    run_state_machine_as_test(lambda: StoreMachine(backend), settings=MACHINE_SETTINGS)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # about 3 minutes on a loaded 2-core machine
-def test_store_machine_long_run() -> None:
-    run_state_machine_as_test(StoreMachine, settings=settings(
+@pytest.mark.timeout(1200)  # about 3 minutes per backend on a loaded 2-core machine
+def test_store_machine_long_run(backend: Backend) -> None:
+    run_state_machine_as_test(lambda: StoreMachine(backend), settings=settings(
         MACHINE_SETTINGS, max_examples=300, stateful_step_count=80))

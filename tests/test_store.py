@@ -1,4 +1,5 @@
-"""store.py: the ThreadStore API end to end, in async and sync projection modes."""
+"""store.py: the ThreadStore API end to end, in async and sync projection modes, on every
+backend."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Callable, Iterator
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from conftest import CloseAfterAppend, plain, user_msg
+from conftest import Backend, CloseAfterAppend, plain, user_msg
 from thread_store import (ProjectionFailed, StoreClosed, ThreadDiscarded, ThreadExists, ThreadMetadata,
                           ThreadNotFound, ThreadStore)
 from thread_store.errors import DURABLE_NOTE
@@ -20,6 +21,7 @@ SESSION = {"cwd": "/repo", "model_provider": "openai", "git": {"branch": "main"}
 
 
 def test_open_creates_the_store_files(store_path: Path) -> None:
+    """SQLite's own: a directory holding its two database files."""
     with ThreadStore.open(store_path) as s:
         assert s.path == store_path
         assert {"history.db", "index.db"} <= {p.name for p in store_path.iterdir()}
@@ -113,14 +115,15 @@ def test_archive_and_unarchive_are_history_items(store: ThreadStore) -> None:
     assert len(store.read_history(tid)) == 3
 
 
-def test_delete_thread_forgets_the_id(store_path: Path) -> None:
-    with ThreadStore.open(store_path) as s:
+def test_delete_thread_forgets_the_id(backend: Backend) -> None:
+    with backend.open_store() as s:
         tid = s.create_thread("gone")
         s.append_and_flush(tid, [user_msg("bye")])
         s.delete_thread(tid)
         _assert_not_found(s, tid)
         assert s.list_threads(include_empty=True).threads == []
-    with ThreadStore.open(store_path) as s:
+    backend.requires("reopen")
+    with backend.open_store() as s:
         _assert_not_found(s, tid)
         assert s.create_thread("gone") == "gone"  # the id is free again, with a fresh history
         assert s.append(tid, [user_msg("again")]) == 1
@@ -136,9 +139,9 @@ def _assert_not_found(store: ThreadStore, tid: str) -> None:
 
 
 @pytest.fixture
-def discarded(store_path: Path) -> Iterator[tuple[ThreadStore, str]]:
+def discarded(backend: Backend) -> Iterator[tuple[ThreadStore, str]]:
     """A store where thread 'eph' was discarded (with pending work) and 'kept' lives on."""
-    with ThreadStore.open(store_path) as s:
+    with backend.open_store() as s:
         s.append_and_flush(s.create_thread("kept"), [user_msg("stay")])
         tid = s.create_thread("eph", metadata=SESSION)
         s.pause_projection()
@@ -164,10 +167,11 @@ def test_discard_tombstones_the_thread(discarded: tuple[ThreadStore, str]) -> No
     _assert_discarded(store, tid)
 
 
-def test_discard_survives_reopen(discarded: tuple[ThreadStore, str], store_path: Path) -> None:
+def test_discard_survives_reopen(discarded: tuple[ThreadStore, str], backend: Backend) -> None:
     store, tid = discarded
     store.close()
-    with ThreadStore.open(store_path) as s:
+    backend.requires("reopen")
+    with backend.open_store() as s:
         s.flush_all(timeout=10)
         _assert_discarded(s, tid)
         assert s.read_thread("kept").title == "stay"
@@ -187,11 +191,11 @@ def test_status_reports_head_projected_and_pending(store: ThreadStore) -> None:
     assert (st.head_seq, st.projected_seq, st.pending, st.last_error, st.waiters) == (3, 3, False, None, 0)
 
 
-def test_status_records_a_failed_projection(store_path: Path) -> None:
+def test_status_records_a_failed_projection(backend: Backend) -> None:
     def hook(thread_id: str, generation: int) -> None:
         raise RuntimeError(f"no projection for {thread_id}")
 
-    with ThreadStore.open(store_path, projection_hook=hook) as s:
+    with backend.open_store(projection_hook=hook) as s:
         tid = s.create_thread()
         s.append(tid, [plain()])
         with pytest.raises(ProjectionFailed):
@@ -203,8 +207,8 @@ def test_status_records_a_failed_projection(store_path: Path) -> None:
 
 # -- projection="sync" ----------------------------------------------------------------------
 
-def test_sync_append_projects_before_returning(store_path: Path) -> None:
-    with ThreadStore.open(store_path, projection="sync") as s:
+def test_sync_append_projects_before_returning(backend: Backend) -> None:
+    with backend.open_store(projection="sync") as s:
         tid = s.create_thread(metadata=SESSION)
         assert s.read_thread(tid).cwd == "/repo"
         assert s.append(tid, [user_msg("projected already")]) == 2
@@ -216,14 +220,14 @@ def test_sync_append_projects_before_returning(store_path: Path) -> None:
         assert s.append_and_flush(tid, [plain()], timeout=0).item_count == 3
 
 
-def test_sync_append_raises_projection_failed_with_items_durable(store_path: Path) -> None:
+def test_sync_append_raises_projection_failed_with_items_durable(backend: Backend) -> None:
     failing = {"on": True}
 
     def hook(thread_id: str, generation: int) -> None:
         if failing["on"]:
             raise ValueError("index is broken")
 
-    with ThreadStore.open(store_path, projection="sync", projection_hook=hook) as s:
+    with backend.open_store(projection="sync", projection_hook=hook) as s:
         tid = s.create_thread()
         with pytest.raises(ProjectionFailed, match="durable") as info:
             s.append(tid, [user_msg("kept anyway")])
@@ -233,7 +237,8 @@ def test_sync_append_raises_projection_failed_with_items_durable(store_path: Pat
         failing["on"] = False
         assert s.append(tid, [plain()]) == 2  # a later append retries the pending work
         assert s.read_thread(tid).title == "kept anyway"
-    with ThreadStore.open(store_path) as s:
+    backend.requires("reopen")
+    with backend.open_store() as s:
         assert len(s.read_history(tid)) == 2
 
 
@@ -279,7 +284,7 @@ def test_returned_metadata_items_and_pages_are_the_callers_own(store: ThreadStor
 @pytest.mark.parametrize("call", ["append_and_flush", "update_metadata", "archive_thread",
                                   "unarchive_thread", "sync-mode append"])
 def test_store_closed_between_append_and_barrier_says_the_items_are_durable(
-        store_path: Path, call: str) -> None:
+        backend: Backend, call: str) -> None:
     closer = CloseAfterAppend()
     provider = TracerProvider()
     provider.add_span_processor(closer)
@@ -291,19 +296,20 @@ def test_store_closed_between_append_and_barrier_says_the_items_are_durable(
         "sync-mode append": lambda s, t: s.append(t, [plain()]),
     }
     projection = "sync" if call.startswith("sync") else "async"
-    with ThreadStore.open(store_path, tracer_provider=provider, projection=projection) as s:
+    with backend.open_store(tracer_provider=provider, projection=projection) as s:
         tid = s.create_thread()
         closer.close = s.close
         with pytest.raises(StoreClosed) as info:
             calls[call](s, tid)
         assert DURABLE_NOTE in str(info.value)
     provider.shutdown()
-    with ThreadStore.open(store_path) as reopened:
+    backend.requires("reopen")
+    with backend.open_store() as reopened:
         assert len(reopened.read_history(tid)) == 1  # durable, as the error said
 
 
-def test_a_barrier_on_a_closed_store_says_earlier_items_are_durable(store_path: Path) -> None:
-    s = ThreadStore.open(store_path)
+def test_a_barrier_on_a_closed_store_says_earlier_items_are_durable(backend: Backend) -> None:
+    s = backend.open_store()
     tid = s.create_thread()
     s.pause_projection()
     s.append(tid, [plain()])

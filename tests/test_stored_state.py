@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import user_msg, wait_for
+from conftest import Backend, user_msg, wait_for
 from thread_store import CodexRules, InvalidArgument, ProjectionFailed, ThreadStore
 
 
@@ -31,13 +31,13 @@ def _fail(thread_id: str, generation: int) -> None:
     raise RuntimeError(f"no projection for {thread_id} at {generation}")
 
 
-def test_last_error_is_recorded_in_the_store_until_a_success_clears_it(tmp_path: Path) -> None:
-    path = tmp_path / "store"
-    with ThreadStore.open(path, projection_hook=_fail) as store:
+def test_last_error_is_recorded_in_the_store_until_a_success_clears_it(backend: Backend) -> None:
+    backend.requires("read_only")
+    with backend.open_store(projection_hook=_fail) as store:
         tid = store.create_thread()
         with pytest.raises(ProjectionFailed):
             store.append_and_flush(tid, [user_msg("hello")], timeout=30)
-        with ThreadStore.open(path, read_only=True) as reader:  # another reader sees it
+        with backend.open_store(read_only=True) as reader:  # another reader sees it
             seen = reader.status(tid)
         assert seen.pending and seen.head_seq == 1 and seen.projected_seq == 0
         assert seen.last_error is not None and "RuntimeError: no projection" in seen.last_error
@@ -48,7 +48,8 @@ def test_last_error_is_recorded_in_the_store_until_a_success_clears_it(tmp_path:
         entered.set()
         release.wait(30)
 
-    with ThreadStore.open(path, projection_hook=hold) as store:
+    backend.requires("reopen")
+    with backend.open_store(projection_hook=hold) as store:
         wait_for(entered.is_set, "the catch-up's attempt")  # held: nothing succeeded yet
         before = store.status(tid)
         assert before.last_error is not None and "no projection" in before.last_error
@@ -56,11 +57,11 @@ def test_last_error_is_recorded_in_the_store_until_a_success_clears_it(tmp_path:
         assert store.flush(tid, timeout=30).projected_seq == 1
         after = store.status(tid)
         assert (after.last_error, after.pending, after.projected_seq) == (None, False, 1)
-    with ThreadStore.open(path, read_only=True) as reader:
+    with backend.open_store(read_only=True) as reader:
         assert reader.status(tid).last_error is None
 
 
-def test_an_older_failure_never_overwrites_a_newer_success(tmp_path: Path) -> None:
+def test_an_older_failure_never_overwrites_a_newer_success(backend: Backend) -> None:
     calls = []
 
     def fail_first(thread_id: str, generation: int) -> None:
@@ -68,7 +69,7 @@ def test_an_older_failure_never_overwrites_a_newer_success(tmp_path: Path) -> No
         if len(calls) == 1:
             raise RuntimeError("the first attempt fails")
 
-    with ThreadStore.open(tmp_path / "s", projection_hook=fail_first) as store:
+    with backend.open_store(projection_hook=fail_first) as store:
         tid = store.create_thread()
         with pytest.raises(ProjectionFailed):
             store.append_and_flush(tid, [user_msg("one")], timeout=30)
@@ -76,10 +77,8 @@ def test_an_older_failure_never_overwrites_a_newer_success(tmp_path: Path) -> No
         assert store.status(tid).last_error is None
 
 
-@pytest.mark.parametrize("target", ["sqlite", "memory"])
-def test_status_reads_the_stored_projection(tmp_path: Path, target: str) -> None:
-    where = str(tmp_path / "s") if target == "sqlite" else ":memory:"
-    with ThreadStore.open(where) as store:
+def test_status_reads_the_stored_projection(backend: Backend) -> None:
+    with backend.open_store() as store:
         tid = store.create_thread()
         store.append_and_flush(tid, [user_msg("a")], timeout=30)
         store.pause_projection()
@@ -120,10 +119,8 @@ def test_a_malformed_rules_id_is_refused(tmp_path: Path, bad: object) -> None:
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.parametrize("target", ["sqlite", "memory"])
-def test_report_reads_threads_behind_and_failures_from_the_store(tmp_path: Path, target: str) -> None:
-    where = str(tmp_path / "s") if target == "sqlite" else ":memory:"
-    with ThreadStore.open(where, projection_hook=_fail_for("broken")) as store:
+def test_report_reads_threads_behind_and_failures_from_the_store(backend: Backend) -> None:
+    with backend.open_store(projection_hook=_fail_for("broken")) as store:
         store.create_thread("broken")
         with pytest.raises(ProjectionFailed):
             store.append_and_flush("broken", [user_msg("x")], timeout=30)

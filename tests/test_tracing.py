@@ -1,7 +1,7 @@
 """Trace propagation (DESIGN §1.9) with the real OTel SDK and an in-memory exporter.
 
-Every test opens a store with ``tracer_provider=`` (no global provider is touched) and
-checks the finished spans: names, attributes, parents, links and events.
+Every test opens a store on every backend with ``tracer_provider=`` (no global provider is
+touched) and checks the finished spans: names, attributes, parents, links and events.
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import plain, user_msg
+from conftest import Backend, plain, user_msg
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -98,8 +97,8 @@ def run_in_new_thread(fn: Callable[[], Any]) -> None:
         raise errors[0]
 
 
-def test_append_span_is_a_child_of_the_caller_with_its_attributes(store_path: Path, traced: Traced) -> None:
-    with ThreadStore.open(store_path, tracer_provider=traced.provider) as store:
+def test_append_span_is_a_child_of_the_caller_with_its_attributes(backend: Backend, traced: Traced) -> None:
+    with backend.open_store(tracer_provider=traced.provider) as store:
         tid = store.create_thread()
         with traced.tracer.start_as_current_span("request") as request:
             generation = store.append(tid, [user_msg("hello"), plain(1)])
@@ -122,11 +121,11 @@ def wait_projected(store: ThreadStore, thread_id: str, generation: int) -> None:
 
 @pytest.mark.parametrize(("caller_runs", "barrier"), [(True, True), (False, True), (False, False)],
                          ids=["caller-run", "worker-run", "background"])
-def test_projection_of_a_single_append_is_its_child(store_path: Path, traced: Traced,
+def test_projection_of_a_single_append_is_its_child(backend: Backend, traced: Traced,
                                                     caller_runs: bool, barrier: bool) -> None:
     # With a barrier, a long coalescing delay makes sure the barrier expedites the thread.
     delay = 60.0 if barrier else 0.0
-    with ThreadStore.open(store_path, tracer_provider=traced.provider, caller_runs=caller_runs,
+    with backend.open_store(tracer_provider=traced.provider, caller_runs=caller_runs,
                           coalesce_delay=delay) as store:
         tid = store.create_thread()
         generation = store.append(tid, [user_msg("hello")])
@@ -152,8 +151,8 @@ def test_projection_of_a_single_append_is_its_child(store_path: Path, traced: Tr
     assert traced.named("thread_store.visible") == []
 
 
-def test_coalesced_projection_starts_a_trace_linking_every_append(store_path: Path, traced: Traced) -> None:
-    with ThreadStore.open(store_path, tracer_provider=traced.provider) as store:
+def test_coalesced_projection_starts_a_trace_linking_every_append(backend: Backend, traced: Traced) -> None:
+    with backend.open_store(tracer_provider=traced.provider) as store:
         tid = store.create_thread()
         store.pause_projection()
         caller_traces = append_in_own_trace(traced, store, tid, 3)
@@ -180,10 +179,10 @@ def test_coalesced_projection_starts_a_trace_linking_every_append(store_path: Pa
                                                "thread_store.generation": 3}
 
 
-def test_projection_covering_an_untraced_create_too_is_not_a_child(store_path: Path, traced: Traced) -> None:
+def test_projection_covering_an_untraced_create_too_is_not_a_child(backend: Backend, traced: Traced) -> None:
     # create_thread(metadata=...) writes an item without a span: the projection that
     # also covers it coalesces two appends, so it links the traced one instead.
-    with ThreadStore.open(store_path, tracer_provider=traced.provider) as store:
+    with backend.open_store(tracer_provider=traced.provider) as store:
         store.pause_projection()
         tid = store.create_thread(metadata={"cwd": "/repo"})
         append_in_own_trace(traced, store, tid, 1)
@@ -198,8 +197,8 @@ def test_projection_covering_an_untraced_create_too_is_not_a_child(store_path: P
     assert [key(v.parent) for v in traced.named("thread_store.visible")] == [key(append.context)]
 
 
-def test_links_are_capped_at_128_and_the_rest_counted(store_path: Path, traced: Traced) -> None:
-    with ThreadStore.open(store_path, tracer_provider=traced.provider) as store:
+def test_links_are_capped_at_128_and_the_rest_counted(backend: Backend, traced: Traced) -> None:
+    with backend.open_store(tracer_provider=traced.provider) as store:
         tid = store.create_thread()
         store.pause_projection()
         for i in range(130):
@@ -218,14 +217,14 @@ def test_links_are_capped_at_128_and_the_rest_counted(store_path: Path, traced: 
     assert len(traced.named("thread_store.visible")) == 128
 
 
-def test_transient_failures_are_retry_events_carrying_the_exception(store_path: Path, traced: Traced) -> None:
+def test_transient_failures_are_retry_events_carrying_the_exception(backend: Backend, traced: Traced) -> None:
     failures = [TransientProjectionError("index busy #1"), TransientProjectionError("index busy #2")]
 
     def hook(thread_id: str, generation: int) -> None:
         if failures and generation:  # not the empty row of the new thread
             raise failures.pop(0)
 
-    with ThreadStore.open(store_path, tracer_provider=traced.provider, projection_hook=hook,
+    with backend.open_store(tracer_provider=traced.provider, projection_hook=hook,
                           retry=FAST_RETRY) as store:
         tid = store.create_thread()
         store.append(tid, [user_msg("hello")])
@@ -250,14 +249,14 @@ def test_transient_failures_are_retry_events_carrying_the_exception(store_path: 
     assert key(attempts[2].parent) == key(append.context)
 
 
-def test_permanent_failure_sets_error_status_on_projection_and_flush(store_path: Path,
+def test_permanent_failure_sets_error_status_on_projection_and_flush(backend: Backend,
                                                                      traced: Traced) -> None:
     def hook(thread_id: str, generation: int) -> None:
         raise ValueError("rules exploded")
 
     # The worker stays away (long delay): had it failed first, the flush would start a
     # fresh attempt (DESIGN §1.6) and make a second span.
-    with ThreadStore.open(store_path, tracer_provider=traced.provider, projection_hook=hook,
+    with backend.open_store(tracer_provider=traced.provider, projection_hook=hook,
                           coalesce_delay=60.0) as store:
         tid = store.create_thread()
         store.append(tid, [user_msg("hello")])
@@ -273,8 +272,8 @@ def test_permanent_failure_sets_error_status_on_projection_and_flush(store_path:
     assert flush.status.status_code is StatusCode.ERROR
 
 
-def test_flush_span_records_its_outcome(store_path: Path, traced: Traced) -> None:
-    with ThreadStore.open(store_path, tracer_provider=traced.provider) as store:
+def test_flush_span_records_its_outcome(backend: Backend, traced: Traced) -> None:
+    with backend.open_store(tracer_provider=traced.provider) as store:
         tid = store.create_thread()
         generation = store.append(tid, [user_msg("hello")])
         store.flush(tid, timeout=HANG)
@@ -294,11 +293,11 @@ def test_flush_span_records_its_outcome(store_path: Path, traced: Traced) -> Non
     assert [e.name for e in timeout.events] == ["exception"]
 
 
-def test_worker_started_inside_a_span_leaks_no_context(store_path: Path, traced: Traced) -> None:
+def test_worker_started_inside_a_span_leaks_no_context(backend: Backend, traced: Traced) -> None:
     # The worker starts in open(): if it kept the opener's context, projections it runs
     # would land in the opener's trace.
     with traced.tracer.start_as_current_span("opener") as opener:
-        store = ThreadStore.open(store_path, tracer_provider=traced.provider, caller_runs=False)
+        store = backend.open_store(tracer_provider=traced.provider, caller_runs=False)
     opener_trace = opener.get_span_context().trace_id
     try:
         tid = store.create_thread()
@@ -328,7 +327,7 @@ def test_worker_started_inside_a_span_leaks_no_context(store_path: Path, traced:
     assert all(s.context.trace_id != opener_trace for s in store_spans)
 
 
-def test_caller_run_projection_belongs_to_the_appends_not_the_flusher(store_path: Path,
+def test_caller_run_projection_belongs_to_the_appends_not_the_flusher(backend: Backend,
                                                                      traced: Traced) -> None:
     runners: list[str] = []
 
@@ -337,7 +336,7 @@ def test_caller_run_projection_belongs_to_the_appends_not_the_flusher(store_path
 
     # A long coalescing delay keeps the worker away: the flush runs the projection itself
     # (with a hook, only a barrier without a deadline may, so it cannot overrun one).
-    with ThreadStore.open(store_path, tracer_provider=traced.provider, coalesce_delay=60.0,
+    with backend.open_store(tracer_provider=traced.provider, coalesce_delay=60.0,
                           projection_hook=hook) as store:
         single, pair = store.create_thread(), store.create_thread()
         append_in_own_trace(traced, store, single, 1)

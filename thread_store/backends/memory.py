@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 from ..errors import (InvalidArgument, StorageError, StoreClosed, ThreadDiscarded, ThreadExists,
                       ThreadNotFound, ThreadStoreError)
 from ..model import (TEXT_FIELDS, BehindThread, EncodedItem, FailedThread, Page, StoreReport,
-                     ThreadMetadata, us_from_utc, utc)
+                     ThreadMetadata, caller_copy, us_from_utc, utc)
 from ..storage import (Appended, Capabilities, Checkpoint, CommitOutcome, CommitResult, Failure,
                        IdempotencyKey, Lag, ListQuery, RowWrite, StoredRow, encode_cursor)
 
@@ -162,7 +162,11 @@ class _Row:
 
 
 class MemoryIndex:
-    """The projected rows in a dict; listing sorts the matching rows (fine for tests)."""
+    """The projected rows in a dict; listing sorts the matching rows (fine for tests).
+
+    A row shares no mutable value (``token_usage``) with its writer or its readers, as a
+    row read back from a database would not: each side gets its own copy.
+    """
 
     def __init__(self) -> None:
         self.write_lock = threading.Lock()
@@ -173,7 +177,7 @@ class MemoryIndex:
     def read(self, thread_id: str) -> ThreadMetadata | None:
         """The row's metadata, or ``None``."""
         row = self._rows.get(thread_id)
-        return None if row is None else row.meta
+        return None if row is None else caller_copy(row.meta)
 
     def list(self, query: ListQuery) -> Page:
         """Filter, sort newest first, and cut one page after the cursor."""
@@ -181,7 +185,7 @@ class MemoryIndex:
         rows = [r for r in list(self._rows.values()) if _listed(r, query, words)]
         rows.sort(key=lambda r: (r.recency_us, r.meta.thread_id), reverse=True)
         page = rows[:query.limit + 1]
-        threads = [r.meta for r in page[:query.limit]]
+        threads = [caller_copy(r.meta) for r in page[:query.limit]]
         next_cursor = None
         if len(page) > query.limit:
             last = page[query.limit - 1]
@@ -217,7 +221,7 @@ class MemoryIndex:
                     errors[thread_id] = StorageError(problem)
                     continue
                 recency = row.meta.recency_at
-                self._rows[thread_id] = _Row(row.meta, row.fold_state,
+                self._rows[thread_id] = _Row(caller_copy(row.meta), row.fold_state,
                                              0 if recency is None else us_from_utc(recency))
                 failure = self._failures.get(thread_id)
                 if failure is not None and failure.generation <= row.meta.projected_seq:
@@ -238,8 +242,11 @@ class MemoryIndex:
         return [FailedThread(f.thread_id, f.error) for f in recorded[:limit]]
 
     def record_failures(self, failures: Sequence[Failure]) -> None:
-        """Record each failure unless a row already covers its generation."""
+        """Record each failure unless a row already covers its generation; after
+        :meth:`fence`, nothing (a fenced index takes no write)."""
         with self.write_lock:
+            if self._fenced:
+                return
             for failure in failures:
                 row = self._rows.get(failure.thread_id)
                 if row is None or row.meta.projected_seq < failure.generation:
