@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import uuid
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +199,27 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.stop()
+
+
+#: The database the stores of the tests live in (a schema each); the server's own test
+#: database stays as initdb made it, for the server's own checks.
+STORES_DATABASE = "thread_store_stores"
+
+
+@pytest.fixture(scope="session")
+def pg_url(postgres_server: PostgresServer) -> str:
+    """A ``postgresql://`` URL of a database for stores; give each store its own ``schema``."""
+    import psycopg  # the postgres extra: only tests that use a server need it
+
+    with psycopg.connect(postgres_server.url, autocommit=True, connect_timeout=30) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {STORES_DATABASE}")
+        conn.execute(f"CREATE DATABASE {STORES_DATABASE}")
+    return postgres_server.url.rsplit("/", 1)[0] + "/" + STORES_DATABASE
+
+
+def new_schema() -> str:
+    """A fresh schema name, so each PostgreSQL store of a test starts empty."""
+    return f"t_{uuid.uuid4().hex[:12]}"
 
 
 def user_msg(text: str, **extra: object) -> dict[str, object]:

@@ -11,13 +11,11 @@ import asyncio
 import sys
 import threading
 import time
-import uuid
 from typing import Iterator
 
 import psycopg
 import pytest
-from conftest import plain, user_msg
-from pg_server import PostgresServer
+from conftest import new_schema, plain, user_msg
 
 from thread_store import (AsyncThreadStore, InvalidArgument, ProjectionFailed, ReadOnlyStore,
                           ThreadDiscarded, ThreadNotFound, ThreadStore)
@@ -28,20 +26,11 @@ from thread_store.model import EncodedItem, ThreadMetadata, utc
 from thread_store.storage import (Appended, CommitOutcome, Failure, IdempotencyKey, ListQuery,
                                   RowWrite, decode_cursor)
 
-DATABASE = "thread_store_backend"
-
-
-@pytest.fixture(scope="module")
-def pg_url(postgres_server: PostgresServer) -> str:
-    with psycopg.connect(postgres_server.url, autocommit=True, connect_timeout=30) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {DATABASE}")
-        conn.execute(f"CREATE DATABASE {DATABASE}")
-    return postgres_server.url.rsplit("/", 1)[0] + "/" + DATABASE
 
 
 @pytest.fixture
 def schema() -> str:
-    return f"t_{uuid.uuid4().hex[:12]}"
+    return new_schema()
 
 
 @pytest.fixture
@@ -345,7 +334,7 @@ def test_errors_are_typed_and_passwords_never_shown(pg_url: str) -> None:
     assert secret not in str(caught.value) and caught.value.__cause__ is not None
     assert isinstance(caught.value.__cause__, psycopg.OperationalError)
     good = pg_url.replace("thread_store@", f"thread_store:{secret}@")
-    with ThreadStore.open(good, schema=f"t_{uuid.uuid4().hex[:12]}") as store:
+    with ThreadStore.open(good, schema=new_schema()) as store:
         assert secret not in repr(store._storage.description) and "***" in store._storage.description
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import user_msg
+from conftest import new_schema, user_msg
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
@@ -36,8 +36,13 @@ def test_the_readme_has_python_snippets() -> None:
 
 
 @pytest.mark.parametrize("line, source", _snippets(), ids=lambda v: f"line{v}" if isinstance(v, int) else "")
-def test_readme_snippet_runs(line: int, source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_readme_snippet_runs(line: int, source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                             request: pytest.FixtureRequest) -> None:
     monkeypatch.chdir(tmp_path)
+    if "postgresql://" in source:  # the reader's server: the test's own, in a schema of its own
+        url = request.getfixturevalue("pg_url")
+        source = re.sub(r'"postgresql://[^"]*"', repr(url), source)
+        source = source.replace('schema="thread_store"', f"schema={new_schema()!r}")
     code = compile(source, f"README.md:{line}", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
     namespace = _placeholders()
     result = eval(code, namespace)  # noqa: S307 - the README's own code, run on purpose
