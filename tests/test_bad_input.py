@@ -230,6 +230,11 @@ def test_bad_update_metadata_is_rejected(seeded: ThreadStore, kwargs: dict[str, 
     ({"projection": "lazy"}, "projection must be 'async' or 'sync'"),
     ({"durability": "extra"}, "durability must be 'normal' or 'full'"),
     ({"max_item_bytes": 0}, "max_item_bytes must be an integer"),
+    ({"catch_up_after": 0}, "catch_up_after must be"),
+    ({"catch_up_after": -1.0}, "catch_up_after must be"),
+    ({"catch_up_after": math.nan}, "catch_up_after must be"),
+    ({"catch_up_after": True}, "catch_up_after must be"),
+    ({"catch_up_after": "5"}, "catch_up_after must be"),
     ({"coalesce_delay": -1}, "coalesce_delay must be"),
     ({"coalesce_delay": None}, "coalesce_delay must be"),
     ({"coalesce_delay": math.nan}, "coalesce_delay must be"),
@@ -321,7 +326,7 @@ def test_malformed_path_raises_invalid_argument(tmp_path: Path, monkeypatch: pyt
 def test_memory_never_becomes_a_directory_and_refuses_options_it_cannot_keep(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    for options in ({"read_only": True}, {"durability": "full"}):
+    for options in ({"read_only": True}, {"durability": "full"}, {"catch_up_after": 1.0}):
         with pytest.raises(InvalidArgument, match=":memory:"):
             ThreadStore.open(":memory:", **options)
         with pytest.raises(InvalidArgument, match=":memory:"):

@@ -209,7 +209,7 @@ def test_status_names_threads_left_behind(filled: dict[str, str], store_path: Pa
     assert sorted((b["thread_id"], b["head_seq"] - b["projected_seq"]) for b in report["behind"]) == \
         sorted((filled[name], 2) for name in ("flaky", "docs"))
     assert report["oldest_behind_since"] is not None and report["failed"] == []
-    assert report["schema_version"] == {"history": 3, "index": 5}
+    assert report["schema_version"] == {"history": 4, "index": 5}
     text = invoke("--store", str(store_path), "status")
     assert "2 threads, 4 items" in text.stdout and filled["flaky"] in text.stdout
 

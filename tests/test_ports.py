@@ -47,7 +47,11 @@ def row(thread_id: str, projected_seq: int, *, minutes: int = 0, state: str = '{
     meta = ThreadMetadata(thread_id=thread_id, created_at=BASE, updated_at=BASE,
                           recency_at=BASE + timedelta(minutes=minutes), item_count=projected_seq,
                           projected_seq=projected_seq, **fields)  # type: ignore[arg-type]
-    return RowWrite(meta, state)
+    return RowWrite(meta, state, incarnation=UNKNOWN_INCARNATION)
+
+
+#: ``row()`` leaves the incarnation to :func:`commit`, which reads the live thread's.
+UNKNOWN_INCARNATION = -1
 
 
 def thread(storage: Storage, thread_id: str, head: int) -> None:
@@ -67,6 +71,8 @@ def commit(storage: Storage, *rows: RowWrite, may_write: Callable[[str], bool] =
     holds each row's ``projected_seq`` (written here first where it does not)."""
     for written in rows:
         thread(storage, written.meta.thread_id, written.meta.projected_seq)
+    rows = tuple(replace(r, incarnation=storage.history.incarnation(r.meta.thread_id))
+                 if r.incarnation == UNKNOWN_INCARNATION else r for r in rows)
     return storage.index.commit(rows, position=storage.history.position(), may_write=may_write,
                                 deadline=deadline)
 
@@ -215,6 +221,55 @@ def test_commit_writes_each_row_with_its_projected_seq(storage: Storage) -> None
     commit(storage, newer)
     assert storage.index.read("a") == newer.meta
     assert storage.index.checkpoint("a").projected_seq == 4
+
+
+def test_a_stored_row_never_moves_back(storage: Storage) -> None:
+    commit(storage, row("a", 5, title="five"))
+    result = commit(storage, row("a", 3, title="three"))  # a slower process's older fold
+    assert result == CommitResult(CommitOutcome.COMMITTED)
+    assert storage.index.checkpoint("a").projected_seq == 5
+    assert storage.index.read("a") == row("a", 5, title="five").meta
+
+
+def test_incarnation_tells_a_recreated_id_from_its_predecessor(storage: Storage) -> None:
+    storage.history.create("t", created_us=CREATED_US, first=item(1))
+    first = storage.history.incarnation("t")
+    assert storage.history.incarnation("t") == first
+    storage.remove_thread("t", tombstone=False)
+    with pytest.raises(ThreadNotFound):
+        storage.history.incarnation("t")
+    storage.history.create("t", created_us=CREATED_US, first=item(1))
+    assert storage.history.incarnation("t") != first
+    storage.history.create("d", created_us=CREATED_US, first=None)
+    storage.remove_thread("d", tombstone=True)
+    with pytest.raises(ThreadDiscarded):
+        storage.history.incarnation("d")
+
+
+def test_a_row_of_a_removed_or_recreated_thread_is_gone_not_written(storage: Storage) -> None:
+    commit(storage, row("old", 1, title="before"), row("kept", 1))
+    stale = replace(row("old", 2, title="stale"), incarnation=storage.history.incarnation("old"))
+    storage.remove_thread("old", tombstone=False)
+    storage.history.create("old", created_us=CREATED_US, first=item(1))  # the id, taken again
+    result = commit(storage, stale, row("kept", 2))
+    assert (result.outcome, result.gone) == (CommitOutcome.COMMITTED, frozenset({"old"}))
+    assert storage.index.read("old") is None  # the new thread has no row yet: nothing stale
+    assert storage.index.checkpoint("kept").projected_seq == 2
+    storage.remove_thread("kept", tombstone=True)
+    late = replace(row("kept", 3), incarnation=UNKNOWN_INCARNATION + 1)
+    assert storage.index.commit([late], position=0, may_write=lambda t: True,
+                                deadline=None).gone == frozenset({"kept"})
+    assert storage.index.read("kept") is None
+
+
+def test_stale_names_threads_behind_for_longer_than_asked(storage: Storage) -> None:
+    commit(storage, row("caught-up", 1))
+    storage.history.create("behind", created_us=time.time_ns() // 1000, first=None)  # now
+    storage.history.append("behind", [item(1), item(2)])
+    assert storage.stale(3600.0) == []  # behind only for a moment
+    time.sleep(0.01)  # time must pass for "older than" to hold
+    assert [(lag.thread_id, lag.head) for lag in storage.stale(0.001)] == [("behind", 2)]
+    assert [lag.thread_id for lag in storage.stale(0.0)] == ["behind"]
 
 
 def test_rows_read_back_share_nothing_with_their_writer_or_each_other(storage: Storage) -> None:

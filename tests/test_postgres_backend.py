@@ -11,6 +11,7 @@ import asyncio
 import sys
 import threading
 import time
+from dataclasses import replace
 from typing import Iterator
 
 import psycopg
@@ -60,11 +61,18 @@ def item(n: int, ts_us: int = 1_700_000_000_000_000) -> EncodedItem:
 def row(thread_id: str, seq: int, **fields: object) -> RowWrite:
     meta = ThreadMetadata(thread_id=thread_id, projected_seq=seq, item_count=seq,
                           recency_at=utc(1_700_000_000_000_000 + seq), **fields)  # type: ignore[arg-type]
-    return RowWrite(meta, fold_state=f'{{"seq": {seq}}}')
+    return RowWrite(meta, fold_state=f'{{"seq": {seq}}}', incarnation=UNKNOWN_INCARNATION)
+
+
+#: ``row()`` leaves the incarnation to :func:`commit`, which reads the live thread's.
+UNKNOWN_INCARNATION = -1
 
 
 def commit(storage: PostgresStorage, *rows: RowWrite, may_write: object = None) -> object:
     allowed = may_write if callable(may_write) else (lambda _tid: True)
+    live = storage.history.incarnations([r.meta.thread_id for r in rows])
+    rows = tuple(replace(r, incarnation=live.get(r.meta.thread_id, 0))
+                 if r.incarnation == UNKNOWN_INCARNATION else r for r in rows)
     return storage.index.commit(list(rows), position=0, may_write=allowed, deadline=None)
 
 

@@ -138,9 +138,14 @@ class AttemptRunner:
                     raise
                 return _failure(exc), None
         try:
-            base, state = self._start_state(c)
+            # Read before the fold: a thread deleted and created again since is folded
+            # anew, and a commit of this fold is refused if it happens meanwhile.
+            incarnation = self._history.incarnation(thread_id)
+            # Deleted and created again elsewhere: what this process cached is another thread's.
+            reborn = c.incarnation is not None and incarnation != c.incarnation
+            base, state = self._start_state(c, reborn)
             seq = base
-            if c.items is not None and base == c.base:
+            if c.items is not None and base == c.base and not reborn:
                 for row in c.items:
                     # Items of a type no rule reads need no parsing: most are response items.
                     kind = row.kind
@@ -157,8 +162,9 @@ class AttemptRunner:
                 return Result(AttemptOutcome.GONE, error=gone), None
             meta = self._rules.metadata(thread_id, state, c.target)
             state_json = json.dumps(state)
-            return (Result(AttemptOutcome.OK, meta=meta, fold_state=state, state_bytes=len(state_json)),
-                    RowWrite(meta, state_json))
+            return (Result(AttemptOutcome.OK, meta=meta, fold_state=state, state_bytes=len(state_json),
+                           incarnation=incarnation),
+                    RowWrite(meta, state_json, incarnation))
         except (ThreadDiscarded, ThreadNotFound) as exc:  # removed while this attempt ran
             return Result(AttemptOutcome.GONE, error=exc), None
         except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
@@ -166,11 +172,11 @@ class AttemptRunner:
                 raise
             return _failure(exc), None
 
-    def _start_state(self, c: Claim) -> tuple[int, dict[str, object]]:
+    def _start_state(self, c: Claim, reborn: bool) -> tuple[int, dict[str, object]]:
         """The fold state to resume from, and its seq: cached, stored, or initial."""
         thread_id = c.state.thread_id
         if not c.refold:
-            if c.fold_state is not None:
+            if c.fold_state is not None and not reborn:
                 return c.base, c.fold_state
             stored = self._index.checkpoint(thread_id)
             if stored.fold_state is not None and stored.projected_seq <= c.target:
@@ -198,12 +204,16 @@ class AttemptRunner:
             for c, _, _ in rows:
                 results[id(c)] = Result(kind)
             return
-        if len(done.refused) < len(rows):
+        if len(done.refused) + len(done.gone) < len(rows):
             self._on_commit()
         for c, _, prepared in rows:
             thread_id = c.state.thread_id
             error = done.errors.get(thread_id)
             if thread_id in done.refused:
                 results[id(c)] = Result(AttemptOutcome.FENCED)
+            elif thread_id in done.gone:
+                # Removed, or created again, since the fold began: the next attempt finds
+                # out which from history (a removal fails its waiters; a new thread folds anew).
+                results[id(c)] = Result(AttemptOutcome.YIELDED)
             else:
                 results[id(c)] = Result(AttemptOutcome.FAILED, error=error) if error else prepared

@@ -47,6 +47,7 @@ class Barriers:
         self._projector = projector
         self._head = storage.history.head
         self._checkpoint = storage.index.checkpoint
+        self._stale = storage.stale
         self._read_meta = read_meta
         self._telemetry = telemetry
         self._closed_reason = closed_reason
@@ -179,10 +180,14 @@ class Barriers:
         self.settle_all(waiters, timeout)
 
     def begin_all(self, callback: Callable[[Outcome], None] | None) -> list[Waiter]:
-        """Register one waiter per thread that is behind (``flush_all``)."""
+        """Register one waiter per thread that is behind (``flush_all``): as this process
+        knows it, and as the store has it (threads other processes appended to)."""
         projector = self.projector()
-        waiters: list[Waiter] = []
+        behind = {lag.thread_id: lag.head for lag in self._stale(0.0)}
         for thread_id, head in projector.behind().items():
+            behind[thread_id] = max(head, behind.get(thread_id, 0))
+        waiters: list[Waiter] = []
+        for thread_id, head in behind.items():
             try:
                 waiter = projector.begin_wait(thread_id, head, callback, allow_caller_run=False)
             except ThreadDiscarded:

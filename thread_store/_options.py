@@ -19,6 +19,8 @@ from .errors import InvalidArgument
 from .model import DEFAULT_MAX_ITEM_BYTES, check_count
 from .storage import MEMORY
 
+#: How long work may sit behind in the store before another process's catch-up takes it.
+DEFAULT_CATCH_UP_AFTER_S = 5.0
 #: Longest coalescing delay accepted: beyond an hour it is a typo, not a tuning choice.
 MAX_COALESCE_DELAY_S = 3600.0
 _RULE_METHODS = ("initial", "apply", "metadata")
@@ -60,6 +62,19 @@ def is_postgres(target: object) -> bool:
     """Whether ``target`` is a ``postgresql://`` or ``postgres://`` URL."""
     return (isinstance(target, str) and bool(_URL.match(target))
             and target.split("://", 1)[0].lower() in POSTGRES_SCHEMES)
+
+
+def catch_up_for(target: Path | str, catch_up_after: float | None) -> float | None:
+    """The catch-up period of a store (``None``: no other process can leave work).
+
+    :raises InvalidArgument: ``catch_up_after`` given for ``":memory:"``.
+    """
+    if target == MEMORY:
+        if catch_up_after is not None:
+            raise InvalidArgument("catch_up_after does not apply to ':memory:': no other process "
+                                  "shares an in-memory store")
+        return None
+    return DEFAULT_CATCH_UP_AFTER_S if catch_up_after is None else float(catch_up_after)
 
 
 def backend_options(target: Path | str, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -153,7 +168,8 @@ def check_options(*, projection: object = "async", durability: object = "normal"
                   projection_hook: object = None, rules: object = None,
                   max_item_bytes: object = DEFAULT_MAX_ITEM_BYTES, coalesce_delay: object = 0.005,
                   retry: object = None, caller_runs: object = True, read_only: object = False,
-                  schema: object = None, pool_min_size: object = None, pool_max_size: object = None,
+                  catch_up_after: object = None, schema: object = None,
+                  pool_min_size: object = None, pool_max_size: object = None,
                   connect_timeout: object = None, statement_timeout: object = None) -> None:
     """Check the type and range of every ``open`` option; raise :class:`InvalidArgument`.
 
@@ -183,6 +199,11 @@ def check_options(*, projection: object = "async", durability: object = "normal"
                               f"{MAX_COALESCE_DELAY_S:g}, not {coalesce_delay!r}")
     if retry is not None and not isinstance(retry, RetryPolicy):
         raise InvalidArgument(f"retry must be a RetryPolicy or None, not {type(retry).__name__}")
+    if catch_up_after is not None and (
+            isinstance(catch_up_after, bool) or not isinstance(catch_up_after, (int, float))
+            or math.isnan(catch_up_after) or not 0 < catch_up_after <= MAX_COALESCE_DELAY_S):
+        raise InvalidArgument(f"catch_up_after must be a number of seconds above 0 and up to "
+                              f"{MAX_COALESCE_DELAY_S:g}, or None; not {catch_up_after!r}")
     for flag, name in ((caller_runs, "caller_runs"), (read_only, "read_only")):
         if not isinstance(flag, bool):
             raise InvalidArgument(f"{name} must be True or False, not {flag!r}")

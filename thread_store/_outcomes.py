@@ -46,6 +46,7 @@ class Result:
     error: BaseException | None = None
     fold_state: dict[str, Any] | None = None
     state_bytes: int = 0
+    incarnation: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,6 +91,7 @@ class Claim:
     pending_since: float | None
     fold_state: dict[str, Any] | None
     items: list[StoredRow] | None  # (base, target] when buffered, else read history
+    incarnation: int | None  # the creation of the id that ``fold_state`` belongs to
     settled: bool = False  # the attempt has left flight (Schedule.settle)
 
 
@@ -106,7 +107,7 @@ class ThreadState:
     __slots__ = ("thread_id", "head", "projected", "phase", "due_at", "resume", "attempts",
                  "last_error", "failure", "failed_gen", "failure_epoch", "waiters", "cond",
                  "contexts", "dropped", "appends", "pending_since", "removal", "refold",
-                 "buffer", "buffer_bytes", "fold_state", "state_bytes")
+                 "buffer", "buffer_bytes", "fold_state", "state_bytes", "incarnation")
 
     def __init__(self, thread_id: str, head: int, projected: int) -> None:
         self.thread_id = thread_id
@@ -133,6 +134,16 @@ class ThreadState:
         self.buffer_bytes = 0
         self.fold_state: dict[str, Any] | None = None  # the fold at ``projected``
         self.state_bytes = 0  # size of fold_state as last written
+        self.incarnation: int | None = None  # the creation of the id fold_state belongs to
+
+    def saw_head(self, head: int, now: float) -> None:
+        """The store's head is at least ``head``: another process appended items this
+        one never saw, so they are read from history, not from the buffer."""
+        if head > self.head:
+            self.head = head
+            self.buffer, self.buffer_bytes = None, 0
+            if self.pending_since is None:
+                self.pending_since = now
 
     # -- what the phase says ----------------------------------------------------------
 
@@ -249,7 +260,8 @@ class ThreadState:
                      appends=self.appends, attempt=self.attempts, expedited=expedited,
                      refold=self.refold, pending_since=self.pending_since,
                      fold_state=None if self.refold else self.fold_state,
-                     items=None if self.buffer is None else list(self.buffer))
+                     items=None if self.buffer is None else list(self.buffer),
+                     incarnation=self.incarnation)
 
     def end_flight(self) -> None:
         """IN_FLIGHT -> IDLE: the attempt left flight (during a removal, an abort then
@@ -276,6 +288,7 @@ class ThreadState:
         lag = None
         if kind is AttemptOutcome.OK:
             self.projected_to(claim.target, result.fold_state, result.state_bytes)
+            self.incarnation = result.incarnation
             self.refold, self.failure, self.attempts, self.last_error = False, None, 0, None
             self.contexts = [(g, ctx) for g, ctx in self.contexts if g > claim.target]
             self.appends -= claim.appends

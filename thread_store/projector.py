@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 import time
 import weakref
@@ -36,7 +37,7 @@ from ._removal import Removal, Removals
 from ._schedule import Schedule
 from ._state import SCHEDULABLE, Claim, Phase, RemovalKind, ThreadState
 from .derive import ProjectionRules
-from .errors import DURABLE_NOTE, StoreClosed
+from .errors import DURABLE_NOTE, StoreClosed, ThreadStoreError
 from .model import EncodedItem, ProjectorStats, RetryPolicy
 from .storage import Lag, Storage
 from .tracing import Telemetry
@@ -75,7 +76,7 @@ class Projector:
 
     def __init__(self, storage: Storage, rules: ProjectionRules,
                  telemetry: Telemetry, *, hook: ProjectionHook | None, retry: RetryPolicy,
-                 coalesce_delay: float, caller_runs: bool) -> None:
+                 coalesce_delay: float, caller_runs: bool, catch_up_after: float | None) -> None:
         self._storage = storage
         self._index = storage.index
         self._telemetry = telemetry
@@ -91,6 +92,10 @@ class Projector:
         self._removals = Removals(self._lock, self._idle, self._schedule, self._work.notify)
         self._paused = False
         self._heartbeat = time.monotonic()
+        # Work other processes left behind is looked for every catch_up_after / 2 or so
+        # (jittered, so processes do not scan in step); None: no other process can leave any.
+        self._catch_up_after = catch_up_after
+        self._catch_up_at = self._next_catch_up()
         # A daemon thread: after close() has fenced it, a worker stuck in a projection_hook
         # can never write again, and it must not keep the process alive (as a non-daemon
         # thread would, since interpreter exit joins those). Exiting without waiting for
@@ -103,15 +108,24 @@ class Projector:
 
     def start(self, behind: list[Lag]) -> None:
         """Schedule catch-up of the threads found behind at open, and start."""
-        with self._lock:
-            for lag in behind:
-                st = ThreadState(lag.thread_id, lag.head, 0 if lag.refold else lag.projected or 0)
-                st.refold, st.pending_since = lag.refold, time.monotonic()
-                self._threads[lag.thread_id] = st
-                self._make_due(st, 0.0)
+        self._adopt(behind)
         # Started from open(), never lazily from a request, so the worker inherits no
         # caller's context (threads start with an empty contextvars context anyway).
         self._worker.start()
+
+    def _adopt(self, lags: list[Lag]) -> None:
+        """Schedule threads found behind in the store (at open, or left by others)."""
+        with self._lock:
+            for lag in lags:
+                st = self._threads.get(lag.thread_id)
+                if st is None:
+                    st = ThreadState(lag.thread_id, lag.head, 0 if lag.refold else lag.projected or 0)
+                    st.refold, st.pending_since = lag.refold, time.monotonic()
+                    self._threads[lag.thread_id] = st
+                elif st.live:
+                    st.saw_head(lag.head, time.monotonic())
+                if st.phase is Phase.IDLE:
+                    self._make_due(st, 0.0)
 
     # -- events from the store (called once the history committed) -------------------
 
@@ -175,6 +189,7 @@ class Projector:
                     raise st.gone_error()
                 if st.projected >= target and not st.refold:
                     return None
+                st.saw_head(target, time.monotonic())  # another process may have appended
                 waiter = Waiter(thread_id, target, st.failure_epoch, callback, st.condition(self._lock))
                 first = not st.waiters
                 st.waiters.append(waiter)
@@ -340,7 +355,7 @@ class Projector:
                         return [self._schedule.claim(st, expedited=bool(st.waiters)) for st in batch]
                 # The timed wait below is what paces the acknowledgements: no timer of
                 # their own, and never a write on an append's or a barrier's path.
-                acks_at = self._storage.housekeeping_due_at()
+                acks_at = self._housekeeping_due_at()
                 if acks_at <= now:
                     self._schedule.wake_at = None
                     return []
@@ -362,14 +377,34 @@ class Projector:
         try:
             self._runner.run(claims, self._end_attempts, deadline, in_caller=in_caller)
         finally:
-            if in_caller and self._storage.housekeeping_due_at() <= time.monotonic():
+            if in_caller and self._housekeeping_due_at() <= time.monotonic():
                 with self._lock:  # the batch is full: the worker writes it, not this caller
                     self._work.notify()
 
+    def _housekeeping_due_at(self) -> float:
+        """When the worker's next chore is due: the storage's bookkeeping, or catch-up."""
+        catch_up = math.inf if self._paused else self._catch_up_at
+        return min(self._storage.housekeeping_due_at(), catch_up)
+
     def _housekeep(self) -> None:
-        """In the worker, with no lock held: the storage's deferred bookkeeping, if due."""
-        if self._storage.housekeeping_due_at() <= time.monotonic():
+        """In the worker, with no lock held: the storage's deferred bookkeeping and the
+        catch-up of work other processes left, each if due."""
+        now = time.monotonic()
+        if self._storage.housekeeping_due_at() <= now:
             self._storage.housekeep()
+        if self._catch_up_at <= now and not self._paused and self._catch_up_after is not None:
+            self._catch_up_at = self._next_catch_up()
+            try:
+                stale = self._storage.stale(self._catch_up_after)
+            except ThreadStoreError as exc:
+                log.warning("thread_store: looking for work left by other processes failed: %s", exc)
+                return
+            self._adopt(stale)
+
+    def _next_catch_up(self) -> float:
+        if self._catch_up_after is None:
+            return math.inf
+        return time.monotonic() + self._catch_up_after * random.uniform(0.4, 0.6)
 
     def _count_transaction(self) -> None:
         """A group commit landed (called by the attempt runner, no lock held)."""

@@ -94,10 +94,12 @@ class Lag:
 
 @dataclass(frozen=True, slots=True)
 class RowWrite:
-    """A projected row to store: the public metadata and the serialized fold state."""
+    """A projected row to store: the public metadata, the serialized fold state, and the
+    incarnation of the thread it was folded from (see :meth:`HistoryLog.incarnation`)."""
 
     meta: ThreadMetadata
     fold_state: str
+    incarnation: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +131,9 @@ class CommitResult:
     errors: Mapping[str, ThreadStoreError] = field(default_factory=dict)
     #: Rows skipped because ``may_write`` said no (a removal began).
     refused: frozenset[str] = frozenset()
+    #: Rows not written because their thread is no longer live at the row's incarnation
+    #: (removed, or deleted and created again, possibly by another process).
+    gone: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +255,14 @@ class HistoryLog(Protocol):
     def heads(self) -> dict[str, int]:
         """``{thread_id: head}`` of every live thread (reindex), in one read."""
 
+    def incarnation(self, thread_id: str) -> int:
+        """An identifier of this creation of the id: it differs once the thread was
+        deleted and an id-equal thread created, so no fold of the old one is stored as
+        the new one's row.
+
+        :raises ThreadNotFound: unknown id. :raises ThreadDiscarded: discarded id.
+        """
+
     def position(self) -> int:
         """A mark at or above every item committed so far. Taken before a fold and passed
         to :meth:`MetadataIndex.commit`, it lets a backend detect, after a power loss,
@@ -276,7 +289,10 @@ class MetadataIndex(Protocol):
 
         ``may_write(thread_id)`` is asked for every row inside the writer's critical
         section, after which no removal of that thread can interleave: rows it refuses are
-        skipped. A row the index cannot store fails alone (``errors``). ``deadline``
+        skipped. A row whose thread is not live at its incarnation any more is skipped
+        (``gone``), whichever process removed it. A stored row never moves back: a row
+        covering less than the stored one is skipped and counts as written (the store
+        holds more). A row the index cannot store fails alone (``errors``). ``deadline``
         (monotonic) bounds the wait for another writer (``BUSY``). After :meth:`fence`,
         nothing is written (``FENCED``).
 
@@ -323,7 +339,13 @@ class Storage(Protocol):
 
     def lagging(self) -> list[Lag]:
         """Threads whose projection is behind (or ahead of) their history: run once at
-        open, O(threads behind); what it returns is caught up by the projector."""
+        open, O(threads behind); what it returns is caught up by the projector. A row
+        ahead of its history (a power loss) is deleted here, so it is re-folded."""
+
+    def stale(self, older_than: float) -> list[Lag]:
+        """Threads behind for more than ``older_than`` seconds: work another process
+        left (it crashed, is paused, or is slow), for this one's catch-up; O(threads
+        behind). ``older_than=0`` gives every thread behind now (``flush_all``)."""
 
     def report(self, limit: int) -> StoreReport:
         """The store's projection health, read without writing: live threads, the threads

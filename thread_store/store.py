@@ -20,8 +20,8 @@ from ._attempt import ProjectionHook
 from ._barriers import Barriers
 from ._inputs import check_idempotency_key, encode_items, from_cursor, list_query, session_meta_item
 from ._lifecycle import Lifetime
-from ._options import (backend_options, check_open_kwargs, check_options, check_path,
-                       check_rebuild_options, check_target)
+from ._options import (backend_options, catch_up_for, check_open_kwargs, check_options,
+                       check_path, check_rebuild_options, check_target)
 from ._reads import Reads
 from ._state import RemovalKind
 from ._writes import Writes
@@ -73,7 +73,8 @@ class ThreadStore:
              projection_hook: ProjectionHook | None = None, rules: ProjectionRules | None = None,
              max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES, coalesce_delay: float = 0.005,
              retry: RetryPolicy | None = None, caller_runs: bool = True,
-             read_only: bool = False, **other: Any) -> ThreadStore:
+             read_only: bool = False, catch_up_after: float | None = None,
+             **other: Any) -> ThreadStore:
         """Open (creating as needed) the store ``target`` names (DESIGN §6).
 
         :param target: a directory path (the embedded SQLite store, created as needed),
@@ -98,6 +99,9 @@ class ThreadStore:
             thread, saving two thread hand-offs.
         :param read_only: open for reading while another process writes (not for
             ``":memory:"``).
+        :param catch_up_after: seconds after which work another process left behind (it
+            crashed, is paused or slow) is caught up by this one, with no barrier; default
+            5 (not for ``":memory:"``).
         :param other: nothing else is accepted; an unknown option raises
             :class:`InvalidArgument` (DESIGN §3), as a bad value of a known one does.
         :returns: the open store.
@@ -115,7 +119,8 @@ class ThreadStore:
         check_options(projection=projection, durability=durability, tracer_provider=tracer_provider,
                       meter_provider=meter_provider, projection_hook=projection_hook, rules=rules,
                       max_item_bytes=max_item_bytes, coalesce_delay=coalesce_delay, retry=retry,
-                      caller_runs=caller_runs, read_only=read_only)
+                      caller_runs=caller_runs, read_only=read_only, catch_up_after=catch_up_after)
+        catch_up = catch_up_for(where, catch_up_after)
         rules = rules or CodexRules()
         storage = open_storage(where, durability=durability, read_only=read_only,
                                rules_id=rules_id(rules), options=backend_options(where, other))
@@ -125,7 +130,7 @@ class ThreadStore:
             if not read_only:
                 projector = Projector(storage, rules, telemetry, hook=projection_hook,
                                       retry=retry or RetryPolicy(), coalesce_delay=coalesce_delay,
-                                      caller_runs=caller_runs)
+                                      caller_runs=caller_runs, catch_up_after=catch_up)
                 projector.start(storage.lagging())
         except BaseException:
             storage.close()  # or this process could never open the store again

@@ -31,6 +31,8 @@ _SEARCHED = ("name", "title", "preview", "first_user_message")
 @dataclass(slots=True)
 class _Thread:
     created_us: int
+    #: Counts the creations of ids in this store: unique, unlike a creation time.
+    incarnation: int
     items: list[StoredRow] = field(default_factory=list)
     #: When each item was appended (µs): item ``seq`` n at ``n - 1``.
     appended_us: list[int] = field(default_factory=list)
@@ -46,6 +48,7 @@ class MemoryHistory:
         self._threads: dict[str, _Thread] = {}
         self._discarded: set[str] = set()
         self._closed = False
+        self._creations = 0
 
     def create(self, thread_id: str, *, created_us: int, first: EncodedItem | None) -> None:
         """Create a thread, with its first item or none."""
@@ -55,7 +58,8 @@ class MemoryHistory:
                 raise ThreadDiscarded(f"thread {thread_id!r} was discarded; its id cannot be reused")
             if thread_id in self._threads:
                 raise ThreadExists(f"thread {thread_id!r} already exists; pick another id or omit it")
-            thread = self._threads[thread_id] = _Thread(created_us)
+            self._creations += 1
+            thread = self._threads[thread_id] = _Thread(created_us, self._creations)
             if first is not None:
                 thread.items.append(StoredRow(1, first.ts_us, first.text))
                 thread.appended_us.append(created_us)
@@ -92,6 +96,17 @@ class MemoryHistory:
         """When the thread was created."""
         with self._lock:
             return self._live(thread_id).created_us
+
+    def incarnation(self, thread_id: str) -> int:
+        """Which creation of the id the live thread is."""
+        with self._lock:
+            return self._live(thread_id).incarnation
+
+    def is_live(self, thread_id: str, incarnation: int) -> bool:
+        """Whether that creation of the thread is the live one."""
+        with self._lock:
+            thread = self._threads.get(thread_id)
+            return thread is not None and thread.incarnation == incarnation
 
     def read(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> list[StoredRow]:
         """Items ``after_seq < seq <= upto_seq``, at most ``limit``; ``seq`` n is at n - 1."""
@@ -168,8 +183,9 @@ class MemoryIndex:
     row read back from a database would not: each side gets its own copy.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, history: MemoryHistory) -> None:
         self.write_lock = threading.Lock()
+        self._history = history
         self._rows: dict[str, _Row] = {}
         self._failures: dict[str, Failure] = {}
         self._fenced = False
@@ -211,22 +227,26 @@ class MemoryIndex:
             if self._fenced:
                 return CommitResult(CommitOutcome.FENCED)
             refused = frozenset(r.meta.thread_id for r in rows if not may_write(r.meta.thread_id))
+            gone = frozenset(r.meta.thread_id for r in rows if r.meta.thread_id not in refused
+                             and not self._history.is_live(r.meta.thread_id, r.incarnation))
             errors: dict[str, ThreadStoreError] = {}
             for row in rows:
                 thread_id = row.meta.thread_id
-                if thread_id in refused:
+                if thread_id in refused or thread_id in gone:
                     continue
                 problem = _unstorable(row.meta)
                 if problem is not None:
                     errors[thread_id] = StorageError(problem)
                     continue
+                if self.projected(thread_id) > row.meta.projected_seq:
+                    continue  # the stored row covers more: it never moves back
                 recency = row.meta.recency_at
                 self._rows[thread_id] = _Row(caller_copy(row.meta), row.fold_state,
                                              0 if recency is None else us_from_utc(recency))
                 failure = self._failures.get(thread_id)
                 if failure is not None and failure.generation <= row.meta.projected_seq:
                     del self._failures[thread_id]
-            return CommitResult(CommitOutcome.COMMITTED, errors, refused)
+            return CommitResult(CommitOutcome.COMMITTED, errors, refused, gone)
         finally:
             self.write_lock.release()
 
@@ -308,7 +328,7 @@ class MemoryStorage:
     def __init__(self) -> None:
         """Use :meth:`open`."""
         self.history = MemoryHistory()
-        self.index = MemoryIndex()
+        self.index = MemoryIndex(self.history)
 
     @classmethod
     def open(cls, *, durability: str, read_only: bool, rules_id: str) -> MemoryStorage:
@@ -328,6 +348,14 @@ class MemoryStorage:
     def lagging(self) -> list[Lag]:
         """Nothing: a fresh store is caught up."""
         return []
+
+    def stale(self, older_than: float) -> list[Lag]:
+        """The threads behind whose first unprojected item is older than ``older_than``
+        seconds (in one process, only a paused or failing projector leaves any)."""
+        since = time.time_ns() // 1000 - int(older_than * 1_000_000)
+        return [Lag(b.thread_id, b.head_seq, b.projected_seq)
+                for appended_us, b in self.history.behind(self.index.projected)
+                if appended_us <= since]
 
     def report(self, limit: int) -> StoreReport:
         """Compare every thread's head with its row (memory holds few threads)."""

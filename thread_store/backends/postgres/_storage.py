@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ class PostgresStorage:
         """Use :meth:`open`."""
         self._db = db
         self.history = History(db)
-        self.index = Index(db)
+        self.index = Index(db, self.history.incarnations)
         self.read_only = read_only
         self.description = f"{db.description} (schema {db.schema})"
         self._pid = os.getpid()
@@ -111,6 +112,13 @@ class PostgresStorage:
         by the partial index on ``dirty_since``."""
         with self._db.connection("finding threads behind") as conn:
             rows = conn.execute(self._db.q(_LAGGING)).fetchall()
+        return [Lag(str(t), int(h), None if p is None else int(p)) for t, h, p in rows]
+
+    def stale(self, older_than: float) -> list[Lag]:
+        """Threads behind since more than ``older_than`` seconds (``dirty_since``)."""
+        with self._db.connection("finding work left behind") as conn:
+            rows = conn.execute(self._db.q(_LAGGING + " AND t.dirty_since <= now() - %s"),
+                                (timedelta(seconds=older_than),)).fetchall()
         return [Lag(str(t), int(h), None if p is None else int(p)) for t, h, p in rows]
 
     def remove_thread(self, thread_id: str, *, tombstone: bool) -> None:

@@ -47,7 +47,10 @@ _APPEND_ONCE = (
     "k AS (INSERT INTO {s}.append_keys (thread_id, key, digest, generation) "
     "SELECT %(tid)s, %(key)s, %(digest)s, head FROM h) "
     "SELECT head, NULL FROM h UNION ALL SELECT generation, digest FROM prior")
-_THREAD = "SELECT head, created_us, discarded_us FROM {s}.threads WHERE thread_id = %s"
+_THREAD = ("SELECT head, created_us, discarded_us, incarnation FROM {s}.threads "
+           "WHERE thread_id = %s")
+_INCARNATIONS = ("SELECT thread_id, incarnation FROM {s}.threads "
+                 "WHERE thread_id = ANY(%s) AND discarded_us IS NULL")
 _READ = ("SELECT seq, ts_us, item FROM {s}.items WHERE thread_id = %s AND seq > %s AND seq <= %s "
          "ORDER BY seq LIMIT %s")
 _HEADS = "SELECT thread_id, head FROM {s}.threads WHERE discarded_us IS NULL"
@@ -63,6 +66,7 @@ class History:
         self._append = db.q(_APPEND)
         self._append_once = db.q(_APPEND_ONCE)
         self._thread = db.q(_THREAD)
+        self._incarnations = db.q(_INCARNATIONS)
         self._read = db.q(_READ)
         self._heads = db.q(_HEADS)
 
@@ -137,7 +141,16 @@ class History:
         """When the thread was created."""
         return self._thread_row(thread_id)[1]
 
-    def _thread_row(self, thread_id: str) -> tuple[int, int]:
+    def incarnation(self, thread_id: str) -> int:
+        """The random incarnation drawn when this creation of the id was made."""
+        return self._thread_row(thread_id)[2]
+
+    def incarnations(self, thread_ids: list[str]) -> dict[str, int]:
+        """``{thread_id: incarnation}`` of those of ``thread_ids`` that are live."""
+        with self._db.connection("reading incarnations") as conn:
+            return {str(t): int(i) for t, i in conn.execute(self._incarnations, (thread_ids,))}
+
+    def _thread_row(self, thread_id: str) -> tuple[int, int, int]:
         with self._db.connection("reading a thread") as conn:
             row = conn.execute(self._thread, (thread_id,)).fetchone()
         if row is None:
@@ -145,7 +158,7 @@ class History:
                                  "create_thread() first")
         if row[2] is not None:
             raise ThreadDiscarded(f"thread {thread_id!r} was discarded")
-        return int(row[0]), int(row[1])
+        return int(row[0]), int(row[1]), int(row[3])
 
     def read(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> list[StoredRow]:
         """Items ``after_seq < seq <= upto_seq``, at most ``limit``, in ``seq`` order."""

@@ -39,7 +39,7 @@ _PLACEHOLDERS = ", ".join("%s::" + _TYPES.get(c, "text") for c in _COLUMNS)
 _UPSERT = (
     f"INSERT INTO {{s}}.meta (incarnation, {', '.join(_COLUMNS)}) "
     f"SELECT t.incarnation, {_PLACEHOLDERS} FROM {{s}}.threads t "
-    "WHERE t.thread_id = %s AND t.discarded_us IS NULL "
+    "WHERE t.thread_id = %s AND t.incarnation = %s AND t.discarded_us IS NULL "
     "ON CONFLICT (thread_id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
     + " WHERE meta.incarnation = excluded.incarnation "
@@ -78,7 +78,7 @@ def _params(row: RowWrite) -> tuple[Any, ...]:
     usage = json.dumps(meta.token_usage) if meta.token_usage is not None else None
     return (meta.thread_id, *(getattr(meta, c) for c in TEXT_FIELDS), usage, *times,
             meta.item_count, meta.projected_seq, meta.archived_at is not None,
-            bool(meta.preview), row.fold_state, meta.thread_id)
+            bool(meta.preview), row.fold_state, meta.thread_id, row.incarnation)
 
 
 def _unstorable(values: tuple[Any, ...]) -> str | None:
@@ -105,8 +105,10 @@ def _like(word: str) -> str:
 class Index:
     """The metadata index of one store (``MetadataIndex``)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, incarnations: Callable[[list[str]], dict[str, int]]) -> None:
         self._db = db
+        #: ``history.incarnations``: which rows' threads are still live as folded.
+        self._incarnations = incarnations
         #: Held for every index write; ``fenced`` is set under it by close().
         self.write_lock = threading.Lock()
         self.fenced = False
@@ -133,10 +135,14 @@ class Index:
             if self.fenced:
                 return CommitResult(CommitOutcome.FENCED)
             refused = frozenset(r.meta.thread_id for r in rows if not may_write(r.meta.thread_id))
+            current = self._incarnations([r.meta.thread_id for r in rows])
+            # The upsert checks it again in its own statement, against a racing removal.
+            gone = frozenset(r.meta.thread_id for r in rows if r.meta.thread_id not in refused
+                             and current.get(r.meta.thread_id) != r.incarnation)
             errors: dict[str, ThreadStoreError] = {}
             live: list[tuple[str, tuple[Any, ...]]] = []
             for row in rows:
-                if row.meta.thread_id in refused:
+                if row.meta.thread_id in refused or row.meta.thread_id in gone:
                     continue
                 values = _params(row)
                 problem = _unstorable(values)
@@ -145,13 +151,13 @@ class Index:
                 else:
                     errors[row.meta.thread_id] = StorageError(problem)
             if not live:
-                return CommitResult(CommitOutcome.COMMITTED, errors, refused)
+                return CommitResult(CommitOutcome.COMMITTED, errors, refused, gone)
             try:
                 errors.update(self._write(live, deadline))
             except _Fenced:
                 return CommitResult(CommitOutcome.FENCED)
             self.last_write = time.monotonic()
-            return CommitResult(CommitOutcome.COMMITTED, errors, refused)
+            return CommitResult(CommitOutcome.COMMITTED, errors, refused, gone)
         finally:
             self.write_lock.release()
 

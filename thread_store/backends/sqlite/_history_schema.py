@@ -1,7 +1,7 @@
 """``history.db``'s tables and the migrations that make and upgrade the file.
 
 ``threads`` holds each thread's creation time and tombstone, ``items`` the log, and
-``store_meta`` the acknowledged index epoch; ``behind`` records the threads whose
+``store_meta`` the acknowledged index epoch (and each thread its random ``incarnation``); ``behind`` records the threads whose
 projection is behind (set by a trigger on ``items``), and ``idempotency`` the keys of
 appends.
 """
@@ -56,7 +56,15 @@ def _add_idempotency_keys(db: sqlite_utils.Database) -> None:
                "PRIMARY KEY (thread_id, key)) WITHOUT ROWID")
 
 
+def _add_incarnations(db: sqlite_utils.Database) -> None:
+    """Version 4: each creation of an id gets a random incarnation, so a fold of a thread
+    deleted meanwhile (in any process) is never stored as the row of its successor."""
+    if "incarnation" not in db["threads"].columns_dict:
+        db.execute("ALTER TABLE threads ADD COLUMN incarnation INTEGER")
+    db.execute("UPDATE threads SET incarnation = abs(random()) WHERE incarnation IS NULL")
+
+
 #: ``MIGRATIONS[n]`` takes history.db from schema version n to n + 1.
 MIGRATIONS: list[_connections.Migration] = [_create_schema, _add_behind_record,
-                                            _add_idempotency_keys]
+                                            _add_idempotency_keys, _add_incarnations]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -25,6 +25,9 @@ UPSERT = (
     f"INSERT INTO threads ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
     "ON CONFLICT(thread_id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[1:])
+    # A row never moves back: a fold covering less than the stored one (another process
+    # projected further meanwhile) leaves it as it is.
+    + " WHERE excluded.projected_seq >= threads.projected_seq"
 )
 #: The columns :func:`row_to_metadata` reads, from ``threads``; add the WHERE clause.
 SELECT = f"SELECT {', '.join(COLUMNS[:-3])} FROM threads"

@@ -52,7 +52,17 @@ def recover(history: History, index: Index) -> list[Lag]:
         else:
             behind.append(lag)
     history.acknowledge(caught_up, None)  # the worker writes it with the others
+    _delete_rows_ahead(index, behind)
     return behind
+
+
+def _delete_rows_ahead(index: Index, behind: list[Lag]) -> None:
+    """Rows ahead of their history (a power loss took items they folded) go, so the
+    re-fold can write them: a stored row never moves back otherwise."""
+    ahead = sorted(lag.thread_id for lag in behind if lag.refold and lag.projected is not None)
+    if ahead:
+        with index.write_lock:
+            index.delete_rows(ahead)
 
 
 def _compare_all(history: History, index: Index) -> list[Lag]:
@@ -75,5 +85,6 @@ def _compare_all(history: History, index: Index) -> list[Lag]:
         # Rows of threads whose history is gone (removed mid-crash, or lost with a tail).
         index.delete_rows(sorted(projected_by_id))
         index.reset_history_mark(high_water)
+    _delete_rows_ahead(index, behind)
     history.mark_behind([], epoch=index.epoch())
     return behind

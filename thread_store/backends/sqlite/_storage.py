@@ -7,11 +7,12 @@ open, and the order that makes a removal safe against a racing projection.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from . import _directory
 from ._recovery import recover
-from .history import History
+from .history import History, Marked
 from .index import Index
 from ...errors import InvalidArgument, NotAThreadStore, StoreClosed
 from ...model import BehindThread, FailedThread, StoreReport, utc
@@ -95,8 +96,8 @@ class SQLiteStorage:
         """The recovery scan: threads behind (or ahead of) their history."""
         return recover(self.history, self.index)
 
-    def report(self, limit: int) -> StoreReport:
-        """Read the behind marks, the rows they name and the failures; write nothing.
+    def _behind(self) -> tuple[list[Marked], dict[str, int]]:
+        """The threads behind now, longest first, and the ``projected_seq`` of their rows.
 
         Marks are cleared lazily, so each marked thread is checked against its row.
         """
@@ -104,6 +105,18 @@ class SQLiteStorage:
         projected = self.index.projected_of([m.thread_id for m in marked])
         behind = sorted((m for m in marked if projected.get(m.thread_id, 0) < m.head),
                         key=lambda m: (m.since_us, m.thread_id))
+        return behind, projected
+
+    def stale(self, older_than: float) -> list[Lag]:
+        """Threads marked behind for more than ``older_than`` seconds, still behind."""
+        since = time.time_ns() // 1000 - int(older_than * 1_000_000)
+        behind, projected = self._behind()
+        return [Lag(m.thread_id, m.head, projected.get(m.thread_id)) for m in behind
+                if m.since_us <= since]
+
+    def report(self, limit: int) -> StoreReport:
+        """Read the behind marks, the rows they name and the failures; write nothing."""
+        behind, projected = self._behind()
         failed = [FailedThread(t, error) for t, error in self.index.failures(limit)]
         return StoreReport(
             schema_version={"history": self.history.schema_version(),
@@ -118,16 +131,16 @@ class SQLiteStorage:
     def remove_thread(self, thread_id: str, *, tombstone: bool) -> None:
         """Delete the row, then the history (``Storage.remove_thread``).
 
-        The row goes first, under the index write lock that every group commit holds:
-        until the history is removed no thread can take the id, so nothing can write a
-        row that this would then delete. The row's thread is marked behind in history
-        first, so a crash between the two re-projects it whole.
+        Both go under the index write lock that every group commit holds, so a commit
+        sees the thread either whole or gone (and then skips its row as ``gone``). The
+        row goes first: the thread is marked behind in history before, so a crash between
+        the two re-projects it whole.
         """
-        with self.index.write_lock:
+        with self.index.write_lock:  # held throughout: no group commit sees half of it
             if self.index.fenced:
                 raise StoreClosed(f"the store closed; thread {thread_id!r} was not removed")
             self.index.delete_rows([thread_id])
-        self.history.remove(thread_id, tombstone=tombstone)
+            self.history.remove(thread_id, tombstone=tombstone)
 
     def housekeeping_due_at(self) -> float:
         """When the lazy acknowledgements of projected heads are due."""

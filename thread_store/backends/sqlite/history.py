@@ -101,7 +101,8 @@ class History:
 
             def write() -> int | None:
                 # Behind from birth: even an empty thread owes the index its row.
-                self._conn.execute("INSERT INTO threads (thread_id, created_us) VALUES (?, ?)",
+                self._conn.execute("INSERT INTO threads (thread_id, created_us, incarnation) "
+                                   "VALUES (?, ?, abs(random()))",
                                    (thread_id, created_us))
                 self._conn.execute("INSERT OR REPLACE INTO behind (thread_id, since_us) "
                                    "VALUES (?, ?)", (thread_id, created_us))
@@ -328,6 +329,24 @@ class History:
     def position(self) -> int:
         """The highest items rowid committed (see ``last_rowid``)."""
         return self.last_rowid
+
+    def incarnation(self, thread_id: str) -> int:
+        """Which creation of the id the live thread is (random, drawn at creation)."""
+        row = self._readers.fetchone(
+            "history", "SELECT incarnation, discarded_us FROM threads WHERE thread_id = ?",
+            (thread_id,))
+        self._check_row(thread_id, row)
+        return int(row[0])
+
+    def incarnations(self, thread_ids: list[str]) -> dict[str, int]:
+        """``{thread_id: incarnation}`` of those of ``thread_ids`` that are live."""
+        found: dict[str, int] = {}
+        for start in range(0, len(thread_ids), 500):  # under SQLite's bound-parameter limit
+            chunk = thread_ids[start:start + 500]
+            found.update(self._readers.fetchall(
+                "history", "SELECT thread_id, incarnation FROM threads WHERE discarded_us IS NULL "
+                f"AND thread_id IN ({', '.join('?' * len(chunk))})", chunk))
+        return found
 
     def created_us(self, thread_id: str) -> int:
         """Return the thread's creation time; raise if it is unknown or discarded."""

@@ -50,6 +50,9 @@ class HistoryLink(Protocol):
     def mark_behind(self, thread_ids: list[str], epoch: int | None = None) -> None:
         """Durably record that these threads' rows must be (re)written."""
 
+    def incarnations(self, thread_ids: list[str]) -> dict[str, int]:
+        """``{thread_id: incarnation}`` of the live threads among these."""
+
 
 class Index:
     """The metadata index of one store (``index.db``)."""
@@ -91,16 +94,25 @@ class Index:
             if self.fenced:
                 return CommitResult(CommitOutcome.FENCED)
             refused = frozenset(r.meta.thread_id for r in rows if not may_write(r.meta.thread_id))
-            live = [r for r in rows if r.meta.thread_id not in refused]
+            gone = self._gone([r for r in rows if r.meta.thread_id not in refused])
+            live = [r for r in rows if r.meta.thread_id not in refused and r.meta.thread_id not in gone]
             if not live:
-                return CommitResult(CommitOutcome.COMMITTED, refused=refused)
+                return CommitResult(CommitOutcome.COMMITTED, refused=refused, gone=gone)
             try:
                 errors = self._write_rows(live, position)
             except StoreClosed:
                 return CommitResult(CommitOutcome.FENCED)
         finally:
             self.write_lock.release()
-        return CommitResult(CommitOutcome.COMMITTED, errors, refused)
+        return CommitResult(CommitOutcome.COMMITTED, errors, refused, gone)
+
+    def _gone(self, rows: list[RowWrite]) -> frozenset[str]:
+        """Rows whose thread is no longer live at the row's incarnation (write lock held:
+        a removal deletes the row and the history under it, so none can interleave)."""
+        if self.history is None or not rows:
+            return frozenset()
+        live = self.history.incarnations([r.meta.thread_id for r in rows])
+        return frozenset(r.meta.thread_id for r in rows if live.get(r.meta.thread_id) != r.incarnation)
 
     def _write_rows(self, rows: list[RowWrite], history_mark: int) -> dict[str, ThreadStoreError]:
         """Upsert rows in one transaction; return per-thread errors of rows that failed.
