@@ -1,9 +1,9 @@
 """``history.db``'s tables and the migrations that make and upgrade the file.
 
-``threads`` holds each thread's creation time and tombstone, ``items`` the log, and
-``store_meta`` the acknowledged index epoch (and each thread its random ``incarnation``); ``behind`` records the threads whose
-projection is behind (set by a trigger on ``items``), and ``idempotency`` the keys of
-appends.
+``threads`` holds each thread's creation time, random ``incarnation`` and tombstone,
+``items`` the log, and ``store_meta`` the acknowledged index epoch; ``behind`` records the
+threads whose projection is behind (set by a trigger on ``items``), and ``idempotency``
+the keys of appends.
 """
 
 from __future__ import annotations
