@@ -43,7 +43,8 @@ class StoreClosed(ThreadStoreError):
 
 
 class StoreLocked(ThreadStoreError):
-    """Another process has the store open for writing."""
+    """The store is in use in a way that excludes the call: ``rebuild_index`` while a
+    writer has it open, or opening while its index is being rebuilt."""
 
 
 class NotAThreadStore(ThreadStoreError):

@@ -106,7 +106,7 @@ class ThreadStore:
             :class:`InvalidArgument` (DESIGN §3), as a bad value of a known one does.
         :returns: the open store.
         :raises NotAThreadStore: ``target`` holds something else or cannot be written.
-        :raises StoreLocked: another process has the store open for writing.
+        :raises StoreLocked: its index is being rebuilt.
         :raises SchemaTooNew: the files come from a newer thread_store.
         :raises InvalidArgument: a malformed target or option, an option the backend does
             not take, or other fold rules than the store's; nothing was opened or written.
@@ -143,7 +143,7 @@ class ThreadStore:
                       progress: Callable[[int, int], None] | None = None, **options: Any) -> int:
         """Rebuild the metadata index of the closed store ``target`` from its history.
 
-        The index is derived data: this deletes it under the store's writer lock, opens
+        The index is derived data: this deletes it under the store's lock, opens
         the store (which re-projects every thread from its first item) and waits for each
         thread in turn.
 

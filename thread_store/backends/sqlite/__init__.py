@@ -1,5 +1,5 @@
 """The embedded SQLite backend: a directory holding ``history.db`` (the durable item log)
-and ``index.db`` (the projected metadata), opened by one writer process at a time.
+and ``index.db`` (the projected metadata), shared by the writer processes of one machine.
 
 - ``_storage``: :class:`SQLiteStorage`, the backend behind the storage ports;
 - ``_connections``: connections, the reader pool, pragmas, migrations, and the one place
@@ -9,7 +9,8 @@ and ``index.db`` (the projected metadata), opened by one writer process at a tim
 - ``index``: projected rows, keyset listing, trigram search, failures, fencing;
   ``_index_schema``: its tables, the row of a thread's metadata, and migrations;
 - ``_acks``: the lazy acknowledgements that clear behind marks;
-- ``_directory``: the store directory, the writer lock, opening the files, backup;
+- ``_directory``: the store directory, the store lock, opening the files, backup;
+- ``_filelock``: the file locks that serialize writers across processes;
 - ``_recovery``: the scan at open for threads whose projection is behind.
 """
 

@@ -42,25 +42,27 @@ def prepare_directory(root: Path, read_only: bool) -> Path:
     return root
 
 
-def lock_directory(root: Path) -> int:
-    """Take the single-writer lock; name the holder when another process has it."""
+def lock_directory(root: Path, *, exclusive: bool = False) -> int:
+    """Take the store's lock: shared by every writing store (any number, in any process),
+    exclusive for what needs the store to itself (rebuilding the index).
+
+    :raises StoreLocked: a rebuild holds it (shared), or any writer does (exclusive).
+    """
     path = root / LOCK_FILE
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise NotAThreadStore(f"cannot create {path}: {exc}") from exc
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        if holder == str(os.getpid()):
-            raise StoreLocked(f"{root} is already open for writing in this process (pid {holder}); "
-                              "use that ThreadStore, or close it before opening the store again") from None
-        raise StoreLocked(f"{root} is open for writing in another process (pid {holder}); "
-                          "close it there, or open this one with read_only=True") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
+        if exclusive:
+            raise StoreLocked(f"{root} is open for writing (in this or another process); "
+                              "rebuilding its index needs it to itself: close the other stores "
+                              "(read-only ones may stay open)") from None
+        raise StoreLocked(f"the index of {root} is being rebuilt; open the store once that "
+                          "is done") from None
     return fd
 
 

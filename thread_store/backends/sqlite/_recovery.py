@@ -61,7 +61,7 @@ def _delete_rows_ahead(index: Index, behind: list[Lag]) -> None:
     re-fold can write them: a stored row never moves back otherwise."""
     ahead = sorted(lag.thread_id for lag in behind if lag.refold and lag.projected is not None)
     if ahead:
-        with index.write_lock:
+        with index.exclusive():
             index.delete_rows(ahead)
 
 
@@ -81,7 +81,7 @@ def _compare_all(history: History, index: Index) -> list[Lag]:
     behind = [lag for thread_id, head in history.heads().items()
               if (lag := Lag(thread_id, head, projected_by_id.pop(thread_id, None))).projected != head]
     history.mark_behind(sorted(lag.thread_id for lag in behind))
-    with index.write_lock:
+    with index.exclusive():
         # Rows of threads whose history is gone (removed mid-crash, or lost with a tail).
         index.delete_rows(sorted(projected_by_id))
         index.reset_history_mark(high_water)

@@ -1,22 +1,32 @@
 """``SQLiteStorage``: the embedded backend as one object behind the storage ports.
 
-It owns the store directory, the single-writer lock, both files, the recovery scan at
-open, and the order that makes a removal safe against a racing projection.
+It owns the store directory, the store lock (shared by every writing process, exclusive
+for a rebuild), both files, the recovery scan at open, and the order that makes a
+removal safe against a racing projection in any process.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
-from . import _directory
+from . import _directory, _filelock
 from ._recovery import recover
+from .history import LOCK_FILE as HISTORY_LOCK
 from .history import History, Marked
+from .index import LOCK_FILE as INDEX_LOCK
 from .index import Index
 from ...errors import InvalidArgument, NotAThreadStore, StoreClosed
 from ...model import BehindThread, FailedThread, StoreReport, utc
 from ...storage import Capabilities, Lag
+
+
+def _writing(root: Path, lock_file: str, read_only: bool) -> AbstractContextManager[object]:
+    """A writers' file lock of the store, or nothing for a read-only opener."""
+    return nullcontext() if read_only else _filelock.hold(root / lock_file)
+
 
 CAPABILITIES = Capabilities(reopen=True, read_only=True, durability_full=True, backup=True,
                             files=True)
@@ -42,7 +52,7 @@ class SQLiteStorage:
         """Open (creating as needed) the store in directory ``root``.
 
         :raises NotAThreadStore: ``root`` holds something else or cannot be written.
-        :raises StoreLocked: another process has the store open for writing.
+        :raises StoreLocked: its index is being rebuilt.
         :raises SchemaTooNew: the files come from a newer thread_store.
         :raises InvalidArgument: the index was projected with other fold rules.
         """
@@ -50,8 +60,13 @@ class SQLiteStorage:
         lock_fd = None if read_only else _directory.lock_directory(root)
         history = index = None
         try:
-            history = _directory.open_history(root / _directory.HISTORY_FILE, durability, read_only)
-            index = _directory.open_index(root / _directory.INDEX_FILE, durability, read_only)
+            # Under the writers' file locks: another process may be creating or migrating
+            # the same files at this moment.
+            with _writing(root, HISTORY_LOCK, read_only):
+                history = _directory.open_history(root / _directory.HISTORY_FILE, durability,
+                                                  read_only)
+            with _writing(root, INDEX_LOCK, read_only):
+                index = _directory.open_index(root / _directory.INDEX_FILE, durability, read_only)
             storage = cls(root, history, index, lock_fd)
             storage._check_rules(rules_id)
             return storage
@@ -74,7 +89,7 @@ class SQLiteStorage:
         if not (root / _directory.HISTORY_FILE).is_file():
             raise NotAThreadStore(f"{root} holds no thread store (no {_directory.HISTORY_FILE}) "
                                   "to reindex")
-        lock_fd = _directory.lock_directory(root)
+        lock_fd = _directory.lock_directory(root, exclusive=True)
         try:
             _directory.drop_index(root)
         finally:
@@ -136,7 +151,7 @@ class SQLiteStorage:
         row goes first: the thread is marked behind in history before, so a crash between
         the two re-projects it whole.
         """
-        with self.index.write_lock:  # held throughout: no group commit sees half of it
+        with self.index.exclusive():  # held throughout: no group commit sees half of it
             if self.index.fenced:
                 raise StoreClosed(f"the store closed; thread {thread_id!r} was not removed")
             self.index.delete_rows([thread_id])

@@ -18,11 +18,13 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from . import _connections
+from ._filelock import ProcessLock
 from ._acks import AckBatch
 from ._history_schema import MIGRATIONS, NOW_US, SCHEMA_VERSION
 from ...errors import InvalidArgument, StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
@@ -35,6 +37,8 @@ _RANGE = ("SELECT seq, ts_us, item FROM items WHERE thread_id = ? AND seq > ? AN
 _KEY_FIND = "SELECT digest, generation FROM idempotency WHERE thread_id = ? AND key = ?"
 _KEY_STORE = "INSERT INTO idempotency (thread_id, key, digest, generation) VALUES (?, ?, ?, ?)"
 T = TypeVar("T")
+#: The file lock of history writers, beside ``history.db``.
+LOCK_FILE = "history.lock"
 log = logging.getLogger("thread_store")
 EPOCH_KEY = "index_epoch"
 # Cleared only while the history holds nothing past the projected head: a newer append's
@@ -81,17 +85,21 @@ class History:
         self._closed = False  # writes rejected (close began)
         self._conn_closed = False
         self._acks = AckBatch()
-        #: The highest items rowid committed: read at open, then raised by this process's
-        #: own appends (the store's writer lock makes them the only ones) before they are
-        #: published, so it bounds every item a projection can fold. A process that folds
-        #: items another process appended must raise it first.
+        #: Every writing process of the store writes under this file lock (see _filelock).
+        self._process_lock = None if read_only else ProcessLock(path.with_name(LOCK_FILE))
+        #: ``PRAGMA data_version`` when this process last looked: it changes when another
+        #: process commits, and then the cached heads are forgotten.
+        self._data_version = -1
+        #: The highest items rowid committed: read at open, raised by this process's own
+        #: appends, and read again whenever another process committed, so it bounds every
+        #: item a projection can fold.
         self.last_rowid = 0 if read_only else self._top_rowid()
 
     # -- writes ---------------------------------------------------------------------------
 
     def create(self, thread_id: str, *, created_us: int, first: EncodedItem | None) -> None:
         """Create a thread, optionally with its first item; raise if the id is taken."""
-        with self.lock:
+        with self.lock, self._exclusive():
             self._check_open()
             row = self._tombstone(thread_id)
             if row is not None:
@@ -116,7 +124,7 @@ class History:
     def append(self, thread_id: str, items: Sequence[EncodedItem],
                key: IdempotencyKey | None = None) -> Appended:
         """Append items durably at the next ``seq`` values (see ``HistoryLog.append``)."""
-        with self.lock:
+        with self.lock, self._exclusive():
             self._check_open()
             head = self._heads.get(thread_id)
             if head is None:
@@ -173,8 +181,9 @@ class History:
 
     def remove(self, thread_id: str, *, tombstone: bool) -> None:
         """Delete a thread's items; keep a tombstone (discard) or forget the id (delete)."""
-        with self.lock:
+        with self.lock, self._exclusive():
             self._check_open()
+            self._check_row(thread_id, self._tombstone(thread_id))  # another process's removal
 
             def write() -> None:
                 self._keep_high_water(thread_id)
@@ -220,7 +229,8 @@ class History:
             if self._conn_closed or (not projected and epoch is None):
                 return
             try:
-                self._relaxed(lambda: self._acknowledge(projected, epoch))
+                with self._exclusive():
+                    self._relaxed(lambda: self._acknowledge(projected, epoch))
             except sqlite3.Error as exc:
                 log.warning("thread_store: could not record projected heads in history (%s); "
                             "the next open checks those threads again", exc)
@@ -249,7 +259,8 @@ class History:
                 if epoch is not None:
                     self._conn.execute(_SET_EPOCH, (epoch,))
 
-            self._write(write, "marking threads behind")
+            with self._exclusive():
+                self._write(write, "marking threads behind")
 
     def backup_to(self, dest: Path) -> None:
         """Copy this file, as one consistent snapshot, into the new file ``dest``."""
@@ -262,6 +273,8 @@ class History:
         with self.lock:
             self._closed = self._conn_closed = True
             self._conn.close()
+            if self._process_lock is not None:
+                self._process_lock.close()
         self._readers.close()
 
     def reject_writes(self) -> None:
@@ -312,23 +325,27 @@ class History:
     def head(self, thread_id: str) -> int:
         """Return the thread's head; raise if it is unknown or discarded.
 
-        A writer caches the heads it wrote (its lock makes it the only writer); a
-        read-only store reads the file each time, since its writer is another process.
+        A writer caches heads while no other process commits (``PRAGMA data_version``
+        tells); a read-only store reads the file each time.
         """
         if self.read_only:
             self.created_us(thread_id)
             row = self._readers.fetchone("history", "SELECT max(seq) FROM items "
                                          "WHERE thread_id = ?", (thread_id,))
             return int(row[0] or 0)
-        head = self._heads.get(thread_id)
-        if head is not None:
-            return head
         with self.lock:
-            return self._load_head(thread_id)
+            if self._conn_closed:
+                raise StoreClosed("the thread store is closed; open it again")
+            self._sync()
+            head = self._heads.get(thread_id)
+            return self._load_head(thread_id) if head is None else head
 
     def position(self) -> int:
-        """The highest items rowid committed (see ``last_rowid``)."""
-        return self.last_rowid
+        """The highest items rowid committed, by any process (see ``last_rowid``)."""
+        with self.lock:
+            if not self._conn_closed:
+                self._sync()
+            return self.last_rowid
 
     def incarnation(self, thread_id: str) -> int:
         """Which creation of the id the live thread is (random, drawn at creation)."""
@@ -361,6 +378,25 @@ class History:
         return [StoredRow(seq, ts_us, text) for seq, ts_us, text in rows]
 
     # -- internals ------------------------------------------------------------------------
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """With ``lock`` held: the file lock every writing process takes, and what
+        other processes committed meanwhile accounted for."""
+        assert self._process_lock is not None, "a read-only history never writes"
+        with self._process_lock:
+            self._sync()
+            yield
+
+    def _sync(self) -> None:
+        """Forget cached heads, and read the position again, if another process committed
+        since this one last looked (``lock`` held)."""
+        with _connections.reading("history"):
+            version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._data_version:
+                self._data_version = version
+                self._heads.clear()
+                self.last_rowid = max(self.last_rowid, self._top_rowid())
 
     def _check_open(self) -> None:
         if self._closed:

@@ -12,10 +12,11 @@ import logging
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
-from . import _connections
+from . import _connections, _filelock
 from ._index_schema import (MIGRATIONS, SCHEMA_VERSION, SEARCHED, SELECT, UPSERT, metadata_to_row,
                             row_to_metadata)
 from ...errors import StorageError, StoreClosed, ThreadStoreError
@@ -24,6 +25,8 @@ from ...storage import (Checkpoint, CommitOutcome, CommitResult, Failure, ListQu
                         encode_cursor)
 
 log = logging.getLogger("thread_store")
+#: The file lock of index writers, beside ``index.db``.
+LOCK_FILE = "index.lock"
 #: The trigram table matches words this long; shorter ones are matched with LIKE.
 _TRIGRAM = 3
 # Counts the transaction (the epoch) and raises the history mark, in the transaction of
@@ -71,8 +74,10 @@ class Index:
         self._readers = _connections.ConnectionPool(
             lambda: _connections.connect(path, durability=durability, read_only=read_only),
             follows=path if read_only else None)
-        #: Held for every index write; ``fenced`` is set under it by close().
+        #: Held for every index write in this process; ``fenced`` is set under it by
+        #: close(). Inside it, :meth:`exclusive` takes the file lock all processes share.
         self.write_lock = threading.Lock()
+        self._lock_path = path.with_name(LOCK_FILE)
         #: The writer's history, told of every index transaction (None: read-only).
         self.history: HistoryLink | None = None
         self.fenced = False
@@ -87,12 +92,11 @@ class Index:
         wait for it past the deadline (``BUSY``). ``may_write`` is asked under the lock,
         which a removal holds to delete the row: no row is written back once it began.
         """
-        wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
-        if not self.write_lock.acquire(timeout=wait):
-            return CommitResult(CommitOutcome.BUSY)
-        try:  # an interrupt (Ctrl-C in a caller) after the acquire still releases the lock
+        with self.exclusive(deadline) as held:
             if self.fenced:
                 return CommitResult(CommitOutcome.FENCED)
+            if not held:
+                return CommitResult(CommitOutcome.BUSY)
             refused = frozenset(r.meta.thread_id for r in rows if not may_write(r.meta.thread_id))
             gone = self._gone([r for r in rows if r.meta.thread_id not in refused])
             live = [r for r in rows if r.meta.thread_id not in refused and r.meta.thread_id not in gone]
@@ -102,9 +106,31 @@ class Index:
                 errors = self._write_rows(live, position)
             except StoreClosed:
                 return CommitResult(CommitOutcome.FENCED)
+        return CommitResult(CommitOutcome.COMMITTED, errors, refused, gone)
+
+    @contextmanager
+    def exclusive(self, deadline: float | None = None) -> Iterator[bool]:
+        """Hold the index for writing: this process's ``write_lock``, then the file lock
+        every writing process takes (a waiter is woken the moment the holder lets go).
+
+        Yields ``False`` (holding nothing) if ``deadline`` (monotonic) passed first, or
+        the index was fenced while it waited. An interrupt (Ctrl-C in a caller) after an
+        acquire still releases both.
+        """
+        wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self.write_lock.acquire(timeout=wait):
+            yield False
+            return
+        try:
+            held = _filelock.acquire(self._lock_path, deadline=deadline,
+                                     cancelled=lambda: self.fenced)
+            try:
+                yield held is not None
+            finally:
+                if held is not None:
+                    held.release()
         finally:
             self.write_lock.release()
-        return CommitResult(CommitOutcome.COMMITTED, errors, refused, gone)
 
     def _gone(self, rows: list[RowWrite]) -> frozenset[str]:
         """Rows whose thread is no longer live at the row's incarnation (write lock held:
@@ -192,8 +218,8 @@ class Index:
             return
         params = [(f.thread_id, f.generation, f.error) for f in failures]
         try:
-            with self.write_lock:
-                if self.fenced:
+            with self.exclusive() as held:
+                if not held or self.fenced:
                     return
                 _connections.in_transaction(
                     self._conn, lambda: self._conn.executemany(_RECORD_FAILURE, params))
@@ -209,7 +235,7 @@ class Index:
     def set_rules_id(self, rules_id: str) -> None:
         """Record the fold rules' identifier (a new or rebuilt index)."""
         try:
-            with self.write_lock:
+            with self.exclusive():
                 self._conn.execute("INSERT OR REPLACE INTO index_info (key, value) VALUES (?, ?)",
                                    (_RULES_KEY, rules_id))
         except sqlite3.Error as exc:
@@ -239,7 +265,7 @@ class Index:
         return True
 
     def delete_row(self, thread_id: str) -> None:
-        """Remove a thread's row (discard, delete); the caller holds ``write_lock``."""
+        """Remove a thread's row (discard, delete); the caller holds :meth:`exclusive`."""
         self.delete_rows([thread_id])
 
     def delete_rows(self, thread_ids: list[str]) -> None:
@@ -268,7 +294,7 @@ class Index:
 
     def reset_history_mark(self, history_mark: int) -> None:
         """Set the mark exactly, once open() compared every thread with history (which
-        may have lost the items the old mark counted); the caller holds ``write_lock``."""
+        may have lost the items the old mark counted); the caller holds :meth:`exclusive`."""
 
         def body() -> None:
             self._conn.execute(_SET_MARK, (history_mark,))

@@ -1,0 +1,130 @@
+"""Exclusive file locks (``flock``) that serialize the writers of several processes.
+
+SQLite lets one connection write a database at a time; a second writer waits in its busy
+handler, which sleeps and polls. Writers here take a file lock first instead: the kernel
+wakes a blocked waiter the moment the holder lets go (or dies: a lock never outlives its
+process), so a barrier waiting on another process's group commit is woken by push.
+
+A wait may need a bound (a barrier's deadline) or a way out (``close`` fencing the
+writer): a blocked ``flock`` has neither, so a contended wait blocks in a helper thread
+while the caller waits on an event in slices, and gives up on its own terms.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+#: How often a waiter with no deadline checks whether it was cancelled (fenced).
+_SLICE_S = 0.05
+
+
+def _open(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+class HeldLock:
+    """A lock taken by :func:`acquire`; :meth:`release` (or closing) lets it go."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Let the lock go (closing the descriptor releases the ``flock``)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> HeldLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class _Waiter:
+    """A helper thread blocked in ``flock`` on its own descriptor for one acquisition."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.got = threading.Event()
+        self._lock = threading.Lock()
+        self._abandoned = False
+        threading.Thread(target=self._wait, name="thread_store-filelock", daemon=True).start()
+
+    def _wait(self) -> None:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # the descriptor was closed: the caller gave up
+        with self._lock:
+            if self._abandoned:
+                os.close(self.fd)  # nobody wants it any more: let the next one in
+            else:
+                self.got.set()
+
+    def abandon(self) -> bool:
+        """Give up; ``True`` if the lock was taken meanwhile (the caller then holds it)."""
+        with self._lock:
+            if self.got.is_set():
+                return True
+            self._abandoned = True
+            return False
+
+
+def acquire(path: Path, *, deadline: float | None = None,
+            cancelled: Callable[[], bool] = lambda: False) -> HeldLock | None:
+    """Take the exclusive lock on ``path``; ``None`` past ``deadline`` (monotonic) or
+    once ``cancelled()`` says so. Uncontended, it is two system calls."""
+    fd = _open(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return HeldLock(fd)
+    except BlockingIOError:
+        pass
+    except BaseException:
+        os.close(fd)
+        raise
+    waiter = _Waiter(fd)
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if cancelled() or (left is not None and left <= 0):
+            return HeldLock(fd) if waiter.abandon() else None
+        if waiter.got.wait(_SLICE_S if left is None else min(_SLICE_S, left)):
+            return HeldLock(fd)
+
+
+def hold(path: Path) -> HeldLock:
+    """Take the lock on ``path``, waiting as long as it takes (short critical sections)."""
+    lock = acquire(path)
+    assert lock is not None  # no deadline and never cancelled
+    return lock
+
+
+class ProcessLock:
+    """The lock on ``path`` through one descriptor kept open, for short critical sections
+    that its owner enters one thread at a time (under a mutex of its own): a blocking
+    ``flock`` and its release, two system calls."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd = _open(path)
+        self._closed = False
+
+    def __enter__(self) -> ProcessLock:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        """Close the descriptor (releasing the lock if held); idempotent."""
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
