@@ -15,7 +15,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 from conftest import Backend, in_thread, plain, user_msg, wait_for
@@ -365,9 +365,23 @@ def _interrupt_by_signal() -> None:
     raise AssertionError("SIGINT never reached the main thread")
 
 
+@pytest.fixture
+def default_sigint() -> Iterator[None]:
+    """SIGINT as a program starts with it: Python's handler, not blocked. Other code in
+    this pytest process (an asyncio runner, a library spawning a helper) may have left
+    either changed, which is no part of what the Ctrl-C test checks."""
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        signal.signal(signal.SIGINT, handler)
+
+
 @pytest.mark.parametrize("interrupt", ["KeyboardInterrupt", "SIGINT", "SystemExit"])
 def test_ctrl_c_in_a_barrier_reaches_the_caller(open_store: Callable[..., ThreadStore],
-                                                interrupt: str) -> None:
+                                                interrupt: str, default_sigint: None) -> None:
     """A barrier with no deadline runs its thread's attempt in the calling (main) thread;
     an interrupt there reaches the caller, leaves nothing in flight, and the work is
     projected by the worker afterwards."""
