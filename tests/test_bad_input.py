@@ -399,7 +399,7 @@ def test_unwritable_path_is_refused(tmp_path: Path) -> None:
 
 
 # Our lock file is the one thing open() creates before it can inspect the databases.
-LOCK = frozenset({"store/store.lock"})
+LOCK = frozenset({"store/store.lock", "store/history.lock", "store/index.lock"})
 
 
 @pytest.mark.parametrize("name", ["history.db", "index.db"])

@@ -426,7 +426,7 @@ def test_nasty_cursor_is_invalid_cursor(store: ThreadStore, cursor: str) -> None
 # -- ids and files (SQLite's own) -------------------------------------------------------------
 
 STORE_FILES = {"history.db", "history.db-wal", "history.db-shm", "index.db", "index.db-wal",
-               "index.db-shm", "store.lock"}
+               "index.db-shm", "store.lock", "history.lock", "index.lock"}
 BAD_IDS = ["../x", "a/b", "/etc/passwd", "'; DROP TABLE items; --", "x' OR '1'='1", "a b",
            "", "a" * 129, "x\x00", "é", "id;rm -rf ~", "\ud800", "tab\t"]
 HARMLESS_IDS = ["..", ".", "...", "--", "x--", "1:2", "a.b-c_d", "_", ":memory:", "a" * 128]
