@@ -3,6 +3,8 @@ rebuild of the index needs the store to itself."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +12,8 @@ import pytest
 from _child import READY, Child, assert_converged, assert_no_projector_thread
 from conftest import plain, user_msg
 
-from thread_store import NotAThreadStore, ReadOnlyStore, StoreLocked, ThreadStore, ThreadStoreError
+from thread_store import (DiscardTimeout, NotAThreadStore, ReadOnlyStore, StoreLocked, ThreadDiscarded,
+                          ThreadStore, ThreadStoreError)
 
 
 @pytest.fixture
@@ -170,3 +173,26 @@ def test_read_only_open_of_an_unopenable_history_raises_a_typed_error(tmp_path: 
     (path / "history.db").mkdir(parents=True)  # there, but SQLite cannot open it
     with pytest.raises(ThreadStoreError):
         ThreadStore.open(path, read_only=True)
+
+
+def test_discard_waits_for_another_writer_only_until_its_timeout(sqlite_store: ThreadStore,
+                                                                  store_path: Path) -> None:
+    """DESIGN §1.7: a projection in flight in another process past the timeout gives
+    DiscardTimeout, and the thread stays as it was. A lock on another open file
+    description is exactly what another process's group commit holds."""
+    tid = sqlite_store.create_thread()
+    sqlite_store.append_and_flush(tid, [user_msg("kept")], timeout=30)
+    other = os.open(store_path / "index.lock", os.O_RDWR)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(DiscardTimeout, match="nothing changed"):
+            sqlite_store.discard(tid, timeout=0.2)
+        with pytest.raises(DiscardTimeout):
+            sqlite_store.delete_thread(tid, timeout=0.2)
+    finally:
+        os.close(other)
+    assert sqlite_store.read_thread(tid).title == "kept"
+    assert sqlite_store.append_and_flush(tid, [plain(1)], timeout=30).item_count == 2
+    sqlite_store.discard(tid, timeout=30)
+    with pytest.raises(ThreadDiscarded):
+        sqlite_store.read_thread(tid)

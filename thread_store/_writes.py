@@ -7,6 +7,7 @@ validated the arguments before; a read-only store has no write path.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from ._inputs import now_us
@@ -63,13 +64,15 @@ class Writes:
 
         :param kind: ``DISCARDED`` keeps a tombstone; ``DELETED`` frees the id.
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             head = self._history.head(thread_id)  # raises for unknown or discarded ids
             removal = self.projector.begin_removal(thread_id, kind, head, timeout)
             removed = False
             try:
                 # A closing store removes nothing: past close's fence the thread stays.
-                self._storage.remove_thread(thread_id, tombstone=kind is RemovalKind.DISCARDED)
+                self._storage.remove_thread(thread_id, tombstone=kind is RemovalKind.DISCARDED,
+                                            deadline=deadline)
                 removed = True
             finally:
                 if removed:

@@ -352,7 +352,8 @@ class Storage(Protocol):
         behind (O(threads behind), longest first, at most ``limit``) and the recorded
         failures (at most ``limit``)."""
 
-    def remove_thread(self, thread_id: str, *, tombstone: bool) -> None:
+    def remove_thread(self, thread_id: str, *, tombstone: bool,
+                      deadline: float | None = None) -> None:
         """Remove a thread's row and history; keep a tombstone (discard) or free the id.
 
         No projection started before can write the row afterwards (see ``may_write``).
@@ -360,6 +361,8 @@ class Storage(Protocol):
         re-projects the thread from its first item.
 
         :raises StoreClosed: the index is fenced (closing); nothing was removed.
+        :raises DiscardTimeout: another process's projection held the thread past
+            ``deadline`` (monotonic); nothing was removed.
         :raises StorageError: the removal failed.
         """
 

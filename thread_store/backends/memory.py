@@ -368,13 +368,16 @@ class MemoryStorage:
             oldest_behind_since=utc(behind[0][0]) if behind else None,
             behind=[b for _, b in behind[:limit]], failed=list(self.index.failures(limit)))
 
-    def remove_thread(self, thread_id: str, *, tombstone: bool) -> None:
-        """Drop the row under the index write lock, then the history."""
+    def remove_thread(self, thread_id: str, *, tombstone: bool,
+                      deadline: float | None = None) -> None:
+        """Drop the row and the history under the index write lock, so no commit sees
+        half of it. ``deadline`` bounds waiting on other processes: there are none."""
+        del deadline
         with self.index.write_lock:
             if self.index.fenced:
                 raise StoreClosed(f"the store closed; thread {thread_id!r} was not removed")
             self.index.delete_row(thread_id)
-        self.history.remove(thread_id, tombstone=tombstone)
+            self.history.remove(thread_id, tombstone=tombstone)
 
     def housekeeping_due_at(self) -> float:
         """Never: there is no deferred bookkeeping."""

@@ -15,11 +15,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from . import _schema
 from ._db import Database, PoolOptions
 from .history import History
 from .index import Index
-from ...errors import InvalidArgument, StoreClosed, ThreadDiscarded, ThreadNotFound
+from ...errors import DiscardTimeout, InvalidArgument, StoreClosed, ThreadDiscarded, ThreadNotFound
 from ...storage import Capabilities, Lag
 
 log = logging.getLogger("thread_store")
@@ -121,15 +123,24 @@ class PostgresStorage:
                                 (timedelta(seconds=older_than),)).fetchall()
         return [Lag(str(t), int(h), None if p is None else int(p)) for t, h, p in rows]
 
-    def remove_thread(self, thread_id: str, *, tombstone: bool) -> None:
+    def remove_thread(self, thread_id: str, *, tombstone: bool,
+                      deadline: float | None = None) -> None:
         """Remove the thread's row and history in one transaction that locks its
         ``threads`` row first (``Storage.remove_thread``); ``discard`` keeps that row as
-        the tombstone."""
+        the tombstone. The lock waits at most until ``deadline``."""
         with self.index.write_lock:
             if self.index.fenced:
                 raise StoreClosed(f"the store closed; thread {thread_id!r} was not removed")
             with self._db.connection("removing a thread") as conn, conn.transaction():
-                row = conn.execute(self._db.q(_LOCK_THREAD), (thread_id,)).fetchone()
+                if deadline is not None:
+                    wait_ms = max(1, int((deadline - time.monotonic()) * 1000))
+                    conn.execute(f"SET LOCAL lock_timeout = {wait_ms}")
+                try:
+                    row = conn.execute(self._db.q(_LOCK_THREAD), (thread_id,)).fetchone()
+                except psycopg.errors.LockNotAvailable as exc:
+                    raise DiscardTimeout(
+                        f"thread {thread_id!r} was not removed: another session held it past "
+                        "the timeout; nothing changed, try again") from exc
                 if row is None:
                     raise ThreadNotFound(f"thread {thread_id!r} does not exist")
                 if row[0] is not None:

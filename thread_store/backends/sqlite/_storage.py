@@ -18,7 +18,7 @@ from .history import LOCK_FILE as HISTORY_LOCK
 from .history import History, Marked
 from .index import LOCK_FILE as INDEX_LOCK
 from .index import Index
-from ...errors import InvalidArgument, NotAThreadStore, StoreClosed
+from ...errors import DiscardTimeout, InvalidArgument, NotAThreadStore, StoreClosed
 from ...model import BehindThread, FailedThread, StoreReport, utc
 from ...storage import Capabilities, Lag
 
@@ -143,7 +143,8 @@ class SQLiteStorage:
                     for m in behind[:limit]],
             failed=failed)
 
-    def remove_thread(self, thread_id: str, *, tombstone: bool) -> None:
+    def remove_thread(self, thread_id: str, *, tombstone: bool,
+                      deadline: float | None = None) -> None:
         """Delete the row, then the history (``Storage.remove_thread``).
 
         Both go under the index write lock that every group commit holds, so a commit
@@ -151,9 +152,13 @@ class SQLiteStorage:
         row goes first: the thread is marked behind in history before, so a crash between
         the two re-projects it whole.
         """
-        with self.index.exclusive():  # held throughout: no group commit sees half of it
+        with self.index.exclusive(deadline) as held:  # throughout: no commit sees half of it
             if self.index.fenced:
                 raise StoreClosed(f"the store closed; thread {thread_id!r} was not removed")
+            if not held:
+                raise DiscardTimeout(f"thread {thread_id!r} was not removed: another process's "
+                                     "projection transaction held the index past the timeout; "
+                                     "nothing changed, try again")
             self.index.delete_rows([thread_id])
             self.history.remove(thread_id, tombstone=tombstone)
 
