@@ -1,4 +1,9 @@
-"""Two processes on one store: one writer at a time, any number of read-only readers."""
+"""Processes on one store: any number of writers and read-only readers (DESIGN §6); only a
+rebuild of the index needs the store to itself among writers (§7).
+
+The contract of several writers at work on the same threads is tested in
+``test_several_writers.py``.
+"""
 
 from __future__ import annotations
 
@@ -25,19 +30,31 @@ def writer(store_path: Path) -> Iterator[tuple[int, str]]:
         child.close()
 
 
-def test_second_writer_gets_store_locked_naming_the_holder(store_path: Path,
-                                                             writer: tuple[int, str]) -> None:
-    pid, _ = writer
-    with pytest.raises(StoreLocked, match=f"pid {pid}"):
-        ThreadStore.open(store_path)
+def test_second_writer_process_opens_beside_the_first(store_path: Path,
+                                                      writer: tuple[int, str]) -> None:
+    _, thread_id = writer
+    with ThreadStore.open(store_path) as second:
+        assert second.read_thread(thread_id).title == "from the writer"
+        assert second.append(thread_id, [user_msg("from the second writer")]) == 2
+        meta = second.flush(thread_id, timeout=30)
+        assert (meta.title, meta.item_count, meta.projected_seq) == ("from the writer", 2, 2)
     assert_no_projector_thread()
 
 
-def test_second_writer_in_the_same_process_is_told_it_is_this_process(sqlite_store: ThreadStore,
+def test_rebuild_index_beside_a_writer_gets_store_locked_naming_it(store_path: Path,
+                                                                   writer: tuple[int, str]) -> None:
+    pid, thread_id = writer
+    with pytest.raises(StoreLocked, match=rf"\b{pid}\b"):
+        ThreadStore.rebuild_index(store_path)
+    with ThreadStore.open(store_path, read_only=True) as reader:  # the index is untouched
+        assert reader.read_thread(thread_id).title == "from the writer"
+
+
+def test_rebuild_index_beside_a_writer_of_this_process_gets_store_locked(sqlite_store: ThreadStore,
                                                                          store_path: Path) -> None:
-    with pytest.raises(StoreLocked, match=f"already open for writing in this process \\(pid {os.getpid()}\\)"):
-        ThreadStore.open(store_path)
-    assert sqlite_store.create_thread()  # the first store is untouched
+    with pytest.raises(StoreLocked, match=rf"\b{os.getpid()}\b"):
+        ThreadStore.rebuild_index(store_path)
+    assert sqlite_store.create_thread()  # the open store is untouched
 
 
 def test_read_only_store_reads_while_the_writer_is_open(store_path: Path,
@@ -75,8 +92,9 @@ def test_read_only_store_reads_while_the_writer_is_open(store_path: Path,
     assert_no_projector_thread()
 
 
-def test_lock_is_released_when_the_writer_dies(store_path: Path) -> None:
-    """A SIGKILLed writer leaves no stale lock: the next writer opens and catches up."""
+def test_a_killed_writer_leaves_nothing_that_needs_the_store_to_itself(store_path: Path) -> None:
+    """A SIGKILLed writer leaves nothing behind (DESIGN §6): a writer opens and catches up,
+    and a rebuild of the index, which needs the store to itself, goes ahead."""
     child = Child("writer", store_path)
     try:
         _, _, thread_id = child.wait_for(READY).split()
@@ -86,6 +104,7 @@ def test_lock_is_released_when_the_writer_dies(store_path: Path) -> None:
     with ThreadStore.open(store_path) as store:
         store.append_and_flush(thread_id, [user_msg("second life")], timeout=10.0)
         assert assert_converged(store) == 1
+    assert ThreadStore.rebuild_index(store_path) == 1
     assert_no_projector_thread()
 
 
