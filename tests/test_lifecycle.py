@@ -177,9 +177,11 @@ def _child_checks(parent_store: ThreadStore, tid: str, parent_path: Path, child_
                     return code
         with ThreadStore.open(child_path) as own:
             own.append_and_flush(own.create_thread(), [user_msg("child's own")], timeout=10)
+        # The parent is still a writer there (the fork took nothing from it): a rebuild,
+        # which needs the store to itself among writers, is refused.
         try:
-            ThreadStore.open(parent_path).close()
-            return 2  # the parent still holds the writer lock
+            ThreadStore.rebuild_index(parent_path)
+            return 2
         except StoreLocked:
             return 0
     except BaseException:
