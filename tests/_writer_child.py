@@ -16,9 +16,10 @@ flushed at once, in order. A reply is ``{"ok": true, "result": ...}``, or ``{"ok
 - ``create [thread_id] [metadata]`` -> the thread id.
 - ``append thread_id items [idempotency_key]`` -> the generation.
 - ``append_and_flush thread_id items [timeout]`` -> the metadata.
-- ``burst child threads count seed [flush_every]``: ``count`` appends of one item each,
-  to threads picked at random; each item's payload carries ``child`` and its counter ``n``;
-  every ``flush_every``-th is an ``append_and_flush``. Result: ``[[thread_id, generation,
+- ``burst child threads count seed [flush_every]``: ``count`` appends of one Codex-shaped
+  item each (``_child._items``), to threads picked at random; each item's
+  ``payload.token`` is ``"<child>/<n>"``, ``n`` counting the appends; every
+  ``flush_every``-th is an ``append_and_flush``. Result: ``[[thread_id, generation,
   n], ...]``, one entry per acknowledged append, in order.
 - ``flush thread_id [generation] [timeout]`` -> the metadata; ``flush_all [timeout]``.
 - ``read_thread thread_id`` -> the metadata; ``read_history thread_id`` -> ``[[seq, item],
@@ -48,6 +49,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable
 
+from _child import _items
 from thread_store import CodexRules, ThreadStore
 
 #: Seconds a reply may take before the parent calls the child hung: generous, it only
@@ -178,26 +180,6 @@ def _hook(fail: set[str], block: set[str], signal_dir: Path | None) -> Callable[
     return hook
 
 
-def _item(rng: random.Random, child: str, n: int) -> dict[str, Any]:
-    """A Codex-shaped item that changes the fold in some way, marked with child and n."""
-    kind = rng.randrange(5)
-    mark = {"child": child, "n": n}
-    if kind == 0:
-        return {"type": "event_msg", "payload": {"type": "user_message",
-                                                 "message": f"{child} asks {n}", **mark}}
-    if kind == 1:
-        stamp = f"2025-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}T10:00:00Z"
-        return {"type": "event_msg", "payload": {"type": "turn_started", **mark}, "timestamp": stamp}
-    if kind == 2:
-        usage = {"total_tokens": rng.randrange(10**6)}
-        return {"type": "event_msg",
-                "payload": {"type": "token_count", "info": {"total_token_usage": usage}, **mark}}
-    if kind == 3:
-        return {"type": "turn_context", "payload": {"model": rng.choice(["a", "b"]),
-                                                    "effort": rng.choice([None, "low"]), **mark}}
-    return {"type": "response_item", "payload": {"type": "message", **mark}}
-
-
 class Session:
     """The child's state: at most one open store."""
 
@@ -228,7 +210,7 @@ class Session:
         acks: list[list[Any]] = []
         for n in range(count):
             thread_id = rng.choice(threads)
-            item = _item(rng, child, n)
+            item = _items(rng, iter([f"{child}/{n}"]), 1)[0]
             if flush_every and n % flush_every == flush_every - 1:
                 generation = store.append_and_flush(thread_id, [item], timeout=60.0).projected_seq
             else:

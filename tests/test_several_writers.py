@@ -67,6 +67,12 @@ def _child_status(child: WriterChild, thread_id: str) -> tuple[int, int, bool]:
     return status["head_seq"], status["projected_seq"], status["pending"]
 
 
+def _mark(item: dict[str, Any]) -> tuple[str, int]:
+    """``(child, n)`` of an item a ``burst`` appended."""
+    child, n = item["payload"]["token"].rsplit("/", 1)
+    return child, int(n)
+
+
 def _names_pid(message: str, pid: int) -> bool:
     return re.search(rf"\b{pid}\b", message) is not None
 
@@ -94,7 +100,7 @@ def _concurrent_appends(store: ThreadStore, spawn: Spawn, *, children: int, coun
     for tid in tids:
         history = store.read_history(tid, limit=100_000)
         assert [s.seq for s in history] == list(range(1, len(history) + 1)), f"{tid}: gaps or duplicates"
-        marks = [(s.item["payload"]["child"], s.item["payload"]["n"]) for s in history]
+        marks = [_mark(s.item) for s in history]
         stored.update({(tid, s.seq): mark for s, mark in zip(history, marks)})
         for c in range(children):  # one process's appends to a thread land in its order
             mine = [n for child, n in marks if child == f"c{c}"]
