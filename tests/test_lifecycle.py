@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pytest
 
 from conftest import Backend, plain, user_msg
-from thread_store import StoreClosed, ThreadStore
+from thread_store import StoreClosed, StoreLocked, ThreadStore
 
 WORKER_NAME = "thread_store-projector"
 CLOSED_CALLS: dict[str, Callable[[ThreadStore, str], Any]] = {
@@ -180,7 +180,13 @@ def _child_checks(parent_store: ThreadStore, tid: str, parent_path: Path, child_
             own.append_and_flush(own.create_thread(), [user_msg("child's own")], timeout=10)
         with ThreadStore.open(parent_path) as again:  # a writer of its own, beside the parent
             again.append_and_flush(tid, [user_msg("from the child")], timeout=10)
-        return 0
+        # The parent is still a writer there (the fork took nothing from it): a rebuild,
+        # which needs the store to itself among writers, is refused.
+        try:
+            ThreadStore.rebuild_index(parent_path)
+            return 2
+        except StoreLocked:
+            return 0
     except BaseException:
         return 1
 

@@ -1,5 +1,9 @@
-"""Several processes on one store: any number of writers and read-only readers; a
-rebuild of the index needs the store to itself."""
+"""Processes on one store: any number of writers and read-only readers (DESIGN §6); only a
+rebuild of the index needs the store to itself among writers (§7).
+
+The contract of several writers at work on the same threads is tested in
+``test_several_writers.py``.
+"""
 
 from __future__ import annotations
 
@@ -28,15 +32,6 @@ def writer(store_path: Path) -> Iterator[tuple[int, str]]:
         child.close()
 
 
-def test_a_second_writer_process_writes_beside_the_first(store_path: Path,
-                                                           writer: tuple[int, str]) -> None:
-    _, thread_id = writer
-    with ThreadStore.open(store_path) as second:
-        generation = second.append(thread_id, [user_msg("from the second writer")])
-        assert second.flush(thread_id, timeout=30).projected_seq == generation
-        assert second.read_history(thread_id)[-1].item == user_msg("from the second writer")
-
-
 def test_two_writers_in_one_process_share_the_store(sqlite_store: ThreadStore,
                                                     store_path: Path) -> None:
     with ThreadStore.open(store_path) as second:
@@ -47,12 +42,31 @@ def test_two_writers_in_one_process_share_the_store(sqlite_store: ThreadStore,
         assert sqlite_store.flush(tid, timeout=30).projected_seq == 2
 
 
-def test_rebuilding_the_index_needs_the_store_to_itself(store_path: Path,
-                                                        writer: tuple[int, str]) -> None:
-    with pytest.raises(StoreLocked, match="to itself"):
+def test_second_writer_process_opens_beside_the_first(store_path: Path,
+                                                      writer: tuple[int, str]) -> None:
+    _, thread_id = writer
+    with ThreadStore.open(store_path) as second:
+        assert second.read_thread(thread_id).title == "from the writer"
+        assert second.append(thread_id, [user_msg("from the second writer")]) == 2
+        meta = second.flush(thread_id, timeout=30)
+        assert (meta.title, meta.item_count, meta.projected_seq) == ("from the writer", 2, 2)
+    assert_no_projector_thread()
+
+
+def test_rebuild_index_beside_a_writer_gets_store_locked_naming_it(store_path: Path,
+                                                                   writer: tuple[int, str]) -> None:
+    pid, thread_id = writer
+    with pytest.raises(StoreLocked, match=rf"\b{pid}\b"):
         ThreadStore.rebuild_index(store_path)
-    with ThreadStore.open(store_path, read_only=True) as reader:  # readers may stay open
-        assert reader.list_threads(include_empty=True).threads
+    with ThreadStore.open(store_path, read_only=True) as reader:  # the index is untouched
+        assert reader.read_thread(thread_id).title == "from the writer"
+
+
+def test_rebuild_index_beside_a_writer_of_this_process_gets_store_locked(sqlite_store: ThreadStore,
+                                                                         store_path: Path) -> None:
+    with pytest.raises(StoreLocked, match=rf"\b{os.getpid()}\b"):
+        ThreadStore.rebuild_index(store_path)
+    assert sqlite_store.create_thread()  # the open store is untouched
 
 
 def test_read_only_store_reads_while_the_writer_is_open(store_path: Path,
@@ -90,8 +104,9 @@ def test_read_only_store_reads_while_the_writer_is_open(store_path: Path,
     assert_no_projector_thread()
 
 
-def test_lock_is_released_when_the_writer_dies(store_path: Path) -> None:
-    """A SIGKILLed writer leaves no stale lock: the next writer opens and catches up."""
+def test_a_killed_writer_leaves_nothing_that_needs_the_store_to_itself(store_path: Path) -> None:
+    """A SIGKILLed writer leaves nothing behind (DESIGN §6): a writer opens and catches up,
+    and a rebuild of the index, which needs the store to itself, goes ahead."""
     child = Child("writer", store_path)
     try:
         _, _, thread_id = child.wait_for(READY).split()
@@ -101,6 +116,7 @@ def test_lock_is_released_when_the_writer_dies(store_path: Path) -> None:
     with ThreadStore.open(store_path) as store:
         store.append_and_flush(thread_id, [user_msg("second life")], timeout=10.0)
         assert assert_converged(store) == 1
+    assert ThreadStore.rebuild_index(store_path) == 1
     assert_no_projector_thread()
 
 

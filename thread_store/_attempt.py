@@ -138,14 +138,15 @@ class AttemptRunner:
                     raise
                 return _failure(exc), None
         try:
-            # Read before the fold: a thread deleted and created again since is folded
-            # anew, and a commit of this fold is refused if it happens meanwhile.
+            # Read before the fold, so a commit of this fold is refused if the thread is
+            # deleted and created again meanwhile; if that happened already (in another
+            # process), what this one cached is another thread's: start over.
             incarnation = self._history.incarnation(thread_id)
-            # Deleted and created again elsewhere: what this process cached is another thread's.
-            reborn = c.incarnation is not None and incarnation != c.incarnation
-            base, state = self._start_state(c, reborn)
+            if c.incarnation is not None and incarnation != c.incarnation:
+                return Result(AttemptOutcome.REBORN, head=self._history.head(thread_id)), None
+            base, state = self._start_state(c)
             seq = base
-            if c.items is not None and base == c.base and not reborn:
+            if c.items is not None and base == c.base:
                 for row in c.items:
                     # Items of a type no rule reads need no parsing: most are response items.
                     kind = row.kind
@@ -172,11 +173,11 @@ class AttemptRunner:
                 raise
             return _failure(exc), None
 
-    def _start_state(self, c: Claim, reborn: bool) -> tuple[int, dict[str, object]]:
+    def _start_state(self, c: Claim) -> tuple[int, dict[str, object]]:
         """The fold state to resume from, and its seq: cached, stored, or initial."""
         thread_id = c.state.thread_id
         if not c.refold:
-            if c.fold_state is not None and not reborn:
+            if c.fold_state is not None:
                 return c.base, c.fold_state
             stored = self._index.checkpoint(thread_id)
             if stored.fold_state is not None and stored.projected_seq <= c.target:

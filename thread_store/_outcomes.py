@@ -35,6 +35,9 @@ class AttemptOutcome(enum.Enum):
     #: Given back unrun: its caller was interrupted, or ran out of time waiting for the
     #: index write lock.
     YIELDED = "yielded"
+    #: The id was deleted and created again by another process: nothing was written, and
+    #: the thread starts over from the store (at ``Result.head``).
+    REBORN = "reborn"
 
 
 @dataclass(slots=True)
@@ -47,6 +50,8 @@ class Result:
     fold_state: dict[str, Any] | None = None
     state_bytes: int = 0
     incarnation: int | None = None
+    #: The store's head of a ``REBORN`` thread.
+    head: int = 0
 
 
 @dataclass(frozen=True, slots=True)

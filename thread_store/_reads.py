@@ -45,5 +45,8 @@ class Reads:
         projected = stored.projected_seq
         if local is None:
             return ThreadStatus(head, projected, projected < head, 0, stored.last_error, 0)
+        # The store records failures for good; an error this process is still retrying
+        # shows too, while the thread is behind (a success anywhere clears both).
+        retrying = local.last_error if projected < head else None
         return ThreadStatus(head, projected, projected < head, local.attempts,
-                            stored.last_error or local.last_error, local.waiters)
+                            stored.last_error or retrying, local.waiters)

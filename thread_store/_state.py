@@ -145,6 +145,14 @@ class ThreadState:
             if self.pending_since is None:
                 self.pending_since = now
 
+    def rebase(self, head: int) -> None:
+        """The id was deleted and created again elsewhere: what this process knew is
+        another thread's. Start over from the store (its checkpoint, its ``head``)."""
+        self.head, self.projected, self.refold = head, 0, False
+        self.fold_state, self.state_bytes, self.incarnation = None, 0, None
+        self.buffer, self.buffer_bytes = None, 0
+        self.contexts, self.appends, self.dropped = [], 0, 0
+
     # -- what the phase says ----------------------------------------------------------
 
     @property
@@ -298,8 +306,10 @@ class ThreadState:
             self.pending_since = now if self.projected < self.head else None
         else:
             self.fold_state = None  # an impure rule may have changed it mid-attempt
-        if kind in (AttemptOutcome.FENCED, AttemptOutcome.YIELDED):
+        if kind in (AttemptOutcome.FENCED, AttemptOutcome.YIELDED, AttemptOutcome.REBORN):
             self.attempts = max(0, self.attempts - 1)  # it never ran: no budget spent
+        if kind is AttemptOutcome.REBORN and self.live:
+            self.rebase(result.head)
         if kind is AttemptOutcome.RETRY and self.attempts < retry.attempts:
             self.last_error = describe(result.error)
             return Settlement(backoff=retry.delay(self.attempts, rng))

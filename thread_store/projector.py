@@ -168,9 +168,14 @@ class Projector:
         claim: Claim | None = None
         waiter: Waiter | None = None
         with self._lock:
-            known = thread_id in self._threads
+            st = self._threads.get(thread_id)
+            known = st is not None
+            # Known projected as far: the same thread still, not one that took its id?
+            cached = (st.incarnation if st is not None and st.projected >= target
+                      and not st.refold else None)
         # No state here says nothing about the store: read where its projection stands.
         checkpoint = None if known else self._index.checkpoint(thread_id)
+        current = None if cached is None else self._storage.history.incarnation(thread_id)
         try:
             with self._lock:
                 if self._schedule.closing or self._schedule.stopped:
@@ -187,6 +192,8 @@ class Projector:
                                            allow_caller_run=allow_caller_run, deadline=deadline)
                 if st.removed:
                     raise st.gone_error()
+                if cached is not None and current != cached and st.incarnation == cached:
+                    st.rebase(target)  # re-created by another process since
                 if st.projected >= target and not st.refold:
                     return None
                 st.saw_head(target, time.monotonic())  # another process may have appended

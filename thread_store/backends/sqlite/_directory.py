@@ -56,14 +56,31 @@ def lock_directory(root: Path, *, exclusive: bool = False) -> int:
     try:
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
+        holders = _lock_holders(path) if exclusive else []
         os.close(fd)
         if exclusive:
-            raise StoreLocked(f"{root} is open for writing (in this or another process); "
-                              "rebuilding its index needs it to itself: close the other stores "
-                              "(read-only ones may stay open)") from None
+            who = (f"by process{'es' if len(holders) > 1 else ''} {', '.join(map(str, holders))}"
+                   if holders else "by another store")
+            raise StoreLocked(f"{root} is open for writing {who}; rebuilding its index needs it "
+                              "to itself: close those stores (read-only ones may stay open)") from None
         raise StoreLocked(f"the index of {root} is being rebuilt; open the store once that "
                           "is done") from None
     return fd
+
+
+def _lock_holders(path: Path) -> list[int]:
+    """The pids holding a ``flock`` on ``path``, from Linux's ``/proc/locks`` (empty where
+    there is none): for naming the writers in a message only."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks", encoding="ascii", errors="replace") as locks:
+            lines = locks.read().splitlines()
+    except OSError:
+        return []
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = {int(fields[4]) for fields in (line.split() for line in lines)
+            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == where and fields[4].isdigit()}
+    return sorted(pids)
 
 
 def open_history(path: Path, durability: str, read_only: bool) -> History:
