@@ -14,16 +14,17 @@ import os
 import threading
 import uuid
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from pg_server import PostgresServer, PostgresUnavailable
 
-from thread_store import ThreadStore
+from thread_store import AsyncThreadStore, ThreadStore
 from thread_store.backends.memory import MemoryStorage
+from thread_store.backends.postgres import PostgresStorage
 from thread_store.backends.sqlite import SQLiteStorage
 from thread_store.storage import MEMORY, Capabilities, Storage
 
@@ -58,12 +59,41 @@ def store_path(tmp_path: Path) -> Path:
 PORT_RULES_ID = "test"
 
 
-def _sqlite_storage(root: Path) -> Storage:
-    return SQLiteStorage.open(root, durability="normal", read_only=False, rules_id=PORT_RULES_ID)
+@dataclass(frozen=True)
+class Place:
+    """Where one store lives: the ``ThreadStore.open`` target and the options that name
+    the store there (PostgreSQL: its ``schema``). Opening it again finds the same store."""
+
+    target: str | Path
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def open(self, **options: Any) -> ThreadStore:
+        """``ThreadStore.open`` of this store, with these options besides."""
+        return ThreadStore.open(self.target, **self.options, **options)
+
+    def open_async(self, **options: Any) -> Any:
+        """``AsyncThreadStore.open`` of this store (await it, or ``async with`` it)."""
+        return AsyncThreadStore.open(self.target, **self.options, **options)
 
 
-def _memory_storage(root: Path) -> Storage:
+def _sqlite_storage(place: Place) -> Storage:
+    assert isinstance(place.target, Path)
+    return SQLiteStorage.open(place.target, durability="normal", read_only=False, rules_id=PORT_RULES_ID)
+
+
+def _memory_storage(place: Place) -> Storage:
     return MemoryStorage.open(durability="normal", read_only=False, rules_id=PORT_RULES_ID)
+
+
+def _postgres_place(root: Path, server: str | None) -> Place:
+    assert server is not None
+    return Place(server, {"schema": new_schema()})
+
+
+def _postgres_storage(place: Place) -> Storage:
+    assert isinstance(place.target, str)
+    return PostgresStorage.open(place.target, durability="normal", read_only=False,
+                                rules_id=PORT_RULES_ID, schema=place.options["schema"])
 
 
 @dataclass(frozen=True)
@@ -71,16 +101,23 @@ class BackendKind:
     """What the suite needs to know of one backend; a new backend adds one to ``BACKENDS``."""
 
     capabilities: Capabilities
-    #: The ``ThreadStore.open`` target of a store that may live at this (unused) path.
-    target: Callable[[Path], str | Path]
-    #: Open the backend's :class:`~thread_store.storage.Storage` there, for the port tests.
-    storage: Callable[[Path], Storage]
+    #: The place of a new store: given an unused directory path, and the ``server``
+    #: fixture's value for a backend that has one.
+    place: Callable[[Path, str | None], Place]
+    #: Open the backend's :class:`~thread_store.storage.Storage` of that store, for the
+    #: port tests.
+    storage: Callable[[Place], Storage]
+    #: The fixture of the server the stores live on, requested only by the tests of this
+    #: backend (a machine without that server skips just those).
+    server: str | None = None
 
 
 #: Every backend the contract suite runs on.
 BACKENDS: dict[str, BackendKind] = {
-    "sqlite": BackendKind(SQLiteStorage.capabilities, lambda root: root, _sqlite_storage),
-    "memory": BackendKind(MemoryStorage.capabilities, lambda root: MEMORY, _memory_storage),
+    "sqlite": BackendKind(SQLiteStorage.capabilities, lambda root, _: Place(root), _sqlite_storage),
+    "memory": BackendKind(MemoryStorage.capabilities, lambda root, _: Place(MEMORY), _memory_storage),
+    "postgres": BackendKind(PostgresStorage.capabilities, _postgres_place, _postgres_storage,
+                            server="pg_url"),
 }
 #: What a backend without the capability cannot do, for the skip message.
 _CANNOT = {
@@ -96,35 +133,45 @@ class Backend:
     """One backend under test: how to open stores (or its storage ports) on it, and what
     it can do. Everything it opened is closed after the test."""
 
-    def __init__(self, name: str, root: Path) -> None:
+    def __init__(self, name: str, root: Path, request: pytest.FixtureRequest) -> None:
         self.name = name
         self._kind = BACKENDS[name]
         self.capabilities = self._kind.capabilities
         self._root = root
         self._fresh = itertools.count(1)
-        #: What ``ThreadStore.open`` takes; every :meth:`open_store` opens this same store
-        #: (on a backend that can reopen, a reopen finds its data).
-        self.target = self._kind.target(root)
+        self._server: str | None = (request.getfixturevalue(self._kind.server)
+                                    if self._kind.server else None)
+        #: The store of the test: every :meth:`open_store` opens this same one (on a
+        #: backend that can reopen, a reopen finds its data).
+        self.place = self._kind.place(root, self._server)
+        #: What ``ThreadStore.open`` takes (with ``place.options``).
+        self.target = self.place.target
         #: What ``store.path`` reports: the directory of a store that lives in one.
         self.path = self.target if isinstance(self.target, Path) else None
         self._opened: list[ThreadStore | Storage] = []
 
     def open_store(self, **options: Any) -> ThreadStore:
-        """Open ``target`` with these ``ThreadStore.open`` options."""
-        store = ThreadStore.open(self.target, **options)
+        """Open the test's store with these ``ThreadStore.open`` options."""
+        store = self.place.open(**options)
         self._opened.append(store)
         return store
 
+    def open_async(self, **options: Any) -> Any:
+        """``AsyncThreadStore.open`` of the test's store (the caller closes it)."""
+        return self.place.open_async(**options)
+
     def open_storage(self, root: Path | None = None) -> Storage:
-        """Open the backend's storage ports (no ThreadStore) where ``target`` lives, or
-        where a store at directory ``root`` would (a backup's copy)."""
-        storage = self._kind.storage(root or self._root)
+        """Open the backend's storage ports (no ThreadStore) of the test's store, or of
+        the store a backup wrote into directory ``root``."""
+        storage = self._kind.storage(self.place if root is None else self._kind.place(root, self._server))
         self._opened.append(storage)
         return storage
 
-    def new_target(self) -> str | Path:
-        """Another store's target, for a test that needs several (SQLite: a new directory)."""
-        return self._kind.target(self._root.with_name(f"{self._root.name}-{next(self._fresh)}"))
+    def new_place(self) -> Place:
+        """Another store's place, for a test that needs several (SQLite: a new directory;
+        PostgreSQL: a new schema)."""
+        return self._kind.place(self._root.with_name(f"{self._root.name}-{next(self._fresh)}"),
+                                self._server)
 
     def requires(self, capability: str) -> None:
         """Skip the test unless the backend declares ``capability`` (a ``Capabilities`` field).
@@ -145,8 +192,11 @@ class Backend:
 
 @pytest.fixture(params=list(BACKENDS))
 def backend(request: pytest.FixtureRequest, store_path: Path) -> Iterator[Backend]:
-    """Each backend in turn (the test id names it); its stores are closed after the test."""
-    opened = Backend(request.param, store_path)
+    """Each backend in turn (the test id names it); its stores are closed after the test.
+
+    A backend with a server starts it here, on the first test that needs it.
+    """
+    opened = Backend(request.param, store_path, request)
     try:
         yield opened
     finally:
@@ -154,9 +204,9 @@ def backend(request: pytest.FixtureRequest, store_path: Path) -> Iterator[Backen
 
 
 @pytest.fixture
-def sqlite_backend(store_path: Path) -> Iterator[Backend]:
+def sqlite_backend(request: pytest.FixtureRequest, store_path: Path) -> Iterator[Backend]:
     """The embedded SQLite backend alone, for tests of its own files, locks and recovery."""
-    opened = Backend("sqlite", store_path)
+    opened = Backend("sqlite", store_path, request)
     try:
         yield opened
     finally:

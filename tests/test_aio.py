@@ -48,7 +48,7 @@ async def waiters(store: AsyncThreadStore, thread_id: str) -> int:
 
 def test_full_api_smoke(backend: Backend) -> None:
     async def main() -> None:
-        store = await AsyncThreadStore.open(backend.target)
+        store = await backend.open_async()
         try:
             assert store.path == backend.path
             tid = await store.create_thread(metadata={"cwd": "/repo", "model_provider": "openai"})
@@ -94,14 +94,14 @@ def test_full_api_smoke(backend: Backend) -> None:
 
 def test_async_with_opens_and_closes(backend: Backend) -> None:
     async def main() -> AsyncThreadStore:
-        async with AsyncThreadStore.open(backend.target, projection="sync") as store:
+        async with backend.open_async(projection="sync") as store:
             tid = await store.create_thread()
             await store.append(tid, [user_msg("hello")])
             assert (await store.read_thread(tid)).title == "hello"  # sync mode projects in append
         with pytest.raises(StoreClosed):
             await store.append(tid, [plain()])
         backend.requires("reopen")
-        async with await AsyncThreadStore.open(backend.target) as again:
+        async with await backend.open_async() as again:
             assert (await again.list_threads()).threads[0].thread_id == tid
         return again
 
@@ -120,7 +120,7 @@ def test_loop_stays_responsive_while_flush_waits_on_blocked_projection(backend: 
             release.wait(30)
 
     async def main() -> None:
-        async with AsyncThreadStore.open(backend.target, projection_hook=hook) as store:
+        async with backend.open_async(projection_hook=hook) as store:
             await store.create_thread("slow")
             flush = asyncio.create_task(store.append_and_flush("slow", [user_msg("hi")], timeout=30))
             ticks = 0
@@ -154,7 +154,7 @@ async def _ge(value: Callable[[], int], minimum: int) -> bool:
 def test_waiting_flushes_hold_no_executor_thread(backend: Backend) -> None:
     async def main() -> None:
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=2))
-        async with AsyncThreadStore.open(backend.target) as store:
+        async with backend.open_async() as store:
             ids = [await store.create_thread(f"t{i}") for i in range(50)]
             await store.pause_projection()
             gens = [await store.append(t, [user_msg(f"message {t}")]) for t in ids]
@@ -178,7 +178,7 @@ def test_waiting_flushes_hold_no_executor_thread(backend: Backend) -> None:
 
 def test_cancelled_flush_removes_its_waiter(backend: Backend) -> None:
     async def main() -> None:
-        async with AsyncThreadStore.open(backend.target) as store:
+        async with backend.open_async() as store:
             tid = await store.create_thread()
             await store.pause_projection()
             await store.append(tid, [plain()])
@@ -207,7 +207,7 @@ def test_cancel_during_registration_leaves_no_waiter(backend: Backend, gate: thr
     async def main() -> None:
         loop = asyncio.get_running_loop()
         executor = CountingExecutor(max_workers=1)
-        async with AsyncThreadStore.open(backend.target, executor=executor) as store:
+        async with backend.open_async(executor=executor) as store:
             tid = await store.create_thread()
             await store.pause_projection()
             await store.append(tid, [plain()])
@@ -240,7 +240,7 @@ async def _ge_waiters(store: AsyncThreadStore, thread_id: str, n: int) -> bool:
 
 def test_timeout_carries_generations_and_removes_waiter(backend: Backend) -> None:
     async def main() -> None:
-        async with AsyncThreadStore.open(backend.target) as store:
+        async with backend.open_async() as store:
             tid = await store.create_thread()
             await store.append_and_flush(tid, [plain()])
             await store.pause_projection()
@@ -261,7 +261,7 @@ def test_timeout_carries_generations_and_removes_waiter(backend: Backend) -> Non
 
 def test_flush_all_waits_for_every_thread(backend: Backend) -> None:
     async def main() -> None:
-        async with AsyncThreadStore.open(backend.target) as store:
+        async with backend.open_async() as store:
             ids = [await store.create_thread() for _ in range(5)]
             await store.pause_projection()
             for t in ids:
@@ -286,7 +286,7 @@ def test_barrier_errors_are_the_sync_ones(backend: Backend) -> None:
             raise RuntimeError("rules exploded")
 
     async def main() -> None:
-        async with AsyncThreadStore.open(backend.target, projection_hook=hook) as store:
+        async with backend.open_async(projection_hook=hook) as store:
             await store.create_thread("broken")
             with pytest.raises(ProjectionFailed) as failed:
                 await store.append_and_flush("broken", [plain()], timeout=10)
@@ -312,7 +312,7 @@ def test_close_resolves_waiters_with_store_closed(backend: Backend) -> None:
         release.wait(30)
 
     async def main() -> None:
-        store = await AsyncThreadStore.open(backend.target, projection_hook=hook)
+        store = await backend.open_async(projection_hook=hook)
         tid = await store.create_thread()
         flush = asyncio.create_task(store.append_and_flush(tid, [plain()], timeout=30))
         await until(lambda: _ge_waiters(store, tid, 1), "flush registered")
@@ -333,7 +333,7 @@ def test_trace_parent_survives_the_executor_hop(backend: Backend) -> None:
     tracer = provider.get_tracer("test")
 
     async def main() -> None:
-        async with AsyncThreadStore.open(backend.target, tracer_provider=provider) as store:
+        async with backend.open_async(tracer_provider=provider) as store:
             tid = await store.create_thread()
             with tracer.start_as_current_span("agent-turn") as parent:
                 await store.append(tid, [plain()])
@@ -412,7 +412,7 @@ def test_barriers_return_within_their_timeout_while_the_executor_is_busy(backend
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        async with AsyncThreadStore.open(backend.target, executor=busy) as store:
+        async with backend.open_async(executor=busy) as store:
             tid = await store.create_thread()
             await store.append_and_flush(tid, [user_msg("hi")], timeout=30)
             await store.pause_projection()
@@ -452,7 +452,7 @@ def test_a_cancelled_barrier_whose_hop_never_started_writes_nothing(backend: Bac
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        async with AsyncThreadStore.open(backend.target, executor=busy) as store:
+        async with backend.open_async(executor=busy) as store:
             tid = await store.create_thread()
             jobs = await _fill_executor(loop, busy, 1, gate)
             task = asyncio.create_task(store.append_and_flush(tid, [plain()], timeout=30))
@@ -534,7 +534,7 @@ def test_store_closed_between_append_and_barrier_says_the_items_are_durable(
 
     async def main() -> str:
         loop = asyncio.get_running_loop()
-        store = await AsyncThreadStore.open(backend.target, tracer_provider=provider)
+        store = await backend.open_async(tracer_provider=provider)
         tid = await store.create_thread()
         closer.close = lambda: asyncio.run_coroutine_threadsafe(store.close(), loop).result(30)
         with pytest.raises(StoreClosed, match="durable") as info:
@@ -557,7 +557,7 @@ def test_discard_and_close_return_within_their_timeout_while_the_executor_is_bus
 
     async def main() -> tuple[str, str]:
         loop = asyncio.get_running_loop()
-        store = await AsyncThreadStore.open(backend.target, executor=busy)
+        store = await backend.open_async(executor=busy)
         gone, kept = await store.create_thread(), await store.create_thread()
         await store.append(kept, [plain()])
         jobs = await _fill_executor(loop, busy, 1, gate)
@@ -582,7 +582,7 @@ def test_a_close_cancelled_before_its_hop_started_still_closes(backend: Backend,
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        store = await AsyncThreadStore.open(backend.target, executor=busy)
+        store = await backend.open_async(executor=busy)
         await store.create_thread()
         jobs = await _fill_executor(loop, busy, 1, gate)
         closing = asyncio.create_task(store.close())
@@ -615,7 +615,7 @@ def test_calls_never_queue_behind_the_applications_jobs_on_the_default_executor(
         loop = asyncio.get_running_loop()
         loop.set_default_executor(ThreadPoolExecutor(max_workers=2))
         jobs = await _fill_executor(loop, None, 2, gate)  # the application's blocking jobs
-        async with AsyncThreadStore.open(backend.target) as store:
+        async with backend.open_async() as store:
             tid = await asyncio.wait_for(store.create_thread(), 60)
             assert await asyncio.wait_for(store.append(tid, [user_msg("not delayed")]), 60) == 1
             meta = await asyncio.wait_for(store.flush(tid), 60)
@@ -634,7 +634,7 @@ def test_a_given_executor_runs_the_calls_and_outlives_the_store(backend: Backend
     mine = ThreadPoolExecutor(max_workers=1, thread_name_prefix="app-pool")
 
     async def main() -> None:
-        async with AsyncThreadStore.open(backend.target, executor=mine) as store:
+        async with backend.open_async(executor=mine) as store:
             assert (await store._call(lambda: threading.current_thread().name)).startswith("app-pool")
         assert mine.submit(lambda: 7).result(timeout=60) == 7  # close() left it running
 
@@ -643,4 +643,4 @@ def test_a_given_executor_runs_the_calls_and_outlives_the_store(backend: Backend
     finally:
         mine.shutdown()
     with pytest.raises(InvalidArgument):
-        AsyncThreadStore.open(backend.target, executor="four threads")  # type: ignore[arg-type]
+        backend.open_async(executor="four threads")  # type: ignore[arg-type]

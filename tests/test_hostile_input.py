@@ -312,12 +312,12 @@ def test_fuzz_every_public_call_long(backend: Backend) -> None:
 
 
 @given(timeout=timeouts)
-# Each example opens a store of its own (backend.new_target()): the fixture keeps no state
+# Each example opens a store of its own (backend.new_place()): the fixture keeps no state
 # between examples.
 @settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 def test_fuzz_close_timeout(backend: Backend, timeout: Any) -> None:
-    store = ThreadStore.open(backend.new_target())
+    store = backend.new_place().open()
     try:
         store.append(store.create_thread(), [plain()])
         try:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from conftest import Backend, plain, user_msg
-from thread_store import AsyncThreadStore, InvalidArgument, ThreadStore
+from thread_store import InvalidArgument, ThreadStore
 
 
 def _items(store: ThreadStore, tid: str) -> list[dict[str, Any]]:
@@ -79,7 +79,7 @@ def test_a_key_outlives_a_reopen(backend: Backend) -> None:
 
 def test_the_async_face_takes_keys_too(backend: Backend) -> None:
     async def run() -> tuple[int, int, int]:
-        async with AsyncThreadStore.open(backend.target) as store:
+        async with backend.open_async() as store:
             tid = await store.create_thread()
             first = await store.append(tid, [plain(1)], idempotency_key="k")
             meta = await store.append_and_flush(tid, [plain(1)], idempotency_key="k", timeout=30)

@@ -87,7 +87,7 @@ def test_unclosed_store_warns_when_collected(backend: Backend) -> None:
     with warnings.catch_warnings(record=True) as caught:
         # pytest turns ResourceWarning into an error; here it is the expected outcome.
         warnings.simplefilter("always", ResourceWarning)
-        s = ThreadStore.open(backend.target)  # not backend.open_store(), which would keep it
+        s = backend.place.open()  # not backend.open_store(), which would keep it
         tid = s.create_thread()
         s.append(tid, [user_msg("left open")])
         (worker,) = _workers() - before

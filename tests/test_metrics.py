@@ -167,10 +167,10 @@ def test_gauges_report_backlog_waiters_and_heartbeat(backend: Backend, metered: 
 def test_gauges_follow_every_live_store_of_a_provider(backend: Backend, metered: Metered) -> None:
     # An SDK meter ignores the callbacks of a second registration under the same name:
     # the gauges must still see stores opened after the first one closed.
-    with ThreadStore.open(backend.new_target(), meter_provider=metered.provider) as first:
+    with backend.new_place().open(meter_provider=metered.provider) as first:
         first.append(first.create_thread(), [plain(1)])
-    with (ThreadStore.open(backend.new_target(), meter_provider=metered.provider) as a,
-          ThreadStore.open(backend.new_target(), meter_provider=metered.provider) as b):
+    with (backend.new_place().open(meter_provider=metered.provider) as a,
+          backend.new_place().open(meter_provider=metered.provider) as b):
         a.pause_projection()
         b.pause_projection()
         a.append(a.create_thread(), [plain(1)])

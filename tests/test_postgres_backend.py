@@ -204,13 +204,70 @@ def test_commit_never_resurrects_a_removed_thread(storage: PostgresStorage) -> N
 
 
 def test_a_row_postgres_refuses_fails_alone(storage: PostgresStorage) -> None:
-    for tid in ("good", "nul", "big"):
+    for tid in ("good", "surrogate", "big"):
         storage.history.create(tid, created_us=1, first=None)
-    result = commit(storage, row("good", 1, title="fine"), row("nul", 1, title="a\x00b"),
-                    row("big", 1, cwd="\ud800"))
-    assert set(result.errors) == {"nul", "big"}  # type: ignore[attr-defined]
+    result = commit(storage, row("good", 1, title="fine"), row("surrogate", 1, cwd="\ud800"),
+                    RowWrite(replace(row("big", 1).meta, item_count=1 << 63), "{}"))
+    assert set(result.errors) == {"surrogate", "big"}  # type: ignore[attr-defined]
     assert all(isinstance(e, StorageError) for e in result.errors.values())  # type: ignore[attr-defined]
-    assert storage.index.read("good") is not None and storage.index.read("nul") is None
+    assert storage.index.read("good") is not None and storage.index.read("surrogate") is None
+
+
+def test_values_with_nul_are_stored_exactly_and_match_as_elsewhere(storage: PostgresStorage) -> None:
+    for tid in ("nul", "plain"):
+        storage.history.create(tid, created_us=1, first=None)
+    nul = row("nul", 1, title="a\x00b", preview="x\x00", cwd="/r\x00", model="m\x00\\0")
+    commit(storage, nul, row("plain", 1, title="a b", preview="x", cwd="/r"))
+    assert storage.index.read("nul") == nul.meta
+    assert listed(storage, words=("a",)) == ["plain", "nul"]
+    assert listed(storage, words=("ab",)) == []  # no word spans a NUL
+    assert listed(storage, cwd="/r") == ["plain"]  # no filter equals a cwd with NUL
+    commit(storage, row("nul", 2, title="ab"))
+    assert storage.index.read("nul") == row("nul", 2, title="ab").meta  # exact text gone
+    assert listed(storage, words=("ab",)) == ["nul"]
+
+
+def listed(storage: PostgresStorage, **query: object) -> list[str]:
+    page = storage.index.list(ListQuery(limit=10, include_empty=True, **query))  # type: ignore[arg-type]
+    return [m.thread_id for m in page.threads]
+
+
+def test_megabytes_of_text_in_every_field_are_stored(storage: PostgresStorage) -> None:
+    text = "é" * 1_000_000  # far over a btree entry's 8 kB
+    fields = {"title": text, "preview": text, "cwd": text, "name": text, "git_origin_url": text}
+    storage.history.create("t", created_us=1, first=None)
+    result = commit(storage, row("t", 1, **fields))
+    assert result.errors == {}  # type: ignore[attr-defined]
+    assert storage.index.read("t") == row("t", 1, **fields).meta
+    assert listed(storage, cwd=text) == ["t"] and listed(storage, words=("éé",)) == ["t"]
+
+
+def test_a_program_limit_exceeded_is_permanent() -> None:
+    from thread_store.backends.postgres._errors import is_transient, translate
+
+    too_big = psycopg.errors.ProgramLimitExceeded("index row requires 1172920 bytes")
+    assert isinstance(too_big, psycopg.OperationalError) and not is_transient(too_big)
+    error = translate(too_big, "writing")
+    assert isinstance(error, StorageError) and not isinstance(error, TransientStorageError)
+    assert is_transient(psycopg.errors.LockNotAvailable("busy"))
+
+
+def test_a_version_1_schema_is_migrated(pg_url: str, schema: str) -> None:
+    from thread_store.backends.postgres import _schema
+
+    with psycopg.connect(pg_url, autocommit=True) as conn, conn.transaction():
+        conn.execute(f"CREATE SCHEMA {schema}")
+        _schema.MIGRATIONS[0](conn, psycopg.sql.Identifier(schema))
+        conn.execute(f"INSERT INTO {schema}.store_meta VALUES ('format', 'thread_store'), "
+                     "('version', '1')")
+    with ThreadStore.open(pg_url, schema=schema) as store:
+        tid = store.create_thread()
+        long_cwd = "/" + "é" * 4000  # over a btree entry's limit, within the cwd filter's
+        meta = store.append_and_flush(tid, [{"type": "session_meta", "payload": {"cwd": long_cwd}},
+                                            user_msg("a\x00b")], timeout=30.0)
+        assert (meta.cwd, meta.title) == (long_cwd, "a\x00b")
+        assert store.report().schema_version == {"postgres": _schema.SCHEMA_VERSION}
+        assert [m.thread_id for m in store.list_threads(cwd=long_cwd).threads] == [tid]
 
 
 def test_may_write_refuses_rows(storage: PostgresStorage) -> None:

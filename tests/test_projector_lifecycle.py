@@ -98,8 +98,8 @@ def test_close_racing_discard_leaves_the_thread_discarded_or_untouched(backend: 
     rng = random.Random(10)
     outcomes = set()
     for _ in range(30):
-        path = backend.new_target()
-        store = ThreadStore.open(path, coalesce_delay=0.0)
+        place = backend.new_place()
+        store = place.open(coalesce_delay=0.0)
         tid = store.create_thread()
         store.append_and_flush(tid, [user_msg("keep or drop")], timeout=HANG)
         head = store.append(tid, [plain(n) for n in range(rng.randrange(1, 4))])
@@ -120,7 +120,7 @@ def test_close_racing_discard_leaves_the_thread_discarded_or_untouched(backend: 
         error = out.get("error")
         assert error is None or isinstance(error, StoreClosed), repr(error)
         outcomes.add("closed" if error else "discarded")
-        with ThreadStore.open(path) as reopened:
+        with place.open() as reopened:
             if error is None:
                 with pytest.raises(ThreadDiscarded):
                     reopened.read_thread(tid)

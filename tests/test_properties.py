@@ -211,7 +211,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     def __init__(self, backend: Backend) -> None:
         super().__init__()
-        self.target = backend.new_target()
+        self.place = backend.new_place()
         self.can_reopen = backend.capabilities.reopen
         self.faults = Faults()
         self.store = self._open()
@@ -225,7 +225,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.paused = False
 
     def _open(self) -> ThreadStore:
-        return ThreadStore.open(self.target, projection_hook=self.faults.hook,
+        return self.place.open(projection_hook=self.faults.hook,
                                 coalesce_delay=0.001, retry=FAST_RETRY)
 
     # -- model helpers --------------------------------------------------------------------

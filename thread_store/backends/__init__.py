@@ -8,15 +8,16 @@ plus one branch in :func:`open_storage`.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
-from types import ModuleType
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from ..errors import InvalidArgument
 from ..storage import MEMORY, Storage
 from .memory import MemoryStorage
 from .sqlite import SQLiteStorage
+
+if TYPE_CHECKING:  # imported for real on first use, by _postgres()
+    from .postgres import PostgresStorage
 
 
 def open_storage(target: str | Path, *, durability: str, read_only: bool,
@@ -30,7 +31,7 @@ def open_storage(target: str | Path, *, durability: str, read_only: bool,
     if target == MEMORY:
         return MemoryStorage.open(durability=durability, read_only=read_only, rules_id=rules_id)
     if isinstance(target, str):
-        storage: Storage = _postgres().PostgresStorage.open(
+        storage: Storage = _postgres().open(
             target, durability=durability, read_only=read_only, rules_id=rules_id,
             **(options or {}))
         return storage
@@ -44,18 +45,22 @@ def drop_index(target: str | Path, options: Mapping[str, Any] | None = None) -> 
         raise InvalidArgument("an in-memory store has no index to rebuild; it lives and dies "
                               "with its ThreadStore object")
     if isinstance(target, str):
-        _postgres().PostgresStorage.drop_index(target, **(options or {}))
+        _postgres().drop_index(target, **(options or {}))
         return
     SQLiteStorage.drop_index(target)
 
 
-def _postgres() -> ModuleType:
-    """The PostgreSQL backend, imported on first use: the embedded default needs no driver."""
+def _postgres() -> type[PostgresStorage]:
+    """The PostgreSQL backend, imported on first use: the embedded default needs no driver.
+
+    Typed (not a module looked up by name), so mypy checks it against :class:`Storage`.
+    """
     try:
-        return importlib.import_module(".postgres", __name__)
+        from .postgres import PostgresStorage
     except ImportError as exc:
         raise InvalidArgument("postgresql:// stores need the PostgreSQL driver: "
                               "pip install 'thread_store[postgres]'") from exc
+    return PostgresStorage
 
 
 __all__ = ["drop_index", "open_storage"]

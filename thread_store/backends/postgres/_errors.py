@@ -3,10 +3,11 @@
 Everything that can fail in a way the retry policy should see again (a lost or refused
 connection, a server shutting down, a serialization failure, a deadlock, a lock or
 statement timeout, an exhausted pool) becomes :class:`TransientStorageError`; anything
-else (integrity, data, programming errors) a :class:`StorageError`. The driver's error is
-always chained as ``__cause__``. Nothing above the seam looks at psycopg errors or their
-text. Messages never carry a password: the connection URL is redacted where it is kept,
-and the driver's text is scrubbed of the password as a second guard.
+else (integrity, data, programming errors, a server limit exceeded) a
+:class:`StorageError`. The driver's error is always chained as ``__cause__``. Nothing
+above the seam looks at psycopg errors or their text. Messages never carry a password:
+the connection URL is redacted where it is kept, and the driver's text is scrubbed of
+the password as a second guard.
 """
 
 from __future__ import annotations
@@ -37,12 +38,21 @@ def password_of(url: str) -> str | None:
         return None
 
 
+#: The SQLSTATE class of errors that retrying cannot cure: a value or a statement over
+#: one of the server's fixed limits.
+_PROGRAM_LIMIT = "54"
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying the same work may succeed (see the module doc)."""
     # OperationalError covers connection failures, AdminShutdown, QueryCanceled
     # (statement timeouts), LockNotAvailable, and TransactionRollback (serialization
-    # failures, deadlocks); PoolTimeout is one too.
-    return isinstance(exc, psycopg.OperationalError) and not isinstance(exc, psycopg_pool.PoolClosed)
+    # failures, deadlocks); PoolTimeout is one too. It also covers class 54,
+    # program_limit_exceeded (an index row or a statement too large): the same work
+    # fails the same way every time.
+    return (isinstance(exc, psycopg.OperationalError)
+            and not isinstance(exc, psycopg_pool.PoolClosed)
+            and not str(getattr(exc, "sqlstate", None) or "").startswith(_PROGRAM_LIMIT))
 
 
 def is_outcome_unknown(exc: BaseException) -> bool:

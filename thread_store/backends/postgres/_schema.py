@@ -10,7 +10,8 @@ global sequence, so the tables can be distributed by ``thread_id`` (Citus) uncha
   Written by create, append, discard and delete only; projections never lock it.
 - ``items``: the log, exact JSON text (not ``jsonb``, which would reorder keys).
 - ``append_keys``: idempotency keys with the digest of their items.
-- ``meta``: the projected rows, each with its ``projected_seq``; written by projections.
+- ``meta``: the projected rows, each with its ``projected_seq`` (and in ``exact`` the
+  text of values with NUL characters); written by projections.
 - ``failures``: projections that failed for good (``status().last_error``).
 - ``store_meta``: the schema version, the ``format`` marker and the fold rules' id.
 
@@ -85,10 +86,7 @@ Migration = Callable[[psycopg.Connection, sql.Identifier], None]
 
 def _create(conn: psycopg.Connection, schema: sql.Identifier) -> None:
     """Version 1: the tables above, and a trigram index for search where pg_trgm exists."""
-    text = _CREATE.replace("{s}", schema.as_string(conn))
-    for statement in text.split(";"):
-        if statement.strip():
-            conn.execute(statement.encode())
+    _run(conn, _CREATE, schema)
     trgm = _trigram_schema(conn)
     if trgm is not None:
         conn.execute(sql.SQL("CREATE INDEX meta_search ON {}.meta USING gin (search {}.gin_trgm_ops)")
@@ -108,8 +106,34 @@ def _trigram_schema(conn: psycopg.Connection) -> str | None:
     return None if row is None else str(row[0]).strip('"')
 
 
-#: ``MIGRATIONS[n]`` takes a schema from version n to n + 1.
-MIGRATIONS: list[Migration] = [_create]
+_V2 = """
+DROP INDEX {s}.meta_by_cwd;
+CREATE INDEX meta_by_cwd ON {s}.meta (is_archived, md5(cwd), recency_us DESC, thread_id DESC);
+ALTER TABLE {s}.meta ADD COLUMN exact text;
+"""
+
+
+def _any_value(conn: psycopg.Connection, schema: sql.Identifier) -> None:
+    """Version 2: store every value the other backends store.
+
+    - ``meta_by_cwd`` indexed ``cwd`` itself, so a row with a ``cwd`` over about 8 kB could
+      never be written (a btree entry must fit a page): it indexes ``md5(cwd)`` instead,
+      and the ``cwd`` filter compares both.
+    - ``meta.exact`` holds the exact text of the fields with NUL characters, which a text
+      column cannot hold (``index._text_columns``).
+    """
+    _run(conn, _V2, schema)
+
+
+def _run(conn: psycopg.Connection, script: str, schema: sql.Identifier) -> None:
+    for statement in script.replace("{s}", schema.as_string(conn)).split(";"):
+        if statement.strip():
+            conn.execute(statement.encode())
+
+
+#: ``MIGRATIONS[n]`` takes a schema from version n to n + 1. A version that reached
+#: users is never edited: a change is a new step.
+MIGRATIONS: list[Migration] = [_create, _any_value]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from datetime import timedelta
+from datetime import timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from ._db import Database, PoolOptions
 from .history import History
 from .index import Index
 from ...errors import DiscardTimeout, InvalidArgument, StoreClosed, ThreadDiscarded, ThreadNotFound
+from ...model import BehindThread, FailedThread, StoreReport
 from ...storage import Capabilities, Lag
 
 log = logging.getLogger("thread_store")
@@ -42,6 +43,17 @@ _CLEAN = ("UPDATE {s}.threads t SET dirty_since = NULL FROM {s}.meta m "
           "WHERE m.thread_id = t.thread_id AND t.dirty_since IS NOT NULL "
           "AND m.projected_seq >= t.head")
 _LOCK_THREAD = "SELECT discarded_us FROM {s}.threads WHERE thread_id = %s FOR UPDATE"
+#: The threads behind, longest first, with the totals over all of them (window sums over
+#: the rows the partial index on ``dirty_since`` finds): O(threads behind).
+_BEHIND = ("SELECT thread_id, head, projected, since, count(*) OVER (), sum(head - projected) OVER () "
+           "FROM (SELECT t.thread_id, t.head, coalesce(m.projected_seq, 0) AS projected, "
+           "t.dirty_since AS since FROM {s}.threads t LEFT JOIN {s}.meta m "
+           "ON m.thread_id = t.thread_id WHERE t.dirty_since IS NOT NULL "
+           "AND t.discarded_us IS NULL) marked WHERE projected < head "
+           "ORDER BY since, thread_id LIMIT %s")
+_LIVE = "SELECT count(*) FROM {s}.threads WHERE discarded_us IS NULL"
+_FAILED = "SELECT thread_id, error FROM {s}.failures ORDER BY thread_id LIMIT %s"
+_VERSION = "SELECT value FROM {s}.store_meta WHERE key = 'version'"
 
 
 class PostgresStorage:
@@ -122,6 +134,25 @@ class PostgresStorage:
             rows = conn.execute(self._db.q(_LAGGING + " AND t.dirty_since <= now() - %s"),
                                 (timedelta(seconds=older_than),)).fetchall()
         return [Lag(str(t), int(h), None if p is None else int(p)) for t, h, p in rows]
+
+    def report(self, limit: int) -> StoreReport:
+        """The threads behind (by the partial index on ``dirty_since``: O(behind)), the
+        live threads and the failures, read in one read-only snapshot."""
+        with self._db.connection("reporting the store") as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            version = conn.execute(self._db.q(_VERSION)).fetchone()
+            live = conn.execute(self._db.q(_LIVE)).fetchone()
+            # LIMIT 0 would lose the totals the window sums carry on every row.
+            behind = conn.execute(self._db.q(_BEHIND), (max(limit, 1),)).fetchall()
+            failed = conn.execute(self._db.q(_FAILED), (limit,)).fetchall()
+        return StoreReport(
+            schema_version={"postgres": int(version[0]) if version else 0},
+            threads=int(live[0]) if live else 0,
+            threads_behind=int(behind[0][4]) if behind else 0,
+            items_behind=int(behind[0][5]) if behind else 0,
+            oldest_behind_since=behind[0][3].astimezone(timezone.utc) if behind else None,
+            behind=[BehindThread(str(t), int(h), int(p)) for t, h, p, *_ in behind[:limit]],
+            failed=[FailedThread(str(t), str(e)) for t, e in failed])
 
     def remove_thread(self, thread_id: str, *, tombstone: bool,
                       deadline: float | None = None) -> None:

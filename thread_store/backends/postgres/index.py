@@ -28,7 +28,7 @@ from ...storage import (Checkpoint, CommitOutcome, CommitResult, Failure, ListQu
 
 log = logging.getLogger("thread_store")
 _TIMES = ("created_at", "updated_at", "recency_at", "archived_at")
-_COLUMNS = ("thread_id", *TEXT_FIELDS, "token_usage", *(f"{t[:-3]}_us" for t in _TIMES),
+_COLUMNS = ("thread_id", *TEXT_FIELDS, "token_usage", "exact", *(f"{t[:-3]}_us" for t in _TIMES),
             "item_count", "projected_seq", "is_archived", "has_preview", "state")
 _READ_COLUMNS = _COLUMNS[:-3]
 _TYPES = {"item_count": "bigint", "projected_seq": "bigint", "is_archived": "boolean",
@@ -64,6 +64,8 @@ def _row_to_metadata(row: Sequence[Any]) -> ThreadMetadata:
     values: dict[str, Any] = dict(zip(_READ_COLUMNS, row))
     usage = values["token_usage"]
     fields: dict[str, Any] = {c: values[c] for c in TEXT_FIELDS}
+    if values["exact"] is not None:
+        fields.update(json.loads(values["exact"]))
     fields.update({t: utc_from_us(values[f"{t[:-3]}_us"]) for t in _TIMES})
     return ThreadMetadata(thread_id=values["thread_id"],
                           token_usage=json.loads(usage) if usage is not None else None,
@@ -76,18 +78,36 @@ def _params(row: RowWrite) -> tuple[Any, ...]:
     times = [us_from_utc(v) if (v := getattr(meta, t)) is not None else None for t in _TIMES]
     times[2] = times[2] or 0  # recency_us orders the listing: never NULL
     usage = json.dumps(meta.token_usage) if meta.token_usage is not None else None
-    return (meta.thread_id, *(getattr(meta, c) for c in TEXT_FIELDS), usage, *times,
+    texts, exact = _text_columns(meta)
+    return (meta.thread_id, *texts, usage, exact, *times,
             meta.item_count, meta.projected_seq, meta.archived_at is not None,
             bool(meta.preview), row.fold_state, meta.thread_id, row.incarnation)
 
 
+def _text_columns(meta: ThreadMetadata) -> tuple[list[str | None], str | None]:
+    """The text columns of the row, and its ``exact`` column.
+
+    PostgreSQL text cannot hold NUL, which the fold may produce (the other backends store
+    it). A value with NUL keeps its exact text in ``exact`` (ASCII-escaped JSON, read
+    back over the columns), and its column holds what answers the same queries: in the
+    searched fields, NUL becomes a newline (a search word never holds whitespace, nor
+    spans a NUL, so the same words match); ``cwd`` becomes NULL (a ``cwd`` filter never
+    holds NUL, so equals no such value).
+    """
+    texts: list[str | None] = [getattr(meta, c) for c in TEXT_FIELDS]
+    held = {c: v for c, v in zip(TEXT_FIELDS, texts) if v is not None and "\x00" in v}
+    if not held:
+        return texts, None
+    columns = [v if c not in held else None if c == "cwd" else held[c].replace("\x00", "\n")
+               for c, v in zip(TEXT_FIELDS, texts)]
+    return columns, json.dumps(held)
+
+
 def _unstorable(values: tuple[Any, ...]) -> str | None:
-    """Why PostgreSQL would refuse a row (NUL characters, lone surrogates, integers out
-    of ``bigint``), found before sending it; ``None`` when it is storable."""
+    """Why PostgreSQL would refuse a row (lone surrogates, integers out of ``bigint``),
+    found before sending it; ``None`` when it is storable."""
     for name, value in zip(_COLUMNS, values):
         if isinstance(value, str):
-            if "\x00" in value:
-                return f"the thread's {name} holds a NUL character, which PostgreSQL text cannot store"
             try:
                 value.encode()
             except UnicodeEncodeError:
@@ -278,8 +298,8 @@ class Index:
         if not query.include_empty:
             where.append("has_preview")
         if query.cwd is not None:
-            where.append("cwd = %s")
-            params.append(query.cwd)
+            where.append("md5(cwd) = md5(%s) AND cwd = %s")  # the index holds md5(cwd)
+            params.extend((query.cwd, query.cwd))
         for word in query.words:
             where.append("search ILIKE %s ESCAPE '\\'")
             params.append(_like(word))
