@@ -207,7 +207,7 @@ def test_a_row_postgres_refuses_fails_alone(storage: PostgresStorage) -> None:
     for tid in ("good", "surrogate", "big"):
         storage.history.create(tid, created_us=1, first=None)
     result = commit(storage, row("good", 1, title="fine"), row("surrogate", 1, cwd="\ud800"),
-                    RowWrite(replace(row("big", 1).meta, item_count=1 << 63), "{}"))
+                    replace(row("big", 1), meta=replace(row("big", 1).meta, item_count=1 << 63)))
     assert set(result.errors) == {"surrogate", "big"}  # type: ignore[attr-defined]
     assert all(isinstance(e, StorageError) for e in result.errors.values())  # type: ignore[attr-defined]
     assert storage.index.read("good") is not None and storage.index.read("surrogate") is None
