@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import report, rss, scale
+from . import processes, report, rss, scale
 from .peer_eventsourcing import PeerSystem
 from .systems import RawSQLite, ThreadStoreSystem
 from .workloads import (
@@ -93,6 +93,7 @@ def run_all(config: Config, tmp: Path) -> tuple[dict[str, Any], dict[str, list[i
     results["latency"][MANY] = report.summarize_arms(many)
     results["many_threads"] = config.many_threads
     results["sustained"] = phase("sustained", lambda: _sustained(config, tmp / "sustained"))
+    results["processes"] = phase("writer processes", lambda: processes.run(config, tmp / "processes"))
     results["rss"] = phase("rss", lambda: {kind: rss.run(kind, config.rss_s, tmp / f"rss-{kind}")
                                            for kind in rss.SYSTEMS})
     results["scale"] = {

@@ -11,18 +11,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from . import processes
 from .targets import ASYNC, PEER, RAW, SYNC, analysis, evaluate
-from .workloads import WATCH_PERIOD_S, Arm, Sustained
+from .workloads import WATCH_PERIOD_S, Arm, Sustained, percentile
 
 PERCENTILES = (50, 90, 99, 99.9)
-
-
-def percentile(samples: list[int] | list[float], p: float) -> float:
-    """Nearest-rank percentile (``p`` in 0..100) of ``samples``; NaN when empty."""
-    if not samples:
-        return math.nan
-    ordered = sorted(samples)
-    return float(ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)])
 
 
 def _us(samples: list[int]) -> dict[str, float]:
@@ -208,6 +201,8 @@ def markdown(results: dict[str, Any]) -> str:
               f"that plus a sweep; a sweep took about {_sweep_note(results['sustained'])}. Peak RSS "
               "comes from a separate process per system running this workload; Δ is over the same "
               "process after imports."),
+              "", "## Several writer processes on one store (benchmarks/processes.py)", "",
+              *processes.markdown(results["processes"]),
               "", "## Scale (thread_store)", "", *_scale_table(results["scale"], quick), "",
               "## Analysis", "", *analysis(results), ""]
     if results.get("tracing"):

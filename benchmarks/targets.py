@@ -7,6 +7,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from . import processes
+
 RAW = "raw sqlite3 (floor)"
 ASYNC = "thread_store async (default)"
 SLOW = "thread_store async, projection +100 ms/batch"
@@ -65,7 +67,8 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     ]
     return [{"key": key, "name": name, "value": value,
              "shown": "—" if math.isnan(value) else f"{value:,.2f}{unit}", "limit": limit,
-             "met": check(value)} for key, name, value, unit, limit, check in rows]
+             "met": check(value)} for key, name, value, unit, limit, check in rows
+            ] + processes.targets(results.get("processes"))
 
 
 def issue3(results: dict[str, Any]) -> list[str]:
@@ -188,6 +191,7 @@ def analysis(results: dict[str, Any]) -> list[str]:
     if not missed:
         lines.append("Every target was met in this run.")
     for t in missed:
-        why = _WHY[t["key"]](results)
+        why = (processes.why(t["key"], results["processes"]) if t["key"].startswith("mp-")
+               else _WHY[t["key"]](results))
         lines.append(f"- **Missed: {t['name']}** ({t['shown']}, limit {t['limit']}). {why}")
     return lines

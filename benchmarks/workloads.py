@@ -8,6 +8,7 @@ arm appends the same items in the same order to the same thread ids.
 from __future__ import annotations
 
 import collections
+import math
 import random
 import threading
 import time
@@ -47,22 +48,36 @@ class Config:
     rss_s: float  # seconds of sustained load in each RSS subprocess
     tracing_rounds: int  # rounds x block of benchmarks/bench_tracing.py, when present
     tracing_block: int
+    mp_s: float  # seconds per writer-processes arm (benchmarks/processes.py), split over mp_rounds
+    mp_rounds: int
+    wake_rounds: int  # samples per cross-process wake-up arm
 
 
 MODES = {
     "full": Config("full", rounds=40, block=500, fsync_block=100, peer_wait_block=3, warmup=1000,
                    many_threads=10_000, peer_many=True, sustained_s=10.0, sustained_rounds=5,
                    list_threads=100_000, catchup_threads=1000, catchup_items_per_thread=1000,
-                   memory_threads=1000, rss_s=5.0, tracing_rounds=60, tracing_block=200),
+                   memory_threads=1000, rss_s=5.0, tracing_rounds=60, tracing_block=200,
+                   mp_s=12.0, mp_rounds=4, wake_rounds=2000),
     "quick": Config("quick", rounds=12, block=200, fsync_block=40, peer_wait_block=2, warmup=200,
                     many_threads=10_000, peer_many=False, sustained_s=1.5, sustained_rounds=2,
                     list_threads=10_000, catchup_threads=100, catchup_items_per_thread=500,
-                    memory_threads=1000, rss_s=0.5, tracing_rounds=10, tracing_block=100),
+                    memory_threads=1000, rss_s=0.5, tracing_rounds=10, tracing_block=100,
+                    mp_s=4.0, mp_rounds=2, wake_rounds=400),
     "smoke": Config("smoke", rounds=1, block=10, fsync_block=3, peer_wait_block=1, warmup=5,
                     many_threads=200, peer_many=True, sustained_s=0.2, sustained_rounds=1,
                     list_threads=300, catchup_threads=10, catchup_items_per_thread=100,
-                    memory_threads=50, rss_s=0.2, tracing_rounds=1, tracing_block=10),
+                    memory_threads=50, rss_s=0.2, tracing_rounds=1, tracing_block=10,
+                    mp_s=0.2, mp_rounds=1, wake_rounds=8),
 }
+
+
+def percentile(samples: list[int] | list[float], p: float) -> float:
+    """Nearest-rank percentile (``p`` in 0..100) of ``samples``; NaN when empty."""
+    if not samples:
+        return math.nan
+    ordered = sorted(samples)
+    return float(ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)])
 
 
 def items(n: int, seed: int = 7) -> list[Item]:

@@ -44,6 +44,17 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path: Path) -> None:
     for probe in results["rss"].values():
         assert probe["peak_kib"] >= probe["baseline_kib"] > 0
 
+    processes = results["processes"]
+    assert processes["sustained"]["raw_appends_per_s"] > 0
+    assert set(processes["sustained"]["arms"]) == {"1", "2", "4"}
+    for arm in processes["sustained"]["arms"].values():
+        assert arm["appends"] > 0 and arm["ratio_to_raw"] > 0, arm
+        assert arm["lag_n"] + arm["unmatched"] == arm["appends"], arm
+        assert arm["lag_n"] > 0 and 0 <= arm["lag_p50_ms"] <= arm["lag_p99_ms"], arm
+    for key in ("same", "cross", "paused", "both"):
+        wake = processes["wake"][key]
+        assert wake["n"] > 0 and 0 < wake["p50_us"] <= wake["p99_us"], key
+
     scale = results["scale"]
     assert scale["listing"]["first_page"]["n"] > 0 and scale["listing"]["deep_page"]["n"] > 0
     assert scale["catch_up"]["items"] == 1000 and scale["catch_up"]["items_per_s"] > 0
@@ -51,11 +62,12 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path: Path) -> None:
 
     targets = results["targets"]
     assert [t["key"] for t in targets] == ["append-floor", "decoupling", "barrier", "throughput",
-                                           "lag", "peer"]
+                                           "lag", "peer", "mp-throughput", "mp-lag"]
     assert all(isinstance(t["met"], bool) for t in targets)
 
     table = (out / "bench.md").read_text()
     assert results["command"] in table and "Machine:" in table
+    assert "Several writer processes" in table and "Cross-process wake-up" in table
     for target in targets:
         assert target["name"] in table
     assert (out / "bench.png").read_bytes().startswith(PNG_MAGIC)
