@@ -19,6 +19,7 @@ from opentelemetry.trace import SpanContext
 
 from ._outcomes import AttemptOutcome, LocalStatus, Result, Waiter
 from ._state import SCHEDULABLE, Claim, Phase, RemovalKind, ThreadState
+from .errors import describe
 from .model import EncodedItem, ProjectorStats, RetryPolicy, ThreadMetadata
 from .storage import Failure, StoredRow
 from .tracing import MAX_LINKS, Telemetry
@@ -46,8 +47,6 @@ class Settled:
 
     #: Each retry's backoff, by ``id(claim)`` (for the attempt's span).
     backoffs: dict[int, float | None] = field(default_factory=dict)
-    #: Failures for good, to record in the store once the lock is released.
-    failures: list[Failure] = field(default_factory=list)
     #: The sleeping worker must wake: a thread became due before it would.
     wake: bool = False
 
@@ -193,13 +192,12 @@ class Schedule:
         Every claim leaves flight, even if settling one of them raises.
         """
         backoffs: dict[int, float | None] = {}
-        failures: list[Failure] = []
         wake = False
         try:
             for c in claims:
                 if not c.settled:
                     c.settled = True
-                    backoffs[id(c)], woke = self._settle(c, results[id(c)], now, failures)
+                    backoffs[id(c)], woke = self._settle(c, results[id(c)], now)
                     wake = wake or woke
         finally:
             for c in claims:
@@ -208,10 +206,21 @@ class Schedule:
                     if c.state.in_flight:
                         c.state.end_flight()
             self.in_flight -= len(claims)
-        return Settled(backoffs, failures, wake)
+        return Settled(backoffs, wake)
 
-    def _settle(self, claim: Claim, result: Result, now: float,
-                failures: list[Failure]) -> tuple[float | None, bool]:
+    def failures_for_good(self, claims: list[Claim], results: dict[int, Result]) -> list[Failure]:
+        """The attempts among these that fail for good once settled: an error that is
+        not transient, or a transient one with the retry budget spent (as
+        :meth:`ThreadState.settle` decides), for the store to record first."""
+        failed = []
+        for c in claims:
+            result = results.get(id(c))
+            if result is not None and (result.kind is AttemptOutcome.FAILED or (
+                    result.kind is AttemptOutcome.RETRY and c.attempt >= self._retry.attempts)):
+                failed.append(Failure(c.state.thread_id, c.target, describe(result.error)))
+        return failed
+
+    def _settle(self, claim: Claim, result: Result, now: float) -> tuple[float | None, bool]:
         """Settle one attempt (:meth:`ThreadState.settle`); returns the retry's backoff and
         whether the sleeping worker must wake."""
         st = claim.state
@@ -229,7 +238,6 @@ class Schedule:
         elif settled.failure is not None:
             self.counts.failures += 1
             tel.failures.add(1)
-            failures.append(settled.failure)
         self.resolve(st, result.meta)
         # A retry keeps its backoff: rescheduling it sooner here would spend the whole
         # budget in a burst while another process holds the lock (a new waiter still

@@ -421,7 +421,14 @@ class Projector:
 
     def _end_attempts(self, claims: list[Claim], results: dict[int, Result]) -> dict[int, float | None]:
         """Take claims out of flight with their results (:meth:`Schedule.settle`);
-        returns each retry's backoff."""
+        returns each retry's backoff.
+
+        A failure for good is recorded in the store first, so that status() shows it,
+        from every process, by the time a waiter hears of it.
+        """
+        failed = self._schedule.failures_for_good(claims, results)
+        if failed:
+            self._index.record_failures(failed)
         with self._lock:
             try:
                 settled = self._schedule.settle(claims, results, now=time.monotonic())
@@ -429,8 +436,6 @@ class Projector:
                 self._idle.notify_all()
             if settled.wake:
                 self._work.notify()
-        if settled.failures:  # in the store, so status() shows it from every process
-            self._index.record_failures(settled.failures)
         return settled.backoffs
 
     def _gauges(self) -> dict[str, float]:
