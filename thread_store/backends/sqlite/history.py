@@ -18,10 +18,9 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from . import _connections
 from ._filelock import ProcessLock
@@ -85,21 +84,20 @@ class History:
         self._closed = False  # writes rejected (close began)
         self._conn_closed = False
         self._acks = AckBatch()
-        #: Every writing process of the store writes under this file lock (see _filelock).
-        self._process_lock = None if read_only else ProcessLock(path.with_name(LOCK_FILE))
-        #: ``PRAGMA data_version`` when this process last looked: it changes when another
-        #: process commits, and then the cached heads are forgotten.
-        self._data_version = -1
         #: The highest items rowid committed: read at open, raised by this process's own
-        #: appends, and read again whenever another process committed, so it bounds every
+        #: appends, and read again whenever another process wrote, so it bounds every
         #: item a projection can fold.
         self.last_rowid = 0 if read_only else self._top_rowid()
+        #: Every writing process of the store writes under this file lock; when another
+        #: process wrote since this one last looked, the cached heads are forgotten.
+        self._process_lock = (None if read_only else
+                              ProcessLock(path.with_name(LOCK_FILE), self._others_wrote))
 
     # -- writes ---------------------------------------------------------------------------
 
     def create(self, thread_id: str, *, created_us: int, first: EncodedItem | None) -> None:
         """Create a thread, optionally with its first item; raise if the id is taken."""
-        with self.lock, self._exclusive():
+        with self.lock, self._writers():
             self._check_open()
             row = self._tombstone(thread_id)
             if row is not None:
@@ -124,7 +122,7 @@ class History:
     def append(self, thread_id: str, items: Sequence[EncodedItem],
                key: IdempotencyKey | None = None) -> Appended:
         """Append items durably at the next ``seq`` values (see ``HistoryLog.append``)."""
-        with self.lock, self._exclusive():
+        with self.lock, self._writers():
             self._check_open()
             head = self._heads.get(thread_id)
             if head is None:
@@ -181,7 +179,7 @@ class History:
 
     def remove(self, thread_id: str, *, tombstone: bool) -> None:
         """Delete a thread's items; keep a tombstone (discard) or forget the id (delete)."""
-        with self.lock, self._exclusive():
+        with self.lock, self._writers():
             self._check_open()
             self._check_row(thread_id, self._tombstone(thread_id))  # another process's removal
 
@@ -229,7 +227,7 @@ class History:
             if self._conn_closed or (not projected and epoch is None):
                 return
             try:
-                with self._exclusive():
+                with self._writers():
                     self._relaxed(lambda: self._acknowledge(projected, epoch))
             except sqlite3.Error as exc:
                 log.warning("thread_store: could not record projected heads in history (%s); "
@@ -259,7 +257,7 @@ class History:
                 if epoch is not None:
                     self._conn.execute(_SET_EPOCH, (epoch,))
 
-            with self._exclusive():
+            with self._writers():
                 self._write(write, "marking threads behind")
 
     def backup_to(self, dest: Path) -> None:
@@ -336,7 +334,7 @@ class History:
         with self.lock:
             if self._conn_closed:
                 raise StoreClosed("the thread store is closed; open it again")
-            self._sync()
+            self._writers().look()
             head = self._heads.get(thread_id)
             return self._load_head(thread_id) if head is None else head
 
@@ -344,7 +342,7 @@ class History:
         """The highest items rowid committed, by any process (see ``last_rowid``)."""
         with self.lock:
             if not self._conn_closed:
-                self._sync()
+                self._writers().look()
             return self.last_rowid
 
     def incarnation(self, thread_id: str) -> int:
@@ -379,24 +377,16 @@ class History:
 
     # -- internals ------------------------------------------------------------------------
 
-    @contextmanager
-    def _exclusive(self) -> Iterator[None]:
-        """With ``lock`` held: the file lock every writing process takes, and what
-        other processes committed meanwhile accounted for."""
+    def _writers(self) -> ProcessLock:
+        """With ``lock`` held: the file lock every writing process takes (entering it
+        accounts for what other processes wrote meanwhile)."""
         assert self._process_lock is not None, "a read-only history never writes"
-        with self._process_lock:
-            self._sync()
-            yield
+        return self._process_lock
 
-    def _sync(self) -> None:
-        """Forget cached heads, and read the position again, if another process committed
-        since this one last looked (``lock`` held)."""
-        with _connections.reading("history"):
-            version = self._conn.execute("PRAGMA data_version").fetchone()[0]
-            if version != self._data_version:
-                self._data_version = version
-                self._heads.clear()
-                self.last_rowid = max(self.last_rowid, self._top_rowid())
+    def _others_wrote(self) -> None:
+        """Another process wrote (``lock`` held): forget cached heads, read the position."""
+        self._heads.clear()
+        self.last_rowid = max(self.last_rowid, self._top_rowid())
 
     def _check_open(self) -> None:
         if self._closed:
