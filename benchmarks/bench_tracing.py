@@ -117,8 +117,8 @@ def run(rounds: int, block: int, root: Path) -> Blocks:
         "sdk-quiet": ThreadStore.open(root / "sdk-quiet", tracer_provider=provider),
     }
     # Benchmark-only surgery on a private attribute: it is the arm's definition (see above).
-    stores["removed"]._telemetry.tracing = lambda: False  # type: ignore[method-assign]
-    stores["api-unguarded"]._telemetry.tracing = lambda: True  # type: ignore[method-assign]
+    stores["removed"]._writes._telemetry.tracing = lambda: False  # type: ignore[union-attr,method-assign]
+    stores["api-unguarded"]._writes._telemetry.tracing = lambda: True  # type: ignore[union-attr,method-assign]
     arms = {name: _append_arm(store, items) for name, store in stores.items()}
     arms["api+span"] = _append_arm(stores["api"], items, wrap=provider)
     arms["one-span"] = _span_arm(provider)

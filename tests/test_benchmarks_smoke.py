@@ -41,6 +41,7 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert sustained["thread_store async (default)|8"]["lag_ms"]["n"] > 0
     assert sustained["eventsourcing peer|8"]["lag_ms"]["n"] > 0
     assert set(results["rss"]) == {"raw", "ts-async", "ts-sync", "peer"}
+    assert results["tracing"]["ok"], results["tracing"]["table"]  # the tracing section ran
     for probe in results["rss"].values():
         assert probe["peak_kib"] >= probe["baseline_kib"] > 0
 
