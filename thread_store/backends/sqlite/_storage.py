@@ -152,7 +152,8 @@ class SQLiteStorage:
         row goes first: the thread is marked behind in history before, so a crash between
         the two re-projects it whole.
         """
-        with self.index.exclusive(deadline) as held:  # throughout: no commit sees half of it
+        # Held throughout, so no commit sees half of it.
+        with self.index.exclusive(deadline, await_this_process=True) as held:
             if self.index.fenced:
                 raise StoreClosed(f"the store closed; thread {thread_id!r} was not removed")
             if not held:

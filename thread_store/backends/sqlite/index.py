@@ -109,15 +109,20 @@ class Index:
         return CommitResult(CommitOutcome.COMMITTED, errors, refused, gone)
 
     @contextmanager
-    def exclusive(self, deadline: float | None = None) -> Iterator[bool]:
+    def exclusive(self, deadline: float | None = None, *,
+                  await_this_process: bool = False) -> Iterator[bool]:
         """Hold the index for writing: this process's ``write_lock``, then the file lock
         every writing process takes (a waiter is woken the moment the holder lets go).
 
         Yields ``False`` (holding nothing) if ``deadline`` (monotonic) passed first, or
-        the index was fenced while it waited. An interrupt (Ctrl-C in a caller) after an
-        acquire still releases both.
+        the index was fenced while it waited. With ``await_this_process`` the deadline
+        bounds only the wait for other processes (a removal waits for this process's own
+        group commit, which it fences, whatever its timeout). An interrupt (Ctrl-C in a
+        caller) after an acquire still releases both.
         """
-        wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        wait = -1.0
+        if deadline is not None and not await_this_process:
+            wait = max(0.0, deadline - time.monotonic())
         if not self.write_lock.acquire(timeout=wait):
             yield False
             return
