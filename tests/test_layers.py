@@ -79,8 +79,8 @@ def test_imports_point_down_without_cycles() -> None:
 
 
 def test_the_projector_sees_storage_only_through_the_ports() -> None:
-    core = ["projector.py", "_state.py", "_outcomes.py", "_schedule.py", "_removal.py",
-            "_attempt.py", "_barriers.py"]
+    core = ["projector.py", "_catch_up.py", "_phases.py", "_state.py", "_outcomes.py", "_schedule.py",
+            "_removal.py", "_attempt.py", "_barriers.py"]
     for name in core:
         backends = sorted(n for n in _imports(PACKAGE / name) if n.startswith("thread_store.backends"))
         assert not backends, f"{name} imports {backends}"

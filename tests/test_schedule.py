@@ -13,7 +13,8 @@ from thread_store import RetryPolicy, ThreadDiscarded
 from thread_store import _schedule
 from thread_store._outcomes import AttemptOutcome, Outcome, Result, Success, Waiter
 from thread_store._schedule import Schedule
-from thread_store._state import Phase, RemovalKind, ThreadState
+from thread_store._phases import Phase, RemovalKind
+from thread_store._state import ThreadState
 from thread_store.model import EncodedItem, ThreadMetadata
 from thread_store.tracing import Telemetry
 

@@ -12,7 +12,8 @@ from opentelemetry.trace import SpanContext
 
 from thread_store import InvalidArgument, ProjectionFailed, RetryPolicy, StoreClosed, ThreadDiscarded
 from thread_store._outcomes import AttemptOutcome, Result, Settlement, Success, Waiter
-from thread_store._state import BUFFER_BYTES, BUFFER_ITEMS, Claim, Phase, RemovalKind, ThreadState
+from thread_store._phases import Phase, RemovalKind
+from thread_store._state import BUFFER_BYTES, BUFFER_ITEMS, Claim, ThreadState
 from thread_store.model import EncodedItem, ThreadMetadata
 from thread_store.storage import StoredRow
 

@@ -12,8 +12,9 @@ import threading
 import time
 from typing import Callable
 
+from ._phases import Phase, RemovalKind
 from ._schedule import Schedule
-from ._state import Phase, RemovalKind, ThreadState
+from ._state import ThreadState
 from .errors import StoreClosed
 
 

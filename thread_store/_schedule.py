@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from opentelemetry.trace import SpanContext
 
 from ._outcomes import AttemptOutcome, LocalStatus, Result, Waiter
-from ._state import SCHEDULABLE, Claim, Phase, RemovalKind, ThreadState
+from ._phases import SCHEDULABLE, Phase, RemovalKind
+from ._state import Claim, ThreadState
 from .errors import describe
 from .model import EncodedItem, ProjectorStats, RetryPolicy, ThreadMetadata
 from .storage import Failure, StoredRow

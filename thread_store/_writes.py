@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 from ._inputs import now_us
-from ._state import RemovalKind
+from ._phases import RemovalKind
 from .errors import StoreClosed, ThreadDiscarded, ThreadStoreError
 from .model import EncodedItem
 from .projector import Projector

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import threading
 import time
 import weakref
@@ -32,12 +31,14 @@ from typing import Callable
 from opentelemetry.trace import SpanContext
 
 from ._attempt import AttemptRunner, ProjectionHook
+from ._catch_up import CatchUp
 from ._outcomes import AttemptOutcome, LocalStatus, Outcome, Result, Waiter
+from ._phases import SCHEDULABLE, Phase, RemovalKind
 from ._removal import Removal, Removals
 from ._schedule import Schedule
-from ._state import SCHEDULABLE, Claim, Phase, RemovalKind, ThreadState
+from ._state import Claim, ThreadState
 from .derive import ProjectionRules
-from .errors import DURABLE_NOTE, StoreClosed, ThreadStoreError
+from .errors import DURABLE_NOTE, StoreClosed
 from .model import EncodedItem, ProjectorStats, RetryPolicy
 from .storage import Lag, Storage
 from .tracing import Telemetry
@@ -65,7 +66,7 @@ def _worker_main(ref: weakref.ReferenceType[Projector]) -> None:
         try:
             if claims:
                 projector._run(claims)
-            projector._housekeep()
+            projector._catch_up.run(paused=projector._paused)
         except Exception:  # noqa: BLE001 - _run settles its claims; the worker must live on
             log.exception("thread_store: the projector worker hit an unexpected error")
         del projector, claims
@@ -92,10 +93,7 @@ class Projector:
         self._removals = Removals(self._lock, self._idle, self._schedule, self._work.notify)
         self._paused = False
         self._heartbeat = time.monotonic()
-        # Work other processes left behind is looked for every catch_up_after / 2 or so
-        # (jittered, so processes do not scan in step); None: no other process can leave any.
-        self._catch_up_after = catch_up_after
-        self._catch_up_at = self._next_catch_up()
+        self._catch_up = CatchUp(storage, self._lock, self._schedule, self._work.notify, catch_up_after)
         # A daemon thread: after close() has fenced it, a worker stuck in a projection_hook
         # can never write again, and it must not keep the process alive (as a non-daemon
         # thread would, since interpreter exit joins those). Exiting without waiting for
@@ -108,24 +106,10 @@ class Projector:
 
     def start(self, behind: list[Lag]) -> None:
         """Schedule catch-up of the threads found behind at open, and start."""
-        self._adopt(behind)
+        self._catch_up.adopt(behind)
         # Started from open(), never lazily from a request, so the worker inherits no
         # caller's context (threads start with an empty contextvars context anyway).
         self._worker.start()
-
-    def _adopt(self, lags: list[Lag]) -> None:
-        """Schedule threads found behind in the store (at open, or left by others)."""
-        with self._lock:
-            for lag in lags:
-                st = self._threads.get(lag.thread_id)
-                if st is None:
-                    st = ThreadState(lag.thread_id, lag.head, 0 if lag.refold else lag.projected or 0)
-                    st.refold, st.pending_since = lag.refold, time.monotonic()
-                    self._threads[lag.thread_id] = st
-                elif st.live:
-                    st.saw_head(lag.head, time.monotonic())
-                if st.phase is Phase.IDLE:
-                    self._make_due(st, 0.0)
 
     # -- events from the store (called once the history committed) -------------------
 
@@ -341,6 +325,7 @@ class Projector:
         self._schedule.clear()
         self._threads = self._schedule.states
         self._removals = Removals(self._lock, self._idle, self._schedule, self._work.notify)
+        self._catch_up.reset_after_fork(self._lock, self._work.notify)
         self._schedule.closing = self._schedule.stopped = True
 
     # -- worker ---------------------------------------------------------------------------
@@ -362,7 +347,7 @@ class Projector:
                         return [self._schedule.claim(st, expedited=bool(st.waiters)) for st in batch]
                 # The timed wait below is what paces the acknowledgements: no timer of
                 # their own, and never a write on an append's or a barrier's path.
-                acks_at = self._housekeeping_due_at()
+                acks_at = self._catch_up.due_at(paused=self._paused)
                 if acks_at <= now:
                     self._schedule.wake_at = None
                     return []
@@ -384,34 +369,9 @@ class Projector:
         try:
             self._runner.run(claims, self._end_attempts, deadline, in_caller=in_caller)
         finally:
-            if in_caller and self._housekeeping_due_at() <= time.monotonic():
+            if in_caller and self._catch_up.due_at(paused=self._paused) <= time.monotonic():
                 with self._lock:  # the batch is full: the worker writes it, not this caller
                     self._work.notify()
-
-    def _housekeeping_due_at(self) -> float:
-        """When the worker's next chore is due: the storage's bookkeeping, or catch-up."""
-        catch_up = math.inf if self._paused else self._catch_up_at
-        return min(self._storage.housekeeping_due_at(), catch_up)
-
-    def _housekeep(self) -> None:
-        """In the worker, with no lock held: the storage's deferred bookkeeping and the
-        catch-up of work other processes left, each if due."""
-        now = time.monotonic()
-        if self._storage.housekeeping_due_at() <= now:
-            self._storage.housekeep()
-        if self._catch_up_at <= now and not self._paused and self._catch_up_after is not None:
-            self._catch_up_at = self._next_catch_up()
-            try:
-                stale = self._storage.stale(self._catch_up_after)
-            except ThreadStoreError as exc:
-                log.warning("thread_store: looking for work left by other processes failed: %s", exc)
-                return
-            self._adopt(stale)
-
-    def _next_catch_up(self) -> float:
-        if self._catch_up_after is None:
-            return math.inf
-        return time.monotonic() + self._catch_up_after * random.uniform(0.4, 0.6)
 
     def _count_transaction(self) -> None:
         """A group commit landed (called by the attempt runner, no lock held)."""

@@ -20,14 +20,13 @@ from ._attempt import ProjectionHook
 from ._barriers import Barriers
 from ._inputs import check_idempotency_key, encode_items, from_cursor, list_query, session_meta_item
 from ._lifecycle import Lifetime
-from ._options import (backend_options, catch_up_for, check_open_kwargs, check_options,
-                       check_path, check_rebuild_options, check_target)
+from ._opening import open_parts
+from ._options import backend_options, check_path, check_rebuild_options, check_target
+from ._phases import RemovalKind
 from ._reads import Reads
-from ._state import RemovalKind
 from ._writes import Writes
-from .backends import drop_index, open_storage
-from .derive import (NOT_GIVEN, CodexRules, ProjectionRules, archive_edit_item, metadata_edit_item,
-                     rules_id)
+from .backends import drop_index
+from .derive import NOT_GIVEN, ProjectionRules, archive_edit_item, metadata_edit_item
 from .errors import ReadOnlyStore
 from .model import (DEFAULT_MAX_ITEM_BYTES, Page, ProjectorStats, RetryPolicy, StoredItem,
                     StoreReport, ThreadMetadata, ThreadStatus, check_count, check_thread_id,
@@ -114,27 +113,12 @@ class ThreadStore:
         >>> with ThreadStore.open("data/threads") as store:  # doctest: +SKIP
         ...     tid = store.create_thread(metadata={"cwd": "/repo"})
         """
-        where = check_target(target)
-        check_open_kwargs(other)
-        check_options(projection=projection, durability=durability, tracer_provider=tracer_provider,
-                      meter_provider=meter_provider, projection_hook=projection_hook, rules=rules,
-                      max_item_bytes=max_item_bytes, coalesce_delay=coalesce_delay, retry=retry,
-                      caller_runs=caller_runs, read_only=read_only, catch_up_after=catch_up_after)
-        catch_up = catch_up_for(where, catch_up_after)
-        rules = rules or CodexRules()
-        storage = open_storage(where, durability=durability, read_only=read_only,
-                               rules_id=rules_id(rules), options=backend_options(where, other))
-        try:
-            telemetry = Telemetry(tracer_provider, meter_provider)
-            projector = None
-            if not read_only:
-                projector = Projector(storage, rules, telemetry, hook=projection_hook,
-                                      retry=retry or RetryPolicy(), coalesce_delay=coalesce_delay,
-                                      caller_runs=caller_runs, catch_up_after=catch_up)
-                projector.start(storage.lagging())
-        except BaseException:
-            storage.close()  # or this process could never open the store again
-            raise
+        storage, projector, rules, telemetry = open_parts(
+            target, other, projection=projection, durability=durability,
+            tracer_provider=tracer_provider, meter_provider=meter_provider,
+            projection_hook=projection_hook, rules=rules, max_item_bytes=max_item_bytes,
+            coalesce_delay=coalesce_delay, retry=retry, caller_runs=caller_runs,
+            read_only=read_only, catch_up_after=catch_up_after)
         return cls(storage, projector, rules, telemetry, projection=projection,
                    max_item_bytes=max_item_bytes)
 

@@ -13,9 +13,10 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from . import _directory, _filelock
+from ._marks import Marked
 from ._recovery import recover
 from .history import LOCK_FILE as HISTORY_LOCK
-from .history import History, Marked
+from .history import History
 from .index import LOCK_FILE as INDEX_LOCK
 from .index import Index
 from ...errors import DiscardTimeout, InvalidArgument, NotAThreadStore, StoreClosed

@@ -1,9 +1,8 @@
 """The projected thread table: one row per thread, written with its ``projected_seq``.
 
 The row and ``projected_seq`` are written in one statement, so the row always equals the
-fold of the history up to that seq. Listing uses a keyset over ``(recency_us desc,
-thread_id desc)`` on covering indexes; search is FTS5 set up by sqlite-utils. The tables
-and their migrations are in :mod:`._index_schema`.
+fold of the history up to that seq. Listing and search are in :mod:`._listing`; the
+tables and their migrations are in :mod:`._index_schema`.
 """
 
 from __future__ import annotations
@@ -17,18 +16,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 from . import _connections, _filelock
-from ._index_schema import (MIGRATIONS, SCHEMA_VERSION, SEARCHED, SELECT, UPSERT, metadata_to_row,
-                            row_to_metadata)
+from ._index_schema import MIGRATIONS, SCHEMA_VERSION, SELECT, UPSERT, metadata_to_row, row_to_metadata
+from ._listing import list_page
 from ...errors import StorageError, StoreClosed, ThreadStoreError
-from ...model import Page, ThreadMetadata, us_from_utc
-from ...storage import (Checkpoint, CommitOutcome, CommitResult, Failure, ListQuery, RowWrite,
-                        encode_cursor)
+from ...model import Page, ThreadMetadata
+from ...storage import Checkpoint, CommitOutcome, CommitResult, Failure, ListQuery, RowWrite
 
 log = logging.getLogger("thread_store")
 #: The file lock of index writers, beside ``index.db``.
 LOCK_FILE = "index.lock"
-#: The trigram table matches words this long; shorter ones are matched with LIKE.
-_TRIGRAM = 3
 # Counts the transaction (the epoch) and raises the history mark, in the transaction of
 # the rows: a history whose highest rowid is below the mark lost items the index folded.
 _BUMP = ("UPDATE index_meta SET value = CASE key WHEN 'epoch' THEN value + 1 "
@@ -374,36 +370,7 @@ class Index:
         preview or first user message: the trigram table from three characters, LIKE
         below (case-insensitive for ASCII only).
         """
-        words = query.words
-        where = ["is_archived = ?"]
-        params: list[Any] = [int(query.archived)]
-        if not query.include_empty:
-            where.append("has_preview = 1")
-        if query.cwd is not None:
-            where.append("cwd = ?")
-            params.append(query.cwd)
-        long = [w for w in words if len(w) >= _TRIGRAM]
-        if long:
-            where.append("rowid IN (SELECT rowid FROM threads_fts WHERE threads_fts MATCH ?)")
-            # Each word a phrase: the trigram table then matches it as a substring.
-            params.append(" AND ".join('"' + w.replace('"', '""') + '"' for w in long))
-        for word in words:
-            if len(word) < _TRIGRAM:  # too short for trigrams: LIKE (case-insensitive for ASCII)
-                where.append("(" + " OR ".join(f"{c} LIKE ? ESCAPE '\\'" for c in SEARCHED) + ")")
-                params.extend([_like_pattern(word)] * len(SEARCHED))
-        if query.after is not None:
-            where.append("(recency_us, thread_id) < (?, ?)")
-            params.extend(query.after)
-        sql = (f"{SELECT} WHERE {' AND '.join(where)} "
-               "ORDER BY recency_us DESC, thread_id DESC LIMIT ?")
-        rows = self._readers.fetchall("the index", sql, (*params, query.limit + 1))
-        threads = [row_to_metadata(r) for r in rows[:query.limit]]
-        next_cursor = None
-        if len(rows) > query.limit:
-            last = threads[-1]
-            assert last.recency_at is not None
-            next_cursor = encode_cursor(query, us_from_utc(last.recency_at), last.thread_id)
-        return Page(threads=threads, next_cursor=next_cursor)
+        return list_page(self._readers, query)
 
     def backup_to(self, dest: Path) -> None:
         """Copy this file, as one consistent snapshot, into the new file ``dest``."""
@@ -414,12 +381,6 @@ class Index:
         self._readers.close()
         with self.write_lock:  # a fenced worker may still be in its (bounded) transaction
             self._conn.close()
-
-
-def _like_pattern(word: str) -> str:
-    """``%word%`` with LIKE's own wildcards escaped."""
-    escaped = word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f"%{escaped}%"
 
 
 def _unstorable(error: BaseException) -> StorageError:
