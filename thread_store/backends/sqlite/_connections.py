@@ -192,6 +192,15 @@ class ConnectionPool:
         with reading(what), self.connection() as conn:
             return conn.execute(sql, params).fetchall()
 
+    def fetch_in(self, what: str, sql: str, keys: Sequence[object]) -> list[Any]:
+        """All rows of ``sql``, whose ``{keys}`` names an ``IN`` list, for every key:
+        in chunks under SQLite's limit on bound parameters."""
+        rows: list[Any] = []
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            rows.extend(self.fetchall(what, sql.format(keys=", ".join("?" * len(chunk))), chunk))
+        return rows
+
     def backup_to(self, dest: Path) -> None:
         """Copy the database, as one consistent snapshot, into the new file ``dest``.
 

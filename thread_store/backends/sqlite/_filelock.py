@@ -32,18 +32,19 @@ def _open(path: Path) -> int:
 
 
 class HeldLock:
-    """A lock taken by :func:`acquire`; :meth:`release` (or closing) lets it go."""
+    """A lock taken by :func:`acquire` or :meth:`FileLock.acquire`; :meth:`release` lets
+    it go (once)."""
 
-    __slots__ = ("_fd",)
+    __slots__ = ("_release",)
 
-    def __init__(self, fd: int) -> None:
-        self._fd: int | None = fd
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release: Callable[[], None] | None = release
 
     def release(self) -> None:
-        """Let the lock go (closing the descriptor releases the ``flock``)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Let the lock go."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
     def __enter__(self) -> HeldLock:
         return self
@@ -87,9 +88,10 @@ def acquire(path: Path, *, deadline: float | None = None,
     """Take the exclusive lock on ``path``; ``None`` past ``deadline`` (monotonic) or
     once ``cancelled()`` says so. Uncontended, it is two system calls."""
     fd = _open(path)
+    held = HeldLock(lambda: os.close(fd))  # closing the descriptor releases the flock
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return HeldLock(fd)
+        return held
     except BlockingIOError:
         pass
     except BaseException:
@@ -99,9 +101,36 @@ def acquire(path: Path, *, deadline: float | None = None,
     while True:
         left = None if deadline is None else deadline - time.monotonic()
         if cancelled() or (left is not None and left <= 0):
-            return HeldLock(fd) if waiter.abandon() else None
+            return held if waiter.abandon() else None
         if waiter.got.wait(_SLICE_S if left is None else min(_SLICE_S, left)):
-            return HeldLock(fd)
+            return held
+
+
+class FileLock:
+    """The lock on ``path`` for an owner that takes it one thread at a time (under a
+    mutex of its own). Uncontended it is a ``flock`` on a descriptor kept open, one
+    system call each way; contended, the wait of :func:`acquire`, which a deadline or a
+    cancellation can end."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._fd = _open(path)
+        self._closed = False
+
+    def acquire(self, *, deadline: float | None = None,
+                cancelled: Callable[[], bool] = lambda: False) -> HeldLock | None:
+        """Take the lock (see :func:`acquire`)."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return HeldLock(lambda: fcntl.flock(self._fd, fcntl.LOCK_UN))
+        except BlockingIOError:
+            return acquire(self._path, deadline=deadline, cancelled=cancelled)
+
+    def close(self) -> None:
+        """Close the kept descriptor; idempotent."""
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
 
 
 def hold(path: Path) -> HeldLock:

@@ -35,6 +35,8 @@ _RANGE = ("SELECT seq, ts_us, item FROM items WHERE thread_id = ? AND seq > ? AN
 _KEY_FIND = "SELECT digest, generation FROM idempotency WHERE thread_id = ? AND key = ?"
 _KEY_STORE = "INSERT INTO idempotency (thread_id, key, digest, generation) VALUES (?, ?, ?, ?)"
 T = TypeVar("T")
+#: How many incarnations a writer caches before it starts over (bounded memory).
+_INCARNATIONS_CACHED = 100_000
 #: The file lock of history writers, beside ``history.db``.
 LOCK_FILE = "history.lock"
 EPOCH_KEY = "index_epoch"
@@ -58,6 +60,7 @@ class History(BehindMarks):
         self._full = durability == "full"
         self.lock = threading.Lock()
         self._heads: dict[str, int] = {}
+        self._incarnations: dict[str, int] = {}  # of live threads (see incarnations())
         self._closed = False  # writes rejected (close began)
         self._conn_closed = False
         self._acks = AckBatch()
@@ -174,6 +177,7 @@ class History(BehindMarks):
 
             self._write(write, "discard" if tombstone else "delete_thread")
             self._heads.pop(thread_id, None)
+            self._incarnations.pop(thread_id, None)
 
     def backup_to(self, dest: Path) -> None:
         """Copy this file, as one consistent snapshot, into the new file ``dest``."""
@@ -251,21 +255,39 @@ class History(BehindMarks):
 
     def incarnation(self, thread_id: str) -> int:
         """Which creation of the id the live thread is (random, drawn at creation)."""
-        row = self._readers.fetchone(
-            "history", "SELECT incarnation, discarded_us FROM threads WHERE thread_id = ?",
-            (thread_id,))
-        self._check_row(thread_id, row)
-        return int(row[0])
+        found = self.incarnations([thread_id])
+        if thread_id not in found:
+            self._check_row(thread_id, self._readers.fetchone(
+                "history", "SELECT discarded_us FROM threads WHERE thread_id = ?", (thread_id,)))
+        return found[thread_id]
 
     def incarnations(self, thread_ids: list[str]) -> dict[str, int]:
-        """``{thread_id: incarnation}`` of those of ``thread_ids`` that are live."""
-        found: dict[str, int] = {}
-        for start in range(0, len(thread_ids), 500):  # under SQLite's bound-parameter limit
-            chunk = thread_ids[start:start + 500]
-            found.update(self._readers.fetchall(
-                "history", "SELECT thread_id, incarnation FROM threads WHERE discarded_us IS NULL "
-                f"AND thread_id IN ({', '.join('?' * len(chunk))})", chunk))
-        return found
+        """``{thread_id: incarnation}`` of those of ``thread_ids`` that are live.
+
+        A writer caches them while no other process writes (every projection asks, and
+        only a removal here or a write elsewhere can change them); a read-only history
+        reads the file each time.
+        """
+        if self.read_only:
+            return self._read_incarnations(thread_ids)
+        with self.lock:
+            self._writers().look()
+            cached = {t: self._incarnations[t] for t in thread_ids if t in self._incarnations}
+        missing = [t for t in thread_ids if t not in cached]
+        if missing:
+            read = self._read_incarnations(missing)
+            with self.lock:
+                self._writers().look()
+                if len(self._incarnations) > _INCARNATIONS_CACHED:
+                    self._incarnations.clear()
+                self._incarnations.update(read)
+            cached.update(read)
+        return cached
+
+    def _read_incarnations(self, thread_ids: list[str]) -> dict[str, int]:
+        return dict(self._readers.fetch_in(
+            "history", "SELECT thread_id, incarnation FROM threads WHERE discarded_us IS NULL "
+            "AND thread_id IN ({keys})", thread_ids))
 
     def created_us(self, thread_id: str) -> int:
         """Return the thread's creation time; raise if it is unknown or discarded."""
@@ -288,8 +310,10 @@ class History(BehindMarks):
         return self._process_lock
 
     def _others_wrote(self) -> None:
-        """Another process wrote (``lock`` held): forget cached heads, read the position."""
+        """Another process wrote (``lock`` held): forget cached heads and incarnations,
+        and read the position again."""
         self._heads.clear()
+        self._incarnations.clear()
         self.last_rowid = max(self.last_rowid, self._top_rowid())
 
     def _check_open(self) -> None:

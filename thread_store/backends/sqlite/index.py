@@ -73,7 +73,7 @@ class Index:
         #: Held for every index write in this process; ``fenced`` is set under it by
         #: close(). Inside it, :meth:`exclusive` takes the file lock all processes share.
         self.write_lock = threading.Lock()
-        self._lock_path = path.with_name(LOCK_FILE)
+        self._file_lock = None if read_only else _filelock.FileLock(path.with_name(LOCK_FILE))
         #: The writer's history, told of every index transaction (None: read-only).
         self.history: HistoryLink | None = None
         self.fenced = False
@@ -123,8 +123,8 @@ class Index:
             yield False
             return
         try:
-            held = _filelock.acquire(self._lock_path, deadline=deadline,
-                                     cancelled=lambda: self.fenced)
+            assert self._file_lock is not None, "a read-only index never writes"
+            held = self._file_lock.acquire(deadline=deadline, cancelled=lambda: self.fenced)
             try:
                 yield held is not None
             finally:
@@ -335,13 +335,9 @@ class Index:
 
     def projected_of(self, thread_ids: list[str]) -> dict[str, int]:
         """``projected_seq`` of those of ``thread_ids`` that have a row."""
-        found: dict[str, int] = {}
-        for start in range(0, len(thread_ids), 500):  # under SQLite's bound-parameter limit
-            chunk = thread_ids[start:start + 500]
-            found.update(self._readers.fetchall(
-                "the index", "SELECT thread_id, projected_seq FROM threads WHERE thread_id IN "
-                f"({', '.join('?' * len(chunk))})", chunk))
-        return found
+        return dict(self._readers.fetch_in(
+            "the index", "SELECT thread_id, projected_seq FROM threads WHERE thread_id IN ({keys})",
+            thread_ids))
 
     def failures(self, limit: int) -> list[tuple[str, str]]:
         """``(thread_id, error)`` of up to ``limit`` recorded failures, by thread id."""
@@ -381,6 +377,8 @@ class Index:
         self._readers.close()
         with self.write_lock:  # a fenced worker may still be in its (bounded) transaction
             self._conn.close()
+            if self._file_lock is not None:
+                self._file_lock.close()
 
 
 def _unstorable(error: BaseException) -> StorageError:
