@@ -35,7 +35,6 @@ _SET_MARK = "UPDATE index_meta SET value = ? WHERE key = 'history_mark'"
 _RECORD_FAILURE = ("INSERT OR REPLACE INTO failures (thread_id, generation, error) "
                    "SELECT ?1, ?2, ?3 WHERE NOT EXISTS (SELECT 1 FROM threads "
                    "WHERE thread_id = ?1 AND projected_seq >= ?2)")
-_CLEAR_FAILURE = "DELETE FROM failures WHERE thread_id = ? AND generation <= ?"
 _RULES_KEY = "rules"
 
 
@@ -186,7 +185,6 @@ class Index:
                 if self.fenced:  # interrupted by close() (see fence)
                     raise StoreClosed(closed) from exc
                 raise
-            self._clear_failures([r for r in rows if r.meta.thread_id not in errors])
             epoch = self._bump(history_mark)
             if self.fenced:  # close() gave up waiting for this transaction: write nothing
                 raise StoreClosed(closed)
@@ -203,15 +201,6 @@ class Index:
             self.history.acknowledge([(r.meta.thread_id, r.meta.projected_seq) for r in rows
                                       if r.meta.thread_id not in errors], epoch)
         return stored
-
-    def _clear_failures(self, rows: list[RowWrite]) -> None:
-        """A row written clears its thread's recorded failure (in the rows' transaction).
-
-        Failures are rare: one cheap probe per transaction, and a delete only when any.
-        """
-        if rows and self._conn.execute("SELECT 1 FROM failures LIMIT 1").fetchone():
-            self._conn.executemany(_CLEAR_FAILURE, [(r.meta.thread_id, r.meta.projected_seq)
-                                                    for r in rows])
 
     def record_failures(self, failures: Sequence[Failure]) -> None:
         """Record projections that failed for good (``MetadataIndex.record_failures``)."""
