@@ -23,6 +23,8 @@ import base64
 import binascii
 import enum
 import json
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Protocol, Sequence
@@ -207,6 +209,30 @@ def decode_cursor(cursor: object, filters: list[object]) -> tuple[int, str]:
             or not THREAD_ID_PATTERN.fullmatch(thread_id)):
         raise problem
     return recency_us, thread_id
+
+
+# -- what every backend's fence does ----------------------------------------------------
+
+
+def stop_writer(write_lock: threading.Lock, interrupt: Callable[[float], bool],
+                timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for the writer holding ``write_lock`` to let go,
+    calling ``interrupt(seconds_left)`` each round to cut its running statement short (a
+    new one may have started meanwhile); ``False`` if it did not let go in time, or
+    ``interrupt`` says there is nothing left to interrupt. For :meth:`MetadataIndex.fence`,
+    once the backend set its fenced flag.
+    """
+    end = time.monotonic() + timeout
+    acquired = write_lock.acquire(blocking=False)
+    while not acquired:
+        if not interrupt(end - time.monotonic()):
+            return False
+        left = end - time.monotonic()
+        if left <= 0:
+            return False
+        acquired = write_lock.acquire(timeout=min(0.05, left))
+    write_lock.release()
+    return True
 
 
 # -- ports ------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from ._errors import is_transient, translate
 from ...errors import StorageError, ThreadStoreError
 from ...model import TEXT_FIELDS, Page, ThreadMetadata, us_from_utc, utc_from_us
 from ...storage import (Checkpoint, CommitOutcome, CommitResult, Failure, ListQuery, RowWrite,
-                        encode_cursor)
+                        encode_cursor, stop_writer)
 
 log = logging.getLogger("thread_store")
 _TIMES = ("created_at", "updated_at", "recency_at", "archived_at")
@@ -255,20 +255,16 @@ class Index:
         """Stop every write of this process (close): set ``fenced``, cancel the running
         transaction's statement, and wait up to ``timeout`` for the writer to let go."""
         self.fenced = True
-        end = time.monotonic() + timeout
-        acquired = self.write_lock.acquire(blocking=False)
-        while not acquired:
-            active = self._active
-            if active is not None:
-                try:
-                    active.cancel_safe(timeout=max(0.01, min(1.0, end - time.monotonic())))
-                except psycopg.Error:
-                    pass
-            left = end - time.monotonic()
-            if left <= 0:
-                return False
-            acquired = self.write_lock.acquire(timeout=min(0.05, left))
-        self.write_lock.release()
+        return stop_writer(self.write_lock, self._cancel_active, timeout)
+
+    def _cancel_active(self, left: float) -> bool:
+        """Cancel the running write transaction's statement, if any (for fence)."""
+        active = self._active
+        if active is not None:
+            try:
+                active.cancel_safe(timeout=max(0.01, min(1.0, left)))
+            except psycopg.Error:
+                pass  # it ended meanwhile, or the connection is gone: nothing to stop
         return True
 
     # -- reads ----------------------------------------------------------------------------

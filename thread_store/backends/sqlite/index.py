@@ -20,7 +20,8 @@ from ._index_schema import MIGRATIONS, SCHEMA_VERSION, SELECT, UPSERT, metadata_
 from ._listing import list_page
 from ...errors import StorageError, StoreClosed, ThreadStoreError
 from ...model import Page, ThreadMetadata
-from ...storage import Checkpoint, CommitOutcome, CommitResult, Failure, ListQuery, RowWrite
+from ...storage import (Checkpoint, CommitOutcome, CommitResult, Failure, ListQuery, RowWrite,
+                        stop_writer)
 
 log = logging.getLogger("thread_store")
 #: The file lock of index writers, beside ``index.db``.
@@ -240,18 +241,15 @@ class Index:
         lock within ``timeout`` seconds.
         """
         self.fenced = True
-        end = time.monotonic() + timeout
-        acquired = self.write_lock.acquire(blocking=False)
-        while not acquired:
-            try:
-                self._conn.interrupt()  # each round: a new statement may have started
-            except sqlite3.Error:
-                return False  # the connection is closed already
-            left = end - time.monotonic()
-            if left <= 0:
-                return False
-            acquired = self.write_lock.acquire(timeout=min(0.05, left))
-        self.write_lock.release()
+        return stop_writer(self.write_lock, self._interrupt, timeout)
+
+    def _interrupt(self, left: float) -> bool:
+        """Cut the writer's running statement short (safe from any thread); ``False`` once
+        the connection is closed already."""
+        try:
+            self._conn.interrupt()
+        except sqlite3.Error:
+            return False
         return True
 
     def delete_row(self, thread_id: str) -> None:
