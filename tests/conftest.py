@@ -126,6 +126,7 @@ _CANNOT = {
     "durability_full": "take durability='full'",
     "backup": "back a store up",
     "files": "keep a store in files on this machine",
+    "exclusive_rebuild": "refuse rebuild_index beside another writer yet",
 }
 
 

@@ -37,17 +37,29 @@ HANG = 30.0
 Spawn = Callable[..., WriterChild]
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def shared_backend(request: pytest.FixtureRequest, store_path: Path) -> Iterator[Backend]:
+    """Each backend that several processes share: the embedded store, and PostgreSQL."""
+    opened = Backend(request.param, store_path, request)
+    try:
+        yield opened
+    finally:
+        opened.close_all()
+
+
 @pytest.fixture
-def spawn(store_path: Path) -> Iterator[Spawn]:
-    """Start writer children; ``spawn(open=True, **open_args)`` opens ``store_path`` in the
-    child first. Every child is killed (if still alive) and reaped after the test."""
+def spawn(shared_backend: Backend) -> Iterator[Spawn]:
+    """Start writer children; ``spawn(open=True, **open_args)`` opens the test's store in
+    the child first. Every child is killed (if still alive) and reaped after the test."""
     children: list[WriterChild] = []
+    place = shared_backend.place
 
     def start(open: bool = True, **open_args: Any) -> WriterChild:
         child = WriterChild()
         children.append(child)
         if open:
-            child.call("open", path=str(store_path), **open_args)
+            open_args["options"] = {**place.options, **open_args.get("options", {})}
+            child.call("open", path=str(place.target), **open_args)
         return child
 
     try:
@@ -123,31 +135,31 @@ def _concurrent_appends(store: ThreadStore, spawn: Spawn, *, children: int, coun
 
 
 def test_concurrent_appends_from_several_processes_keep_every_thread_whole(
-        sqlite_store: ThreadStore, spawn: Spawn) -> None:
-    _concurrent_appends(sqlite_store, spawn, children=3, count=200, threads=5)
+        shared_backend: Backend, spawn: Spawn) -> None:
+    _concurrent_appends(shared_backend.open_store(), spawn, children=3, count=200, threads=5)
 
 
 @pytest.mark.slow
 def test_concurrent_appends_from_several_processes_keep_every_thread_whole_long(
-        sqlite_store: ThreadStore, spawn: Spawn) -> None:
-    _concurrent_appends(sqlite_store, spawn, children=4, count=2000, threads=8)
+        shared_backend: Backend, spawn: Spawn) -> None:
+    _concurrent_appends(shared_backend.open_store(), spawn, children=4, count=2000, threads=8)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("round_", range(5))
 def test_concurrent_appends_with_a_writer_killed_midway_long(
-        sqlite_store: ThreadStore, spawn: Spawn, round_: int) -> None:
-    _concurrent_appends(sqlite_store, spawn, children=3, count=1000, threads=5,
+        shared_backend: Backend, spawn: Spawn, round_: int) -> None:
+    _concurrent_appends(shared_backend.open_store(), spawn, children=3, count=1000, threads=5,
                         kill=round_ % 3)
 
 
 # -- barriers across processes -----------------------------------------------------------------
 
 
-def test_flush_waits_for_appends_of_another_process(sqlite_backend: Backend, spawn: Spawn) -> None:
+def test_flush_waits_for_appends_of_another_process(shared_backend: Backend, spawn: Spawn) -> None:
     """§1.11: a generation is a position in the store; B's flush covers A's appends, and the
     default target is the head in the store at call time (B has no state for the thread)."""
-    b = sqlite_backend.open_store(catch_up_after=NEVER)
+    b = shared_backend.open_store(catch_up_after=NEVER)
     a = spawn()
     a.call("pause")  # so B must do or take over the work
     tid = a.call("create", metadata={"cwd": "/from/a"})
@@ -161,10 +173,10 @@ def test_flush_waits_for_appends_of_another_process(sqlite_backend: Backend, spa
 
 
 def test_flush_wakes_when_the_projection_of_another_process_commits(
-        sqlite_backend: Backend, spawn: Spawn, tmp_path: Path) -> None:
+        shared_backend: Backend, spawn: Spawn, tmp_path: Path) -> None:
     """A waiter in B is served by A's attempt in flight (or takes the work over): it returns
     once a projection covering its target commits, whichever process ran it."""
-    b = sqlite_backend.open_store(catch_up_after=NEVER)
+    b = shared_backend.open_store(catch_up_after=NEVER)
     a = spawn(block_threads=["gated"], signal_dir=str(tmp_path))
     a.call("create", thread_id="gated")
     generation = a.call("append", thread_id="gated", items=[user_msg("projected in A")])
@@ -183,9 +195,9 @@ def test_flush_wakes_when_the_projection_of_another_process_commits(
     a.exit()
 
 
-def test_a_barrier_never_waits_on_a_dead_process(sqlite_backend: Backend, spawn: Spawn) -> None:
+def test_a_barrier_never_waits_on_a_dead_process(shared_backend: Backend, spawn: Spawn) -> None:
     """A appended with its projection paused and died: B's barrier does the work itself."""
-    b = sqlite_backend.open_store(catch_up_after=NEVER)
+    b = shared_backend.open_store(catch_up_after=NEVER)
     a = spawn()
     a.call("pause")
     tid = a.call("create")
@@ -196,11 +208,11 @@ def test_a_barrier_never_waits_on_a_dead_process(sqlite_backend: Backend, spawn:
     assert _status(b, tid) == (2, 2, False)
 
 
-def test_a_process_killed_mid_projection_blocks_no_one(sqlite_backend: Backend, spawn: Spawn,
+def test_a_process_killed_mid_projection_blocks_no_one(shared_backend: Backend, spawn: Spawn,
                                                        tmp_path: Path) -> None:
     """§6: a process that dies inside a projection attempt (its hook holds it there) leaves
     nothing that blocks the others: B's barrier and B's discard go ahead at once."""
-    b = sqlite_backend.open_store(catch_up_after=NEVER)
+    b = shared_backend.open_store(catch_up_after=NEVER)
     a = spawn(block_threads=["stuck", "gone"], signal_dir=str(tmp_path))
     for tid in ("stuck", "gone"):
         a.call("create", thread_id=tid)
@@ -217,11 +229,11 @@ def test_a_process_killed_mid_projection_blocks_no_one(sqlite_backend: Backend, 
     assert assert_converged(b, timeout=HANG) == 2
 
 
-def test_work_of_a_killed_process_is_caught_up_without_a_barrier(sqlite_backend: Backend,
+def test_work_of_a_killed_process_is_caught_up_without_a_barrier(shared_backend: Backend,
                                                                   spawn: Spawn) -> None:
     """§1.11: live processes catch up a dead one's work within ``catch_up_after``, with no
     restart and no barrier (B never flushes here)."""
-    b = sqlite_backend.open_store(catch_up_after=SOON)  # open before A appends
+    b = shared_backend.open_store(catch_up_after=SOON)  # open before A appends
     a = spawn()
     a.call("pause")
     tid = a.call("create")
@@ -233,11 +245,11 @@ def test_work_of_a_killed_process_is_caught_up_without_a_barrier(sqlite_backend:
 
 
 def test_a_paused_process_work_is_taken_over_by_barriers_and_caught_up_by_others(
-        sqlite_backend: Backend, spawn: Spawn) -> None:
+        shared_backend: Backend, spawn: Spawn) -> None:
     """§1.11: ``pause_projection`` holds only its own process. Other processes' barriers
     take its work over at once (``flush`` and ``flush_all`` in B, whose catch-up never
     comes), and their catch-up reaches it after ``catch_up_after`` (C, with no barrier)."""
-    b = sqlite_backend.open_store(catch_up_after=NEVER)
+    b = shared_backend.open_store(catch_up_after=NEVER)
     a = spawn()
     a.call("pause")
     x, y, z = (a.call("create", thread_id=t) for t in ("x", "y", "z"))
@@ -260,10 +272,10 @@ def test_a_paused_process_work_is_taken_over_by_barriers_and_caught_up_by_others
 # -- removal across processes ------------------------------------------------------------------
 
 
-def test_discard_in_one_process_is_final_in_another(sqlite_backend: Backend, spawn: Spawn) -> None:
+def test_discard_in_one_process_is_final_in_another(shared_backend: Backend, spawn: Spawn) -> None:
     """§1.7, §1.11: after A discards, B's calls raise ThreadDiscarded, and B's own pending
     work for the thread never writes it back."""
-    b = sqlite_backend.open_store()
+    b = shared_backend.open_store()
     tid = b.create_thread()
     b.append_and_flush(tid, [user_msg("ephemeral")], timeout=HANG)
     b.pause_projection()
@@ -300,11 +312,11 @@ def test_discard_in_one_process_is_final_in_another(sqlite_backend: Backend, spa
 
 
 def test_delete_and_recreate_in_one_process_beats_stale_state_in_another(
-        sqlite_backend: Backend, spawn: Spawn) -> None:
+        shared_backend: Backend, spawn: Spawn) -> None:
     """§1.11: none can write a projection over a newer one. B projected the old thread
     and holds work for it; A deletes the id and creates it anew; B's stale state never
     writes old metadata into the new thread, and B's appends continue the new one."""
-    b = sqlite_backend.open_store()
+    b = shared_backend.open_store()
     tid = "reused-id"
     b.create_thread(tid)
     assert b.append(tid, [user_msg("old"), plain(1), plain(2)]) == 3
@@ -331,10 +343,10 @@ def test_delete_and_recreate_in_one_process_beats_stale_state_in_another(
 # -- idempotency, status, rules ----------------------------------------------------------------
 
 
-def test_idempotency_key_holds_across_processes(sqlite_backend: Backend, spawn: Spawn) -> None:
+def test_idempotency_key_holds_across_processes(shared_backend: Backend, spawn: Spawn) -> None:
     """§3: a key is the thread's, whichever process appended first; racing the same keyed
     append from two processes writes it once and gives both the same generation."""
-    b = sqlite_backend.open_store()
+    b = shared_backend.open_store()
     tid = b.create_thread()
     a = spawn()
     items = [user_msg("once"), plain(1)]
@@ -362,10 +374,10 @@ def test_idempotency_key_holds_across_processes(sqlite_backend: Backend, spawn: 
     c.exit()
 
 
-def test_status_is_the_stores_from_every_process(sqlite_backend: Backend, spawn: Spawn) -> None:
+def test_status_is_the_stores_from_every_process(shared_backend: Backend, spawn: Spawn) -> None:
     """§1.11: an attempt that failed for good in A (A's hook refuses the thread) shows as
     ``last_error`` in B; B's successful flush (B has no hook) clears it for A too."""
-    b = sqlite_backend.open_store()
+    b = shared_backend.open_store()
     tid = b.create_thread()
     b.pause_projection()  # so only A attempts the thread, until B flushes
     a = spawn(fail_threads=[tid])
@@ -385,24 +397,25 @@ def test_status_is_the_stores_from_every_process(sqlite_backend: Backend, spawn:
     a.exit()
 
 
-def test_other_fold_rules_are_refused_beside_a_writer(sqlite_backend: Backend, spawn: Spawn) -> None:
+def test_other_fold_rules_are_refused_beside_a_writer(shared_backend: Backend, spawn: Spawn) -> None:
     """§1.11: the fold rules belong to the store, also while another process writes."""
-    b = sqlite_backend.open_store()
+    b = shared_backend.open_store()
     b.append_and_flush(b.create_thread(), [user_msg("folded by the default rules")], timeout=HANG)
     a = spawn(open=False)
-    refused = a.error("open", path=str(sqlite_backend.path), other_rules=True)
+    place = shared_backend.place
+    refused = a.error("open", path=str(place.target), options=dict(place.options), other_rules=True)
     assert refused.kind == "InvalidArgument", refused
-    a.call("open", path=str(sqlite_backend.path))  # the store's own rules open beside B
+    a.call("open", path=str(place.target), options=dict(place.options))  # its own rules open
     a.exit()
 
 
 # -- shutdown ----------------------------------------------------------------------------------
 
 
-def test_close_drains_its_own_work_and_leaves_the_rest(sqlite_backend: Backend, spawn: Spawn) -> None:
+def test_close_drains_its_own_work_and_leaves_the_rest(shared_backend: Backend, spawn: Spawn) -> None:
     """§1.8: ``close`` drains what its process accepted (A's coalescing delay would hold it
     for a minute) and leaves other processes' work behind, for them."""
-    b = sqlite_backend.open_store()
+    b = shared_backend.open_store()
     a = spawn(options={"coalesce_delay": 60.0, "catch_up_after": NEVER})
     b.pause_projection()  # so B projects nothing, A's or its own
     left = b.create_thread()
@@ -421,12 +434,13 @@ def test_close_drains_its_own_work_and_leaves_the_rest(sqlite_backend: Backend, 
 # -- what still needs the store to itself ------------------------------------------------------
 
 
-def test_rebuild_index_needs_the_store_to_itself(sqlite_backend: Backend, spawn: Spawn) -> None:
+def test_rebuild_index_needs_the_store_to_itself(shared_backend: Backend, spawn: Spawn) -> None:
     """§7: with writers open, a rebuild raises StoreLocked naming them, and changes nothing;
     read-only stores may stay open, and follow the rebuilt index."""
-    path = sqlite_backend.path
+    shared_backend.requires("exclusive_rebuild")
+    path = shared_backend.path
     assert path is not None
-    b = sqlite_backend.open_store()
+    b = shared_backend.open_store()
     tid = b.create_thread()
     b.append_and_flush(tid, [user_msg("kept")], timeout=HANG)
     c = spawn()  # a second writer
@@ -448,10 +462,10 @@ def test_rebuild_index_needs_the_store_to_itself(sqlite_backend: Backend, spawn:
     a.exit()
 
 
-def test_two_stores_in_one_process_both_write(sqlite_backend: Backend) -> None:
+def test_two_stores_in_one_process_both_write(shared_backend: Backend) -> None:
     """§6: a second store on the same directory in the same process is one more writer."""
-    first = sqlite_backend.open_store()
-    second = sqlite_backend.open_store()
+    first = shared_backend.open_store()
+    second = shared_backend.open_store()
     tid = first.create_thread()
     assert first.append(tid, [user_msg("from the first")]) == 1
     assert second.append(tid, [plain(1)]) == 2

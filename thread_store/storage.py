@@ -173,6 +173,8 @@ class Capabilities:
     backup: bool
     #: The store lives in files on this machine (file modes, crash tests with kill -9).
     files: bool
+    #: ``rebuild_index`` refuses to run while another writer has the store open.
+    exclusive_rebuild: bool = False
 
 
 # -- the keyset cursor, the same on every backend ---------------------------------------

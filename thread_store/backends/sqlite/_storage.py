@@ -30,7 +30,7 @@ def _writing(root: Path, lock_file: str, read_only: bool) -> AbstractContextMana
 
 
 CAPABILITIES = Capabilities(reopen=True, read_only=True, durability_full=True, backup=True,
-                            files=True)
+                            files=True, exclusive_rebuild=True)
 
 
 class SQLiteStorage:
