@@ -20,7 +20,9 @@ flushed at once, in order. A reply is ``{"ok": true, "result": ...}``, or ``{"ok
   item each (``_child._items``), to threads picked at random; each item's
   ``payload.token`` is ``"<child>/<n>"``, ``n`` counting the appends; every
   ``flush_every``-th is an ``append_and_flush``. Result: ``[[thread_id, generation,
-  n], ...]``, one entry per acknowledged append, in order.
+  n, flushed], ...]``, one entry per acknowledged append, in order; for an
+  ``append_and_flush`` (``flushed``) the generation is the ``projected_seq`` it returned,
+  which covers the append and maybe later ones of other processes.
 - ``flush thread_id [generation] [timeout]`` -> the metadata; ``flush_all [timeout]``.
 - ``read_thread thread_id`` -> the metadata; ``read_history thread_id`` -> ``[[seq, item],
   ...]``; ``status thread_id`` -> the ``ThreadStatus`` fields.
@@ -212,10 +214,11 @@ class Session:
             thread_id = rng.choice(threads)
             item = _items(rng, iter([f"{child}/{n}"]), 1)[0]
             if flush_every and n % flush_every == flush_every - 1:
-                generation = store.append_and_flush(thread_id, [item], timeout=60.0).projected_seq
+                # The metadata covers this append, and maybe later ones of other processes.
+                covered = store.append_and_flush(thread_id, [item], timeout=60.0).projected_seq
+                acks.append([thread_id, covered, n, True])
             else:
-                generation = store.append(thread_id, [item])
-            acks.append([thread_id, generation, n])
+                acks.append([thread_id, store.append(thread_id, [item]), n, False])
         return acks
 
     def close(self, timeout: float | None = 10.0) -> None:

@@ -118,10 +118,15 @@ def _concurrent_appends(store: ThreadStore, spawn: Spawn, *, children: int, coun
             mine = [n for child, n in marks if child == f"c{c}"]
             assert mine == sorted(set(mine)), (tid, c)
     assert len(set(stored.values())) == len(stored), "an item was written twice"
+    where = {mark: key for key, mark in stored.items()}
     for child, acks in acked.items():
-        assert [n for _, _, n in acks] == list(range(count)), child
-        for tid, generation, n in acks:
-            assert stored.get((tid, generation)) == (child, n), (child, tid, generation, n)
+        assert [n for _, _, n, _ in acks] == list(range(count)), child
+        for tid, generation, n, flushed in acks:
+            if flushed:  # append_and_flush: its item is stored at or below what it covered
+                seq_tid, seq = where[(child, n)]
+                assert seq_tid == tid and seq <= generation, (child, tid, generation, n)
+            else:
+                assert stored.get((tid, generation)) == (child, n), (child, tid, generation, n)
     if kill is None:  # (the killed child's items are whatever it committed, each once)
         assert len(stored) == children * count, "items nobody acknowledged were written"
 
