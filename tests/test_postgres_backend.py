@@ -524,3 +524,36 @@ def test_async_store(pg_url: str, schema: str) -> None:
             assert [m.thread_id for m in page.threads] == [tid]
 
     asyncio.run(main())
+
+
+# -- scaling out: the schema Citus can distribute by thread_id (DESIGN §6) --------------------
+
+
+def test_every_table_is_keyed_by_thread_id_first_with_no_sequence_or_foreign_key(
+        storage: PostgresStorage, pg_url: str, schema: str) -> None:
+    """Each data table's primary key starts with ``thread_id`` (so every table can be
+    distributed and colocated by it), and nothing is global: no sequence, no foreign key,
+    no identity column. ``store_meta`` is the one reference table (a few keys)."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        keys = conn.execute(
+            "SELECT tc.table_name, array_agg(k.column_name::text ORDER BY k.ordinal_position) "
+            "FROM information_schema.table_constraints tc JOIN information_schema.key_column_usage k "
+            "USING (constraint_schema, constraint_name) WHERE tc.constraint_schema = %s "
+            "AND tc.constraint_type = 'PRIMARY KEY' GROUP BY tc.table_name", (schema,)).fetchall()
+        tables = {t for (t,) in conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (schema,))}
+        sequences = conn.execute("SELECT count(*) FROM information_schema.sequences "
+                                 "WHERE sequence_schema = %s", (schema,)).fetchone()
+        foreign = conn.execute("SELECT count(*) FROM information_schema.table_constraints WHERE "
+                               "constraint_schema = %s AND constraint_type = 'FOREIGN KEY'",
+                               (schema,)).fetchone()
+        identity = conn.execute("SELECT count(*) FROM information_schema.columns WHERE "
+                                "table_schema = %s AND (is_identity = 'YES' OR column_default "
+                                "LIKE 'nextval%%')", (schema,)).fetchone()
+    primary = dict(keys)
+    assert tables == set(primary), "every table has a primary key"
+    data = {t: cols for t, cols in primary.items() if t != "store_meta"}
+    assert {"threads", "items", "meta"} <= set(data)
+    assert all(cols[0] == "thread_id" for cols in data.values()), data
+    assert primary["store_meta"] == ["key"]
+    assert (sequences, foreign, identity) == ((0,), (0,), (0,))
