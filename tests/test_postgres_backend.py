@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from conftest import new_schema, plain, user_msg
 
-from thread_store import (AsyncThreadStore, InvalidArgument, ProjectionFailed, ReadOnlyStore,
+from thread_store import (AsyncThreadStore, FlushTimeout, InvalidArgument, ProjectionFailed, ReadOnlyStore,
                           ThreadDiscarded, ThreadNotFound, ThreadStore)
 from thread_store.backends.postgres import PostgresStorage
 from thread_store.errors import (NotAThreadStore, SchemaTooNew, StorageError, ThreadExists,
@@ -557,3 +557,21 @@ def test_every_table_is_keyed_by_thread_id_first_with_no_sequence_or_foreign_key
     assert all(cols[0] == "thread_id" for cols in data.values()), data
     assert primary["store_meta"] == ["key"]
     assert (sequences, foreign, identity) == ((0,), (0,), (0,))
+
+
+def test_a_held_metadata_row_lock_leaves_appends_alone_and_barriers_on_time(
+        store: ThreadStore, pg_url: str, schema: str) -> None:
+    """Issue 12 point 4: another session holds a thread's projection row; appends (which
+    lock only the head row) go on, and a barrier raises FlushTimeout on time."""
+    tid = store.create_thread()
+    store.append_and_flush(tid, [user_msg("first")], timeout=30)
+    with psycopg.connect(pg_url) as other:
+        other.execute(f"SELECT 1 FROM {schema}.meta WHERE thread_id = %s FOR UPDATE", (tid,))
+        assert store.append(tid, [user_msg("second")]) == 2  # not blocked by the row lock
+        started = time.monotonic()
+        with pytest.raises(FlushTimeout) as info:
+            store.flush(tid, timeout=0.5)
+        assert time.monotonic() - started < 0.5 + 2.0  # the timeout plus a scheduling margin
+        assert (info.value.target, info.value.projected) == (2, 1)
+        other.rollback()  # let go of the row
+    assert store.flush(tid, timeout=30).title == "first" and store.status(tid).projected_seq == 2

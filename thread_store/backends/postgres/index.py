@@ -60,6 +60,10 @@ class _Fenced(Exception):
     """Raised inside a transaction to roll it back: close() fenced the index."""
 
 
+class _Busy(Exception):
+    """Another session held a row past the caller's deadline: nothing was written."""
+
+
 def _row_to_metadata(row: Sequence[Any]) -> ThreadMetadata:
     values: dict[str, Any] = dict(zip(_READ_COLUMNS, row))
     usage = values["token_usage"]
@@ -176,6 +180,8 @@ class Index:
                 errors.update(self._write(live, deadline))
             except _Fenced:
                 return CommitResult(CommitOutcome.FENCED)
+            except _Busy:
+                return CommitResult(CommitOutcome.BUSY)
             self.last_write = time.monotonic()
             return CommitResult(CommitOutcome.COMMITTED, errors, refused, gone)
         finally:
@@ -192,26 +198,33 @@ class Index:
                 self._active = conn
                 try:
                     try:
-                        self._transaction(conn, live, per_row=None)
+                        self._transaction(conn, live, None, deadline)
                         return {}
                     except psycopg.Error as exc:
                         if is_transient(exc) or self.fenced:
                             raise
                     errors: dict[str, ThreadStoreError] = {}
-                    self._transaction(conn, live, per_row=errors)
+                    self._transaction(conn, live, errors, deadline)
                     return errors
                 finally:
                     self._active = None
         except psycopg.Error as exc:
             if self.fenced:
                 raise _Fenced() from exc
+            if deadline is not None and isinstance(exc, psycopg.errors.LockNotAvailable):
+                raise _Busy() from exc
             raise translate(exc, f"{what} at {self._db.description}",
                             secret=self._db.secret) from exc
 
     def _transaction(self, conn: psycopg.Connection[Any], live: list[tuple[str, tuple[Any, ...]]],
-                     per_row: dict[str, ThreadStoreError] | None) -> None:
+                     per_row: dict[str, ThreadStoreError] | None, deadline: float | None) -> None:
         with conn.transaction():
             conn.execute("SET LOCAL synchronous_commit = off")
+            if deadline is not None:
+                # A barrier running its own attempt never waits for another session's
+                # row lock past its deadline: it hands the work to the worker (BUSY).
+                wait_ms = max(1, int((deadline - time.monotonic()) * 1000))
+                conn.execute(f"SET LOCAL lock_timeout = {wait_ms}")
             if per_row is None:
                 with conn.cursor() as cur:
                     cur.executemany(self._upsert, [v for _, v in live])
