@@ -575,3 +575,12 @@ def test_a_held_metadata_row_lock_leaves_appends_alone_and_barriers_on_time(
         assert (info.value.target, info.value.projected) == (2, 1)
         other.rollback()  # let go of the row
     assert store.flush(tid, timeout=30).title == "first" and store.status(tid).projected_seq == 2
+
+
+def test_a_barrier_with_the_longest_timeout_projects(store: ThreadStore) -> None:
+    """Found by the fuzzer: a deadline-bounded attempt sets ``lock_timeout`` from its
+    timeout, which PostgreSQL caps at 2**31 - 1 ms; a longer one must still project."""
+    tid = store.create_thread()
+    store.append(tid, [user_msg("patient")])
+    assert store.flush(tid, timeout=1e9).title == "patient"
+    assert store.append_and_flush(tid, [plain(1)], timeout=1e9).item_count == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -12,6 +13,17 @@ from psycopg import sql
 
 from ._errors import password_of, redact, translate
 from ...errors import InvalidArgument, ThreadStoreError
+
+
+#: The longest ``lock_timeout`` PostgreSQL takes, in milliseconds (a 32-bit integer).
+_MAX_LOCK_TIMEOUT_MS = 2**31 - 1
+
+
+def wait_for_locks_until(conn: psycopg.Connection[Any], deadline: float) -> None:
+    """In a transaction: wait for another session's row lock at most until ``deadline``
+    (monotonic), after which the statement fails with ``LockNotAvailable``."""
+    wait_ms = min(max(1, int((deadline - time.monotonic()) * 1000)), _MAX_LOCK_TIMEOUT_MS)
+    conn.execute(f"SET LOCAL lock_timeout = {wait_ms}")
 
 
 @dataclass(frozen=True, slots=True)

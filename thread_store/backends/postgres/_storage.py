@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 
 from . import _schema
-from ._db import Database, PoolOptions
+from ._db import Database, PoolOptions, wait_for_locks_until
 from .history import History
 from .index import Index
 from ...errors import DiscardTimeout, InvalidArgument, StoreClosed, ThreadDiscarded, ThreadNotFound
@@ -164,8 +164,7 @@ class PostgresStorage:
                 raise StoreClosed(f"the store closed; thread {thread_id!r} was not removed")
             with self._db.connection("removing a thread") as conn, conn.transaction():
                 if deadline is not None:
-                    wait_ms = max(1, int((deadline - time.monotonic()) * 1000))
-                    conn.execute(f"SET LOCAL lock_timeout = {wait_ms}")
+                    wait_for_locks_until(conn, deadline)
                 try:
                     row = conn.execute(self._db.q(_LOCK_THREAD), (thread_id,)).fetchone()
                 except psycopg.errors.LockNotAvailable as exc:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import psycopg
 
-from ._db import Database
+from ._db import Database, wait_for_locks_until
 from ._errors import is_transient, translate
 from ...errors import StorageError, ThreadStoreError
 from ...model import TEXT_FIELDS, Page, ThreadMetadata, us_from_utc, utc_from_us
@@ -223,8 +223,7 @@ class Index:
             if deadline is not None:
                 # A barrier running its own attempt never waits for another session's
                 # row lock past its deadline: it hands the work to the worker (BUSY).
-                wait_ms = max(1, int((deadline - time.monotonic()) * 1000))
-                conn.execute(f"SET LOCAL lock_timeout = {wait_ms}")
+                wait_for_locks_until(conn, deadline)
             if per_row is None:
                 with conn.cursor() as cur:
                     cur.executemany(self._upsert, [v for _, v in live])
