@@ -12,8 +12,9 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-import uuid
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -191,27 +192,31 @@ class Backend:
                 opened.close()
 
 
+@contextmanager
+def opened_backend(name: str, store_path: Path, request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """The backend ``name`` for one test; the stores it opened are closed afterwards."""
+    opened = Backend(name, store_path, request)
+    try:
+        yield opened
+    finally:
+        opened.close_all()
+
+
 @pytest.fixture(params=list(BACKENDS))
 def backend(request: pytest.FixtureRequest, store_path: Path) -> Iterator[Backend]:
     """Each backend in turn (the test id names it); its stores are closed after the test.
 
     A backend with a server starts it here, on the first test that needs it.
     """
-    opened = Backend(request.param, store_path, request)
-    try:
+    with opened_backend(request.param, store_path, request) as opened:
         yield opened
-    finally:
-        opened.close_all()
 
 
 @pytest.fixture
 def sqlite_backend(request: pytest.FixtureRequest, store_path: Path) -> Iterator[Backend]:
     """The embedded SQLite backend alone, for tests of its own files, locks and recovery."""
-    opened = Backend("sqlite", store_path, request)
-    try:
+    with opened_backend("sqlite", store_path, request) as opened:
         yield opened
-    finally:
-        opened.close_all()
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import pytest
 from _child import assert_converged
 from _writer_child import ChildError, WriterChild
-from conftest import Backend, in_thread, plain, user_msg, wait_for
+from conftest import Backend, in_thread, opened_backend, plain, user_msg, wait_for
 
 from thread_store import InvalidArgument, ThreadDiscarded, ThreadMetadata, ThreadStore
 
@@ -40,11 +40,8 @@ Spawn = Callable[..., WriterChild]
 @pytest.fixture(params=["sqlite", "postgres"])
 def shared_backend(request: pytest.FixtureRequest, store_path: Path) -> Iterator[Backend]:
     """Each backend that several processes share: the embedded store, and PostgreSQL."""
-    opened = Backend(request.param, store_path, request)
-    try:
+    with opened_backend(request.param, store_path, request) as opened:
         yield opened
-    finally:
-        opened.close_all()
 
 
 @pytest.fixture
