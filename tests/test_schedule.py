@@ -3,6 +3,7 @@ settling attempts, removal and the idle cache."""
 
 from __future__ import annotations
 
+import math
 import threading
 
 import pytest
@@ -43,8 +44,49 @@ def test_the_first_due_thread_opens_a_batch_for_all_scheduled_but_those_backing_
     assert schedule.due(NOW, limit=10) == ([], NOW + DELAY)
     assert schedule.due(NOW + DELAY, limit=10) == ([a, b], NOW + DELAY)
     assert schedule.due(NOW + DELAY, limit=1) == ([a], NOW + DELAY)
+    assert schedule.due(NOW + 5, limit=10) == ([c, a, b], NOW + DELAY)  # retries first
     schedule.closing = True  # everything scheduled is due at once
-    assert schedule.due(NOW, limit=10) == ([a, b, c], NOW + DELAY)
+    assert schedule.due(NOW, limit=10) == ([c, a, b], NOW + DELAY)
+
+
+def test_a_waiter_cutting_a_backoff_moves_the_thread_to_the_due_queue() -> None:
+    schedule = _new()
+    st = schedule.states["a"] = ThreadState("a", 1, 0)
+    schedule.schedule(st, NOW + 5, backoff=True)
+    assert schedule.due(NOW, limit=10) == ([], NOW + 5)
+    schedule.schedule(st, NOW, cut_backoff=True)
+    assert st.phase is Phase.DUE and schedule.due(NOW, limit=10) == ([st], NOW)
+    schedule.claim(st, expedited=True)
+    assert not schedule.has_due and schedule.due(NOW + 10, limit=10) == ([], math.inf)
+
+
+def test_a_batch_costs_what_it_takes_not_what_is_queued() -> None:
+    """Finding a batch among 20,000 queued threads looks at the batch, not at every
+    queued thread (counted through reads of the states' due times, not timed)."""
+
+    class Counted(ThreadState):
+        __slots__ = ("_due",)
+        reads = 0
+
+        @property
+        def due_at(self) -> float | None:
+            Counted.reads += 1
+            return self._due
+
+        @due_at.setter
+        def due_at(self, value: float | None) -> None:
+            self._due = value
+
+    schedule = _new()
+    states = [Counted(f"t{i}", 1, 0) for i in range(20_000)]
+    for st in states:
+        schedule.states[st.thread_id] = st
+        schedule.schedule(st, NOW + DELAY)
+    Counted.reads = 0
+    assert schedule.due(NOW, limit=64) == ([], NOW + DELAY)
+    batch, wake = schedule.due(NOW + DELAY, limit=64)
+    assert batch == states[:64] and wake == NOW + DELAY
+    assert Counted.reads < 100, Counted.reads
 
 
 def test_the_worker_is_woken_only_when_it_would_sleep_past_a_new_due_time() -> None:

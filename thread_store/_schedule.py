@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry.trace import SpanContext
 
+from ._due import DueQueue
 from ._outcomes import AttemptOutcome, LocalStatus, Result, Waiter
 from ._phases import SCHEDULABLE, Phase, RemovalKind
 from ._state import Claim, ThreadState
@@ -58,7 +59,8 @@ class Schedule:
     def __init__(self, coalesce_delay: float, retry: RetryPolicy, telemetry: Telemetry) -> None:
         #: Every thread this process knows something about, by id.
         self.states: dict[str, ThreadState] = {}
-        self._due: dict[str, ThreadState] = {}  # exactly the DUE and BACKING_OFF states
+        # Exactly the DUE states, and exactly the BACKING_OFF ones.
+        self._due, self._backing_off = DueQueue(), DueQueue()
         self._idle: OrderedDict[str, None] = OrderedDict()
         self._delay = coalesce_delay
         self._retry = retry
@@ -78,12 +80,14 @@ class Schedule:
 
     def clear(self) -> None:
         """Forget every thread (in a forked child, whose states belong to the parent)."""
-        self.states, self._due, self._idle = {}, {}, OrderedDict()
+        self.states, self._idle = {}, OrderedDict()
+        self._due.clear()
+        self._backing_off.clear()
 
     @property
     def has_due(self) -> bool:
         """Some thread is scheduled (``close`` drains until none is)."""
-        return bool(self._due)
+        return bool(self._due) or bool(self._backing_off)
 
     # -- events from the store ----------------------------------------------------------
 
@@ -134,9 +138,16 @@ class Schedule:
         A retry's ``backoff`` is kept against later appends, so a busy thread does not
         burn its retry budget; only a new waiter (``cut_backoff``) cuts it.
         """
-        if not st.schedule(due_at, backoff=backoff, cut_backoff=cut_backoff):
+        moved = st.schedule(due_at, backoff=backoff, cut_backoff=cut_backoff)
+        if st.phase not in (Phase.DUE, Phase.BACKING_OFF):
             return False
-        self._due[st.thread_id] = st
+        queue, other = ((self._backing_off, self._due) if st.phase is Phase.BACKING_OFF
+                        else (self._due, self._backing_off))
+        if moved or st.thread_id not in queue:
+            other.discard(st.thread_id)  # a new waiter cut its backoff short
+            queue.put(st)
+        if not moved:
+            return False
         # A busy or paused worker (wake time None) rescans the schedule before it sleeps.
         if self.wake_at is not None and due_at < self.wake_at:
             self.wake_at = due_at
@@ -166,22 +177,19 @@ class Schedule:
         appends are spread over threads. A thread backing off waits for its own due time,
         except while closing, when every scheduled thread is due.
         """
-        eligible = []
-        wake = math.inf
-        for st in self._due.values():
-            due_at = st.due_at if st.due_at is not None else now
-            if due_at <= now or self.closing or st.phase is not Phase.BACKING_OFF:
-                eligible.append(st)
-            wake = min(wake, due_at)
-        if eligible and (wake <= now or self.closing):
-            return eligible[:limit], wake
-        return [], wake
+        wake = min(self._due.earliest(), self._backing_off.earliest())
+        if wake > now and not (self.closing and self.has_due):
+            return [], wake
+        # Retries first: a steady stream of new work must not starve them.
+        batch = self._backing_off.due_by(math.inf if self.closing else now, limit)
+        return batch + self._due.first(limit - len(batch)), wake
 
     # -- attempts ---------------------------------------------------------------------
 
     def claim(self, st: ThreadState, *, expedited: bool) -> Claim:
         """Take ``st`` off the queue and start its attempt (:meth:`ThreadState.claim`)."""
-        self._due.pop(st.thread_id, None)
+        self._due.discard(st.thread_id)
+        self._backing_off.discard(st.thread_id)
         self.in_flight += 1
         self.counts.attempts += 1
         return st.claim(expedited=expedited)
@@ -285,7 +293,8 @@ class Schedule:
         elif not st.live:
             raise st.gone_error()
         st.begin_removal(kind)
-        self._due.pop(thread_id, None)
+        self._due.discard(thread_id)
+        self._backing_off.discard(thread_id)
         self._idle.pop(thread_id, None)
         return st
 
