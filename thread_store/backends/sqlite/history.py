@@ -25,6 +25,7 @@ from ._filelock import ProcessLock
 from ._acks import AckBatch
 from ._marks import BehindMarks
 from ._history_schema import MIGRATIONS, SCHEMA_VERSION
+from ..._lru import LRU
 from ...errors import InvalidArgument, StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
 from ...model import EncodedItem
 from ...storage import Appended, IdempotencyKey, StoredRow
@@ -35,8 +36,9 @@ _RANGE = ("SELECT seq, ts_us, item FROM items WHERE thread_id = ? AND seq > ? AN
 _KEY_FIND = "SELECT digest, generation FROM idempotency WHERE thread_id = ? AND key = ?"
 _KEY_STORE = "INSERT INTO idempotency (thread_id, key, digest, generation) VALUES (?, ?, ?, ?)"
 T = TypeVar("T")
-#: How many incarnations a writer caches before it starts over (bounded memory).
-_INCARNATIONS_CACHED = 100_000
+#: How many heads and incarnations a writer caches, the most recently used (bounded
+#: memory: a miss costs one indexed read).
+HEADS_CACHED = INCARNATIONS_CACHED = 16_384
 #: The file lock of history writers, beside ``history.db``.
 LOCK_FILE = "history.lock"
 EPOCH_KEY = "index_epoch"
@@ -59,8 +61,8 @@ class History(BehindMarks):
             lambda: _connections.connect(path, durability=durability, read_only=read_only))
         self._full = durability == "full"
         self.lock = threading.Lock()
-        self._heads: dict[str, int] = {}
-        self._incarnations: dict[str, int] = {}  # of live threads (see incarnations())
+        self._heads: LRU[str, int] = LRU(HEADS_CACHED)
+        self._incarnations: LRU[str, int] = LRU(INCARNATIONS_CACHED)  # of live threads
         self._closed = False  # writes rejected (close began)
         self._conn_closed = False
         self._acks = AckBatch()
@@ -278,8 +280,6 @@ class History(BehindMarks):
             read = self._read_incarnations(missing)
             with self.lock:
                 self._writers().look()
-                if len(self._incarnations) > _INCARNATIONS_CACHED:
-                    self._incarnations.clear()
                 self._incarnations.update(read)
             cached.update(read)
         return cached
