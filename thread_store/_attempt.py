@@ -24,6 +24,7 @@ from .storage import CommitOutcome, HistoryLog, MetadataIndex, RowWrite, StoredR
 from .tracing import Projection, Telemetry
 
 ProjectionHook = Callable[[str, int], None]
+_TYPE_FIRST = '{"type":"'
 #: Takes the claims out of flight with their results (by ``id(claim)``) and returns each
 #: retry's backoff (by ``id(claim)``); the projector takes its lock for it.
 Settle = Callable[[list[Claim], dict[int, Result]], dict[int, float | None]]
@@ -49,6 +50,17 @@ def history_pages(history: HistoryLog, thread_id: str, after_seq: int, upto_seq:
             return
         yield rows
         after_seq = rows[-1].seq
+
+
+def item_type(text: str) -> str | None:
+    """The ``type`` of a stored item whose JSON starts with it (as ``json.dumps`` writes
+    an item built type first, which Codex items are), without parsing the rest; ``None``
+    when it does not start so or the type has escapes (then the caller parses it)."""
+    if not text.startswith(_TYPE_FIRST):
+        return None
+    end = text.find('"', len(_TYPE_FIRST))
+    kind = text[len(_TYPE_FIRST):end]
+    return None if end < 0 or "\\" in kind else kind
 
 
 class AttemptRunner:
@@ -148,15 +160,12 @@ class AttemptRunner:
             seq = base
             if c.items is not None and base == c.base:
                 for row in c.items:
-                    # Items of a type no rule reads need no parsing: most are response items.
-                    kind = row.kind
-                    item = json.loads(row.text) if kind is None or self._reads(kind) else {"type": kind}
-                    state = self._rules.apply(state, item, row.ts_us)
+                    state = self._rules.apply(state, self._item(row), row.ts_us)
                     seq = row.seq
             else:
                 for page in history_pages(self._history, thread_id, base, c.target):
                     for row in page:
-                        state = self._rules.apply(state, json.loads(row.text), row.ts_us)
+                        state = self._rules.apply(state, self._item(row), row.ts_us)
                     seq = page[-1].seq
             if seq != c.target:
                 gone = ThreadDiscarded(f"thread {thread_id!r} is gone")
@@ -172,6 +181,15 @@ class AttemptRunner:
             if in_caller and not isinstance(exc, Exception):
                 raise
             return _failure(exc), None
+
+    def _item(self, row: StoredRow) -> dict[str, object]:
+        """The item to fold: parsed only if a rule reads its type. Most items are
+        response items no rule reads, and parsing them was most of a catch-up's time."""
+        kind = row.kind if row.kind is not None else item_type(row.text)
+        if kind is None or self._reads(kind):
+            item: dict[str, object] = json.loads(row.text)
+            return item
+        return {"type": kind}
 
     def _start_state(self, c: Claim) -> tuple[int, dict[str, object]]:
         """The fold state to resume from, and its seq: cached, stored, or initial."""

@@ -9,10 +9,15 @@ rule set of DESIGN §2. An application plugs in its own rules by implementing
 from __future__ import annotations
 
 from copy import deepcopy
-from typing import Any, Callable, Mapping, Protocol
+from collections.abc import Mapping
+from typing import Any, Callable, Protocol
 
 from .errors import InvalidArgument
 from .model import TEXT_FIELDS, ThreadMetadata, parse_timestamp, utc, utc_from_us
+
+#: What the rules accept as a JSON object: ``dict`` first, which parsed items are, so the
+#: check rarely reaches the ABC (``typing.Mapping``'s check was 6 % of a catch-up).
+_MAPPING = (dict, Mapping)
 
 State = dict[str, Any]
 
@@ -92,7 +97,7 @@ def _session_meta(state: State, payload: Mapping[str, Any], ts_us: int) -> None:
         if value is not None:
             state[key] = value
     git = payload.get("git")
-    if isinstance(git, Mapping):
+    if isinstance(git, _MAPPING):
         for source_key, key in (
             ("commit_hash", "git_sha"),
             ("branch", "git_branch"),
@@ -135,11 +140,11 @@ def _event_msg(state: State, payload: Mapping[str, Any], ts_us: int) -> None:
         _user_message(state, payload)
     elif kind == "token_count":
         info = payload.get("info")
-        if isinstance(info, Mapping) and isinstance(info.get("total_token_usage"), Mapping):
+        if isinstance(info, _MAPPING) and isinstance(info.get("total_token_usage"), _MAPPING):
             state["token_usage"] = dict(info["total_token_usage"])
     elif kind == "thread_goal_updated":
         goal = payload.get("goal")
-        objective = _text(goal.get("objective")) if isinstance(goal, Mapping) else None
+        objective = _text(goal.get("objective")) if isinstance(goal, _MAPPING) else None
         if objective is not None and state.get("preview") is None:
             state["preview"] = objective
     elif kind in ("turn_started", "task_started"):
@@ -193,7 +198,7 @@ class CodexRules:
         kind = item.get("type")
         handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
         payload = item.get("payload")
-        if handler is not None and isinstance(payload, Mapping):
+        if handler is not None and isinstance(payload, _MAPPING):
             handler(new, payload, ts_us)
         return new
 
