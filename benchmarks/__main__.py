@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick | --full | --smoke] [--out DIR]``: run everything side by side.
+"""``python -m benchmarks [--quick | --full | --smoke] [--scale] [--out DIR]``: run everything side by side.
 
 Writes ``DIR/bench.md`` (the table), ``DIR/bench.json`` (raw percentiles) and
 ``DIR/bench.png`` (append and barrier latency CDFs). ``thread-store bench`` calls
@@ -8,6 +8,7 @@ Writes ``DIR/bench.md`` (the table), ``DIR/bench.json`` (raw percentiles) and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 import tempfile
@@ -16,11 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import processes, report, rss, scale
+from . import at_scale, processes, report, rss, scale
 from .peer_eventsourcing import PeerSystem
 from .systems import RawSQLite, ThreadStoreSystem
 from .workloads import (
     MODES,
+    SCALE,
     WRITERS,
     Arm,
     Config,
@@ -57,11 +59,17 @@ def main(argv: list[str] | None = None) -> int:
                       help="the full run (the default)")
     size.add_argument("--smoke", action="store_const", const="smoke", dest="mode",
                       help="a tiny run that only checks the runner works (numbers meaningless)")
+    parser.add_argument("--scale", action="store_true",
+                        help=("issue 15's sizes: catch-up of 1,000,000 items over 10,000 threads, "
+                              "and a process touching 1,000,000 threads (adds 10 minutes or more)"))
     parser.add_argument("--out", type=Path, default=Path("bench-results"),
                         help="directory for bench.md, bench.json and bench.png (default: %(default)s)")
     args = parser.parse_args(argv)
     config = MODES[args.mode or "full"]
-    command = "python -m benchmarks" + (f" --{args.mode}" if args.mode else "")
+    if args.scale:
+        config = dataclasses.replace(config, **SCALE)
+    command = ("python -m benchmarks" + (f" --{args.mode}" if args.mode else "")
+               + (" --scale" if args.scale else ""))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="thread_store-bench-") as tmp:
         results, cdf = run_all(config, Path(tmp))
@@ -104,6 +112,7 @@ def run_all(config: Config, tmp: Path) -> tuple[dict[str, Any], dict[str, list[i
         "pending_memory": phase("pending memory",
                                 lambda: scale.pending_memory(tmp / "memory", config.memory_threads)),
     }
+    results["at_scale"] = at_scale.run(config, tmp / "at-scale", phase)
     cdf = {f"{arm.label}|{arm.metric}": arm.samples for arm in hot}
     return results, cdf
 

@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import processes
+from . import at_scale, processes
 from .targets import ASYNC, PEER, RAW, SYNC, analysis, evaluate
 from .workloads import WATCH_PERIOD_S, Arm, Sustained, percentile
 
@@ -143,7 +143,8 @@ def _sustained_table(rows: dict[str, dict[str, Any]], rss: dict[str, dict[str, A
 def _scale_table(scale: dict[str, Any], quick: bool) -> list[str]:
     listing, catch, mem = scale["listing"], scale["catch_up"], scale["pending_memory"]
     fewer = " (fewer in this mode; full mode uses 100,000)" if quick else ""
-    fewer_items = " (fewer in this mode; full mode uses 1,000,000)" if quick else ""
+    fewer_items = ("" if catch["items"] >= 1_000_000
+                   else " (fewer in this mode; full mode or --scale uses 1,000,000)")
     first, deep = listing["first_page"], listing["deep_page"]
     return [
         "| What | Result |", "|---|---|",
@@ -162,6 +163,8 @@ def _scale_table(scale: dict[str, Any], quick: bool) -> list[str]:
         (f"| catch-up after losing index.db: {catch['items']:,} items in {catch['threads']:,} threads"
         f"{fewer_items} | {_f(catch['items_per_s'])} items/s (open {catch['open_s']:.2f} s, "
         f"flush_all {catch['flush_all_s']:.2f} s, {catch['transactions']} transactions) |"),
+        (f"| reading the same items back with a raw SELECT per thread (sqlite3) "
+         f"| {_f(catch['raw_select_items_per_s'])} items/s |"),
         (f"| pending-state memory, {mem['threads']:,} threads paused, 1 append each "
         f"| {mem['bytes_per_thread_1_item']:,.0f} B/thread (Python heap, tracemalloc) |"),
         f"| same after 10 more appends per thread | {mem['bytes_per_thread_11_items']:,.0f} B/thread |",
@@ -204,6 +207,8 @@ def markdown(results: dict[str, Any]) -> str:
               "", "## Several writer processes on one store (benchmarks/processes.py)", "",
               *processes.markdown(results["processes"]),
               "", "## Scale (thread_store)", "", *_scale_table(results["scale"], quick), "",
+              "## Flat appends, catch-up and touched threads (issue 15; benchmarks/at_scale.py)", "",
+              *at_scale.markdown(results["at_scale"]), "",
               "## Analysis", "", *analysis(results), ""]
     if results.get("tracing"):
         lines += ["## Tracing cost on the append path (benchmarks/bench_tracing.py)", "",

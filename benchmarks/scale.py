@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sqlite3
 import time
 import tracemalloc
 from pathlib import Path
@@ -100,8 +101,28 @@ def catch_up(root: Path, n_threads: int, per_thread: int) -> dict[str, Any]:
         done = time.perf_counter()
         transactions = store.stats().transactions
     total = n_threads * per_thread
+    raw_s = _raw_read_s(root, thread_ids(n_threads, "c"), total)
     return {"items": total, "threads": n_threads, "open_s": opened - t0, "flush_all_s": done - opened,
-            "items_per_s": total / (done - t0), "transactions": transactions}
+            "items_per_s": total / (done - t0), "transactions": transactions,
+            "raw_select_items_per_s": total / raw_s}
+
+
+def _raw_read_s(root: Path, tids: list[str], total: int) -> float:
+    """Seconds to read every thread's items back from ``history.db`` with a raw SELECT per
+    thread (sqlite3, one connection): the floor of reading what the catch-up folds."""
+    conn = sqlite3.connect(f"file:{root / 'history.db'}?mode=ro", uri=True)
+    try:
+        t0 = time.perf_counter()
+        read = 0
+        for thread_id in tids:
+            read += len(conn.execute("SELECT seq, ts_us, item FROM items WHERE thread_id = ? "
+                                     "ORDER BY seq", (thread_id,)).fetchall())
+        seconds = time.perf_counter() - t0
+    finally:
+        conn.close()
+    if read != total:
+        raise AssertionError(f"the raw read found {read} items, expected {total}")
+    return seconds
 
 
 def pending_memory(root: Path, n_threads: int) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from . import processes
+from . import at_scale, processes
 
 RAW = "raw sqlite3 (floor)"
 ASYNC = "thread_store async (default)"
@@ -68,7 +68,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"key": key, "name": name, "value": value,
              "shown": "—" if math.isnan(value) else f"{value:,.2f}{unit}", "limit": limit,
              "met": check(value)} for key, name, value, unit, limit, check in rows
-            ] + processes.targets(results.get("processes"))
+            ] + processes.targets(results.get("processes")) + at_scale.targets(results)
 
 
 def issue3(results: dict[str, Any]) -> list[str]:
@@ -192,6 +192,7 @@ def analysis(results: dict[str, Any]) -> list[str]:
         lines.append("Every target was met in this run.")
     for t in missed:
         why = (processes.why(t["key"], results["processes"]) if t["key"].startswith("mp-")
+               else at_scale.why(t["key"], results["at_scale"]) if t["key"].startswith("scale-")
                else _WHY[t["key"]](results))
         lines.append(f"- **Missed: {t['name']}** ({t['shown']}, limit {t['limit']}). {why}")
     return lines
