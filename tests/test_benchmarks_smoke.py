@@ -60,15 +60,29 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert scale["listing"]["first_page"]["n"] > 0 and scale["listing"]["deep_page"]["n"] > 0
     assert scale["catch_up"]["items"] == 1000 and scale["catch_up"]["items_per_s"] > 0
     assert scale["pending_memory"]["pending_threads"] == 50
+    assert scale["catch_up"]["raw_select_items_per_s"] > 0
+
+    at_scale = results["at_scale"]  # issue 15
+    assert at_scale["flat"]["threads"] == 200
+    for arm in (at_scale["flat"]["hot"], at_scale["flat"]["many"],
+                at_scale["catch_up_appends"]["catching_up"], at_scale["catch_up_appends"]["idle"]):
+        assert arm["n"] > 0 and 0 < arm["p50_us"] <= arm["p99_us"], arm
+    points = at_scale["touch"]["checkpoints"]
+    assert [p["threads"] for p in points] == [100, 200, 300]
+    assert all(p["rss_kib"] > 0 and p["first_page_p50_us"] > 0 for p in points)
+    assert points[-1]["cached_heads"] == 300  # under the caps: every thread touched is cached
 
     targets = results["targets"]
     assert [t["key"] for t in targets] == ["append-floor", "decoupling", "barrier", "throughput",
-                                           "lag", "peer", "mp-throughput", "mp-lag"]
+                                           "lag", "peer", "mp-throughput", "mp-lag", "scale-flat",
+                                           "scale-catch-up", "scale-catch-up-rate",
+                                           "scale-memory", "scale-listing"]
     assert all(isinstance(t["met"], bool) for t in targets)
 
     table = (out / "bench.md").read_text()
     assert results["command"] in table and "Machine:" in table
     assert "Several writer processes" in table and "Cross-process wake-up" in table
+    assert "Flat appends, catch-up and touched threads" in table
     for target in targets:
         assert target["name"] in table
     assert (out / "bench.png").read_bytes().startswith(PNG_MAGIC)

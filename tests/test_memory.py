@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from thread_store import ThreadStore
+from thread_store import ThreadStore, _schedule
+from thread_store.backends.sqlite import history as history_module
 from thread_store._state import BUFFER_BYTES, BUFFER_ITEMS
 from thread_store.tracing import MAX_LINKS
 
@@ -94,3 +95,26 @@ def test_captured_trace_contexts_are_capped(store_path: Path) -> None:
             tracemalloc.stop()
         assert beyond / (200 * len(tids)) < 1.0
         store.close(timeout=0)
+
+
+def test_per_thread_caches_are_capped_however_many_threads_a_process_touches(
+        store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Heads, incarnations and idle projector states stay within their caps after
+    touching three times as many threads, and an evicted thread still appends at the
+    right generation (its head is read back from history)."""
+    cap = 40
+    monkeypatch.setattr(history_module, "HEADS_CACHED", cap)
+    monkeypatch.setattr(history_module, "INCARNATIONS_CACHED", cap)
+    monkeypatch.setattr(_schedule, "IDLE_STATES", cap)
+    with ThreadStore.open(store_path) as store:
+        tids = [store.create_thread() for _ in range(3 * cap)]
+        for tid in tids:
+            store.append(tid, [ITEM])
+        store.flush_all(timeout=30.0)
+        history = store._storage.history  # noqa: SLF001 - the caches are what is tested
+        states = store._writes.projector._schedule.states  # type: ignore[union-attr]  # noqa: SLF001
+        assert len(history._heads) == cap and len(history._incarnations) <= cap  # noqa: SLF001
+        assert len(states) <= cap
+        assert tids[0] not in history._heads  # noqa: SLF001
+        assert store.append(tids[0], [ITEM]) == 2  # its head (1) was read back from history
+        assert store.append_and_flush(tids[0], [ITEM]).item_count == 3
