@@ -25,7 +25,7 @@ from ._filelock import ProcessLock
 from ._acks import AckBatch
 from ._marks import BehindMarks
 from ._history_schema import MIGRATIONS, SCHEMA_VERSION
-from ..._lru import LRU
+from .._lru import LRU
 from ...errors import InvalidArgument, StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
 from ...model import EncodedItem
 from ...storage import Appended, IdempotencyKey, StoredRow
