@@ -177,10 +177,12 @@ def markdown(section: dict[str, Any]) -> list[str]:
         out.append(f"| {label} | {row['p50_us']:,.1f} µs | {row['p99_us']:,.1f} µs | {row['n']} |")
     out += ["", f"A catch-up took {busy['catch_up_s']:.2f} s on average over {busy['rounds']} "
             "rounds (open to `flush_all`, with the probe appending).", "",
-            "| Threads touched | RSS | list_threads first page p50 | cached heads | cached "
-            "incarnations | projector states | elapsed |", "|---:|---:|---:|---:|---:|---:|---:|"]
+            "| Threads touched | RSS | of which SQLite's heap | list_threads first page p50 "
+            "| cached heads | cached incarnations | projector states | elapsed |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in points:
         out.append(f"| {p['threads']:,} | {p['rss_kib'] / 1024:,.1f} MiB | "
+                   f"{p['sqlite_kib'] / 1024:,.1f} MiB | "
                    f"{p['first_page_p50_us']:,.0f} µs | {p['cached_heads']:,} | "
                    f"{p['cached_incarnations']:,} | {p['projector_states']:,} | {p['seconds']:,.0f} s |")
     return out
