@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import psycopg
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from _child import assert_converged
 from conftest import new_schema, plain, started_server, user_msg, wait_for
 from pg_server import DURABLE, PostgresServer
 
 from thread_store import OutcomeUnknown, ThreadStore, ThreadStoreError
 from thread_store.errors import StorageError
+from thread_store.tracing import EVENT_RETRY
 
 #: Barrier timeouts and waits: they only catch hangs.
 HANG = 60.0
@@ -124,3 +128,42 @@ def test_a_server_crash_under_load_loses_no_acknowledged_append(durable_server: 
                 assert item == (user_msg(key) if n == 0 else plain(n)), (key, generation)
         assert assert_converged(store, timeout=HANG) == 6
         assert store.flush(writers[0].thread_ids[0], timeout=HANG).title == "w0/0"
+
+
+def _backends_waiting_on_a_lock(admin: psycopg.Connection[Any], database: str) -> list[int]:
+    """The pids of the store's sessions (``application_name`` thread_store) of ``database``
+    blocked on a lock."""
+    rows = admin.execute(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'thread_store' "
+        "AND datname = %s AND wait_event_type = 'Lock'", (database,)).fetchall()
+    return [int(pid) for pid, in rows]
+
+
+def test_a_projection_whose_session_the_server_ends_is_retried(pg_url: str) -> None:
+    """``pg_terminate_backend`` on the projector's session in the middle of its
+    transaction (blocked on the thread's row, which the test holds): the attempt fails
+    with a transient error, is retried (a retry span event), and the barrier returns the
+    metadata of the whole history."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    schema = new_schema()
+    database = pg_url.rsplit("/", 1)[1]
+    with ThreadStore.open(pg_url, schema=schema, tracer_provider=provider) as store, \
+            psycopg.connect(pg_url, autocommit=True) as admin, psycopg.connect(pg_url) as holder:
+        tid = store.create_thread()
+        store.append_and_flush(tid, [user_msg("first")], timeout=HANG)
+        holder.execute(f"SELECT 1 FROM {schema}.meta WHERE thread_id = %s FOR UPDATE", (tid,))
+        assert store.append(tid, [plain(1), user_msg("second")]) == 3
+        wait_for(lambda: len(_backends_waiting_on_a_lock(admin, database)) == 1,
+                 "the projection blocked on the held row", HANG)
+        victim, = _backends_waiting_on_a_lock(admin, database)
+        assert admin.execute("SELECT pg_terminate_backend(%s)", (victim,)).fetchone() == (True,)
+        holder.rollback()
+        meta = store.flush(tid, timeout=HANG)
+        assert (meta.title, meta.item_count, meta.projected_seq) == ("first", 3, 3)
+        assert store.stats().retries >= 1
+        assert store.status(tid).last_error is None
+        assert assert_converged(store, timeout=HANG) == 1
+    events = [e for span in exporter.get_finished_spans() for e in span.events]
+    assert any(e.name == EVENT_RETRY for e in events), [e.name for e in events]
