@@ -15,6 +15,9 @@ configured timeouts plus a generous margin.
 
 from __future__ import annotations
 
+import contextlib
+import select
+import socket
 import threading
 import time
 from typing import Any, Iterator
@@ -167,3 +170,127 @@ def test_a_projection_whose_session_the_server_ends_is_retried(pg_url: str) -> N
         assert assert_converged(store, timeout=HANG) == 1
     events = [e for span in exporter.get_finished_spans() for e in span.events]
     assert any(e.name == EVENT_RETRY for e in events), [e.name for e in events]
+
+
+#: PostgreSQL's ReadyForQuery message when idle: the server sends it after the commit.
+_READY_FOR_QUERY = b"Z\x00\x00\x00\x05I"
+
+
+class CommitCutter:
+    """A TCP proxy between the store and the server that forwards everything until it is
+    armed, then cuts the connection that sends the armed marker (a byte string of the
+    statement, such as an idempotency key):
+
+    - ``after_commit=True``: it forwards the statement, waits for the server's
+      ReadyForQuery (sent once the statement's transaction committed), drops it and cuts
+      both sockets: the server committed, the client never hears;
+    - ``after_commit=False``: it cuts both sockets instead of forwarding the statement:
+      the server never sees it.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self._upstream = upstream_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._armed: tuple[bytes, bool] | None = None
+        #: Set when the armed cut happened.
+        self.cut = threading.Event()
+        threading.Thread(target=self._accept, name="commit-cutter", daemon=True).start()
+
+    def arm(self, marker: bytes, *, after_commit: bool) -> None:
+        """Cut the next connection that sends ``marker``, once."""
+        self.cut.clear()
+        with self._lock:
+            self._armed = (marker, after_commit)
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(("127.0.0.1", self._upstream))
+            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
+
+    def _take(self, data: bytes) -> bool | None:
+        """``after_commit`` of the armed cut if ``data`` carries its marker (disarming it)."""
+        with self._lock:
+            if self._armed is None or self._armed[0] not in data:
+                return None
+            after_commit = self._armed[1]
+            self._armed = None
+            return after_commit
+
+    def _pump(self, client: socket.socket, server: socket.socket) -> None:
+        try:
+            if self._forward(client, server):
+                self.cut.set()
+        except OSError:
+            pass  # either end went away: so does the other
+        finally:
+            for sock in (client, server):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def _forward(self, client: socket.socket, server: socket.socket) -> bool:
+        """Forward both ways until either end closes (``False``) or the armed cut is due
+        (``True``)."""
+        held: bytes | None = None  # the server's answer to the armed statement, kept back
+        while True:
+            readable, _, _ = select.select([client, server], [], [])
+            for sock in readable:
+                data = sock.recv(65536)
+                if not data:
+                    return False
+                if sock is client:
+                    after_commit = self._take(data)
+                    if after_commit is False:
+                        return True
+                    if after_commit:
+                        held = b""
+                    server.sendall(data)
+                elif held is not None:
+                    held += data
+                    if _READY_FOR_QUERY in held:
+                        return True
+                else:
+                    client.sendall(data)
+
+
+@pytest.fixture
+def cutter(pg_url: str) -> Iterator[CommitCutter]:
+    proxy = CommitCutter(int(pg_url.rsplit(":", 1)[1].split("/", 1)[0]))
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("after_commit", [True, False], ids=["committed", "never-sent"])
+def test_a_connection_cut_at_commit_gives_outcome_unknown_and_the_keyed_retry_stores_once(
+        pg_url: str, cutter: CommitCutter, after_commit: bool) -> None:
+    """The connection breaks at the append's commit, once after the server committed it
+    and once before the statement reached the server: either way the client cannot tell,
+    so the append raises ``OutcomeUnknown``; retrying it with the same idempotency key
+    returns generation 2 and the thread holds the items once."""
+    schema = new_schema()
+    proxied = pg_url.replace(f":{pg_url.rsplit(':', 1)[1].split('/', 1)[0]}/", f":{cutter.port}/")
+    with ThreadStore.open(proxied, schema=schema) as store, \
+            ThreadStore.open(pg_url, schema=schema) as direct:
+        tid = store.create_thread()
+        assert store.append(tid, [user_msg("first")]) == 1
+        cutter.arm(b"the-cut-append", after_commit=after_commit)
+        with pytest.raises(OutcomeUnknown, match="idempotency_key"):
+            store.append(tid, [plain(1)], idempotency_key="the-cut-append")
+        assert cutter.cut.is_set()
+        assert direct.status(tid).head_seq == (2 if after_commit else 1)  # what the server did
+        assert store.append(tid, [plain(1)], idempotency_key="the-cut-append") == 2
+        assert store.append(tid, [plain(1)], idempotency_key="the-cut-append") == 2
+        assert [s.item for s in direct.read_history(tid)] == [user_msg("first"), plain(1)]
+        meta = store.flush(tid, timeout=HANG)
+        assert (meta.title, meta.item_count, meta.projected_seq) == ("first", 2, 2)
