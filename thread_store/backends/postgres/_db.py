@@ -77,11 +77,23 @@ class Database:
         self.pool = psycopg_pool.ConnectionPool(
             url, min_size=options.pool_min_size, max_size=options.pool_max_size, kwargs=kwargs,
             timeout=options.connect_timeout, open=False, name="thread_store")
+        self._url = url
+        self._kwargs = kwargs
 
     def open(self, timeout: float) -> None:
         """Open the pool, waiting for its first connections."""
         with self.boundary("connecting to PostgreSQL"):
             self.pool.open(wait=True, timeout=timeout)
+
+    def dedicated(self, application_name: str) -> psycopg.Connection[Any]:
+        """A connection of its own, outside the pool, with the pool's settings: for a
+        session-level lock, which a pooled connection would carry back to the pool.
+
+        :raises TransientStorageError: the server cannot be reached.
+        """
+        with self.boundary("connecting to PostgreSQL"):
+            return psycopg.connect(self._url, **{**self._kwargs,
+                                                 "application_name": application_name})
 
     def q(self, text: str) -> bytes:
         """``text`` with ``{s}`` naming the store's schema (quoted)."""
