@@ -294,3 +294,31 @@ def test_a_connection_cut_at_commit_gives_outcome_unknown_and_the_keyed_retry_st
         assert [s.item for s in direct.read_history(tid)] == [user_msg("first"), plain(1)]
         meta = store.flush(tid, timeout=HANG)
         assert (meta.title, meta.item_count, meta.projected_seq) == ("first", 2, 2)
+
+
+def test_a_barrier_keeps_its_timeout_while_the_server_is_down(durable_server: PostgresServer) -> None:
+    """Found by the crash test: a barrier's reads waited for a pooled connection for the
+    whole ``connect_timeout`` (10 s by default) whatever the barrier's own timeout. While
+    the server is down, ``flush`` and ``flush_all`` now raise a typed error within their
+    timeout plus DESIGN §1.4's scheduling margin."""
+    with psycopg.connect(durable_server.url, autocommit=True) as admin:
+        admin.execute("CREATE DATABASE barrier_test")
+    url = durable_server.url.rsplit("/", 1)[0] + "/barrier_test"
+    with ThreadStore.open(url, schema=new_schema(), pool_min_size=1) as store:
+        tid = store.create_thread()
+        store.append(tid, [user_msg("hi")])
+        store.pause_projection()  # so the barriers below have to wait
+        store.append(tid, [plain(1)])
+        durable_server.crash()
+        try:
+            for barrier in (lambda: store.flush(tid, timeout=0.5),
+                            lambda: store.flush(tid, generation=1, timeout=0.5),
+                            lambda: store.flush_all(timeout=0.5)):
+                started = time.monotonic()
+                with pytest.raises(ThreadStoreError):
+                    barrier()
+                assert time.monotonic() - started < 0.5 + SCHEDULING
+        finally:
+            durable_server.start_again()
+        store.resume_projection()
+        assert store.flush(tid, timeout=HANG).item_count == 2

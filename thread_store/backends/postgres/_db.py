@@ -12,6 +12,7 @@ import psycopg_pool
 from psycopg import sql
 
 from ._errors import password_of, redact, translate
+from ... import _deadlines
 from ...errors import InvalidArgument, ThreadStoreError
 
 
@@ -79,6 +80,7 @@ class Database:
             timeout=options.connect_timeout, open=False, name="thread_store")
         self._url = url
         self._kwargs = kwargs
+        self._pool_wait = options.connect_timeout
 
     def open(self, timeout: float) -> None:
         """Open the pool, waiting for its first connections."""
@@ -111,6 +113,8 @@ class Database:
 
     @contextlib.contextmanager
     def connection(self, what: str) -> Iterator[psycopg.Connection[Any]]:
-        """A pooled connection inside the error boundary."""
-        with self.boundary(what), self.pool.connection() as conn:
+        """A pooled connection inside the error boundary, waited for no longer than the
+        caller's barrier deadline (``_deadlines``): while the server is down, the pool
+        has none to give."""
+        with self.boundary(what), self.pool.connection(timeout=_deadlines.left(self._pool_wait)) as conn:
             yield conn
