@@ -29,7 +29,8 @@ flushed at once, in order. A reply is ``{"ok": true, "result": ...}``, or ``{"ok
 - ``pause`` / ``resume``: ``pause_projection`` / ``resume_projection``.
 - ``discard thread_id [timeout]``; ``delete thread_id``.
 - ``close [timeout]``: close the store (the process stays, for more commands).
-- ``rebuild_index path``: ``ThreadStore.rebuild_index`` (needs no open store here) -> count.
+- ``rebuild_index path [options]``: ``ThreadStore.rebuild_index`` (needs no open store
+  here; ``options`` name the store, e.g. a PostgreSQL ``schema``) -> count.
 - ``exit``: close the store if it is open, answer, and end the process.
 
 Metadata travels as ``ThreadMetadata.to_json()``. Imported, the module gives the parent
@@ -234,7 +235,7 @@ class Session:
         if op in ("close", "exit"):
             return self.close(**args)
         if op == "rebuild_index":
-            return ThreadStore.rebuild_index(args["path"])
+            return ThreadStore.rebuild_index(args["path"], **args.get("options", {}))
         store = self.opened()
         if op == "create":
             return store.create_thread(args.get("thread_id"), metadata=args.get("metadata"))

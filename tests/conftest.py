@@ -244,8 +244,16 @@ def postgres_server() -> Iterator[PostgresServer]:
     Skipped (one line in the summary) where the machine has no PostgreSQL, unless
     ``THREAD_STORE_REQUIRE_POSTGRES=1`` (CI), which makes that a failure.
     """
+    with started_server(PostgresServer) as server:
+        yield server
+
+
+@contextmanager
+def started_server(make: Callable[[], PostgresServer]) -> Iterator[PostgresServer]:
+    """A started server (``make()``), stopped afterwards; where PostgreSQL cannot start,
+    the test is skipped, or fails under ``THREAD_STORE_REQUIRE_POSTGRES=1``."""
     try:
-        server = PostgresServer()
+        server = make()
         server.__enter__()
     except PostgresUnavailable as exc:
         if REQUIRE_POSTGRES:

@@ -440,25 +440,25 @@ def test_rebuild_index_needs_the_store_to_itself(shared_backend: Backend, spawn:
     """§7: with writers open, a rebuild raises StoreLocked naming them, and changes nothing;
     read-only stores may stay open, and follow the rebuilt index."""
     shared_backend.requires("exclusive_rebuild")
-    path = shared_backend.path
-    assert path is not None
+    place = shared_backend.place
+    where = {"path": str(place.target), "options": dict(place.options)}
     b = shared_backend.open_store()
     tid = b.create_thread()
     b.append_and_flush(tid, [user_msg("kept")], timeout=HANG)
     c = spawn()  # a second writer
     a = spawn(open=False)
-    refused = a.error("rebuild_index", path=str(path))
+    refused = a.error("rebuild_index", **where)
     assert refused.kind == "StoreLocked", refused
     assert _names_pid(refused.message, os.getpid()) and _names_pid(refused.message, c.pid), refused
     assert b.append_and_flush(tid, [plain()], timeout=HANG).title == "kept"
     assert c.call("read_thread", thread_id=tid)["item_count"] == 2
 
     c.exit()
-    refused = a.error("rebuild_index", path=str(path))  # B alone still holds it
+    refused = a.error("rebuild_index", **where)  # B alone still holds it
     assert refused.kind == "StoreLocked" and _names_pid(refused.message, os.getpid()), refused
     b.close()
-    with ThreadStore.open(path, read_only=True) as reader:
-        assert a.call("rebuild_index", path=str(path)) == 1
+    with place.open(read_only=True) as reader:
+        assert a.call("rebuild_index", **where) == 1
         meta = reader.read_thread(tid)
         assert (meta.title, meta.item_count, meta.projected_seq) == ("kept", 2, 2)
     a.exit()
