@@ -321,12 +321,12 @@ def merge_links(local: Sequence[SpanContext], local_dropped: int, appends: int,
     :param appends: the appends this process counted in the range (untraced ones too).
     :param stored_dropped: traced appends in the range that the stored read left out.
     """
+    found = [c for c in (parse_traceparent(t) for t in stored) if c is not None]
     seen: dict[tuple[int, int], SpanContext] = {}
-    for ctx in [*(parse_traceparent(t) for t in stored), *local]:
-        if ctx is not None:
-            seen.setdefault((ctx.trace_id, ctx.span_id), ctx)
+    for ctx in [*found, *local]:
+        seen.setdefault((ctx.trace_id, ctx.span_id), ctx)
     merged = list(seen.values())
     # Local appends stored their context too: the stored count already holds them.
-    traced = max(len(stored) + stored_dropped, len(merged) + local_dropped)
+    traced = max(len(found) + stored_dropped, len(merged) + local_dropped)
     kept = tuple(merged[:MAX_LINKS])
     return Links(kept, traced - len(kept), max(appends, traced))
