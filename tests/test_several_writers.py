@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 from _child import assert_converged
 from _writer_child import ChildError, WriterChild
-from conftest import Backend, in_thread, opened_backend, plain, user_msg, wait_for
+from conftest import Backend, Spawn, in_thread, plain, user_msg, wait_for
 
 from thread_store import InvalidArgument, ThreadDiscarded, ThreadMetadata, ThreadStore
 
@@ -33,38 +32,6 @@ NEVER = 600.0
 SOON = 0.5
 #: Timeouts of barriers and waits: they only catch hangs, never measure speed.
 HANG = 30.0
-
-Spawn = Callable[..., WriterChild]
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def shared_backend(request: pytest.FixtureRequest, store_path: Path) -> Iterator[Backend]:
-    """Each backend that several processes share: the embedded store, and PostgreSQL."""
-    with opened_backend(request.param, store_path, request) as opened:
-        yield opened
-
-
-@pytest.fixture
-def spawn(shared_backend: Backend) -> Iterator[Spawn]:
-    """Start writer children; ``spawn(open=True, **open_args)`` opens the test's store in
-    the child first. Every child is killed (if still alive) and reaped after the test."""
-    children: list[WriterChild] = []
-    place = shared_backend.place
-
-    def start(open: bool = True, **open_args: Any) -> WriterChild:
-        child = WriterChild()
-        children.append(child)
-        if open:
-            open_args["options"] = {**place.options, **open_args.get("options", {})}
-            child.call("open", path=str(place.target), **open_args)
-        return child
-
-    try:
-        yield start
-    finally:
-        for child in children:
-            child.close()
-
 
 def _status(store: ThreadStore, thread_id: str) -> tuple[int, int, bool]:
     status = store.status(thread_id)

@@ -27,11 +27,16 @@ from ._marks import BehindMarks
 from ._history_schema import MIGRATIONS, SCHEMA_VERSION
 from ...errors import InvalidArgument, StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
 from ...model import EncodedItem
-from ...storage import Appended, IdempotencyKey, StoredRow
+from ...storage import Appended, IdempotencyKey, StoredRow, StoredTraces
 
 _INSERT = "INSERT INTO items (thread_id, seq, ts_us, item) VALUES (?, ?, ?, ?)"
+# Only a traced append binds the trace column: an untraced one runs the INSERT it always did.
+_INSERT_TRACED = "INSERT INTO items (thread_id, seq, ts_us, item, trace) VALUES (?, ?, ?, ?, ?)"
 _RANGE = ("SELECT seq, ts_us, item FROM items WHERE thread_id = ? AND seq > ? AND seq <= ? "
           "ORDER BY seq LIMIT ?")
+# The window counts every traced append in the range before LIMIT cuts: one read.
+_TRACES = ("SELECT trace, count(*) OVER () FROM items WHERE thread_id = ? AND seq > ? "
+           "AND seq <= ? AND trace IS NOT NULL ORDER BY seq LIMIT ?")
 _KEY_FIND = "SELECT digest, generation FROM idempotency WHERE thread_id = ? AND key = ?"
 _KEY_STORE = "INSERT INTO idempotency (thread_id, key, digest, generation) VALUES (?, ?, ?, ?)"
 T = TypeVar("T")
@@ -42,6 +47,17 @@ LOCK_FILE = "history.lock"
 EPOCH_KEY = "index_epoch"
 _HEADS = ("SELECT t.thread_id, (SELECT max(seq) FROM items i WHERE i.thread_id = t.thread_id) "
           "FROM threads t WHERE t.discarded_us IS NULL")
+
+
+def _insert(thread_id: str, head: int, items: Sequence[EncodedItem],
+            trace: str | None) -> tuple[str, list[tuple[str | int | None, ...]]]:
+    """The INSERT of an append's items and its parameters: the trace context, if any, on
+    the last item."""
+    if trace is None:
+        return _INSERT, [(thread_id, head + i, it.ts_us, it.text) for i, it in enumerate(items, 1)]
+    last = len(items)
+    return _INSERT_TRACED, [(thread_id, head + i, it.ts_us, it.text, trace if i == last else None)
+                            for i, it in enumerate(items, 1)]
 
 
 class History(BehindMarks):
@@ -100,7 +116,7 @@ class History(BehindMarks):
             self._heads[thread_id] = 1 if first is not None else 0
 
     def append(self, thread_id: str, items: Sequence[EncodedItem],
-               key: IdempotencyKey | None = None) -> Appended:
+               key: IdempotencyKey | None = None, trace: str | None = None) -> Appended:
         """Append items durably at the next ``seq`` values (see ``HistoryLog.append``)."""
         with self.lock, self._writers():
             self._check_open()
@@ -110,28 +126,30 @@ class History(BehindMarks):
             if not items:
                 return Appended(head, written=False)
             if key is not None:
-                return self._append_once(thread_id, head, items, key)
+                return self._append_once(thread_id, head, items, key, trace)
             if len(items) == 1:
                 # Autocommit: one statement is one transaction, no BEGIN/COMMIT round trips.
+                # The hot path: its parameters are built inline (the helper costs ~0.5 µs).
                 item = items[0]
-                rowid = self._write(lambda: self._conn.execute(
-                    _INSERT, (thread_id, head + 1, item.ts_us, item.text)).lastrowid, "append",
-                    txn=False)
+                row: tuple[str | int, ...] = (thread_id, head + 1, item.ts_us, item.text)
+                insert, row = (_INSERT, row) if trace is None else (_INSERT_TRACED, (*row, trace))
+                rowid = self._write(lambda: self._conn.execute(insert, row).lastrowid, "append",
+                                    txn=False)
             else:
-                rows = [(thread_id, head + i, it.ts_us, it.text) for i, it in enumerate(items, 1)]
+                insert, rows = _insert(thread_id, head, items, trace)
 
                 def write() -> int:
-                    self._conn.executemany(_INSERT, rows)  # sets no lastrowid
+                    self._conn.executemany(insert, rows)  # sets no lastrowid
                     return int(self._conn.execute("SELECT last_insert_rowid()").fetchone()[0])
 
                 rowid = self._write(write, "append")
             return self._committed(thread_id, head + len(items), rowid)
 
     def _append_once(self, thread_id: str, head: int, items: Sequence[EncodedItem],
-                     key: IdempotencyKey) -> Appended:
+                     key: IdempotencyKey, trace: str | None) -> Appended:
         """An append with an idempotency key: the key is checked and stored in the
         transaction of the items (lock held)."""
-        rows = [(thread_id, head + i, it.ts_us, it.text) for i, it in enumerate(items, 1)]
+        insert, rows = _insert(thread_id, head, items, trace)
         generation = head + len(items)
 
         def write() -> Appended | int:
@@ -142,7 +160,7 @@ class History(BehindMarks):
                         f"idempotency key {key.key!r} of thread {thread_id!r} was used for "
                         f"other items (generation {found[1]}); use a new key for new items")
                 return Appended(int(found[1]), written=False)
-            self._conn.executemany(_INSERT, rows)
+            self._conn.executemany(insert, rows)
             self._conn.execute(_KEY_STORE, (thread_id, key.key, key.digest, generation))
             return int(self._conn.execute("SELECT last_insert_rowid()").fetchone()[0])
 
@@ -222,6 +240,11 @@ class History(BehindMarks):
     def schema_version(self) -> int:
         """The file's schema version."""
         return int(self._readers.fetchone("history", "PRAGMA user_version")[0])
+
+    def traces(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> StoredTraces:
+        """The traceparents of appends ending in ``(after_seq, upto_seq]``, at most ``limit``."""
+        rows = self._readers.fetchall("history", _TRACES, (thread_id, after_seq, upto_seq, limit))
+        return StoredTraces(tuple(t for t, _ in rows), int(rows[0][1]) - len(rows) if rows else 0)
 
     def heads(self) -> dict[str, int]:
         """``{thread_id: head}`` of every live thread, in one read (recovery, reindex)."""
