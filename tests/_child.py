@@ -78,7 +78,8 @@ def assert_converged(store: ThreadStore, timeout: float = 30.0) -> int:
     threads, rows = _live_threads_and_rows(store)
     for thread_id, created_us in threads.items():
         expected = folded(store, thread_id, created_us)
-        assert store.read_thread(thread_id) == expected, thread_id
+        got, want = store.read_thread(thread_id).to_json(), expected.to_json()
+        assert got == want, (thread_id, {k: (got[k], want[k]) for k in want if got[k] != want[k]})
         status = store.status(thread_id)
         assert (status.head_seq, status.projected_seq, status.pending) == (
             expected.projected_seq, expected.projected_seq, False), (thread_id, status)
