@@ -67,9 +67,9 @@ def test_sigkill_loses_nothing_acknowledged_long(tmp_path: Path, durability: str
 PROGRESS = 60.0
 
 
-def _returned(child: Child, word: str) -> int:
-    """How many lines starting with ``word`` (``"F "``: a returned append_and_flush) it said."""
-    return sum(1 for line in list(child.lines) if line.startswith(word))
+def _barriers(child: Child) -> int:
+    """How many ``append_and_flush`` calls of ``child`` returned so far (its ``F`` lines)."""
+    return sum(1 for line in list(child.lines) if line.startswith("F "))
 
 
 def _alive(child: Child) -> Child:
@@ -80,7 +80,7 @@ def _alive(child: Child) -> Child:
 
 def _next_barrier(child: Child, before: int) -> None:
     """Wait until ``child`` has returned from more than ``before`` barriers; fail if it died."""
-    wait_for(lambda: _returned(child, "F ") > before or child.proc.poll() is not None,
+    wait_for(lambda: _barriers(child) > before or child.proc.poll() is not None,
              "a survivor's next barrier", timeout=PROGRESS)
     _alive(child)
 
@@ -108,7 +108,7 @@ def _several_writers_torture(path: Path, writers: int, kills: int, seed: int) ->
                 child.wait_for("A ")  # the kill lands mid-work, however slow the machine
             time.sleep(rng.uniform(0.0, 0.25))
             victim = rng.randrange(writers)
-            survivors = {_alive(c): _returned(c, "F ") for n, c in enumerate(children) if n != victim}
+            survivors = {_alive(c): _barriers(c) for n, c in enumerate(children) if n != victim}
             lines += _alive(children[victim]).kill()
             children[victim].close()
             for child, before in survivors.items():  # what the dead one held blocks no one

@@ -158,7 +158,7 @@ def test_web_server_workers_share_one_store(server: Server, store_path: Path) ->
     created = [server.call("POST", "/threads") for _ in range(THREADS)]
     tids = [c["thread_id"] for c in created]
     acks, pids = _served(server, tids, range(CLIENTS))
-    assert len(pids | {c["pid"] for c in created}) > 1, "one worker served everything"
+    assert len(pids) > 1, "one worker served every concurrent request"
 
     with ThreadStore.open(store_path, read_only=True) as reader:
         assert assert_acknowledged(reader, tids, acks, complete=True) == CLIENTS * REQUESTS
