@@ -1,8 +1,8 @@
 """Issue 13, point 5: a real web server with several worker processes on one embedded store.
 
-``gunicorn -w 4`` serves ``tests/webapp.py`` (the README recipe: a store per worker, opened
-in the worker on first use, closed by gunicorn's ``worker_exit`` hook) on a local port the
-kernel picks. Client threads drive it with concurrent appends and barriers, which land on
+``gunicorn -w 4`` (with and without ``--preload``) and ``uvicorn --workers 4`` serve
+``tests/webapp.py`` (the README recipe: a store per worker, opened in the worker, closed as
+the worker ends) on a local port the kernel picks. Client threads drive it with concurrent appends and barriers, which land on
 several workers. The workers' coalescing delay and ``catch_up_after`` are longer than the
 test, so the metadata moves only through barriers (``append_and_flush``, ``flush``: a
 worker doing, or taking over, the others' work) and ``close``. Then the test checks what the workers served
@@ -40,12 +40,16 @@ REQUESTS = 30  # per client
 HANG = 60.0
 
 
-#: How to start each server with ``WORKERS`` workers on a port of the kernel's choosing,
-#: and the line it logs with that port once it listens.
+_GUNICORN = ["gunicorn", "-w", str(WORKERS), "-b", "127.0.0.1:0", "-c", "python:webapp",
+             "--graceful-timeout", str(int(HANG)), "webapp:application"]
+_GUNICORN_LISTENING = r"Listening at: http://127\.0\.0\.1:(\d+)"
+#: How to start each server (the module that runs it, then its arguments) with
+#: ``WORKERS`` workers on a port of the kernel's choosing, and the line it logs with that
+#: port once it listens. ``--preload`` imports the app in the master before it forks: the
+#: recipe opens nothing there.
 SERVERS = {
-    "gunicorn": (["gunicorn", "-w", str(WORKERS), "-b", "127.0.0.1:0", "-c", "python:webapp",
-                  "--graceful-timeout", str(int(HANG)), "webapp:application"],
-                 r"Listening at: http://127\.0\.0\.1:(\d+)"),
+    "gunicorn": (_GUNICORN, _GUNICORN_LISTENING),
+    "gunicorn-preload": ([*_GUNICORN, "--preload"], _GUNICORN_LISTENING),
     "uvicorn": (["uvicorn", "--workers", str(WORKERS), "--host", "127.0.0.1", "--port", "0",
                  "--lifespan", "on", "--timeout-graceful-shutdown", str(int(HANG)), "webapp:asgi"],
                 r"Uvicorn running on http://127\.0\.0\.1:(\d+)"),
@@ -56,7 +60,8 @@ class Server:
     """A web server process (and its workers, in a session of their own) serving ``webapp``."""
 
     def __init__(self, kind: str, store: Path, log: Path) -> None:
-        pytest.importorskip(kind, reason=f"{kind} comes with the dev extra")
+        args, self._listening = SERVERS[kind]
+        pytest.importorskip(args[0], reason=f"{args[0]} comes with the dev extra")
         env = {**os.environ,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
                # Only barriers and close project: no coalescing window or catch-up ends.
@@ -64,7 +69,6 @@ class Server:
                "WEBAPP_OPTIONS": json.dumps({"coalesce_delay": 600, "catch_up_after": 600}),
                # A store left for the interpreter's exit hook warns: make that visible.
                "PYTHONWARNINGS": "always::ResourceWarning"}
-        args, self._listening = SERVERS[kind]
         self.log = log
         with log.open("w") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", *args], env=env, stdout=out,
