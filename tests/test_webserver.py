@@ -1,13 +1,14 @@
 """Issue 13, point 5: a real web server with several worker processes on one embedded store.
 
 ``gunicorn -w 4`` (with and without ``--preload``) and ``uvicorn --workers 4`` serve
-``tests/webapp.py`` (the README recipe: a store per worker, opened in the worker, closed as
-the worker ends) on a local port the kernel picks. Client threads drive it with concurrent appends and barriers, which land on
-several workers. The workers' coalescing delay and ``catch_up_after`` are longer than the
-test, so the metadata moves only through barriers (``append_and_flush``, ``flush``: a
-worker doing, or taking over, the others' work) and ``close``. Then the test checks what the workers served
-against the store's files, stops gunicorn with SIGTERM, and checks that every worker closed
-its store and left no projection work behind.
+``tests/webapp.py`` (the README recipe: a store per worker, opened in the worker, closed
+as the worker ends) on a local port the kernel picks. Client threads drive it with
+concurrent appends and barriers, which land on several workers. The workers' coalescing
+delay and ``catch_up_after`` are longer than the test, so the metadata moves only through
+barriers (``append_and_flush``, ``flush``: a worker doing, or taking over, the others'
+work) and ``close``. Then the test checks what the workers served against the store's
+files, stops the server with SIGTERM, and checks that every worker closed its store and
+left no projection work behind.
 """
 
 from __future__ import annotations
