@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
 from _child import Ack, assert_acknowledged, assert_converged
