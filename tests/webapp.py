@@ -4,9 +4,10 @@ It is the recipe of the README section "Web servers with several workers", run f
 by ``tests/test_webserver.py`` under ``gunicorn -w 4`` (WSGI: :func:`application`) and
 ``uvicorn --workers 4`` (ASGI: :func:`asgi`):
 
-- **One store per worker, opened in the worker** (:class:`PerProcessStore`): under WSGI,
-  which has no start-up hook, on the worker's first request; under ASGI, at the worker's
-  lifespan startup. Nothing is opened at import, so the master never holds a store
+- **One store per worker, opened in the worker**: under WSGI, which has no start-up hook,
+  a :class:`ThreadStore` on the worker's first request (:class:`PerProcessStore`); under
+  ASGI, an :class:`AsyncThreadStore` at the worker's lifespan startup. Both faces make
+  the same calls (:func:`_route`). Nothing is opened at import, so the master never holds a store
   whatever the server does before it forks (``gunicorn --preload`` imports the app in the
   master; a store opened there would be disowned in every worker, whose calls raise
   ``StoreClosed``), and the same code serves servers that fork (gunicorn) and servers that
@@ -39,17 +40,17 @@ status.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-from thread_store import (FlushTimeout, InvalidArgument, InvalidItem, ThreadDiscarded, ThreadNotFound,
-                          ThreadStore, ThreadStoreError)
+from thread_store import (AsyncThreadStore, FlushTimeout, InvalidArgument, InvalidItem, ThreadDiscarded,
+                          ThreadNotFound, ThreadStore, ThreadStoreError)
 
 #: Seconds a barrier of a request may wait: far below gunicorn's 30 s worker timeout.
 BARRIER_TIMEOUT = 20.0
@@ -96,11 +97,18 @@ def _event(what: str) -> None:
     sys.stderr.flush()
 
 
+def _options() -> dict[str, Any]:
+    return dict(json.loads(os.environ.get("WEBAPP_OPTIONS", "{}")))
+
+
 def _open() -> ThreadStore:
-    return ThreadStore.open(os.environ["WEBAPP_STORE"], **json.loads(os.environ.get("WEBAPP_OPTIONS", "{}")))
+    return ThreadStore.open(os.environ["WEBAPP_STORE"], **_options())
 
 
+#: The WSGI face's store (gunicorn): one per worker, opened by its first request.
 STORE = PerProcessStore(_open)
+#: The ASGI face's store (uvicorn spawns its workers: the lifespan opens one in each).
+ASYNC_STORE: AsyncThreadStore | None = None
 
 
 def worker_exit(server: object, worker: object) -> None:
@@ -108,46 +116,81 @@ def worker_exit(server: object, worker: object) -> None:
     STORE.close()
 
 
-def _route(method: str, parts: list[str], query: dict[str, list[str]], body: dict[str, Any]) -> dict[str, Any]:
-    """Carry out one request on this worker's store; the reply's fields without ``pid``."""
+@dataclass(frozen=True)
+class Call:
+    """One request as a store call: the method of ``ThreadStore`` (and of
+    ``AsyncThreadStore``, which has the same names) and how its result becomes the reply."""
+
+    method: str | None  # None: answered without the store (``/health``)
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    reply: Callable[[Any], dict[str, Any]]
+
+
+def _route(method: str, parts: list[str], query: dict[str, list[str]], body: dict[str, Any]) -> Call:
+    """The store call of one request, whichever face (sync or async) will make it."""
     if parts == ["health"]:
-        return {}
-    store = STORE.get()
+        return Call(None, (), {}, lambda _: {})
     if parts == ["threads"] and method == "POST":
-        return {"thread_id": store.create_thread()}
+        return Call("create_thread", (), {}, lambda tid: {"thread_id": tid})
     if parts == ["threads"] and method == "GET":
-        page = store.list_threads(limit=int(query.get("limit", ["50"])[0]),
-                                  include_empty=query.get("include_empty") == ["1"])
-        return {"threads": [m.to_json() for m in page.threads]}
+        return Call("list_threads", (), {"limit": int(query.get("limit", ["50"])[0]),
+                                         "include_empty": query.get("include_empty") == ["1"]},
+                    lambda page: {"threads": [m.to_json() for m in page.threads]})
     if len(parts) == 2 and parts[0] == "threads" and method == "GET":
-        return {"metadata": store.read_thread(parts[1]).to_json()}
+        return Call("read_thread", (parts[1],), {}, lambda meta: {"metadata": meta.to_json()})
     if len(parts) != 3 or parts[0] != "threads":
         raise LookupError("/".join(parts))
     thread_id, action = parts[1], (method, parts[2])
+    metadata: Callable[[Any], dict[str, Any]] = lambda meta: {"metadata": meta.to_json()}  # noqa: E731
     if action == ("GET", "history"):
-        return {"items": [[s.seq, s.item] for s in store.read_history(thread_id, limit=100_000)]}
+        return Call("read_history", (thread_id,), {"limit": 100_000},
+                    lambda rows: {"items": [[r.seq, r.item] for r in rows]})
     if action == ("POST", "append"):
-        return {"generation": store.append(thread_id, body.get("items"))}
+        return Call("append", (thread_id, body.get("items")), {}, lambda gen: {"generation": gen})
     if action == ("POST", "append_and_flush"):
-        meta = store.append_and_flush(thread_id, body.get("items"), timeout=BARRIER_TIMEOUT)
-        return {"metadata": meta.to_json()}
+        return Call("append_and_flush", (thread_id, body.get("items")), {"timeout": BARRIER_TIMEOUT},
+                    metadata)
     if action == ("POST", "flush"):
-        return {"metadata": store.flush(thread_id, timeout=BARRIER_TIMEOUT).to_json()}
+        return Call("flush", (thread_id,), {"timeout": BARRIER_TIMEOUT}, metadata)
     raise LookupError("/".join(parts))
 
 
-def _respond(method: str, path: str, query: str, raw: bytes) -> tuple[str, bytes]:
-    """One request, whichever server interface brought it: the status and the JSON body."""
-    parts = [p for p in path.split("/") if p]
+def _parsed(method: str, path: str, query: str, raw: bytes) -> Call:
+    return _route(method, [p for p in path.split("/") if p], parse_qs(query), json.loads(raw) if raw else {})
+
+
+def _reply(method: str, path: str, *, error: BaseException | None = None,
+           reply: dict[str, Any] | None = None) -> tuple[str, bytes]:
+    """The status and JSON body of a request's reply (or of its error)."""
     status = "200 OK"
+    if isinstance(error, ThreadStoreError):
+        status = _STATUS.get(type(error), "500 Internal Server Error")
+        reply = {"error": type(error).__name__, "message": str(error)}
+    elif isinstance(error, LookupError):
+        status, reply = "404 Not Found", {"error": "NoSuchEndpoint", "message": f"{method} {path}"}
+    return status, json.dumps({**(reply or {}), "pid": os.getpid()}).encode()
+
+
+def _respond(method: str, path: str, query: str, raw: bytes) -> tuple[str, bytes]:
+    """One WSGI request on this worker's (sync) store: the status and the JSON body."""
     try:
-        reply = _route(method, parts, parse_qs(query), json.loads(raw) if raw else {})
-    except ThreadStoreError as exc:
-        status = _STATUS.get(type(exc), "500 Internal Server Error")
-        reply = {"error": type(exc).__name__, "message": str(exc)}
-    except LookupError as exc:
-        status, reply = "404 Not Found", {"error": "NoSuchEndpoint", "message": f"{method} /{exc}"}
-    return status, json.dumps({**reply, "pid": os.getpid()}).encode()
+        call = _parsed(method, path, query, raw)
+        result = None if call.method is None else getattr(STORE.get(), call.method)(*call.args, **call.kwargs)
+    except (ThreadStoreError, LookupError) as exc:
+        return _reply(method, path, error=exc)
+    return _reply(method, path, reply=call.reply(result))
+
+
+async def _respond_async(store: AsyncThreadStore, method: str, path: str, query: str,
+                         raw: bytes) -> tuple[str, bytes]:
+    """One ASGI request on this worker's ``AsyncThreadStore``: the status and the JSON body."""
+    try:
+        call = _parsed(method, path, query, raw)
+        result = None if call.method is None else await getattr(store, call.method)(*call.args, **call.kwargs)
+    except (ThreadStoreError, LookupError) as exc:
+        return _reply(method, path, error=exc)
+    return _reply(method, path, reply=call.reply(result))
 
 
 def application(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -161,16 +204,21 @@ def application(environ: dict[str, Any], start_response: StartResponse) -> Itera
 
 async def asgi(scope: dict[str, Any], receive: Receive, send: Send) -> None:
     """The ASGI entry point: ``uvicorn --workers 4 webapp:asgi``. Its lifespan opens the
-    worker's store at startup and closes it at shutdown; requests call the store in a
-    thread, so a barrier never blocks the event loop."""
+    worker's :class:`AsyncThreadStore` at startup and closes it at shutdown; a barrier
+    awaits its outcome without blocking the event loop."""
+    global ASYNC_STORE
     if scope["type"] == "lifespan":
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                await asyncio.to_thread(STORE.get)
+                ASYNC_STORE = await AsyncThreadStore.open(os.environ["WEBAPP_STORE"], **_options())
+                _event("opened")
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await asyncio.to_thread(STORE.close)
+                if ASYNC_STORE is not None:
+                    await ASYNC_STORE.close()
+                    ASYNC_STORE = None
+                    _event("closed")
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     raw = b""
@@ -179,8 +227,9 @@ async def asgi(scope: dict[str, Any], receive: Receive, send: Send) -> None:
         raw += message.get("body", b"")
         if not message.get("more_body"):
             break
-    status, payload = await asyncio.to_thread(_respond, scope["method"], scope["path"],
-                                              scope["query_string"].decode(), raw)
+    assert ASYNC_STORE is not None, "the lifespan startup opens the store before any request"
+    status, payload = await _respond_async(ASYNC_STORE, scope["method"], scope["path"],
+                                           scope["query_string"].decode(), raw)
     await send({"type": "http.response.start", "status": int(status.split()[0]),
                 "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": payload})
