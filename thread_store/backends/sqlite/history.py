@@ -1,8 +1,9 @@
 """The durable, append-only item log: one SQLite file, ``seq`` allocation and paging.
 
-Writers serialize on an in-process lock, never on SQLite's busy handler. The head
-(last ``seq``) of every thread touched is cached, so an append is one INSERT and a
-COMMIT. Tombstones of discarded threads live here too, because history is the truth.
+Writers serialize on an in-process lock, never on SQLite's busy handler, and concurrent
+appends commit in groups (:mod:`._appends`). The head (last ``seq``) of every thread
+touched is cached, so an append alone is one INSERT and a COMMIT. Tombstones of
+discarded threads live here too, because history is the truth.
 
 History is also the durable record of which threads are behind their projection: a
 trigger adds the thread to the ``behind`` table in the transaction of the append itself,
@@ -18,22 +19,20 @@ from __future__ import annotations
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, TypeVar
 
 from . import _connections
 from ._filelock import ProcessLock
 from ._acks import AckBatch
+from ._appends import CLOSED, INSERT, GroupAppends
 from ._marks import BehindMarks
 from ._history_schema import MIGRATIONS, SCHEMA_VERSION
-from ...errors import InvalidArgument, StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
+from ...errors import StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
 from ...model import EncodedItem
-from ...storage import Appended, IdempotencyKey, StoredRow
+from ...storage import StoredRow
 
-_INSERT = "INSERT INTO items (thread_id, seq, ts_us, item) VALUES (?, ?, ?, ?)"
 _RANGE = ("SELECT seq, ts_us, item FROM items WHERE thread_id = ? AND seq > ? AND seq <= ? "
           "ORDER BY seq LIMIT ?")
-_KEY_FIND = "SELECT digest, generation FROM idempotency WHERE thread_id = ? AND key = ?"
-_KEY_STORE = "INSERT INTO idempotency (thread_id, key, digest, generation) VALUES (?, ?, ?, ?)"
 T = TypeVar("T")
 #: How many incarnations a writer caches before it starts over (bounded memory).
 _INCARNATIONS_CACHED = 100_000
@@ -42,9 +41,7 @@ LOCK_FILE = "history.lock"
 EPOCH_KEY = "index_epoch"
 _HEADS = ("SELECT t.thread_id, (SELECT max(seq) FROM items i WHERE i.thread_id = t.thread_id) "
           "FROM threads t WHERE t.discarded_us IS NULL")
-
-
-class History(BehindMarks):
+class History(BehindMarks, GroupAppends):
     """The history log of one store (``history.db``)."""
 
     def __init__(self, path: Path, *, durability: str, read_only: bool = False) -> None:
@@ -64,6 +61,7 @@ class History(BehindMarks):
         self._closed = False  # writes rejected (close began)
         self._conn_closed = False
         self._acks = AckBatch()
+        self._start_appends()
         #: The highest items rowid committed: read at open, raised by this process's own
         #: appends, and read again whenever another process wrote, so it bounds every
         #: item a projection can fold.
@@ -94,68 +92,10 @@ class History(BehindMarks):
                                    "VALUES (?, ?)", (thread_id, created_us))
                 if first is None:
                     return None
-                return self._conn.execute(_INSERT, (thread_id, 1, first.ts_us, first.text)).lastrowid
+                return self._conn.execute(INSERT, (thread_id, 1, first.ts_us, first.text)).lastrowid
 
             self._raise_last_rowid(self._write(write, "create_thread"))
             self._heads[thread_id] = 1 if first is not None else 0
-
-    def append(self, thread_id: str, items: Sequence[EncodedItem],
-               key: IdempotencyKey | None = None) -> Appended:
-        """Append items durably at the next ``seq`` values (see ``HistoryLog.append``)."""
-        with self.lock, self._writers():
-            self._check_open()
-            head = self._heads.get(thread_id)
-            if head is None:
-                head = self._load_head(thread_id)
-            if not items:
-                return Appended(head, written=False)
-            if key is not None:
-                return self._append_once(thread_id, head, items, key)
-            if len(items) == 1:
-                # Autocommit: one statement is one transaction, no BEGIN/COMMIT round trips.
-                item = items[0]
-                rowid = self._write(lambda: self._conn.execute(
-                    _INSERT, (thread_id, head + 1, item.ts_us, item.text)).lastrowid, "append",
-                    txn=False)
-            else:
-                rows = [(thread_id, head + i, it.ts_us, it.text) for i, it in enumerate(items, 1)]
-
-                def write() -> int:
-                    self._conn.executemany(_INSERT, rows)  # sets no lastrowid
-                    return int(self._conn.execute("SELECT last_insert_rowid()").fetchone()[0])
-
-                rowid = self._write(write, "append")
-            return self._committed(thread_id, head + len(items), rowid)
-
-    def _append_once(self, thread_id: str, head: int, items: Sequence[EncodedItem],
-                     key: IdempotencyKey) -> Appended:
-        """An append with an idempotency key: the key is checked and stored in the
-        transaction of the items (lock held)."""
-        rows = [(thread_id, head + i, it.ts_us, it.text) for i, it in enumerate(items, 1)]
-        generation = head + len(items)
-
-        def write() -> Appended | int:
-            found = self._conn.execute(_KEY_FIND, (thread_id, key.key)).fetchone()
-            if found is not None:
-                if found[0] != key.digest:
-                    raise InvalidArgument(
-                        f"idempotency key {key.key!r} of thread {thread_id!r} was used for "
-                        f"other items (generation {found[1]}); use a new key for new items")
-                return Appended(int(found[1]), written=False)
-            self._conn.executemany(_INSERT, rows)
-            self._conn.execute(_KEY_STORE, (thread_id, key.key, key.digest, generation))
-            return int(self._conn.execute("SELECT last_insert_rowid()").fetchone()[0])
-
-        outcome = self._write(write, "append")
-        if isinstance(outcome, Appended):
-            return outcome
-        return self._committed(thread_id, generation, outcome)
-
-    def _committed(self, thread_id: str, head: int, rowid: int | None) -> Appended:
-        """Publish an append's commit (lock held): the position, then the cached head."""
-        self._raise_last_rowid(rowid)
-        self._heads[thread_id] = head
-        return Appended(head, written=True)
 
     def remove(self, thread_id: str, *, tombstone: bool) -> None:
         """Delete a thread's items; keep a tombstone (discard) or forget the id (delete)."""
@@ -318,7 +258,7 @@ class History(BehindMarks):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise StoreClosed("the thread store is closed; open it again to write")
+            raise StoreClosed(CLOSED)
 
     @staticmethod
     def _check_row(thread_id: str, row: tuple[Any, ...] | None) -> None:

@@ -1,0 +1,222 @@
+"""The append path of :class:`~.history.History`: appends committed in groups.
+
+Concurrent appenders of a process share one transaction (:mod:`._group`): the leader
+holds the in-process writer lock and the writers' file lock once for the group, writes
+every append, and commits once, so with ``durability="full"`` the group pays one fsync,
+and with several processes one round of the file lock. Each append stays all or
+nothing: one that fails (an unknown thread, an idempotency conflict, a SQLite error of
+its own statements) is rolled back alone and gets its error; a failed COMMIT fails every
+append of the group, and none of them is stored. No append returns before the COMMIT of
+its group did.
+
+A mixin of :class:`~.history.History`, on its writer connection and under its locks.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
+
+from . import _connections
+from ._group import GroupCommit, Pending
+from ...errors import InvalidArgument, StoreClosed, ThreadStoreError
+from ...model import EncodedItem
+from ...storage import Appended, IdempotencyKey
+
+T = TypeVar("T")
+INSERT = "INSERT INTO items (thread_id, seq, ts_us, item) VALUES (?, ?, ?, ?)"
+_KEY_FIND = "SELECT digest, generation FROM idempotency WHERE thread_id = ? AND key = ?"
+_KEY_STORE = "INSERT INTO idempotency (thread_id, key, digest, generation) VALUES (?, ?, ?, ?)"
+#: Why a write is refused once close began.
+CLOSED = "the thread store is closed; open it again to write"
+
+
+#: One append waiting for its group commit: ``(thread_id, items, key)``. A plain tuple,
+#: not a record: it never leaves this module, and it is built on every append.
+_Append = tuple[str, Sequence[EncodedItem], IdempotencyKey | None]
+
+
+#: What one append of a group wrote (its outcome and last rowid), or why it failed alone.
+_Written = tuple[Appended, int | None] | ThreadStoreError
+
+
+def _append_error(exc: sqlite3.Error) -> ThreadStoreError:
+    """The error of one append that SQLite failed, chained to it (each append of a group
+    gets its own instance, raised in its own caller's thread)."""
+    error = _connections.storage_error(exc, "append")
+    error.__cause__ = exc
+    return error
+
+
+class GroupAppends:
+    """The append path of :class:`~.history.History`, which provides the attributes and
+    the helpers declared here."""
+
+    lock: threading.Lock
+    _conn: sqlite3.Connection
+    _closed: bool
+    _heads: dict[str, int]
+
+    if TYPE_CHECKING:  # History's write path and head cache
+        def _writers(self) -> AbstractContextManager[object]: ...
+
+        def _write(self, body: Callable[[], T], what: str, *, txn: bool = True) -> T: ...
+
+        def _load_head(self, thread_id: str) -> int: ...
+
+        def _raise_last_rowid(self, rowid: int | None) -> None: ...
+
+    def _start_appends(self) -> None:
+        """Set up the queue (from ``History.__init__``)."""
+        self._group: GroupCommit[_Append, Appended] = GroupCommit(self._commit_group)
+        #: Transactions that committed appended items (with ``full``, one fsync each).
+        self.append_commits = 0
+
+    def append(self, thread_id: str, items: Sequence[EncodedItem],
+               key: IdempotencyKey | None = None) -> Appended:
+        """Append items durably at the next ``seq`` values (see ``HistoryLog.append``).
+
+        Concurrent appends of this process commit together: one transaction (and one
+        fsync) for the group, each append all or nothing in it.
+        """
+        return self._group.submit((thread_id, items, key))
+
+    def _commit_group(self, own: _Append, group: GroupCommit[_Append, Appended]) -> Appended:
+        """Lead a group commit: take the queued appends once both writer locks are held
+        (so appends that queued while the leader waited for them join), write and commit
+        them with the leader's own; resolve each, and return the leader's outcome."""
+        with self.lock:
+            if self._closed:
+                for pending in group.take():
+                    pending.fail(StoreClosed(CLOSED))
+                raise StoreClosed(CLOSED)
+            with self._writers():
+                followers = group.take()
+                if not followers:
+                    return self._commit_alone(own)
+                return self._commit_together(own, followers)
+
+    def _commit_alone(self, append: _Append) -> Appended:
+        """One append in its own transaction; a single item in autocommit (one statement
+        is one transaction: no BEGIN/COMMIT round trips)."""
+        thread_id, items, key = append
+        head = self._heads.get(thread_id)
+        if head is None:
+            head = self._load_head(thread_id)
+        try:
+            if len(items) > 1 or (key is not None and items):
+                done, rowid = _connections.in_transaction(
+                    self._conn, lambda: self._write_one(append, head))
+            else:
+                done, rowid = self._write_one(append, head)
+        except sqlite3.Error as exc:
+            raise _connections.storage_error(exc, "append") from exc
+        if rowid is not None:
+            self._published(rowid)
+            self._heads[thread_id] = done.generation
+        return done
+
+    def _commit_together(self, own: _Append,
+                         followers: list[Pending[_Append, Appended]]) -> Appended:
+        """Several appends in one transaction (see the module docstring)."""
+        appends = [own, *(pending.request for pending in followers)]
+        heads: dict[str, int] = {}
+        written: list[_Written] = []
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            for append in appends:
+                written.append(self._write_isolated(append, heads))
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            # Written and rolled back, or never reached: none is stored.
+            outcomes: list[Appended | ThreadStoreError] = [
+                w if isinstance(w, ThreadStoreError) else _append_error(exc) for w in written]
+            outcomes += [_append_error(exc) for _ in appends[len(written):]]
+        except BaseException:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
+        else:
+            rowids = [w[1] for w in written if not isinstance(w, ThreadStoreError) and w[1]]
+            if rowids:
+                self._published(max(rowids))
+                self._heads.update(heads)
+            outcomes = [w if isinstance(w, ThreadStoreError) else w[0] for w in written]
+        for pending, outcome in zip(followers, outcomes[1:]):
+            if isinstance(outcome, ThreadStoreError):
+                pending.fail(outcome)
+            else:
+                pending.resolve(outcome)
+        if isinstance(outcomes[0], ThreadStoreError):
+            raise outcomes[0]
+        return outcomes[0]
+
+    def _write_isolated(self, append: _Append, heads: dict[str, int]) -> _Written:
+        """Write one append of a group (transaction open), or return why it failed
+        alone, having written nothing. A SQLite error that ended the whole transaction
+        raises."""
+        # A single INSERT is atomic by itself (SQLite's statement journal undoes a failed
+        # statement), and every check comes before the first write: only appends of
+        # several statements pay for a savepoint.
+        thread_id, items, key = append
+        savepoint = len(items) > 1 or key is not None
+        if savepoint:
+            self._conn.execute("SAVEPOINT one_append")
+        try:
+            head = heads.get(thread_id)
+            if head is None:
+                head = self._heads.get(thread_id)
+            if head is None:
+                head = self._load_head(thread_id)
+            outcome = self._write_one(append, head)
+        except (ThreadStoreError, sqlite3.Error) as exc:
+            if not self._conn.in_transaction:
+                raise  # SQLite rolled the whole transaction back (a full disk, I/O)
+            if savepoint:
+                self._conn.execute("ROLLBACK TO one_append")
+                self._conn.execute("RELEASE one_append")
+            return _append_error(exc) if isinstance(exc, sqlite3.Error) else exc
+        if savepoint:
+            self._conn.execute("RELEASE one_append")
+        if outcome[1] is not None:
+            heads[thread_id] = outcome[0].generation
+        return outcome
+
+    def _write_one(self, append: _Append, head: int) -> tuple[Appended, int | None]:
+        """Write one append's statements after ``head`` (locks held); return its outcome
+        and the last rowid it wrote (``None``: it wrote nothing)."""
+        thread_id, items, key = append
+        if not items:
+            return Appended(head, written=False), None
+        if key is not None:
+            found = self._conn.execute(_KEY_FIND, (thread_id, key.key)).fetchone()
+            if found is not None:
+                if found[0] != key.digest:
+                    raise InvalidArgument(
+                        f"idempotency key {key.key!r} of thread {thread_id!r} was used for "
+                        f"other items (generation {found[1]}); use a new key for new items")
+                return Appended(int(found[1]), written=False), None
+        generation = head + len(items)
+        if len(items) == 1:
+            item = items[0]
+            rowid = self._conn.execute(INSERT, (thread_id, generation, item.ts_us,
+                                                item.text)).lastrowid
+        else:
+            self._conn.executemany(INSERT, [(thread_id, head + i, it.ts_us, it.text)
+                                            for i, it in enumerate(items, 1)])
+            # executemany sets no lastrowid; the key's table is WITHOUT ROWID, so
+            # storing the key below leaves last_insert_rowid() alone
+            rowid = int(self._conn.execute("SELECT last_insert_rowid()").fetchone()[0])
+        if key is not None:
+            self._conn.execute(_KEY_STORE, (thread_id, key.key, key.digest, generation))
+        return Appended(generation, written=True), rowid
+
+    def _published(self, rowid: int) -> None:
+        """After a commit that wrote items (lock held), before the heads it wrote are
+        cached: count it, and raise the position."""
+        self.append_commits += 1
+        self._raise_last_rowid(rowid)
