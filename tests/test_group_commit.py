@@ -128,7 +128,7 @@ def test_an_append_that_fails_in_a_group_fails_alone(store_path: Path) -> None:
     """Bad input, an idempotency conflict, a discarded thread or a failed statement fail
     only their own append, which writes nothing; the rest of the group commits."""
     with ThreadStore.open(store_path) as store:
-        one, two, three, gone = (store.create_thread() for _ in range(4))
+        one, two, three, four, gone = (store.create_thread() for _ in range(5))
         store.append(two, [plain(0)], idempotency_key="used")
         store.discard(gone)
         history = _history(store)
@@ -145,6 +145,8 @@ def test_an_append_that_fails_in_a_group_fails_alone(store_path: Path) -> None:
             "after poison": lambda: store.append(two, [plain(6)]),
             "keyed": lambda: store.append(three, [plain(7)], idempotency_key="k"),
             "keyed again": lambda: store.append(three, [plain(7)], idempotency_key="k"),
+            "poisoned alone": lambda: store.append(four, [poison]),
+            "beside it": lambda: store.append(four, [plain(8)]),
         }
         outs = dict(zip(calls, _grouped(store, list(calls.values()))))
         assert isinstance(outs["unknown"]["error"], ThreadNotFound)
@@ -152,6 +154,8 @@ def test_an_append_that_fails_in_a_group_fails_alone(store_path: Path) -> None:
         assert isinstance(outs["conflict"]["error"], InvalidArgument)
         assert isinstance(outs["poisoned"]["error"], StorageError)
         assert "poisoned" in str(outs["poisoned"]["error"])
+        assert isinstance(outs["poisoned alone"]["error"], StorageError)
+        assert outs["beside it"]["result"] == 1 and _stored(store, four) == [plain(8)]
         # The same thread twice in one group: consecutive seqs, in the group's order.
         single, several = outs["single"]["result"], outs["several"]["result"]
         assert (single, several) in ((1, 3), (3, 2))
@@ -164,7 +168,7 @@ def test_an_append_that_fails_in_a_group_fails_alone(store_path: Path) -> None:
         assert outs["keyed"]["result"] == outs["keyed again"]["result"] == 1
         assert _stored(store, three) == [plain(7)]
         store.flush_all(timeout=30.0)
-        assert [store.read_thread(t).item_count for t in (one, two, three)] == [3, 2, 1]
+        assert [store.read_thread(t).item_count for t in (one, two, three, four)] == [3, 2, 1, 1]
 
 
 def test_an_uncontended_append_commits_on_its_callers_thread(store_path: Path) -> None:

@@ -50,6 +50,11 @@ def _append_error(exc: sqlite3.Error) -> ThreadStoreError:
     return error
 
 
+class _RowsFailed(Exception):
+    """A statement of rows written together failed: the transaction is redone one append
+    at a time, to find the append at fault."""
+
+
 class GroupAppends:
     """The append path of :class:`~.history.History`, which provides the attributes and
     the helpers declared here."""
@@ -122,28 +127,23 @@ class GroupAppends:
                          followers: list[Pending[_Append, Appended]]) -> Appended:
         """Several appends in one transaction (see the module docstring)."""
         appends = [own, *(pending.request for pending in followers)]
-        heads: dict[str, int] = {}
         written: list[_Written] = []
         try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            for append in appends:
-                written.append(self._write_isolated(append, heads))
-            self._conn.execute("COMMIT")
+            try:
+                heads, top = self._write_group(appends, written, batched=True)
+            except _RowsFailed:
+                # One of the rows written together failed: write the appends one by one
+                # (each alone in its savepoint when it needs one) to fail only its own.
+                written.clear()
+                heads, top = self._write_group(appends, written, batched=False)
         except sqlite3.Error as exc:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
             # Written and rolled back, or never reached: none is stored.
             outcomes: list[Appended | ThreadStoreError] = [
                 w if isinstance(w, ThreadStoreError) else _append_error(exc) for w in written]
             outcomes += [_append_error(exc) for _ in appends[len(written):]]
-        except BaseException:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-            raise
         else:
-            rowids = [w[1] for w in written if not isinstance(w, ThreadStoreError) and w[1]]
-            if rowids:
-                self._published(max(rowids))
+            if top is not None:
+                self._published(top)
                 self._heads.update(heads)
             outcomes = [w if isinstance(w, ThreadStoreError) else w[0] for w in written]
         for pending, outcome in zip(followers, outcomes[1:]):
@@ -154,6 +154,64 @@ class GroupAppends:
         if isinstance(outcomes[0], ThreadStoreError):
             raise outcomes[0]
         return outcomes[0]
+
+    def _write_group(self, appends: list[_Append], written: list[_Written], *,
+                     batched: bool) -> tuple[dict[str, int], int | None]:
+        """Write the appends in one transaction, each outcome into ``written``; return
+        the heads written and the highest rowid (``None``: nothing was written).
+
+        ``batched``: appends of one item and no key, the usual ones, are written
+        together in one ``executemany`` (each statement releases the GIL, and on a busy
+        process every reacquisition can wait for another thread's switch interval);
+        if one of those rows fails, :class:`_RowsFailed` says which transaction to redo.
+        """
+        heads: dict[str, int] = {}
+        tops: list[int] = []
+
+        def body() -> None:
+            rows: list[tuple[str, int, int, str]] = []
+            for append in appends:
+                thread_id, items, key = append
+                if batched and len(items) == 1 and key is None:
+                    try:
+                        head = self._group_head(thread_id, heads)
+                    except ThreadStoreError as exc:
+                        written.append(exc)
+                        continue
+                    heads[thread_id] = head + 1
+                    rows.append((thread_id, head + 1, items[0].ts_us, items[0].text))
+                    written.append((Appended(head + 1, written=True), None))
+                    continue
+                self._write_rows(rows, tops)  # the rows before it come first
+                outcome = self._write_isolated(append, heads)
+                written.append(outcome)
+                if not isinstance(outcome, ThreadStoreError) and outcome[1] is not None:
+                    tops.append(outcome[1])
+            self._write_rows(rows, tops)
+
+        _connections.in_transaction(self._conn, body)
+        return heads, max(tops, default=None)
+
+    def _write_rows(self, rows: list[tuple[str, int, int, str]], tops: list[int]) -> None:
+        """Insert the batched rows (then forget them); their last rowid goes to ``tops``."""
+        if not rows:
+            return
+        try:
+            self._conn.executemany(INSERT, rows)
+        except sqlite3.Error as exc:
+            raise _RowsFailed from exc
+        tops.append(int(self._conn.execute("SELECT last_insert_rowid()").fetchone()[0]))
+        rows.clear()
+
+    def _group_head(self, thread_id: str, heads: dict[str, int]) -> int:
+        """The head an append of the group writes after: what the group wrote to the
+        thread so far, else the committed head."""
+        head = heads.get(thread_id)
+        if head is None:
+            head = self._heads.get(thread_id)
+        if head is None:
+            head = self._load_head(thread_id)
+        return head
 
     def _write_isolated(self, append: _Append, heads: dict[str, int]) -> _Written:
         """Write one append of a group (transaction open), or return why it failed
@@ -167,12 +225,7 @@ class GroupAppends:
         if savepoint:
             self._conn.execute("SAVEPOINT one_append")
         try:
-            head = heads.get(thread_id)
-            if head is None:
-                head = self._heads.get(thread_id)
-            if head is None:
-                head = self._load_head(thread_id)
-            outcome = self._write_one(append, head)
+            outcome = self._write_one(append, self._group_head(thread_id, heads))
         except (ThreadStoreError, sqlite3.Error) as exc:
             if not self._conn.in_transaction:
                 raise  # SQLite rolled the whole transaction back (a full disk, I/O)
