@@ -60,6 +60,7 @@ class GroupAppends:
     the helpers declared here."""
 
     lock: threading.Lock
+    last_rowid: int
     _conn: sqlite3.Connection
     _closed: bool
     _heads: dict[str, int]
@@ -99,6 +100,12 @@ class GroupAppends:
                 raise StoreClosed(CLOSED)
             with self._writers():
                 followers = group.take()
+                # SQLite gives each new row the highest rowid plus one, and no other
+                # process writes now: raise the position over this group's rows before
+                # they commit, so a lock-free position() never falls below one (see
+                # History.position). If some fail it stays above until rows reuse them.
+                self._raise_last_rowid(self.last_rowid + len(own[1])
+                                       + sum(len(p.request[1]) for p in followers))
                 if not followers:
                     return self._commit_alone(own)
                 return self._commit_together(own, followers)

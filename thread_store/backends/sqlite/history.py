@@ -63,8 +63,9 @@ class History(BehindMarks, GroupAppends):
         self._acks = AckBatch()
         self._start_appends()
         #: The highest items rowid committed: read at open, raised by this process's own
-        #: appends, and read again whenever another process wrote, so it bounds every
-        #: item a projection can fold.
+        #: writes (a group commit raises it over its rows before writing them), and read
+        #: again whenever another process wrote, so it bounds every item a projection can
+        #: fold.
         self.last_rowid = 0 if read_only else self._top_rowid()
         #: Every writing process of the store writes under this file lock; when another
         #: process wrote since this one last looked, the cached heads are forgotten.
@@ -172,13 +173,19 @@ class History(BehindMarks, GroupAppends):
         """Return the thread's head; raise if it is unknown or discarded.
 
         A writer caches heads while no other process writes (the writers' lock file
-        tells); a read-only store reads the file each time.
+        tells), and reads a cached head without the lock, so a barrier or ``status``
+        never waits for a group commit in flight (whose heads are cached once it
+        committed); a read-only store reads the file each time.
         """
         if self.read_only:
             self.created_us(thread_id)
             row = self._readers.fetchone("history", "SELECT max(seq) FROM items "
                                          "WHERE thread_id = ?", (thread_id,))
             return int(row[0] or 0)
+        if not self._conn_closed and self._writers().unchanged():
+            cached = self._heads.get(thread_id)
+            if cached is not None:
+                return cached
         with self.lock:
             if self._conn_closed:
                 raise StoreClosed("the thread store is closed; open it again")
@@ -187,7 +194,14 @@ class History(BehindMarks, GroupAppends):
             return self._load_head(thread_id) if head is None else head
 
     def position(self) -> int:
-        """The highest items rowid committed, by any process (see ``last_rowid``)."""
+        """A rowid at or above every item committed, by any process (see ``last_rowid``).
+
+        While no other process wrote it is read without the lock, so a projection never
+        waits for this process's group commit (and its fsync): a commit in flight has
+        raised ``last_rowid`` over the rows it writes before writing them.
+        """
+        if not self._conn_closed and self._writers().unchanged():
+            return self.last_rowid
         with self.lock:
             if not self._conn_closed:
                 self._writers().look()
@@ -210,9 +224,15 @@ class History(BehindMarks, GroupAppends):
         """
         if self.read_only:
             return self._read_incarnations(thread_ids)
-        with self.lock:
-            self._writers().look()
-            cached = {t: self._incarnations[t] for t in thread_ids if t in self._incarnations}
+        if not self._conn_closed and self._writers().unchanged():
+            # No lock, so no wait for a group commit: only a removal changes them here,
+            # and an index commit, which asks again, never runs beside one.
+            known = self._incarnations
+            cached = {t: i for t in thread_ids if (i := known.get(t)) is not None}
+        else:
+            with self.lock:
+                self._writers().look()
+                cached = {t: self._incarnations[t] for t in thread_ids if t in self._incarnations}
         missing = [t for t in thread_ids if t not in cached]
         if missing:
             read = self._read_incarnations(missing)
