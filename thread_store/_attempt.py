@@ -18,10 +18,10 @@ from typing import Callable, Iterator
 from ._outcomes import AttemptOutcome, Result
 from ._state import Claim
 from .derive import ProjectionRules
-from .errors import (ThreadDiscarded, ThreadNotFound, TransientProjectionError,
+from .errors import (ThreadDiscarded, ThreadNotFound, ThreadStoreError, TransientProjectionError,
                      TransientStorageError, describe)
 from .storage import CommitOutcome, HistoryLog, MetadataIndex, RowWrite, StoredRow
-from .tracing import Projection, Telemetry
+from .tracing import MAX_LINKS, Links, Projection, Telemetry, merge_links
 
 ProjectionHook = Callable[[str, int], None]
 #: Takes the claims out of flight with their results (by ``id(claim)``) and returns each
@@ -85,9 +85,10 @@ class AttemptRunner:
         try:
             if tel.tracing():
                 for c in claims:
+                    links = self._links(c)
                     spans[id(c)] = tel.start_projection(
-                        c.state.thread_id, c.contexts, c.dropped, c.appends, c.base, c.target,
-                        c.attempt, c.expedited, len(claims))
+                        c.state.thread_id, links.contexts, links.dropped, links.appends, c.base,
+                        c.target, c.attempt, c.expedited, len(claims))
             results = self._attempt(claims, deadline, in_caller)
         except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
             if in_caller and not isinstance(exc, Exception):
@@ -109,6 +110,31 @@ class AttemptRunner:
                                            backoff=backoffs.get(id(c)))
                     except Exception:  # noqa: BLE001 - telemetry must not stop the projector
                         log.exception("thread_store: ending a projection span failed")
+
+    def _links(self, c: Claim) -> Links:
+        """What the claim's projection span points at (tracing on only).
+
+        Buffered items were all appended here, so the contexts captured here are all of
+        them. Otherwise some may be other processes' appends: the contexts stored with the
+        items not yet projected are read and merged in (DESIGN §1.11). A failed read
+        costs the links only, never the projection.
+        """
+        local = Links(tuple(c.contexts), c.dropped, c.appends)
+        if c.items is not None:
+            return local
+        thread_id = c.state.thread_id
+        try:
+            base = c.base
+            if not c.refold and c.fold_state is None:
+                # c.base may be a lower bound (a thread this process knew nothing of):
+                # the store says where its projection stands.
+                base = max(base, self._index.checkpoint(thread_id).projected_seq)
+            stored = self._history.traces(thread_id, base, c.target, MAX_LINKS)
+        except ThreadStoreError as exc:
+            log.debug("thread_store: reading the trace contexts of %r failed: %s",
+                      thread_id, describe(exc))
+            return local
+        return merge_links(c.contexts, c.dropped, c.appends, stored.traceparents, stored.dropped)
 
     def _attempt(self, claims: list[Claim], deadline: float | None,
                  in_caller: bool) -> dict[int, Result]:

@@ -29,10 +29,13 @@ from ._marks import BehindMarks
 from ._history_schema import MIGRATIONS, SCHEMA_VERSION
 from ...errors import StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
 from ...model import EncodedItem
-from ...storage import StoredRow
+from ...storage import StoredRow, StoredTraces
 
 _RANGE = ("SELECT seq, ts_us, item FROM items WHERE thread_id = ? AND seq > ? AND seq <= ? "
           "ORDER BY seq LIMIT ?")
+# The window counts every traced append in the range before LIMIT cuts: one read.
+_TRACES = ("SELECT trace, count(*) OVER () FROM items WHERE thread_id = ? AND seq > ? "
+           "AND seq <= ? AND trace IS NOT NULL ORDER BY seq LIMIT ?")
 T = TypeVar("T")
 #: How many incarnations a writer caches before it starts over (bounded memory).
 _INCARNATIONS_CACHED = 100_000
@@ -163,6 +166,11 @@ class History(BehindMarks, GroupAppends):
     def schema_version(self) -> int:
         """The file's schema version."""
         return int(self._readers.fetchone("history", "PRAGMA user_version")[0])
+
+    def traces(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> StoredTraces:
+        """The traceparents of appends ending in ``(after_seq, upto_seq]``, at most ``limit``."""
+        rows = self._readers.fetchall("history", _TRACES, (thread_id, after_seq, upto_seq, limit))
+        return StoredTraces(tuple(t for t, _ in rows), int(rows[0][1]) - len(rows) if rows else 0)
 
     def heads(self) -> dict[str, int]:
         """``{thread_id: head}`` of every live thread, in one read (recovery, reindex)."""
