@@ -26,6 +26,7 @@ from thread_store import (InvalidArgument, OutcomeUnknown, StorageError, StoreCl
 from thread_store.backends.sqlite import _filelock
 from thread_store.backends.sqlite._group import GroupCommit
 from thread_store.backends.sqlite.history import History
+from thread_store.model import EncodedItem
 
 WRITERS = 8
 
@@ -169,6 +170,24 @@ def test_an_append_that_fails_in_a_group_fails_alone(store_path: Path) -> None:
         assert _stored(store, three) == [plain(7)]
         store.flush_all(timeout=30.0)
         assert [store.read_thread(t).item_count for t in (one, two, three, four)] == [3, 2, 1, 1]
+
+
+def test_traced_appends_keep_their_trace_context_in_a_group(store_path: Path) -> None:
+    """Each append of a group stores its own traceparent with its last item, traced and
+    untraced appends mixed (the port, below the store's tracing)."""
+    with ThreadStore.open(store_path) as store:
+        tids = [store.create_thread() for _ in range(4)]
+        history = _history(store)
+        item = EncodedItem(text=json.dumps(plain(1)), ts_us=1, kind="response_item")
+        parent = [f"00-{n:032x}-{n:016x}-01" for n in range(1, 5)]
+        plan = [(tids[0], 1, parent[0]), (tids[1], 1, None), (tids[2], 2, parent[2]),
+                (tids[3], 1, parent[3]), (tids[0], 1, None), (tids[0], 1, parent[1])]
+        outs = _grouped(store, [lambda t=t, n=n, p=p: history.append(t, [item] * n, None, p)
+                                for t, n, p in plan])
+        assert all("result" in out for out in outs), outs
+        # The three appends to the first thread commit in the order they queued.
+        assert [sorted(history.traces(t, 0, 10, 10).traceparents) for t in tids] == [
+            [parent[0], parent[1]], [], [parent[2]], [parent[3]]]
 
 
 def test_an_uncontended_append_commits_on_its_callers_thread(store_path: Path) -> None:
