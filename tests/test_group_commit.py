@@ -211,6 +211,26 @@ def test_an_uncontended_append_commits_on_its_callers_thread(store_path: Path) -
         assert history._group.followed == 0
 
 
+def test_reads_of_the_head_and_position_do_not_wait_for_a_commit(store_path: Path) -> None:
+    """While a commit holds the history lock (here: waiting for the writers' file lock),
+    ``head``, ``status``, the position and the incarnations still answer."""
+    with ThreadStore.open(store_path) as store:
+        tid = store.create_thread()
+        store.append_and_flush(tid, [plain(1)], timeout=30.0)
+        history = _history(store)
+        with _filelock.hold(store_dir(store) / "history.lock"):
+            appending, out = in_thread(lambda: store.append(tid, [plain(2)]))
+            wait_for(lambda: history.lock.locked(), "the append to hold the history lock")
+            reads, got = in_thread(lambda: (history.head(tid), history.position(),
+                                            history.incarnations([tid]), store.status(tid).head_seq))
+            reads.join(timeout=10.0)
+            assert not reads.is_alive(), "a read waited for the commit"
+            head, position, incarnations, status_head = got["result"]  # type: ignore[misc]
+            assert (head, status_head) == (1, 1) and position >= 1 and tid in incarnations
+        appending.join(timeout=30.0)
+        assert out["result"] == 2 and history.head(tid) == 2
+
+
 def test_closing_beside_group_commits(store_path: Path) -> None:
     """Appenders racing ``close``: every append that returned is stored at its generation,
     and every one that did not raised ``StoreClosed``."""

@@ -93,6 +93,8 @@ class GroupAppends:
     def _start_appends(self) -> None:
         """Set up the queue (from ``History.__init__``)."""
         self._group: GroupCommit[_Append, Appended] = GroupCommit(self._commit_group)
+        #: While a commit is in flight, a rowid at or above every row it writes; else 0.
+        self.rowid_bound = 0
         #: Transactions that committed appended items (with ``full``, one fsync each).
         self.append_commits = 0
 
@@ -117,14 +119,18 @@ class GroupAppends:
             with self._writers():
                 followers = group.take()
                 # SQLite gives each new row the highest rowid plus one, and no other
-                # process writes now: raise the position over this group's rows before
-                # they commit, so a lock-free position() never falls below one (see
-                # History.position). If some fail it stays above until rows reuse them.
-                self._raise_last_rowid(self.last_rowid + len(own[1])
-                                       + sum(len(p.request[1]) for p in followers))
-                if not followers:
-                    return self._commit_alone(own)
-                return self._commit_together(own, followers)
+                # process writes now: until this commit is published, position() (read
+                # without the lock) answers at least the rowids it may write.
+                rows = len(own[1])
+                if followers:
+                    rows += sum(len(pending.request[1]) for pending in followers)
+                self.rowid_bound = self.last_rowid + rows
+                try:
+                    if not followers:
+                        return self._commit_alone(own)
+                    return self._commit_together(own, followers)
+                finally:
+                    self.rowid_bound = 0
 
     def _commit_alone(self, append: _Append) -> Appended:
         """One append in its own transaction; a single item in autocommit (one statement

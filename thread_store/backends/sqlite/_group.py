@@ -19,12 +19,14 @@ resolves each taken one, and returns (or raises) the leader's own outcome.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 from ...errors import OutcomeUnknown
 
 Q = TypeVar("Q")
 R = TypeVar("R")
+#: What :meth:`GroupCommit.take` returns when nobody queued (never changed).
+_NONE: list[Any] = []
 
 
 class Pending(Generic[Q, R]):
@@ -107,7 +109,7 @@ class GroupCommit(Generic[Q, R]):
     def take(self) -> list[Pending[Q, R]]:
         """The followers the leader commits with its own request, oldest first."""
         if not self._queue:
-            return []  # one that queues after this look waits for the next leader
+            return _NONE  # one that queues after this look waits for the next leader
         with self._mutex:
             self._taken, self._queue = self._queue, []
         self.followed += len(self._taken)
@@ -137,7 +139,9 @@ class GroupCommit(Generic[Q, R]):
                     pending.fail(error)
             raise
         finally:
-            taken, self._taken = self._taken, []
+            taken = self._taken
+            if taken:
+                self._taken = []
             with self._mutex:
                 successor = self._queue.pop(0) if self._queue else None
                 if successor is None:

@@ -66,9 +66,8 @@ class History(BehindMarks, GroupAppends):
         self._acks = AckBatch()
         self._start_appends()
         #: The highest items rowid committed: read at open, raised by this process's own
-        #: writes (a group commit raises it over its rows before writing them), and read
-        #: again whenever another process wrote, so it bounds every item a projection can
-        #: fold.
+        #: appends, and read again whenever another process wrote, so it bounds every
+        #: item a projection can fold (see also ``rowid_bound``).
         self.last_rowid = 0 if read_only else self._top_rowid()
         #: Every writing process of the store writes under this file lock; when another
         #: process wrote since this one last looked, the cached heads are forgotten.
@@ -205,11 +204,13 @@ class History(BehindMarks, GroupAppends):
         """A rowid at or above every item committed, by any process (see ``last_rowid``).
 
         While no other process wrote it is read without the lock, so a projection never
-        waits for this process's group commit (and its fsync): a commit in flight has
-        raised ``last_rowid`` over the rows it writes before writing them.
+        waits for this process's group commit (and its fsync): a commit in flight counts
+        with the bound it set over the rows it writes (read first: the commit publishes
+        ``last_rowid`` before it clears the bound).
         """
         if not self._conn_closed and self._writers().unchanged():
-            return self.last_rowid
+            bound = self.rowid_bound
+            return max(bound, self.last_rowid)
         with self.lock:
             if not self._conn_closed:
                 self._writers().look()
