@@ -97,7 +97,11 @@ class History(BehindMarks, GroupAppends):
                     return None
                 return self._conn.execute(INSERT, (thread_id, 1, first.ts_us, first.text)).lastrowid
 
-            self._raise_last_rowid(self._write(write, "create_thread"))
+            self.rowid_bound = self.last_rowid + 1  # as an append's (see GroupAppends)
+            try:
+                self._raise_last_rowid(self._write(write, "create_thread"))
+            finally:
+                self.rowid_bound = 0
             self._heads[thread_id] = 1 if first is not None else 0
 
     def remove(self, thread_id: str, *, tombstone: bool) -> None:
