@@ -447,17 +447,20 @@ def why(key: str, section: dict[str, Any]) -> str:
 
 
 #: What a development profile found (py-spy --idle, 4 processes × 2 writers; see benchmarks/README.md).
-LIMITS = ("Adding processes does not add appends: every append of every process takes the "
-          "store-wide `history.lock` flock, so appends are serialized across the store, and the "
-          "critical section is longer than raw's single INSERT: after another process's commit "
-          "`PRAGMA data_version` has moved, so the writer re-reads the top rowid and the thread's "
-          "head before its INSERT. In a profile of one of 4 writer processes, its writers spent "
-          "about 16 % of their time blocked in `flock` and 27 % on the in-process history mutex "
-          "held by the sibling that was itself waiting for the flock, against 3 % inserting; "
-          "with one process the INSERT was 11 % and the flock wait under 1 %. On 2 vCPUs more "
-          "processes than cores also means the flock holder is often descheduled.")
-LAG_LIMITS = ("Each process's projector reads the history position under the same in-process "
-              "history mutex that its writers hold while they wait for the flock (9 % of a writer "
-              "process's samples in the profile), and the projectors of all processes serialize on "
-              "`index.lock`; with all processes writing all 100 threads, each projector also folds "
-              "items that others appended, which it must read back from history.")
+LIMITS = ("Adding processes does not add appends: every commit of every process takes the "
+          "store-wide `history.lock` flock, so commits are serialized across the store. Group "
+          "commit batches the appends of one process under one flock hold, but with 2 writer "
+          "threads per process a group holds about 1.05 appends (the table's appends per "
+          "history commit), so nearly every append still pays a flock round, and after another "
+          "process's commit the writer re-reads the top rowid and the thread's head before its "
+          "INSERT. In a profile of 4 writer processes with group commit, the writers spent about "
+          "50 % of their samples queued behind their process's leader and 25 % in that leader's "
+          "`flock` wait, against about 5 % writing. On 2 vCPUs more processes than cores also "
+          "means the flock holder is often descheduled.")
+LAG_LIMITS = ("Before group commit, each process's projector read the history position and the "
+              "incarnations under the in-process history mutex that a writer holds while it waits "
+              "for the flock (65 % of the projector's samples with 4 processes); now it reads them "
+              "without waiting (the cache, or the file when a writer holds the mutex). What is "
+              "left: the projectors of all processes serialize on `index.lock`, and with all "
+              "processes writing all 100 threads each projector folds items that others appended, "
+              "which it must read back from history.")

@@ -210,15 +210,23 @@ class History(BehindMarks, GroupAppends):
         While no other process wrote it is read without the lock, so a projection never
         waits for this process's group commit (and its fsync): a commit in flight counts
         with the bound it set over the rows it writes (read first: the commit publishes
-        ``last_rowid`` before it clears the bound).
+        ``last_rowid`` before it clears the bound). When another process wrote and a
+        writer of this process holds the lock (often waiting for that other process's
+        commit), the file's highest rowid answers instead of a wait.
         """
-        if not self._conn_closed and self._writers().unchanged():
+        if self._conn_closed:
+            return self.last_rowid
+        if self._writers().unchanged():
             bound = self.rowid_bound
             return max(bound, self.last_rowid)
-        with self.lock:
-            if not self._conn_closed:
+        if self.lock.acquire(blocking=False):
+            try:
                 self._writers().look()
-            return self.last_rowid
+                return self.last_rowid
+            finally:
+                self.lock.release()
+        bound = self.rowid_bound
+        return max(bound, self.high_water())
 
     def incarnation(self, thread_id: str) -> int:
         """Which creation of the id the live thread is (random, drawn at creation)."""
@@ -242,18 +250,25 @@ class History(BehindMarks, GroupAppends):
             # and an index commit, which asks again, never runs beside one.
             known = self._incarnations
             cached = {t: i for t in thread_ids if (i := known.get(t)) is not None}
-        else:
-            with self.lock:
+        elif self.lock.acquire(blocking=False):
+            try:
                 self._writers().look()
                 cached = {t: self._incarnations[t] for t in thread_ids if t in self._incarnations}
+            finally:
+                self.lock.release()
+        else:  # a writer holds the lock (maybe waiting for another process): read the file
+            return self._read_incarnations(thread_ids)
         missing = [t for t in thread_ids if t not in cached]
         if missing:
             read = self._read_incarnations(missing)
-            with self.lock:
-                self._writers().look()
-                if len(self._incarnations) > _INCARNATIONS_CACHED:
-                    self._incarnations.clear()
-                self._incarnations.update(read)
+            if self.lock.acquire(blocking=False):  # caching them is worth no wait
+                try:
+                    self._writers().look()
+                    if len(self._incarnations) > _INCARNATIONS_CACHED:
+                        self._incarnations.clear()
+                    self._incarnations.update(read)
+                finally:
+                    self.lock.release()
             cached.update(read)
         return cached
 
