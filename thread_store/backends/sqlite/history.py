@@ -42,6 +42,8 @@ _INCARNATIONS_CACHED = 100_000
 #: The file lock of history writers, beside ``history.db``.
 LOCK_FILE = "history.lock"
 EPOCH_KEY = "index_epoch"
+_LIVE_HEAD = ("SELECT (SELECT max(seq) FROM items WHERE thread_id = ?1) FROM threads "
+              "WHERE thread_id = ?1 AND discarded_us IS NULL")
 _HEADS = ("SELECT t.thread_id, (SELECT max(seq) FROM items i WHERE i.thread_id = t.thread_id) "
           "FROM threads t WHERE t.discarded_us IS NULL")
 class History(BehindMarks, GroupAppends):
@@ -203,6 +205,11 @@ class History(BehindMarks, GroupAppends):
             self._writers().look()
             head = self._heads.get(thread_id)
             return self._load_head(thread_id) if head is None else head
+
+    def live_head(self, thread_id: str) -> int | None:
+        """The thread's head as the file holds it now (no cache); ``None`` unless it is live."""
+        row = self._readers.fetchone("history", _LIVE_HEAD, (thread_id,))
+        return None if row is None else int(row[0] or 0)
 
     def position(self) -> int:
         """A rowid at or above every item committed, by any process (see ``last_rowid``).
