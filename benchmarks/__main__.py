@@ -198,6 +198,9 @@ def _sustained(config: Config, root: Path) -> dict[str, Any]:
         ("paused", WRITERS, _ts("paused")),
         ("slow", WRITERS, _ts("slow", slow=True)),
         ("sync", WRITERS, _ts("sync", projection="sync")),
+        # Group commit (issue 15 point 3): the same 8 writers with an fsync per commit.
+        ("full", WRITERS, _ts("full", durability="full")),
+        ("raw_full", WRITERS, lambda p: RawSQLite(p, "FULL")),
         ("peer", WRITERS, PeerSystem),
     ]
     runs: list[tuple[Sustained, Any]] = []

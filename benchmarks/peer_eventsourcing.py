@@ -204,6 +204,10 @@ class PeerSystem:
         """Follower write transactions so far."""
         return self._recorder.commits
 
+    def commits(self) -> None:
+        """The application's own commits are not counted (one per ``save()``)."""
+        return None
+
     def verify(self) -> None:
         """Raise if the view disagrees with the appends made (the peer must be correct)."""
         self.quiesce()

@@ -36,7 +36,9 @@ def summarize_sustained(r: Sustained) -> dict[str, Any]:
     out: dict[str, Any] = {"label": r.label, "writers": r.writers, "appends": r.appends,
                            "seconds": r.seconds, "appends_per_s": r.appends / r.seconds,
                            "append": _us(r.latencies), "watched": r.watched,
-                           "transactions_per_append": r.transactions / r.appends if r.appends else math.nan}
+                           "transactions_per_append": r.transactions / r.appends if r.appends else math.nan,
+                           "commits_per_append": (r.commits / r.appends if r.appends and r.commits is not None
+                                                  else math.nan)}
     if r.watched:
         out["lag_ms"] = {f"p{p:g}": percentile(r.lags, p) / 1e6 for p in PERCENTILES}
         out["lag_ms"]["n"] = len(r.lags)
@@ -122,8 +124,8 @@ def _latency_table(rows: dict[str, dict[str, Any]]) -> list[str]:
 def _sustained_table(rows: dict[str, dict[str, Any]], rss: dict[str, dict[str, Any]]) -> list[str]:
     rss_key = {RAW: "raw", ASYNC: "ts-async", SYNC: "ts-sync", PEER: "peer"}
     out = [("| System | writers | appends/s | append p50 | append p99 | lag p50 | lag p99 "
-           "| projection txns / append | peak RSS (Δ over baseline) |"),
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| projection txns / append | history commits / append | peak RSS (Δ over baseline) |"),
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows.values():
         lag = row.get("lag_ms")
         lag_cells = ([_f(lag["p50"], " ms"), _f(lag["p99"], " ms")] if lag
@@ -136,7 +138,7 @@ def _sustained_table(rows: dict[str, dict[str, Any]], rss: dict[str, dict[str, A
         txn = row["transactions_per_append"] if row["label"] != RAW else math.nan
         out.append(f"| {row['label']} | {row['writers']} | {_f(row['appends_per_s'])} | "
                    f"{_f(row['append']['p50_us'], ' µs')} | {_f(row['append']['p99_us'], ' µs')} | "
-                   f"{' | '.join(lag_cells)} | {_f(txn)} | {mem} |")
+                   f"{' | '.join(lag_cells)} | {_f(txn)} | {_f(row['commits_per_append'])} | {mem} |")
     return out
 
 

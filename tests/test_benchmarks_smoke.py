@@ -40,6 +40,9 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert sustained["thread_store async (default)|8"]["appends"] > 0
     assert sustained["thread_store async (default)|8"]["lag_ms"]["n"] > 0
     assert sustained["eventsourcing peer|8"]["lag_ms"]["n"] > 0
+    full = sustained["thread_store async, durability=full|8"]
+    assert full["appends"] > 0 and 0 < full["commits_per_append"] <= 1
+    assert sustained["raw sqlite3, synchronous=FULL (fsync floor)|8"]["commits_per_append"] == 1
     assert set(results["rss"]) == {"raw", "ts-async", "ts-sync", "peer"}
     assert results["tracing"]["ok"], results["tracing"]["table"]  # the tracing section ran
     for probe in results["rss"].values():
@@ -49,7 +52,7 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert processes["sustained"]["raw_appends_per_s"] > 0
     assert set(processes["sustained"]["arms"]) == {"1", "2", "4"}
     for arm in processes["sustained"]["arms"].values():
-        assert arm["appends"] > 0 and arm["ratio_to_raw"] > 0, arm
+        assert arm["appends"] > 0 and arm["ratio_to_raw"] > 0 and arm["appends_per_commit"] >= 1, arm
         assert arm["lag_n"] + arm["unmatched"] == arm["appends"], arm
         assert arm["lag_n"] > 0 and 0 <= arm["lag_p50_ms"] <= arm["lag_p99_ms"], arm
     for key in ("same", "cross", "paused", "both"):
@@ -63,12 +66,14 @@ def test_smoke_run_writes_table_json_and_plot(tmp_path: Path) -> None:
 
     targets = results["targets"]
     assert [t["key"] for t in targets] == ["append-floor", "decoupling", "barrier", "throughput",
-                                           "lag", "peer", "mp-throughput", "mp-lag"]
+                                           "lag", "group-commit", "full-rate", "peer",
+                                           "mp-throughput", "mp-lag"]
     assert all(isinstance(t["met"], bool) for t in targets)
 
     table = (out / "bench.md").read_text()
     assert results["command"] in table and "Machine:" in table
     assert "Several writer processes" in table and "Cross-process wake-up" in table
+    assert "Group commit: 8 writers" in table
     for target in targets:
         assert target["name"] in table
     assert (out / "bench.png").read_bytes().startswith(PNG_MAGIC)

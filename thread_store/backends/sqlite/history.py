@@ -1,8 +1,9 @@
 """The durable, append-only item log: one SQLite file, ``seq`` allocation and paging.
 
-Writers serialize on an in-process lock, never on SQLite's busy handler. The head
-(last ``seq``) of every thread touched is cached, so an append is one INSERT and a
-COMMIT. Tombstones of discarded threads live here too, because history is the truth.
+Writers serialize on an in-process lock, never on SQLite's busy handler, and concurrent
+appends commit in groups (:mod:`._appends`). The head (last ``seq``) of every thread
+touched is cached, so an append alone is one INSERT and a COMMIT. Tombstones of
+discarded threads live here too, because history is the truth.
 
 History is also the durable record of which threads are behind their projection: a
 trigger adds the thread to the ``behind`` table in the transaction of the append itself,
@@ -18,27 +19,23 @@ from __future__ import annotations
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, TypeVar
 
 from . import _connections
 from ._filelock import ProcessLock
 from ._acks import AckBatch
+from ._appends import CLOSED, INSERT, GroupAppends
 from ._marks import BehindMarks
 from ._history_schema import MIGRATIONS, SCHEMA_VERSION
-from ...errors import InvalidArgument, StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
+from ...errors import StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
 from ...model import EncodedItem
-from ...storage import Appended, IdempotencyKey, StoredRow, StoredTraces
+from ...storage import StoredRow, StoredTraces
 
-_INSERT = "INSERT INTO items (thread_id, seq, ts_us, item) VALUES (?, ?, ?, ?)"
-# Only a traced append binds the trace column: an untraced one runs the INSERT it always did.
-_INSERT_TRACED = "INSERT INTO items (thread_id, seq, ts_us, item, trace) VALUES (?, ?, ?, ?, ?)"
 _RANGE = ("SELECT seq, ts_us, item FROM items WHERE thread_id = ? AND seq > ? AND seq <= ? "
           "ORDER BY seq LIMIT ?")
 # The window counts every traced append in the range before LIMIT cuts: one read.
 _TRACES = ("SELECT trace, count(*) OVER () FROM items WHERE thread_id = ? AND seq > ? "
            "AND seq <= ? AND trace IS NOT NULL ORDER BY seq LIMIT ?")
-_KEY_FIND = "SELECT digest, generation FROM idempotency WHERE thread_id = ? AND key = ?"
-_KEY_STORE = "INSERT INTO idempotency (thread_id, key, digest, generation) VALUES (?, ?, ?, ?)"
 T = TypeVar("T")
 #: How many incarnations a writer caches before it starts over (bounded memory).
 _INCARNATIONS_CACHED = 100_000
@@ -49,20 +46,7 @@ _LIVE_HEAD = ("SELECT (SELECT max(seq) FROM items WHERE thread_id = ?1) FROM thr
               "WHERE thread_id = ?1 AND discarded_us IS NULL")
 _HEADS = ("SELECT t.thread_id, (SELECT max(seq) FROM items i WHERE i.thread_id = t.thread_id) "
           "FROM threads t WHERE t.discarded_us IS NULL")
-
-
-def _insert(thread_id: str, head: int, items: Sequence[EncodedItem],
-            trace: str | None) -> tuple[str, list[tuple[str | int | None, ...]]]:
-    """The INSERT of an append's items and its parameters: the trace context, if any, on
-    the last item."""
-    if trace is None:
-        return _INSERT, [(thread_id, head + i, it.ts_us, it.text) for i, it in enumerate(items, 1)]
-    last = len(items)
-    return _INSERT_TRACED, [(thread_id, head + i, it.ts_us, it.text, trace if i == last else None)
-                            for i, it in enumerate(items, 1)]
-
-
-class History(BehindMarks):
+class History(BehindMarks, GroupAppends):
     """The history log of one store (``history.db``)."""
 
     def __init__(self, path: Path, *, durability: str, read_only: bool = False) -> None:
@@ -82,9 +66,10 @@ class History(BehindMarks):
         self._closed = False  # writes rejected (close began)
         self._conn_closed = False
         self._acks = AckBatch()
+        self._start_appends()
         #: The highest items rowid committed: read at open, raised by this process's own
         #: appends, and read again whenever another process wrote, so it bounds every
-        #: item a projection can fold.
+        #: item a projection can fold (see also ``rowid_bound``).
         self.last_rowid = 0 if read_only else self._top_rowid()
         #: Every writing process of the store writes under this file lock; when another
         #: process wrote since this one last looked, the cached heads are forgotten.
@@ -112,70 +97,14 @@ class History(BehindMarks):
                                    "VALUES (?, ?)", (thread_id, created_us))
                 if first is None:
                     return None
-                return self._conn.execute(_INSERT, (thread_id, 1, first.ts_us, first.text)).lastrowid
+                return self._conn.execute(INSERT, (thread_id, 1, first.ts_us, first.text)).lastrowid
 
-            self._raise_last_rowid(self._write(write, "create_thread"))
+            self.rowid_bound = self.last_rowid + 1  # as an append's (see GroupAppends)
+            try:
+                self._raise_last_rowid(self._write(write, "create_thread"))
+            finally:
+                self.rowid_bound = 0
             self._heads[thread_id] = 1 if first is not None else 0
-
-    def append(self, thread_id: str, items: Sequence[EncodedItem],
-               key: IdempotencyKey | None = None, trace: str | None = None) -> Appended:
-        """Append items durably at the next ``seq`` values (see ``HistoryLog.append``)."""
-        with self.lock, self._writers():
-            self._check_open()
-            head = self._heads.get(thread_id)
-            if head is None:
-                head = self._load_head(thread_id)
-            if not items:
-                return Appended(head, written=False)
-            if key is not None:
-                return self._append_once(thread_id, head, items, key, trace)
-            if len(items) == 1:
-                # Autocommit: one statement is one transaction, no BEGIN/COMMIT round trips.
-                # The hot path: its parameters are built inline (the helper costs ~0.5 µs).
-                item = items[0]
-                row: tuple[str | int, ...] = (thread_id, head + 1, item.ts_us, item.text)
-                insert, row = (_INSERT, row) if trace is None else (_INSERT_TRACED, (*row, trace))
-                rowid = self._write(lambda: self._conn.execute(insert, row).lastrowid, "append",
-                                    txn=False)
-            else:
-                insert, rows = _insert(thread_id, head, items, trace)
-
-                def write() -> int:
-                    self._conn.executemany(insert, rows)  # sets no lastrowid
-                    return int(self._conn.execute("SELECT last_insert_rowid()").fetchone()[0])
-
-                rowid = self._write(write, "append")
-            return self._committed(thread_id, head + len(items), rowid)
-
-    def _append_once(self, thread_id: str, head: int, items: Sequence[EncodedItem],
-                     key: IdempotencyKey, trace: str | None) -> Appended:
-        """An append with an idempotency key: the key is checked and stored in the
-        transaction of the items (lock held)."""
-        insert, rows = _insert(thread_id, head, items, trace)
-        generation = head + len(items)
-
-        def write() -> Appended | int:
-            found = self._conn.execute(_KEY_FIND, (thread_id, key.key)).fetchone()
-            if found is not None:
-                if found[0] != key.digest:
-                    raise InvalidArgument(
-                        f"idempotency key {key.key!r} of thread {thread_id!r} was used for "
-                        f"other items (generation {found[1]}); use a new key for new items")
-                return Appended(int(found[1]), written=False)
-            self._conn.executemany(insert, rows)
-            self._conn.execute(_KEY_STORE, (thread_id, key.key, key.digest, generation))
-            return int(self._conn.execute("SELECT last_insert_rowid()").fetchone()[0])
-
-        outcome = self._write(write, "append")
-        if isinstance(outcome, Appended):
-            return outcome
-        return self._committed(thread_id, generation, outcome)
-
-    def _committed(self, thread_id: str, head: int, rowid: int | None) -> Appended:
-        """Publish an append's commit (lock held): the position, then the cached head."""
-        self._raise_last_rowid(rowid)
-        self._heads[thread_id] = head
-        return Appended(head, written=True)
 
     def remove(self, thread_id: str, *, tombstone: bool) -> None:
         """Delete a thread's items; keep a tombstone (discard) or forget the id (delete)."""
@@ -257,13 +186,19 @@ class History(BehindMarks):
         """Return the thread's head; raise if it is unknown or discarded.
 
         A writer caches heads while no other process writes (the writers' lock file
-        tells); a read-only store reads the file each time.
+        tells), and reads a cached head without the lock, so a barrier or ``status``
+        never waits for a group commit in flight (whose heads are cached once it
+        committed); a read-only store reads the file each time.
         """
         if self.read_only:
             self.created_us(thread_id)
             row = self._readers.fetchone("history", "SELECT max(seq) FROM items "
                                          "WHERE thread_id = ?", (thread_id,))
             return int(row[0] or 0)
+        if not self._conn_closed and self._writers().unchanged():
+            cached = self._heads.get(thread_id)
+            if cached is not None:
+                return cached
         with self.lock:
             if self._conn_closed:
                 raise StoreClosed("the thread store is closed; open it again")
@@ -277,11 +212,28 @@ class History(BehindMarks):
         return None if row is None else int(row[0] or 0)
 
     def position(self) -> int:
-        """The highest items rowid committed, by any process (see ``last_rowid``)."""
-        with self.lock:
-            if not self._conn_closed:
-                self._writers().look()
+        """A rowid at or above every item committed, by any process (see ``last_rowid``).
+
+        While no other process wrote it is read without the lock, so a projection never
+        waits for this process's group commit (and its fsync): a commit in flight counts
+        with the bound it set over the rows it writes (read first: the commit publishes
+        ``last_rowid`` before it clears the bound). When another process wrote and a
+        writer of this process holds the lock (often waiting for that other process's
+        commit), the file's highest rowid answers instead of a wait.
+        """
+        if self._conn_closed:
             return self.last_rowid
+        if self._writers().unchanged():
+            bound = self.rowid_bound
+            return max(bound, self.last_rowid)
+        if self.lock.acquire(blocking=False):
+            try:
+                self._writers().look()
+                return self.last_rowid
+            finally:
+                self.lock.release()
+        bound = self.rowid_bound
+        return max(bound, self.high_water())
 
     def incarnation(self, thread_id: str) -> int:
         """Which creation of the id the live thread is (random, drawn at creation)."""
@@ -300,17 +252,30 @@ class History(BehindMarks):
         """
         if self.read_only:
             return self._read_incarnations(thread_ids)
-        with self.lock:
-            self._writers().look()
-            cached = {t: self._incarnations[t] for t in thread_ids if t in self._incarnations}
+        if not self._conn_closed and self._writers().unchanged():
+            # No lock, so no wait for a group commit: only a removal changes them here,
+            # and an index commit, which asks again, never runs beside one.
+            known = self._incarnations
+            cached = {t: i for t in thread_ids if (i := known.get(t)) is not None}
+        elif self.lock.acquire(blocking=False):
+            try:
+                self._writers().look()
+                cached = {t: self._incarnations[t] for t in thread_ids if t in self._incarnations}
+            finally:
+                self.lock.release()
+        else:  # a writer holds the lock (maybe waiting for another process): read the file
+            return self._read_incarnations(thread_ids)
         missing = [t for t in thread_ids if t not in cached]
         if missing:
             read = self._read_incarnations(missing)
-            with self.lock:
-                self._writers().look()
-                if len(self._incarnations) > _INCARNATIONS_CACHED:
-                    self._incarnations.clear()
-                self._incarnations.update(read)
+            if self.lock.acquire(blocking=False):  # caching them is worth no wait
+                try:
+                    self._writers().look()
+                    if len(self._incarnations) > _INCARNATIONS_CACHED:
+                        self._incarnations.clear()
+                    self._incarnations.update(read)
+                finally:
+                    self.lock.release()
             cached.update(read)
         return cached
 
@@ -348,7 +313,7 @@ class History(BehindMarks):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise StoreClosed("the thread store is closed; open it again to write")
+            raise StoreClosed(CLOSED)
 
     @staticmethod
     def _check_row(thread_id: str, row: tuple[Any, ...] | None) -> None:
