@@ -68,10 +68,17 @@ def row(thread_id: str, seq: int, **fields: object) -> RowWrite:
 UNKNOWN_INCARNATION = -1
 
 
+def live_incarnation(storage: PostgresStorage, thread_id: str) -> int:
+    """The thread's incarnation; 0 (no thread has it) when it is unknown or discarded."""
+    try:
+        return storage.history.incarnation(thread_id)
+    except (ThreadNotFound, ThreadDiscarded):
+        return 0
+
+
 def commit(storage: PostgresStorage, *rows: RowWrite, may_write: object = None) -> object:
     allowed = may_write if callable(may_write) else (lambda _tid: True)
-    live = storage.history.incarnations([r.meta.thread_id for r in rows])
-    rows = tuple(replace(r, incarnation=live.get(r.meta.thread_id, 0))
+    rows = tuple(replace(r, incarnation=live_incarnation(storage, r.meta.thread_id))
                  if r.incarnation == UNKNOWN_INCARNATION else r for r in rows)
     return storage.index.commit(list(rows), position=0, may_write=allowed, deadline=None)
 
@@ -201,6 +208,18 @@ def test_commit_never_resurrects_a_removed_thread(storage: PostgresStorage) -> N
     commit(storage, row("t", 1, preview="late"))
     commit(storage, row("never-created", 1, preview="late"))
     assert storage.index.read("t") is None and storage.index.read("never-created") is None
+
+
+def test_a_fold_of_a_removed_incarnation_is_gone_and_clears_no_failure(storage: PostgresStorage) -> None:
+    storage.history.create("t", created_us=1, first=None)
+    old = live_incarnation(storage, "t")
+    storage.remove_thread("t", tombstone=False)
+    storage.history.create("t", created_us=2, first=None)  # the id again: a new incarnation
+    storage.index.record_failures([Failure("t", 3, "the new thread's failure")])
+    result = commit(storage, replace(row("t", 3, preview="stale"), incarnation=old), row("u", 1))
+    assert result.gone == {"t", "u"} and not result.errors  # type: ignore[attr-defined]
+    assert storage.index.read("t") is None
+    assert storage.index.checkpoint("t").last_error == "the new thread's failure"
 
 
 def test_a_row_postgres_refuses_fails_alone(storage: PostgresStorage) -> None:

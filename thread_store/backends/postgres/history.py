@@ -33,10 +33,12 @@ SELECT count(*) FROM t"""
 _HEAD_BUMP = """
 UPDATE {s}.threads SET head = head + %(n)s, dirty_since = coalesce(dirty_since, now())
  WHERE thread_id = %(tid)s AND discarded_us IS NULL {guard} RETURNING head"""
+#: The arrays go in binary: in text format psycopg escapes every quote of the JSON in
+#: Python, which cost an append more than its round trip (benchmarks/README.md).
 _INSERT = """
 INSERT INTO {s}.items (thread_id, seq, ts_us, item)
 SELECT %(tid)s, h.head - %(n)s + u.ord, u.ts_us, u.item
-  FROM h, unnest(%(ts)s::bigint[], %(items)s::text[]) WITH ORDINALITY AS u(ts_us, item, ord)"""
+  FROM h, unnest(%(ts)b::bigint[], %(items)b::text[]) WITH ORDINALITY AS u(ts_us, item, ord)"""
 _APPEND = (f"WITH h AS ({_HEAD_BUMP.replace('{guard}', '')}), i AS ({_INSERT}) "
            "SELECT head FROM h")
 _APPEND_ONCE = (
@@ -49,8 +51,6 @@ _APPEND_ONCE = (
     "SELECT head, NULL FROM h UNION ALL SELECT generation, digest FROM prior")
 _THREAD = ("SELECT head, created_us, discarded_us, incarnation FROM {s}.threads "
            "WHERE thread_id = %s")
-_INCARNATIONS = ("SELECT thread_id, incarnation FROM {s}.threads "
-                 "WHERE thread_id = ANY(%s) AND discarded_us IS NULL")
 _READ = ("SELECT seq, ts_us, item FROM {s}.items WHERE thread_id = %s AND seq > %s AND seq <= %s "
          "ORDER BY seq LIMIT %s")
 _HEADS = "SELECT thread_id, head FROM {s}.threads WHERE discarded_us IS NULL"
@@ -66,7 +66,6 @@ class History:
         self._append = db.q(_APPEND)
         self._append_once = db.q(_APPEND_ONCE)
         self._thread = db.q(_THREAD)
-        self._incarnations = db.q(_INCARNATIONS)
         self._read = db.q(_READ)
         self._heads = db.q(_HEADS)
 
@@ -144,11 +143,6 @@ class History:
     def incarnation(self, thread_id: str) -> int:
         """The random incarnation drawn when this creation of the id was made."""
         return self._thread_row(thread_id)[2]
-
-    def incarnations(self, thread_ids: list[str]) -> dict[str, int]:
-        """``{thread_id: incarnation}`` of those of ``thread_ids`` that are live."""
-        with self._db.connection("reading incarnations") as conn:
-            return {str(t): int(i) for t, i in conn.execute(self._incarnations, (thread_ids,))}
 
     def _thread_row(self, thread_id: str) -> tuple[int, int, int]:
         with self._db.connection("reading a thread") as conn:
