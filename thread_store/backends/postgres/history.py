@@ -51,6 +51,8 @@ _APPEND_ONCE = (
     "SELECT head, NULL FROM h UNION ALL SELECT generation, digest FROM prior")
 _THREAD = ("SELECT head, created_us, discarded_us, incarnation FROM {s}.threads "
            "WHERE thread_id = %s")
+_INCARNATIONS = ("SELECT thread_id, incarnation FROM {s}.threads "
+                 "WHERE thread_id = ANY(%b::text[]) AND discarded_us IS NULL")
 _READ = ("SELECT seq, ts_us, item FROM {s}.items WHERE thread_id = %s AND seq > %s AND seq <= %s "
          "ORDER BY seq LIMIT %s")
 _HEADS = "SELECT thread_id, head FROM {s}.threads WHERE discarded_us IS NULL"
@@ -66,6 +68,7 @@ class History:
         self._append = db.q(_APPEND)
         self._append_once = db.q(_APPEND_ONCE)
         self._thread = db.q(_THREAD)
+        self._incarnations = db.q(_INCARNATIONS)
         self._read = db.q(_READ)
         self._heads = db.q(_HEADS)
 
@@ -143,6 +146,11 @@ class History:
     def incarnation(self, thread_id: str) -> int:
         """The random incarnation drawn when this creation of the id was made."""
         return self._thread_row(thread_id)[2]
+
+    def incarnations(self, thread_ids: list[str]) -> dict[str, int]:
+        """``{thread_id: incarnation}`` of those of ``thread_ids`` that are live, in one read."""
+        with self._db.connection("reading incarnations") as conn:
+            return {str(t): int(i) for t, i in conn.execute(self._incarnations, (thread_ids,))}
 
     def _thread_row(self, thread_id: str) -> tuple[int, int, int]:
         with self._db.connection("reading a thread") as conn:
