@@ -104,7 +104,6 @@ def markdown(section: dict[str, Any], latency_table: list[str]) -> list[str]:
               "| Arm | p50 | p99 | n |", "|---|---:|---:|---:|"]
     for row in wake.values():
         lines.append(f"| {row['label']} | {_f(row['p50_us'])} µs | {_f(row['p99_us'])} µs | {row['n']} |")
-    lines += ["", "Phases (s): " + ", ".join(f"{k} {v}" for k, v in section["phase_s"].items()) + "."]
     return lines
 
 

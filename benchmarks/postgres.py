@@ -16,8 +16,6 @@ Everything runs against one throwaway server at default durability
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,28 +31,18 @@ from .writer_processes import (THREADS, StoreOpener, Watcher, new_arm, populate,
                                verify, wake)
 
 
-
 def run(config: Config, tmp: Path) -> dict[str, Any]:
     """Start the server, run every PostgreSQL phase, stop it; the ``postgres`` section."""
-    phases: dict[str, float] = {}
-
-    def phase(name: str, fn: Callable[[], Any]) -> Any:
-        started = time.perf_counter()
-        out = fn()
-        phases[name] = round(time.perf_counter() - started, 1)
-        return out
-
     with BenchServer() as server:
-        section: dict[str, Any] = {"settings": server.settings(), "synchronous_commit": SYNCHRONOUS_COMMIT}
-        section["latency"] = report.summarize_arms(phase("pg latency", lambda: _latency(config, server)))
-        section["sustained"] = phase("pg writer processes", lambda: _sustained(config, server, tmp))
         opener = StoreOpener(server.url, {"schema": server.new_schema("wake")})
-        section["wake"] = phase("pg wake-up", lambda: wake(config.wake_rounds, config.block, opener))
-    section["phase_s"] = phases
-    return section
+        return {"settings": server.settings(), "synchronous_commit": SYNCHRONOUS_COMMIT,
+                "latency": report.summarize_arms(_latency(config, server)),
+                "sustained": _sustained(config, server, tmp),
+                "wake": wake(config.wake_rounds, config.block, opener)}
 
 
 def _latency(config: Config, server: BenchServer) -> list[Arm]:
+    """The hot-thread arms, interleaved; every system verified, then closed."""
     n_ops = config.warmup * 2 + config.rounds * config.block
     pool = items(min(n_ops, 20_000))
     work = [("hot", pool[k % len(pool)]) for k in range(n_ops)]
