@@ -226,47 +226,56 @@ class Index:
     def _transaction(self, conn: psycopg.Connection[Any], live: list[tuple[str, tuple[Any, ...]]],
                      per_row: dict[str, ThreadStoreError] | None, deadline: float | None) -> dict[str, int]:
         if per_row is not None:
-            read = self._statements(conn, live, per_row, deadline)
+            with conn.transaction():
+                read = self._statements(conn, live, per_row, deadline)
         else:
-            # Pipelined: the whole transaction costs one round trip, not one per statement
-            # (BEGIN, the settings, the incarnations, the upserts, the cleared failures, COMMIT).
-            with conn.pipeline():
-                read = self._statements(conn, live, None, deadline)
+            # Pipelined: the whole transaction costs one round trip, not one per statement.
+            # BEGIN and COMMIT are statements of their own: psycopg's transaction() and
+            # executemany() would each sync the pipeline (a round trip) when they end.
+            try:
+                with conn.pipeline():
+                    conn.execute("BEGIN")
+                    read = self._statements(conn, live, None, deadline)
+                    conn.execute("COMMIT")
+            except BaseException:
+                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE and not conn.closed:
+                    conn.execute("ROLLBACK")
+                raise
         return {str(t): int(i) for t, i in read.fetchall()}
 
     def _statements(self, conn: psycopg.Connection[Any], live: list[tuple[str, tuple[Any, ...]]],
                     per_row: dict[str, ThreadStoreError] | None,
                     deadline: float | None) -> psycopg.Cursor[Any]:
-        """The transaction's statements; returns the cursor of its incarnations read."""
-        with conn.transaction():
-            conn.execute("SET LOCAL synchronous_commit = off")
-            if deadline is not None:
-                # A barrier running its own attempt never waits for another session's
-                # row lock past its deadline: it hands the work to the worker (BUSY).
-                wait_for_locks_until(conn, deadline)
-            read = conn.execute(self._incarnations, ([t for t, _ in live],))
-            if per_row is None:
-                with conn.cursor() as cur:
-                    cur.executemany(self._upsert, [v for _, v in live])
-            else:
-                for thread_id, values in live:
-                    if self.fenced:
-                        raise _Fenced()
-                    try:
-                        with conn.transaction():  # a savepoint
-                            conn.execute(self._upsert, values)
-                    except psycopg.Error as exc:
-                        if is_transient(exc) or self.fenced:
-                            raise
-                        per_row[thread_id] = translate(
-                            exc, "the thread's metadata row could not be stored in PostgreSQL")
-                        per_row[thread_id].__cause__ = exc
-            written = [v for t, v in live if per_row is None or t not in per_row]
-            if written:
-                conn.execute(self._clear, ([v[0] for v in written], [v[_SEQ] for v in written],
-                                           [v[_INCARNATION] for v in written]))
-            if self.fenced:  # close() gave up waiting for this transaction: write nothing
-                raise _Fenced()
+        """The transaction's statements (in the caller's transaction); returns the cursor
+        of its incarnations read."""
+        conn.execute("SET LOCAL synchronous_commit = off")
+        if deadline is not None:
+            # A barrier running its own attempt never waits for another session's
+            # row lock past its deadline: it hands the work to the worker (BUSY).
+            wait_for_locks_until(conn, deadline)
+        read = conn.execute(self._incarnations, ([t for t, _ in live],))
+        if per_row is None:
+            for _, values in live:
+                conn.execute(self._upsert, values)
+        else:
+            for thread_id, values in live:
+                if self.fenced:
+                    raise _Fenced()
+                try:
+                    with conn.transaction():  # a savepoint
+                        conn.execute(self._upsert, values)
+                except psycopg.Error as exc:
+                    if is_transient(exc) or self.fenced:
+                        raise
+                    per_row[thread_id] = translate(
+                        exc, "the thread's metadata row could not be stored in PostgreSQL")
+                    per_row[thread_id].__cause__ = exc
+        written = [v for t, v in live if per_row is None or t not in per_row]
+        if written:
+            conn.execute(self._clear, ([v[0] for v in written], [v[_SEQ] for v in written],
+                                       [v[_INCARNATION] for v in written]))
+        if self.fenced:  # close() gave up waiting for this transaction: write nothing
+            raise _Fenced()
         return read
 
     def record_failures(self, failures: Sequence[Failure]) -> None:
