@@ -68,17 +68,10 @@ def row(thread_id: str, seq: int, **fields: object) -> RowWrite:
 UNKNOWN_INCARNATION = -1
 
 
-def live_incarnation(storage: PostgresStorage, thread_id: str) -> int:
-    """The thread's incarnation; 0 (no thread has it) when it is unknown or discarded."""
-    try:
-        return storage.history.incarnation(thread_id)
-    except (ThreadNotFound, ThreadDiscarded):
-        return 0
-
-
 def commit(storage: PostgresStorage, *rows: RowWrite, may_write: object = None) -> object:
     allowed = may_write if callable(may_write) else (lambda _tid: True)
-    rows = tuple(replace(r, incarnation=live_incarnation(storage, r.meta.thread_id))
+    live = storage.history.incarnations([r.meta.thread_id for r in rows])
+    rows = tuple(replace(r, incarnation=live.get(r.meta.thread_id, 0))
                  if r.incarnation == UNKNOWN_INCARNATION else r for r in rows)
     return storage.index.commit(list(rows), position=0, may_write=allowed, deadline=None)
 
@@ -212,7 +205,7 @@ def test_commit_never_resurrects_a_removed_thread(storage: PostgresStorage) -> N
 
 def test_a_fold_of_a_removed_incarnation_is_gone_and_clears_no_failure(storage: PostgresStorage) -> None:
     storage.history.create("t", created_us=1, first=None)
-    old = live_incarnation(storage, "t")
+    old = storage.history.incarnation("t")
     storage.remove_thread("t", tombstone=False)
     storage.history.create("t", created_us=2, first=None)  # the id again: a new incarnation
     storage.index.record_failures([Failure("t", 3, "the new thread's failure")])

