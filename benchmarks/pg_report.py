@@ -107,22 +107,36 @@ def markdown(section: dict[str, Any], latency_table: list[str]) -> list[str]:
     return lines
 
 
-#: What a development profile found for each missed target (see benchmarks/README.md).
+#: What development profiles found for each missed target (see benchmarks/README.md).
 LIMITS = {
     "pg-append": ("The floor is one round trip of one prepared statement; thread_store's append is "
                   "the same statement plus its Python path: validation and JSON of the item, a "
-                  "pooled connection checked out and back in (`psycopg_pool`), the projector's "
-                  "bookkeeping, and the projector thread taking the GIL between appends."),
-    "pg-barrier": ("The floor commits once. `append_and_flush` commits the append (durable), then "
-                   "runs the projection in the caller: a transaction of its own at "
-                   "`synchronous_commit=off` with its incarnation check, so more round trips, "
-                   "each a loopback hop through the client's Python and the server."),
-    "pg-throughput": ("On 2 vCPUs the server's backends, the writer processes and their projector "
-                      "threads share two cores: each thread_store append also pays for a projection "
-                      "row write (a second transaction, fold and JSON in Python) that the raw "
-                      "clients never do."),
-    "pg-lag": ("The lag tail is the projector of each process waiting for a CPU behind eight busy "
-               "writer processes and the server's backends on two cores."),
+                  "pooled connection checked out and back in (`psycopg_pool`) and the projector's "
+                  "bookkeeping. Its arrays go in binary: in text format psycopg escaped every quote "
+                  "of the JSON in Python, which alone cost more than the round trip."),
+    "pg-barrier": ("The floor is one transaction: four statements, one durable commit. "
+                   "`append_and_flush` is the append (its durable commit), then the caller's "
+                   "projection: the batch's incarnations before the fold, and a transaction at "
+                   "`synchronous_commit=off` that reads them again, sets its options, upserts, "
+                   "checks the failures table and commits: eight round trips in all, each a "
+                   "loopback hop through Python and a server process. Pipelining that transaction "
+                   "was tried and measured slower (psycopg's pipeline mode cost more Python than "
+                   "the round trips it saved); what would reach 1.5× is projecting in the "
+                   "append's own transaction, which the storage ports do not offer."),
+    "pg-throughput": ("The raw clients only append. Every thread_store process also projects "
+                      "every thread its writer appended to, and with every process writing every "
+                      "thread each thread is projected by up to N processes, each reading back "
+                      "(one round trip per thread) the items the others appended and the row's "
+                      "checkpoint: projection work grows with N on a server whose two vCPUs the "
+                      "writers and their backends already fill. In a py-spy profile of one of 8 "
+                      "processes the projector's time went to per-thread reads (incarnations 48 %, "
+                      "since batched; items 28 %; checkpoints 12 %), not to its commits (4 %)."),
+    "pg-lag": ("The projectors of several processes contend for the same `meta` rows: sampled "
+               "`pg_stat_activity` showed 39 % of thread_store's sessions waiting on another "
+               "projector's row lock, and batches locked in different orders deadlocked (now locked "
+               "in thread id order). Each projector's batch also makes a round trip per thread "
+               "for other processes' items, so a batch of 100 threads takes tens of round trips "
+               "on a loaded machine: lag grows with the number of processes."),
     "pg-peer": ("The peer's wait sleeps 100 ms before it checks again, so a miss would mean "
                 "thread_store's barrier took over 10 ms."),
 }
