@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import processes
+from . import pg_report, processes
 from .targets import ASYNC, PEER, RAW, SYNC, analysis, evaluate
 from .workloads import WATCH_PERIOD_S, Arm, Sustained, percentile
 
@@ -205,12 +205,21 @@ def markdown(results: dict[str, Any]) -> str:
               "process after imports."),
               "", "## Several writer processes on one store (benchmarks/processes.py)", "",
               *processes.markdown(results["processes"]),
+              *_postgres(results),
               "", "## Scale (thread_store)", "", *_scale_table(results["scale"], quick), "",
               "## Analysis", "", *analysis(results), ""]
     if results.get("tracing"):
         lines += ["## Tracing cost on the append path (benchmarks/bench_tracing.py)", "",
                   results["tracing"]["table"], ""]
     return "\n".join(lines)
+
+
+def _postgres(results: dict[str, Any]) -> list[str]:
+    section = results.get("postgres")
+    if section is None:
+        return []
+    table = _latency_table(section["latency"]) if "latency" in section else []
+    return ["", "## PostgreSQL (benchmarks/postgres.py)", "", *pg_report.markdown(section, table)]
 
 
 def _sweep_note(rows: dict[str, dict[str, Any]]) -> str:

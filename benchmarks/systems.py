@@ -147,11 +147,12 @@ class SlowHook:
 
 
 class ThreadStoreSystem:
-    """thread_store behind the adapter interface; ``options`` go to ``ThreadStore.open``."""
+    """thread_store behind the adapter interface: ``ThreadStore.open(root, **options)``
+    (``root``: a directory, or a ``postgresql://`` URL with a ``schema`` option)."""
 
     has_projection = True
 
-    def __init__(self, root: Path, name: str, *, slow: bool = False, **options: Any) -> None:
+    def __init__(self, root: Path | str, name: str, *, slow: bool = False, **options: Any) -> None:
         self.name = name
         self._root = root
         self._hook = SlowHook() if slow else None

@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from . import processes
+from . import pg_report, processes
 from .workloads import WRITERS
 
 RAW = "raw sqlite3 (floor)"
@@ -75,7 +75,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"key": key, "name": name, "value": value,
              "shown": "—" if math.isnan(value) else f"{value:,.2f}{unit}", "limit": limit,
              "met": check(value)} for key, name, value, unit, limit, check in rows
-            ] + processes.targets(results.get("processes"))
+            ] + processes.targets(results.get("processes")) + pg_report.targets(results.get("postgres"))
 
 
 def issue3(results: dict[str, Any]) -> list[str]:
@@ -249,7 +249,11 @@ def analysis(results: dict[str, Any]) -> list[str]:
     if not missed:
         lines.append("Every target was met in this run.")
     for t in missed:
-        why = (processes.why(t["key"], results["processes"]) if t["key"].startswith("mp-")
-               else _WHY[t["key"]](results))
+        if t["key"].startswith("mp-"):
+            why = processes.why(t["key"], results["processes"])
+        elif t["key"].startswith("pg-"):
+            why = pg_report.why(t["key"], results["postgres"])
+        else:
+            why = _WHY[t["key"]](results)
         lines.append(f"- **Missed: {t['name']}** ({t['shown']}, limit {t['limit']}). {why}")
     return lines

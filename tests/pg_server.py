@@ -8,8 +8,10 @@ another). ``stop`` shuts it down (``pg_ctl stop -m immediate``) and removes the
 directory; the context manager stops it also when the tests fail.
 
 Durability settings are off (``fsync``, ``full_page_writes``): the tests check the
-contract, not the disk; the benchmarks, and the fault tests that crash the server
-(``crash``, then ``start_again``), start their own with :data:`DURABLE` settings.
+contract, not the disk. The fault tests that crash the server (``crash``, then
+``start_again``) start their own with :data:`DURABLE` settings; the benchmarks start
+theirs through this class with PostgreSQL's default settings (``benchmarks/pg_systems.py``
+imports it: both live in the checkout only).
 """
 
 from __future__ import annotations

@@ -143,8 +143,18 @@ class AttemptRunner:
         rows: list[tuple[Claim, RowWrite, Result]] = []
         # Taken before the fold: every item it folds was committed, so is at or below it.
         position = self._history.position()
-        for c in claims:
-            result, row = self._prepare(c, in_caller)
+        hooked = [c for c in claims if self._hook_ran(c, in_caller, results)]
+        try:
+            # One read for the batch (a round trip per thread was most of a PostgreSQL
+            # projector's time), after the hooks and before the folds.
+            live = self._history.incarnations([c.state.thread_id for c in hooked]) if hooked else {}
+        except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
+            if in_caller and not isinstance(exc, Exception):
+                raise
+            results.update((id(c), _failure(exc)) for c in hooked)
+            return results
+        for c in hooked:
+            result, row = self._prepare(c, live.get(c.state.thread_id), in_caller)
             if row is None:
                 results[id(c)] = result
             else:
@@ -153,21 +163,28 @@ class AttemptRunner:
             self._commit(rows, results, deadline, position)
         return results
 
-    def _prepare(self, c: Claim, in_caller: bool) -> tuple[Result, RowWrite | None]:
-        """Run the hook and the fold for one claim."""
-        thread_id = c.state.thread_id
+    def _hook_ran(self, c: Claim, in_caller: bool, results: dict[int, Result]) -> bool:
+        """Run the hook for one claim; ``False`` (its failure in ``results``) if it raised."""
         if self._hook is not None:
             try:
-                self._hook(thread_id, c.target)
+                self._hook(c.state.thread_id, c.target)
             except BaseException as exc:  # noqa: BLE001 - any hook error fails this attempt only
                 if in_caller and not isinstance(exc, Exception):
                     raise
-                return _failure(exc), None
+                results[id(c)] = _failure(exc)
+                return False
+        return True
+
+    def _prepare(self, c: Claim, live: int | None, in_caller: bool) -> tuple[Result, RowWrite | None]:
+        """Run the fold for one claim; ``live`` is the thread's incarnation read for the
+        batch (``None``: not live then)."""
+        thread_id = c.state.thread_id
         try:
             # Read before the fold, so a commit of this fold is refused if the thread is
             # deleted and created again meanwhile; if that happened already (in another
-            # process), what this one cached is another thread's: start over.
-            incarnation = self._history.incarnation(thread_id)
+            # process), what this one cached is another thread's: start over. A thread
+            # not live in the batch's read is read again, to raise why.
+            incarnation = live if live is not None else self._history.incarnation(thread_id)
             if c.incarnation is not None and incarnation != c.incarnation:
                 return Result(AttemptOutcome.REBORN, head=self._history.head(thread_id)), None
             base, state = self._start_state(c)

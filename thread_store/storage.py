@@ -311,6 +311,10 @@ class HistoryLog(Protocol):
         :raises ThreadNotFound: unknown id. :raises ThreadDiscarded: discarded id.
         """
 
+    def incarnations(self, thread_ids: list[str]) -> dict[str, int]:
+        """``{thread_id: incarnation}`` of those of ``thread_ids`` that are live, in one
+        read: a projection attempt asks for its whole batch."""
+
     def position(self) -> int:
         """A mark at or above every item committed so far. Taken before a fold and passed
         to :meth:`MetadataIndex.commit`, it lets a backend detect, after a power loss,

@@ -34,12 +34,14 @@ SELECT count(*) FROM t"""
 _HEAD_BUMP = """
 UPDATE {s}.threads SET head = head + %(n)s, dirty_since = coalesce(dirty_since, now())
  WHERE thread_id = %(tid)s AND discarded_us IS NULL {guard} RETURNING head"""
-# The append's trace context goes on its last item only (NULL when untraced).
+# The append's trace context goes on its last item only (NULL when untraced). The arrays
+# go in binary: in text format psycopg escapes every quote of the JSON in Python (a
+# microbenchmark on the loaded 2-vCPU machine: 170 µs per item, 18 µs in binary).
 _INSERT = """
 INSERT INTO {s}.items (thread_id, seq, ts_us, item, trace)
 SELECT %(tid)s, h.head - %(n)s + u.ord, u.ts_us, u.item,
        CASE WHEN u.ord = %(n)s THEN %(trace)s::text END
-  FROM h, unnest(%(ts)s::bigint[], %(items)s::text[]) WITH ORDINALITY AS u(ts_us, item, ord)"""
+  FROM h, unnest(%(ts)b::bigint[], %(items)b::text[]) WITH ORDINALITY AS u(ts_us, item, ord)"""
 _APPEND = (f"WITH h AS ({_HEAD_BUMP.replace('{guard}', '')}), i AS ({_INSERT}) "
            "SELECT head FROM h")
 _APPEND_ONCE = (
@@ -53,7 +55,7 @@ _APPEND_ONCE = (
 _THREAD = ("SELECT head, created_us, discarded_us, incarnation FROM {s}.threads "
            "WHERE thread_id = %s")
 _INCARNATIONS = ("SELECT thread_id, incarnation FROM {s}.threads "
-                 "WHERE thread_id = ANY(%s) AND discarded_us IS NULL")
+                 "WHERE thread_id = ANY(%b::text[]) AND discarded_us IS NULL")
 _READ = ("SELECT seq, ts_us, item FROM {s}.items WHERE thread_id = %s AND seq > %s AND seq <= %s "
          "ORDER BY seq LIMIT %s")
 _HEADS = "SELECT thread_id, head FROM {s}.threads WHERE discarded_us IS NULL"
@@ -153,7 +155,7 @@ class History:
         return self._thread_row(thread_id)[2]
 
     def incarnations(self, thread_ids: list[str]) -> dict[str, int]:
-        """``{thread_id: incarnation}`` of those of ``thread_ids`` that are live."""
+        """``{thread_id: incarnation}`` of those of ``thread_ids`` that are live, in one read."""
         with self._db.connection("reading incarnations") as conn:
             return {str(t): int(i) for t, i in conn.execute(self._incarnations, (thread_ids,))}
 

@@ -181,6 +181,9 @@ class Index:
                     errors[row.meta.thread_id] = StorageError(problem)
             if not live:
                 return CommitResult(CommitOutcome.COMMITTED, errors, refused, gone)
+            # Rows are locked in thread id order in every process, so group commits of
+            # overlapping threads in several processes wait for each other, never deadlock.
+            live.sort(key=lambda entry: entry[0])
             try:
                 errors.update(self._write(live, deadline))
             except _Fenced:
