@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import at_scale, processes, report, rss, scale
+from . import at_scale, pg_systems, processes, report, rss, scale
 from .peer_eventsourcing import PeerSystem
 from .systems import RawSQLite, ThreadStoreSystem
 from .workloads import (
@@ -64,15 +64,22 @@ def main(argv: list[str] | None = None) -> int:
                               "and a process touching 1,000,000 threads (adds 10 minutes or more)"))
     parser.add_argument("--out", type=Path, default=Path("bench-results"),
                         help="directory for bench.md, bench.json and bench.png (default: %(default)s)")
+    parser.add_argument("--postgres", action=argparse.BooleanOptionalAction, default=None,
+                        help="run the PostgreSQL benchmarks on a throwaway server started from the "
+                             "machine's binaries (default: when initdb and pg_ctl are found)")
     args = parser.parse_args(argv)
     config = MODES[args.mode or "full"]
     if args.scale:
         config = dataclasses.replace(config, **SCALE)
     command = ("python -m benchmarks" + (f" --{args.mode}" if args.mode else "")
                + (" --scale" if args.scale else ""))
+    missing = pg_systems.unavailable()
+    if args.postgres and missing:
+        parser.error(f"--postgres: {missing}")
+    postgres: bool | str = (missing or True) if args.postgres is None else args.postgres
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="thread_store-bench-") as tmp:
-        results, cdf = run_all(config, Path(tmp))
+        results, cdf = run_all(config, Path(tmp), postgres=postgres)
     results.update(mode=config.mode, command=command, machine=report.machine(),
                    wall_s=time.perf_counter() - started)
     paths = report.write(results, cdf, args.out)
@@ -81,8 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_all(config: Config, tmp: Path) -> tuple[dict[str, Any], dict[str, list[int]]]:
-    """Run every phase; return the results (percentiles) and the hot-thread samples for the plot."""
+def run_all(config: Config, tmp: Path, *, postgres: bool | str = False
+            ) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """Run every phase; return the results (percentiles) and the hot-thread samples for the plot.
+
+    :param postgres: run the PostgreSQL phase (``True``), leave it out (``False``), or the
+        reason it cannot run here, reported instead of its figures.
+    """
     results: dict[str, Any] = {"latency": {}, "phase_s": {}}
 
     def phase(name: str, run: Callable[[], Any]) -> Any:
@@ -113,6 +125,12 @@ def run_all(config: Config, tmp: Path) -> tuple[dict[str, Any], dict[str, list[i
                                 lambda: scale.pending_memory(tmp / "memory", config.memory_threads)),
     }
     results["at_scale"] = at_scale.run(config, tmp / "at-scale", phase)
+    if postgres is True:
+        from . import postgres as pg  # needs psycopg and eventsourcing's PostgreSQL module
+
+        results["postgres"] = phase("postgres", lambda: pg.run(config, tmp / "postgres"))
+    elif postgres:
+        results["postgres"] = {"skipped": postgres}
     cdf = {f"{arm.label}|{arm.metric}": arm.samples for arm in hot}
     return results, cdf
 
@@ -207,6 +225,9 @@ def _sustained(config: Config, root: Path) -> dict[str, Any]:
         ("paused", WRITERS, _ts("paused")),
         ("slow", WRITERS, _ts("slow", slow=True)),
         ("sync", WRITERS, _ts("sync", projection="sync")),
+        # Group commit (issue 15 point 3): the same 8 writers with an fsync per commit.
+        ("full", WRITERS, _ts("full", durability="full")),
+        ("raw_full", WRITERS, lambda p: RawSQLite(p, "FULL")),
         ("peer", WRITERS, PeerSystem),
     ]
     runs: list[tuple[Sustained, Any]] = []

@@ -73,7 +73,8 @@ class Threads(Application[uuid.UUID]):
         return int(recordings[-1].notification.id)
 
 
-def _user_title(item: dict[str, Any]) -> str | None:
+def user_title(item: dict[str, Any]) -> str | None:
+    """The title a user message gives its thread (the view's only derived text)."""
     payload = item.get("payload") or {}
     if item.get("type") == "event_msg" and payload.get("type") == "user_message":
         text = str(payload.get("message") or "").strip()
@@ -136,7 +137,7 @@ class ThreadMetaView(ProcessApplication[uuid.UUID]):
           processing_event: ProcessingEvent[uuid.UUID]) -> None:
         item = domain_event.item
         processing_event.collect_events(meta_append=[
-            (domain_event.originator_id.hex, _user_title(item), domain_event.timestamp.isoformat())])
+            (domain_event.originator_id.hex, user_title(item), domain_event.timestamp.isoformat())])
 
 
 class PeerSystem:
@@ -157,9 +158,13 @@ class PeerSystem:
         self._runner: MultiThreadedRunner[uuid.UUID] = MultiThreadedRunner(
             System([[Threads, ThreadMetaView]]), env=env)
         self._runner.start()
-        self._threads = self._runner.get(Threads)
-        self._view = self._runner.get(ThreadMetaView)
-        self._recorder: ThreadMetaRecorder = self._view.recorder  # type: ignore[assignment]
+        self._setup(self._runner.get(Threads), self._runner.get(ThreadMetaView).recorder)
+
+    def _setup(self, threads: Threads, recorder: Any) -> None:
+        """Keep the write side and the view's recorder (it has ``wait``, ``max_tracking_id``,
+        ``commits`` and ``view()``), and start counting."""
+        self._threads = threads
+        self._recorder = recorder
         self._ids: dict[str, uuid.UUID] = {}
         self._last = 0
         self._lock = threading.Lock()
@@ -203,6 +208,10 @@ class PeerSystem:
     def transactions(self) -> int:
         """Follower write transactions so far."""
         return self._recorder.commits
+
+    def commits(self) -> None:
+        """The application's own commits are not counted (one per ``save()``)."""
+        return None
 
     def verify(self) -> None:
         """Raise if the view disagrees with the appends made (the peer must be correct)."""

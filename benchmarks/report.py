@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import at_scale, processes
+from . import at_scale, pg_report, processes
 from .targets import ASYNC, PEER, RAW, SYNC, analysis, evaluate
 from .workloads import WATCH_PERIOD_S, Arm, Sustained, percentile
 
@@ -36,7 +36,9 @@ def summarize_sustained(r: Sustained) -> dict[str, Any]:
     out: dict[str, Any] = {"label": r.label, "writers": r.writers, "appends": r.appends,
                            "seconds": r.seconds, "appends_per_s": r.appends / r.seconds,
                            "append": _us(r.latencies), "watched": r.watched,
-                           "transactions_per_append": r.transactions / r.appends if r.appends else math.nan}
+                           "transactions_per_append": r.transactions / r.appends if r.appends else math.nan,
+                           "commits_per_append": (r.commits / r.appends if r.appends and r.commits is not None
+                                                  else math.nan)}
     if r.watched:
         out["lag_ms"] = {f"p{p:g}": percentile(r.lags, p) / 1e6 for p in PERCENTILES}
         out["lag_ms"]["n"] = len(r.lags)
@@ -122,8 +124,8 @@ def _latency_table(rows: dict[str, dict[str, Any]]) -> list[str]:
 def _sustained_table(rows: dict[str, dict[str, Any]], rss: dict[str, dict[str, Any]]) -> list[str]:
     rss_key = {RAW: "raw", ASYNC: "ts-async", SYNC: "ts-sync", PEER: "peer"}
     out = [("| System | writers | appends/s | append p50 | append p99 | lag p50 | lag p99 "
-           "| projection txns / append | peak RSS (Δ over baseline) |"),
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| projection txns / append | history commits / append | peak RSS (Δ over baseline) |"),
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows.values():
         lag = row.get("lag_ms")
         lag_cells = ([_f(lag["p50"], " ms"), _f(lag["p99"], " ms")] if lag
@@ -136,7 +138,7 @@ def _sustained_table(rows: dict[str, dict[str, Any]], rss: dict[str, dict[str, A
         txn = row["transactions_per_append"] if row["label"] != RAW else math.nan
         out.append(f"| {row['label']} | {row['writers']} | {_f(row['appends_per_s'])} | "
                    f"{_f(row['append']['p50_us'], ' µs')} | {_f(row['append']['p99_us'], ' µs')} | "
-                   f"{' | '.join(lag_cells)} | {_f(txn)} | {mem} |")
+                   f"{' | '.join(lag_cells)} | {_f(txn)} | {_f(row['commits_per_append'])} | {mem} |")
     return out
 
 
@@ -206,6 +208,7 @@ def markdown(results: dict[str, Any]) -> str:
               "process after imports."),
               "", "## Several writer processes on one store (benchmarks/processes.py)", "",
               *processes.markdown(results["processes"]),
+              *_postgres(results),
               "", "## Scale (thread_store)", "", *_scale_table(results["scale"], quick), "",
               "## Flat appends, catch-up and touched threads (issue 15; benchmarks/at_scale.py)", "",
               *at_scale.markdown(results["at_scale"]), "",
@@ -214,6 +217,14 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["## Tracing cost on the append path (benchmarks/bench_tracing.py)", "",
                   results["tracing"]["table"], ""]
     return "\n".join(lines)
+
+
+def _postgres(results: dict[str, Any]) -> list[str]:
+    section = results.get("postgres")
+    if section is None:
+        return []
+    table = _latency_table(section["latency"]) if "latency" in section else []
+    return ["", "## PostgreSQL (benchmarks/postgres.py)", "", *pg_report.markdown(section, table)]
 
 
 def _sweep_note(rows: dict[str, dict[str, Any]]) -> str:

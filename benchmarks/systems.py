@@ -5,7 +5,9 @@ user message, and settle), ``create(thread_id)``, ``append(thread_id, item) -> p
 ``append_and_flush(thread_id, item)`` (append, then return only once the write is
 visible in the metadata view), ``progress(thread_ids) -> {thread_id: visible position}``
 (for the lag watcher), ``quiesce()`` (untimed: let background work finish between
-measured blocks), ``transactions()`` (metadata write transactions so far), ``verify()``
+measured blocks), ``transactions()`` (metadata write transactions so far), ``commits()``
+(history commits so far, each an fsync with ``synchronous=FULL``; ``None`` when the system
+does not count them), ``verify()``
 (raise unless the system holds exactly what was appended: no arm may skip work) and
 ``close()``.
 """
@@ -104,6 +106,11 @@ class RawSQLite:
         """No separate metadata transactions."""
         return 0
 
+    def commits(self) -> int:
+        """One autocommit per insert and per upsert."""
+        with self._lock:
+            return sum(self._heads.values()) + self.upserts
+
     def verify(self) -> None:
         """Every append and upsert made is in the database."""
         rows = self._conn.execute("SELECT count(*) FROM items").fetchone()[0]
@@ -140,11 +147,12 @@ class SlowHook:
 
 
 class ThreadStoreSystem:
-    """thread_store behind the adapter interface; ``options`` go to ``ThreadStore.open``."""
+    """thread_store behind the adapter interface: ``ThreadStore.open(root, **options)``
+    (``root``: a directory, or a ``postgresql://`` URL with a ``schema`` option)."""
 
     has_projection = True
 
-    def __init__(self, root: Path, name: str, *, slow: bool = False, **options: Any) -> None:
+    def __init__(self, root: Path | str, name: str, *, slow: bool = False, **options: Any) -> None:
         self.name = name
         self._root = root
         self._hook = SlowHook() if slow else None
@@ -212,6 +220,11 @@ class ThreadStoreSystem:
     def transactions(self) -> int:
         """Index (projection) transactions since open."""
         return self.store.stats().transactions
+
+    def commits(self) -> int:
+        """History transactions that committed appends since open: concurrent appends
+        share one (group commit). A private counter of the SQLite backend."""
+        return int(self.store._storage.history.append_commits)  # type: ignore[attr-defined]
 
     def verify(self) -> None:
         """Every thread's projected ``item_count`` equals the appends made to it."""

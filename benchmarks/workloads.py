@@ -167,6 +167,7 @@ class Sustained:
     appends: int = 0
     seconds: float = 0.0
     transactions: int = 0
+    commits: int | None = 0  # history commits (fsyncs with synchronous=FULL); None: not counted
     latencies: list[int] = field(default_factory=list)
     lags: list[int] = field(default_factory=list)
     sweeps: list[int] = field(default_factory=list)  # watcher sweep durations (lag resolution)
@@ -206,7 +207,7 @@ def sustained(result: Sustained, system: Any, tids: list[str], pool: list[Item],
             k += 1
         counts[w] = len(record)
 
-    before = system.transactions()
+    before, commits_before = system.transactions(), system.commits()
     threads = [threading.Thread(target=writer, args=(w,), name=f"bench-writer-{w}")
                for w in range(result.writers)]
     watcher = threading.Thread(target=_watch, args=(system, returned, stop, result), name="bench-watcher")
@@ -226,6 +227,11 @@ def sustained(result: Sustained, system: Any, tids: list[str], pool: list[Item],
         result.watched = True
     system.quiesce()
     result.transactions += system.transactions() - before
+    commits = system.commits()
+    if commits is None or commits_before is None or result.commits is None:
+        result.commits = None
+    else:
+        result.commits += commits - commits_before
     result.appends += sum(counts)
     for record in latencies:
         result.latencies.extend(record)

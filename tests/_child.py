@@ -3,8 +3,10 @@
 Run as a script, this module is a child process (``python _child.py MODE ARGS...``) that
 reports on its stdout, one line per event, flushed at once:
 
-- ``crash PATH SEED DURABILITY``: appends to many threads until it is killed, printing
-  ``A <thread_id> <generation> <token>...`` only after ``append`` returned;
+- ``crash PATH SEED DURABILITY [several]``: appends to many threads until it is killed,
+  printing ``A <thread_id> <generation> <token>...`` only after ``append`` returned (with
+  ``several``, ``F`` for an ``append_and_flush``: the ``projected_seq`` it returned may
+  cover other writers' appends; see :class:`Ack`);
 - ``hold-index-lock PATH``: holds ``BEGIN EXCLUSIVE`` on the store's index.db until a line
   (or EOF) arrives on its stdin, then prints ``released T`` with the monotonic time T taken
   just before its COMMIT;
@@ -23,8 +25,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +78,8 @@ def assert_converged(store: ThreadStore, timeout: float = 30.0) -> int:
     threads, rows = _live_threads_and_rows(store)
     for thread_id, created_us in threads.items():
         expected = folded(store, thread_id, created_us)
-        assert store.read_thread(thread_id) == expected, thread_id
+        got, want = store.read_thread(thread_id).to_json(), expected.to_json()
+        assert got == want, (thread_id, {k: (got[k], want[k]) for k in want if got[k] != want[k]})
         status = store.status(thread_id)
         assert (status.head_seq, status.projected_seq, status.pending) == (
             expected.projected_seq, expected.projected_seq, False), (thread_id, status)
@@ -95,6 +99,67 @@ def _live_threads_and_rows(store: ThreadStore) -> tuple[dict[str, int], set[str]
                                            include_empty=True)) for archived in (False, True)]
     assert all(page.next_cursor is None for page in listed), "1000 rows more than live threads"
     return threads, {m.thread_id for page in listed for m in page.threads}
+
+
+@dataclass(frozen=True)
+class Ack:
+    """An append a writer reported only after it returned: the tokens of its items in
+    order (each ``"<writer>/<n>"``, ``n`` counting that writer's items), and the generation
+    it returned. For an ``append_and_flush`` (``flushed``) that is the ``projected_seq`` it
+    returned, which covers the append and maybe later appends of other processes."""
+
+    thread_id: str
+    generation: int
+    tokens: tuple[str, ...]
+    flushed: bool = False
+
+
+def parse_acks(lines: list[str]) -> list[Ack]:
+    """The ``A`` (append) and ``F`` (append_and_flush) lines of a ``crash`` child."""
+    acks = []
+    for line in lines:
+        word, *rest = line.split()
+        if word in ("A", "F"):
+            acks.append(Ack(rest[0], int(rest[1]), tuple(rest[2:]), flushed=word == "F"))
+    return acks
+
+
+def assert_acknowledged(store: ThreadStore, thread_ids: Iterable[str], acks: Iterable[Ack], *,
+                        complete: bool = False) -> int:
+    """Every acknowledged append is stored once at its generation (DESIGN §1.1, §1.3, §1.11).
+
+    Each thread's seqs are 1..N with no gap or duplicate; no item is stored twice; one
+    writer's items in a thread are in its order; each ack's items sit together in its
+    thread, ending at its generation (at or below it for an ``append_and_flush``). With
+    ``complete``, every stored item was acknowledged. Returns how many items were checked.
+    """
+    where: dict[str, tuple[str, int]] = {}
+    for thread_id in thread_ids:
+        history = store.read_history(thread_id, limit=100_000)
+        assert [s.seq for s in history] == list(range(1, len(history) + 1)), f"{thread_id}: gaps or duplicates"
+        order: dict[str, list[int]] = {}
+        for s in history:
+            token = s.item.get("payload", {}).get("token")
+            if token is None:
+                continue
+            assert token not in where, f"{token} written twice: {where[token]}, ({thread_id}, {s.seq})"
+            where[token] = (thread_id, s.seq)
+            writer, n = token.rsplit("/", 1)
+            order.setdefault(writer, []).append(int(n))
+        for writer, ns in order.items():
+            assert ns == sorted(ns), f"{thread_id}: the appends of {writer} are out of order"
+    checked = set()
+    for ack in acks:
+        assert all(token in where for token in ack.tokens), f"acknowledged but not stored: {ack}"
+        places = [where[token] for token in ack.tokens]
+        seqs = [seq for _, seq in places]
+        assert {tid for tid, _ in places} == {ack.thread_id}, (ack, places)
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), f"not stored together: {ack}"
+        assert seqs[-1] <= ack.generation if ack.flushed else seqs[-1] == ack.generation, (ack, seqs)
+        checked.update(ack.tokens)
+    if complete:
+        assert set(where) == checked, f"items nobody acknowledged were written: {sorted(set(where) - checked)[:5]}"
+    return len(checked)
 
 
 def integrity(db: Path) -> str:
@@ -239,12 +304,25 @@ def _items(rng: random.Random, tokens: Iterator[str], count: int) -> list[dict[s
     return out
 
 
-def crash_child(path: str, seed: int, durability: str) -> None:
-    """Append forever with random barriers and projection pauses; acknowledge each append."""
+def crash_child(path: str, seed: int, durability: str, several: bool = False) -> None:
+    """Append forever with random barriers and projection pauses; acknowledge each append.
+
+    ``several``: one of several writers killed at random (issue 13). It catches up others'
+    work after half a second, and half of them project through a hook that sleeps up to
+    2 ms, so kills often land in the middle of an attempt. Barriers get longer timeouts:
+    on a loaded machine they only catch hangs, and a raise ends the child (its parent
+    notices that it died).
+    """
     rng = random.Random(seed)
-    tokens = (f"{seed}-{n}" for n in range(1 << 62))
-    with ThreadStore.open(path, durability=durability,
-                          coalesce_delay=rng.choice([0.0, 0.001, 0.005, 0.02])) as store:
+    tokens = (f"{seed}/{n}" for n in range(1 << 62))
+    options: dict[str, Any] = {"coalesce_delay": rng.choice([0.0, 0.001, 0.005, 0.02])}
+    timeout = 10.0
+    if several:
+        timeout = 60.0
+        options["catch_up_after"] = 0.5
+        if rng.random() < 0.5:
+            options["projection_hook"] = lambda thread_id, generation: time.sleep(random.uniform(0, 0.002))
+    with ThreadStore.open(path, durability=durability, **options) as store:
         threads = list(live_threads(Path(path)))
         _say(READY)
         paused = False
@@ -256,15 +334,17 @@ def crash_child(path: str, seed: int, durability: str) -> None:
                 (store.resume_projection if paused else store.pause_projection)()
                 paused = not paused
             elif op < 0.18 and not paused:  # a barrier would only wait out the pause
-                store.flush(rng.choice(threads), timeout=10.0)
+                store.flush(rng.choice(threads), timeout=timeout)
             else:
                 thread_id = rng.choice(threads)
                 items = _items(rng, tokens, rng.randint(1, 4))
                 if op < 0.3 and not paused:
-                    generation = store.append_and_flush(thread_id, items, timeout=10.0).projected_seq
+                    generation = store.append_and_flush(thread_id, items, timeout=timeout).projected_seq
+                    # Alone in the store, what it covers is exactly its own append.
+                    word = "F" if several else "A"
                 else:
-                    generation = store.append(thread_id, items)
-                _say("A", thread_id, generation, *(i["payload"]["token"] for i in items))
+                    generation, word = store.append(thread_id, items), "A"
+                _say(word, thread_id, generation, *(i["payload"]["token"] for i in items))
 
 
 def hold_index_lock(path: str) -> None:
@@ -299,7 +379,7 @@ def writer(path: str) -> None:
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
     if mode == "crash":
-        crash_child(args[0], int(args[1]), args[2])
+        crash_child(args[0], int(args[1]), args[2], several=args[3:] == ["several"])
     elif mode == "hold-index-lock":
         hold_index_lock(args[0])
     elif mode == "writer":

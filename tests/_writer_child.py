@@ -6,9 +6,11 @@ flushed at once, in order. A reply is ``{"ok": true, "result": ...}``, or ``{"ok
 "error": "<exception class name>", "message": "..."}`` when the call raised. The commands
 (``op`` and its arguments):
 
-- ``open path [options] [fail_threads] [block_threads signal_dir] [other_rules]``: open the
-  store for writing; ``options`` are keyword options of ``ThreadStore.open`` (JSON values:
-  ``coalesce_delay``, ``catch_up_after``, ...). ``fail_threads``: a ``projection_hook``
+- ``open path [options] [fail_threads] [block_threads signal_dir] [other_rules]
+  [otlp_endpoint service]``: open the store for writing; ``options`` are keyword options
+  of ``ThreadStore.open`` (JSON values: ``coalesce_delay``, ``catch_up_after``, ...).
+  ``otlp_endpoint``: trace the store with an SDK provider exporting OTLP/HTTP there, as
+  ``service`` (its ``service.name``). ``fail_threads``: a ``projection_hook``
   that raises ``RuntimeError`` (a permanent failure) for those thread ids. ``block_threads``:
   a hook that, for those ids, creates the file ``signal_dir/<thread_id>.entered`` and then
   blocks until ``signal_dir/<thread_id>.release`` exists (the test's gate on an attempt in
@@ -27,9 +29,11 @@ flushed at once, in order. A reply is ``{"ok": true, "result": ...}``, or ``{"ok
 - ``read_thread thread_id`` -> the metadata; ``read_history thread_id`` -> ``[[seq, item],
   ...]``; ``status thread_id`` -> the ``ThreadStatus`` fields.
 - ``pause`` / ``resume``: ``pause_projection`` / ``resume_projection``.
+- ``export_spans``: export every span ended so far (before a SIGKILL loses them).
 - ``discard thread_id [timeout]``; ``delete thread_id``.
 - ``close [timeout]``: close the store (the process stays, for more commands).
-- ``rebuild_index path``: ``ThreadStore.rebuild_index`` (needs no open store here) -> count.
+- ``rebuild_index path [options]``: ``ThreadStore.rebuild_index`` (needs no open store
+  here; ``options`` name the store, e.g. a PostgreSQL ``schema``) -> count.
 - ``exit``: close the store if it is open, answer, and end the process.
 
 Metadata travels as ``ThreadMetadata.to_json()``. Imported, the module gives the parent
@@ -52,7 +56,10 @@ from pathlib import Path
 from typing import IO, Any, Callable
 
 from _child import _items
+from opentelemetry.sdk.trace import TracerProvider
+
 from thread_store import CodexRules, ThreadStore
+from thread_store.otel_setup import build_tracer_provider
 
 #: Seconds a reply may take before the parent calls the child hung: generous, it only
 #: catches hangs (a slow machine must never fail a test here).
@@ -187,12 +194,17 @@ class Session:
 
     def __init__(self) -> None:
         self.store: ThreadStore | None = None
+        self.tracer_provider: TracerProvider | None = None
 
     def open(self, path: str, options: dict[str, Any] | None = None,
              fail_threads: list[str] | None = None, block_threads: list[str] | None = None,
-             signal_dir: str | None = None, other_rules: bool = False) -> int:
+             signal_dir: str | None = None, other_rules: bool = False,
+             otlp_endpoint: str | None = None, service: str = "writer-child") -> int:
         assert self.store is None, "one store per child"
         extra: dict[str, Any] = dict(options or {})
+        if otlp_endpoint is not None:
+            self.tracer_provider = build_tracer_provider(service, otlp_endpoint=otlp_endpoint)
+            extra["tracer_provider"] = self.tracer_provider
         if fail_threads or block_threads:
             extra["projection_hook"] = _hook(set(fail_threads or ()), set(block_threads or ()),
                                              None if signal_dir is None else Path(signal_dir))
@@ -224,6 +236,9 @@ class Session:
     def close(self, timeout: float | None = 10.0) -> None:
         if self.store is not None:
             self.store.close(timeout)
+        if self.tracer_provider is not None:
+            self.tracer_provider.shutdown()
+            self.tracer_provider = None
 
     def run(self, op: str, args: dict[str, Any]) -> Any:
         """Carry out one command; its result must be JSON-ready."""
@@ -234,7 +249,7 @@ class Session:
         if op in ("close", "exit"):
             return self.close(**args)
         if op == "rebuild_index":
-            return ThreadStore.rebuild_index(args["path"])
+            return ThreadStore.rebuild_index(args["path"], **args.get("options", {}))
         store = self.opened()
         if op == "create":
             return store.create_thread(args.get("thread_id"), metadata=args.get("metadata"))
@@ -259,6 +274,9 @@ class Session:
             return store.pause_projection()
         if op == "resume":
             return store.resume_projection()
+        if op == "export_spans":
+            assert self.tracer_provider is not None, "open with otlp_endpoint first"
+            return self.tracer_provider.force_flush()
         if op == "discard":
             return store.discard(args["thread_id"], args.get("timeout"))
         if op == "delete":

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from _writer_child import WriterChild
 from pg_server import PostgresServer, PostgresUnavailable
 
 from thread_store import AsyncThreadStore, ThreadStore
@@ -219,6 +220,40 @@ def sqlite_backend(request: pytest.FixtureRequest, store_path: Path) -> Iterator
         yield opened
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def shared_backend(request: pytest.FixtureRequest, store_path: Path) -> Iterator[Backend]:
+    """Each backend that several processes share: the embedded store, and PostgreSQL."""
+    with opened_backend(request.param, store_path, request) as opened:
+        yield opened
+
+
+#: ``spawn(open=True, **open_args)``: a writer child (see :func:`spawn`).
+Spawn = Callable[..., WriterChild]
+
+
+@pytest.fixture
+def spawn(shared_backend: Backend) -> Iterator[Spawn]:
+    """Start writer children (``_writer_child.py``); ``spawn(open=True, **open_args)`` opens
+    the test's store in the child first. Every child is killed (if still alive) and reaped
+    after the test."""
+    children: list[WriterChild] = []
+    place = shared_backend.place
+
+    def start(open: bool = True, **open_args: Any) -> WriterChild:
+        child = WriterChild()
+        children.append(child)
+        if open:
+            open_args["options"] = {**place.options, **open_args.get("options", {})}
+            child.call("open", path=str(place.target), **open_args)
+        return child
+
+    try:
+        yield start
+    finally:
+        for child in children:
+            child.close()
+
+
 @pytest.fixture
 def open_store(backend: Backend) -> Callable[..., ThreadStore]:
     """Open stores on each backend with the given options; all closed after the test."""
@@ -237,6 +272,13 @@ def sqlite_store(sqlite_backend: Backend) -> ThreadStore:
     return sqlite_backend.open_store()
 
 
+@pytest.fixture
+def no_otel_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hide any ``OTEL_*`` settings of the machine running the tests."""
+    for name in [n for n in os.environ if n.startswith("OTEL_")]:
+        monkeypatch.delenv(name)
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """A throwaway PostgreSQL server for the whole session, started on first use.
@@ -244,8 +286,16 @@ def postgres_server() -> Iterator[PostgresServer]:
     Skipped (one line in the summary) where the machine has no PostgreSQL, unless
     ``THREAD_STORE_REQUIRE_POSTGRES=1`` (CI), which makes that a failure.
     """
+    with started_server(PostgresServer) as server:
+        yield server
+
+
+@contextmanager
+def started_server(make: Callable[[], PostgresServer]) -> Iterator[PostgresServer]:
+    """A started server (``make()``), stopped afterwards; where PostgreSQL cannot start,
+    the test is skipped, or fails under ``THREAD_STORE_REQUIRE_POSTGRES=1``."""
     try:
-        server = PostgresServer()
+        server = make()
         server.__enter__()
     except PostgresUnavailable as exc:
         if REQUIRE_POSTGRES:

@@ -8,7 +8,10 @@ another). ``stop`` shuts it down (``pg_ctl stop -m immediate``) and removes the
 directory; the context manager stops it also when the tests fail.
 
 Durability settings are off (``fsync``, ``full_page_writes``): the tests check the
-contract, not the disk; the benchmarks start their own server with the defaults.
+contract, not the disk. The fault tests that crash the server (``crash``, then
+``start_again``) start their own with :data:`DURABLE` settings; the benchmarks start
+theirs through this class with PostgreSQL's default settings (``benchmarks/pg_systems.py``
+imports it: both live in the checkout only).
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from typing import Self
 _BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
 _FAST = ("-c", "fsync=off", "-c", "full_page_writes=off", "-c", "synchronous_commit=on",
          "-c", "max_connections=200")
+#: A server that keeps what it acknowledged across a crash (PostgreSQL's defaults, spelled out).
+DURABLE = ("-c", "fsync=on", "-c", "full_page_writes=on", "-c", "synchronous_commit=on",
+           "-c", "max_connections=200")
 DATABASE = "thread_store_test"
 USER = "thread_store"
 
@@ -79,16 +85,28 @@ class PostgresServer:
 
     def start(self) -> None:
         """Create the cluster and its database, and start the server (waits until ready)."""
-        data = self.directory / "data"
-        self._run([self._initdb, "--no-sync", "-D", str(data), "-U", USER, "-E", "UTF8",
-                   "--locale=C.UTF-8", "-A", "trust"])
-        options = " ".join(["-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
-                            "-c", f"unix_socket_directories={self.directory}", *self._settings])
-        self._run([self._pg_ctl, "start", "-w", "-t", "60", "-D", str(data), "-o", options,
-                   "-l", str(self.directory / "server.log")])
-        self._started = True
+        self._run([self._initdb, "--no-sync", "-D", str(self.directory / "data"), "-U", USER,
+                   "-E", "UTF8", "--locale=C.UTF-8", "-A", "trust"])
+        self.start_again()
         self._run([find_binary("createdb"), "-h", str(self.directory), "-p", str(self.port),
                    "-U", USER, DATABASE])
+
+    def start_again(self) -> None:
+        """Start the server on its existing cluster (after :meth:`crash`), on the same port;
+        waits until it accepts connections (crash recovery included)."""
+        options = " ".join(["-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
+                            "-c", f"unix_socket_directories={self.directory}", *self._settings])
+        self._run([self._pg_ctl, "start", "-w", "-t", "60", "-D", str(self.directory / "data"),
+                   "-o", options, "-l", str(self.directory / "server.log")])
+        self._started = True
+
+    def crash(self) -> None:
+        """Stop the server the way a crash does (``pg_ctl stop -m immediate``: every
+        session is cut, nothing is checkpointed; the next start replays the WAL), keeping
+        its cluster for :meth:`start_again`."""
+        self._run([self._pg_ctl, "stop", "-D", str(self.directory / "data"), "-m", "immediate",
+                   "-w", "-t", "60"])
+        self._started = False
 
     def stop(self) -> None:
         """Stop the server at once and remove its directory."""

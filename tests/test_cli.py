@@ -18,6 +18,8 @@ from otlp_receiver import OTLPReceiver
 
 from thread_store import ProjectionFailed, ThreadMetadata, ThreadStore
 from thread_store.cli import cli
+from thread_store.backends.sqlite._history_schema import SCHEMA_VERSION as HISTORY_VERSION
+from thread_store.backends.sqlite._index_schema import SCHEMA_VERSION as INDEX_VERSION
 
 FIXTURES = Path(__file__).parent / "fixtures" / "codex"
 FIELDS = [f.name for f in dataclasses.fields(ThreadMetadata)]
@@ -209,7 +211,7 @@ def test_status_names_threads_left_behind(filled: dict[str, str], store_path: Pa
     assert sorted((b["thread_id"], b["head_seq"] - b["projected_seq"]) for b in report["behind"]) == \
         sorted((filled[name], 2) for name in ("flaky", "docs"))
     assert report["oldest_behind_since"] is not None and report["failed"] == []
-    assert report["schema_version"] == {"history": 4, "index": 5}
+    assert report["schema_version"] == {"history": HISTORY_VERSION, "index": INDEX_VERSION}
     text = invoke("--store", str(store_path), "status")
     assert "2 threads, 4 items" in text.stdout and filled["flaky"] in text.stdout
 

@@ -1,9 +1,11 @@
-"""Crash torture (DESIGN §1.1, §1.8) and a lost or corrupt index (the index is derived).
+"""Crash torture (DESIGN §1.1, §1.8, §6) and a lost or corrupt index (the index is derived).
 
 A child process appends to many threads, with random barriers and projection pauses, and
 acknowledges each append only after it returned. The parent SIGKILLs it at a random
 moment, then checks: every acknowledged item is in the history, both databases pass
 ``PRAGMA integrity_check``, and after reopening, the metadata is the fold of the history.
+The same runs with several writer processes on one store, killed and restarted at random,
+while the survivors must keep getting through their barriers.
 """
 
 from __future__ import annotations
@@ -15,28 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
-from _child import INDEX, READY, Child, assert_converged, assert_no_projector_thread, assert_store_integrity
-from conftest import plain, user_msg
+from _child import (INDEX, READY, Child, assert_acknowledged, assert_converged, assert_no_projector_thread,
+                    assert_store_integrity, live_threads, parse_acks)
+from conftest import plain, user_msg, wait_for
 
 from thread_store import ThreadStore, ThreadStoreError
 
 KILLS_PER_STORE = 20  # a fresh store every 20 kills keeps each check O(recent history)
-
-
-def _check_acknowledged(store: ThreadStore, lines: list[str]) -> int:
-    """Every ``A tid gen tokens...`` line names items that sit at those seqs in history."""
-    checked = 0
-    for line in lines:
-        word, *rest = line.split()
-        if word != "A":
-            continue
-        thread_id, generation, tokens = rest[0], int(rest[1]), rest[2:]
-        stored = store.read_history(thread_id, after_seq=generation - len(tokens),
-                                    limit=len(tokens))
-        assert [s.item["payload"]["token"] for s in stored] == tokens, line
-        assert stored[-1].seq == generation, line
-        checked += len(tokens)
-    return checked
 
 
 def _torture(root: Path, kills: int, durability: str, seed: int) -> None:
@@ -54,7 +41,7 @@ def _torture(root: Path, kills: int, durability: str, seed: int) -> None:
         finally:
             child.close()
         with ThreadStore.open(path, durability=durability) as store:
-            acknowledged += _check_acknowledged(store, lines)
+            acknowledged += assert_acknowledged(store, live_threads(path), parse_acks(lines))
             assert_store_integrity(path)
             assert_converged(store)
         assert_no_projector_thread()
@@ -72,6 +59,86 @@ def test_sigkill_loses_nothing_acknowledged(tmp_path: Path, durability: str) -> 
 @pytest.mark.parametrize("durability", ["normal", "full"])
 def test_sigkill_loses_nothing_acknowledged_long(tmp_path: Path, durability: str) -> None:
     _torture(tmp_path, 200, durability, seed=200)
+
+
+# -- several writers killed at random (issue 13) ----------------------------------------------
+
+#: Seconds the survivors of a kill get to return from another barrier: only catches a hang.
+PROGRESS = 60.0
+
+
+def _barriers(child: Child) -> int:
+    """How many ``append_and_flush`` calls of ``child`` returned so far (its ``F`` lines)."""
+    return sum(1 for line in list(child.lines) if line.startswith("F "))
+
+
+def _alive(child: Child) -> Child:
+    """``child``, failing with its stderr if it ended on its own (a barrier raised in it)."""
+    assert child.proc.poll() is None, f"a writer died unkilled:\n{child.stderr()}"
+    return child
+
+
+def _next_barrier(child: Child, before: int) -> None:
+    """Wait until ``child`` has returned from more than ``before`` barriers; fail if it died."""
+    wait_for(lambda: _barriers(child) > before or child.proc.poll() is not None,
+             "a survivor's next barrier", timeout=PROGRESS)
+    _alive(child)
+
+
+def _several_writers_torture(path: Path, writers: int, kills: int, seed: int) -> None:
+    """``writers`` processes append to shared threads (each also pauses and resumes its
+    projector, so others take its work over, and half project through a slow hook), and
+    one at random is SIGKILLed and restarted, ``kills`` times: mid-append, mid-projection,
+    in a barrier, or holding a file lock of the store. After each kill every survivor
+    must still return from a barrier; at the end all are killed, and every acknowledged
+    append is stored once at its generation, both files pass ``integrity_check``, and a
+    fresh process's ``flush_all`` brings every thread to the fold of its history."""
+    rng = random.Random(seed)
+    with ThreadStore.open(path) as store:  # the shared threads every writer starts with
+        for _ in range(6):
+            store.create_thread()
+    seeds = iter(range(seed * 1000, (seed + 1) * 1000))
+    children = [Child("crash", path, next(seeds), "normal", "several") for _ in range(writers)]
+    lines: list[str] = []
+    try:
+        for child in children:
+            child.wait_for(READY)
+        for _ in range(kills):
+            for child in children:
+                child.wait_for("A ")  # the kill lands mid-work, however slow the machine
+            time.sleep(rng.uniform(0.0, 0.25))
+            victim = rng.randrange(writers)
+            survivors = {_alive(c): _barriers(c) for n, c in enumerate(children) if n != victim}
+            lines += _alive(children[victim]).kill()
+            children[victim].close()
+            for child, before in survivors.items():  # what the dead one held blocks no one
+                _next_barrier(child, before)
+            children[victim] = Child("crash", path, next(seeds), "normal", "several")
+            children[victim].wait_for(READY)
+        for child in children:
+            lines += _alive(child).kill()
+    finally:
+        for child in children:
+            child.close()
+    with ThreadStore.open(path, read_only=True) as reader:
+        acknowledged = assert_acknowledged(reader, live_threads(path), parse_acks(lines))
+    assert_store_integrity(path)
+    with ThreadStore.open(path) as store:
+        assert assert_converged(store, timeout=PROGRESS) >= 6
+    assert_no_projector_thread()
+    barriers = sum(line.startswith("F ") for line in lines)
+    print(f"\n{writers} writers, {kills} SIGKILLs: {acknowledged} acknowledged items "
+          f"({barriers} by append_and_flush), all found once")
+    assert barriers > kills, f"only {barriers} barriers returned in {kills} rounds"
+
+
+def test_sigkill_of_several_writers_loses_nothing_and_blocks_no_one(tmp_path: Path) -> None:
+    _several_writers_torture(tmp_path / "store", writers=3, kills=10, seed=3)
+
+
+@pytest.mark.slow
+def test_sigkill_of_several_writers_loses_nothing_and_blocks_no_one_long(tmp_path: Path) -> None:
+    _several_writers_torture(tmp_path / "store", writers=4, kills=100, seed=4)
 
 
 # -- a lost or corrupt index is rebuilt from history -----------------------------------------

@@ -8,8 +8,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "thread_store"
 DRIVERS = {"sqlite3", "sqlite_utils", "fcntl", "psycopg", "psycopg_pool"}
-#: What a backend may use from the rest of the package: the data and error types, and the ports.
-BACKEND_MAY_IMPORT = {"thread_store.errors", "thread_store.model", "thread_store.storage"}
+#: What a backend may use from the rest of the package: the data and error types, the ports,
+#: and the caller's deadline (a leaf module, which the ports' callers set).
+BACKEND_MAY_IMPORT = {"thread_store.errors", "thread_store.model", "thread_store.storage",
+                      "thread_store._deadlines"}
 
 
 def _imports(path: Path) -> set[str]:

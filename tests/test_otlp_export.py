@@ -38,13 +38,6 @@ def receiver() -> Iterator[OTLPReceiver]:
         yield r
 
 
-@pytest.fixture
-def no_otel_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hide any ``OTEL_*`` settings of the machine running the tests."""
-    for name in [n for n in os.environ if n.startswith("OTEL_")]:
-        monkeypatch.delenv(name)
-
-
 def by_name(spans: list[ReceivedSpan], name: str) -> list[ReceivedSpan]:
     return [s for s in spans if s.name == name]
 

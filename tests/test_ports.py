@@ -22,7 +22,7 @@ from thread_store.model import (BehindThread, EncodedItem, FailedThread, ThreadM
                                 us_from_utc)
 from thread_store.storage import (Appended, Capabilities, Checkpoint, CommitOutcome, CommitResult,
                                   Failure, IdempotencyKey, Lag, ListQuery, RowWrite, Storage,
-                                  StoredRow, decode_cursor)
+                                  StoredRow, StoredTraces, decode_cursor)
 
 HANG = 30.0  # generous timeout that only catches hangs
 MARGIN = 2.0  # a bounded wait returns within its bound plus this
@@ -185,6 +185,49 @@ def test_read_pages_within_its_bounds(storage: Storage) -> None:
     assert seqs(storage, "t", after=5, upto=5) == []
     assert seqs(storage, "t", after=6, upto=3) == []
     assert [r.text for r in storage.history.read("t", 4, 6, 10)] == [item(5).text, item(6).text]
+
+
+def traceparent(n: int) -> str:
+    """A distinct W3C traceparent for append ``n``."""
+    return f"00-{n:032x}-{n:016x}-01"
+
+
+def test_an_append_stores_its_trace_context_with_its_last_item(storage: Storage) -> None:
+    history = storage.history
+    history.create("t", created_us=CREATED_US, first=item(0))  # creates store no context
+    history.append("t", [item(1), item(2)], trace=traceparent(1))  # seq 2..3
+    history.append("t", [item(3)])  # untraced: nothing stored (seq 4)
+    history.append("t", [item(4)], IdempotencyKey("k", "d"), trace=traceparent(4))  # seq 5
+    assert history.append("t", [item(4)], IdempotencyKey("k", "d"),
+                          trace=traceparent(9)) == Appended(5, written=False)  # stores nothing
+    history.append("t", [item(5), item(6), item(7)], trace=traceparent(5))  # seq 6..8
+    assert history.traces("t", 0, 8, 128) == StoredTraces((traceparent(1), traceparent(4),
+                                                           traceparent(5)))
+    # A context belongs to its append's last item: ranges of seqs select by it.
+    assert history.traces("t", 0, 2, 128) == StoredTraces(())
+    assert history.traces("t", 2, 3, 128) == StoredTraces((traceparent(1),))
+    assert history.traces("t", 3, 7, 128) == StoredTraces((traceparent(4),))
+    assert history.traces("t", 5, 8, 128) == StoredTraces((traceparent(5),))
+    # Bounded in seq order, the rest counted.
+    assert history.traces("t", 0, 8, 2) == StoredTraces((traceparent(1), traceparent(4)), dropped=1)
+    assert history.traces("t", 0, 8, 1) == StoredTraces((traceparent(1),), dropped=2)
+    # The items themselves read back as before.
+    assert seqs(storage, "t") == list(range(1, 9))
+    assert [r.text for r in history.read("t", 1, 3, 10)] == [item(1).text, item(2).text]
+
+
+def test_no_thread_has_trace_contexts_once_gone(storage: Storage) -> None:
+    assert storage.history.traces("nobody", 0, 10, 128) == StoredTraces(())
+    for tid, tombstone in (("discarded", True), ("deleted", False)):
+        storage.history.create(tid, created_us=CREATED_US, first=None)
+        storage.history.append(tid, [item(1)], trace=traceparent(1))
+        assert storage.history.traces(tid, 0, 1, 128) == StoredTraces((traceparent(1),))
+        storage.remove_thread(tid, tombstone=tombstone)
+        assert storage.history.traces(tid, 0, 1, 128) == StoredTraces(())
+    # A new thread under a deleted id has only its own.
+    storage.history.create("deleted", created_us=CREATED_US, first=None)
+    storage.history.append("deleted", [item(1)])
+    assert storage.history.traces("deleted", 0, 1, 128) == StoredTraces(())
 
 
 def test_position_never_goes_down(storage: Storage) -> None:

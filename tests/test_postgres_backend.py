@@ -16,7 +16,7 @@ from typing import Iterator
 
 import psycopg
 import pytest
-from conftest import new_schema, plain, user_msg
+from conftest import in_thread, new_schema, plain, user_msg, wait_for
 
 from thread_store import (AsyncThreadStore, FlushTimeout, InvalidArgument, ProjectionFailed, ReadOnlyStore,
                           ThreadDiscarded, ThreadNotFound, ThreadStore)
@@ -201,6 +201,36 @@ def test_commit_never_resurrects_a_removed_thread(storage: PostgresStorage) -> N
     commit(storage, row("t", 1, preview="late"))
     commit(storage, row("never-created", 1, preview="late"))
     assert storage.index.read("t") is None and storage.index.read("never-created") is None
+
+
+def test_a_fold_of_a_removed_incarnation_is_gone_and_clears_no_failure(storage: PostgresStorage) -> None:
+    storage.history.create("t", created_us=1, first=None)
+    old = storage.history.incarnation("t")
+    storage.remove_thread("t", tombstone=False)
+    storage.history.create("t", created_us=2, first=None)  # the id again: a new incarnation
+    storage.index.record_failures([Failure("t", 3, "the new thread's failure")])
+    result = commit(storage, replace(row("t", 3, preview="stale"), incarnation=old), row("u", 1))
+    assert result.gone == {"t", "u"} and not result.errors  # type: ignore[attr-defined]
+    assert storage.index.read("t") is None
+    assert storage.index.checkpoint("t").last_error == "the new thread's failure"
+
+
+def test_a_group_commit_locks_its_rows_in_thread_id_order(storage: PostgresStorage, pg_url: str,
+                                                          schema: str) -> None:
+    for tid in ("a", "b"):
+        storage.history.create(tid, created_us=1, first=None)
+    commit(storage, row("a", 1), row("b", 1))
+    with psycopg.connect(pg_url) as other, psycopg.connect(pg_url, autocommit=True) as watch:
+        other.execute(f"SELECT 1 FROM {schema}.meta WHERE thread_id = 'b' FOR UPDATE")
+        worker, out = in_thread(lambda: commit(storage, row("b", 2), row("a", 2)))
+        wait_for(lambda: watch.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'thread_store' "
+            "AND wait_event_type = 'Lock'").fetchone()[0] == 1, "the commit to wait for row b")
+        # It holds row a already: had it locked b first, a process taking a then b would deadlock.
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            other.execute(f"SELECT 1 FROM {schema}.meta WHERE thread_id = 'a' FOR UPDATE NOWAIT")
+    worker.join(10.0)
+    assert "error" not in out and storage.index.read("a").projected_seq == 2  # type: ignore[union-attr]
 
 
 def test_a_row_postgres_refuses_fails_alone(storage: PostgresStorage) -> None:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
@@ -265,7 +265,7 @@ def test_history_from_schema_1_is_migrated_and_compared_once(store_path: Path) -
                      (tids[0], '{"type": "event_msg", "payload": {"type": "user_message", '
                       '"message": "appended by an old version, never projected"}}'))
         conn.execute("PRAGMA user_version = 1")
-    assert history_module.SCHEMA_VERSION == 4 and index_module.SCHEMA_VERSION == 5
+    assert history_module.SCHEMA_VERSION == 5 and index_module.SCHEMA_VERSION == 5
     with ThreadStore.open(store_path) as store:
         assert store.flush(tids[0], timeout=30).projected_seq == 3
         assert assert_converged(store) == 3
@@ -517,3 +517,72 @@ def test_a_reindex_that_was_asked_for_warns_about_nothing(store_path: Path,
             store.flush_all(timeout=30)
             assert [m.title for m in store.list_threads().threads] == ["kept"]
     assert any("rebuilding the index" in r.getMessage() for r in caplog.records)
+
+
+# -- open() beside other writers (issue 13) ----------------------------------------------------
+
+
+@contextmanager
+def _another_writer_commits_after(method: str, commit: Callable[[], None],
+                                  monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Run ``commit`` (a real append and projection by another store on the directory)
+    right after this thread's first call of ``History.<method>``: the moment another
+    process may commit at while open() scans, made certain instead of left to chance."""
+    original = getattr(history_module.History, method)
+    opener = threading.get_ident()
+    pending = [commit]
+
+    def then_another_writer(self: history_module.History, *args: object) -> object:
+        result = original(self, *args)
+        if pending and threading.get_ident() == opener:  # not other stores' workers
+            pending.pop()()
+        return result
+
+    with monkeypatch.context() as patched:
+        patched.setattr(history_module.History, method, then_another_writer)
+        yield
+    assert not pending, f"open() never called History.{method}"
+
+
+def test_a_row_another_writer_projects_during_open_is_not_taken_for_one_ahead(
+        store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the several-writers crash torture: open() read a marked thread's head, then
+    its row. Another writer appended and projected in between, so the row looked ahead of
+    history, as after a power loss: open() deleted it and re-projected the older head, and
+    the other writer's acknowledgement then cleared the mark. The thread stayed behind for
+    good, with nothing left to find it."""
+    (tid,) = _populate(store_path, 1)
+    with ThreadStore.open(store_path) as paused, ThreadStore.open(store_path) as other:
+        paused.pause_projection()
+        assert paused.append(tid, [plain(3)]) == 3  # marked behind, its row at 2
+
+        def append_and_project() -> None:
+            assert other.append(tid, [plain(4)]) == 4
+            assert other.flush(tid, timeout=30).projected_seq == 4
+
+        with _another_writer_commits_after("behind_threads", append_and_project, monkeypatch):
+            ThreadStore.open(store_path).close()  # drains what its scan found
+    with ThreadStore.open(store_path) as store:
+        assert assert_converged(store) == 1
+        assert store.read_thread(tid).projected_seq == 4
+    assert not _marked(store_path)
+
+
+def test_another_writer_committing_during_open_is_no_false_alarm(
+        store_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """DESIGN §1.8: opening costs O(threads behind) however many processes share the
+    store. open() read history's highest rowid, then the index's history mark; another
+    writer's projection in between raised the mark above that rowid, which looked like
+    history losing a tail and made open() compare every thread."""
+    (tid,) = _populate(store_path, 1)
+    with ThreadStore.open(store_path) as other:
+
+        def append_and_project() -> None:
+            other.append_and_flush(tid, [plain(3)], timeout=30)
+
+        with caplog.at_level(logging.WARNING, logger="thread_store"):
+            with _another_writer_commits_after("high_water", append_and_project, monkeypatch):
+                ThreadStore.open(store_path).close()
+        assert FULL_COMPARE not in caplog.text
+    with ThreadStore.open(store_path) as store:
+        assert assert_converged(store) == 1

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pytest
-from _child import assert_converged
+from _child import Ack, assert_acknowledged, assert_converged
 from _writer_child import ChildError, WriterChild
-from conftest import Backend, in_thread, opened_backend, plain, user_msg, wait_for
+from conftest import Backend, Spawn, in_thread, plain, user_msg, wait_for
 
 from thread_store import InvalidArgument, ThreadDiscarded, ThreadMetadata, ThreadStore
 
@@ -34,38 +33,6 @@ SOON = 0.5
 #: Timeouts of barriers and waits: they only catch hangs, never measure speed.
 HANG = 30.0
 
-Spawn = Callable[..., WriterChild]
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def shared_backend(request: pytest.FixtureRequest, store_path: Path) -> Iterator[Backend]:
-    """Each backend that several processes share: the embedded store, and PostgreSQL."""
-    with opened_backend(request.param, store_path, request) as opened:
-        yield opened
-
-
-@pytest.fixture
-def spawn(shared_backend: Backend) -> Iterator[Spawn]:
-    """Start writer children; ``spawn(open=True, **open_args)`` opens the test's store in
-    the child first. Every child is killed (if still alive) and reaped after the test."""
-    children: list[WriterChild] = []
-    place = shared_backend.place
-
-    def start(open: bool = True, **open_args: Any) -> WriterChild:
-        child = WriterChild()
-        children.append(child)
-        if open:
-            open_args["options"] = {**place.options, **open_args.get("options", {})}
-            child.call("open", path=str(place.target), **open_args)
-        return child
-
-    try:
-        yield start
-    finally:
-        for child in children:
-            child.close()
-
-
 def _status(store: ThreadStore, thread_id: str) -> tuple[int, int, bool]:
     status = store.status(thread_id)
     return status.head_seq, status.projected_seq, status.pending
@@ -74,12 +41,6 @@ def _status(store: ThreadStore, thread_id: str) -> tuple[int, int, bool]:
 def _child_status(child: WriterChild, thread_id: str) -> tuple[int, int, bool]:
     status = child.call("status", thread_id=thread_id)
     return status["head_seq"], status["projected_seq"], status["pending"]
-
-
-def _mark(item: dict[str, Any]) -> tuple[str, int]:
-    """``(child, n)`` of an item a ``burst`` appended."""
-    child, n = item["payload"]["token"].rsplit("/", 1)
-    return child, int(n)
 
 
 def _names_pid(message: str, pid: int) -> bool:
@@ -105,27 +66,13 @@ def _concurrent_appends(store: ThreadStore, spawn: Spawn, *, children: int, coun
         writers[kill].kill()
     acked = {f"c{c}": writer.reply() for c, writer in enumerate(writers) if c != kill}
 
-    stored: dict[tuple[str, int], tuple[str, int]] = {}
-    for tid in tids:
-        history = store.read_history(tid, limit=100_000)
-        assert [s.seq for s in history] == list(range(1, len(history) + 1)), f"{tid}: gaps or duplicates"
-        marks = [_mark(s.item) for s in history]
-        stored.update({(tid, s.seq): mark for s, mark in zip(history, marks)})
-        for c in range(children):  # one process's appends to a thread land in its order
-            mine = [n for child, n in marks if child == f"c{c}"]
-            assert mine == sorted(set(mine)), (tid, c)
-    assert len(set(stored.values())) == len(stored), "an item was written twice"
-    where = {mark: key for key, mark in stored.items()}
     for child, acks in acked.items():
         assert [n for _, _, n, _ in acks] == list(range(count)), child
-        for tid, generation, n, flushed in acks:
-            if flushed:  # append_and_flush: its item is stored at or below what it covered
-                seq_tid, seq = where[(child, n)]
-                assert seq_tid == tid and seq <= generation, (child, tid, generation, n)
-            else:
-                assert stored.get((tid, generation)) == (child, n), (child, tid, generation, n)
-    if kill is None:  # (the killed child's items are whatever it committed, each once)
-        assert len(stored) == children * count, "items nobody acknowledged were written"
+    # (the killed child's items are whatever it committed, each once)
+    assert_acknowledged(store, tids, [Ack(tid, generation, (f"{child}/{n}",), flushed)
+                                      for child, acks in acked.items()
+                                      for tid, generation, n, flushed in acks],
+                        complete=kill is None)
 
     assert assert_converged(store, timeout=HANG) == threads
     for c, writer in enumerate(writers):  # status is the store's, the same from every process
@@ -440,25 +387,25 @@ def test_rebuild_index_needs_the_store_to_itself(shared_backend: Backend, spawn:
     """§7: with writers open, a rebuild raises StoreLocked naming them, and changes nothing;
     read-only stores may stay open, and follow the rebuilt index."""
     shared_backend.requires("exclusive_rebuild")
-    path = shared_backend.path
-    assert path is not None
+    place = shared_backend.place
+    where = {"path": str(place.target), "options": dict(place.options)}
     b = shared_backend.open_store()
     tid = b.create_thread()
     b.append_and_flush(tid, [user_msg("kept")], timeout=HANG)
     c = spawn()  # a second writer
     a = spawn(open=False)
-    refused = a.error("rebuild_index", path=str(path))
+    refused = a.error("rebuild_index", **where)
     assert refused.kind == "StoreLocked", refused
     assert _names_pid(refused.message, os.getpid()) and _names_pid(refused.message, c.pid), refused
     assert b.append_and_flush(tid, [plain()], timeout=HANG).title == "kept"
     assert c.call("read_thread", thread_id=tid)["item_count"] == 2
 
     c.exit()
-    refused = a.error("rebuild_index", path=str(path))  # B alone still holds it
+    refused = a.error("rebuild_index", **where)  # B alone still holds it
     assert refused.kind == "StoreLocked" and _names_pid(refused.message, os.getpid()), refused
     b.close()
-    with ThreadStore.open(path, read_only=True) as reader:
-        assert a.call("rebuild_index", path=str(path)) == 1
+    with place.open(read_only=True) as reader:
+        assert a.call("rebuild_index", **where) == 1
         meta = reader.read_thread(tid)
         assert (meta.title, meta.item_count, meta.projected_seq) == ("kept", 2, 2)
     a.exit()

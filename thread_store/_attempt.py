@@ -18,10 +18,10 @@ from typing import Callable, Iterator
 from ._outcomes import AttemptOutcome, Result
 from ._state import Claim
 from .derive import ProjectionRules
-from .errors import (ThreadDiscarded, ThreadNotFound, TransientProjectionError,
+from .errors import (ThreadDiscarded, ThreadNotFound, ThreadStoreError, TransientProjectionError,
                      TransientStorageError, describe)
 from .storage import CommitOutcome, HistoryLog, MetadataIndex, RowWrite, StoredRow
-from .tracing import Projection, Telemetry
+from .tracing import MAX_LINKS, Links, Projection, Telemetry, merge_links
 
 ProjectionHook = Callable[[str, int], None]
 _TYPE_FIRST = '{"type":"'
@@ -97,9 +97,10 @@ class AttemptRunner:
         try:
             if tel.tracing():
                 for c in claims:
+                    links = self._links(c)
                     spans[id(c)] = tel.start_projection(
-                        c.state.thread_id, c.contexts, c.dropped, c.appends, c.base, c.target,
-                        c.attempt, c.expedited, len(claims))
+                        c.state.thread_id, links.contexts, links.dropped, links.appends, c.base,
+                        c.target, c.attempt, c.expedited, len(claims))
             results = self._attempt(claims, deadline, in_caller)
         except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
             if in_caller and not isinstance(exc, Exception):
@@ -122,6 +123,31 @@ class AttemptRunner:
                     except Exception:  # noqa: BLE001 - telemetry must not stop the projector
                         log.exception("thread_store: ending a projection span failed")
 
+    def _links(self, c: Claim) -> Links:
+        """What the claim's projection span points at (tracing on only).
+
+        Buffered items were all appended here, so the contexts captured here are all of
+        them. Otherwise some may be other processes' appends: the contexts stored with the
+        items not yet projected are read and merged in (DESIGN §1.11). A failed read
+        costs the links only, never the projection.
+        """
+        local = Links(tuple(c.contexts), c.dropped, c.appends)
+        if c.items is not None:
+            return local
+        thread_id = c.state.thread_id
+        try:
+            base = c.base
+            if not c.refold and c.fold_state is None:
+                # c.base may be a lower bound (a thread this process knew nothing of):
+                # the store says where its projection stands.
+                base = max(base, self._index.checkpoint(thread_id).projected_seq)
+            stored = self._history.traces(thread_id, base, c.target, MAX_LINKS)
+        except ThreadStoreError as exc:
+            log.debug("thread_store: reading the trace contexts of %r failed: %s",
+                      thread_id, describe(exc))
+            return local
+        return merge_links(c.contexts, c.dropped, c.appends, stored.traceparents, stored.dropped)
+
     def _attempt(self, claims: list[Claim], deadline: float | None,
                  in_caller: bool) -> dict[int, Result]:
         """Prepare every claim, then commit the good rows together; results by ``id(claim)``."""
@@ -129,8 +155,18 @@ class AttemptRunner:
         rows: list[tuple[Claim, RowWrite, Result]] = []
         # Taken before the fold: every item it folds was committed, so is at or below it.
         position = self._history.position()
-        for c in claims:
-            result, row = self._prepare(c, in_caller)
+        hooked = [c for c in claims if self._hook_ran(c, in_caller, results)]
+        try:
+            # One read for the batch (a round trip per thread was most of a PostgreSQL
+            # projector's time), after the hooks and before the folds.
+            live = self._history.incarnations([c.state.thread_id for c in hooked]) if hooked else {}
+        except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
+            if in_caller and not isinstance(exc, Exception):
+                raise
+            results.update((id(c), _failure(exc)) for c in hooked)
+            return results
+        for c in hooked:
+            result, row = self._prepare(c, live.get(c.state.thread_id), in_caller)
             if row is None:
                 results[id(c)] = result
             else:
@@ -139,21 +175,28 @@ class AttemptRunner:
             self._commit(rows, results, deadline, position)
         return results
 
-    def _prepare(self, c: Claim, in_caller: bool) -> tuple[Result, RowWrite | None]:
-        """Run the hook and the fold for one claim."""
-        thread_id = c.state.thread_id
+    def _hook_ran(self, c: Claim, in_caller: bool, results: dict[int, Result]) -> bool:
+        """Run the hook for one claim; ``False`` (its failure in ``results``) if it raised."""
         if self._hook is not None:
             try:
-                self._hook(thread_id, c.target)
+                self._hook(c.state.thread_id, c.target)
             except BaseException as exc:  # noqa: BLE001 - any hook error fails this attempt only
                 if in_caller and not isinstance(exc, Exception):
                     raise
-                return _failure(exc), None
+                results[id(c)] = _failure(exc)
+                return False
+        return True
+
+    def _prepare(self, c: Claim, live: int | None, in_caller: bool) -> tuple[Result, RowWrite | None]:
+        """Run the fold for one claim; ``live`` is the thread's incarnation read for the
+        batch (``None``: not live then)."""
+        thread_id = c.state.thread_id
         try:
             # Read before the fold, so a commit of this fold is refused if the thread is
             # deleted and created again meanwhile; if that happened already (in another
-            # process), what this one cached is another thread's: start over.
-            incarnation = self._history.incarnation(thread_id)
+            # process), what this one cached is another thread's: start over. A thread
+            # not live in the batch's read is read again, to raise why.
+            incarnation = live if live is not None else self._history.incarnation(thread_id)
             if c.incarnation is not None and incarnation != c.incarnation:
                 return Result(AttemptOutcome.REBORN, head=self._history.head(thread_id)), None
             base, state = self._start_state(c)

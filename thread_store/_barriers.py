@@ -9,11 +9,11 @@ and awaits a future its callback resolves, then settles with the same methods.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
+from . import _deadlines
 from ._outcomes import Outcome, Success, Waiter
 from .errors import (DURABLE_NOTE, FlushTimeout, InvalidArgument, ProjectionFailed, ReadOnlyStore,
                      StorageError, StoreClosed, ThreadDiscarded, ThreadStoreError, describe)
@@ -94,8 +94,8 @@ class Barriers:
         the deadline.
         """
         projector = self.projector()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self.span(thread_id) as info:
+        deadline = _deadlines.after(timeout)
+        with self.span(thread_id) as info, _deadlines.until(deadline):
             info["target"] = generation
             waiter = projector.begin_wait(thread_id, generation, deadline=deadline)
             outcome = Success(None) if waiter is None else projector.wait(waiter, deadline)
@@ -172,12 +172,13 @@ class Barriers:
     def wait_all(self, timeout: float | None) -> None:
         """The sync ``flush_all``: wait for every thread behind at call time, then settle."""
         projector = self.projector()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        waiters = self.begin_all(None)
-        for waiter in waiters:
-            if projector.wait(waiter, deadline) is None:
-                break
-        self.settle_all(waiters, timeout)
+        deadline = _deadlines.after(timeout)
+        with _deadlines.until(deadline):
+            waiters = self.begin_all(None)
+            for waiter in waiters:
+                if projector.wait(waiter, deadline) is None:
+                    break
+            self.settle_all(waiters, timeout)
 
     def begin_all(self, callback: Callable[[Outcome], None] | None) -> list[Waiter]:
         """Register one waiter per thread that is behind (``flush_all``): as this process

@@ -16,7 +16,7 @@ from .errors import StoreClosed, ThreadDiscarded, ThreadStoreError
 from .model import EncodedItem
 from .projector import Projector
 from .storage import IdempotencyKey, Storage
-from .tracing import ATTR_GENERATION, Telemetry, capture
+from .tracing import ATTR_GENERATION, Telemetry, capture, traceparent
 
 
 class Writes:
@@ -51,9 +51,12 @@ class Writes:
                                          schedule=not barrier)
             return done.generation
         with self._telemetry.append_span(thread_id, len(items)) as span:
-            done = self._history.append(thread_id, items, key)
+            context = capture(span)
+            # Stored with the items, so a projection in another process joins this trace.
+            done = self._history.append(thread_id, items, key,
+                                        None if context is None else traceparent(context))
             if done.written:
-                self.projector.on_append(thread_id, done.generation, items, capture(span),
+                self.projector.on_append(thread_id, done.generation, items, context,
                                          schedule=not barrier)
             if span.is_recording():
                 span.set_attribute(ATTR_GENERATION, done.generation)

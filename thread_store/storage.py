@@ -70,6 +70,16 @@ class Appended:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredTraces:
+    """The trace contexts appends stored with their items (:meth:`HistoryLog.traces`)."""
+
+    #: W3C ``traceparent`` strings, one per traced append, in ``seq`` order.
+    traceparents: tuple[str, ...]
+    #: Traced appends in the range beyond the limit, left out.
+    dropped: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Checkpoint:
     """A thread's projection as stored: ``projected_seq``, the fold state at it (JSON;
     ``None`` while the thread has no row) and the last error recorded for it."""
@@ -251,13 +261,17 @@ class HistoryLog(Protocol):
         """
 
     def append(self, thread_id: str, items: Sequence[EncodedItem],
-               key: IdempotencyKey | None = None) -> Appended:
+               key: IdempotencyKey | None = None, trace: str | None = None) -> Appended:
         """Commit the items durably at the next ``seq`` values, atomically (all or none).
 
         With ``key``: a key already stored for the thread with the same digest writes
         nothing and returns the generation of that first append; with another digest it
         raises :class:`InvalidArgument`. The key is stored in the append's transaction.
         Empty ``items`` write nothing and return the head.
+
+        ``trace`` is the W3C ``traceparent`` of the append's span: it is stored once, with
+        the append's last item, in the same transaction, so a projection in any process
+        can join the append's trace (:meth:`traces`). ``None`` (no tracing) stores nothing.
 
         :raises ThreadNotFound: unknown id. :raises ThreadDiscarded: discarded id.
         :raises StoreClosed: the store is closing. :raises StorageError: the write failed
@@ -280,6 +294,12 @@ class HistoryLog(Protocol):
         """Up to ``limit`` items with ``after_seq < seq <= upto_seq``, in ``seq`` order;
         an unknown or removed thread has none."""
 
+    def traces(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> StoredTraces:
+        """The ``traceparent`` stored by each append whose last item has
+        ``after_seq < seq <= upto_seq``, in ``seq`` order, at most ``limit`` of them;
+        ``dropped`` counts the others. Untraced appends have none; an unknown or removed
+        thread has none."""
+
     def heads(self) -> dict[str, int]:
         """``{thread_id: head}`` of every live thread (reindex), in one read."""
 
@@ -290,6 +310,10 @@ class HistoryLog(Protocol):
 
         :raises ThreadNotFound: unknown id. :raises ThreadDiscarded: discarded id.
         """
+
+    def incarnations(self, thread_ids: list[str]) -> dict[str, int]:
+        """``{thread_id: incarnation}`` of those of ``thread_ids`` that are live, in one
+        read: a projection attempt asks for its whole batch."""
 
     def position(self) -> int:
         """A mark at or above every item committed so far. Taken before a fold and passed
@@ -420,4 +444,4 @@ class Storage(Protocol):
 
 __all__ = ["MEMORY", "Appended", "Capabilities", "Checkpoint", "CommitOutcome", "CommitResult", "Failure",
            "HistoryLog", "IdempotencyKey", "Lag", "ListQuery", "MetadataIndex", "RowWrite",
-           "Storage", "StoredRow", "decode_cursor", "encode_cursor"]
+           "Storage", "StoredRow", "StoredTraces", "decode_cursor", "encode_cursor"]

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from opentelemetry import metrics, trace
 
-from . import _lifecycle
+from . import _deadlines, _lifecycle
 from ._attempt import ProjectionHook
 from ._barriers import Barriers
 from ._inputs import check_idempotency_key, encode_items, from_cursor, list_query, session_meta_item
@@ -260,7 +260,9 @@ class ThreadStore:
         :raises StoreClosed: the store closed first.
         """
         timeout = check_timeout(timeout)
-        return self._barriers.wait(thread_id, self._barriers.target(thread_id, generation), timeout)
+        with _deadlines.until(_deadlines.after(timeout)):  # the target's read counts too
+            return self._barriers.wait(thread_id, self._barriers.target(thread_id, generation),
+                                       timeout)
 
     def flush_all(self, timeout: float | None = None) -> None:
         """Wait until every thread's metadata covers its current generation.

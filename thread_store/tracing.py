@@ -12,6 +12,7 @@ coalesced append (DESIGN §1.9), so no request's context can leak into another's
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import weakref
@@ -22,7 +23,8 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
-from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace import (Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode,
+                                 TraceFlags)
 
 from .errors import describe
 
@@ -279,3 +281,52 @@ def capture(span: trace.Span) -> SpanContext | None:
     """The span context to parent or link projections to, or ``None`` when it is invalid."""
     ctx = span.get_span_context()
     return ctx if ctx.is_valid else None
+
+
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def traceparent(ctx: SpanContext) -> str:
+    """The W3C ``traceparent`` of a valid span context (version 00), as stored with items."""
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+
+
+def parse_traceparent(text: str) -> SpanContext | None:
+    """The remote span context of a stored ``traceparent``; ``None`` if it is not one
+    (a foreign or damaged value links nothing rather than failing a projection)."""
+    found = _TRACEPARENT.fullmatch(text)
+    if found is None:
+        return None
+    ctx = SpanContext(int(found[1], 16), int(found[2], 16), is_remote=True,
+                      trace_flags=TraceFlags(int(found[3], 16)))
+    return ctx if ctx.is_valid else None
+
+
+@dataclass(frozen=True, slots=True)
+class Links:
+    """What a projection span points at: the appends' contexts and how many were left out."""
+
+    contexts: tuple[SpanContext, ...]
+    dropped: int
+    #: Appends covered, at least: those counted here and those traced.
+    appends: int
+
+
+def merge_links(local: Sequence[SpanContext], local_dropped: int, appends: int,
+                stored: Sequence[str], stored_dropped: int) -> Links:
+    """The contexts of a projection that folds stored items: the ``stored`` traceparents
+    (every traced append in its range, whichever process made it) merged with this
+    process's ``local`` ones, without duplicates, capped at :data:`MAX_LINKS`.
+
+    :param appends: the appends this process counted in the range (untraced ones too).
+    :param stored_dropped: traced appends in the range that the stored read left out.
+    """
+    found = [c for c in (parse_traceparent(t) for t in stored) if c is not None]
+    seen: dict[tuple[int, int], SpanContext] = {}
+    for ctx in [*found, *local]:
+        seen.setdefault((ctx.trace_id, ctx.span_id), ctx)
+    merged = list(seen.values())
+    # Local appends stored their context too: the stored count already holds them.
+    traced = max(len(found) + stored_dropped, len(merged) + local_dropped)
+    kept = tuple(merged[:MAX_LINKS])
+    return Links(kept, traced - len(kept), max(appends, traced))

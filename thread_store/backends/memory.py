@@ -9,6 +9,7 @@ real backend's transactions would.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from ..errors import (InvalidArgument, StorageError, StoreClosed, ThreadDiscarde
 from ..model import (TEXT_FIELDS, BehindThread, EncodedItem, FailedThread, Page, StoreReport,
                      ThreadMetadata, caller_copy, us_from_utc, utc)
 from ..storage import (Appended, Capabilities, Checkpoint, CommitOutcome, CommitResult, Failure,
-                       IdempotencyKey, Lag, ListQuery, RowWrite, StoredRow, encode_cursor)
+                       IdempotencyKey, Lag, ListQuery, RowWrite, StoredRow, StoredTraces,
+                       encode_cursor)
 
 CAPABILITIES = Capabilities(reopen=False, read_only=False, durability_full=False, backup=False,
                             files=False)
@@ -38,6 +40,12 @@ class _Thread:
     appended_us: list[int] = field(default_factory=list)
     #: ``{key: (digest, generation)}`` of idempotent appends.
     keys: dict[str, tuple[str, int]] = field(default_factory=dict)
+    #: ``(seq of its last item, traceparent)`` of each traced append, in ``seq`` order.
+    traces: list[tuple[int, str]] = field(default_factory=list)
+
+
+def _first(pair: tuple[int, str]) -> int:
+    return pair[0]
 
 
 class MemoryHistory:
@@ -65,7 +73,7 @@ class MemoryHistory:
                 thread.appended_us.append(created_us)
 
     def append(self, thread_id: str, items: Sequence[EncodedItem],
-               key: IdempotencyKey | None = None) -> Appended:
+               key: IdempotencyKey | None = None, trace: str | None = None) -> Appended:
         """Append the items at the next ``seq`` values (see ``HistoryLog.append``)."""
         with self._lock:
             self._check_open()
@@ -85,6 +93,8 @@ class MemoryHistory:
             thread.appended_us.extend([time.time_ns() // 1000] * len(items))
             if key is not None:
                 thread.keys[key.key] = (key.digest, len(thread.items))
+            if trace is not None:
+                thread.traces.append((len(thread.items), trace))
             return Appended(len(thread.items), written=True)
 
     def head(self, thread_id: str) -> int:
@@ -102,6 +112,11 @@ class MemoryHistory:
         with self._lock:
             return self._live(thread_id).incarnation
 
+    def incarnations(self, thread_ids: list[str]) -> dict[str, int]:
+        """``{thread_id: incarnation}`` of those of ``thread_ids`` that are live."""
+        with self._lock:
+            return {t: self._threads[t].incarnation for t in thread_ids if t in self._threads}
+
     def is_live(self, thread_id: str, incarnation: int) -> bool:
         """Whether that creation of the thread is the live one."""
         with self._lock:
@@ -115,6 +130,17 @@ class MemoryHistory:
             if thread is None:
                 return []
             return thread.items[after_seq:min(upto_seq, after_seq + limit)]
+
+    def traces(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> StoredTraces:
+        """The traceparents of appends ending in ``(after_seq, upto_seq]``, at most ``limit``."""
+        with self._lock:
+            thread = self._threads.get(thread_id)
+            if thread is None:
+                return StoredTraces(())
+            stored = thread.traces
+            found = stored[bisect.bisect_right(stored, after_seq, key=_first):
+                           bisect.bisect_right(stored, upto_seq, key=_first)]
+        return StoredTraces(tuple(t for _, t in found[:limit]), max(0, len(found) - limit))
 
     def heads(self) -> dict[str, int]:
         """Every live thread's head."""

@@ -12,6 +12,7 @@ import psycopg_pool
 from psycopg import sql
 
 from ._errors import password_of, redact, translate
+from ... import _deadlines
 from ...errors import InvalidArgument, ThreadStoreError
 
 
@@ -77,11 +78,24 @@ class Database:
         self.pool = psycopg_pool.ConnectionPool(
             url, min_size=options.pool_min_size, max_size=options.pool_max_size, kwargs=kwargs,
             timeout=options.connect_timeout, open=False, name="thread_store")
+        self._url = url
+        self._kwargs = kwargs
+        self._pool_wait = options.connect_timeout
 
     def open(self, timeout: float) -> None:
         """Open the pool, waiting for its first connections."""
         with self.boundary("connecting to PostgreSQL"):
             self.pool.open(wait=True, timeout=timeout)
+
+    def dedicated(self, application_name: str) -> psycopg.Connection[Any]:
+        """A connection of its own, outside the pool, with the pool's settings: for a
+        session-level lock, which a pooled connection would carry back to the pool.
+
+        :raises TransientStorageError: the server cannot be reached.
+        """
+        with self.boundary("connecting to PostgreSQL"):
+            return psycopg.connect(self._url, **{**self._kwargs,
+                                                 "application_name": application_name})
 
     def q(self, text: str) -> bytes:
         """``text`` with ``{s}`` naming the store's schema (quoted)."""
@@ -99,6 +113,8 @@ class Database:
 
     @contextlib.contextmanager
     def connection(self, what: str) -> Iterator[psycopg.Connection[Any]]:
-        """A pooled connection inside the error boundary."""
-        with self.boundary(what), self.pool.connection() as conn:
+        """A pooled connection inside the error boundary, waited for no longer than the
+        caller's barrier deadline (``_deadlines``): while the server is down, the pool
+        has none to give."""
+        with self.boundary(what), self.pool.connection(timeout=_deadlines.left(self._pool_wait)) as conn:
             yield conn

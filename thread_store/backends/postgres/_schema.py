@@ -8,7 +8,8 @@ global sequence, so the tables can be distributed by ``thread_id`` (Citus) uncha
   ``dirty_since``, set by the append that makes the thread behind and cleared by
   housekeeping once its row caught up: the durable record of what is behind (DESIGN §1.8).
   Written by create, append, discard and delete only; projections never lock it.
-- ``items``: the log, exact JSON text (not ``jsonb``, which would reorder keys).
+- ``items``: the log, exact JSON text (not ``jsonb``, which would reorder keys), and
+  each traced append's ``traceparent`` on its last item (``trace``, added in version 3).
 - ``append_keys``: idempotency keys with the digest of their items.
 - ``meta``: the projected rows, each with its ``projected_seq`` (and in ``exact`` the
   text of values with NUL characters); written by projections.
@@ -131,9 +132,16 @@ def _run(conn: psycopg.Connection, script: str, schema: sql.Identifier) -> None:
             conn.execute(statement.encode())
 
 
+def _trace_contexts(conn: psycopg.Connection, schema: sql.Identifier) -> None:
+    """Version 3: ``items.trace``, an append's W3C ``traceparent`` on its last item, so a
+    projection in another process joins the append's trace. A nullable column without a
+    default: PostgreSQL adds it without rewriting the table."""
+    _run(conn, "ALTER TABLE {s}.items ADD COLUMN trace text", schema)
+
+
 #: ``MIGRATIONS[n]`` takes a schema from version n to n + 1. A version that reached
 #: users is never edited: a change is a new step.
-MIGRATIONS: list[Migration] = [_create, _any_value]
+MIGRATIONS: list[Migration] = [_create, _any_value, _trace_contexts]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -1,9 +1,8 @@
 """``PostgresStorage``: one store in a PostgreSQL schema, behind the storage ports.
 
-This milestone coordinates the writers of one process (the index write lock, ``fenced``);
-several processes may share the store's history and rows, but claiming projection work
-and waking barriers across processes come later. The schema is ready for them
-(``dirty_since``, ``incarnation``, the ``failures`` table).
+Inside a process, index writes serialize on the index write lock (``fenced``). Every
+store open for writing holds a share of the writers' lock (``_writers``), which
+``rebuild_index`` takes exclusively.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import psycopg
 
 from . import _schema
 from ._db import Database, PoolOptions, wait_for_locks_until
+from ._writers import WritersLock, take_exclusive
 from .history import History
 from .index import Index
 from ...errors import DiscardTimeout, InvalidArgument, StoreClosed, ThreadDiscarded, ThreadNotFound
@@ -27,7 +27,7 @@ from ...storage import Capabilities, Lag
 
 log = logging.getLogger("thread_store")
 CAPABILITIES = Capabilities(reopen=True, read_only=True, durability_full=True, backup=False,
-                            files=False)
+                            files=False, exclusive_rebuild=True)
 #: Seconds after a projection commit before housekeeping clears caught-up ``dirty_since``
 #: marks: one statement then covers many commits.
 HOUSEKEEPING_DELAY_S = 1.0
@@ -56,19 +56,27 @@ _FAILED = "SELECT thread_id, error FROM {s}.failures ORDER BY thread_id LIMIT %s
 _VERSION = "SELECT value FROM {s}.store_meta WHERE key = 'version'"
 
 
+def _nothing() -> None:
+    """A read-only store's index takes no lock before writing (it never writes)."""
+
+
 class PostgresStorage:
     """A store in one PostgreSQL schema (see the module doc)."""
 
     capabilities = CAPABILITIES
     path: Path | None = None
 
-    def __init__(self, db: Database, *, read_only: bool) -> None:
+    def __init__(self, db: Database, *, read_only: bool, rules_id: str) -> None:
         """Use :meth:`open`."""
         self._db = db
-        self.history = History(db)
-        self.index = Index(db, self.history.incarnations)
         self.read_only = read_only
         self.description = f"{db.description} (schema {db.schema})"
+        self._writers = None if read_only else WritersLock(
+            db, on_retaken=lambda conn: _schema.check_rules(conn, db.schema, rules_id,
+                                                            read_only=False, where=self.description))
+        self.history = History(db)
+        self.index = Index(db, self.history.incarnations,
+                           before_write=self._writers.ensure if self._writers else _nothing)
         self._pid = os.getpid()
         self._housekept = float("-inf")
 
@@ -86,32 +94,35 @@ class PostgresStorage:
         """
         options = PoolOptions(**pool)
         db = Database(url, schema, durability=durability, read_only=read_only, options=options)
-        storage = cls(db, read_only=read_only)
+        storage = cls(db, read_only=read_only, rules_id=rules_id)
         try:
             db.open(options.connect_timeout)
+            if storage._writers is not None:
+                # Before the rules are checked: a rebuild cannot change them from here on.
+                storage._writers.acquire()
             with db.connection("opening the store") as conn, conn.transaction():
                 _schema.prepare(conn, schema, read_only=read_only, where=storage.description)
                 _schema.check_rules(conn, schema, rules_id, read_only=read_only,
                                     where=storage.description)
         except BaseException:
-            db.pool.close(timeout=1.0)
+            storage._release()
             raise
         return storage
 
     @staticmethod
     def drop_index(url: str, *, schema: str = "thread_store", **pool: Any) -> None:
         """Empty the index of the store (``rebuild_index``): every row and failure goes,
-        every thread is marked behind, and the fold rules' id is forgotten, under an
-        exclusive lock of the index tables.
+        every thread is marked behind, and the fold rules' id is forgotten, holding the
+        writers' lock exclusively.
 
-        It does not check that no other process has the store open (a later milestone):
-        one that is would write its rows back as it projects.
+        :raises StoreLocked: stores are open for writing (the message names them).
         """
         options = PoolOptions(**pool)
         db = Database(url, schema, durability="full", read_only=False, options=options)
         try:
             db.open(options.connect_timeout)
             with db.connection("dropping the index") as conn, conn.transaction():
+                take_exclusive(conn, db)
                 _schema.prepare(conn, schema, read_only=False, where=db.description)
                 conn.execute(db.q("LOCK TABLE {s}.meta, {s}.failures IN ACCESS EXCLUSIVE MODE"))
                 conn.execute(db.q("TRUNCATE {s}.meta, {s}.failures"))
@@ -222,14 +233,25 @@ class PostgresStorage:
             return
         if not self.read_only:
             self.housekeep()
-        self._db.pool.close(timeout=5.0)
+        self._release(timeout=5.0)
+
+    def _release(self, timeout: float = 1.0) -> None:
+        """Close the pool, then let go of the writers' lock: no write of this store
+        follows the release."""
+        try:
+            self._db.pool.close(timeout=timeout)
+        finally:
+            if self._writers is not None:
+                self._writers.release()
 
     def abandon(self) -> None:
         """In the process that opened it: close the pool without waiting. In a forked
         child: touch nothing (the sockets are the parent's), keep the pool from ever
         being finalized, and drop it."""
         if os.getpid() == self._pid:
-            self._db.pool.close(timeout=0.0)
+            self._release(timeout=0.0)
         else:
             _ABANDONED.append(self._db.pool)
+            if self._writers is not None:
+                _ABANDONED.append(self._writers.abandon())
 

@@ -1,4 +1,5 @@
-"""The item log in PostgreSQL: ``threads`` (heads, tombstones) and ``items``.
+"""The item log in PostgreSQL: ``threads`` (heads, tombstones) and ``items`` (with each
+traced append's ``traceparent`` on its last item).
 
 An append is one statement on an autocommit connection: it bumps the thread's head under
 the ``threads`` row lock (so ``seq`` is gap-free whatever the concurrency) and inserts the
@@ -19,7 +20,7 @@ from ._errors import is_outcome_unknown
 from ...errors import (InvalidArgument, OutcomeUnknown, StoreClosed, ThreadDiscarded,
                        ThreadExists, ThreadNotFound)
 from ...model import EncodedItem
-from ...storage import Appended, IdempotencyKey, StoredRow
+from ...storage import Appended, IdempotencyKey, StoredRow, StoredTraces
 
 _CREATE = """
 WITH t AS (
@@ -33,10 +34,14 @@ SELECT count(*) FROM t"""
 _HEAD_BUMP = """
 UPDATE {s}.threads SET head = head + %(n)s, dirty_since = coalesce(dirty_since, now())
  WHERE thread_id = %(tid)s AND discarded_us IS NULL {guard} RETURNING head"""
+# The append's trace context goes on its last item only (NULL when untraced). The arrays
+# go in binary: in text format psycopg escapes every quote of the JSON in Python (a
+# microbenchmark on the loaded 2-vCPU machine: 170 µs per item, 18 µs in binary).
 _INSERT = """
-INSERT INTO {s}.items (thread_id, seq, ts_us, item)
-SELECT %(tid)s, h.head - %(n)s + u.ord, u.ts_us, u.item
-  FROM h, unnest(%(ts)s::bigint[], %(items)s::text[]) WITH ORDINALITY AS u(ts_us, item, ord)"""
+INSERT INTO {s}.items (thread_id, seq, ts_us, item, trace)
+SELECT %(tid)s, h.head - %(n)s + u.ord, u.ts_us, u.item,
+       CASE WHEN u.ord = %(n)s THEN %(trace)s::text END
+  FROM h, unnest(%(ts)b::bigint[], %(items)b::text[]) WITH ORDINALITY AS u(ts_us, item, ord)"""
 _APPEND = (f"WITH h AS ({_HEAD_BUMP.replace('{guard}', '')}), i AS ({_INSERT}) "
            "SELECT head FROM h")
 _APPEND_ONCE = (
@@ -50,10 +55,13 @@ _APPEND_ONCE = (
 _THREAD = ("SELECT head, created_us, discarded_us, incarnation FROM {s}.threads "
            "WHERE thread_id = %s")
 _INCARNATIONS = ("SELECT thread_id, incarnation FROM {s}.threads "
-                 "WHERE thread_id = ANY(%s) AND discarded_us IS NULL")
+                 "WHERE thread_id = ANY(%b::text[]) AND discarded_us IS NULL")
 _READ = ("SELECT seq, ts_us, item FROM {s}.items WHERE thread_id = %s AND seq > %s AND seq <= %s "
          "ORDER BY seq LIMIT %s")
 _HEADS = "SELECT thread_id, head FROM {s}.threads WHERE discarded_us IS NULL"
+# The window counts every traced append in the range before LIMIT cuts: one read.
+_TRACES = ("SELECT trace, count(*) OVER () FROM {s}.items WHERE thread_id = %s AND seq > %s "
+           "AND seq <= %s AND trace IS NOT NULL ORDER BY seq LIMIT %s")
 
 
 class History:
@@ -69,6 +77,7 @@ class History:
         self._incarnations = db.q(_INCARNATIONS)
         self._read = db.q(_READ)
         self._heads = db.q(_HEADS)
+        self._traces = db.q(_TRACES)
 
     def create(self, thread_id: str, *, created_us: int, first: EncodedItem | None) -> None:
         """Insert the thread's row (and its first item) in one statement."""
@@ -86,14 +95,14 @@ class History:
         raise ThreadExists(f"thread {thread_id!r} already exists; pick another id or omit it")
 
     def append(self, thread_id: str, items: Sequence[EncodedItem],
-               key: IdempotencyKey | None = None) -> Appended:
+               key: IdempotencyKey | None = None, trace: str | None = None) -> Appended:
         """Commit the items at the next ``seq`` values (``HistoryLog.append``)."""
         self._check_open()
         if not items:
             return Appended(self.head(thread_id), written=False)
         params: dict[str, object] = {"tid": thread_id, "n": len(items),
                                      "ts": [it.ts_us for it in items],
-                                     "items": [it.text for it in items]}
+                                     "items": [it.text for it in items], "trace": trace}
         with self._db.connection("appending") as conn:
             if key is None:
                 row = self._write(conn, self._append, params, "appending to thread")
@@ -146,7 +155,7 @@ class History:
         return self._thread_row(thread_id)[2]
 
     def incarnations(self, thread_ids: list[str]) -> dict[str, int]:
-        """``{thread_id: incarnation}`` of those of ``thread_ids`` that are live."""
+        """``{thread_id: incarnation}`` of those of ``thread_ids`` that are live, in one read."""
         with self._db.connection("reading incarnations") as conn:
             return {str(t): int(i) for t, i in conn.execute(self._incarnations, (thread_ids,))}
 
@@ -165,6 +174,12 @@ class History:
         with self._db.connection("reading history") as conn:
             rows = conn.execute(self._read, (thread_id, after_seq, upto_seq, limit)).fetchall()
         return [StoredRow(int(seq), int(ts), str(text)) for seq, ts, text in rows]
+
+    def traces(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> StoredTraces:
+        """The traceparents of appends ending in ``(after_seq, upto_seq]``, at most ``limit``."""
+        with self._db.connection("reading trace contexts") as conn:
+            rows = conn.execute(self._traces, (thread_id, after_seq, upto_seq, limit)).fetchall()
+        return StoredTraces(tuple(str(t) for t, _ in rows), int(rows[0][1]) - len(rows) if rows else 0)
 
     def heads(self) -> dict[str, int]:
         """Every live thread's head, in one read."""

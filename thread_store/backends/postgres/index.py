@@ -129,10 +129,14 @@ def _like(word: str) -> str:
 class Index:
     """The metadata index of one store (``MetadataIndex``)."""
 
-    def __init__(self, db: Database, incarnations: Callable[[list[str]], dict[str, int]]) -> None:
+    def __init__(self, db: Database, incarnations: Callable[[list[str]], dict[str, int]], *,
+                 before_write: Callable[[], None]) -> None:
         self._db = db
         #: ``history.incarnations``: which rows' threads are still live as folded.
         self._incarnations = incarnations
+        #: Called under the write lock before each write: it keeps this store's share
+        #: of the writers' lock (``_writers``), raising instead of writing if it cannot.
+        self._before_write = before_write
         #: Held for every index write; ``fenced`` is set under it by close().
         self.write_lock = threading.Lock()
         self.fenced = False
@@ -158,6 +162,7 @@ class Index:
         try:
             if self.fenced:
                 return CommitResult(CommitOutcome.FENCED)
+            self._before_write()
             refused = frozenset(r.meta.thread_id for r in rows if not may_write(r.meta.thread_id))
             current = self._incarnations([r.meta.thread_id for r in rows])
             # The upsert checks it again in its own statement, against a racing removal.
@@ -176,6 +181,9 @@ class Index:
                     errors[row.meta.thread_id] = StorageError(problem)
             if not live:
                 return CommitResult(CommitOutcome.COMMITTED, errors, refused, gone)
+            # Rows are locked in thread id order in every process, so group commits of
+            # overlapping threads in several processes wait for each other, never deadlock.
+            live.sort(key=lambda entry: entry[0])
             try:
                 errors.update(self._write(live, deadline))
             except _Fenced:

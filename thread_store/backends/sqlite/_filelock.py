@@ -174,6 +174,11 @@ class ProcessLock:
         _COUNTER.pack_into(self._count, 0, self._seen)
         fcntl.flock(self._fd, fcntl.LOCK_UN)
 
+    def unchanged(self) -> bool:
+        """Whether no other process wrote since this one last looked (no side effect;
+        also without the lock held)."""
+        return bool(_COUNTER.unpack(self._count)[0] == self._seen)
+
     def look(self) -> None:
         """Run ``on_others_wrote`` if another process wrote since this one last looked
         (also without the lock held: a read of an aligned 8-byte word)."""

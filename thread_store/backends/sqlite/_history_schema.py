@@ -1,9 +1,10 @@
 """``history.db``'s tables and the migrations that make and upgrade the file.
 
 ``threads`` holds each thread's creation time, random ``incarnation`` and tombstone,
-``items`` the log, and ``store_meta`` the acknowledged index epoch; ``behind`` records the
-threads whose projection is behind (set by a trigger on ``items``), and ``idempotency``
-the keys of appends.
+``items`` the log (with each traced append's ``traceparent`` on its last item), and
+``store_meta`` the acknowledged index epoch; ``behind`` records the threads whose
+projection is behind (set by a trigger on ``items``), and ``idempotency`` the keys of
+appends.
 """
 
 from __future__ import annotations
@@ -64,7 +65,16 @@ def _add_incarnations(db: sqlite_utils.Database) -> None:
     db.execute("UPDATE threads SET incarnation = abs(random()) WHERE incarnation IS NULL")
 
 
+def _add_trace_contexts(db: sqlite_utils.Database) -> None:
+    """Version 5: an append's W3C ``traceparent``, on its last item, so a projection in
+    another process joins the append's trace. NULL for untraced appends and older items:
+    adding a nullable column rewrites no row."""
+    if "trace" not in db["items"].columns_dict:
+        db.execute("ALTER TABLE items ADD COLUMN trace TEXT")
+
+
 #: ``MIGRATIONS[n]`` takes history.db from schema version n to n + 1.
 MIGRATIONS: list[_connections.Migration] = [_create_schema, _add_behind_record,
-                                            _add_idempotency_keys, _add_incarnations]
+                                            _add_idempotency_keys, _add_incarnations,
+                                            _add_trace_contexts]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -37,17 +37,30 @@ def recover(history: History, index: Index) -> list[Lag]:
       Rowids only grow (a removal keeps the highest one, see
       ``History._keep_high_water``), so removing the newest thread is no false alarm.
     """
+    # Other writers may commit between any two reads here, and they only raise each of
+    # these values: so of each pair the one they raise first is read first (the index
+    # commits before history acknowledges it; a fold reads history's rowid before the
+    # index records it). Only a lost tail then leaves the later read below the earlier.
     acknowledged = history.index_epoch()
+    mark = index.history_mark()
     if (index.fresh or acknowledged is None or index.epoch() < acknowledged
-            or history.high_water() < index.history_mark()):
+            or history.high_water() < mark):
         return _compare_all(history, index)
     behind: list[Lag] = []
     caught_up = []
     for marked in history.behind_threads():
         checkpoint = index.checkpoint(marked.thread_id)
-        lag = Lag(marked.thread_id, marked.head,
-                  None if checkpoint.fold_state is None else checkpoint.projected_seq)
-        if lag.projected == marked.head:
+        projected = None if checkpoint.fold_state is None else checkpoint.projected_seq
+        head = marked.head
+        if projected is not None and projected > head:
+            # Ahead of history (a lost tail), or another writer appended and projected
+            # since the head was read: only a head read after the row tells them apart.
+            now = history.live_head(marked.thread_id)
+            if now is None:
+                continue  # removed meanwhile, with its row
+            head = now
+        lag = Lag(marked.thread_id, head, projected)
+        if lag.projected == lag.head:
             caught_up.append((lag.thread_id, lag.head))  # its acknowledgement was not written yet
         else:
             behind.append(lag)

@@ -1,8 +1,9 @@
 """The durable, append-only item log: one SQLite file, ``seq`` allocation and paging.
 
-Writers serialize on an in-process lock, never on SQLite's busy handler. The head
-(last ``seq``) of every thread touched is cached, so an append is one INSERT and a
-COMMIT. Tombstones of discarded threads live here too, because history is the truth.
+Writers serialize on an in-process lock, never on SQLite's busy handler, and concurrent
+appends commit in groups (:mod:`._appends`). The head (last ``seq``) of every thread
+touched is cached, so an append alone is one INSERT and a COMMIT. Tombstones of
+discarded threads live here too, because history is the truth.
 
 History is also the durable record of which threads are behind their projection: a
 trigger adds the thread to the ``behind`` table in the transaction of the append itself,
@@ -18,23 +19,24 @@ from __future__ import annotations
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, TypeVar
 
 from . import _connections
 from ._filelock import ProcessLock
 from ._acks import AckBatch
+from ._appends import CLOSED, INSERT, GroupAppends
 from ._marks import BehindMarks
 from ._history_schema import MIGRATIONS, SCHEMA_VERSION
 from .._lru import LRU
-from ...errors import InvalidArgument, StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
+from ...errors import StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
 from ...model import EncodedItem
-from ...storage import Appended, IdempotencyKey, StoredRow
+from ...storage import StoredRow, StoredTraces
 
-_INSERT = "INSERT INTO items (thread_id, seq, ts_us, item) VALUES (?, ?, ?, ?)"
 _RANGE = ("SELECT seq, ts_us, item FROM items WHERE thread_id = ? AND seq > ? AND seq <= ? "
           "ORDER BY seq LIMIT ?")
-_KEY_FIND = "SELECT digest, generation FROM idempotency WHERE thread_id = ? AND key = ?"
-_KEY_STORE = "INSERT INTO idempotency (thread_id, key, digest, generation) VALUES (?, ?, ?, ?)"
+# The window counts every traced append in the range before LIMIT cuts: one read.
+_TRACES = ("SELECT trace, count(*) OVER () FROM items WHERE thread_id = ? AND seq > ? "
+           "AND seq <= ? AND trace IS NOT NULL ORDER BY seq LIMIT ?")
 T = TypeVar("T")
 #: How many heads and incarnations a writer caches, the most recently used (bounded
 #: memory: a miss costs one indexed read).
@@ -42,11 +44,11 @@ HEADS_CACHED = INCARNATIONS_CACHED = 16_384
 #: The file lock of history writers, beside ``history.db``.
 LOCK_FILE = "history.lock"
 EPOCH_KEY = "index_epoch"
+_LIVE_HEAD = ("SELECT (SELECT max(seq) FROM items WHERE thread_id = ?1) FROM threads "
+              "WHERE thread_id = ?1 AND discarded_us IS NULL")
 _HEADS = ("SELECT t.thread_id, (SELECT max(seq) FROM items i WHERE i.thread_id = t.thread_id) "
           "FROM threads t WHERE t.discarded_us IS NULL")
-
-
-class History(BehindMarks):
+class History(BehindMarks, GroupAppends):
     """The history log of one store (``history.db``)."""
 
     def __init__(self, path: Path, *, durability: str, read_only: bool = False) -> None:
@@ -66,9 +68,10 @@ class History(BehindMarks):
         self._closed = False  # writes rejected (close began)
         self._conn_closed = False
         self._acks = AckBatch()
+        self._start_appends()
         #: The highest items rowid committed: read at open, raised by this process's own
         #: appends, and read again whenever another process wrote, so it bounds every
-        #: item a projection can fold.
+        #: item a projection can fold (see also ``rowid_bound``).
         self.last_rowid = 0 if read_only else self._top_rowid()
         #: Every writing process of the store writes under this file lock; when another
         #: process wrote since this one last looked, the cached heads are forgotten.
@@ -96,68 +99,14 @@ class History(BehindMarks):
                                    "VALUES (?, ?)", (thread_id, created_us))
                 if first is None:
                     return None
-                return self._conn.execute(_INSERT, (thread_id, 1, first.ts_us, first.text)).lastrowid
+                return self._conn.execute(INSERT, (thread_id, 1, first.ts_us, first.text)).lastrowid
 
-            self._raise_last_rowid(self._write(write, "create_thread"))
+            self.rowid_bound = self.last_rowid + 1  # as an append's (see GroupAppends)
+            try:
+                self._raise_last_rowid(self._write(write, "create_thread"))
+            finally:
+                self.rowid_bound = 0
             self._heads[thread_id] = 1 if first is not None else 0
-
-    def append(self, thread_id: str, items: Sequence[EncodedItem],
-               key: IdempotencyKey | None = None) -> Appended:
-        """Append items durably at the next ``seq`` values (see ``HistoryLog.append``)."""
-        with self.lock, self._writers():
-            self._check_open()
-            head = self._heads.get(thread_id)
-            if head is None:
-                head = self._load_head(thread_id)
-            if not items:
-                return Appended(head, written=False)
-            if key is not None:
-                return self._append_once(thread_id, head, items, key)
-            if len(items) == 1:
-                # Autocommit: one statement is one transaction, no BEGIN/COMMIT round trips.
-                item = items[0]
-                rowid = self._write(lambda: self._conn.execute(
-                    _INSERT, (thread_id, head + 1, item.ts_us, item.text)).lastrowid, "append",
-                    txn=False)
-            else:
-                rows = [(thread_id, head + i, it.ts_us, it.text) for i, it in enumerate(items, 1)]
-
-                def write() -> int:
-                    self._conn.executemany(_INSERT, rows)  # sets no lastrowid
-                    return int(self._conn.execute("SELECT last_insert_rowid()").fetchone()[0])
-
-                rowid = self._write(write, "append")
-            return self._committed(thread_id, head + len(items), rowid)
-
-    def _append_once(self, thread_id: str, head: int, items: Sequence[EncodedItem],
-                     key: IdempotencyKey) -> Appended:
-        """An append with an idempotency key: the key is checked and stored in the
-        transaction of the items (lock held)."""
-        rows = [(thread_id, head + i, it.ts_us, it.text) for i, it in enumerate(items, 1)]
-        generation = head + len(items)
-
-        def write() -> Appended | int:
-            found = self._conn.execute(_KEY_FIND, (thread_id, key.key)).fetchone()
-            if found is not None:
-                if found[0] != key.digest:
-                    raise InvalidArgument(
-                        f"idempotency key {key.key!r} of thread {thread_id!r} was used for "
-                        f"other items (generation {found[1]}); use a new key for new items")
-                return Appended(int(found[1]), written=False)
-            self._conn.executemany(_INSERT, rows)
-            self._conn.execute(_KEY_STORE, (thread_id, key.key, key.digest, generation))
-            return int(self._conn.execute("SELECT last_insert_rowid()").fetchone()[0])
-
-        outcome = self._write(write, "append")
-        if isinstance(outcome, Appended):
-            return outcome
-        return self._committed(thread_id, generation, outcome)
-
-    def _committed(self, thread_id: str, head: int, rowid: int | None) -> Appended:
-        """Publish an append's commit (lock held): the position, then the cached head."""
-        self._raise_last_rowid(rowid)
-        self._heads[thread_id] = head
-        return Appended(head, written=True)
 
     def remove(self, thread_id: str, *, tombstone: bool) -> None:
         """Delete a thread's items; keep a tombstone (discard) or forget the id (delete)."""
@@ -225,6 +174,11 @@ class History(BehindMarks):
         """The file's schema version."""
         return int(self._readers.fetchone("history", "PRAGMA user_version")[0])
 
+    def traces(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> StoredTraces:
+        """The traceparents of appends ending in ``(after_seq, upto_seq]``, at most ``limit``."""
+        rows = self._readers.fetchall("history", _TRACES, (thread_id, after_seq, upto_seq, limit))
+        return StoredTraces(tuple(t for t, _ in rows), int(rows[0][1]) - len(rows) if rows else 0)
+
     def heads(self) -> dict[str, int]:
         """``{thread_id: head}`` of every live thread, in one read (recovery, reindex)."""
         return {thread_id: int(head or 0)
@@ -234,13 +188,19 @@ class History(BehindMarks):
         """Return the thread's head; raise if it is unknown or discarded.
 
         A writer caches heads while no other process writes (the writers' lock file
-        tells); a read-only store reads the file each time.
+        tells), and reads a cached head without the lock, so a barrier or ``status``
+        never waits for a group commit in flight (whose heads are cached once it
+        committed); a read-only store reads the file each time.
         """
         if self.read_only:
             self.created_us(thread_id)
             row = self._readers.fetchone("history", "SELECT max(seq) FROM items "
                                          "WHERE thread_id = ?", (thread_id,))
             return int(row[0] or 0)
+        if not self._conn_closed and self._writers().unchanged():
+            cached = self._heads.get(thread_id)
+            if cached is not None:
+                return cached
         with self.lock:
             if self._conn_closed:
                 raise StoreClosed("the thread store is closed; open it again")
@@ -248,12 +208,34 @@ class History(BehindMarks):
             head = self._heads.get(thread_id)
             return self._load_head(thread_id) if head is None else head
 
+    def live_head(self, thread_id: str) -> int | None:
+        """The thread's head as the file holds it now (no cache); ``None`` unless it is live."""
+        row = self._readers.fetchone("history", _LIVE_HEAD, (thread_id,))
+        return None if row is None else int(row[0] or 0)
+
     def position(self) -> int:
-        """The highest items rowid committed, by any process (see ``last_rowid``)."""
-        with self.lock:
-            if not self._conn_closed:
-                self._writers().look()
+        """A rowid at or above every item committed, by any process (see ``last_rowid``).
+
+        While no other process wrote it is read without the lock, so a projection never
+        waits for this process's group commit (and its fsync): a commit in flight counts
+        with the bound it set over the rows it writes (read first: the commit publishes
+        ``last_rowid`` before it clears the bound). When another process wrote and a
+        writer of this process holds the lock (often waiting for that other process's
+        commit), the file's highest rowid answers instead of a wait.
+        """
+        if self._conn_closed:
             return self.last_rowid
+        if self._writers().unchanged():
+            bound = self.rowid_bound
+            return max(bound, self.last_rowid)
+        if self.lock.acquire(blocking=False):
+            try:
+                self._writers().look()
+                return self.last_rowid
+            finally:
+                self.lock.release()
+        bound = self.rowid_bound
+        return max(bound, self.high_water())
 
     def incarnation(self, thread_id: str) -> int:
         """Which creation of the id the live thread is (random, drawn at creation)."""
@@ -272,15 +254,28 @@ class History(BehindMarks):
         """
         if self.read_only:
             return self._read_incarnations(thread_ids)
-        with self.lock:
-            self._writers().look()
-            cached = {t: self._incarnations[t] for t in thread_ids if t in self._incarnations}
+        if not self._conn_closed and self._writers().unchanged():
+            # No lock, so no wait for a group commit: only a removal changes them here,
+            # and an index commit, which asks again, never runs beside one.
+            known = self._incarnations
+            cached = {t: i for t in thread_ids if (i := known.get(t)) is not None}
+        elif self.lock.acquire(blocking=False):
+            try:
+                self._writers().look()
+                cached = {t: self._incarnations[t] for t in thread_ids if t in self._incarnations}
+            finally:
+                self.lock.release()
+        else:  # a writer holds the lock (maybe waiting for another process): read the file
+            return self._read_incarnations(thread_ids)
         missing = [t for t in thread_ids if t not in cached]
         if missing:
             read = self._read_incarnations(missing)
-            with self.lock:
-                self._writers().look()
-                self._incarnations.update(read)
+            if self.lock.acquire(blocking=False):  # caching them is worth no wait
+                try:
+                    self._writers().look()
+                    self._incarnations.update(read)
+                finally:
+                    self.lock.release()
             cached.update(read)
         return cached
 
@@ -318,7 +313,7 @@ class History(BehindMarks):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise StoreClosed("the thread store is closed; open it again to write")
+            raise StoreClosed(CLOSED)
 
     @staticmethod
     def _check_row(thread_id: str, row: tuple[Any, ...] | None) -> None:
