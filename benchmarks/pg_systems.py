@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,7 @@ import psycopg
 
 from tests.pg_server import PostgresServer, PostgresUnavailable, find_binary
 
-from .workloads import fill
+from .systems import RawFloor
 
 Item = dict[str, Any]
 SYNCHRONOUS_COMMIT = "local"
@@ -106,7 +105,7 @@ def _q(text: str, schema: str) -> bytes:
     return text.replace("{s}", schema).encode()
 
 
-class RawPostgres:
+class RawPostgres(RawFloor):
     """The floors: hand-written psycopg on one autocommit connection (see the module doc).
 
     - ``append``: ``json.dumps`` + INSERT + COMMIT of the item, its seq counted here; with
@@ -130,10 +129,6 @@ class RawPostgres:
         self._heads: dict[str, int] = {}
         self._lock = threading.Lock()
         self.upserts = 0
-
-    def populate(self, thread_ids: list[str]) -> None:
-        """Create the threads with their opening messages."""
-        fill(self, thread_ids)
 
     def create(self, thread_id: str) -> None:
         """The thread's head row."""
@@ -166,17 +161,6 @@ class RawPostgres:
             self._conn.execute(self._insert, (thread_id, self._next(thread_id), now, text))
             self._conn.execute(self._upsert, (thread_id, None, now))
             self.upserts += 1
-
-    def progress(self, thread_ids: Iterable[str]) -> dict[str, int]:
-        """No projection: nothing to watch."""
-        return {}
-
-    def quiesce(self) -> None:
-        """No background work."""
-
-    def transactions(self) -> int:
-        """No separate metadata transactions."""
-        return 0
 
     def verify(self) -> None:
         """Every append and upsert made is in the database, at gap-free seqs."""

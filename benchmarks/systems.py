@@ -42,7 +42,26 @@ _UPSERT = ("INSERT INTO meta VALUES (?, ?, 1, ?) ON CONFLICT(thread_id) DO UPDAT
            "updated_us = excluded.updated_us")
 
 
-class RawSQLite:
+class RawFloor:
+    """A raw floor's setup, and what it answers for the projection it does not have."""
+
+    def populate(self, thread_ids: list[str]) -> None:
+        """Create the threads with their opening messages (``create`` and ``append``)."""
+        fill(self, thread_ids)
+
+    def progress(self, thread_ids: Iterable[str]) -> dict[str, int]:
+        """No projection: nothing to watch."""
+        return {}
+
+    def quiesce(self) -> None:
+        """No background work."""
+
+    def transactions(self) -> int:
+        """No separate metadata transactions."""
+        return 0
+
+
+class RawSQLite(RawFloor):
     """The floor: hand-written sqlite3, WAL + synchronous=NORMAL, one autocommit statement.
 
     ``synchronous="FULL"`` gives the fsync-per-commit floor (the peer's setting).
@@ -67,10 +86,6 @@ class RawSQLite:
         self._lock = threading.Lock()
         self.upserts = 0
 
-    def populate(self, thread_ids: list[str]) -> None:
-        """Create the threads with their opening messages."""
-        fill(self, thread_ids)
-
     def create(self, thread_id: str) -> None:
         """Start a thread's sequence (no row; the raw floor has no thread table)."""
         self._heads[thread_id] = 0
@@ -94,17 +109,6 @@ class RawSQLite:
         """Insert the item, then upsert the metadata row: two commits."""
         self.append(thread_id, item)
         self.upsert(thread_id, item)
-
-    def progress(self, thread_ids: Iterable[str]) -> dict[str, int]:
-        """No projection: nothing to watch."""
-        return {}
-
-    def quiesce(self) -> None:
-        """No background work."""
-
-    def transactions(self) -> int:
-        """No separate metadata transactions."""
-        return 0
 
     def commits(self) -> int:
         """One autocommit per insert and per upsert."""

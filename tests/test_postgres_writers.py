@@ -86,6 +86,14 @@ def test_a_closed_or_killed_writer_lets_the_rebuild_run(pg_url: str) -> None:
     wait_for(rebuilt, "the killed writer's session to end", HANG)
 
 
+def _end_lock_session(admin: psycopg.Connection[Any], schema: str) -> int:
+    """End the store's lock session as a server restart would; return its pid."""
+    first, = _lock_sessions(admin, schema)
+    admin.execute("SELECT pg_terminate_backend(%s)", (first,))
+    wait_for(lambda: not _lock_sessions(admin, schema), "the lock session to end", HANG)
+    return first
+
+
 def test_a_lost_lock_session_is_replaced_before_the_next_projection(pg_url: str) -> None:
     """The server ends the store's lock session (as a restart would): the next projection
     takes the lock again on a new session, so a rebuild is still refused."""
@@ -94,9 +102,7 @@ def test_a_lost_lock_session_is_replaced_before_the_next_projection(pg_url: str)
             psycopg.connect(pg_url, autocommit=True) as admin:
         tid = store.create_thread()
         store.append_and_flush(tid, [user_msg("hi")], timeout=HANG)
-        first, = _lock_sessions(admin, schema)
-        admin.execute("SELECT pg_terminate_backend(%s)", (first,))
-        wait_for(lambda: not _lock_sessions(admin, schema), "the lock session to end", HANG)
+        first = _end_lock_session(admin, schema)
         assert store.append_and_flush(tid, [plain(1)], timeout=HANG).item_count == 2
         again, = _lock_sessions(admin, schema)
         assert again != first
@@ -117,9 +123,7 @@ def test_a_rebuild_with_other_rules_while_the_lock_was_lost_stops_projections(pg
             psycopg.connect(pg_url, autocommit=True) as admin:
         tid = store.create_thread()
         store.append_and_flush(tid, [user_msg("hi")], timeout=HANG)
-        first, = _lock_sessions(admin, schema)
-        admin.execute("SELECT pg_terminate_backend(%s)", (first,))
-        wait_for(lambda: not _lock_sessions(admin, schema), "the lock session to end", HANG)
+        first = _end_lock_session(admin, schema)
         assert ThreadStore.rebuild_index(pg_url, schema=schema, rules=_OtherRules()) == 1
         with pytest.raises(ProjectionFailed) as failed:
             store.append_and_flush(tid, [plain(1)], timeout=HANG)
