@@ -35,6 +35,7 @@ from ...errors import StoreLocked, TransientStorageError
 #: the schema's ``hashtext``, as for the migration lock (whose first key differs).
 _LOCK_CLASS = 0x7477
 _TRY_SHARED = "SELECT pg_try_advisory_lock_shared(%s, hashtext(%s))"
+_UNLOCK_SHARED = "SELECT pg_advisory_unlock_shared(%s, hashtext(%s))"
 _TRY_EXCLUSIVE = "SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))"
 #: The sessions that hold the key, but this one. ``pg_locks`` shows a two-int advisory
 #: key as ``classid``, ``objid`` (the second key as an unsigned oid), ``objsubid = 2``.
@@ -103,9 +104,19 @@ class WritersLock:
             self._on_retaken(self._conn)
 
     def release(self) -> None:
-        """Let go of the lock (close its session)."""
+        """Let go of the lock, then close its session. The unlock is a round trip the
+        server answers once the lock is free: closing alone returns before the server
+        ends the session, and a ``rebuild_index`` right after this store's ``close``
+        would still find it held."""
         conn, self._conn = self._conn, None
-        if conn is not None:
+        if conn is None:
+            return
+        try:
+            if not _lost(conn):
+                conn.execute(_UNLOCK_SHARED, (_LOCK_CLASS, self._db.schema))
+        except psycopg.Error:
+            pass  # the session is gone, and its lock with it
+        finally:
             conn.close()
 
     def abandon(self) -> Any:
