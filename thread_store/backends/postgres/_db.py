@@ -20,11 +20,16 @@ from ...errors import InvalidArgument, ThreadStoreError
 _MAX_LOCK_TIMEOUT_MS = 2**31 - 1
 
 
+def lock_timeout_ms(deadline: float) -> str:
+    """The ``lock_timeout`` (milliseconds, as the setting's text) that ends a wait for
+    another session's row lock at ``deadline`` (monotonic)."""
+    return str(min(max(1, int((deadline - time.monotonic()) * 1000)), _MAX_LOCK_TIMEOUT_MS))
+
+
 def wait_for_locks_until(conn: psycopg.Connection[Any], deadline: float) -> None:
     """In a transaction: wait for another session's row lock at most until ``deadline``
     (monotonic), after which the statement fails with ``LockNotAvailable``."""
-    wait_ms = min(max(1, int((deadline - time.monotonic()) * 1000)), _MAX_LOCK_TIMEOUT_MS)
-    conn.execute(f"SET LOCAL lock_timeout = {wait_ms}")
+    conn.execute(f"SET LOCAL lock_timeout = {lock_timeout_ms(deadline)}")
 
 
 @dataclass(frozen=True, slots=True)

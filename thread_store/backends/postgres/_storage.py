@@ -75,8 +75,7 @@ class PostgresStorage:
             db, on_retaken=lambda conn: _schema.check_rules(conn, db.schema, rules_id,
                                                             read_only=False, where=self.description))
         self.history = History(db)
-        self.index = Index(db, self.history.incarnations,
-                           before_write=self._writers.ensure if self._writers else _nothing)
+        self.index = Index(db, before_write=self._writers.ensure if self._writers else _nothing)
         self._pid = os.getpid()
         self._housekept = float("-inf")
 

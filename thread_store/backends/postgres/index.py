@@ -1,7 +1,8 @@
 """The projected rows in PostgreSQL: ``meta`` (one row per thread) and ``failures``.
 
 A group commit is one transaction with ``synchronous_commit=off``: the rows are derived
-data, and WAL order keeps a projection from outliving the items it folded. It never
+data, and WAL order keeps a projection from outliving the items it folded. A commit of
+one row is one statement, its own transaction: one round trip (``append_and_flush``). It never
 locks a ``threads`` row, so appends never wait on it. A row is inserted only for a live
 thread (it is selected from ``threads``), and an update never moves ``projected_seq``
 backwards, so a late projection can neither resurrect a removed thread nor undo a newer
@@ -19,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import psycopg
 
-from ._db import Database, wait_for_locks_until
+from ._db import Database, lock_timeout_ms
 from ._errors import is_transient, translate
 from ...errors import StorageError, ThreadStoreError
 from ...model import TEXT_FIELDS, Page, ThreadMetadata, us_from_utc, utc_from_us
@@ -33,17 +34,31 @@ _COLUMNS = ("thread_id", *TEXT_FIELDS, "token_usage", "exact", *(f"{t[:-3]}_us" 
 _READ_COLUMNS = _COLUMNS[:-3]
 _TYPES = {"item_count": "bigint", "projected_seq": "bigint", "is_archived": "boolean",
           "has_preview": "boolean", **{f"{t[:-3]}_us": "bigint" for t in _TIMES}}
-#: Where ``projected_seq`` sits in a row's parameters.
-_SEQ = _COLUMNS.index("projected_seq")
-_PLACEHOLDERS = ", ".join("%s::" + _TYPES.get(c, "text") for c in _COLUMNS)
-_UPSERT = (
-    f"INSERT INTO {{s}}.meta (incarnation, {', '.join(_COLUMNS)}) "
-    f"SELECT t.incarnation, {_PLACEHOLDERS} FROM {{s}}.threads t "
-    "WHERE t.thread_id = %s AND t.incarnation = %s AND t.discarded_us IS NULL "
+_PLACEHOLDERS = ", ".join(f"%({c})s::{_TYPES.get(c, 'text')}" for c in _COLUMNS)
+#: One row's projection commit, in ONE statement (on an autocommit connection, its own
+#: transaction): the guarded upsert, and the clear of the thread's recorded failure. It
+#: returns the thread's live incarnation (NULL: removed), which tells the caller whether
+#: the row was refused as ``gone``; a row is written only for a thread live at the row's
+#: incarnation, and never moves ``projected_seq`` back. The settings are local to the
+#: statement's transaction and set by the filter of ``live``, which every write of the
+#: statement reads first: ``synchronous_commit`` is read when the transaction commits,
+#: ``lock_timeout`` (NULL: the session's) before the upsert or the delete can wait on a
+#: row lock of another session.
+_COMMIT_ROW = (
+    "WITH live AS (SELECT t.incarnation FROM {s}.threads t "
+    "WHERE t.thread_id = %(thread_id)s AND t.discarded_us IS NULL "
+    "AND set_config('synchronous_commit', 'off', true) IS NOT NULL "
+    "AND set_config('lock_timeout', coalesce(%(lock_timeout)s::text, "
+    "current_setting('lock_timeout')), true) IS NOT NULL), "
+    f"up AS (INSERT INTO {{s}}.meta (incarnation, {', '.join(_COLUMNS)}) "
+    f"SELECT live.incarnation, {_PLACEHOLDERS} FROM live WHERE live.incarnation = %(inc)s "
     "ON CONFLICT (thread_id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
     + " WHERE meta.incarnation = excluded.incarnation "
-      "AND meta.projected_seq <= excluded.projected_seq")
+      "AND meta.projected_seq <= excluded.projected_seq), "
+    "cleared AS (DELETE FROM {s}.failures WHERE thread_id = %(thread_id)s AND generation <= %(projected_seq)s "
+    "AND EXISTS (SELECT 1 FROM live WHERE live.incarnation = %(inc)s)) "
+    "SELECT (SELECT incarnation FROM live)")
 _SELECT = f"SELECT {', '.join(_READ_COLUMNS)} FROM {{s}}.meta"
 _CHECKPOINT = ("SELECT m.projected_seq, m.state, (SELECT error FROM {s}.failures "
                "WHERE thread_id = %(t)s) FROM (SELECT 1) one LEFT JOIN {s}.meta m "
@@ -52,7 +67,6 @@ _RECORD_FAILURE = (
     "INSERT INTO {s}.failures (thread_id, generation, error) SELECT %(t)s, %(g)s, %(e)s "
     "WHERE NOT EXISTS (SELECT 1 FROM {s}.meta WHERE thread_id = %(t)s AND projected_seq >= %(g)s) "
     "ON CONFLICT (thread_id) DO UPDATE SET generation = excluded.generation, error = excluded.error")
-_CLEAR_FAILURE = "DELETE FROM {s}.failures WHERE thread_id = %s AND generation <= %s"
 _BIGINT = 1 << 63
 
 
@@ -77,15 +91,16 @@ def _row_to_metadata(row: Sequence[Any]) -> ThreadMetadata:
                           projected_seq=int(values["projected_seq"]), **fields)
 
 
-def _params(row: RowWrite) -> tuple[Any, ...]:
+def _params(row: RowWrite) -> dict[str, Any]:
+    """The row's parameters of ``_COMMIT_ROW`` (but ``lock_timeout``)."""
     meta = row.meta
     times = [us_from_utc(v) if (v := getattr(meta, t)) is not None else None for t in _TIMES]
     times[2] = times[2] or 0  # recency_us orders the listing: never NULL
     usage = json.dumps(meta.token_usage) if meta.token_usage is not None else None
     texts, exact = _text_columns(meta)
-    return (meta.thread_id, *texts, usage, exact, *times,
-            meta.item_count, meta.projected_seq, meta.archived_at is not None,
-            bool(meta.preview), row.fold_state, meta.thread_id, row.incarnation)
+    values = (meta.thread_id, *texts, usage, exact, *times, meta.item_count,
+              meta.projected_seq, meta.archived_at is not None, bool(meta.preview), row.fold_state)
+    return {**dict(zip(_COLUMNS, values)), "inc": row.incarnation}
 
 
 def _text_columns(meta: ThreadMetadata) -> tuple[list[str | None], str | None]:
@@ -107,10 +122,11 @@ def _text_columns(meta: ThreadMetadata) -> tuple[list[str | None], str | None]:
     return columns, json.dumps(held)
 
 
-def _unstorable(values: tuple[Any, ...]) -> str | None:
+def _unstorable(values: dict[str, Any]) -> str | None:
     """Why PostgreSQL would refuse a row (lone surrogates, integers out of ``bigint``),
     found before sending it; ``None`` when it is storable."""
-    for name, value in zip(_COLUMNS, values):
+    for name in _COLUMNS:
+        value = values[name]
         if isinstance(value, str):
             try:
                 value.encode()
@@ -121,6 +137,12 @@ def _unstorable(values: tuple[Any, ...]) -> str | None:
     return None
 
 
+def _live(row: tuple[Any, ...] | None) -> int | None:
+    """The live incarnation ``_COMMIT_ROW`` answered (its one row, always there)."""
+    assert row is not None
+    return None if row[0] is None else int(row[0])
+
+
 def _like(word: str) -> str:
     """``%word%`` with LIKE's wildcards and escape character escaped."""
     return "%" + word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
@@ -129,32 +151,28 @@ def _like(word: str) -> str:
 class Index:
     """The metadata index of one store (``MetadataIndex``)."""
 
-    def __init__(self, db: Database, incarnations: Callable[[list[str]], dict[str, int]], *,
-                 before_write: Callable[[], None]) -> None:
+    def __init__(self, db: Database, *, before_write: Callable[[], None]) -> None:
         self._db = db
-        #: ``history.incarnations``: which rows' threads are still live as folded.
-        self._incarnations = incarnations
         #: Called under the write lock before each write: it keeps this store's share
         #: of the writers' lock (``_writers``), raising instead of writing if it cannot.
         self._before_write = before_write
         #: Held for every index write; ``fenced`` is set under it by close().
         self.write_lock = threading.Lock()
         self.fenced = False
-        #: The connection of the running write transaction, for fence() to cancel.
+        #: The connection of the running write, for fence() to cancel.
         self._active: psycopg.Connection[Any] | None = None
         #: When a commit last wrote rows (monotonic), for housekeeping.
         self.last_write = float("-inf")
-        self._upsert = db.q(_UPSERT)
+        self._commit_row = db.q(_COMMIT_ROW)
         self._checkpoint = db.q(_CHECKPOINT)
         self._record = db.q(_RECORD_FAILURE)
-        self._clear = db.q(_CLEAR_FAILURE)
-        self._has_failures = db.q("SELECT 1 FROM {s}.failures LIMIT 1")
 
     # -- writes ---------------------------------------------------------------------------
 
     def commit(self, rows: Sequence[RowWrite], *, position: int,
                may_write: Callable[[str], bool], deadline: float | None) -> CommitResult:
-        """Write the rows in one transaction (``MetadataIndex.commit``)."""
+        """Write the rows in one transaction (``MetadataIndex.commit``): one row is one
+        statement (a round trip), several are one transaction of them."""
         del position  # WAL order: nothing to detect (see History.position)
         wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
         if not self.write_lock.acquire(timeout=wait):
@@ -164,56 +182,56 @@ class Index:
                 return CommitResult(CommitOutcome.FENCED)
             self._before_write()
             refused = frozenset(r.meta.thread_id for r in rows if not may_write(r.meta.thread_id))
-            current = self._incarnations([r.meta.thread_id for r in rows])
-            # The upsert checks it again in its own statement, against a racing removal.
-            gone = frozenset(r.meta.thread_id for r in rows if r.meta.thread_id not in refused
-                             and current.get(r.meta.thread_id) != r.incarnation)
             errors: dict[str, ThreadStoreError] = {}
-            live: list[tuple[str, tuple[Any, ...]]] = []
+            live: list[dict[str, Any]] = []
             for row in rows:
-                if row.meta.thread_id in refused or row.meta.thread_id in gone:
+                if row.meta.thread_id in refused:
                     continue
                 values = _params(row)
                 problem = _unstorable(values)
                 if problem is None:
-                    live.append((row.meta.thread_id, values))
+                    live.append(values)
                 else:
                     errors[row.meta.thread_id] = StorageError(problem)
             if not live:
-                return CommitResult(CommitOutcome.COMMITTED, errors, refused, gone)
+                return CommitResult(CommitOutcome.COMMITTED, errors, refused)
             # Rows are locked in thread id order in every process, so group commits of
             # overlapping threads in several processes wait for each other, never deadlock.
-            live.sort(key=lambda entry: entry[0])
+            live.sort(key=lambda values: str(values["thread_id"]))
             try:
-                errors.update(self._write(live, deadline))
+                current = self._write(live, deadline, errors)
             except _Fenced:
                 return CommitResult(CommitOutcome.FENCED)
             except _Busy:
                 return CommitResult(CommitOutcome.BUSY)
-            self.last_write = time.monotonic()
+            # Not live at the row's incarnation in the statement's snapshot: not written.
+            gone = frozenset(v["thread_id"] for v in live
+                             if v["thread_id"] not in errors and current[v["thread_id"]] != v["inc"])
+            if any(v["thread_id"] not in gone and v["thread_id"] not in errors for v in live):
+                self.last_write = time.monotonic()
             return CommitResult(CommitOutcome.COMMITTED, errors, refused, gone)
         finally:
             self.write_lock.release()
 
-    def _write(self, live: list[tuple[str, tuple[Any, ...]]],
-               deadline: float | None) -> dict[str, ThreadStoreError]:
-        """One transaction of upserts; if the server refuses a row, again row by row
-        under savepoints, so that row alone fails."""
+    def _write(self, live: list[dict[str, Any]], deadline: float | None,
+               errors: dict[str, ThreadStoreError]) -> dict[str, int | None]:
+        """Run the rows' statements; if the server refuses a row, again row by row under
+        savepoints, so that row alone fails (into ``errors``). Returns each thread's live
+        incarnation (``None``: removed)."""
         what = "the projection transaction failed (none of its rows were written)"
         timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
+        wait = None if deadline is None else lock_timeout_ms(deadline)
+        params = [{**values, "lock_timeout": wait} for values in live]
         try:
             with self._db.pool.connection(timeout=timeout) as conn:
                 self._active = conn
                 try:
                     try:
-                        self._transaction(conn, live, None, deadline)
-                        return {}
+                        return self._statements(conn, params, None)
                     except psycopg.Error as exc:
                         if is_transient(exc) or self.fenced:
                             raise
-                    errors: dict[str, ThreadStoreError] = {}
-                    self._transaction(conn, live, errors, deadline)
-                    return errors
+                    return self._statements(conn, params, errors)
                 finally:
                     self._active = None
         except psycopg.Error as exc:
@@ -224,36 +242,39 @@ class Index:
             raise translate(exc, f"{what} at {self._db.description}",
                             secret=self._db.secret) from exc
 
-    def _transaction(self, conn: psycopg.Connection[Any], live: list[tuple[str, tuple[Any, ...]]],
-                     per_row: dict[str, ThreadStoreError] | None, deadline: float | None) -> None:
+    def _statements(self, conn: psycopg.Connection[Any], params: list[dict[str, Any]],
+                    per_row: dict[str, ThreadStoreError] | None) -> dict[str, int | None]:
+        """One row: its statement alone, its own transaction (it sets what ``SET LOCAL``
+        would, see ``_COMMIT_ROW``). Several: one transaction of them."""
+        if self.fenced:
+            raise _Fenced()
+        if len(params) == 1 and per_row is None:
+            return {params[0]["thread_id"]: _live(conn.execute(self._commit_row, params[0]).fetchone())}
+        current: dict[str, int | None] = {}
         with conn.transaction():
-            conn.execute("SET LOCAL synchronous_commit = off")
-            if deadline is not None:
-                # A barrier running its own attempt never waits for another session's
-                # row lock past its deadline: it hands the work to the worker (BUSY).
-                wait_for_locks_until(conn, deadline)
             if per_row is None:
                 with conn.cursor() as cur:
-                    cur.executemany(self._upsert, [v for _, v in live])
+                    cur.executemany(self._commit_row, params, returning=True)
+                    for values in params:
+                        current[values["thread_id"]] = _live(cur.fetchone())
+                        cur.nextset()
             else:
-                for thread_id, values in live:
+                for values in params:
+                    thread_id = values["thread_id"]
                     if self.fenced:
                         raise _Fenced()
                     try:
                         with conn.transaction():  # a savepoint
-                            conn.execute(self._upsert, values)
+                            current[thread_id] = _live(conn.execute(self._commit_row, values).fetchone())
                     except psycopg.Error as exc:
                         if is_transient(exc) or self.fenced:
                             raise
                         per_row[thread_id] = translate(
                             exc, "the thread's metadata row could not be stored in PostgreSQL")
                         per_row[thread_id].__cause__ = exc
-            written = [(t, v[_SEQ]) for t, v in live if per_row is None or t not in per_row]
-            if written and conn.execute(self._has_failures).fetchone():
-                with conn.cursor() as cur:
-                    cur.executemany(self._clear, written)
             if self.fenced:  # close() gave up waiting for this transaction: write nothing
                 raise _Fenced()
+        return current
 
     def record_failures(self, failures: Sequence[Failure]) -> None:
         """Record projections that failed for good (``MetadataIndex.record_failures``)."""
