@@ -41,6 +41,11 @@ def _failure(exc: BaseException) -> Result:
     return Result(AttemptOutcome.RETRY if is_transient(exc) else AttemptOutcome.FAILED, error=exc)
 
 
+def _cached_incarnation(c: Claim) -> int | None:
+    """The incarnation of the claim's cached fold state, if it resumes one."""
+    return c.incarnation if c.fold_state is not None and not c.refold else None
+
+
 def history_pages(history: HistoryLog, thread_id: str, after_seq: int, upto_seq: int,
                   page: int = 1000) -> Iterator[list[StoredRow]]:
     """Yield the items ``after_seq < seq <= upto_seq`` in pages, to keep memory bounded."""
@@ -156,17 +161,23 @@ class AttemptRunner:
         # Taken before the fold: every item it folds was committed, so is at or below it.
         position = self._history.position()
         hooked = [c for c in claims if self._hook_ran(c, in_caller, results)]
+        # A claim resuming its cached fold knows its incarnation, and the commit's guard
+        # refuses its row if the thread was removed or created again meanwhile (``gone``:
+        # the cached state is dropped and the next attempt reads the incarnation): no read.
+        unknown = [c.state.thread_id for c in hooked if _cached_incarnation(c) is None]
         try:
             # One read for the batch (a round trip per thread was most of a PostgreSQL
             # projector's time), after the hooks and before the folds.
-            live = self._history.incarnations([c.state.thread_id for c in hooked]) if hooked else {}
+            live = self._history.incarnations(unknown) if unknown else {}
         except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
             if in_caller and not isinstance(exc, Exception):
                 raise
             results.update((id(c), _failure(exc)) for c in hooked)
             return results
         for c in hooked:
-            result, row = self._prepare(c, live.get(c.state.thread_id), in_caller)
+            known = _cached_incarnation(c)
+            result, row = self._prepare(c, live.get(c.state.thread_id) if known is None else known,
+                                        in_caller)
             if row is None:
                 results[id(c)] = result
             else:
