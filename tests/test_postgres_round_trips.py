@@ -9,7 +9,7 @@ are the round trips (``BEGIN``, ``SET LOCAL`` and ``COMMIT`` each are one).
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import psycopg
 import pytest
@@ -40,7 +40,7 @@ def logged_store(pg_url: str) -> Iterator[tuple[ThreadStore, list[int]]]:
             store.close(timeout=5.0)
 
 
-def _pool_pids(admin: psycopg.Connection[tuple[object, ...]], database: str) -> list[int]:
+def _pool_pids(admin: psycopg.Connection[Any], database: str) -> list[int]:
     rows = admin.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s "
                          "AND application_name = 'thread_store'", (database,)).fetchall()
     return [int(r[0]) for r in rows]
