@@ -115,14 +115,11 @@ LIMITS = {
                   "bookkeeping. Its arrays go in binary: in text format psycopg escaped every quote "
                   "of the JSON in Python, which alone cost more than the round trip."),
     "pg-barrier": ("The floor is one transaction: four statements, one durable commit. "
-                   "`append_and_flush` is the append (its durable commit), then the caller's "
-                   "projection: the batch's incarnations before the fold, and a transaction at "
-                   "`synchronous_commit=off` that reads them again, sets its options, upserts, "
-                   "checks the failures table and commits: eight round trips in all, each a "
-                   "loopback hop through Python and a server process. Pipelining that transaction "
-                   "was tried and measured slower (psycopg's pipeline mode cost more Python than "
-                   "the round trips it saved); what would reach 1.5× is projecting in the "
-                   "append's own transaction, which the storage ports do not offer."),
+                   "`append_and_flush` is two round trips: the append (its durable commit), then "
+                   "the caller's projection commit, one statement at `synchronous_commit=off` "
+                   "(the guarded upsert, the failure clear and the live incarnation in one CTE). "
+                   "What remains is Python: the item's validation and JSON, the projector's "
+                   "hand-off and fold, and two pooled connections checked out and back in."),
     "pg-throughput": ("The raw clients only append. Every thread_store process also projects "
                       "every thread its writer appended to, and with every process writing every "
                       "thread each thread is projected by up to N processes, each reading back "
