@@ -123,7 +123,7 @@ def test_a_rebuild_with_other_rules_while_the_lock_was_lost_stops_projections(pg
             psycopg.connect(pg_url, autocommit=True) as admin:
         tid = store.create_thread()
         store.append_and_flush(tid, [user_msg("hi")], timeout=HANG)
-        first = _end_lock_session(admin, schema)
+        _end_lock_session(admin, schema)
         assert ThreadStore.rebuild_index(pg_url, schema=schema, rules=_OtherRules()) == 1
         with pytest.raises(ProjectionFailed) as failed:
             store.append_and_flush(tid, [plain(1)], timeout=HANG)
