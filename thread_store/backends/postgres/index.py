@@ -43,13 +43,17 @@ _PLACEHOLDERS = ", ".join(f"%({c})s::{_TYPES.get(c, 'text')}" for c in _COLUMNS)
 #: statement's transaction and set by the filter of ``live``, which every write of the
 #: statement reads first: ``synchronous_commit`` is read when the transaction commits,
 #: ``lock_timeout`` (NULL: the session's) before the upsert or the delete can wait on a
-#: row lock of another session.
+#: row lock of another session. ``live`` holds the thread's row ``FOR KEY SHARE``: an
+#: append's head update (``FOR NO KEY UPDATE``) never waits for it, but a removal, which
+#: locks the row ``FOR UPDATE`` before it deletes the ``meta`` row, does; and a projection
+#: that waits for a removal re-reads the row once it commits, so it cannot insert a row
+#: for a thread removed meanwhile (the statement's snapshot alone would still show it live).
 _COMMIT_ROW = (
     "WITH live AS (SELECT t.incarnation FROM {s}.threads t "
     "WHERE t.thread_id = %(thread_id)s AND t.discarded_us IS NULL "
     "AND set_config('synchronous_commit', 'off', true) IS NOT NULL "
     "AND set_config('lock_timeout', coalesce(%(lock_timeout)s::text, "
-    "current_setting('lock_timeout')), true) IS NOT NULL), "
+    "current_setting('lock_timeout')), true) IS NOT NULL FOR KEY SHARE OF t), "
     f"up AS (INSERT INTO {{s}}.meta (incarnation, {', '.join(_COLUMNS)}) "
     f"SELECT live.incarnation, {_PLACEHOLDERS} FROM live WHERE live.incarnation = %(inc)s "
     "ON CONFLICT (thread_id) DO UPDATE SET "
@@ -220,18 +224,16 @@ class Index:
         incarnation (``None``: removed)."""
         what = "the projection transaction failed (none of its rows were written)"
         timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
-        wait = None if deadline is None else lock_timeout_ms(deadline)
-        params = [{**values, "lock_timeout": wait} for values in live]
         try:
             with self._db.pool.connection(timeout=timeout) as conn:
                 self._active = conn
                 try:
                     try:
-                        return self._statements(conn, params, None)
+                        return self._statements(conn, self._with_wait(live, deadline), None)
                     except psycopg.Error as exc:
                         if is_transient(exc) or self.fenced:
                             raise
-                    return self._statements(conn, params, errors)
+                    return self._statements(conn, self._with_wait(live, deadline), errors)
                 finally:
                     self._active = None
         except psycopg.Error as exc:
@@ -241,6 +243,13 @@ class Index:
                 raise _Busy() from exc
             raise translate(exc, f"{what} at {self._db.description}",
                             secret=self._db.secret) from exc
+
+    @staticmethod
+    def _with_wait(live: list[dict[str, Any]], deadline: float | None) -> list[dict[str, Any]]:
+        """The rows' parameters with the ``lock_timeout`` left until ``deadline``, worked
+        out just before the statements run (after the wait for a pooled connection)."""
+        wait = None if deadline is None else lock_timeout_ms(deadline)
+        return [{**values, "lock_timeout": wait} for values in live]
 
     def _statements(self, conn: psycopg.Connection[Any], params: list[dict[str, Any]],
                     per_row: dict[str, ThreadStoreError] | None) -> dict[str, int | None]:

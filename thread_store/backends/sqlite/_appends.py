@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 
 from . import _connections
 from ._group import GroupCommit, Pending
-from ...errors import InvalidArgument, StoreClosed, ThreadStoreError
+from ...errors import InvalidArgument, StorageError, StoreClosed, ThreadStoreError
 from ...model import EncodedItem
 from ...storage import Appended, IdempotencyKey
 
@@ -58,10 +58,13 @@ def _insert(thread_id: str, head: int, items: Sequence[EncodedItem],
                             for i, it in enumerate(items, 1)]
 
 
-def _append_error(exc: sqlite3.Error) -> ThreadStoreError:
-    """The error of one append that SQLite failed, chained to it (each append of a group
-    gets its own instance, raised in its own caller's thread)."""
-    error = _connections.storage_error(exc, "append")
+def _append_error(exc: sqlite3.Error | ThreadStoreError) -> ThreadStoreError:
+    """The error of one append whose group's transaction SQLite failed or rolled back,
+    chained to it (each append of a group gets its own instance, raised in its own
+    caller's thread). None of the group is stored, so it is never ``OutcomeUnknown``."""
+    error = (_connections.storage_error(exc, "append") if isinstance(exc, sqlite3.Error)
+             else StorageError(f"append: the group's transaction was rolled back ({exc}); "
+                               "nothing of it was stored"))
     error.__cause__ = exc
     return error
 
@@ -165,8 +168,9 @@ class GroupAppends:
                 # (each alone in its savepoint when it needs one) to fail only its own.
                 written.clear()
                 heads, top = self._write_group(appends, written, batched=False)
-        except sqlite3.Error as exc:
-            # Written and rolled back, or never reached: none is stored.
+        except (sqlite3.Error, ThreadStoreError) as exc:
+            # Written and rolled back, or never reached: none is stored. (An append's own
+            # error that ended the whole transaction is re-raised by _write_isolated.)
             outcomes: list[Appended | ThreadStoreError] = [
                 w if isinstance(w, ThreadStoreError) else _append_error(exc) for w in written]
             outcomes += [_append_error(exc) for _ in appends[len(written):]]
