@@ -65,6 +65,9 @@ class History(BehindMarks, GroupAppends):
         self.lock = threading.Lock()
         self._heads: LRU[str, int] = LRU(HEADS_CACHED)
         self._incarnations: LRU[str, int] = LRU(INCARNATIONS_CACHED)  # of live threads
+        #: Removals this process began: incarnations read without the lock are cached only
+        #: if none began meanwhile (one of them may be the removed thread's).
+        self._removals = 0
         self._closed = False  # writes rejected (close began)
         self._conn_closed = False
         self._acks = AckBatch()
@@ -113,6 +116,11 @@ class History(BehindMarks, GroupAppends):
         with self.lock, self._writers():
             self._check_open()
             self._check_row(thread_id, self._tombstone(thread_id))  # another process's removal
+            # Before the commit: a lock-free head() or incarnations() must not answer from
+            # the cache for a thread being removed, nor cache what it read before the commit.
+            self._removals += 1
+            self._heads.pop(thread_id, None)
+            self._incarnations.pop(thread_id, None)
 
             def write() -> None:
                 self._keep_high_water(thread_id)
@@ -127,8 +135,6 @@ class History(BehindMarks, GroupAppends):
                     self._conn.execute("DELETE FROM threads WHERE thread_id = ?", (thread_id,))
 
             self._write(write, "discard" if tombstone else "delete_thread")
-            self._heads.pop(thread_id, None)
-            self._incarnations.pop(thread_id, None)
 
     def backup_to(self, dest: Path) -> None:
         """Copy this file, as one consistent snapshot, into the new file ``dest``."""
@@ -256,7 +262,9 @@ class History(BehindMarks, GroupAppends):
             return self._read_incarnations(thread_ids)
         if not self._conn_closed and self._writers().unchanged():
             # No lock, so no wait for a group commit: only a removal changes them here,
-            # and an index commit, which asks again, never runs beside one.
+            # which drops them before it commits and keeps reads begun before it from
+            # caching (``_removals``); an index commit, which asks again, never runs
+            # beside one.
             known = self._incarnations
             cached = {t: i for t in thread_ids if (i := known.get(t)) is not None}
         elif self.lock.acquire(blocking=False):
@@ -269,11 +277,13 @@ class History(BehindMarks, GroupAppends):
             return self._read_incarnations(thread_ids)
         missing = [t for t in thread_ids if t not in cached]
         if missing:
+            removals = self._removals
             read = self._read_incarnations(missing)
             if self.lock.acquire(blocking=False):  # caching them is worth no wait
                 try:
                     self._writers().look()
-                    self._incarnations.update(read)
+                    if self._removals == removals:  # else one may be a removed thread's
+                        self._incarnations.update(read)
                 finally:
                     self.lock.release()
             cached.update(read)
