@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .writer_processes import arm_row, fmt
+
 RAW_INSERT = "raw PostgreSQL INSERT+COMMIT (floor)"
 RAW_ONE = "raw PostgreSQL one-statement append, seq allocated (floor)"
 RAW_TXN = "raw PostgreSQL INSERT + metadata UPSERT, one transaction (floor)"
@@ -29,10 +31,6 @@ def _ratio(a: float, b: float) -> float:
 
 def _most(section: dict[str, Any]) -> dict[str, Any]:
     return dict(section.get("sustained", {}).get("arms", {}).get(str(max(PROCESS_COUNTS)), {}))
-
-
-def _f(value: float, digits: int = 1) -> str:
-    return "—" if math.isnan(value) else f"{value:,.{digits}f}"
 
 
 def targets(section: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -86,15 +84,10 @@ def markdown(section: dict[str, Any], latency_table: list[str]) -> list[str]:
              "| lag resolution (poll gap p99 + read) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
              (f"| raw one-statement append, {RAW_CLIENTS} client processes (floor) | "
-              f"{sus['raw_appends_per_s']:,.0f} | 1.00 | {_f(sus['raw']['append_p50_us'])} µs | "
-              f"{_f(sus['raw']['append_p99_us'])} µs | — | — | — | — |")]
+              f"{sus['raw_appends_per_s']:,.0f} | 1.00 | {fmt(sus['raw']['append_p50_us'])} µs | "
+              f"{fmt(sus['raw']['append_p99_us'])} µs | — | — | — | — |")]
     for arm in sus["arms"].values():
-        n = arm["processes"]
-        lines.append(
-            f"| thread_store, {n} process{'es' if n > 1 else ''} | {arm['appends_per_s']:,.0f} | "
-            f"{arm['ratio_to_raw']:.2f} | {_f(arm['append_p50_us'])} µs | {_f(arm['append_p99_us'])} µs | "
-            f"{_f(arm['lag_p50_ms'])} ms | {_f(arm['lag_p99_ms'])} ms | {_f(arm['lag_max_ms'])} ms | "
-            f"{_f(arm['poll_gap_p99_ms'], 2)} + {_f(arm['snapshot_read_p50_ms'], 2)} ms |")
+        lines.append(arm_row(arm))
     lines += ["", ("Lag: from an append's return to the first snapshot of the `meta` table's "
                    f"`projected_seq` (one query, polled every {POLL_S * 1e3:g} ms from the parent process) that "
                    "covers it. Appends never seen projected before the last snapshot: "
@@ -103,7 +96,7 @@ def markdown(section: dict[str, Any], latency_table: list[str]) -> list[str]:
               "### Cross-process wake-up: A appends, B's `flush` on that generation returns", "",
               "| Arm | p50 | p99 | n |", "|---|---:|---:|---:|"]
     for row in wake.values():
-        lines.append(f"| {row['label']} | {_f(row['p50_us'])} µs | {_f(row['p99_us'])} µs | {row['n']} |")
+        lines.append(f"| {row['label']} | {fmt(row['p50_us'])} µs | {fmt(row['p99_us'])} µs | {row['n']} |")
     return lines
 
 
@@ -145,7 +138,7 @@ def why(key: str, section: dict[str, Any]) -> str:
     rates = ", ".join(f"{a['processes']} → {a['ratio_to_raw']:.2f}×" for a in arms.values())
     figures = {"pg-throughput": f"Rate by writer processes ({rates}). ",
                "pg-lag": "Lag p99 by writer processes ("
-                         + ", ".join(f"{a['processes']} → {_f(a['lag_p99_ms'])} ms" for a in arms.values())
+                         + ", ".join(f"{a['processes']} → {fmt(a['lag_p99_ms'])} ms" for a in arms.values())
                          + "). "}
     return figures.get(key, "") + LIMITS[key]
 

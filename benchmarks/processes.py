@@ -24,7 +24,7 @@ from typing import Any
 
 from .systems import RawSQLite
 from .workloads import Config, Sustained, items, sustained, thread_ids
-from .writer_processes import (POLL_S, THREADS, StoreOpener, Watcher, new_arm, populate, run_round,
+from .writer_processes import (POLL_S, THREADS, StoreOpener, Watcher, arm_row, fmt, new_arm, populate, run_round,
                                summarize, verify, wake)
 
 PROCESS_COUNTS = (1, 2, 4)
@@ -98,10 +98,6 @@ class _SQLiteWatcher(Watcher):
 # -- report ------------------------------------------------------------------------------
 
 
-def _f(value: float, digits: int = 1) -> str:
-    return "—" if math.isnan(value) else f"{value:,.{digits}f}"
-
-
 def markdown(section: dict[str, Any]) -> list[str]:
     """The section's Markdown lines."""
     sus, wake = section["sustained"], section["wake"]
@@ -113,13 +109,7 @@ def markdown(section: dict[str, Any]) -> list[str]:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
              f"| {RAW} | {raw:,.0f} | 1.00 | 1.00 | — | — | — | — | — | — |"]
     for arm in sus["arms"].values():
-        n = arm["processes"]
-        lines.append(
-            f"| thread_store, {n} process{'es' if n > 1 else ''} | {arm['appends_per_s']:,.0f} | "
-            f"{arm['ratio_to_raw']:.2f} | {_f(arm['appends_per_commit'], 2)} | "
-            f"{_f(arm['append_p50_us'])} µs | {_f(arm['append_p99_us'])} µs | "
-            f"{_f(arm['lag_p50_ms'])} ms | {_f(arm['lag_p99_ms'])} ms | {_f(arm['lag_max_ms'])} ms | "
-            f"{_f(arm['poll_gap_p99_ms'], 2)} + {_f(arm['snapshot_read_p50_ms'], 2)} ms |")
+        lines.append(arm_row(arm, (fmt(arm["appends_per_commit"], 2),)))
     lines += ["", ("Lag: from an append's return to the first snapshot of `index.db` (read when "
                    "`PRAGMA data_version` changed, polled every "
                    f"{POLL_S * 1e3:g} ms) showing its generation projected; it overestimates by at "
@@ -129,7 +119,7 @@ def markdown(section: dict[str, Any]) -> list[str]:
               "### Cross-process wake-up: A appends, B's `flush` on that generation returns", "",
               "| Arm | p50 | p99 | n |", "|---|---:|---:|---:|"]
     for row in wake.values():
-        lines.append(f"| {row['label']} | {_f(row['p50_us'])} µs | {_f(row['p99_us'])} µs | {row['n']} |")
+        lines.append(f"| {row['label']} | {fmt(row['p50_us'])} µs | {fmt(row['p99_us'])} µs | {row['n']} |")
     same = wake["same"]["p50_us"]
     lines += ["", (f"p50 over the same-process baseline: B with A projecting "
                    f"{wake['cross']['p50_us'] / same:.2f}×, A paused {wake['paused']['p50_us'] / same:.2f}×, "
@@ -161,7 +151,7 @@ def why(key: str, section: dict[str, Any]) -> str:
         gil = (" So the GIL is not what limits it: one process, with one GIL, was as fast or faster."
                if one["appends_per_s"] >= most["appends_per_s"] else "")
         return f"Rate by writer processes ({rates}).{gil} " + LIMITS
-    lags = ", ".join(f"{a['processes']} → {_f(a['lag_p99_ms'])} ms" for a in arms.values())
+    lags = ", ".join(f"{a['processes']} → {fmt(a['lag_p99_ms'])} ms" for a in arms.values())
     return f"Lag p99 by writer processes ({lags}). " + LAG_LIMITS
 
 

@@ -77,6 +77,23 @@ def new_arm(opener: Any, watcher: Callable[[], Watcher], writers: int) -> dict[s
             "per_thread": [0] * THREADS}
 
 
+def fmt(value: float, digits: int = 1) -> str:
+    """A figure for the tables, or a dash when it was not measured (NaN)."""
+    return "—" if math.isnan(value) else f"{value:,.{digits}f}"
+
+
+def arm_row(arm: dict[str, Any], extra: tuple[str, ...] = ()) -> str:
+    """A sustained arm's Markdown row (from :func:`summarize`), with ``extra`` cells after
+    its ratio to the raw floor."""
+    n = arm["processes"]
+    cells = [f"thread_store, {n} process{'es' if n > 1 else ''}", f"{arm['appends_per_s']:,.0f}",
+             f"{arm['ratio_to_raw']:.2f}", *extra,
+             f"{fmt(arm['append_p50_us'])} µs", f"{fmt(arm['append_p99_us'])} µs",
+             f"{fmt(arm['lag_p50_ms'])} ms", f"{fmt(arm['lag_p99_ms'])} ms", f"{fmt(arm['lag_max_ms'])} ms",
+             f"{fmt(arm['poll_gap_p99_ms'], 2)} + {fmt(arm['snapshot_read_p50_ms'], 2)} ms"]
+    return "| " + " | ".join(cells) + " |"
+
+
 def populate(opener: StoreOpener, tids: list[str]) -> None:
     """Create the threads with their opening messages, projected (setup)."""
     with opener.open() as store:
