@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Callable, Iterator
+from functools import partial
+from typing import Callable, Iterator, NamedTuple, TypeVar
 
 from ._outcomes import AttemptOutcome, Result
 from ._state import Claim
@@ -24,6 +25,9 @@ from .storage import CommitOutcome, HistoryLog, MetadataIndex, RowWrite, StoredR
 from .tracing import MAX_LINKS, Links, Projection, Telemetry, merge_links
 
 ProjectionHook = Callable[[str, int], None]
+_T = TypeVar("_T")
+#: Items per history read: memory stays bounded however far behind a thread is.
+_PAGE = 1000
 _TYPE_FIRST = '{"type":"'
 #: Takes the claims out of flight with their results (by ``id(claim)``) and returns each
 #: retry's backoff (by ``id(claim)``); the projector takes its lock for it.
@@ -46,8 +50,18 @@ def _cached_incarnation(c: Claim) -> int | None:
     return c.incarnation if c.fold_state is not None and not c.refold else None
 
 
+class _Start(NamedTuple):
+    """Where one claim's fold starts: the thread's incarnation, the fold state at ``base``,
+    and the items after it when they are buffered (``None``: read from history)."""
+
+    incarnation: int
+    base: int
+    state: dict[str, object]
+    rows: list[StoredRow] | None
+
+
 def history_pages(history: HistoryLog, thread_id: str, after_seq: int, upto_seq: int,
-                  page: int = 1000) -> Iterator[list[StoredRow]]:
+                  page: int = _PAGE) -> Iterator[list[StoredRow]]:
     """Yield the items ``after_seq < seq <= upto_seq`` in pages, to keep memory bounded."""
     while after_seq < upto_seq:
         rows = history.read(thread_id, after_seq, upto_seq, page)
@@ -157,7 +171,6 @@ class AttemptRunner:
                  in_caller: bool) -> dict[int, Result]:
         """Prepare every claim, then commit the good rows together; results by ``id(claim)``."""
         results: dict[int, Result] = {}
-        rows: list[tuple[Claim, RowWrite, Result]] = []
         # Taken before the fold: every item it folds was committed, so is at or below it.
         position = self._history.position()
         hooked = [c for c in claims if self._hook_ran(c, in_caller, results)]
@@ -174,14 +187,34 @@ class AttemptRunner:
                 raise
             results.update((id(c), _failure(exc)) for c in hooked)
             return results
+        started: list[tuple[Claim, _Start]] = []
         for c in hooked:
             known = _cached_incarnation(c)
-            result, row = self._prepare(c, live.get(c.state.thread_id) if known is None else known,
-                                        in_caller)
-            if row is None:
-                results[id(c)] = result
+            begun = self._guarded(c, in_caller, partial(
+                self._start, c, live.get(c.state.thread_id) if known is None else known))
+            if isinstance(begun, Result):
+                results[id(c)] = begun
             else:
-                rows.append((c, row, result))
+                started.append((c, begun))
+        # The first page of every thread that folds from history, in one read for the
+        # batch (a read per thread was the most of a PostgreSQL projector's round trips
+        # once several processes append to the same threads).
+        ranges = [(c.state.thread_id, s.base, c.target) for c, s in started if s.rows is None]
+        try:
+            pages = self._history.read_many(ranges, _PAGE) if ranges else {}
+        except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
+            if in_caller and not isinstance(exc, Exception):
+                raise
+            results.update((id(c), _failure(exc)) for c, s in started if s.rows is None)
+            started, pages = [(c, s) for c, s in started if s.rows is not None], {}
+        rows: list[tuple[Claim, RowWrite, Result]] = []
+        for c, s in started:
+            first = s.rows if s.rows is not None else pages.get(c.state.thread_id, [])
+            done = self._guarded(c, in_caller, partial(self._finish, c, s, first))
+            if isinstance(done, Result):
+                results[id(c)] = done
+            else:
+                rows.append((c, done[1], done[0]))
         if rows:
             self._commit(rows, results, deadline, position)
         return results
@@ -198,43 +231,55 @@ class AttemptRunner:
                 return False
         return True
 
-    def _prepare(self, c: Claim, live: int | None, in_caller: bool) -> tuple[Result, RowWrite | None]:
-        """Run the fold for one claim; ``live`` is the thread's incarnation read for the
-        batch (``None``: not live then)."""
-        thread_id = c.state.thread_id
+    @staticmethod
+    def _guarded(c: Claim, in_caller: bool, step: Callable[[], _T]) -> _T | Result:
+        """Run one claim's step; its error becomes the attempt's result. A thread removed
+        while the attempt ran is ``GONE``; Ctrl-C in a barrier's thread propagates."""
         try:
-            # Read before the fold, so a commit of this fold is refused if the thread is
-            # deleted and created again meanwhile; if that happened already (in another
-            # process), what this one cached is another thread's: start over. A thread
-            # not live in the batch's read is read again, to raise why.
-            incarnation = live if live is not None else self._history.incarnation(thread_id)
-            if c.incarnation is not None and incarnation != c.incarnation:
-                return Result(AttemptOutcome.REBORN, head=self._history.head(thread_id)), None
-            base, state = self._start_state(c)
-            seq = base
-            if c.items is not None and base == c.base:
-                for row in c.items:
-                    state = self._rules.apply(state, self._item(row), row.ts_us)
-                    seq = row.seq
-            else:
-                for page in history_pages(self._history, thread_id, base, c.target):
-                    for row in page:
-                        state = self._rules.apply(state, self._item(row), row.ts_us)
-                    seq = page[-1].seq
-            if seq != c.target:
-                gone = ThreadDiscarded(f"thread {thread_id!r} is gone")
-                return Result(AttemptOutcome.GONE, error=gone), None
-            meta = self._rules.metadata(thread_id, state, c.target)
-            state_json = json.dumps(state)
-            return (Result(AttemptOutcome.OK, meta=meta, fold_state=state, state_bytes=len(state_json),
-                           incarnation=incarnation),
-                    RowWrite(meta, state_json, incarnation))
+            return step()
         except (ThreadDiscarded, ThreadNotFound) as exc:  # removed while this attempt ran
-            return Result(AttemptOutcome.GONE, error=exc), None
+            return Result(AttemptOutcome.GONE, error=exc)
         except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
             if in_caller and not isinstance(exc, Exception):
                 raise
-            return _failure(exc), None
+            return _failure(exc)
+
+    def _start(self, c: Claim, live: int | None) -> _Start | Result:
+        """Where one claim's fold starts; ``live`` is the thread's incarnation read for the
+        batch (``None``: not live then). The rows are the buffered items when they start
+        there, else ``None`` (read from history)."""
+        thread_id = c.state.thread_id
+        # Read before the fold, so a commit of this fold is refused if the thread is
+        # deleted and created again meanwhile; if that happened already (in another
+        # process), what this one cached is another thread's: start over. A thread
+        # not live in the batch's read is read again, to raise why.
+        incarnation = live if live is not None else self._history.incarnation(thread_id)
+        if c.incarnation is not None and incarnation != c.incarnation:
+            return Result(AttemptOutcome.REBORN, head=self._history.head(thread_id))
+        base, state = self._start_state(c)
+        buffered = c.items if c.items is not None and base == c.base else None
+        return _Start(incarnation, base, state, buffered)
+
+    def _finish(self, c: Claim, s: _Start, first: list[StoredRow]) -> tuple[Result, RowWrite] | Result:
+        """Fold one claim's items (``first``, then the rest of history in pages, if the
+        first page did not reach the target) and build its row."""
+        thread_id = c.state.thread_id
+        state, seq = s.state, s.base
+        for row in first:
+            state = self._rules.apply(state, self._item(row), row.ts_us)
+            seq = row.seq
+        if s.rows is None and len(first) == _PAGE:
+            for page in history_pages(self._history, thread_id, seq, c.target, _PAGE):
+                for row in page:
+                    state = self._rules.apply(state, self._item(row), row.ts_us)
+                seq = page[-1].seq
+        if seq != c.target:
+            return Result(AttemptOutcome.GONE, error=ThreadDiscarded(f"thread {thread_id!r} is gone"))
+        meta = self._rules.metadata(thread_id, state, c.target)
+        state_json = json.dumps(state)
+        return (Result(AttemptOutcome.OK, meta=meta, fold_state=state, state_bytes=len(state_json),
+                       incarnation=s.incarnation),
+                RowWrite(meta, state_json, s.incarnation))
 
     def _item(self, row: StoredRow) -> dict[str, object]:
         """The item to fold: parsed only if a rule reads its type. Most items are

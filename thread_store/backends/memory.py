@@ -22,7 +22,7 @@ from ..model import (TEXT_FIELDS, BehindThread, EncodedItem, FailedThread, Page,
                      ThreadMetadata, caller_copy, us_from_utc, utc)
 from ..storage import (Appended, Capabilities, Checkpoint, CommitOutcome, CommitResult, Failure,
                        IdempotencyKey, Lag, ListQuery, RowWrite, StoredRow, StoredTraces,
-                       encode_cursor)
+                       encode_cursor, read_each)
 
 CAPABILITIES = Capabilities(reopen=False, read_only=False, durability_full=False, backup=False,
                             files=False)
@@ -130,6 +130,10 @@ class MemoryHistory:
             if thread is None:
                 return []
             return thread.items[after_seq:min(upto_seq, after_seq + limit)]
+
+    def read_many(self, ranges: Sequence[tuple[str, int, int]], limit: int) -> dict[str, list[StoredRow]]:
+        """:meth:`read` for each range (``HistoryLog.read_many``)."""
+        return read_each(self.read, ranges, limit)
 
     def traces(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> StoredTraces:
         """The traceparents of appends ending in ``(after_seq, upto_seq]``, at most ``limit``."""

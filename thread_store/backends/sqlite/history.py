@@ -19,7 +19,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from . import _connections
 from ._filelock import ProcessLock
@@ -30,7 +30,7 @@ from ._history_schema import MIGRATIONS, SCHEMA_VERSION
 from .._lru import LRU
 from ...errors import StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
 from ...model import EncodedItem
-from ...storage import StoredRow, StoredTraces
+from ...storage import StoredRow, StoredTraces, read_each
 
 _RANGE = ("SELECT seq, ts_us, item FROM items WHERE thread_id = ? AND seq > ? AND seq <= ? "
           "ORDER BY seq LIMIT ?")
@@ -305,6 +305,10 @@ class History(BehindMarks, GroupAppends):
         """Return up to ``limit`` items with ``after_seq < seq <= upto_seq``, in order."""
         rows = self._readers.fetchall("history", _RANGE, (thread_id, after_seq, upto_seq, limit))
         return [StoredRow(seq, ts_us, text) for seq, ts_us, text in rows]
+
+    def read_many(self, ranges: Sequence[tuple[str, int, int]], limit: int) -> dict[str, list[StoredRow]]:
+        """:meth:`read` for each range (``HistoryLog.read_many``): no round trips to save."""
+        return read_each(self.read, ranges, limit)
 
     # -- internals ------------------------------------------------------------------------
 
