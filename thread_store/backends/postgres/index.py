@@ -12,6 +12,7 @@ one. Inside this process, writes serialize on ``write_lock``, under which ``fenc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -260,7 +261,10 @@ class Index:
         if len(params) == 1 and per_row is None:
             return {params[0]["thread_id"]: _live(conn.execute(self._commit_row, params[0]).fetchone())}
         current: dict[str, int | None] = {}
-        with conn.transaction():
+        # Several rows in pipeline mode: BEGIN goes out with the statements, so the group
+        # commit is two round trips (the statements, then COMMIT), not three. COMMIT
+        # still waits for their results, so a fence set meanwhile rolls them back.
+        with conn.pipeline() if per_row is None else contextlib.nullcontext(), conn.transaction():
             if per_row is None:
                 with conn.cursor() as cur:
                     cur.executemany(self._commit_row, params, returning=True)
