@@ -1,4 +1,5 @@
-"""``python -m benchmarks [--quick | --full | --smoke] [--scale] [--out DIR]``: run everything side by side.
+"""``python -m benchmarks [--quick | --full | --smoke] [--scale] [--only postgres] [--out DIR]``:
+run everything side by side.
 
 Writes ``DIR/bench.md`` (the table), ``DIR/bench.json`` (raw percentiles) and
 ``DIR/bench.png`` (append and barrier latency CDFs). ``thread-store bench`` calls
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import subprocess
 import sys
 import tempfile
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import at_scale, pg_systems, processes, report, rss, scale
+from .pg_report import targets as pg_targets
 from .peer_eventsourcing import PeerSystem
 from .systems import RawSQLite, ThreadStoreSystem
 from .workloads import (
@@ -67,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--postgres", action=argparse.BooleanOptionalAction, default=None,
                         help="run the PostgreSQL benchmarks on a throwaway server started from the "
                              "machine's binaries (default: when initdb and pg_ctl are found)")
+    parser.add_argument("--only", choices=["postgres"],
+                        help=("run only this part (writes bench-postgres.md and .json into --out: "
+                              "its targets and tables, as in the full report)"))
     args = parser.parse_args(argv)
     config = MODES[args.mode or "full"]
     if args.scale:
@@ -77,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.postgres and missing:
         parser.error(f"--postgres: {missing}")
     postgres: bool | str = (missing or True) if args.postgres is None else args.postgres
+    if args.only == "postgres":
+        if missing or args.postgres is False:
+            parser.error(f"--only postgres: {missing or 'PostgreSQL left out (--no-postgres)'}")
+        return _postgres_only(config, args.out)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="thread_store-bench-") as tmp:
         results, cdf = run_all(config, Path(tmp), postgres=postgres)
@@ -85,6 +95,23 @@ def main(argv: list[str] | None = None) -> int:
     paths = report.write(results, cdf, args.out)
     print(paths["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _postgres_only(config: Config, out: Path) -> int:
+    """``--only postgres``: the PostgreSQL phase alone, its targets and tables."""
+    from . import postgres as pg  # needs psycopg and eventsourcing's PostgreSQL module
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="thread_store-bench-") as tmp:
+        section = pg.run(config, Path(tmp))
+    lines = [f"# thread_store benchmarks, PostgreSQL only ({config.mode} mode)", "",
+             f"Wall time {time.perf_counter() - started:.0f} s.", "", *report.target_rows(
+                 pg_targets(section)), *report.postgres_section(section)]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench-postgres.json").write_text(json.dumps(report.finite(section), indent=2) + "\n")
+    (out / "bench-postgres.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     return 0
 
 
