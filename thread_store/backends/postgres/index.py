@@ -1,9 +1,9 @@
 """The projected rows in PostgreSQL: ``meta`` (one row per thread) and ``failures``.
 
-A group commit is one transaction with ``synchronous_commit=off``: the rows are derived
-data, and WAL order keeps a projection from outliving the items it folded. A commit of
-one row is one statement, its own transaction: one round trip (``append_and_flush``). It never
-locks a ``threads`` row, so appends never wait on it. A row is inserted only for a live
+A group commit is one statement, its own transaction with ``synchronous_commit=off``
+(one round trip, however many rows; ``append_and_flush`` commits one): the rows are
+derived data, and WAL order keeps a projection from outliving the items it folded. It
+never locks a ``threads`` row against appends, so appends never wait on it. A row is inserted only for a live
 thread (it is selected from ``threads``), and an update never moves ``projected_seq``
 backwards, so a late projection can neither resurrect a removed thread nor undo a newer
 one. Inside this process, writes serialize on ``write_lock``, under which ``fenced``
@@ -12,7 +12,6 @@ one. Inside this process, writes serialize on ``write_lock``, under which ``fenc
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import threading
@@ -35,35 +34,44 @@ _COLUMNS = ("thread_id", *TEXT_FIELDS, "token_usage", "exact", *(f"{t[:-3]}_us" 
 _READ_COLUMNS = _COLUMNS[:-3]
 _TYPES = {"item_count": "bigint", "projected_seq": "bigint", "is_archived": "boolean",
           "has_preview": "boolean", **{f"{t[:-3]}_us": "bigint" for t in _TIMES}}
-_PLACEHOLDERS = ", ".join(f"%({c})s::{_TYPES.get(c, 'text')}" for c in _COLUMNS)
-#: One row's projection commit, in ONE statement (on an autocommit connection, its own
-#: transaction): the guarded upsert, and the clear of the thread's recorded failure. It
-#: returns the thread's live incarnation (NULL: removed), which tells the caller whether
-#: the row was refused as ``gone``; a row is written only for a thread live at the row's
-#: incarnation, and never moves ``projected_seq`` back. The settings are local to the
-#: statement's transaction and set by the filter of ``live``, which every write of the
-#: statement reads first: ``synchronous_commit`` is read when the transaction commits,
-#: ``lock_timeout`` (NULL: the session's) before the upsert or the delete can wait on a
-#: row lock of another session. ``live`` holds the thread's row ``FOR KEY SHARE``: an
-#: append's head update (``FOR NO KEY UPDATE``) never waits for it, but a removal, which
-#: locks the row ``FOR UPDATE`` before it deletes the ``meta`` row, does; and a projection
-#: that waits for a removal re-reads the row once it commits, so it cannot insert a row
-#: for a thread removed meanwhile (the statement's snapshot alone would still show it live).
-_COMMIT_ROW = (
-    "WITH live AS (SELECT t.incarnation FROM {s}.threads t "
-    "WHERE t.thread_id = %(thread_id)s AND t.discarded_us IS NULL "
+_ARRAYS = ", ".join(f"%({c})b::{({**_TYPES, 'inc': 'bigint'}).get(c, 'text')}[]"
+                    for c in (*_COLUMNS, "inc"))
+#: A group's projection commit, in ONE statement (on an autocommit connection, its own
+#: transaction; the rows' values in binary arrays, one per column): the guarded upserts,
+#: and the clear of each thread's recorded failure. It returns each thread's live
+#: incarnation (NULL: removed), which tells the caller whether its row was refused as
+#: ``gone``; a row is written only for a thread live at the row's incarnation, and never
+#: moves ``projected_seq`` back. The settings are local to the statement's transaction and
+#: set by the filter of ``live``, which every write of the statement reads first:
+#: ``synchronous_commit`` is read when the transaction commits, ``lock_timeout`` (NULL: the
+#: session's) before the upsert or the delete can wait on a row lock of another session.
+#: ``live`` holds the threads' rows ``FOR KEY SHARE``, in thread id order (as the upsert
+#: takes the ``meta`` rows: so commits of overlapping groups in several processes wait
+#: for each other, never deadlock): an append's head update (``FOR NO KEY UPDATE``) never
+#: waits for it, but a removal, which locks the row ``FOR UPDATE`` before it deletes the
+#: ``meta`` row, does; and a projection that waits for a removal re-reads the row once it
+#: commits, so it cannot insert a row for a thread removed meanwhile (the statement's
+#: snapshot alone would still show it live). One statement, not a transaction of one per
+#: row: psycopg's pipeline mode, which ``executemany`` uses, polls the socket holding the
+#: GIL until the results come, and the appends of the process waited for it.
+_COMMIT_ROWS = (
+    f"WITH v AS (SELECT * FROM unnest({_ARRAYS}) AS v({', '.join(_COLUMNS)}, inc)), "
+    "live AS (SELECT t.thread_id, t.incarnation FROM {s}.threads t "
+    "WHERE t.thread_id IN (SELECT thread_id FROM v) AND t.discarded_us IS NULL "
     "AND set_config('synchronous_commit', 'off', true) IS NOT NULL "
     "AND set_config('lock_timeout', coalesce(%(lock_timeout)s::text, "
-    "current_setting('lock_timeout')), true) IS NOT NULL FOR KEY SHARE OF t), "
+    "current_setting('lock_timeout')), true) IS NOT NULL "
+    "ORDER BY t.thread_id FOR KEY SHARE OF t), "
     f"up AS (INSERT INTO {{s}}.meta (incarnation, {', '.join(_COLUMNS)}) "
-    f"SELECT live.incarnation, {_PLACEHOLDERS} FROM live WHERE live.incarnation = %(inc)s "
+    f"SELECT live.incarnation, {', '.join(f'v.{c}' for c in _COLUMNS)} FROM v JOIN live "
+    "ON live.thread_id = v.thread_id AND live.incarnation = v.inc ORDER BY v.thread_id "
     "ON CONFLICT (thread_id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
     + " WHERE meta.incarnation = excluded.incarnation "
       "AND meta.projected_seq <= excluded.projected_seq), "
-    "cleared AS (DELETE FROM {s}.failures WHERE thread_id = %(thread_id)s AND generation <= %(projected_seq)s "
-    "AND EXISTS (SELECT 1 FROM live WHERE live.incarnation = %(inc)s)) "
-    "SELECT (SELECT incarnation FROM live)")
+    "cleared AS (DELETE FROM {s}.failures f USING v JOIN live ON live.thread_id = v.thread_id "
+    "AND live.incarnation = v.inc WHERE f.thread_id = v.thread_id AND f.generation <= v.projected_seq) "
+    "SELECT v.thread_id, live.incarnation FROM v LEFT JOIN live ON live.thread_id = v.thread_id")
 _SELECT = f"SELECT {', '.join(_READ_COLUMNS)} FROM {{s}}.meta"
 _CHECKPOINT = ("SELECT m.projected_seq, m.state, (SELECT error FROM {s}.failures "
                "WHERE thread_id = %(t)s) FROM (SELECT 1) one LEFT JOIN {s}.meta m "
@@ -142,12 +150,6 @@ def _unstorable(values: dict[str, Any]) -> str | None:
     return None
 
 
-def _live(row: tuple[Any, ...] | None) -> int | None:
-    """The live incarnation ``_COMMIT_ROW`` answered (its one row, always there)."""
-    assert row is not None
-    return None if row[0] is None else int(row[0])
-
-
 def _like(word: str) -> str:
     """``%word%`` with LIKE's wildcards and escape character escaped."""
     return "%" + word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
@@ -168,7 +170,7 @@ class Index:
         self._active: psycopg.Connection[Any] | None = None
         #: When a commit last wrote rows (monotonic), for housekeeping.
         self.last_write = float("-inf")
-        self._commit_row = db.q(_COMMIT_ROW)
+        self._commit_rows = db.q(_COMMIT_ROWS)
         self._checkpoint = db.q(_CHECKPOINT)
         self._record = db.q(_RECORD_FAILURE)
 
@@ -254,40 +256,38 @@ class Index:
 
     def _statements(self, conn: psycopg.Connection[Any], params: list[dict[str, Any]],
                     per_row: dict[str, ThreadStoreError] | None) -> dict[str, int | None]:
-        """One row: its statement alone, its own transaction (it sets what ``SET LOCAL``
-        would, see ``_COMMIT_ROW``). Several: one transaction of them."""
+        """All rows: one statement, its own transaction (it sets what ``SET LOCAL`` would,
+        see ``_COMMIT_ROWS``). Row by row (``per_row``): one transaction, a savepoint and
+        that statement per row, a refused row's error into ``per_row``."""
         if self.fenced:
             raise _Fenced()
-        if len(params) == 1 and per_row is None:
-            return {params[0]["thread_id"]: _live(conn.execute(self._commit_row, params[0]).fetchone())}
+        if per_row is None:
+            return self._commit_group(conn, params)
         current: dict[str, int | None] = {}
-        # Several rows in pipeline mode: BEGIN goes out with the statements, so the group
-        # commit is two round trips (the statements, then COMMIT), not three. COMMIT
-        # still waits for their results, so a fence set meanwhile rolls them back.
-        with conn.pipeline() if per_row is None else contextlib.nullcontext(), conn.transaction():
-            if per_row is None:
-                with conn.cursor() as cur:
-                    cur.executemany(self._commit_row, params, returning=True)
-                    for values in params:
-                        current[values["thread_id"]] = _live(cur.fetchone())
-                        cur.nextset()
-            else:
-                for values in params:
-                    thread_id = values["thread_id"]
-                    if self.fenced:
-                        raise _Fenced()
-                    try:
-                        with conn.transaction():  # a savepoint
-                            current[thread_id] = _live(conn.execute(self._commit_row, values).fetchone())
-                    except psycopg.Error as exc:
-                        if is_transient(exc) or self.fenced:
-                            raise
-                        per_row[thread_id] = translate(
-                            exc, "the thread's metadata row could not be stored in PostgreSQL")
-                        per_row[thread_id].__cause__ = exc
+        with conn.transaction():
+            for values in params:
+                thread_id = values["thread_id"]
+                if self.fenced:
+                    raise _Fenced()
+                try:
+                    with conn.transaction():  # a savepoint
+                        current.update(self._commit_group(conn, [values]))
+                except psycopg.Error as exc:
+                    if is_transient(exc) or self.fenced:
+                        raise
+                    per_row[thread_id] = translate(
+                        exc, "the thread's metadata row could not be stored in PostgreSQL")
+                    per_row[thread_id].__cause__ = exc
             if self.fenced:  # close() gave up waiting for this transaction: write nothing
                 raise _Fenced()
         return current
+
+    def _commit_group(self, conn: psycopg.Connection[Any], params: list[dict[str, Any]]) -> dict[str, int | None]:
+        """Run ``_COMMIT_ROWS`` for these rows: each thread's live incarnation."""
+        arrays: dict[str, Any] = {c: [values[c] for values in params] for c in (*_COLUMNS, "inc")}
+        arrays["lock_timeout"] = params[0]["lock_timeout"]
+        return {str(t): None if inc is None else int(inc)
+                for t, inc in conn.execute(self._commit_rows, arrays).fetchall()}
 
     def record_failures(self, failures: Sequence[Failure]) -> None:
         """Record projections that failed for good (``MetadataIndex.record_failures``)."""
