@@ -21,7 +21,7 @@ from ._state import Claim
 from .derive import ProjectionRules
 from .errors import (ThreadDiscarded, ThreadNotFound, ThreadStoreError, TransientProjectionError,
                      TransientStorageError, describe)
-from .storage import CommitOutcome, HistoryLog, MetadataIndex, RowWrite, StoredRow
+from .storage import Checkpoint, CommitOutcome, HistoryLog, MetadataIndex, RowWrite, StoredRow
 from .tracing import MAX_LINKS, Links, Projection, Telemetry, merge_links
 
 ProjectionHook = Callable[[str, int], None]
@@ -58,6 +58,12 @@ class _Start(NamedTuple):
     base: int
     state: dict[str, object]
     rows: list[StoredRow] | None
+
+
+def _reads_stored(c: Claim) -> bool:
+    """Whether the claim looks at the thread's stored row: it resumes no cached fold
+    with buffered items (it knows no fold here, or other processes appended since)."""
+    return not c.refold and (c.fold_state is None or c.items is None)
 
 
 def history_pages(history: HistoryLog, thread_id: str, after_seq: int, upto_seq: int,
@@ -178,10 +184,13 @@ class AttemptRunner:
         # refuses its row if the thread was removed or created again meanwhile (``gone``:
         # the cached state is dropped and the next attempt reads the incarnation): no read.
         unknown = [c.state.thread_id for c in hooked if _cached_incarnation(c) is None]
+        wanted = [c.state.thread_id for c in hooked if _reads_stored(c)]
         try:
-            # One read for the batch (a round trip per thread was most of a PostgreSQL
-            # projector's time), after the hooks and before the folds.
+            # One read each for the batch (a round trip per thread was most of a PostgreSQL
+            # projector's time), after the hooks and before the folds; the incarnations
+            # first, so a stored row read after them is of the live thread or refused.
             live = self._history.incarnations(unknown) if unknown else {}
+            stored = self._index.checkpoints(wanted) if wanted else {}
         except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
             if in_caller and not isinstance(exc, Exception):
                 raise
@@ -191,7 +200,8 @@ class AttemptRunner:
         for c in hooked:
             known = _cached_incarnation(c)
             begun = self._guarded(c, in_caller, partial(
-                self._start, c, live.get(c.state.thread_id) if known is None else known))
+                self._start, c, live.get(c.state.thread_id) if known is None else known,
+                stored.get(c.state.thread_id) if _reads_stored(c) else None))
             if isinstance(begun, Result):
                 results[id(c)] = begun
             else:
@@ -244,10 +254,12 @@ class AttemptRunner:
                 raise
             return _failure(exc)
 
-    def _start(self, c: Claim, live: int | None) -> _Start | Result:
+    def _start(self, c: Claim, live: int | None, stored: Checkpoint | None) -> _Start | Result:
         """Where one claim's fold starts; ``live`` is the thread's incarnation read for the
-        batch (``None``: not live then). The rows are the buffered items when they start
-        there, else ``None`` (read from history)."""
+        batch (``None``: not live then), ``stored`` its row's checkpoint if the batch read
+        it. The rows are the buffered items when they start there, else ``None`` (read
+        from history). A stored row of the live thread that covers the target (another
+        process projected it) ends the attempt: nothing to fold or write."""
         thread_id = c.state.thread_id
         # Read before the fold, so a commit of this fold is refused if the thread is
         # deleted and created again meanwhile; if that happened already (in another
@@ -256,7 +268,10 @@ class AttemptRunner:
         incarnation = live if live is not None else self._history.incarnation(thread_id)
         if c.incarnation is not None and incarnation != c.incarnation:
             return Result(AttemptOutcome.REBORN, head=self._history.head(thread_id))
-        base, state = self._start_state(c)
+        ahead = stored if stored is not None and stored.incarnation == incarnation else None
+        if ahead is not None and ahead.projected_seq >= c.target:
+            return Result(AttemptOutcome.OK, incarnation=incarnation, covered=True)
+        base, state = self._start_state(c, stored, ahead)
         buffered = c.items if c.items is not None and base == c.base else None
         return _Start(incarnation, base, state, buffered)
 
@@ -290,13 +305,20 @@ class AttemptRunner:
             return item
         return {"type": kind}
 
-    def _start_state(self, c: Claim) -> tuple[int, dict[str, object]]:
-        """The fold state to resume from, and its seq: cached, stored, or initial."""
+    def _start_state(self, c: Claim, stored: Checkpoint | None,
+                     ahead: Checkpoint | None) -> tuple[int, dict[str, object]]:
+        """The fold state to resume from, and its seq: cached, stored, or initial. A row
+        of the live thread (``ahead``, below the target) further than the cached fold
+        saves folding again what other processes' projections folded."""
         thread_id = c.state.thread_id
         if not c.refold:
+            if ahead is not None and ahead.fold_state is not None and (
+                    c.fold_state is None or ahead.projected_seq > c.base):
+                return ahead.projected_seq, json.loads(ahead.fold_state)
             if c.fold_state is not None:
                 return c.base, c.fold_state
-            stored = self._index.checkpoint(thread_id)
+            if stored is None:
+                stored = self._index.checkpoint(thread_id)
             if stored.fold_state is not None and stored.projected_seq <= c.target:
                 return stored.projected_seq, json.loads(stored.fold_state)
         # No row yet, or the row is ahead of history (power loss): fold from the start.

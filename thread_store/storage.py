@@ -87,6 +87,10 @@ class Checkpoint:
     projected_seq: int
     fold_state: str | None
     last_error: str | None = None
+    #: The incarnation of the thread the row was folded from, as
+    #: :meth:`MetadataIndex.checkpoints` gives it where the backend stores it (``None``:
+    #: not given).
+    incarnation: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +234,13 @@ def read_each(read: Callable[[str, int, int, int], list[StoredRow]],
     return {thread_id: read(thread_id, after, upto, limit) for thread_id, after, upto in ranges}
 
 
+def checkpoint_each(checkpoint: Callable[[str], Checkpoint], thread_ids: Sequence[str]) -> dict[str, Checkpoint]:
+    """:meth:`MetadataIndex.checkpoints` by one ``checkpoint`` per thread, for a backend
+    whose reads cost no round trip."""
+    found = {thread_id: checkpoint(thread_id) for thread_id in thread_ids}
+    return {thread_id: cp for thread_id, cp in found.items() if cp.fold_state is not None}
+
+
 # -- what every backend's fence does ----------------------------------------------------
 
 
@@ -346,6 +357,10 @@ class MetadataIndex(Protocol):
         """Where the thread's projection stands in the store (``projected_seq`` 0 and no
         fold state without a row), with the failure recorded for it, if any."""
 
+    def checkpoints(self, thread_ids: Sequence[str]) -> dict[str, Checkpoint]:
+        """:meth:`checkpoint` of those of ``thread_ids`` that have a row, in one read: a
+        projection asks for the threads of its batch that resume no fold of its own."""
+
     def commit(self, rows: Sequence[RowWrite], *, position: int,
                may_write: Callable[[str], bool], deadline: float | None) -> CommitResult:
         """Write the rows in one transaction (a group commit), each with its
@@ -456,4 +471,4 @@ class Storage(Protocol):
 
 __all__ = ["MEMORY", "Appended", "Capabilities", "Checkpoint", "CommitOutcome", "CommitResult", "Failure",
            "HistoryLog", "IdempotencyKey", "Lag", "ListQuery", "MetadataIndex", "RowWrite",
-           "Storage", "StoredRow", "StoredTraces", "decode_cursor", "encode_cursor", "read_each"]
+           "Storage", "StoredRow", "StoredTraces", "checkpoint_each", "decode_cursor", "encode_cursor", "read_each"]

@@ -22,7 +22,7 @@ from ..model import (TEXT_FIELDS, BehindThread, EncodedItem, FailedThread, Page,
                      ThreadMetadata, caller_copy, us_from_utc, utc)
 from ..storage import (Appended, Capabilities, Checkpoint, CommitOutcome, CommitResult, Failure,
                        IdempotencyKey, Lag, ListQuery, RowWrite, StoredRow, StoredTraces,
-                       encode_cursor, read_each)
+                       checkpoint_each, encode_cursor, read_each)
 
 CAPABILITIES = Capabilities(reopen=False, read_only=False, durability_full=False, backup=False,
                             files=False)
@@ -246,6 +246,10 @@ class MemoryIndex:
         if row is None:
             return Checkpoint(0, None, error)
         return Checkpoint(row.meta.projected_seq, row.fold_state, error)
+
+    def checkpoints(self, thread_ids: Sequence[str]) -> dict[str, Checkpoint]:
+        """:meth:`checkpoint` of those with a row (``MetadataIndex.checkpoints``)."""
+        return checkpoint_each(self.checkpoint, thread_ids)
 
     def commit(self, rows: Sequence[RowWrite], *, position: int,
                may_write: Callable[[str], bool], deadline: float | None) -> CommitResult:

@@ -34,10 +34,15 @@ _COLUMNS = ("thread_id", *TEXT_FIELDS, "token_usage", "exact", *(f"{t[:-3]}_us" 
 _READ_COLUMNS = _COLUMNS[:-3]
 _TYPES = {"item_count": "bigint", "projected_seq": "bigint", "is_archived": "boolean",
           "has_preview": "boolean", **{f"{t[:-3]}_us": "bigint" for t in _TIMES}}
-_ARRAYS = ", ".join(f"%({c})b::{({**_TYPES, 'inc': 'bigint'}).get(c, 'text')}[]"
-                    for c in (*_COLUMNS, "inc"))
+_WRITTEN = (*_COLUMNS, "inc")
+_WRITTEN_TYPES = [{**_TYPES, "inc": "bigint"}.get(c, "text") for c in _WRITTEN]
+#: The rows of ``_COMMIT_ROWS``: one row's values, or several rows' in binary arrays (one
+#: per column). Arrays for one row doubled the client's time of ``append_and_flush``
+#: (psycopg dumps a list in Python); several rows as scalars cost more per row still.
+_ONE = "(VALUES (" + ", ".join(f"%s::{t}" for t in _WRITTEN_TYPES) + "))"
+_MANY = "unnest(" + ", ".join(f"%b::{t}[]" for t in _WRITTEN_TYPES) + ")"
 #: A group's projection commit, in ONE statement (on an autocommit connection, its own
-#: transaction; the rows' values in binary arrays, one per column): the guarded upserts,
+#: transaction; ``{rows}`` is ``_ONE`` or ``_MANY``, then comes ``lock_timeout``): the guarded upserts,
 #: and the clear of each thread's recorded failure. It returns each thread's live
 #: incarnation (NULL: removed), which tells the caller whether its row was refused as
 #: ``gone``; a row is written only for a thread live at the row's incarnation, and never
@@ -55,11 +60,11 @@ _ARRAYS = ", ".join(f"%({c})b::{({**_TYPES, 'inc': 'bigint'}).get(c, 'text')}[]"
 #: row: psycopg's pipeline mode, which ``executemany`` uses, polls the socket holding the
 #: GIL until the results come, and the appends of the process waited for it.
 _COMMIT_ROWS = (
-    f"WITH v AS (SELECT * FROM unnest({_ARRAYS}) AS v({', '.join(_COLUMNS)}, inc)), "
+    f"WITH v AS (SELECT * FROM {{rows}} AS v({', '.join(_WRITTEN)})), "
     "live AS (SELECT t.thread_id, t.incarnation FROM {s}.threads t "
     "WHERE t.thread_id IN (SELECT thread_id FROM v) AND t.discarded_us IS NULL "
     "AND set_config('synchronous_commit', 'off', true) IS NOT NULL "
-    "AND set_config('lock_timeout', coalesce(%(lock_timeout)s::text, "
+    "AND set_config('lock_timeout', coalesce(%s::text, "
     "current_setting('lock_timeout')), true) IS NOT NULL "
     "ORDER BY t.thread_id FOR KEY SHARE OF t), "
     f"up AS (INSERT INTO {{s}}.meta (incarnation, {', '.join(_COLUMNS)}) "
@@ -76,6 +81,9 @@ _SELECT = f"SELECT {', '.join(_READ_COLUMNS)} FROM {{s}}.meta"
 _CHECKPOINT = ("SELECT m.projected_seq, m.state, (SELECT error FROM {s}.failures "
                "WHERE thread_id = %(t)s) FROM (SELECT 1) one LEFT JOIN {s}.meta m "
                "ON m.thread_id = %(t)s")
+_CHECKPOINTS = ("SELECT m.thread_id, m.projected_seq, m.state, f.error, m.incarnation FROM {s}.meta m "
+                "LEFT JOIN {s}.failures f ON f.thread_id = m.thread_id "
+                "WHERE m.thread_id = ANY(%b::text[])")
 _RECORD_FAILURE = (
     "INSERT INTO {s}.failures (thread_id, generation, error) SELECT %(t)s, %(g)s, %(e)s "
     "WHERE NOT EXISTS (SELECT 1 FROM {s}.meta WHERE thread_id = %(t)s AND projected_seq >= %(g)s) "
@@ -170,8 +178,10 @@ class Index:
         self._active: psycopg.Connection[Any] | None = None
         #: When a commit last wrote rows (monotonic), for housekeeping.
         self.last_write = float("-inf")
-        self._commit_rows = db.q(_COMMIT_ROWS)
+        self._commit_one = db.q(_COMMIT_ROWS.replace("{rows}", _ONE))
+        self._commit_many = db.q(_COMMIT_ROWS.replace("{rows}", _MANY))
         self._checkpoint = db.q(_CHECKPOINT)
+        self._checkpoints = db.q(_CHECKPOINTS)
         self._record = db.q(_RECORD_FAILURE)
 
     # -- writes ---------------------------------------------------------------------------
@@ -284,10 +294,13 @@ class Index:
 
     def _commit_group(self, conn: psycopg.Connection[Any], params: list[dict[str, Any]]) -> dict[str, int | None]:
         """Run ``_COMMIT_ROWS`` for these rows: each thread's live incarnation."""
-        arrays: dict[str, Any] = {c: [values[c] for values in params] for c in (*_COLUMNS, "inc")}
-        arrays["lock_timeout"] = params[0]["lock_timeout"]
+        if len(params) == 1:
+            query, values = self._commit_one, [params[0][c] for c in _WRITTEN]
+        else:
+            query, values = self._commit_many, [[row[c] for row in params] for c in _WRITTEN]
+        values.append(params[0]["lock_timeout"])
         return {str(t): None if inc is None else int(inc)
-                for t, inc in conn.execute(self._commit_rows, arrays).fetchall()}
+                for t, inc in conn.execute(query, values).fetchall()}
 
     def record_failures(self, failures: Sequence[Failure]) -> None:
         """Record projections that failed for good (``MetadataIndex.record_failures``)."""
@@ -329,6 +342,12 @@ class Index:
             row = conn.execute(self._checkpoint, {"t": thread_id}).fetchone()
         assert row is not None
         return Checkpoint(int(row[0] or 0), row[1], row[2])
+
+    def checkpoints(self, thread_ids: Sequence[str]) -> dict[str, Checkpoint]:
+        """The checkpoints of those with a row, in one read (``MetadataIndex.checkpoints``)."""
+        with self._db.connection("reading projection checkpoints") as conn:
+            rows = conn.execute(self._checkpoints, (list(thread_ids),)).fetchall()
+        return {str(t): Checkpoint(int(seq), state, error, int(inc)) for t, seq, state, error, inc in rows}
 
     def read(self, thread_id: str) -> ThreadMetadata | None:
         """The thread's projected metadata, or ``None`` without a row."""
