@@ -34,46 +34,56 @@ _COLUMNS = ("thread_id", *TEXT_FIELDS, "token_usage", "exact", *(f"{t[:-3]}_us" 
 _READ_COLUMNS = _COLUMNS[:-3]
 _TYPES = {"item_count": "bigint", "projected_seq": "bigint", "is_archived": "boolean",
           "has_preview": "boolean", **{f"{t[:-3]}_us": "bigint" for t in _TIMES}}
+_PLACEHOLDERS = ", ".join(f"%({c})s::{_TYPES.get(c, 'text')}" for c in _COLUMNS)
 _WRITTEN = (*_COLUMNS, "inc")
-_WRITTEN_TYPES = [{**_TYPES, "inc": "bigint"}.get(c, "text") for c in _WRITTEN]
-#: The rows of ``_COMMIT_ROWS``: one row's values, or several rows' in binary arrays (one
-#: per column). Arrays for one row doubled the client's time of ``append_and_flush``
-#: (psycopg dumps a list in Python); several rows as scalars cost more per row still.
-_ONE = "(VALUES (" + ", ".join(f"%s::{t}" for t in _WRITTEN_TYPES) + "))"
-_MANY = "unnest(" + ", ".join(f"%b::{t}[]" for t in _WRITTEN_TYPES) + ")"
-#: A group's projection commit, in ONE statement (on an autocommit connection, its own
-#: transaction; ``{rows}`` is ``_ONE`` or ``_MANY``, then comes ``lock_timeout``): the guarded upserts,
-#: and the clear of each thread's recorded failure. It returns each thread's live
-#: incarnation (NULL: removed), which tells the caller whether its row was refused as
-#: ``gone``; a row is written only for a thread live at the row's incarnation, and never
-#: moves ``projected_seq`` back. The settings are local to the statement's transaction and
-#: set by the filter of ``live``, which every write of the statement reads first:
-#: ``synchronous_commit`` is read when the transaction commits, ``lock_timeout`` (NULL: the
-#: session's) before the upsert or the delete can wait on a row lock of another session.
-#: ``live`` holds the threads' rows ``FOR KEY SHARE``, in thread id order (as the upsert
-#: takes the ``meta`` rows: so commits of overlapping groups in several processes wait
-#: for each other, never deadlock): an append's head update (``FOR NO KEY UPDATE``) never
-#: waits for it, but a removal, which locks the row ``FOR UPDATE`` before it deletes the
-#: ``meta`` row, does; and a projection that waits for a removal re-reads the row once it
-#: commits, so it cannot insert a row for a thread removed meanwhile (the statement's
-#: snapshot alone would still show it live). One statement, not a transaction of one per
-#: row: psycopg's pipeline mode, which ``executemany`` uses, polls the socket holding the
-#: GIL until the results come, and the appends of the process waited for it.
-_COMMIT_ROWS = (
-    f"WITH v AS (SELECT * FROM {{rows}} AS v({', '.join(_WRITTEN)})), "
+#: Filters of ``live`` that set the statement's transaction's settings (see ``_COMMIT_ONE``).
+_SETTINGS = ("AND set_config('synchronous_commit', 'off', true) IS NOT NULL "
+             "AND set_config('lock_timeout', coalesce(%(lock_timeout)s::text, "
+             "current_setting('lock_timeout')), true) IS NOT NULL ")
+#: The guarded upsert: only the row's incarnation, never ``projected_seq`` backwards.
+_UPSERT = ("ON CONFLICT (thread_id) DO UPDATE SET "
+           + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
+           + " WHERE meta.incarnation = excluded.incarnation "
+             "AND meta.projected_seq <= excluded.projected_seq")
+#: One row's projection commit, in ONE statement (on an autocommit connection, its own
+#: transaction): the guarded upsert, and the clear of the thread's recorded failure. It
+#: returns the thread's live incarnation (NULL: removed), which tells the caller whether
+#: the row was refused as ``gone``; a row is written only for a thread live at the row's
+#: incarnation, and never moves ``projected_seq`` back. The settings are local to the
+#: statement's transaction and set by the filter of ``live``, which every write of the
+#: statement reads first: ``synchronous_commit`` is read when the transaction commits,
+#: ``lock_timeout`` (NULL: the session's) before the upsert or the delete can wait on a
+#: row lock of another session. ``live`` holds the thread's row ``FOR KEY SHARE``: an
+#: append's head update (``FOR NO KEY UPDATE``) never waits for it, but a removal, which
+#: locks the row ``FOR UPDATE`` before it deletes the ``meta`` row, does; and a projection
+#: that waits for a removal re-reads the row once it commits, so it cannot insert a row
+#: for a thread removed meanwhile (the statement's snapshot alone would still show it live).
+_COMMIT_ONE = (
+    "WITH live AS (SELECT t.incarnation FROM {s}.threads t "
+    f"WHERE t.thread_id = %(thread_id)s AND t.discarded_us IS NULL {_SETTINGS}FOR KEY SHARE OF t), "
+    f"up AS (INSERT INTO {{s}}.meta (incarnation, {', '.join(_COLUMNS)}) "
+    f"SELECT live.incarnation, {_PLACEHOLDERS} FROM live WHERE live.incarnation = %(inc)s {_UPSERT}), "
+    "cleared AS (DELETE FROM {s}.failures WHERE thread_id = %(thread_id)s AND generation <= %(projected_seq)s "
+    "AND EXISTS (SELECT 1 FROM live WHERE live.incarnation = %(inc)s)) "
+    "SELECT %(thread_id)s::text, (SELECT incarnation FROM live)")
+#: Several rows' commit: ``_COMMIT_ONE`` over the rows' values in binary arrays (one per
+#: column), in ONE statement too, the threads' rows locked in thread id order (as the
+#: upsert takes the ``meta`` rows: commits of overlapping groups in several processes
+#: wait for each other, never deadlock). Not a transaction of ``_COMMIT_ONE`` per row:
+#: psycopg's pipeline mode, which ``executemany`` uses, polls the socket holding the GIL
+#: until the results come, and the process's appends waited for it (py-spy). Not this
+#: for one row: dumping arrays (in Python) and planning the joins cost ``append_and_flush``
+#: about 70 µs.
+_COMMIT_MANY = (
+    "WITH v AS (SELECT * FROM unnest("
+    + ", ".join(f"%({c})b::{_TYPES.get(c, 'bigint' if c == 'inc' else 'text')}[]" for c in _WRITTEN)
+    + f") AS v({', '.join(_WRITTEN)})), "
     "live AS (SELECT t.thread_id, t.incarnation FROM {s}.threads t "
-    "WHERE t.thread_id IN (SELECT thread_id FROM v) AND t.discarded_us IS NULL "
-    "AND set_config('synchronous_commit', 'off', true) IS NOT NULL "
-    "AND set_config('lock_timeout', coalesce(%s::text, "
-    "current_setting('lock_timeout')), true) IS NOT NULL "
+    f"WHERE t.thread_id IN (SELECT thread_id FROM v) AND t.discarded_us IS NULL {_SETTINGS}"
     "ORDER BY t.thread_id FOR KEY SHARE OF t), "
     f"up AS (INSERT INTO {{s}}.meta (incarnation, {', '.join(_COLUMNS)}) "
     f"SELECT live.incarnation, {', '.join(f'v.{c}' for c in _COLUMNS)} FROM v JOIN live "
-    "ON live.thread_id = v.thread_id AND live.incarnation = v.inc ORDER BY v.thread_id "
-    "ON CONFLICT (thread_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
-    + " WHERE meta.incarnation = excluded.incarnation "
-      "AND meta.projected_seq <= excluded.projected_seq), "
+    f"ON live.thread_id = v.thread_id AND live.incarnation = v.inc ORDER BY v.thread_id {_UPSERT}), "
     "cleared AS (DELETE FROM {s}.failures f USING v JOIN live ON live.thread_id = v.thread_id "
     "AND live.incarnation = v.inc WHERE f.thread_id = v.thread_id AND f.generation <= v.projected_seq) "
     "SELECT v.thread_id, live.incarnation FROM v LEFT JOIN live ON live.thread_id = v.thread_id")
@@ -178,8 +188,8 @@ class Index:
         self._active: psycopg.Connection[Any] | None = None
         #: When a commit last wrote rows (monotonic), for housekeeping.
         self.last_write = float("-inf")
-        self._commit_one = db.q(_COMMIT_ROWS.replace("{rows}", _ONE))
-        self._commit_many = db.q(_COMMIT_ROWS.replace("{rows}", _MANY))
+        self._commit_one = db.q(_COMMIT_ONE)
+        self._commit_many = db.q(_COMMIT_MANY)
         self._checkpoint = db.q(_CHECKPOINT)
         self._checkpoints = db.q(_CHECKPOINTS)
         self._record = db.q(_RECORD_FAILURE)
@@ -267,7 +277,7 @@ class Index:
     def _statements(self, conn: psycopg.Connection[Any], params: list[dict[str, Any]],
                     per_row: dict[str, ThreadStoreError] | None) -> dict[str, int | None]:
         """All rows: one statement, its own transaction (it sets what ``SET LOCAL`` would,
-        see ``_COMMIT_ROWS``). Row by row (``per_row``): one transaction, a savepoint and
+        see ``_COMMIT_ONE``). Row by row (``per_row``): one transaction, a savepoint and
         that statement per row, a refused row's error into ``per_row``."""
         if self.fenced:
             raise _Fenced()
@@ -293,12 +303,13 @@ class Index:
         return current
 
     def _commit_group(self, conn: psycopg.Connection[Any], params: list[dict[str, Any]]) -> dict[str, int | None]:
-        """Run ``_COMMIT_ROWS`` for these rows: each thread's live incarnation."""
+        """Run ``_COMMIT_ONE`` or ``_COMMIT_MANY`` for these rows: each thread's live incarnation."""
         if len(params) == 1:
-            query, values = self._commit_one, [params[0][c] for c in _WRITTEN]
+            query, values = self._commit_one, params[0]
         else:
-            query, values = self._commit_many, [[row[c] for row in params] for c in _WRITTEN]
-        values.append(params[0]["lock_timeout"])
+            query = self._commit_many
+            values = {c: [row[c] for row in params] for c in _WRITTEN}
+            values["lock_timeout"] = params[0]["lock_timeout"]
         return {str(t): None if inc is None else int(inc)
                 for t, inc in conn.execute(query, values).fetchall()}
 
