@@ -192,6 +192,17 @@ def traceparent(n: int) -> str:
     return f"00-{n:032x}-{n:016x}-01"
 
 
+def test_read_many_gives_each_range_what_read_gives(storage: Storage) -> None:
+    thread(storage, "a", 5)
+    thread(storage, "b", 3)
+    storage.history.create("empty", created_us=CREATED_US, first=None)
+    ranges = [("a", 1, 5), ("b", 0, 2), ("empty", 0, 9), ("unknown", 0, 9)]
+    got = storage.history.read_many(ranges, 3)
+    assert got["a"] == storage.history.read("a", 1, 5, 3) and [r.seq for r in got["a"]] == [2, 3, 4]
+    assert [r.seq for r in got["b"]] == [1, 2]
+    assert not got.get("empty") and not got.get("unknown")
+
+
 def test_an_append_stores_its_trace_context_with_its_last_item(storage: Storage) -> None:
     history = storage.history
     history.create("t", created_us=CREATED_US, first=item(0))  # creates store no context
@@ -264,6 +275,17 @@ def test_commit_writes_each_row_with_its_projected_seq(storage: Storage) -> None
     commit(storage, newer)
     assert storage.index.read("a") == newer.meta
     assert storage.index.checkpoint("a").projected_seq == 4
+
+
+def test_checkpoints_are_the_rows_checkpoints_of_the_live_thread(storage: Storage) -> None:
+    thread(storage, "a", 3)
+    thread(storage, "norow", 1)
+    commit(storage, row("a", 3, state='{"a": 3}'))
+    got = storage.index.checkpoints(["a", "norow", "unknown"])
+    assert set(got) == {"a"}
+    assert (got["a"].projected_seq, got["a"].fold_state) == (3, '{"a": 3}')
+    # Where the backend gives the row's incarnation, it is the live thread's.
+    assert got["a"].incarnation in (None, storage.history.incarnation("a"))
 
 
 def test_a_stored_row_never_moves_back(storage: Storage) -> None:
