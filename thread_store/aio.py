@@ -28,19 +28,22 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from . import _deadlines
 from ._aio_hop import Hop, OwnExecutor, call_soon, in_executor, set_once
 from ._options import check_open_kwargs
 from ._outcomes import Outcome, Success, Waiter
+from ._port_reads import complete
 from .derive import NOT_GIVEN, archive_edit_item, metadata_edit_item
-from .errors import InvalidArgument
+from .errors import DURABLE_NOTE, InvalidArgument, StorageError
 from .model import (Page, ProjectorStats, StoredItem, StoreReport, ThreadMetadata, ThreadStatus,
                     check_timeout)
+from .storage import NativeBarrierReads
 from .store import ThreadStore
 
 T = TypeVar("T")
@@ -68,6 +71,9 @@ class AsyncThreadStore:
         self._store = store
         self._barriers = store._barriers  # one barrier core, two faces (see _barriers)
         self._executor = OwnExecutor(EXECUTOR_WORKERS) if executor is None else executor
+        #: The backend's native asyncio reads for barriers, once :meth:`open` opened them;
+        #: ``None``: barriers read in the executor.
+        self._native: NativeBarrierReads | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, executor: Executor | None = None,
@@ -111,8 +117,14 @@ class AsyncThreadStore:
                                idempotency_key: str | None = None) -> ThreadMetadata:
         """See :meth:`ThreadStore.append_and_flush`; the wait holds no thread."""
         timeout = check_timeout(timeout)
-        return await self._barrier(
-            thread_id, lambda: self._barriers.append(thread_id, items, idempotency_key), timeout)
+        def append() -> int:
+            return self._barriers.append(thread_id, items, idempotency_key)
+
+        if self._native is not None:
+            loop = asyncio.get_running_loop()
+            return await self._awaited(thread_id, timeout, lambda deadline: Hop(
+                loop, self._executor, append).result(deadline))
+        return await self._barrier(thread_id, append, timeout)
 
     async def update_metadata(self, thread_id: str, *, name: str | None = NOT_GIVEN,
                               timeout: float | None = None) -> ThreadMetadata:
@@ -146,6 +158,10 @@ class AsyncThreadStore:
         :raises FlushTimeout: carries the target and projected generations.
         """
         timeout = check_timeout(timeout)
+        native = self._native
+        if native is not None:
+            return await self._awaited(thread_id, timeout, lambda deadline: self._barriers.target_in(
+                native, thread_id, generation))
         return await self._barrier(
             thread_id, lambda: self._barriers.target(thread_id, generation), timeout)
 
@@ -232,6 +248,10 @@ class AsyncThreadStore:
         finally:
             if isinstance(self._executor, OwnExecutor):
                 self._executor.shutdown(wait=False)  # its threads end once idle
+            native, self._native = self._native, None
+            if native is not None:
+                # Shielded: a close cancelled (again) still ends the pool's connections.
+                await asyncio.shield(native.close())
 
     async def __aenter__(self) -> Self:
         return self
@@ -278,8 +298,9 @@ class AsyncThreadStore:
 
         def begin() -> tuple[int, Waiter | None, Outcome | None]:
             generation = target()
-            waiter = barriers.begin(
-                thread_id, generation, lambda outcome: call_soon(loop, set_once, fut, outcome))
+            waiter = complete(barriers.begin_in(
+                barriers.port_reads, thread_id, generation,
+                lambda outcome: call_soon(loop, set_once, fut, outcome)))
             # Already projected: read the metadata here, in the executor, not on the loop.
             return generation, waiter, None if waiter is not None else barriers.read_outcome(thread_id)
 
@@ -288,22 +309,61 @@ class AsyncThreadStore:
         with barriers.span(thread_id) as info:
             info["target"] = generation
             if waiter is not None:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        outcome = await fut
-                except TimeoutError:
-                    # It may have been resolved while the timeout fired; withdrawing under
-                    # the projector lock tells which, as the sync wait() does.
-                    outcome = barriers.cancel(waiter)
-                except BaseException:
-                    barriers.cancel(waiter)
-                    info["outcome"] = "cancelled"
-                    raise
+                outcome = await self._outcome(waiter, fut, deadline, info)
             if isinstance(outcome, Success) and outcome.meta is None:
                 # Projected, but the outcome carried no row: read it off the loop.
                 outcome = await Hop(loop, self._executor,
                                      lambda: barriers.read_outcome(thread_id)).result(deadline)
             return barriers.settle(thread_id, generation, timeout, outcome, info)
+
+    async def _awaited(self, thread_id: str, timeout: float | None,
+                       generation_of: Callable[[float | None], Awaitable[int]]) -> ThreadMetadata:
+        """A barrier on the backend's native reads (PostgreSQL): no executor thread.
+
+        ``generation_of(deadline)`` gives the target (the head, read natively; or the
+        generation of an append, which hops). The waiter registers on the loop, under the
+        projector's lock; the target's, the checkpoint's and the metadata's reads run on
+        the loop too, each bounded by the deadline, and a cancelled read is cancelled on
+        the server. The projection itself still runs in the projector thread.
+        """
+        barriers, native = self._barriers, self._native
+        assert native is not None
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        fut: asyncio.Future[Outcome] = loop.create_future()
+        with _deadlines.until(deadline):
+            generation = await generation_of(deadline)
+            with barriers.span(thread_id) as info:
+                info["target"] = generation
+                try:
+                    waiter = await barriers.begin_in(
+                        native, thread_id, generation,
+                        lambda outcome: call_soon(loop, set_once, fut, outcome))
+                except StorageError as exc:
+                    if deadline is None or loop.time() < deadline:
+                        raise StorageError(f"{exc} {DURABLE_NOTE}") from exc
+                    # Its checkpoint read ran out of the barrier's time: a timeout.
+                    outcome: Outcome | None = None
+                else:
+                    outcome = Success(None) if waiter is None else await self._outcome(
+                        waiter, fut, deadline, info)
+                return await barriers.settle_in(native, thread_id, generation, timeout, outcome, info)
+
+    async def _outcome(self, waiter: Waiter, fut: asyncio.Future[Outcome], deadline: float | None,
+                       info: dict[str, Any]) -> Outcome | None:
+        """Await a registered waiter's outcome until ``deadline`` (``None``: timed out);
+        a timed-out or cancelled await withdraws the waiter."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await fut
+        except TimeoutError:
+            # It may have been resolved while the timeout fired; withdrawing under the
+            # projector lock tells which, as the sync wait() does.
+            return self._barriers.cancel(waiter)
+        except BaseException:
+            self._barriers.cancel(waiter)
+            info["outcome"] = "cancelled"
+            raise
 
     async def _register(self, begin: Callable[[], T], waiters_of: Callable[[T], list[Waiter]],
                         deadline: float | None) -> T:
@@ -347,7 +407,17 @@ class _Opening:
             if isinstance(executor, OwnExecutor):
                 executor.shutdown(wait=False)
             raise
-        return self._cls(store, executor)
+        opened = self._cls(store, executor)
+        native = store._storage.async_reads()
+        if native is not None:
+            try:
+                await native.open()
+            except BaseException:
+                await native.close()
+                await opened.close()
+                raise
+            opened._native = native
+        return opened
 
     def __await__(self) -> Generator[Any, None, AsyncThreadStore]:
         return self._open().__await__()

@@ -1,0 +1,101 @@
+"""The barriers' native reads: psycopg's asyncio connections, on the event loop (DESIGN §6).
+
+An ``AsyncThreadStore`` on PostgreSQL reads a barrier's target head, its checkpoint and
+its metadata here, so an awaiting barrier holds no executor thread. Each read takes a
+connection of the store's asyncio pool only while its statement runs, and is bounded by
+the barrier's deadline (``_deadlines``) three ways: the wait for a pooled connection, a
+``statement_timeout`` sent with the statement (in one pipeline: one round trip), and an
+``asyncio`` timeout over both, for a server that does not answer at all. Cancelling the
+awaiting task makes psycopg cancel the statement on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+import psycopg_pool
+
+from ._db import Database
+from .history import THREAD_ROW, thread_of
+from .index import CHECKPOINT_ROW, META_ROW, checkpoint_of, metadata_of
+from ... import _deadlines
+from ...errors import TransientStorageError
+from ...model import ThreadMetadata
+from ...storage import Checkpoint
+
+#: Sent before each read, in the same pipeline: its ``statement_timeout`` (ms, as text).
+_BOUND = "SELECT set_config('statement_timeout', %s, false)"
+#: Seconds ``close`` waits for reads still running before it ends their connections.
+_CLOSE_WAIT_S = 1.0
+
+
+class AsyncReads:
+    """``NativeBarrierReads`` of one PostgreSQL store, on its own asyncio pool."""
+
+    def __init__(self, db: Database) -> None:
+        """Make the (unopened) pool; :meth:`open` on the loop that will read."""
+        self._db = db
+        self._pool: psycopg_pool.AsyncConnectionPool = db.async_pool()
+        self._thread = db.q(THREAD_ROW)
+        self._checkpoint = db.q(CHECKPOINT_ROW)
+        self._meta = db.q(META_ROW)
+
+    async def open(self) -> None:
+        """Open the pool without connecting: the first read makes the first connection."""
+        with self._db.boundary("opening the asyncio connection pool"):
+            await self._pool.open(wait=False)
+
+    async def close(self) -> None:
+        """Close the pool and every connection it made."""
+        await self._pool.close(timeout=_CLOSE_WAIT_S)
+
+    async def head(self, thread_id: str) -> int:
+        """The thread's last ``seq`` (``HistoryLog.head``)."""
+        return (await self._thread_row(thread_id))[0]
+
+    async def incarnation(self, thread_id: str) -> int:
+        """The thread's incarnation (``HistoryLog.incarnation``)."""
+        return (await self._thread_row(thread_id))[2]
+
+    async def created_us(self, thread_id: str) -> int:
+        """When the thread was created (``HistoryLog.created_us``)."""
+        return (await self._thread_row(thread_id))[1]
+
+    async def _thread_row(self, thread_id: str) -> tuple[int, int, int]:
+        return thread_of(thread_id, await self._fetch("reading a thread", self._thread, (thread_id,)))
+
+    async def checkpoint(self, thread_id: str) -> Checkpoint:
+        """Where the thread's projection stands (``MetadataIndex.checkpoint``)."""
+        return checkpoint_of(await self._fetch("reading a projection checkpoint", self._checkpoint,
+                                               {"t": thread_id}))
+
+    async def read(self, thread_id: str) -> ThreadMetadata | None:
+        """The thread's projected metadata, or ``None`` without a row (``MetadataIndex.read``)."""
+        return metadata_of(await self._fetch("reading thread metadata", self._meta, {"t": thread_id}))
+
+    async def _fetch(self, what: str, query: bytes, params: Any) -> tuple[Any, ...] | None:
+        """The first row of one statement, within the barrier's deadline (see the module doc).
+
+        :raises TransientStorageError: no connection or no answer in time, or the server
+            failed; the driver's error is chained.
+        """
+        left = _deadlines.left(math.inf)
+        try:
+            async with asyncio.timeout(None if math.isinf(left) else left):
+                with self._db.boundary(what):
+                    async with self._pool.connection(timeout=self._db.pool_wait()) as conn:
+                        async with conn.pipeline():
+                            await conn.execute(_BOUND, (str(self._statement_ms(left)),))
+                            cursor = await conn.execute(query, params)
+                        return await cursor.fetchone()
+        except TimeoutError as exc:
+            raise TransientStorageError(
+                f"{what} at {self._db.description}: no answer within the barrier's deadline "
+                "(PostgreSQL unreachable, busy or restarting; retry later)") from exc
+
+    def _statement_ms(self, left: float) -> int:
+        """The ``statement_timeout`` of a read with ``left`` seconds to go (0: none)."""
+        limits = [s for s in (self._db.statement_timeout, left) if 0 < s < math.inf]
+        return max(1, int(min(limits) * 1000)) if limits else 0
