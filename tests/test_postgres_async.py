@@ -1,0 +1,228 @@
+"""Issue 12 point 1: ``AsyncThreadStore`` barriers on PostgreSQL wait natively (DESIGN §6).
+
+Against a real server: a PostgreSQL async barrier reads on psycopg's asyncio connections
+in the event loop, so it takes no executor job at all; each of its reads is bounded by
+the barrier's deadline, also when another session's lock blocks it on the server; a
+cancelled barrier's statement is cancelled on the server; a barrier in one process
+waits for another (killed) process's appends; and ``close`` ends every asyncio
+connection, also when it is cancelled.
+
+No timeout here measures speed: each only catches a hang, or bounds a call by its own
+timeout plus DESIGN §1.4's scheduling margin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import psycopg
+import pytest
+from _writer_child import WriterChild
+from conftest import new_schema, plain, user_msg
+
+from thread_store import AsyncThreadStore, FlushTimeout, ThreadStore
+from thread_store.backends.postgres._db import ASYNC_APPLICATION_NAME
+from thread_store.errors import DURABLE_NOTE
+
+#: Waits that only catch a hang.
+HANG = 30.0
+#: DESIGN §1.4's scheduling margin of a barrier past its timeout.
+MARGIN_S = 2.0
+
+
+class CountingExecutor(ThreadPoolExecutor):
+    """A real thread pool that counts the jobs submitted to it."""
+
+    submitted = 0
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+@pytest.fixture
+def schema() -> str:
+    return new_schema()
+
+
+@pytest.fixture
+def writer(pg_url: str, schema: str) -> Iterator[ThreadStore]:
+    """Another store on the same schema: it appends with its projection paused, so only
+    the async store's projector makes its threads visible."""
+    with ThreadStore.open(pg_url, schema=schema) as store:
+        store.pause_projection()
+        yield store
+
+
+@pytest.fixture
+def gate() -> Iterator[threading.Event]:
+    """Holds the executor's blocked job until set; set at the end, so none outlives its test."""
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = HANG) -> None:
+    """Poll ``check`` until it holds (test-side only), failing after ``timeout``."""
+    end = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < end, f"timed out waiting for: {what}"
+        await asyncio.sleep(0.01)
+
+
+def activity(pg_url: str, where: str) -> list[tuple[Any, ...]]:
+    """Rows of ``pg_stat_activity`` of the store's asyncio pool matching ``where``."""
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        return admin.execute(f"SELECT pid, state, query FROM pg_stat_activity "
+                             f"WHERE application_name = %s AND {where}",
+                             (ASYNC_APPLICATION_NAME,)).fetchall()
+
+
+def test_a_flush_takes_no_executor_job(pg_url: str, schema: str, writer: ThreadStore,
+                                       gate: threading.Event) -> None:
+    """The executor's one thread is kept busy, and the flush still returns the fold of
+    another store's appends without submitting it anything; append_and_flush hops once,
+    for its append."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        executor = CountingExecutor(max_workers=1)
+        try:
+            async with AsyncThreadStore.open(pg_url, schema=schema, executor=executor) as store:
+                tid = writer.create_thread()
+                head = writer.append(tid, [user_msg("from the writer"), plain(1)])
+                started = threading.Event()
+
+                def block() -> None:
+                    started.set()
+                    gate.wait(HANG)
+
+                busy = loop.run_in_executor(executor, block)
+                await until(lambda: asyncio.sleep(0, started.is_set()), "executor taken")
+                before = executor.submitted
+                meta = await store.flush(tid, timeout=HANG)
+                assert (meta.projected_seq, meta.title) == (head, "from the writer")
+                assert executor.submitted == before, "the flush gave the executor a job"
+                # Projected already: the fast path reads natively too.
+                assert (await store.flush(tid, generation=1, timeout=HANG)).projected_seq == head
+                assert executor.submitted == before
+                gate.set()
+                await busy
+                before = executor.submitted
+                meta = await store.append_and_flush(tid, [plain(2)], timeout=HANG)
+                assert meta.projected_seq == head + 1
+                assert executor.submitted == before + 1  # the append's hop, nothing else
+        finally:
+            executor.shutdown()
+
+    asyncio.run(main())
+
+
+@contextmanager
+def locked_meta(pg_url: str, schema: str) -> Iterator[psycopg.Connection[Any]]:
+    """Another session holding the store's ``meta`` table ``ACCESS EXCLUSIVE``: every read
+    of a checkpoint or a row waits on the server; ``rollback()`` (or the end) releases it."""
+    with psycopg.connect(pg_url) as admin:
+        admin.execute(f"LOCK TABLE {schema}.meta IN ACCESS EXCLUSIVE MODE")
+        yield admin
+
+
+def _behind_thread(writer: ThreadStore) -> tuple[str, int]:
+    """A thread the async store holds no state for, behind its head: its barrier must
+    read the checkpoint from the store."""
+    tid = writer.create_thread()
+    return tid, writer.append(tid, [user_msg("blocked")])
+
+
+def test_a_read_blocked_on_the_server_times_out_on_time(pg_url: str, schema: str,
+                                                         writer: ThreadStore) -> None:
+    async def main() -> None:
+        # catch_up_after: the store learns of the thread from its barrier alone.
+        async with AsyncThreadStore.open(pg_url, schema=schema, catch_up_after=600) as store:
+            tid, head = _behind_thread(writer)
+            with locked_meta(pg_url, schema):
+                start = time.monotonic()
+                with pytest.raises(FlushTimeout) as caught:
+                    await store.flush(tid, timeout=0.5)
+                took = time.monotonic() - start
+            assert took < 0.5 + MARGIN_S, took
+            assert (caught.value.target, caught.value.projected) == (head, 0)
+            assert DURABLE_NOTE in str(caught.value)
+            assert (await store.status(tid)).waiters == 0
+            # The server side let go of the read, and the pool serves the next barrier.
+            assert (await store.flush(tid, timeout=HANG)).title == "blocked"
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_read_is_cancelled_on_the_server(pg_url: str, schema: str,
+                                                      writer: ThreadStore) -> None:
+    blocked = "state = 'active' AND wait_event_type = 'Lock'"
+
+    async def main() -> None:
+        async with AsyncThreadStore.open(pg_url, schema=schema, catch_up_after=600) as store:
+            tid, _ = _behind_thread(writer)
+            with locked_meta(pg_url, schema):
+                task = asyncio.create_task(store.flush(tid, timeout=HANG))
+                await until(lambda: asyncio.to_thread(lambda: bool(activity(pg_url, blocked))),
+                            "the flush's read blocked on the lock")
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                # Gone while the lock is still held: cancelled, not finished.
+                await until(lambda: asyncio.to_thread(lambda: not activity(pg_url, blocked)),
+                            "the cancelled statement gone from the server")
+            assert (await store.status(tid)).waiters == 0
+            assert (await store.flush(tid, timeout=HANG)).title == "blocked"
+
+    asyncio.run(main())
+
+
+def test_a_flush_waits_for_a_killed_process_s_appends(pg_url: str, schema: str) -> None:
+    child = WriterChild()
+    try:
+        child.call("open", path=pg_url, options={"schema": schema})
+        child.call("pause")
+        tid = child.call("create")
+        head = child.call("append", thread_id=tid, items=[user_msg("from the child"), plain(1)])
+        child.kill()  # its work is left behind, unprojected
+    finally:
+        child.close()
+
+    async def main() -> None:
+        async with AsyncThreadStore.open(pg_url, schema=schema, catch_up_after=600) as store:
+            meta = await store.flush(tid, timeout=HANG)
+            assert (meta.projected_seq, meta.title, meta.item_count) == (head, "from the child", 2)
+
+    asyncio.run(main())
+
+
+def test_close_ends_every_asyncio_connection(pg_url: str, schema: str, writer: ThreadStore) -> None:
+    async def no_connections() -> bool:
+        return await asyncio.to_thread(activity, pg_url, "true") == []
+
+    async def main() -> None:
+        tid = writer.create_thread()
+        writer.append(tid, [user_msg("hi")])
+        store = await AsyncThreadStore.open(pg_url, schema=schema)
+        await store.flush(tid, timeout=HANG)
+        assert await asyncio.to_thread(activity, pg_url, "true"), "the flush read on no asyncio connection"
+        await store.close()
+        await until(no_connections, "the asyncio connections ended by close")
+
+        # A close cancelled while it drains still ends them.
+        store = await AsyncThreadStore.open(pg_url, schema=schema)
+        await store.flush(tid, timeout=HANG)
+        closing = asyncio.create_task(store.close())
+        await asyncio.sleep(0)
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        await until(no_connections, "the asyncio connections ended by a cancelled close")
+
+    asyncio.run(main())
