@@ -5,7 +5,8 @@ in the event loop, so it takes no executor job at all; each of its reads is boun
 the barrier's deadline, also when another session's lock blocks it on the server; a
 cancelled barrier's statement is cancelled on the server; a barrier in one process
 waits for another (killed) process's appends; and ``close`` ends every asyncio
-connection, also when it is cancelled.
+connection, also when it is cancelled; while the server is down, barriers still return
+on time with a typed error, and succeed once it is back.
 
 No timeout here measures speed: each only catches a hang, or bounds a call by its own
 timeout plus DESIGN §1.4's scheduling margin.
@@ -24,9 +25,10 @@ from typing import Any
 import psycopg
 import pytest
 from _writer_child import WriterChild
-from conftest import new_schema, plain, user_msg
+from conftest import new_schema, plain, started_server, user_msg
+from pg_server import PostgresServer
 
-from thread_store import AsyncThreadStore, FlushTimeout, ThreadStore
+from thread_store import AsyncThreadStore, FlushTimeout, ThreadStore, ThreadStoreError
 from thread_store.backends.postgres._db import ASYNC_APPLICATION_NAME
 from thread_store.errors import DURABLE_NOTE
 
@@ -224,5 +226,47 @@ def test_close_ends_every_asyncio_connection(pg_url: str, schema: str, writer: T
         with pytest.raises(asyncio.CancelledError):
             await closing
         await until(no_connections, "the asyncio connections ended by a cancelled close")
+
+    asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def crashable_server() -> Iterator[PostgresServer]:
+    """A server of this module's own, which its test may crash."""
+    with started_server(PostgresServer) as server:
+        yield server
+
+
+def test_barriers_return_on_time_while_the_server_is_down(crashable_server: PostgresServer) -> None:
+    server = crashable_server
+
+    async def main() -> None:
+        # A connect_timeout far past the barriers' timeout: their deadline bounds each wait.
+        async with AsyncThreadStore.open(server.url, schema=new_schema(), connect_timeout=20) as store:
+            tid = await store.create_thread()
+            await store.append_and_flush(tid, [user_msg("up")], timeout=HANG)
+            await asyncio.to_thread(server.crash)
+            try:
+                calls: dict[str, Callable[[], Awaitable[object]]] = {
+                    "flush": lambda: store.flush(tid, timeout=1.0),
+                    "append_and_flush": lambda: store.append_and_flush(tid, [plain()], timeout=1.0),
+                }
+                for name, call in [*calls.items(), *calls.items()]:  # broken connections, then none
+                    start = time.monotonic()
+                    with pytest.raises(ThreadStoreError):
+                        await call()
+                    took = time.monotonic() - start
+                    assert took < 1.0 + MARGIN_S, (name, took)
+            finally:
+                await asyncio.to_thread(server.start_again)
+
+            async def flushed() -> bool:
+                try:
+                    meta = await store.flush(tid, timeout=HANG)
+                except ThreadStoreError:
+                    return False  # the pools reconnect in the background
+                return meta.title == "up"
+
+            await until(flushed, "a flush once the server is back")
 
     asyncio.run(main())

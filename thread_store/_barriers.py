@@ -221,11 +221,16 @@ class Barriers:
         return waiters
 
     def settle_all(self, waiters: list[Waiter], timeout: float | None) -> None:
+        """:meth:`settle_all_in` on the sync ports."""
+        complete(self.settle_all_in(self.port_reads, waiters, timeout))
+
+    async def settle_all_in(self, reads: AsyncBarrierReads, waiters: list[Waiter],
+                            timeout: float | None) -> None:
         """Withdraw ``flush_all``'s unresolved waiters and raise what their outcomes say."""
         failed: list[tuple[str, BaseException]] = []
         for waiter, outcome in [(w, self.cancel(w)) for w in waiters]:
             if outcome is None:
-                raise complete(self._timed_out(self.port_reads, waiter.thread_id, waiter.target, timeout))
+                raise await self._timed_out(reads, waiter.thread_id, waiter.target, timeout)
             if isinstance(outcome, ProjectionFailed):
                 failed.append((waiter.thread_id, outcome))
             elif isinstance(outcome, StoreClosed):

@@ -194,7 +194,10 @@ class AsyncThreadStore:
                 for waiter in waiters:
                     self._barriers.cancel(waiter)
                 raise
-        self._barriers.settle_all(waiters, timeout)
+        # Timed out, it reads the generation projected so far: natively where it can.
+        with _deadlines.until(deadline):
+            await self._barriers.settle_all_in(self._native or self._barriers.port_reads, waiters,
+                                               timeout)
 
     # -- reads ----------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ connection of the store's asyncio pool only while its statement runs, and is bou
 the barrier's deadline (``_deadlines``) three ways: the wait for a pooled connection, a
 ``statement_timeout`` sent with the statement (in one pipeline: one round trip), and an
 ``asyncio`` timeout over both, for a server that does not answer at all. Cancelling the
-awaiting task makes psycopg cancel the statement on the server.
+awaiting task (or its deadline passing) makes psycopg cancel the statement on the server.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class AsyncReads:
         self._thread = db.q(THREAD_ROW)
         self._checkpoint = db.q(CHECKPOINT_ROW)
         self._meta = db.q(META_ROW)
+        #: The statements' tasks still running: referenced, so none is collected midway.
+        self._running: set[asyncio.Future[Any]] = set()
 
     async def open(self) -> None:
         """Open the pool without connecting: the first read makes the first connection."""
@@ -48,7 +50,10 @@ class AsyncReads:
             await self._pool.open(wait=False)
 
     async def close(self) -> None:
-        """Close the pool and every connection it made."""
+        """Cancel the statements still running, then close the pool and every connection
+        it made."""
+        for running in list(self._running):
+            running.cancel()
         await self._pool.close(timeout=_CLOSE_WAIT_S)
 
     async def head(self, thread_id: str) -> int:
@@ -78,22 +83,48 @@ class AsyncReads:
     async def _fetch(self, what: str, query: bytes, params: Any) -> tuple[Any, ...] | None:
         """The first row of one statement, within the barrier's deadline (see the module doc).
 
+        The statement runs in a task of its own: a caller past its deadline, or cancelled,
+        returns at once, while psycopg cancels the statement on the server in that task
+        (which can take a round trip, or seconds from a server that stopped answering).
+
         :raises TransientStorageError: no connection or no answer in time, or the server
             failed; the driver's error is chained.
         """
         left = _deadlines.left(math.inf)
+        running = asyncio.ensure_future(self._statement(what, query, params, left))
+        self._running.add(running)
+        running.add_done_callback(self._finished)
+        expiry = asyncio.timeout(None if math.isinf(left) else left)
         try:
-            async with asyncio.timeout(None if math.isinf(left) else left):
-                with self._db.boundary(what):
-                    async with self._pool.connection(timeout=self._db.pool_wait()) as conn:
-                        async with conn.pipeline():
-                            await conn.execute(_BOUND, (str(self._statement_ms(left)),))
-                            cursor = await conn.execute(query, params)
-                        return await cursor.fetchone()
+            async with expiry:
+                return await asyncio.shield(running)
         except TimeoutError as exc:
+            if not expiry.expired():
+                raise
+            running.cancel()
             raise TransientStorageError(
                 f"{what} at {self._db.description}: no answer within the barrier's deadline "
                 "(PostgreSQL unreachable, busy or restarting; retry later)") from exc
+        except asyncio.CancelledError:
+            running.cancel()
+            raise
+
+    async def _statement(self, what: str, query: bytes, params: Any,
+                         left: float) -> tuple[Any, ...] | None:
+        """Run one statement with a ``statement_timeout`` of at most ``left`` seconds."""
+        with self._db.boundary(what):
+            async with self._pool.connection(timeout=self._db.pool_wait()) as conn:
+                async with conn.pipeline():
+                    await conn.execute(_BOUND, (str(self._statement_ms(left)),))
+                    cursor = await conn.execute(query, params)
+                return await cursor.fetchone()
+
+    def _finished(self, running: asyncio.Future[Any]) -> None:
+        """Forget a statement's task; the error of one nobody awaits any more is dropped
+        (its caller already raised its own)."""
+        self._running.discard(running)
+        if not running.cancelled():
+            running.exception()
 
     def _statement_ms(self, left: float) -> int:
         """The ``statement_timeout`` of a read with ``left`` seconds to go (0: none)."""
