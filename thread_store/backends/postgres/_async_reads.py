@@ -4,8 +4,9 @@ An ``AsyncThreadStore`` on PostgreSQL reads a barrier's target head, its checkpo
 its metadata here, so an awaiting barrier holds no executor thread. Each read takes a
 connection of the store's asyncio pool only while its statement runs, and is bounded by
 the barrier's deadline (``_deadlines``) three ways: the wait for a pooled connection, a
-``statement_timeout`` sent with the statement (in one pipeline: one round trip), and an
-``asyncio`` timeout over both, for a server that does not answer at all. Cancelling the
+``statement_timeout`` of about the time left (sent with the statement, in one pipeline,
+one round trip, when the connection's is not close enough already), and an ``asyncio``
+timeout over both, for a server that does not answer at all. Cancelling the
 awaiting task (or its deadline passing) makes psycopg cancel the statement on the server.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import weakref
 from typing import Any
 
 import psycopg_pool
@@ -27,6 +29,10 @@ from ...storage import Checkpoint
 
 #: Sent before each read, in the same pipeline: its ``statement_timeout`` (ms, as text).
 _BOUND = "SELECT set_config('statement_timeout', %s, false)"
+#: A connection's ``statement_timeout`` serves a read whose own bound is up to this much
+#: shorter: barriers with one timeout then send it only now and then (each send is a
+#: second statement in the read's round trip).
+_SLACK = 1.5
 #: Seconds ``close`` waits for reads still running before it ends their connections.
 _CLOSE_WAIT_S = 1.0
 
@@ -43,6 +49,10 @@ class AsyncReads:
         self._meta = db.q(META_ROW)
         #: The statements' tasks still running: referenced, so none is collected midway.
         self._running: set[asyncio.Future[Any]] = set()
+        #: The ``statement_timeout`` (ms) each connection has now, where a read set it;
+        #: a new connection has the store's own (``_configured_ms``).
+        self._bounds: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self._configured_ms = self._statement_ms(math.inf)
 
     async def open(self) -> None:
         """Open the pool without connecting: the first read makes the first connection."""
@@ -111,12 +121,17 @@ class AsyncReads:
 
     async def _statement(self, what: str, query: bytes, params: Any,
                          left: float) -> tuple[Any, ...] | None:
-        """Run one statement with a ``statement_timeout`` of at most ``left`` seconds."""
+        """Run one statement with a ``statement_timeout`` of about ``left`` seconds."""
         with self._db.boundary(what):
             async with self._pool.connection(timeout=self._db.pool_wait()) as conn:
-                async with conn.pipeline():
-                    await conn.execute(_BOUND, (str(self._statement_ms(left)),))
+                bound = self._statement_ms(left)
+                if _close_enough(self._bounds.get(conn, self._configured_ms), bound):
                     cursor = await conn.execute(query, params)
+                else:
+                    async with conn.pipeline():
+                        await conn.execute(_BOUND, (str(bound),))
+                        cursor = await conn.execute(query, params)
+                    self._bounds[conn] = bound
                 return await cursor.fetchone()
 
     def _finished(self, running: asyncio.Future[Any]) -> None:
@@ -130,3 +145,13 @@ class AsyncReads:
         """The ``statement_timeout`` of a read with ``left`` seconds to go (0: none)."""
         limits = [s for s in (self._db.statement_timeout, left) if 0 < s < math.inf]
         return max(1, int(min(limits) * 1000)) if limits else 0
+
+
+def _close_enough(current_ms: int, bound_ms: int) -> bool:
+    """Whether a connection whose ``statement_timeout`` is ``current_ms`` (0: none) bounds
+    a read that wants ``bound_ms`` closely enough: never shorter (that would cancel the
+    read early), at most :data:`_SLACK` times longer (the asyncio timeout ends the read
+    at its deadline anyway; the server's bound is the backstop)."""
+    if bound_ms == 0:
+        return current_ms == 0
+    return bound_ms <= current_ms <= bound_ms * _SLACK
