@@ -29,6 +29,7 @@ from conftest import new_schema, plain, started_server, user_msg
 from pg_server import PostgresServer
 
 from thread_store import AsyncThreadStore, FlushTimeout, ThreadStore, ThreadStoreError
+from thread_store.backends.postgres._async_reads import _Start
 from thread_store.backends.postgres._db import ASYNC_APPLICATION_NAME
 from thread_store.errors import DURABLE_NOTE
 
@@ -268,5 +269,73 @@ def test_barriers_return_on_time_while_the_server_is_down(crashable_server: Post
                 return meta.title == "up"
 
             await until(flushed, "a flush once the server is back")
+
+    asyncio.run(main())
+
+
+def test_a_flush_of_a_projected_thread_is_one_statement(pg_url: str, schema: str,
+                                                        postgres_server: PostgresServer) -> None:
+    """Its head, the check that it is projected and the row it returns come from one read
+    (``snapshot``), counted in the server's statement log of the asyncio sessions."""
+    database = pg_url.rsplit("/", 1)[1]
+
+    async def main() -> None:
+        async with AsyncThreadStore.open(pg_url, schema=schema, catch_up_after=3600.0) as store:
+            tid = await store.create_thread()
+            await store.append_and_flush(tid, [user_msg("projected")], timeout=HANG)
+            with psycopg.connect(pg_url, autocommit=True) as admin:
+                admin.execute(f"ALTER DATABASE {database} SET log_statement = 'all'")
+                try:
+                    await store.flush(tid, timeout=HANG)  # its asyncio session connects, logged
+                finally:
+                    admin.execute(f"ALTER DATABASE {database} RESET log_statement")
+            pids = [row[0] for row in await asyncio.to_thread(activity, pg_url, "true")]
+            assert len(pids) == 1
+            await store.flush(tid, timeout=HANG)
+            mark = len(postgres_server.log())
+            meta = await store.flush(tid, timeout=HANG)
+            statements = [line for line in postgres_server.log()[mark:].splitlines()
+                          if f"[{pids[0]}] " in line and ("LOG:  statement:" in line
+                                                           or "LOG:  execute" in line)]
+            assert (meta.title, meta.projected_seq) == ("projected", 1)
+            assert len(statements) == 1, "\n".join(statements)
+
+    asyncio.run(main())
+
+
+def test_a_start_read_that_a_projection_overtook_is_not_returned(
+        pg_url: str, schema: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The projection covering the target commits between the flush's one start read and
+    its registration: the registration sees it projected, and the row the flush returns
+    is read again (the start's row was behind), never the older one."""
+    gate = threading.Event()
+    gate.set()
+
+    def hook(thread_id: str, generation: int) -> None:
+        assert gate.wait(HANG)
+
+    real_row = _Start._row
+
+    async def row_then_projected(self: _Start, thread_id: str) -> tuple[Any, ...] | None:
+        row = await real_row(self, thread_id)
+        gate.set()  # the projection of generation 2 commits now, after this read
+        await until(lambda: asyncio.to_thread(projected, thread_id, 2), "generation 2 projected")
+        return row
+
+    def projected(thread_id: str, generation: int) -> bool:
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            row = admin.execute(f"SELECT projected_seq FROM {schema}.meta WHERE thread_id = %s",
+                                (thread_id,)).fetchone()
+        return row is not None and row[0] >= generation
+
+    async def main() -> None:
+        async with AsyncThreadStore.open(pg_url, schema=schema, projection_hook=hook) as store:
+            tid = await store.create_thread()
+            await store.append_and_flush(tid, [user_msg("one")], timeout=HANG)
+            gate.clear()
+            await store.append(tid, [plain(2)])  # its projection waits in the hook
+            monkeypatch.setattr(_Start, "_row", row_then_projected)
+            meta = await store.flush(tid, timeout=HANG)
+            assert meta.projected_seq == 2
 
     asyncio.run(main())

@@ -23,7 +23,7 @@ taken at the call, so a busy executor counts against it too.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
@@ -34,7 +34,7 @@ from ._outcomes import Outcome, Success, Waiter
 from ._port_reads import complete
 from .errors import DURABLE_NOTE, StorageError
 from .model import ThreadMetadata
-from .storage import NativeBarrierReads, Storage
+from .storage import AsyncBarrierReads, NativeBarrierReads, Storage
 
 T = TypeVar("T")
 
@@ -71,24 +71,21 @@ class AsyncBarriers:
     async def flush(self, thread_id: str, generation: int | None,
                     timeout: float | None) -> ThreadMetadata:
         """``flush``: the target is the head (or ``generation``, validated against it)."""
-        native = self.native
-        if native is not None:
-            return await self._awaited(thread_id, timeout, lambda deadline: self._barriers.target_in(
-                native, thread_id, generation))
+        if self.native is not None:
+            return await self._awaited(thread_id, generation, timeout)
         return await self._barrier(
             thread_id, lambda: self._barriers.target(thread_id, generation), timeout)
 
     async def append_and_flush(self, thread_id: str, items: Sequence[Mapping[str, Any]],
                                key: str | None, timeout: float | None) -> ThreadMetadata:
-        """``append_and_flush``: the target is the durable append's generation."""
-        def append() -> int:
-            return self._barriers.append(thread_id, items, key)
+        """``append_and_flush``: the target is the durable append's generation.
 
-        if self.native is not None:
-            loop = asyncio.get_running_loop()
-            return await self._awaited(thread_id, timeout, lambda deadline: Hop(
-                loop, self._executor, append).result(deadline))
-        return await self._barrier(thread_id, append, timeout)
+        The waiter registers in the append's hop, right after it (on a thread just
+        appended to, that reads nothing): the projection, which the append left to the
+        barrier, starts without waiting for the loop to come round.
+        """
+        return await self._barrier(
+            thread_id, lambda: self._barriers.append(thread_id, items, key), timeout)
 
     async def flush_all(self, timeout: float | None) -> None:
         """``flush_all``: register every thread behind in one hop (it scans the store), then
@@ -147,50 +144,74 @@ class AsyncBarriers:
             # Already projected: read the metadata here, in the executor, not on the loop.
             return generation, waiter, None if waiter is not None else barriers.read_outcome(thread_id)
 
-        generation, waiter, outcome = await self._register(
-            begin, lambda registered: [] if registered[1] is None else [registered[1]], deadline)
-        with barriers.span(thread_id) as info:
-            info["target"] = generation
-            if waiter is not None:
-                outcome = await self._outcome(waiter, fut, deadline, info)
-            if isinstance(outcome, Success) and outcome.meta is None:
-                # Projected, but the outcome carried no row: read it off the loop.
-                outcome = await Hop(loop, self._executor,
-                                     lambda: barriers.read_outcome(thread_id)).result(deadline)
-            return barriers.settle(thread_id, generation, timeout, outcome, info)
+        # The hops copy the deadline with the caller's context: their storage waits (a
+        # pooled connection while the server is down) end with it, as the native reads do.
+        with _deadlines.until(deadline):
+            generation, waiter, outcome = await self._register(
+                begin, lambda registered: [] if registered[1] is None else [registered[1]], deadline)
+            with barriers.span(thread_id) as info:
+                info["target"] = generation
+                if waiter is not None:
+                    outcome = await self._outcome(waiter, fut, deadline, info)
+                if isinstance(outcome, Success) and outcome.meta is None and self.native is None:
+                    # Projected, but the outcome carried no row: read it off the loop.
+                    outcome = await Hop(loop, self._executor,
+                                         lambda: barriers.read_outcome(thread_id)).result(deadline)
+                # The reads left (the row, or a timed-out barrier's projected generation)
+                # are native where the backend has them: on the loop, within the deadline.
+                return await barriers.settle_in(self.native or barriers.port_reads, thread_id,
+                                                generation, timeout, outcome, info)
 
-    async def _awaited(self, thread_id: str, timeout: float | None,
-                       generation_of: Callable[[float | None], Awaitable[int]]) -> ThreadMetadata:
-        """A barrier on the backend's native reads (PostgreSQL): no executor thread.
+    async def _awaited(self, thread_id: str, generation: int | None,
+                       timeout: float | None) -> ThreadMetadata:
+        """A ``flush`` on the backend's native reads (PostgreSQL): no executor thread.
 
-        ``generation_of(deadline)`` gives the target (the head, read natively; or the
-        generation of an append, which hops). The waiter registers on the loop, under the
-        projector's lock; the target's, the checkpoint's and the metadata's reads run on
-        the loop too, each bounded by the deadline, and a cancelled read is cancelled on
-        the server. The projection itself still runs in the projector thread.
+        The target's head, the registration's checkpoint (or incarnation) and the
+        metadata are read on the loop (one read, where the barrier does not wait:
+        ``snapshot``), each bounded by the deadline, and a cancelled read is cancelled on
+        the server; the waiter registers on the loop, under the projector's lock. The
+        projection itself still runs in the projector thread.
         """
         barriers, native = self._barriers, self.native
         assert native is not None
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        fut: asyncio.Future[Outcome] = loop.create_future()
+        start = native.snapshot()
         with _deadlines.until(deadline):
-            generation = await generation_of(deadline)
+            try:
+                target = await barriers.target_in(start, thread_id, generation)
+                timed_out = False
+            except StorageError:
+                if not _past(loop, deadline):
+                    raise
+                # The start's one read ran out of time (a lock on the index, say): the
+                # head alone says what the barrier timed out waiting for.
+                target, timed_out = await barriers.target_in(native, thread_id, generation), True
             with barriers.span(thread_id) as info:
-                info["target"] = generation
-                try:
-                    waiter = await barriers.begin_in(
-                        native, thread_id, generation,
-                        lambda outcome: call_soon(loop, set_once, fut, outcome))
-                except StorageError as exc:
-                    if deadline is None or loop.time() < deadline:
-                        raise StorageError(f"{exc} {DURABLE_NOTE}") from exc
-                    # Its checkpoint read ran out of the barrier's time: a timeout.
-                    outcome: Outcome | None = None
-                else:
-                    outcome = Success(None) if waiter is None else await self._outcome(
-                        waiter, fut, deadline, info)
-                return await barriers.settle_in(native, thread_id, generation, timeout, outcome, info)
+                info["target"] = target
+                outcome, reads = ((None, native) if timed_out else
+                                  await self._native_wait(start, thread_id, target, deadline, info))
+                return await barriers.settle_in(reads, thread_id, target, timeout, outcome, info)
+
+    async def _native_wait(self, start: AsyncBarrierReads, thread_id: str, target: int,
+                           deadline: float | None, info: dict[str, Any],
+                           ) -> tuple[Outcome | None, AsyncBarrierReads]:
+        """Register on the loop and await the outcome (``None``: timed out); with it, the
+        reads to settle it: the start's where it did not wait, new ones after a wait."""
+        native = self.native
+        assert native is not None
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Outcome] = loop.create_future()
+        try:
+            waiter = await self._barriers.begin_in(
+                start, thread_id, target, lambda outcome: call_soon(loop, set_once, fut, outcome))
+        except StorageError as exc:
+            if not _past(loop, deadline):
+                raise StorageError(f"{exc} {DURABLE_NOTE}") from exc
+            return None, native  # its checkpoint read ran out of the barrier's time
+        if waiter is None:
+            return Success(None), start
+        return await self._outcome(waiter, fut, deadline, info), native
 
     async def _outcome(self, waiter: Waiter, fut: asyncio.Future[Outcome], deadline: float | None,
                        info: dict[str, Any]) -> Outcome | None:
@@ -227,3 +248,8 @@ class AsyncBarriers:
 
             hop.done.add_done_callback(withdraw)
             raise
+
+
+def _past(loop: asyncio.AbstractEventLoop, deadline: float | None) -> bool:
+    """Whether ``deadline`` (``loop.time()``; ``None``: none) has passed."""
+    return deadline is not None and loop.time() >= deadline

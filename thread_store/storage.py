@@ -401,6 +401,15 @@ class NativeBarrierReads(AsyncBarrierReads, Protocol):
     async def close(self) -> None:
         """Release every connection; later reads raise :class:`StoreClosed`."""
 
+    def snapshot(self) -> AsyncBarrierReads:
+        """Reads for the start of one barrier on one thread: its target head, its
+        registration's checkpoint or incarnation, and the metadata it returns if it did
+        not wait, served from one read taken at the first of them. That is as good as
+        reading each later (the registration only needs a lower bound of the projection);
+        the metadata is served only if that read found the row caught up with the head
+        (so it covers every target up to it), else read again. After a wait, read anew
+        (through ``self``)."""
+
 
 class Storage(Protocol):
     """One open backend: its history, its index, and what spans both."""

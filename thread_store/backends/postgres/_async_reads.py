@@ -21,7 +21,7 @@ import psycopg_pool
 
 from ._db import Database
 from .history import THREAD_ROW, thread_of
-from .index import CHECKPOINT_ROW, META_ROW, checkpoint_of, metadata_of
+from .index import CHECKPOINT_ROW, META_COLUMNS, META_ROW, checkpoint_of, metadata_of
 from ... import _deadlines
 from ...errors import TransientStorageError
 from ...model import ThreadMetadata
@@ -29,6 +29,12 @@ from ...storage import Checkpoint
 
 #: Sent before each read, in the same pipeline: its ``statement_timeout`` (ms, as text).
 _BOUND = "SELECT set_config('statement_timeout', %s, false)"
+#: The start of a barrier in one read: the thread's row (as ``THREAD_ROW``), its checkpoint
+#: (as ``CHECKPOINT_ROW``) and its projected row (as ``META_ROW``); no row without a thread.
+_START = ("SELECT t.head, t.created_us, t.discarded_us, t.incarnation, m.projected_seq, m.state, "
+          "(SELECT error FROM {s}.failures f WHERE f.thread_id = t.thread_id), "
+          f"{META_COLUMNS} FROM {{s}}.threads t LEFT JOIN {{s}}.meta m "
+          "ON m.thread_id = t.thread_id WHERE t.thread_id = %(t)s")
 #: A connection's ``statement_timeout`` serves a read whose own bound is up to this much
 #: shorter: barriers with one timeout then send it only now and then (each send is a
 #: second statement in the read's round trip).
@@ -47,6 +53,7 @@ class AsyncReads:
         self._thread = db.q(THREAD_ROW)
         self._checkpoint = db.q(CHECKPOINT_ROW)
         self._meta = db.q(META_ROW)
+        self._start = db.q(_START)
         #: The statements' tasks still running: referenced, so none is collected midway.
         self._running: set[asyncio.Future[Any]] = set()
         #: The ``statement_timeout`` (ms) each connection has now, where a read set it;
@@ -77,6 +84,14 @@ class AsyncReads:
     async def created_us(self, thread_id: str) -> int:
         """When the thread was created (``HistoryLog.created_us``)."""
         return (await self._thread_row(thread_id))[1]
+
+    def snapshot(self) -> _Start:
+        """Reads of one barrier's start, from one read (``NativeBarrierReads.snapshot``)."""
+        return _Start(self)
+
+    async def start_row(self, thread_id: str) -> tuple[Any, ...] | None:
+        """The thread's row, checkpoint and projected row in one read (``None``: no thread)."""
+        return await self._fetch("reading a thread and its projection", self._start, {"t": thread_id})
 
     async def _thread_row(self, thread_id: str) -> tuple[int, int, int]:
         return thread_of(thread_id, await self._fetch("reading a thread", self._thread, (thread_id,)))
@@ -145,6 +160,48 @@ class AsyncReads:
         """The ``statement_timeout`` of a read with ``left`` seconds to go (0: none)."""
         limits = [s for s in (self._db.statement_timeout, left) if 0 < s < math.inf]
         return max(1, int(min(limits) * 1000)) if limits else 0
+
+
+class _Start:
+    """``AsyncBarrierReads`` of one barrier's start: its target head, its registration's
+    checkpoint or incarnation, and the metadata it returns when it did not wait, all from
+    one read of the thread taken at the first of them (one round trip, where the ports
+    make three). The row is served only if it was caught up at that read (it then covers
+    any target up to that head); else it is read again."""
+
+    def __init__(self, reads: AsyncReads) -> None:
+        self._reads = reads
+        self._rows: dict[str, tuple[Any, ...] | None] = {}
+
+    async def _row(self, thread_id: str) -> tuple[Any, ...] | None:
+        if thread_id not in self._rows:
+            self._rows[thread_id] = await self._reads.start_row(thread_id)
+        return self._rows[thread_id]
+
+    async def head(self, thread_id: str) -> int:
+        """The thread's head at the snapshot."""
+        return thread_of(thread_id, await self._row(thread_id))[0]
+
+    async def incarnation(self, thread_id: str) -> int:
+        """The thread's incarnation at the snapshot."""
+        return thread_of(thread_id, await self._row(thread_id))[2]
+
+    async def created_us(self, thread_id: str) -> int:
+        """When the thread was created."""
+        return thread_of(thread_id, await self._row(thread_id))[1]
+
+    async def checkpoint(self, thread_id: str) -> Checkpoint:
+        """The thread's checkpoint at the snapshot (projected 0 without a row)."""
+        row = await self._row(thread_id)
+        return checkpoint_of((None, None, None) if row is None else row[4:7])
+
+    async def read(self, thread_id: str) -> ThreadMetadata | None:
+        """The snapshot's row if it was caught up with the head then, else a new read."""
+        row = await self._row(thread_id)
+        meta = None if row is None else metadata_of(row[7:] if row[7] is not None else None)
+        if meta is not None and row is not None and meta.projected_seq >= int(row[0]):
+            return meta
+        return await self._reads.read(thread_id)
 
 
 def _close_enough(current_ms: int, bound_ms: int) -> bool:

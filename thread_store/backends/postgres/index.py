@@ -71,6 +71,8 @@ _CHECKPOINT = ("SELECT m.projected_seq, m.state, (SELECT error FROM {s}.failures
 #: ``read`` and ``checkpoint`` ask, and the barriers' native reads too.
 META_ROW = f"{_SELECT} WHERE thread_id = %(t)s"
 CHECKPOINT_ROW = _CHECKPOINT
+#: The columns :func:`metadata_of` reads, of the ``meta`` table aliased ``m``.
+META_COLUMNS = ", ".join(f"m.{c}" for c in _READ_COLUMNS)
 _RECORD_FAILURE = (
     "INSERT INTO {s}.failures (thread_id, generation, error) SELECT %(t)s, %(g)s, %(e)s "
     "WHERE NOT EXISTS (SELECT 1 FROM {s}.meta WHERE thread_id = %(t)s AND projected_seq >= %(g)s) "
