@@ -29,7 +29,7 @@ from conftest import new_schema, plain, started_server, user_msg
 from pg_server import PostgresServer
 
 from thread_store import AsyncThreadStore, FlushTimeout, ThreadStore, ThreadStoreError
-from thread_store.backends.postgres._async_reads import _Start
+from thread_store.backends.postgres._async_reads import _UNKNOWN, _Start, _close_enough
 from thread_store.backends.postgres._db import ASYNC_APPLICATION_NAME
 from thread_store.errors import DURABLE_NOTE
 
@@ -339,3 +339,14 @@ def test_a_start_read_that_a_projection_overtook_is_not_returned(
             assert meta.projected_seq == 2
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(("current", "bound", "close"), [
+    (30_000, 30_000, True), (30_000, 20_001, True), (30_000, 20_000, True),
+    (30_000, 19_999, False),  # more than 1.5x the time left: sent again
+    (500, 30_000, False),  # shorter than the time left would cancel the read early
+    (0, 500, False), (0, 0, True), (30_000, 0, False),  # 0: no limit
+    (_UNKNOWN, 30_000, False)])  # a read that may have set it failed: sent again
+def test_a_connection_s_statement_timeout_is_sent_again_only_when_it_must(
+        current: int, bound: int, close: bool) -> None:
+    assert _close_enough(current, bound) is close

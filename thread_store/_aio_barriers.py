@@ -2,11 +2,13 @@
 
 Two ways to the same core, by backend:
 
-- **Native reads** (PostgreSQL: ``Storage.async_reads``): a barrier makes no executor hop
-  at all. It reads the target head, the checkpoint and the metadata on the event loop,
-  each read bounded by the deadline and cancelled on the server with its task, and
-  registers its waiter on the loop, under the projector's lock. ``append_and_flush``
-  hops once, for its append (the sync append path).
+- **Native reads** (PostgreSQL: ``Storage.async_reads``): a ``flush`` makes no executor
+  hop at all. It reads the target head, the checkpoint and the metadata on the event
+  loop (one read where it does not wait: ``NativeBarrierReads.snapshot``), each read
+  bounded by the deadline and cancelled on the server with its task, and registers its
+  waiter on the loop, under the projector's lock. ``append_and_flush`` appends and
+  registers in one hop (the sync append path; registering a thread just appended to
+  reads nothing), and its reads after the wait are native.
 - **One hop** (SQLite, memory): a barrier validates, appends and registers its waiter in
   one executor call, and reads an already projected generation's row there too, so no
   blocking read runs on the loop.

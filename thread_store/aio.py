@@ -8,7 +8,7 @@ It wraps the sync core and never re-implements it:
 - Barriers (``flush``, ``append_and_flush``, ``update_metadata``, ``archive_thread``,
   ``unarchive_thread``, ``flush_all``) are the async face of the barrier core
   (:mod:`thread_store._aio_barriers`): they await a future the projector resolves, holding
-  no executor thread, and on PostgreSQL make no executor hop at all.
+  no executor thread; on PostgreSQL a ``flush`` makes no executor hop at all.
 - A timeout counts from the call, so a busy executor spends it too. A hop (of a barrier,
   ``discard``, ``delete_thread`` or ``close``) that no executor thread has started by the
   deadline moves to a thread of its own, so the call still returns on time and still

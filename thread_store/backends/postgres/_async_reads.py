@@ -39,6 +39,8 @@ _START = ("SELECT t.head, t.created_us, t.discarded_us, t.incarnation, m.project
 #: shorter: barriers with one timeout then send it only now and then (each send is a
 #: second statement in the read's round trip).
 _SLACK = 1.5
+#: A connection's ``statement_timeout`` after a read that may or may not have set it.
+_UNKNOWN = -1
 #: Seconds ``close`` waits for reads still running before it ends their connections.
 _CLOSE_WAIT_S = 1.0
 
@@ -143,6 +145,8 @@ class AsyncReads:
                 if _close_enough(self._bounds.get(conn, self._configured_ms), bound):
                     cursor = await conn.execute(query, params)
                 else:
+                    # Unknown until the pipeline ends: a failed or cancelled one may have set it.
+                    self._bounds[conn] = _UNKNOWN
                     async with conn.pipeline():
                         await conn.execute(_BOUND, (str(bound),))
                         cursor = await conn.execute(query, params)
@@ -205,7 +209,8 @@ class _Start:
 
 
 def _close_enough(current_ms: int, bound_ms: int) -> bool:
-    """Whether a connection whose ``statement_timeout`` is ``current_ms`` (0: none) bounds
+    """Whether a connection whose ``statement_timeout`` is ``current_ms`` (0: none;
+    :data:`_UNKNOWN`: set it again) bounds
     a read that wants ``bound_ms`` closely enough: never shorter (that would cancel the
     read early), at most :data:`_SLACK` times longer (the asyncio timeout ends the read
     at its deadline anyway; the server's bound is the backstop)."""
