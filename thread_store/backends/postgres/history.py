@@ -20,7 +20,7 @@ from ._errors import is_outcome_unknown
 from ...errors import (InvalidArgument, OutcomeUnknown, StoreClosed, ThreadDiscarded,
                        ThreadExists, ThreadNotFound)
 from ...model import EncodedItem
-from ...storage import Appended, IdempotencyKey, StoredRow, StoredTraces
+from ...storage import Appended, IdempotencyKey, StoredPage, StoredRow, StoredTraces
 
 _CREATE = """
 WITH t AS (
@@ -174,6 +174,12 @@ class History:
         with self._db.connection("reading history") as conn:
             rows = conn.execute(self._read, (thread_id, after_seq, upto_seq, limit)).fetchall()
         return [StoredRow(int(seq), int(ts), str(text)) for seq, ts, text in rows]
+
+    def read_page(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> StoredPage:
+        """What :meth:`read` returns, as columns."""
+        with self._db.connection("reading history") as conn:
+            return StoredPage.of(conn.execute(self._read, (thread_id, after_seq, upto_seq,
+                                                           limit)).fetchall())
 
     def traces(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> StoredTraces:
         """The traceparents of appends ending in ``(after_seq, upto_seq]``, at most ``limit``."""
