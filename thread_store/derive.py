@@ -8,10 +8,15 @@ rule set of DESIGN §2. An application plugs in its own rules by implementing
 
 from __future__ import annotations
 
+import json
+import re
 from copy import deepcopy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from itertools import compress
+from operator import not_
 from typing import Any, Callable, Protocol
 
+from ._sniff import match_payload_type, match_type
 from .errors import InvalidArgument
 from .model import TEXT_FIELDS, ThreadMetadata, parse_timestamp, utc, utc_from_us
 
@@ -52,6 +57,12 @@ class ProjectionRules(Protocol):
     Rules may also define ``item_types``: a frozenset of the item types ``apply`` reads
     beyond ``type`` and the timestamp. Items of other types then reach ``apply`` as just
     ``{"type": ...}``, which spares the projector parsing them.
+
+    Rules may also define ``apply_stored(state, texts, ts_us) -> State``: fold stored
+    items, given as their JSON texts and their timestamps, into a new state, without
+    changing ``state``. It must return what ``apply`` folded over each parsed item in
+    order returns, and is free to parse only what it reads. The projector then calls it
+    instead of ``apply`` (and ``item_types``), once per page of history.
 
     Rules may define ``rules_id``: a string naming the rules and their version. A store
     records it and refuses other rules at open (DESIGN §1.11), since its rows are the
@@ -134,22 +145,44 @@ def _user_message(state: State, payload: Mapping[str, Any]) -> None:
             state["preview"] = shown
 
 
+def _token_usage(payload: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A ``token_count`` payload's total usage; ``None`` when it has none (``info: null``)."""
+    info = payload.get("info")
+    if isinstance(info, _MAPPING) and isinstance(info.get("total_token_usage"), _MAPPING):
+        return dict(info["total_token_usage"])
+    return None
+
+
+def _turn_started(state: State, ts_us: int) -> None:
+    turn = state.get("turn_us")
+    state["turn_us"] = ts_us if turn is None else max(turn, ts_us)
+
+
+#: ``event_msg`` types that advance ``recency_at`` (older files: ``task_started``).
+_TURN_STARTS = ("turn_started", "task_started")  # a tuple: a payload type may be unhashable
+#: ``event_msg`` types whose payload a rule reads in order, and the fields they only
+#: fill when empty: once those are set, such an event changes nothing.
+_FILLS = {"user_message": ("title", "first_user_message", "preview"),
+          "thread_goal_updated": ("preview",)}
+#: Every ``event_msg`` type a rule reads (token counts: the latest wins).
+_EVENTS_READ = frozenset((*_TURN_STARTS, "token_count", *_FILLS))
+
+
 def _event_msg(state: State, payload: Mapping[str, Any], ts_us: int) -> None:
     kind = payload.get("type")
     if kind == "user_message":
         _user_message(state, payload)
     elif kind == "token_count":
-        info = payload.get("info")
-        if isinstance(info, _MAPPING) and isinstance(info.get("total_token_usage"), _MAPPING):
-            state["token_usage"] = dict(info["total_token_usage"])
+        usage = _token_usage(payload)
+        if usage is not None:
+            state["token_usage"] = usage
     elif kind == "thread_goal_updated":
         goal = payload.get("goal")
         objective = _text(goal.get("objective")) if isinstance(goal, _MAPPING) else None
         if objective is not None and state.get("preview") is None:
             state["preview"] = objective
-    elif kind in ("turn_started", "task_started"):
-        turn = state.get("turn_us")
-        state["turn_us"] = ts_us if turn is None else max(turn, ts_us)
+    elif kind in _TURN_STARTS:
+        _turn_started(state, ts_us)
 
 
 def _metadata_edit(state: State, payload: Mapping[str, Any], ts_us: int) -> None:
@@ -171,6 +204,42 @@ _HANDLERS: dict[str, Callable[[State, Mapping[str, Any], int], None]] = {
 }
 
 
+def _alternatives(names: Iterable[str]) -> str:
+    return "|".join(re.escape(name) for name in sorted(names))
+
+
+#: Matches the start of an item no rule reads, as :mod:`thread_store._sniff` lays it out:
+#: a type without a handler, or an ``event_msg`` whose payload type no rule reads. No
+#: match means a rule may read it (or the layout is another): the fold looks closer.
+_UNREAD = re.compile(
+    r'\{(?:"timestamp":"[^"\\]*",)?"type":"(?:'
+    r'event_msg","payload":\{"type":"(?!(?:' + _alternatives(_EVENTS_READ) + r')")[^"\\]*"'
+    r'|(?!(?:' + _alternatives(_HANDLERS) + r')")[^"\\]*")').match
+
+
+def _counted(state: State, items: int, latest_us: int) -> State:
+    """A copy of ``state`` after ``items`` more items, the latest stamped ``latest_us``."""
+    new = dict(state)
+    new["item_count"] = state.get("item_count", 0) + items
+    updated = state.get("updated_us")
+    new["updated_us"] = latest_us if updated is None else max(updated, latest_us)
+    return new
+
+
+def _apply_parsed(state: State, item: Mapping[str, Any], ts_us: int,
+                  tokens: list[str | Mapping[str, Any]]) -> None:
+    """:meth:`CodexRules.apply`'s handler step on ``state`` itself (item already counted);
+    a token count is queued in ``tokens`` instead, where the latest one wins."""
+    kind = item.get("type")
+    handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
+    payload = item.get("payload")
+    if handler is None or not isinstance(payload, _MAPPING):
+        return
+    if handler is _event_msg and payload.get("type") == "token_count":
+        tokens.append(payload)
+    else:
+        handler(state, payload, ts_us)
+
 
 class CodexRules:
     """The default rules of DESIGN §2, compatible with Codex rollout items.
@@ -191,15 +260,44 @@ class CodexRules:
 
     def apply(self, state: State, item: Mapping[str, Any], ts_us: int) -> State:
         """Fold one item into a copy of ``state``."""
-        new = dict(state)
-        new["item_count"] = state.get("item_count", 0) + 1
-        updated = state.get("updated_us")
-        new["updated_us"] = ts_us if updated is None else max(updated, ts_us)
+        new = _counted(state, 1, ts_us)
         kind = item.get("type")
         handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
         payload = item.get("payload")
         if handler is not None and isinstance(payload, _MAPPING):
             handler(new, payload, ts_us)
+        return new
+
+    def apply_stored(self, state: State, texts: Sequence[str], ts_us: Sequence[int]) -> State:
+        """Fold stored items (JSON texts, their timestamps) into one copy of ``state``.
+
+        Equal to :meth:`apply` over each parsed item in order, but it parses only what
+        can change the state. Types are read off the text (:mod:`thread_store._sniff`):
+        items no rule reads are passed over in C (:data:`_UNREAD`), turn starts need no
+        parse, messages that only fill fields already set are not parsed, and token
+        counts, where the latest wins, are parsed from the last back until one has usage.
+        """
+        if not texts:
+            return dict(state)
+        new = _counted(state, len(texts), max(ts_us))
+        tokens: list[str | Mapping[str, Any]] = []  # token counts, text or parsed, in order
+        for i in compress(range(len(texts)), map(not_, map(_UNREAD, texts))):
+            text = texts[i]
+            found = match_type(text)
+            event = match_payload_type(text, found.end()) if found and found[1] == "event_msg" else None
+            if event is None:  # not an event, or not laid out as expected: parse
+                _apply_parsed(new, json.loads(text), ts_us[i], tokens)
+            elif event[1] in _TURN_STARTS:
+                _turn_started(new, ts_us[i])
+            elif event[1] == "token_count":
+                tokens.append(text)
+            elif (fills := _FILLS.get(event[1])) is None or any(new.get(k) is None for k in fills):
+                _apply_parsed(new, json.loads(text), ts_us[i], tokens)
+        for token in reversed(tokens):
+            usage = _token_usage(json.loads(token)["payload"] if isinstance(token, str) else token)
+            if usage is not None:
+                new["token_usage"] = usage
+                break
         return new
 
     def metadata(self, thread_id: str, state: State, projected_seq: int) -> ThreadMetadata:
