@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from thread_store._sniff import item_type, match_payload_type, match_type
+from thread_store._sniff import NAME, PAYLOAD_TYPE_AT, TYPE_AT, item_type
 
 
 @pytest.mark.parametrize(("text", "kind"), [
@@ -26,17 +27,19 @@ def test_item_type_reads_a_leading_type_or_gives_up(text: str, kind: str | None)
         assert json.loads(text)["type"] == kind
 
 
+EVENT_TYPE = re.compile(TYPE_AT + "event_msg" + PAYLOAD_TYPE_AT + "(" + NAME + ")").match
+
+
 @pytest.mark.parametrize(("text", "kind"), [
     ('{"type":"event_msg","payload":{"type":"token_count","info":null}}', "token_count"),
     ('{"timestamp":"t","type":"event_msg","payload":{"type":"user_message"}}', "user_message"),
     ('{"type":"event_msg","payload":{"info":null,"type":"token_count"}}', None),
     ('{"type":"event_msg","timestamp":"t","payload":{"type":"token_count"}}', None),
     ('{"type":"event_msg","payload":"token_count"}', None),
+    ('{"type":"event_msg","payload":{"type":"a\\"b"}}', None),
 ])
 def test_the_payload_type_is_read_only_right_after_the_type(text: str, kind: str | None) -> None:
-    found = match_type(text)
-    assert found is not None
-    event = match_payload_type(text, found.end())
-    assert (event[1] if event else None) == kind
+    found = EVENT_TYPE(text)
+    assert (found[1][:-1] if found else None) == kind
     if kind is not None:
         assert json.loads(text)["payload"]["type"] == kind

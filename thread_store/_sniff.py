@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import re
 
-#: ``match_type(text)``: a match whose group 1 is the item's ``type``, when the text
-#: starts with it (after an optional ``timestamp``); else ``None``.
-match_type = re.compile(r'\{(?:"timestamp":"[^"\\]*",)?"type":"([^"\\]*)"').match
-#: ``match_payload_type(text, match_type(text).end())``: a match whose group 1 is the
-#: payload's ``type``, when the payload comes next with its type first; else ``None``.
-match_payload_type = re.compile(r',"payload":\{"type":"([^"\\]*)"').match
+#: A pattern of the text before an item's type: ``{``, an optional ``timestamp``, the key.
+TYPE_AT = r'\{(?:"timestamp":"[^"\\]*",)?"type":"'
+#: A pattern of the text between an item's type and its payload's, when the payload comes
+#: next with its type first.
+PAYLOAD_TYPE_AT = r'","payload":\{"type":"'
+#: A pattern of a type's value without escapes, and its closing quote.
+NAME = r'[^"\\]*"'
+#: ``match_type(text)``: a match whose group 1 is the item's type, or ``None`` (parse it).
+match_type = re.compile(TYPE_AT + r'([^"\\]*)"').match
 
 
 def item_type(text: str) -> str | None:

@@ -8,6 +8,7 @@ rule set of DESIGN §2. An application plugs in its own rules by implementing
 
 from __future__ import annotations
 
+import heapq
 import json
 import re
 from copy import deepcopy
@@ -16,7 +17,7 @@ from itertools import compress
 from operator import not_
 from typing import Any, Callable, Protocol
 
-from ._sniff import match_payload_type, match_type
+from ._sniff import NAME, PAYLOAD_TYPE_AT, TYPE_AT
 from .errors import InvalidArgument
 from .model import TEXT_FIELDS, ThreadMetadata, parse_timestamp, utc, utc_from_us
 
@@ -164,8 +165,8 @@ _TURN_STARTS = ("turn_started", "task_started")  # a tuple: a payload type may b
 #: fill when empty: once those are set, such an event changes nothing.
 _FILLS = {"user_message": ("title", "first_user_message", "preview"),
           "thread_goal_updated": ("preview",)}
-#: Every ``event_msg`` type a rule reads (token counts: the latest wins).
-_EVENTS_READ = frozenset((*_TURN_STARTS, "token_count", *_FILLS))
+#: The ``event_msg`` types a rule reads in order (token counts: the latest wins).
+_IN_ORDER = (*_TURN_STARTS, *_FILLS)
 
 
 def _event_msg(state: State, payload: Mapping[str, Any], ts_us: int) -> None:
@@ -208,13 +209,17 @@ def _alternatives(names: Iterable[str]) -> str:
     return "|".join(re.escape(name) for name in sorted(names))
 
 
-#: Matches the start of an item no rule reads, as :mod:`thread_store._sniff` lays it out:
-#: a type without a handler, or an ``event_msg`` whose payload type no rule reads. No
-#: match means a rule may read it (or the layout is another): the fold looks closer.
-_UNREAD = re.compile(
-    r'\{(?:"timestamp":"[^"\\]*",)?"type":"(?:'
-    r'event_msg","payload":\{"type":"(?!(?:' + _alternatives(_EVENTS_READ) + r')")[^"\\]*"'
-    r'|(?!(?:' + _alternatives(_HANDLERS) + r')")[^"\\]*")').match
+_EVENT_AT = TYPE_AT + "event_msg" + PAYLOAD_TYPE_AT
+#: The payload type of an ``event_msg`` laid out as :mod:`thread_store._sniff` says.
+_EVENT = re.compile(_EVENT_AT + "(" + NAME + ")").match
+#: A token count laid out so; :meth:`CodexRules.apply_stored` looks for the latest.
+_TOKEN_COUNT = re.compile(_EVENT_AT + 'token_count"').match
+#: An item whose start (laid out so) says the rules need not look at it in order: a
+#: type without a handler, or an ``event_msg`` that is not a type read in order. No match:
+#: a rule may read it, or the layout is another, and the fold looks closer.
+_PASSED_OVER = re.compile(
+    TYPE_AT + "(?:event_msg" + PAYLOAD_TYPE_AT + "(?!(?:" + _alternatives(_IN_ORDER) + ')")' + NAME
+    + "|(?!(?:" + _alternatives(_HANDLERS) + ')")' + NAME + ")").match
 
 
 def _counted(state: State, items: int, latest_us: int) -> State:
@@ -227,18 +232,29 @@ def _counted(state: State, items: int, latest_us: int) -> State:
 
 
 def _apply_parsed(state: State, item: Mapping[str, Any], ts_us: int,
-                  tokens: list[str | Mapping[str, Any]]) -> None:
+                  tokens: dict[int, Mapping[str, Any]], index: int) -> None:
     """:meth:`CodexRules.apply`'s handler step on ``state`` itself (item already counted);
-    a token count is queued in ``tokens`` instead, where the latest one wins."""
+    a token count's payload goes to ``tokens`` at ``index`` instead (the latest wins)."""
     kind = item.get("type")
     handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
     payload = item.get("payload")
     if handler is None or not isinstance(payload, _MAPPING):
         return
     if handler is _event_msg and payload.get("type") == "token_count":
-        tokens.append(payload)
+        tokens[index] = payload
     else:
         handler(state, payload, ts_us)
+
+
+def _latest_usage(texts: Sequence[str], parsed: dict[int, Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The usage of the last token count in ``texts`` that has one: those laid out as
+    :data:`_TOKEN_COUNT` says are found in C from the end, the others were ``parsed``."""
+    laid_out = compress(range(len(texts) - 1, -1, -1), map(_TOKEN_COUNT, reversed(texts)))
+    for i in heapq.merge(laid_out, sorted(parsed, reverse=True), reverse=True):
+        usage = _token_usage(parsed[i] if i in parsed else json.loads(texts[i])["payload"])
+        if usage is not None:
+            return usage
+    return None
 
 
 class CodexRules:
@@ -273,31 +289,27 @@ class CodexRules:
 
         Equal to :meth:`apply` over each parsed item in order, but it parses only what
         can change the state. Types are read off the text (:mod:`thread_store._sniff`):
-        items no rule reads are passed over in C (:data:`_UNREAD`), turn starts need no
-        parse, messages that only fill fields already set are not parsed, and token
-        counts, where the latest wins, are parsed from the last back until one has usage.
+        items no rule reads in order are passed over in C (:data:`_PASSED_OVER`), turn
+        starts need no parse, messages that only fill fields already set are not parsed,
+        and of the token counts (the latest wins) only the last ones are, back to the
+        first with usage.
         """
         if not texts:
             return dict(state)
         new = _counted(state, len(texts), max(ts_us))
-        tokens: list[str | Mapping[str, Any]] = []  # token counts, text or parsed, in order
-        for i in compress(range(len(texts)), map(not_, map(_UNREAD, texts))):
+        tokens: dict[int, Mapping[str, Any]] = {}  # payloads of token counts found parsing
+        for i in compress(range(len(texts)), map(not_, map(_PASSED_OVER, texts))):
             text = texts[i]
-            found = match_type(text)
-            event = match_payload_type(text, found.end()) if found and found[1] == "event_msg" else None
-            if event is None:  # not an event, or not laid out as expected: parse
-                _apply_parsed(new, json.loads(text), ts_us[i], tokens)
-            elif event[1] in _TURN_STARTS:
+            event = _EVENT(text)
+            kind = event[1][:-1] if event else None
+            if kind in _TURN_STARTS:
                 _turn_started(new, ts_us[i])
-            elif event[1] == "token_count":
-                tokens.append(text)
-            elif (fills := _FILLS.get(event[1])) is None or any(new.get(k) is None for k in fills):
-                _apply_parsed(new, json.loads(text), ts_us[i], tokens)
-        for token in reversed(tokens):
-            usage = _token_usage(json.loads(token)["payload"] if isinstance(token, str) else token)
-            if usage is not None:
-                new["token_usage"] = usage
-                break
+            elif (kind is None or (fills := _FILLS.get(kind)) is None
+                  or any(new.get(key) is None for key in fills)):
+                _apply_parsed(new, json.loads(text), ts_us[i], tokens, i)
+        usage = _latest_usage(texts, tokens)
+        if usage is not None:
+            new["token_usage"] = usage
         return new
 
     def metadata(self, thread_id: str, state: State, projected_seq: int) -> ThreadMetadata:
