@@ -163,6 +163,17 @@ def test_a_page_is_the_read_as_columns(storage: Storage, after: int, upto: int, 
     assert history.read_page("nobody", 0, 10, 10) == StoredPage(0, (), ())
 
 
+def test_creation_times_are_read_for_live_threads_only(storage: Storage) -> None:
+    history = storage.history
+    for n, thread_id in enumerate(["a", "b", "gone", "deleted"]):
+        history.create(thread_id, created_us=CREATED_US + n, first=None)
+    storage.remove_thread("gone", tombstone=True)
+    storage.remove_thread("deleted", tombstone=False)
+    asked = ["a", "b", "gone", "deleted", "nobody"]
+    assert history.created_times(asked) == {"a": CREATED_US, "b": CREATED_US + 1}
+    assert history.created_times(asked) == {t: history.created_us(t) for t in ("a", "b")}
+
+
 def test_an_empty_append_writes_nothing_and_returns_the_head(storage: Storage) -> None:
     storage.history.create("t", created_us=CREATED_US, first=item(1))
     assert storage.history.append("t", []) == Appended(1, written=False)

@@ -161,10 +161,13 @@ class AttemptRunner:
         # refuses its row if the thread was removed or created again meanwhile (``gone``:
         # the cached state is dropped and the next attempt reads the incarnation): no read.
         unknown = [c.state.thread_id for c in hooked if _cached_incarnation(c) is None]
+        refolds = [c.state.thread_id for c in hooked if c.refold]
         try:
             # One read for the batch (a round trip per thread was most of a PostgreSQL
-            # projector's time), after the hooks and before the folds.
+            # projector's time), after the hooks and before the folds; so are the
+            # creation times of the folds from the first item (a catch-up's).
             live = self._history.incarnations(unknown) if unknown else {}
+            created = self._history.created_times(refolds) if refolds else {}
         except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
             if in_caller and not isinstance(exc, Exception):
                 raise
@@ -173,7 +176,7 @@ class AttemptRunner:
         for c in hooked:
             known = _cached_incarnation(c)
             result, row = self._prepare(c, live.get(c.state.thread_id) if known is None else known,
-                                        in_caller)
+                                        created.get(c.state.thread_id), in_caller)
             if row is None:
                 results[id(c)] = result
             else:
@@ -194,9 +197,10 @@ class AttemptRunner:
                 return False
         return True
 
-    def _prepare(self, c: Claim, live: int | None, in_caller: bool) -> tuple[Result, RowWrite | None]:
+    def _prepare(self, c: Claim, live: int | None, created_us: int | None,
+                 in_caller: bool) -> tuple[Result, RowWrite | None]:
         """Run the fold for one claim; ``live`` is the thread's incarnation read for the
-        batch (``None``: not live then)."""
+        batch (``None``: not live then), ``created_us`` its creation time if read too."""
         thread_id = c.state.thread_id
         try:
             # Read before the fold, so a commit of this fold is refused if the thread is
@@ -206,7 +210,7 @@ class AttemptRunner:
             incarnation = live if live is not None else self._history.incarnation(thread_id)
             if c.incarnation is not None and incarnation != c.incarnation:
                 return Result(AttemptOutcome.REBORN, head=self._history.head(thread_id)), None
-            base, state = self._start_state(c)
+            base, state = self._start_state(c, created_us)
             seq = base
             if c.items is not None and base == c.base:
                 if c.items:
@@ -252,8 +256,9 @@ class AttemptRunner:
             return item
         return {"type": kind}
 
-    def _start_state(self, c: Claim) -> tuple[int, dict[str, object]]:
-        """The fold state to resume from, and its seq: cached, stored, or initial."""
+    def _start_state(self, c: Claim, created_us: int | None) -> tuple[int, dict[str, object]]:
+        """The fold state to resume from, and its seq: cached, stored, or initial (at
+        ``created_us``, read here if the batch did not)."""
         thread_id = c.state.thread_id
         if not c.refold:
             if c.fold_state is not None:
@@ -262,7 +267,9 @@ class AttemptRunner:
             if stored.fold_state is not None and stored.projected_seq <= c.target:
                 return stored.projected_seq, json.loads(stored.fold_state)
         # No row yet, or the row is ahead of history (power loss): fold from the start.
-        return 0, self._rules.initial(thread_id, self._history.created_us(thread_id))
+        if created_us is None:
+            created_us = self._history.created_us(thread_id)
+        return 0, self._rules.initial(thread_id, created_us)
 
     def _commit(self, rows: list[tuple[Claim, RowWrite, Result]],
                 results: dict[int, Result], deadline: float | None, position: int) -> None:

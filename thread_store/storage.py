@@ -341,6 +341,10 @@ class HistoryLog(Protocol):
         """``{thread_id: incarnation}`` of those of ``thread_ids`` that are live, in one
         read: a projection attempt asks for its whole batch."""
 
+    def created_times(self, thread_ids: list[str]) -> dict[str, int]:
+        """``{thread_id: created_us}`` of those of ``thread_ids`` that are live, in one
+        read: a batch of folds from the first item (a catch-up) asks for all of them."""
+
     def position(self) -> int:
         """A mark at or above every item committed so far. Taken before a fold and passed
         to :meth:`MetadataIndex.commit`, it lets a backend detect, after a power loss,

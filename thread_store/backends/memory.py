@@ -117,6 +117,11 @@ class MemoryHistory:
         with self._lock:
             return {t: self._threads[t].incarnation for t in thread_ids if t in self._threads}
 
+    def created_times(self, thread_ids: list[str]) -> dict[str, int]:
+        """``{thread_id: created_us}`` of those of ``thread_ids`` that are live."""
+        with self._lock:
+            return {t: self._threads[t].created_us for t in thread_ids if t in self._threads}
+
     def is_live(self, thread_id: str, incarnation: int) -> bool:
         """Whether that creation of the thread is the live one."""
         with self._lock:

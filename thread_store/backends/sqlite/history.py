@@ -289,6 +289,12 @@ class History(BehindMarks, GroupAppends):
             cached.update(read)
         return cached
 
+    def created_times(self, thread_ids: list[str]) -> dict[str, int]:
+        """``{thread_id: created_us}`` of those of ``thread_ids`` that are live."""
+        return dict(self._readers.fetch_in(
+            "history", "SELECT thread_id, created_us FROM threads WHERE discarded_us IS NULL "
+            "AND thread_id IN ({keys})", thread_ids))
+
     def _read_incarnations(self, thread_ids: list[str]) -> dict[str, int]:
         return dict(self._readers.fetch_in(
             "history", "SELECT thread_id, incarnation FROM threads WHERE discarded_us IS NULL "
