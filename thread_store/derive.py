@@ -250,7 +250,8 @@ def _latest_usage(texts: Sequence[str], parsed: dict[int, Mapping[str, Any]]) ->
     """The usage of the last token count in ``texts`` that has one: those laid out as
     :data:`_TOKEN_COUNT` says are found in C from the end, the others were ``parsed``."""
     laid_out = compress(range(len(texts) - 1, -1, -1), map(_TOKEN_COUNT, reversed(texts)))
-    for i in heapq.merge(laid_out, sorted(parsed, reverse=True), reverse=True):
+    latest_first = heapq.merge(laid_out, sorted(parsed, reverse=True), reverse=True) if parsed else laid_out
+    for i in latest_first:
         usage = _token_usage(parsed[i] if i in parsed else json.loads(texts[i])["payload"])
         if usage is not None:
             return usage
