@@ -28,7 +28,8 @@ from _writer_child import WriterChild
 from conftest import new_schema, plain, started_server, user_msg
 from pg_server import PostgresServer
 
-from thread_store import AsyncThreadStore, FlushTimeout, ThreadStore, ThreadStoreError
+from thread_store import (AsyncThreadStore, FlushTimeout, ReadOnlyStore, ThreadStore,
+                          ThreadStoreError)
 from thread_store.backends.postgres._async_reads import _UNKNOWN, _Start, _close_enough
 from thread_store.backends.postgres._db import ASYNC_APPLICATION_NAME
 from thread_store.errors import DURABLE_NOTE
@@ -350,3 +351,18 @@ def test_a_start_read_that_a_projection_overtook_is_not_returned(
 def test_a_connection_s_statement_timeout_is_sent_again_only_when_it_must(
         current: int, bound: int, close: bool) -> None:
     assert _close_enough(current, bound) is close
+
+
+def test_a_read_only_store_s_barriers_refuse_and_connect_nothing(pg_url: str, schema: str,
+                                                                 writer: ThreadStore) -> None:
+    tid = writer.create_thread()
+    writer.append(tid, [user_msg("hi")])
+
+    async def main() -> None:
+        async with AsyncThreadStore.open(pg_url, schema=schema, read_only=True) as store:
+            with pytest.raises(ReadOnlyStore):
+                await store.flush(tid, timeout=HANG)
+            assert (await store.read_thread(tid)).thread_id == tid
+            assert await asyncio.to_thread(activity, pg_url, "true") == []
+
+    asyncio.run(main())
