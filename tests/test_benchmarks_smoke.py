@@ -138,3 +138,15 @@ def _check_postgres(section: dict[str, Any]) -> None:
     for key in ("same", "cross", "paused", "both"):
         wake = section["wake"][key]
         assert wake["n"] > 0 and 0 < wake["p50_us"] <= wake["p99_us"], key
+
+
+def test_pg_async_barriers_prints_both_arms(postgres_runs: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    if not postgres_runs:
+        pytest.skip("PostgreSQL is not available here")
+    from benchmarks import pg_async_barriers
+
+    times = pg_async_barriers.main(["--rounds", "5"])
+    assert {arm: len(samples) for arm, samples in times.items()} == {
+        f"{arm} {kind}": 5 for arm in pg_async_barriers.ARMS for kind in ("native", "hop")}
+    out = capsys.readouterr().out
+    assert "| `flush` |" in out and "| `append_and_flush` |" in out

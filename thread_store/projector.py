@@ -34,13 +34,14 @@ from ._attempt import AttemptRunner, ProjectionHook
 from ._catch_up import CatchUp
 from ._outcomes import AttemptOutcome, LocalStatus, Outcome, Result, Waiter
 from ._phases import SCHEDULABLE, Phase, RemovalKind
+from ._port_reads import PortReads, complete
 from ._removal import Removal, Removals
 from ._schedule import Schedule
 from ._state import Claim, ThreadState
 from .derive import ProjectionRules
 from .errors import DURABLE_NOTE, StoreClosed
 from .model import EncodedItem, ProjectorStats, RetryPolicy
-from .storage import Lag, Storage
+from .storage import AsyncBarrierReads, Lag, Storage
 from .tracing import Telemetry
 
 __all__ = ["Projector"]
@@ -84,6 +85,7 @@ class Projector:
                  coalesce_delay: float, caller_runs: bool, catch_up_after: float | None) -> None:
         self._storage = storage
         self._index = storage.index
+        self._port_reads = PortReads(storage)
         self._telemetry = telemetry
         self._runner = AttemptRunner(storage.history, storage.index, rules, hook, telemetry,
                                      on_commit=self._count_transaction)
@@ -140,7 +142,19 @@ class Projector:
     def begin_wait(self, thread_id: str, target: int,
                    callback: Callable[[Outcome], None] | None = None, *,
                    allow_caller_run: bool = True, deadline: float | None = None) -> Waiter | None:
+        """:meth:`register` with the sync ports' reads, in the calling thread."""
+        return complete(self.register(self._port_reads, thread_id, target, callback,
+                                      allow_caller_run=allow_caller_run, deadline=deadline))
+
+    async def register(self, reads: AsyncBarrierReads, thread_id: str, target: int,
+                       callback: Callable[[Outcome], None] | None = None, *,
+                       allow_caller_run: bool = True, deadline: float | None = None) -> Waiter | None:
         """Register a waiter for ``target``, or return ``None`` if it is already projected.
+
+        What it must know from the store (the checkpoint of a thread this process holds
+        no state for, the incarnation of one it holds) comes from ``reads``: the sync
+        ports, or an async face's native reads, awaited on the event loop, never under
+        the projector lock.
 
         The waiter is registered before the check, under the same lock the projector
         resolves waiters with, so no wake-up can be lost. With ``allow_caller_run`` the
@@ -155,6 +169,7 @@ class Projector:
         """
         claim: Claim | None = None
         waiter: Waiter | None = None
+        forgotten = False
         with self._lock:
             st = self._threads.get(thread_id)
             known = st is not None
@@ -162,8 +177,8 @@ class Projector:
             cached = (st.incarnation if st is not None and st.projected >= target
                       and not st.refold else None)
         # No state here says nothing about the store: read where its projection stands.
-        checkpoint = None if known else self._index.checkpoint(thread_id)
-        current = None if cached is None else self._storage.history.incarnation(thread_id)
+        checkpoint = None if known else await reads.checkpoint(thread_id)
+        current = None if cached is None else await reads.incarnation(thread_id)
         try:
             with self._lock:
                 if self._schedule.closing or self._schedule.stopped:
@@ -175,26 +190,15 @@ class Projector:
                     st = self._threads[thread_id] = ThreadState(
                         thread_id, max(target, checkpoint.projected_seq), checkpoint.projected_seq)
                     st.refold, st.pending_since = checkpoint.fold_state is None, time.monotonic()
-                if st is None:  # forgotten while the checkpoint was read: read it again
-                    return self.begin_wait(thread_id, target, callback,
+                # Forgotten while the checkpoint was read: read it again, out of the lock
+                # (it is not reentrant, and a native read must never hold it).
+                forgotten = st is None
+                if st is not None:
+                    waiter, claim = self._add_waiter(st, target, cached, current, callback,
+                                                     allow_caller_run, deadline is None)
+            if forgotten:
+                return await self.register(reads, thread_id, target, callback,
                                            allow_caller_run=allow_caller_run, deadline=deadline)
-                if st.removed:
-                    raise st.gone_error()
-                if cached is not None and current != cached and st.incarnation == cached:
-                    st.rebase(target)  # re-created by another process since
-                if st.projected >= target and not st.refold:
-                    return None
-                st.saw_head(target, time.monotonic())  # another process may have appended
-                waiter = Waiter(thread_id, target, st.failure_epoch, callback, st.condition(self._lock))
-                first = not st.waiters
-                st.waiters.append(waiter)
-                st.unhold()
-                small = not self._runner.has_hook and st.bounded_work
-                if (allow_caller_run and self._caller_runs and st.phase in SCHEDULABLE
-                        and not self._paused and (small or deadline is None)):
-                    claim = self._schedule.claim(st, expedited=True)
-                elif st.phase is Phase.IDLE or (first and st.due_at is not None):
-                    self._make_due(st, 0.0, cut_backoff=True)
             if claim is not None:
                 self._run([claim], deadline)
         except BaseException:
@@ -204,6 +208,30 @@ class Projector:
                 self.cancel(waiter)
             raise
         return waiter
+
+    def _add_waiter(self, st: ThreadState, target: int, cached: int | None, current: int | None,
+                    callback: Callable[[Outcome], None] | None, allow_caller_run: bool,
+                    no_deadline: bool) -> tuple[Waiter | None, Claim | None]:
+        """Under the lock: register a waiter on ``st`` for ``target`` (``None``: already
+        projected), and claim the thread for the caller to run when it may."""
+        if st.removed:
+            raise st.gone_error()
+        if cached is not None and current != cached and st.incarnation == cached:
+            st.rebase(target)  # re-created by another process since
+        if st.projected >= target and not st.refold:
+            return None, None
+        st.saw_head(target, time.monotonic())  # another process may have appended
+        waiter = Waiter(st.thread_id, target, st.failure_epoch, callback, st.condition(self._lock))
+        first = not st.waiters
+        st.waiters.append(waiter)
+        st.unhold()
+        small = not self._runner.has_hook and st.bounded_work
+        if (allow_caller_run and self._caller_runs and st.phase in SCHEDULABLE
+                and not self._paused and (small or no_deadline)):
+            return waiter, self._schedule.claim(st, expedited=True)
+        if st.phase is Phase.IDLE or (first and st.due_at is not None):
+            self._make_due(st, 0.0, cut_backoff=True)
+        return waiter, None
 
     def wait(self, waiter: Waiter, deadline: float | None) -> Outcome | None:
         """Block until ``waiter`` resolves; ``None`` at the deadline (waiter removed)."""

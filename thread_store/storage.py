@@ -208,6 +208,9 @@ class Capabilities:
     files: bool
     #: ``rebuild_index`` refuses to run while another writer has the store open.
     exclusive_rebuild: bool = False
+    #: ``AsyncThreadStore`` barriers read on the event loop (:meth:`Storage.async_reads`),
+    #: not in an executor thread.
+    native_async_reads: bool = False
 
 
 # -- the keyset cursor, the same on every backend ---------------------------------------
@@ -392,6 +395,52 @@ class MetadataIndex(Protocol):
         still letting go (it is fenced all the same and writes nothing)."""
 
 
+class AsyncBarrierReads(Protocol):
+    """The reads a barrier makes, as coroutines: the barrier core (``_barriers``, the
+    projector's waiter registration) is written once against this port.
+
+    The sync face passes the ports themselves, wrapped so these never suspend; a
+    backend with a native asyncio driver gives :meth:`Storage.async_reads`, whose reads
+    run on the event loop and hold no thread. Each raises what the sync port raises, and
+    waits no longer than the caller's barrier deadline (``_deadlines``).
+    """
+
+    async def head(self, thread_id: str) -> int:
+        """As :meth:`HistoryLog.head`."""
+
+    async def incarnation(self, thread_id: str) -> int:
+        """As :meth:`HistoryLog.incarnation`."""
+
+    async def created_us(self, thread_id: str) -> int:
+        """As :meth:`HistoryLog.created_us`."""
+
+    async def checkpoint(self, thread_id: str) -> Checkpoint:
+        """As :meth:`MetadataIndex.checkpoint`."""
+
+    async def read(self, thread_id: str) -> ThreadMetadata | None:
+        """As :meth:`MetadataIndex.read`."""
+
+
+class NativeBarrierReads(AsyncBarrierReads, Protocol):
+    """:class:`AsyncBarrierReads` on a backend's own asyncio connections (an optional
+    port: :meth:`Storage.async_reads`), opened and closed on the event loop."""
+
+    async def open(self) -> None:
+        """Get ready on the running loop (a pool sized lazily: no connection yet)."""
+
+    async def close(self) -> None:
+        """Release every connection; later reads raise :class:`StoreClosed`."""
+
+    def snapshot(self) -> AsyncBarrierReads:
+        """Reads for the start of one barrier on one thread: its target head, its
+        registration's checkpoint or incarnation, and the metadata it returns if it did
+        not wait, served from one read taken at the first of them. That is as good as
+        reading each later (the registration only needs a lower bound of the projection);
+        the metadata is served only if that read found the row caught up with the head
+        (so it covers every target up to it), else read again. After a wait, read anew
+        (through ``self``)."""
+
+
 class Storage(Protocol):
     """One open backend: its history, its index, and what spans both."""
 
@@ -418,6 +467,11 @@ class Storage(Protocol):
     @property
     def path(self) -> Path | None:
         """The store's directory, for the embedded backend; ``None`` for the others."""
+
+    def async_reads(self) -> NativeBarrierReads | None:
+        """New, unopened native asyncio reads for the barriers of an ``AsyncThreadStore``
+        (one per store, opened and closed by it), or ``None`` when the backend has no
+        asyncio driver: its async barriers then read in an executor thread."""
 
     def lagging(self) -> list[Lag]:
         """Threads whose projection is behind (or ahead of) their history: run once at
@@ -472,6 +526,7 @@ class Storage(Protocol):
         connections: for garbage collection and the child of a ``fork``."""
 
 
-__all__ = ["MEMORY", "Appended", "Capabilities", "Checkpoint", "CommitOutcome", "CommitResult", "Failure",
-           "HistoryLog", "IdempotencyKey", "Lag", "ListQuery", "MetadataIndex", "RowWrite",
-           "Storage", "StoredPage", "StoredRow", "StoredTraces", "decode_cursor", "encode_cursor"]
+__all__ = ["MEMORY", "Appended", "AsyncBarrierReads", "Capabilities", "Checkpoint", "CommitOutcome",
+           "CommitResult", "Failure", "HistoryLog", "IdempotencyKey", "Lag", "ListQuery",
+           "MetadataIndex", "NativeBarrierReads", "RowWrite", "Storage", "StoredPage", "StoredRow",
+           "StoredTraces", "decode_cursor", "encode_cursor"]

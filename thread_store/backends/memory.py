@@ -381,6 +381,10 @@ class MemoryStorage:
         del rules_id  # a fresh store holds no rows of other rules
         return cls()
 
+    def async_reads(self) -> None:
+        """None: no asyncio driver here; async barriers read in an executor thread."""
+        return None
+
     def lagging(self) -> list[Lag]:
         """Nothing: a fresh store is caught up."""
         return []

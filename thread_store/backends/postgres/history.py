@@ -54,6 +54,8 @@ _APPEND_ONCE = (
     "SELECT head, NULL FROM h UNION ALL SELECT generation, digest FROM prior")
 _THREAD = ("SELECT head, created_us, discarded_us, incarnation FROM {s}.threads "
            "WHERE thread_id = %s")
+#: The thread's row, as :func:`thread_of` reads it (also the barriers' native reads).
+THREAD_ROW = _THREAD
 _INCARNATIONS = ("SELECT thread_id, incarnation FROM {s}.threads "
                  "WHERE thread_id = ANY(%b::text[]) AND discarded_us IS NULL")
 _CREATED = ("SELECT thread_id, created_us FROM {s}.threads "
@@ -169,13 +171,7 @@ class History:
 
     def _thread_row(self, thread_id: str) -> tuple[int, int, int]:
         with self._db.connection("reading a thread") as conn:
-            row = conn.execute(self._thread, (thread_id,)).fetchone()
-        if row is None:
-            raise ThreadNotFound(f"thread {thread_id!r} does not exist; create it with "
-                                 "create_thread() first")
-        if row[2] is not None:
-            raise ThreadDiscarded(f"thread {thread_id!r} was discarded")
-        return int(row[0]), int(row[1]), int(row[3])
+            return thread_of(thread_id, conn.execute(self._thread, (thread_id,)).fetchone())
 
     def read(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> list[StoredRow]:
         """Items ``after_seq < seq <= upto_seq``, at most ``limit``, in ``seq`` order."""
@@ -212,3 +208,16 @@ class History:
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosed("the thread store is closed; open it again to write")
+
+
+def thread_of(thread_id: str, row: tuple[Any, ...] | None) -> tuple[int, int, int]:
+    """``(head, created_us, incarnation)`` from the answer to :data:`THREAD_ROW`.
+
+    :raises ThreadNotFound: no row. :raises ThreadDiscarded: a tombstone.
+    """
+    if row is None:
+        raise ThreadNotFound(f"thread {thread_id!r} does not exist; create it with "
+                             "create_thread() first")
+    if row[2] is not None:
+        raise ThreadDiscarded(f"thread {thread_id!r} was discarded")
+    return int(row[0]), int(row[1]), int(row[3])

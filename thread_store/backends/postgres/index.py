@@ -67,6 +67,12 @@ _SELECT = f"SELECT {', '.join(_READ_COLUMNS)} FROM {{s}}.meta"
 _CHECKPOINT = ("SELECT m.projected_seq, m.state, (SELECT error FROM {s}.failures "
                "WHERE thread_id = %(t)s) FROM (SELECT 1) one LEFT JOIN {s}.meta m "
                "ON m.thread_id = %(t)s")
+#: One thread's row (:func:`metadata_of`) and its checkpoint (:func:`checkpoint_of`): what
+#: ``read`` and ``checkpoint`` ask, and the barriers' native reads too.
+META_ROW = f"{_SELECT} WHERE thread_id = %(t)s"
+CHECKPOINT_ROW = _CHECKPOINT
+#: The columns :func:`metadata_of` reads, of the ``meta`` table aliased ``m``.
+META_COLUMNS = ", ".join(f"m.{c}" for c in _READ_COLUMNS)
 _RECORD_FAILURE = (
     "INSERT INTO {s}.failures (thread_id, generation, error) SELECT %(t)s, %(g)s, %(e)s "
     "WHERE NOT EXISTS (SELECT 1 FROM {s}.meta WHERE thread_id = %(t)s AND projected_seq >= %(g)s) "
@@ -141,6 +147,17 @@ def _unstorable(values: dict[str, Any]) -> str | None:
     return None
 
 
+def checkpoint_of(row: tuple[Any, ...] | None) -> Checkpoint:
+    """The :class:`Checkpoint` in the answer to :data:`CHECKPOINT_ROW` (always one row)."""
+    assert row is not None
+    return Checkpoint(int(row[0] or 0), row[1], row[2])
+
+
+def metadata_of(row: tuple[Any, ...] | None) -> ThreadMetadata | None:
+    """The metadata in the answer to :data:`META_ROW` (``None``: the thread has no row)."""
+    return _row_to_metadata(row) if row else None
+
+
 def _live(row: tuple[Any, ...] | None) -> int | None:
     """The live incarnation ``_COMMIT_ROW`` answered (its one row, always there)."""
     assert row is not None
@@ -169,6 +186,7 @@ class Index:
         self.last_write = float("-inf")
         self._commit_row = db.q(_COMMIT_ROW)
         self._checkpoint = db.q(_CHECKPOINT)
+        self._meta_row = db.q(META_ROW)
         self._record = db.q(_RECORD_FAILURE)
 
     # -- writes ---------------------------------------------------------------------------
@@ -322,15 +340,12 @@ class Index:
     def checkpoint(self, thread_id: str) -> Checkpoint:
         """Where the thread's projection stands (``MetadataIndex.checkpoint``)."""
         with self._db.connection("reading a projection checkpoint") as conn:
-            row = conn.execute(self._checkpoint, {"t": thread_id}).fetchone()
-        assert row is not None
-        return Checkpoint(int(row[0] or 0), row[1], row[2])
+            return checkpoint_of(conn.execute(self._checkpoint, {"t": thread_id}).fetchone())
 
     def read(self, thread_id: str) -> ThreadMetadata | None:
         """The thread's projected metadata, or ``None`` without a row."""
         with self._db.connection("reading thread metadata") as conn:
-            row = conn.execute(self._db.q(f"{_SELECT} WHERE thread_id = %s"), (thread_id,)).fetchone()
-        return _row_to_metadata(row) if row else None
+            return metadata_of(conn.execute(self._meta_row, {"t": thread_id}).fetchone())
 
     def list(self, query: ListQuery) -> Page:
         """One page, newest recency first, by keyset pagination.
