@@ -73,7 +73,7 @@ class AttemptRunner:
 
     def __init__(self, history: HistoryLog, index: MetadataIndex, rules: ProjectionRules,
                  hook: ProjectionHook | None, telemetry: Telemetry,
-                 on_commit: Callable[[], None]) -> None:
+                 on_commit: Callable[[], None], step_aside: Callable[[], None]) -> None:
         self._history = history
         self._index = index
         self._rules = rules
@@ -81,6 +81,7 @@ class AttemptRunner:
         self.has_hook = hook is not None
         self._telemetry = telemetry
         self._on_commit = on_commit
+        self._step_aside = step_aside  # between folds in the worker: appends go first
         types: frozenset[str] | None = getattr(rules, "item_types", None)
         self._reads: Callable[[str], bool] = (lambda _kind: True) if types is None else types.__contains__
 
@@ -175,6 +176,8 @@ class AttemptRunner:
             results.update((id(c), _failure(exc)) for c in hooked)
             return results
         for c in hooked:
+            if not in_caller:
+                self._step_aside()
             known = _cached_incarnation(c)
             result, row = self._prepare(c, live.get(c.state.thread_id) if known is None else known,
                                         in_caller)
@@ -183,6 +186,8 @@ class AttemptRunner:
             else:
                 rows.append((c, row, result))
         if rows:
+            if not in_caller:
+                self._step_aside()
             self._commit(rows, results, deadline, position)
         return results
 

@@ -1,0 +1,79 @@
+"""Appends go first: the projector worker steps aside while this process appends.
+
+CPython hands the GIL over unfairly. A thread that released it for I/O (an append's
+SQLite commit) and wants it back gets it only when the holder releases it for longer
+than the waiter takes to wake up, or after the switch interval (5 ms) by a forced
+switch. The worker's projection is Python with short SQLite calls in between, which
+release the GIL too briefly to hand it over, so an append could wait milliseconds behind
+a batch's folds, commit and settling (issue 15: the append p99 over many threads).
+
+So the worker, between units of its work (a thread's fold, a slice of settling), asks
+:meth:`AppendPriority.step_aside`: while appends of this process are under way, it waits
+on a condition (holding no GIL) until those appends finish, and each append's end wakes
+it. It waits at most as long as it worked since it last waited (plus
+:data:`MAX_CREDIT_S` saved up): an append may be slow for reasons no step aside helps
+(another process holds the history's file lock), and the projection must keep at least
+half the worker's time however steadily appends arrive.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+#: The most waiting the worker saves up (while it works or sleeps) for later steps aside.
+MAX_CREDIT_S = 0.005
+
+
+class AppendPriority:
+    """Counts this process's appends under way and lets the worker wait them out.
+
+    Appends call :meth:`enter` and :meth:`leave` (two uncontended lock round trips);
+    only the worker calls :meth:`step_aside`. Thread-safe; its lock is a leaf (nothing
+    else is taken while it is held).
+    """
+
+    __slots__ = ("_cond", "_started", "_finished", "_awaited", "_credit", "_since", "steps")
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._started = 0  # appends that entered
+        self._finished = 0  # appends that left
+        self._awaited = 0  # the worker waits until this many have left; 0: it does not wait
+        self._credit = MAX_CREDIT_S  # how long the worker may still wait
+        self._since = time.monotonic()  # when the worker last stopped waiting
+        #: How many times the worker stepped aside (waited) since open: for tests.
+        self.steps = 0
+
+    def enter(self) -> None:
+        """An append begins (call :meth:`leave` in a ``finally``)."""
+        with self._cond:
+            self._started += 1
+
+    def leave(self) -> None:
+        """An append ended, however: wake the worker if it waits for this one."""
+        with self._cond:
+            self._finished += 1
+            if self._awaited and self._finished >= self._awaited:
+                self._awaited = 0
+                self._cond.notify()
+
+    def step_aside(self) -> None:
+        """In the worker, holding no other lock: wait until the appends under way now
+        have finished, within the credit the worker has earned; return at once when
+        none is under way."""
+        now = time.monotonic()
+        self._credit = min(MAX_CREDIT_S, self._credit + (now - self._since))
+        self._since = now
+        if self._started == self._finished or self._credit <= 0.0:
+            return  # read without the lock: an append missed here waits one unit at most
+        with self._cond:
+            if self._started == self._finished:
+                return
+            self._awaited = self._started
+            self.steps += 1
+            self._cond.wait(self._credit)
+            self._awaited = 0
+        end = time.monotonic()
+        self._credit -= end - now
+        self._since = end
