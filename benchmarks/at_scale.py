@@ -40,14 +40,21 @@ _CATCH_UP_ITEMS = 3  # per thread, besides its opening message
 _PROBE = "probe"
 
 
-def run(config: Config, root: Path, phase: Callable[[str, Callable[[], Any]], Any]) -> dict[str, Any]:
-    """Every measurement of this section; ``phase`` times each one for the report."""
-    return {
-        "flat": phase("flat append", lambda: flat_append(config, root / "flat")),
-        "catch_up_appends": phase("appends during catch-up",
-                                  lambda: catch_up_appends(config, root / "catch-up")),
-        "touch": phase("touching threads", lambda: touch.run(root / "touch", list(config.touch))),
+#: The measurements of this section, by key (``python -m benchmarks --only KEY`` runs one).
+PARTS = ("flat", "catch_up_appends", "touch")
+
+
+def run(config: Config, root: Path, phase: Callable[[str, Callable[[], Any]], Any],
+        parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
+    """The measurements of this section named in ``parts`` (all by default); ``phase``
+    times each one for the report."""
+    plan: dict[str, tuple[str, Callable[[], Any]]] = {
+        "flat": ("flat append", lambda: flat_append(config, root / "flat")),
+        "catch_up_appends": ("appends during catch-up",
+                             lambda: catch_up_appends(config, root / "catch-up")),
+        "touch": ("touching threads", lambda: touch.run(root / "touch", list(config.touch))),
     }
+    return {key: phase(*plan[key]) for key in PARTS if key in parts}
 
 
 def _us(samples: list[int]) -> dict[str, float]:
@@ -167,20 +174,27 @@ def _ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
 
 
 def markdown(section: dict[str, Any]) -> list[str]:
-    """The section's tables."""
-    flat, busy, points = section["flat"], section["catch_up_appends"], section["touch"]["checkpoints"]
+    """The section's tables (of the parts it holds)."""
+    flat, busy = section.get("flat"), section.get("catch_up_appends")
+    rows = []
+    if flat:
+        rows += [(HOT, flat["hot"]), (MANY.format(n=flat["threads"]), flat["many"])]
+    if busy:
+        rows += [(f"appending while {busy['threads']:,} threads ({busy['items']:,} items) "
+                  "catch up after losing index.db", busy["catching_up"]),
+                 ("the same store, idle", busy["idle"])]
     out = ["| Arm | append p50 | append p99 | n |", "|---|---:|---:|---:|"]
-    for label, row in ((HOT, flat["hot"]), (MANY.format(n=flat["threads"]), flat["many"]),
-                       (f"appending while {busy['threads']:,} threads ({busy['items']:,} items) "
-                        "catch up after losing index.db", busy["catching_up"]),
-                       ("the same store, idle", busy["idle"])):
+    for label, row in rows:
         out.append(f"| {label} | {row['p50_us']:,.1f} µs | {row['p99_us']:,.1f} µs | {row['n']} |")
-    out += ["", f"A catch-up took {busy['catch_up_s']:.2f} s on average over {busy['rounds']} "
-            "rounds (open to `flush_all`, with the probe appending).", "",
-            "| Threads touched | RSS | of which SQLite's heap | list_threads first page p50 "
+    if busy:
+        out += ["", f"A catch-up took {busy['catch_up_s']:.2f} s on average over {busy['rounds']} "
+                "rounds (open to `flush_all`, with the probe appending)."]
+    if "touch" not in section:
+        return out
+    out += ["", "| Threads touched | RSS | of which SQLite's heap | list_threads first page p50 "
             "| cached heads | cached incarnations | projector states | elapsed |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for p in points:
+    for p in section["touch"]["checkpoints"]:
         out.append(f"| {p['threads']:,} | {p['rss_kib'] / 1024:,.1f} MiB | "
                    f"{p['sqlite_kib'] / 1024:,.1f} MiB | "
                    f"{p['first_page_p50_us']:,.0f} µs | {p['cached_heads']:,} | "
