@@ -45,6 +45,11 @@ class AppendPriority:
         #: How many times the worker stepped aside (waited) since open: for tests.
         self.steps = 0
 
+    @property
+    def under_way(self) -> int:
+        """How many appends are under way now."""
+        return self._started - self._finished
+
     def enter(self) -> None:
         """An append begins (call :meth:`leave` in a ``finally``)."""
         with self._cond:
