@@ -4,7 +4,10 @@ reopened store catches up; memory and listing as a process touches ever more thr
 **Flat append.** Two async stores in this process, one appended to on a single hot
 thread, the other round robin over ``many_threads`` threads (each append then costs the
 projector a row of its own: nothing coalesces). The arms alternate in blocks, each
-block starting quiesced (:func:`~benchmarks.workloads.interleave`).
+block starting quiesced (:func:`~benchmarks.workloads.interleave`), in ``flat_rounds``
+rounds: 40 in every mode but smoke, so each p99 is the 80th or 200th slowest of 8,000 or
+20,000 samples (12 rounds of 200 gave the 24th of 2,400, which a few hiccups of a loaded
+machine moved by a factor of several).
 
 **Appends during catch-up.** A store of ``catchup_append_threads`` threads (a few items
 each) is built with projection paused; then, each round, ``index.db`` is deleted and the
@@ -64,7 +67,7 @@ def _us(samples: list[int]) -> dict[str, float]:
 
 def flat_append(config: Config, root: Path) -> dict[str, Any]:
     """Append latency on one hot thread and round robin over many, interleaved."""
-    n_ops = config.warmup * 2 + config.rounds * config.block
+    n_ops = config.warmup * 2 + config.flat_rounds * config.block
     tids = thread_ids(config.many_threads)
     pool = items(min(n_ops, 20_000))
     work = [(tids[k % len(tids)], pool[k % len(pool)]) for k in range(n_ops)]
@@ -75,7 +78,7 @@ def flat_append(config: Config, root: Path) -> dict[str, Any]:
         many.populate(tids)
         arms = [Arm(HOT, "append", hot, lambda _tid, item: hot.append("hot", item), config.block),
                 Arm(MANY.format(n=len(tids)), "append", many, many.append, config.block)]
-        interleave(arms, work, config.rounds, config.warmup)
+        interleave(arms, work, config.flat_rounds, config.warmup)
         hot.verify()
         many.verify()
     finally:
