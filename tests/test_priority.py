@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from datetime import UTC, datetime
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
@@ -104,3 +104,33 @@ def test_the_worker_settles_a_batch_in_slices(store: ThreadStore,
     _wait_until(lambda: store.stats().rows_written == len(threads), "the worker's batch")
     assert sum(sizes) == len(threads)
     assert max(sizes) == projector._SETTLE_SLICE  # noqa: SLF001
+
+
+def test_the_worker_steps_aside_between_the_rows_of_a_sqlite_commit(
+        sqlite_store: ThreadStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit of many rows is Python between short SQLite calls, as long as a batch's
+    folds: the worker may step aside before each row but the first."""
+    store = sqlite_store
+    index = store._storage.index  # noqa: SLF001
+    calls: list[int] = []
+    commit = index.commit
+
+    def spy(rows: Any, **kwargs: Any) -> Any:
+        between = kwargs["between_rows"]
+        assert between is not None, "the worker gave its commit no step aside"
+
+        def counted() -> None:
+            calls.append(len(rows))
+            between()
+
+        return commit(rows, **{**kwargs, "between_rows": counted})
+
+    monkeypatch.setattr(index, "commit", spy)
+    store.pause_projection()
+    threads = [f"t{i}" for i in range(5)]
+    for thread_id in threads:
+        store.create_thread(thread_id)
+        store.append(thread_id, [ITEM])
+    store.resume_projection()
+    _wait_until(lambda: store.stats().rows_written == len(threads), "the worker's batch")
+    assert calls == [len(threads)] * (len(threads) - 1)

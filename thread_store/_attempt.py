@@ -188,7 +188,7 @@ class AttemptRunner:
         if rows:
             if not in_caller:
                 self._step_aside()
-            self._commit(rows, results, deadline, position)
+            self._commit(rows, results, deadline, position, in_caller)
         return results
 
     def _hook_ran(self, c: Claim, in_caller: bool, results: dict[int, Result]) -> bool:
@@ -263,14 +263,17 @@ class AttemptRunner:
         return 0, self._rules.initial(thread_id, self._history.created_us(thread_id))
 
     def _commit(self, rows: list[tuple[Claim, RowWrite, Result]],
-                results: dict[int, Result], deadline: float | None, position: int) -> None:
-        """Write the rows in one transaction, fenced by close and by discard/delete."""
+                results: dict[int, Result], deadline: float | None, position: int,
+                in_caller: bool) -> None:
+        """Write the rows in one transaction, fenced by close and by discard/delete; the
+        worker steps aside for appends between rows."""
         live = {c.state.thread_id: c for c, _, _ in rows}
         try:
             # Asked under the index's write lock, which a removal holds to delete the row.
             done = self._index.commit([row for _, row, _ in rows], position=position,
                                       may_write=lambda thread_id: live[thread_id].state.live,
-                                      deadline=deadline)
+                                      deadline=deadline,
+                                      between_rows=None if in_caller else self._step_aside)
         except Exception as exc:  # noqa: BLE001 - translated by the backend; fails this batch
             for c, _, _ in rows:
                 results[id(c)] = _failure(exc)
