@@ -59,6 +59,34 @@ def test_the_worker_waits_no_longer_than_its_credit(monkeypatch: pytest.MonkeyPa
     assert (priority.steps, priority.under_way) == (0, 1)
 
 
+def test_the_worker_leaves_several_appends_under_way_to_take_turns(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_priority, "MAX_CREDIT_S", 600.0)
+    priority = AppendPriority()
+    priority.enter()
+    priority.enter()
+    priority.step_aside()
+    assert (priority.steps, priority.under_way) == (0, 2)
+
+
+def test_the_worker_does_not_hold_back_appended_work_past_the_lag_budget(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_priority, "MAX_CREDIT_S", 600.0)
+    priority = AppendPriority()
+    priority.start_batch(100.0, 100.0 + 2 * _priority.LAG_BUDGET_S)
+    priority.enter()
+    priority.step_aside()
+    assert priority.steps == 0
+    # Work found behind (at open, or left by other processes) was appended by no one here.
+    priority.start_batch(None, 100.0)
+    worker = threading.Thread(target=priority.step_aside)
+    worker.start()
+    _wait_until(lambda: priority.steps == 1, "the worker to step aside")
+    priority.leave()
+    worker.join(30.0)
+    assert not worker.is_alive()
+
+
 def test_the_worker_steps_aside_for_an_append_under_way(sqlite_backend: Backend,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """An append waiting for the history's write lock is under way: the worker, given a

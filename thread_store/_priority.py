@@ -13,7 +13,11 @@ on a condition (holding no GIL) until those appends finish, and each append's en
 it. It waits at most as long as it worked since it last waited (plus
 :data:`MAX_CREDIT_S` saved up): an append may be slow for reasons no step aside helps
 (another process holds the history's file lock), and the projection must keep at least
-half the worker's time however steadily appends arrive.
+half the worker's time however steadily appends arrive. And it steps aside only in a
+batch whose appended work is younger than :data:`LAG_BUDGET_S`, and only for a lone
+append: several under way already take turns on the GIL and share group commits, and
+waiting for them all took half the worker's time with 8 writers appending flat out
+(the projection lag p50 went from 13 to 24 ms, the appends' p99 did not improve).
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ import time
 
 #: The most waiting the worker saves up (while it works or sleeps) for later steps aside.
 MAX_CREDIT_S = 0.005
+#: The worker steps aside in a batch only while its oldest appended work is younger than
+#: this (work found behind, at open or left by other processes, counts as appended by
+#: no one: it may always wait).
+LAG_BUDGET_S = 0.02
 
 
 class AppendPriority:
@@ -33,7 +41,8 @@ class AppendPriority:
     else is taken while it is held).
     """
 
-    __slots__ = ("_cond", "_started", "_finished", "_awaited", "_credit", "_since", "steps")
+    __slots__ = ("_cond", "_started", "_finished", "_awaited", "_credit", "_since", "_fresh",
+                 "steps")
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
@@ -42,6 +51,7 @@ class AppendPriority:
         self._awaited = 0  # the worker waits until this many have left; 0: it does not wait
         self._credit = MAX_CREDIT_S  # how long the worker may still wait
         self._since = time.monotonic()  # when the worker last stopped waiting
+        self._fresh = True  # the worker's batch may wait (see start_batch)
         #: How many times the worker stepped aside (waited) since open: for tests.
         self.steps = 0
 
@@ -63,17 +73,23 @@ class AppendPriority:
                 self._awaited = 0
                 self._cond.notify()
 
+    def start_batch(self, oldest_append: float | None, now: float) -> None:
+        """The worker starts a batch whose oldest appended work came at ``oldest_append``
+        (monotonic; ``None``: none was appended here): it steps aside in this batch only
+        while that is younger than :data:`LAG_BUDGET_S`."""
+        self._fresh = oldest_append is None or now - oldest_append < LAG_BUDGET_S
+
     def step_aside(self) -> None:
-        """In the worker, holding no other lock: wait until the appends under way now
-        have finished, within the credit the worker has earned; return at once when
-        none is under way."""
+        """In the worker, holding no other lock: wait until the append under way now has
+        finished, within the credit the worker has earned; return at once when none or
+        several are under way (see the module docstring)."""
         now = time.monotonic()
         self._credit = min(MAX_CREDIT_S, self._credit + (now - self._since))
         self._since = now
-        if self._started == self._finished or self._credit <= 0.0:
+        if self._started - self._finished != 1 or self._credit <= 0.0 or not self._fresh:
             return  # read without the lock: an append missed here waits one unit at most
         with self._cond:
-            if self._started == self._finished:
+            if self._started - self._finished != 1:
                 return
             self._awaited = self._started
             self.steps += 1

@@ -72,6 +72,9 @@ def _worker_main(ref: weakref.ReferenceType[Projector]) -> None:
             return
         try:
             if claims:
+                projector.priority.start_batch(
+                    min((c.pending_since for c in claims if c.appends and c.pending_since is not None),
+                        default=None), time.monotonic())
                 projector._run(claims)
             # A slice of the storage's bookkeeping may hold the history's write lock.
             projector._step_aside()
