@@ -41,6 +41,11 @@ def test_the_worker_waits_until_the_appends_under_way_have_left(
     monkeypatch.setattr(_priority, "MAX_CREDIT_S", 600.0)  # only the appends end the wait
     priority = AppendPriority()
     priority.enter()
+    _steps_aside_until_the_append_leaves(priority)
+
+
+def _steps_aside_until_the_append_leaves(priority: AppendPriority) -> None:
+    """With one append under way, the worker waits until it leaves."""
     worker = threading.Thread(target=priority.step_aside)
     worker.start()
     _wait_until(lambda: priority.steps == 1, "the worker to step aside")
@@ -79,12 +84,7 @@ def test_the_worker_does_not_hold_back_appended_work_past_the_lag_budget(
     assert priority.steps == 0
     # Work found behind (at open, or left by other processes) was appended by no one here.
     priority.start_batch(None, 100.0)
-    worker = threading.Thread(target=priority.step_aside)
-    worker.start()
-    _wait_until(lambda: priority.steps == 1, "the worker to step aside")
-    priority.leave()
-    worker.join(30.0)
-    assert not worker.is_alive()
+    _steps_aside_until_the_append_leaves(priority)
 
 
 def test_the_worker_steps_aside_for_an_append_under_way(sqlite_backend: Backend,
