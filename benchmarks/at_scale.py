@@ -209,14 +209,17 @@ def why(key: str, section: dict[str, Any]) -> str:
     """What limits a missed target of this section, from this run's own figures."""
     if key == "scale-flat":
         return ("Round robin over many threads coalesces nothing: every append costs the "
-                "projector a fold and a row of its own, Python work that holds the GIL the "
-                "appender needs. Blocks of Python longer than a few hundred microseconds in "
-                "the worker (a batch's settle or claims, a long fold) show up in the append "
-                "p99; so does the machine's other load, which hits the arm needing two cores "
-                "harder than the one needing one.")
+                "projector a fold and a row of its own. The worker steps aside for a lone "
+                "append between folds, rows and settling slices, so what is left is the "
+                "worker's own CPU: on a loaded machine its thread competes with the "
+                "appender's for the two cores (the hot arm's worker barely runs), and a "
+                "descheduled worker may hold the GIL; garbage collections triggered by its "
+                "allocations land in the appender's tail too.")
     if key == "scale-catch-up":
-        return ("The catch-up folds every thread from history while the probe appends: the "
-                "appender waits for the GIL behind each stretch of fold work.")
+        return ("The catch-up folds every thread from history while the probe appends; the "
+                "worker steps aside for each append, but its CPU competes with the appender's "
+                "on a loaded machine, and collections of its many new objects land in the "
+                "appender's tail.")
     if key == "scale-catch-up-rate":
         return ("The raw SELECT only fetches rows; the catch-up also parses each item's JSON "
                 "and folds it in Python, then writes a row per thread.")
