@@ -8,9 +8,8 @@ release the GIL too briefly to hand it over, so an append could wait millisecond
 a batch's folds, commit and settling (issue 15: the append p99 over many threads).
 
 So the worker, between units of its work (a thread's fold, a slice of settling), asks
-:meth:`AppendPriority.step_aside`: while appends of this process are under way, it waits
-on a condition (holding no GIL) until those appends finish, and each append's end wakes
-it. It waits at most as long as it worked since it last waited (plus
+:meth:`AppendPriority.step_aside`: while an append of this process is under way, it
+waits on a condition (holding no GIL) until that append finishes, whose end wakes it. It waits at most as long as it worked since it last waited (plus
 :data:`MAX_CREDIT_S` saved up): an append may be slow for reasons no step aside helps
 (another process holds the history's file lock), and the projection must keep at least
 half the worker's time however steadily appends arrive. And it steps aside only in a
@@ -37,7 +36,7 @@ class AppendPriority:
     """Counts this process's appends under way and lets the worker wait them out.
 
     Appends call :meth:`enter` and :meth:`leave` (two uncontended lock round trips);
-    only the worker calls :meth:`step_aside`. Thread-safe; its lock is a leaf (nothing
+    only the worker calls :meth:`start_batch` and :meth:`step_aside`. Thread-safe; its lock is a leaf (nothing
     else is taken while it is held).
     """
 
