@@ -9,7 +9,8 @@ a batch's folds, commit and settling (issue 15: the append p99 over many threads
 
 So the worker, between units of its work (a thread's fold, a slice of settling), asks
 :meth:`AppendPriority.step_aside`: while an append of this process is under way, it
-waits on a condition (holding no GIL) until that append finishes, whose end wakes it. It waits at most as long as it worked since it last waited (plus
+waits on a condition (holding no GIL) until that append finishes, whose end wakes it.
+It waits at most as long as it worked since it last waited (plus
 :data:`MAX_CREDIT_S` saved up): an append may be slow for reasons no step aside helps
 (another process holds the history's file lock), and the projection must keep at least
 half the worker's time however steadily appends arrive. And it steps aside only in a
