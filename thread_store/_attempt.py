@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from ._outcomes import AttemptOutcome, Result
+from ._sniff import item_type
 from ._state import Claim
-from .derive import ProjectionRules
+from .derive import ProjectionRules, State
 from .errors import (ThreadDiscarded, ThreadNotFound, ThreadStoreError, TransientProjectionError,
                      TransientStorageError, describe)
-from .storage import CommitOutcome, HistoryLog, MetadataIndex, RowWrite, StoredRow
+from .storage import CommitOutcome, HistoryLog, MetadataIndex, RowWrite, StoredPage
 from .tracing import MAX_LINKS, Links, Projection, Telemetry, merge_links
 
 ProjectionHook = Callable[[str, int], None]
-_TYPE_FIRST = '{"type":"'
+#: Items per history read of a fold: memory stays bounded (items are at most
+#: ``max_item_bytes`` each, most far smaller) and a read's round trip is amortized.
+PAGE_ITEMS = 1000
 #: Takes the claims out of flight with their results (by ``id(claim)``) and returns each
 #: retry's backoff (by ``id(claim)``); the projector takes its lock for it.
 Settle = Callable[[list[Claim], dict[int, Result]], dict[int, float | None]]
@@ -47,25 +50,14 @@ def _cached_incarnation(c: Claim) -> int | None:
 
 
 def history_pages(history: HistoryLog, thread_id: str, after_seq: int, upto_seq: int,
-                  page: int = 1000) -> Iterator[list[StoredRow]]:
+                  page: int = PAGE_ITEMS) -> Iterator[StoredPage]:
     """Yield the items ``after_seq < seq <= upto_seq`` in pages, to keep memory bounded."""
     while after_seq < upto_seq:
-        rows = history.read(thread_id, after_seq, upto_seq, page)
-        if not rows:
+        rows = history.read_page(thread_id, after_seq, upto_seq, page)
+        if not rows.texts:
             return
         yield rows
-        after_seq = rows[-1].seq
-
-
-def item_type(text: str) -> str | None:
-    """The ``type`` of a stored item whose JSON starts with it (as ``json.dumps`` writes
-    an item built type first, which Codex items are), without parsing the rest; ``None``
-    when it does not start so or the type has escapes (then the caller parses it)."""
-    if not text.startswith(_TYPE_FIRST):
-        return None
-    end = text.find('"', len(_TYPE_FIRST))
-    kind = text[len(_TYPE_FIRST):end]
-    return None if end < 0 or "\\" in kind else kind
+        after_seq = rows.last_seq
 
 
 class AttemptRunner:
@@ -84,6 +76,10 @@ class AttemptRunner:
         self._step_aside = step_aside  # between folds in the worker: appends go first
         types: frozenset[str] | None = getattr(rules, "item_types", None)
         self._reads: Callable[[str], bool] = (lambda _kind: True) if types is None else types.__contains__
+        # Rules that fold stored text themselves (ProjectionRules.apply_stored) parse
+        # only what they read, into one state per page instead of one per item.
+        self._apply_stored: Callable[[State, Sequence[str], Sequence[int]], State] | None = (
+            getattr(rules, "apply_stored", None))
 
     def run(self, claims: list[Claim], settle: Settle, deadline: float | None = None, *,
             in_caller: bool = False) -> None:
@@ -166,10 +162,13 @@ class AttemptRunner:
         # refuses its row if the thread was removed or created again meanwhile (``gone``:
         # the cached state is dropped and the next attempt reads the incarnation): no read.
         unknown = [c.state.thread_id for c in hooked if _cached_incarnation(c) is None]
+        refolds = [c.state.thread_id for c in hooked if c.refold]
         try:
             # One read for the batch (a round trip per thread was most of a PostgreSQL
-            # projector's time), after the hooks and before the folds.
+            # projector's time), after the hooks and before the folds; so are the
+            # creation times of the folds from the first item (a catch-up's).
             live = self._history.incarnations(unknown) if unknown else {}
+            created = self._history.created_times(refolds) if refolds else {}
         except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
             if in_caller and not isinstance(exc, Exception):
                 raise
@@ -180,7 +179,7 @@ class AttemptRunner:
                 self._step_aside()
             known = _cached_incarnation(c)
             result, row = self._prepare(c, live.get(c.state.thread_id) if known is None else known,
-                                        in_caller)
+                                        created.get(c.state.thread_id), in_caller)
             if row is None:
                 results[id(c)] = result
             else:
@@ -203,9 +202,10 @@ class AttemptRunner:
                 return False
         return True
 
-    def _prepare(self, c: Claim, live: int | None, in_caller: bool) -> tuple[Result, RowWrite | None]:
+    def _prepare(self, c: Claim, live: int | None, created_us: int | None,
+                 in_caller: bool) -> tuple[Result, RowWrite | None]:
         """Run the fold for one claim; ``live`` is the thread's incarnation read for the
-        batch (``None``: not live then)."""
+        batch (``None``: not live then), ``created_us`` its creation time if read too."""
         thread_id = c.state.thread_id
         try:
             # Read before the fold, so a commit of this fold is refused if the thread is
@@ -215,17 +215,16 @@ class AttemptRunner:
             incarnation = live if live is not None else self._history.incarnation(thread_id)
             if c.incarnation is not None and incarnation != c.incarnation:
                 return Result(AttemptOutcome.REBORN, head=self._history.head(thread_id)), None
-            base, state = self._start_state(c)
+            base, state = self._start_state(c, created_us)
             seq = base
             if c.items is not None and base == c.base:
-                for row in c.items:
-                    state = self._rules.apply(state, self._item(row), row.ts_us)
-                    seq = row.seq
+                if c.items:
+                    state = self._fold(state, [r.text for r in c.items], [r.ts_us for r in c.items],
+                                       [r.kind for r in c.items])
+                    seq = c.items[-1].seq
             else:
                 for page in history_pages(self._history, thread_id, base, c.target):
-                    for row in page:
-                        state = self._rules.apply(state, self._item(row), row.ts_us)
-                    seq = page[-1].seq
+                    state, seq = self._fold(state, page.texts, page.ts_us), page.last_seq
             if seq != c.target:
                 gone = ThreadDiscarded(f"thread {thread_id!r} is gone")
                 return Result(AttemptOutcome.GONE, error=gone), None
@@ -241,17 +240,30 @@ class AttemptRunner:
                 raise
             return _failure(exc), None
 
-    def _item(self, row: StoredRow) -> dict[str, object]:
+    def _fold(self, state: State, texts: Sequence[str], ts_us: Sequence[int],
+              kinds: Sequence[str | None] | None = None) -> State:
+        """``state`` after the stored items (``kinds``: their types, where known), by the
+        rules' own fold of stored text if they have one."""
+        if self._apply_stored is not None:
+            return self._apply_stored(state, texts, ts_us)
+        apply, item = self._rules.apply, self._item
+        for i, text in enumerate(texts):
+            state = apply(state, item(text, kinds[i] if kinds is not None else None), ts_us[i])
+        return state
+
+    def _item(self, text: str, kind: str | None) -> dict[str, object]:
         """The item to fold: parsed only if a rule reads its type. Most items are
         response items no rule reads, and parsing them was most of a catch-up's time."""
-        kind = row.kind if row.kind is not None else item_type(row.text)
+        if kind is None:
+            kind = item_type(text)
         if kind is None or self._reads(kind):
-            item: dict[str, object] = json.loads(row.text)
+            item: dict[str, object] = json.loads(text)
             return item
         return {"type": kind}
 
-    def _start_state(self, c: Claim) -> tuple[int, dict[str, object]]:
-        """The fold state to resume from, and its seq: cached, stored, or initial."""
+    def _start_state(self, c: Claim, created_us: int | None) -> tuple[int, dict[str, object]]:
+        """The fold state to resume from, and its seq: cached, stored, or initial (at
+        ``created_us``, read here if the batch did not)."""
         thread_id = c.state.thread_id
         if not c.refold:
             if c.fold_state is not None:
@@ -260,7 +272,9 @@ class AttemptRunner:
             if stored.fold_state is not None and stored.projected_seq <= c.target:
                 return stored.projected_seq, json.loads(stored.fold_state)
         # No row yet, or the row is ahead of history (power loss): fold from the start.
-        return 0, self._rules.initial(thread_id, self._history.created_us(thread_id))
+        if created_us is None:
+            created_us = self._history.created_us(thread_id)
+        return 0, self._rules.initial(thread_id, created_us)
 
     def _commit(self, rows: list[tuple[Claim, RowWrite, Result]],
                 results: dict[int, Result], deadline: float | None, position: int,

@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from .errors import InvalidCursor, ThreadStoreError
 from .model import THREAD_ID_PATTERN, EncodedItem, Page, StoreReport, ThreadMetadata
@@ -50,6 +50,29 @@ class StoredRow:
     ts_us: int
     text: str
     kind: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPage:
+    """Consecutive history items of one thread as columns: ``texts[i]`` (JSON) was
+    stored at ``ts_us[i]``, the last at ``last_seq``.
+
+    No object per item: a catch-up folds millions of them, and building a
+    :class:`StoredRow` for each cost as much as reading it.
+    """
+
+    last_seq: int
+    ts_us: Sequence[int]
+    texts: Sequence[str]
+
+    @classmethod
+    def of(cls, rows: Sequence[Sequence[Any]]) -> StoredPage:
+        """The page of ``rows``, each ``(seq, ts_us, text)`` in ``seq`` order, as a driver
+        returns them; an empty page has ``last_seq`` 0."""
+        if not rows:
+            return cls(0, (), ())
+        seqs, ts_us, texts = zip(*rows)
+        return cls(int(seqs[-1]), ts_us, texts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +317,9 @@ class HistoryLog(Protocol):
         """Up to ``limit`` items with ``after_seq < seq <= upto_seq``, in ``seq`` order;
         an unknown or removed thread has none."""
 
+    def read_page(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> StoredPage:
+        """What :meth:`read` returns, as columns (the fold's read: no object per item)."""
+
     def traces(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> StoredTraces:
         """The ``traceparent`` stored by each append whose last item has
         ``after_seq < seq <= upto_seq``, in ``seq`` order, at most ``limit`` of them;
@@ -314,6 +340,10 @@ class HistoryLog(Protocol):
     def incarnations(self, thread_ids: list[str]) -> dict[str, int]:
         """``{thread_id: incarnation}`` of those of ``thread_ids`` that are live, in one
         read: a projection attempt asks for its whole batch."""
+
+    def created_times(self, thread_ids: list[str]) -> dict[str, int]:
+        """``{thread_id: created_us}`` of those of ``thread_ids`` that are live, in one
+        read: a batch of folds from the first item (a catch-up) asks for all of them."""
 
     def position(self) -> int:
         """A mark at or above every item committed so far. Taken before a fold and passed
@@ -447,4 +477,4 @@ class Storage(Protocol):
 
 __all__ = ["MEMORY", "Appended", "Capabilities", "Checkpoint", "CommitOutcome", "CommitResult", "Failure",
            "HistoryLog", "IdempotencyKey", "Lag", "ListQuery", "MetadataIndex", "RowWrite",
-           "Storage", "StoredRow", "StoredTraces", "decode_cursor", "encode_cursor"]
+           "Storage", "StoredPage", "StoredRow", "StoredTraces", "decode_cursor", "encode_cursor"]

@@ -21,7 +21,7 @@ from ..errors import (InvalidArgument, StorageError, StoreClosed, ThreadDiscarde
 from ..model import (TEXT_FIELDS, BehindThread, EncodedItem, FailedThread, Page, StoreReport,
                      ThreadMetadata, caller_copy, us_from_utc, utc)
 from ..storage import (Appended, Capabilities, Checkpoint, CommitOutcome, CommitResult, Failure,
-                       IdempotencyKey, Lag, ListQuery, RowWrite, StoredRow, StoredTraces,
+                       IdempotencyKey, Lag, ListQuery, RowWrite, StoredPage, StoredRow, StoredTraces,
                        encode_cursor)
 
 CAPABILITIES = Capabilities(reopen=False, read_only=False, durability_full=False, backup=False,
@@ -117,6 +117,11 @@ class MemoryHistory:
         with self._lock:
             return {t: self._threads[t].incarnation for t in thread_ids if t in self._threads}
 
+    def created_times(self, thread_ids: list[str]) -> dict[str, int]:
+        """``{thread_id: created_us}`` of those of ``thread_ids`` that are live."""
+        with self._lock:
+            return {t: self._threads[t].created_us for t in thread_ids if t in self._threads}
+
     def is_live(self, thread_id: str, incarnation: int) -> bool:
         """Whether that creation of the thread is the live one."""
         with self._lock:
@@ -130,6 +135,11 @@ class MemoryHistory:
             if thread is None:
                 return []
             return thread.items[after_seq:min(upto_seq, after_seq + limit)]
+
+    def read_page(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> StoredPage:
+        """What :meth:`read` returns, as columns."""
+        return StoredPage.of([(r.seq, r.ts_us, r.text)
+                              for r in self.read(thread_id, after_seq, upto_seq, limit)])
 
     def traces(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> StoredTraces:
         """The traceparents of appends ending in ``(after_seq, upto_seq]``, at most ``limit``."""

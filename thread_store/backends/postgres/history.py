@@ -20,7 +20,7 @@ from ._errors import is_outcome_unknown
 from ...errors import (InvalidArgument, OutcomeUnknown, StoreClosed, ThreadDiscarded,
                        ThreadExists, ThreadNotFound)
 from ...model import EncodedItem
-from ...storage import Appended, IdempotencyKey, StoredRow, StoredTraces
+from ...storage import Appended, IdempotencyKey, StoredPage, StoredRow, StoredTraces
 
 _CREATE = """
 WITH t AS (
@@ -56,6 +56,8 @@ _THREAD = ("SELECT head, created_us, discarded_us, incarnation FROM {s}.threads 
            "WHERE thread_id = %s")
 _INCARNATIONS = ("SELECT thread_id, incarnation FROM {s}.threads "
                  "WHERE thread_id = ANY(%b::text[]) AND discarded_us IS NULL")
+_CREATED = ("SELECT thread_id, created_us FROM {s}.threads "
+            "WHERE thread_id = ANY(%b::text[]) AND discarded_us IS NULL")
 _READ = ("SELECT seq, ts_us, item FROM {s}.items WHERE thread_id = %s AND seq > %s AND seq <= %s "
          "ORDER BY seq LIMIT %s")
 _HEADS = "SELECT thread_id, head FROM {s}.threads WHERE discarded_us IS NULL"
@@ -75,6 +77,7 @@ class History:
         self._append_once = db.q(_APPEND_ONCE)
         self._thread = db.q(_THREAD)
         self._incarnations = db.q(_INCARNATIONS)
+        self._created = db.q(_CREATED)
         self._read = db.q(_READ)
         self._heads = db.q(_HEADS)
         self._traces = db.q(_TRACES)
@@ -159,6 +162,11 @@ class History:
         with self._db.connection("reading incarnations") as conn:
             return {str(t): int(i) for t, i in conn.execute(self._incarnations, (thread_ids,))}
 
+    def created_times(self, thread_ids: list[str]) -> dict[str, int]:
+        """``{thread_id: created_us}`` of those of ``thread_ids`` that are live, in one read."""
+        with self._db.connection("reading creation times") as conn:
+            return {str(t): int(c) for t, c in conn.execute(self._created, (thread_ids,))}
+
     def _thread_row(self, thread_id: str) -> tuple[int, int, int]:
         with self._db.connection("reading a thread") as conn:
             row = conn.execute(self._thread, (thread_id,)).fetchone()
@@ -174,6 +182,12 @@ class History:
         with self._db.connection("reading history") as conn:
             rows = conn.execute(self._read, (thread_id, after_seq, upto_seq, limit)).fetchall()
         return [StoredRow(int(seq), int(ts), str(text)) for seq, ts, text in rows]
+
+    def read_page(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> StoredPage:
+        """What :meth:`read` returns, as columns."""
+        with self._db.connection("reading history") as conn:
+            return StoredPage.of(conn.execute(self._read, (thread_id, after_seq, upto_seq,
+                                                           limit)).fetchall())
 
     def traces(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> StoredTraces:
         """The traceparents of appends ending in ``(after_seq, upto_seq]``, at most ``limit``."""

@@ -30,7 +30,7 @@ from ._history_schema import MIGRATIONS, SCHEMA_VERSION
 from .._lru import LRU
 from ...errors import StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
 from ...model import EncodedItem
-from ...storage import StoredRow, StoredTraces
+from ...storage import StoredPage, StoredRow, StoredTraces
 
 _RANGE = ("SELECT seq, ts_us, item FROM items WHERE thread_id = ? AND seq > ? AND seq <= ? "
           "ORDER BY seq LIMIT ?")
@@ -290,6 +290,12 @@ class History(BehindMarks, GroupAppends):
             cached.update(read)
         return cached
 
+    def created_times(self, thread_ids: list[str]) -> dict[str, int]:
+        """``{thread_id: created_us}`` of those of ``thread_ids`` that are live."""
+        return dict(self._readers.fetch_in(
+            "history", "SELECT thread_id, created_us FROM threads WHERE discarded_us IS NULL "
+            "AND thread_id IN ({keys})", thread_ids))
+
     def _read_incarnations(self, thread_ids: list[str]) -> dict[str, int]:
         return dict(self._readers.fetch_in(
             "history", "SELECT thread_id, incarnation FROM threads WHERE discarded_us IS NULL "
@@ -306,6 +312,11 @@ class History(BehindMarks, GroupAppends):
         """Return up to ``limit`` items with ``after_seq < seq <= upto_seq``, in order."""
         rows = self._readers.fetchall("history", _RANGE, (thread_id, after_seq, upto_seq, limit))
         return [StoredRow(seq, ts_us, text) for seq, ts_us, text in rows]
+
+    def read_page(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> StoredPage:
+        """What :meth:`read` returns, as columns."""
+        return StoredPage.of(self._readers.fetchall("history", _RANGE,
+                                                    (thread_id, after_seq, upto_seq, limit)))
 
     # -- internals ------------------------------------------------------------------------
 
