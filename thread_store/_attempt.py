@@ -65,7 +65,7 @@ class AttemptRunner:
 
     def __init__(self, history: HistoryLog, index: MetadataIndex, rules: ProjectionRules,
                  hook: ProjectionHook | None, telemetry: Telemetry,
-                 on_commit: Callable[[], None]) -> None:
+                 on_commit: Callable[[], None], step_aside: Callable[[], None]) -> None:
         self._history = history
         self._index = index
         self._rules = rules
@@ -73,6 +73,7 @@ class AttemptRunner:
         self.has_hook = hook is not None
         self._telemetry = telemetry
         self._on_commit = on_commit
+        self._step_aside = step_aside  # between folds in the worker: appends go first
         types: frozenset[str] | None = getattr(rules, "item_types", None)
         self._reads: Callable[[str], bool] = (lambda _kind: True) if types is None else types.__contains__
         # Rules that fold stored text themselves (ProjectionRules.apply_stored) parse
@@ -174,6 +175,8 @@ class AttemptRunner:
             results.update((id(c), _failure(exc)) for c in hooked)
             return results
         for c in hooked:
+            if not in_caller:
+                self._step_aside()
             known = _cached_incarnation(c)
             result, row = self._prepare(c, live.get(c.state.thread_id) if known is None else known,
                                         created.get(c.state.thread_id), in_caller)
@@ -182,7 +185,9 @@ class AttemptRunner:
             else:
                 rows.append((c, row, result))
         if rows:
-            self._commit(rows, results, deadline, position)
+            if not in_caller:
+                self._step_aside()
+            self._commit(rows, results, deadline, position, in_caller)
         return results
 
     def _hook_ran(self, c: Claim, in_caller: bool, results: dict[int, Result]) -> bool:
@@ -272,14 +277,17 @@ class AttemptRunner:
         return 0, self._rules.initial(thread_id, created_us)
 
     def _commit(self, rows: list[tuple[Claim, RowWrite, Result]],
-                results: dict[int, Result], deadline: float | None, position: int) -> None:
-        """Write the rows in one transaction, fenced by close and by discard/delete."""
+                results: dict[int, Result], deadline: float | None, position: int,
+                in_caller: bool) -> None:
+        """Write the rows in one transaction, fenced by close and by discard/delete; the
+        worker steps aside for appends between rows."""
         live = {c.state.thread_id: c for c, _, _ in rows}
         try:
             # Asked under the index's write lock, which a removal holds to delete the row.
             done = self._index.commit([row for _, row, _ in rows], position=position,
                                       may_write=lambda thread_id: live[thread_id].state.live,
-                                      deadline=deadline)
+                                      deadline=deadline,
+                                      between_rows=None if in_caller else self._step_aside)
         except Exception as exc:  # noqa: BLE001 - translated by the backend; fails this batch
             for c, _, _ in rows:
                 results[id(c)] = _failure(exc)

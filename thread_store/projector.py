@@ -35,6 +35,7 @@ from ._catch_up import CatchUp
 from ._outcomes import AttemptOutcome, LocalStatus, Outcome, Result, Waiter
 from ._phases import SCHEDULABLE, Phase, RemovalKind
 from ._port_reads import PortReads, complete
+from ._priority import AppendPriority
 from ._removal import Removal, Removals
 from ._schedule import Schedule
 from ._state import Claim, ThreadState
@@ -54,6 +55,8 @@ _HEARTBEAT_S = 1.0
 #: append in another thread waits for them: at 512 they took milliseconds and set the
 #: append p99 with many threads pending. A commit per 64 rows costs little more.
 _MAX_BATCH = 64
+#: Claims settled per hold of the projector lock in the worker (see _end_attempts).
+_SETTLE_SLICE = 8
 #: After close's deadline, how long it waits for a writer it has fenced and interrupted
 #: to roll back and let go of the index (a statement stops within milliseconds).
 _FENCE_GRACE_S = 1.0
@@ -70,7 +73,12 @@ def _worker_main(ref: weakref.ReferenceType[Projector]) -> None:
             return
         try:
             if claims:
+                projector.priority.start_batch(
+                    min((c.pending_since for c in claims if c.appends and c.pending_since is not None),
+                        default=None), time.monotonic())
                 projector._run(claims)
+            # A slice of the storage's bookkeeping may hold the history's write lock.
+            projector._step_aside()
             projector._catch_up.run(paused=projector._paused)
         except Exception:  # noqa: BLE001 - _run settles its claims; the worker must live on
             log.exception("thread_store: the projector worker hit an unexpected error")
@@ -87,8 +95,11 @@ class Projector:
         self._index = storage.index
         self._port_reads = PortReads(storage)
         self._telemetry = telemetry
+        #: This process's appends under way, which the worker steps aside for.
+        self.priority = AppendPriority()
         self._runner = AttemptRunner(storage.history, storage.index, rules, hook, telemetry,
-                                     on_commit=self._count_transaction)
+                                     on_commit=self._count_transaction,
+                                     step_aside=self._step_aside)
         self._delay = coalesce_delay
         self._caller_runs = caller_runs
         self._lock = threading.Lock()
@@ -354,6 +365,7 @@ class Projector:
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._idle = threading.Condition(self._lock)
+        self.priority = AppendPriority()
         self._schedule.clear()
         self._threads = self._schedule.states
         self._removals = Removals(self._lock, self._idle, self._schedule, self._work.notify)
@@ -416,11 +428,30 @@ class Projector:
         returns each retry's backoff.
 
         A failure for good is recorded in the store first, so that status() shows it,
-        from every process, by the time a waiter hears of it.
+        from every process, by the time a waiter hears of it. The worker settles a batch
+        in slices, stepping aside for appends between them: settling holds the lock an
+        append needs, and the GIL.
         """
         failed = self._schedule.failures_for_good(claims, results)
         if failed:
             self._index.record_failures(failed)
+        worker = threading.current_thread() is self._worker
+        step = _SETTLE_SLICE if worker else max(1, len(claims))
+        backoffs: dict[int, float | None] = {}
+        done = 0
+        try:
+            while done < len(claims):
+                if done:
+                    self.priority.step_aside()
+                part = claims[done:done + step]
+                done += len(part)
+                backoffs.update(self._settle(part, results))
+        finally:
+            if done < len(claims):  # a slice raised: the rest leave flight all the same
+                self._settle(claims[done:], results)
+        return backoffs
+
+    def _settle(self, claims: list[Claim], results: dict[int, Result]) -> dict[int, float | None]:
         with self._lock:
             try:
                 settled = self._schedule.settle(claims, results, now=time.monotonic())
@@ -429,6 +460,10 @@ class Projector:
             if settled.wake:
                 self._work.notify()
         return settled.backoffs
+
+    def _step_aside(self) -> None:
+        """Between two folds of a batch, in the worker: let appends go first."""
+        self.priority.step_aside()
 
     def _gauges(self) -> dict[str, float]:
         with self._lock:

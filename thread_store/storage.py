@@ -368,7 +368,8 @@ class MetadataIndex(Protocol):
         fold state without a row), with the failure recorded for it, if any."""
 
     def commit(self, rows: Sequence[RowWrite], *, position: int,
-               may_write: Callable[[str], bool], deadline: float | None) -> CommitResult:
+               may_write: Callable[[str], bool], deadline: float | None,
+               between_rows: Callable[[], None] | None = None) -> CommitResult:
         """Write the rows in one transaction (a group commit), each with its
         ``projected_seq``; a row's write clears the failure recorded for it.
 
@@ -379,7 +380,9 @@ class MetadataIndex(Protocol):
         covering less than the stored one is skipped and counts as written (the store
         holds more). A row the index cannot store fails alone (``errors``). ``deadline``
         (monotonic) bounds the wait for another writer (``BUSY``). After :meth:`fence`,
-        nothing is written (``FENCED``).
+        nothing is written (``FENCED``). A backend whose rows are Python work between
+        short calls that release the GIL calls ``between_rows()`` between two rows (the
+        projector's worker steps aside for appends there).
 
         :raises TransientStorageError: the transaction failed and may succeed on retry;
             nothing was written. :raises StorageError: it failed for good.

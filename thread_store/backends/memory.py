@@ -254,8 +254,11 @@ class MemoryIndex:
         return Checkpoint(row.meta.projected_seq, row.fold_state, error)
 
     def commit(self, rows: Sequence[RowWrite], *, position: int,
-               may_write: Callable[[str], bool], deadline: float | None) -> CommitResult:
-        """Store the rows under the write lock, all at once (``MetadataIndex.commit``)."""
+               may_write: Callable[[str], bool], deadline: float | None,
+               between_rows: Callable[[], None] | None = None) -> CommitResult:
+        """Store the rows under the write lock, all at once (``MetadataIndex.commit``;
+        no I/O, so ``between_rows`` is not called)."""
+        del between_rows
         wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
         if not self.write_lock.acquire(timeout=wait):
             return CommitResult(CommitOutcome.BUSY)

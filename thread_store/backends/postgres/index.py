@@ -192,10 +192,12 @@ class Index:
     # -- writes ---------------------------------------------------------------------------
 
     def commit(self, rows: Sequence[RowWrite], *, position: int,
-               may_write: Callable[[str], bool], deadline: float | None) -> CommitResult:
+               may_write: Callable[[str], bool], deadline: float | None,
+               between_rows: Callable[[], None] | None = None) -> CommitResult:
         """Write the rows in one transaction (``MetadataIndex.commit``): one row is one
-        statement (a round trip), several are one transaction of them."""
-        del position  # WAL order: nothing to detect (see History.position)
+        statement (a round trip), several are one transaction of them. Each round trip
+        waits with the GIL released, so ``between_rows`` is not called."""
+        del position, between_rows  # WAL order: nothing to detect (see History.position)
         wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
         if not self.write_lock.acquire(timeout=wait):
             return CommitResult(CommitOutcome.BUSY)

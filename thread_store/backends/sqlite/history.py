@@ -143,7 +143,8 @@ class History(BehindMarks, GroupAppends):
     def close(self) -> None:
         """Write the acknowledgements still in memory, refuse further writes, and close
         every connection."""
-        self.write_acknowledgements()
+        while self._acks:
+            self.write_acknowledgements()
         with self.lock:
             self._closed = self._conn_closed = True
             self._conn.close()
