@@ -1,9 +1,12 @@
-"""``python -m benchmarks [--quick | --full | --smoke] [--scale] [--only postgres] [--out DIR]``:
+"""``python -m benchmarks [--quick | --full | --smoke] [--scale] [--only PART] [--out DIR]``:
 run everything side by side.
 
 Writes ``DIR/bench.md`` (the table), ``DIR/bench.json`` (raw percentiles) and
-``DIR/bench.png`` (append and barrier latency CDFs). ``thread-store bench`` calls
-:func:`main`.
+``DIR/bench.png`` (append and barrier latency CDFs). ``--only postgres`` runs the
+PostgreSQL phase alone and writes its targets and tables to ``DIR/bench-postgres.md`` and
+``.json``; ``--only at_scale`` runs issue 15's at-scale arms alone (or ``--only`` one of
+them), prints their tables and targets and writes ``DIR/at_scale.json``.
+``thread-store bench`` calls :func:`main`.
 """
 
 from __future__ import annotations
@@ -70,15 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--postgres", action=argparse.BooleanOptionalAction, default=None,
                         help="run the PostgreSQL benchmarks on a throwaway server started from the "
                              "machine's binaries (default: when initdb and pg_ctl are found)")
-    parser.add_argument("--only", choices=["postgres"],
-                        help=("run only this part (writes bench-postgres.md and .json into --out: "
-                              "its targets and tables, as in the full report)"))
+    parser.add_argument("--only", choices=("postgres", "at_scale", *at_scale.PARTS),
+                        help=("run only this part: the PostgreSQL phase (postgres; writes "
+                              "bench-postgres.md and .json into --out, its targets and tables as in "
+                              "the full report), or issue 15's at-scale arms (at_scale) or one of "
+                              "them (writes at_scale.json)"))
     args = parser.parse_args(argv)
     config = MODES[args.mode or "full"]
     if args.scale:
         config = dataclasses.replace(config, **SCALE)
     command = ("python -m benchmarks" + (f" --{args.mode}" if args.mode else "")
-               + (" --scale" if args.scale else ""))
+               + (" --scale" if args.scale else "") + (f" --only {args.only}" if args.only else ""))
     missing = pg_systems.unavailable()
     if args.postgres and missing:
         parser.error(f"--postgres: {missing}")
@@ -87,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         if missing or args.postgres is False:
             parser.error(f"--only postgres: {missing or 'PostgreSQL left out (--no-postgres)'}")
         return _postgres_only(config, args.out)
+    if args.only:
+        parts = at_scale.PARTS if args.only == "at_scale" else (args.only,)
+        return _only_at_scale(config, parts, args.out, command)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="thread_store-bench-") as tmp:
         results, cdf = run_all(config, Path(tmp), postgres=postgres)
@@ -112,6 +120,31 @@ def _postgres_only(config: Config, out: Path) -> int:
     (out / "bench-postgres.json").write_text(json.dumps(report.finite(section), indent=2) + "\n")
     (out / "bench-postgres.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    return 0
+
+
+def _only_at_scale(config: Config, parts: tuple[str, ...], out: Path, command: str) -> int:
+    """``--only``: run these at-scale arms, print their tables and targets, write
+    ``out/at_scale.json``."""
+    phases: dict[str, float] = {}
+
+    def phase(name: str, run: Callable[[], Any]) -> Any:
+        started = time.perf_counter()
+        result = run()
+        phases[name] = round(time.perf_counter() - started, 1)
+        return result
+
+    with tempfile.TemporaryDirectory(prefix="thread_store-bench-") as tmp:
+        section = at_scale.run(config, Path(tmp), phase, parts)
+    results: dict[str, Any] = {"at_scale": section, "mode": config.mode, "command": command,
+               "machine": report.machine(), "phase_s": phases}
+    wanted = {"flat": "scale-flat", "catch_up_appends": "scale-catch-up"}
+    rows = [t for t in at_scale.targets(results) if t["key"] in {wanted.get(p) for p in parts}]
+    lines = [f"Machine: {report.machine_line(results['machine'])}  ", f"Command: `{command}`", "",
+             *at_scale.markdown(section), "", *report.target_rows(rows)]
+    print("\n".join(lines))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "at_scale.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     return 0
 
 

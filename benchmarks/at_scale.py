@@ -4,7 +4,10 @@ reopened store catches up; memory and listing as a process touches ever more thr
 **Flat append.** Two async stores in this process, one appended to on a single hot
 thread, the other round robin over ``many_threads`` threads (each append then costs the
 projector a row of its own: nothing coalesces). The arms alternate in blocks, each
-block starting quiesced (:func:`~benchmarks.workloads.interleave`).
+block starting quiesced (:func:`~benchmarks.workloads.interleave`), in ``flat_rounds``
+rounds: 40 in every mode but smoke, so each p99 is the 80th or 200th slowest of 8,000 or
+20,000 samples (12 rounds of 200 gave the 24th of 2,400, which a few hiccups of a loaded
+machine moved by a factor of several).
 
 **Appends during catch-up.** A store of ``catchup_append_threads`` threads (a few items
 each) is built with projection paused; then, each round, ``index.db`` is deleted and the
@@ -40,14 +43,21 @@ _CATCH_UP_ITEMS = 3  # per thread, besides its opening message
 _PROBE = "probe"
 
 
-def run(config: Config, root: Path, phase: Callable[[str, Callable[[], Any]], Any]) -> dict[str, Any]:
-    """Every measurement of this section; ``phase`` times each one for the report."""
-    return {
-        "flat": phase("flat append", lambda: flat_append(config, root / "flat")),
-        "catch_up_appends": phase("appends during catch-up",
-                                  lambda: catch_up_appends(config, root / "catch-up")),
-        "touch": phase("touching threads", lambda: touch.run(root / "touch", list(config.touch))),
+#: The measurements of this section, by key (``python -m benchmarks --only KEY`` runs one).
+PARTS = ("flat", "catch_up_appends", "touch")
+
+
+def run(config: Config, root: Path, phase: Callable[[str, Callable[[], Any]], Any],
+        parts: tuple[str, ...] = PARTS) -> dict[str, Any]:
+    """The measurements of this section named in ``parts`` (all by default); ``phase``
+    times each one for the report."""
+    plan: dict[str, tuple[str, Callable[[], Any]]] = {
+        "flat": ("flat append", lambda: flat_append(config, root / "flat")),
+        "catch_up_appends": ("appends during catch-up",
+                             lambda: catch_up_appends(config, root / "catch-up")),
+        "touch": ("touching threads", lambda: touch.run(root / "touch", list(config.touch))),
     }
+    return {key: phase(*plan[key]) for key in PARTS if key in parts}
 
 
 def _us(samples: list[int]) -> dict[str, float]:
@@ -57,7 +67,7 @@ def _us(samples: list[int]) -> dict[str, float]:
 
 def flat_append(config: Config, root: Path) -> dict[str, Any]:
     """Append latency on one hot thread and round robin over many, interleaved."""
-    n_ops = config.warmup * 2 + config.rounds * config.block
+    n_ops = config.warmup * 2 + config.flat_rounds * config.block
     tids = thread_ids(config.many_threads)
     pool = items(min(n_ops, 20_000))
     work = [(tids[k % len(tids)], pool[k % len(pool)]) for k in range(n_ops)]
@@ -68,7 +78,7 @@ def flat_append(config: Config, root: Path) -> dict[str, Any]:
         many.populate(tids)
         arms = [Arm(HOT, "append", hot, lambda _tid, item: hot.append("hot", item), config.block),
                 Arm(MANY.format(n=len(tids)), "append", many, many.append, config.block)]
-        interleave(arms, work, config.rounds, config.warmup)
+        interleave(arms, work, config.flat_rounds, config.warmup)
         hot.verify()
         many.verify()
     finally:
@@ -167,20 +177,27 @@ def _ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
 
 
 def markdown(section: dict[str, Any]) -> list[str]:
-    """The section's tables."""
-    flat, busy, points = section["flat"], section["catch_up_appends"], section["touch"]["checkpoints"]
+    """The section's tables (of the parts it holds)."""
+    flat, busy = section.get("flat"), section.get("catch_up_appends")
+    rows = []
+    if flat:
+        rows += [(HOT, flat["hot"]), (MANY.format(n=flat["threads"]), flat["many"])]
+    if busy:
+        rows += [(f"appending while {busy['threads']:,} threads ({busy['items']:,} items) "
+                  "catch up after losing index.db", busy["catching_up"]),
+                 ("the same store, idle", busy["idle"])]
     out = ["| Arm | append p50 | append p99 | n |", "|---|---:|---:|---:|"]
-    for label, row in ((HOT, flat["hot"]), (MANY.format(n=flat["threads"]), flat["many"]),
-                       (f"appending while {busy['threads']:,} threads ({busy['items']:,} items) "
-                        "catch up after losing index.db", busy["catching_up"]),
-                       ("the same store, idle", busy["idle"])):
+    for label, row in rows:
         out.append(f"| {label} | {row['p50_us']:,.1f} µs | {row['p99_us']:,.1f} µs | {row['n']} |")
-    out += ["", f"A catch-up took {busy['catch_up_s']:.2f} s on average over {busy['rounds']} "
-            "rounds (open to `flush_all`, with the probe appending).", "",
-            "| Threads touched | RSS | of which SQLite's heap | list_threads first page p50 "
+    if busy:
+        out += ["", f"A catch-up took {busy['catch_up_s']:.2f} s on average over {busy['rounds']} "
+                "rounds (open to `flush_all`, with the probe appending)."]
+    if "touch" not in section:
+        return out
+    out += ["", "| Threads touched | RSS | of which SQLite's heap | list_threads first page p50 "
             "| cached heads | cached incarnations | projector states | elapsed |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for p in points:
+    for p in section["touch"]["checkpoints"]:
         out.append(f"| {p['threads']:,} | {p['rss_kib'] / 1024:,.1f} MiB | "
                    f"{p['sqlite_kib'] / 1024:,.1f} MiB | "
                    f"{p['first_page_p50_us']:,.0f} µs | {p['cached_heads']:,} | "
@@ -192,14 +209,17 @@ def why(key: str, section: dict[str, Any]) -> str:
     """What limits a missed target of this section, from this run's own figures."""
     if key == "scale-flat":
         return ("Round robin over many threads coalesces nothing: every append costs the "
-                "projector a fold and a row of its own, Python work that holds the GIL the "
-                "appender needs. Blocks of Python longer than a few hundred microseconds in "
-                "the worker (a batch's settle or claims, a long fold) show up in the append "
-                "p99; so does the machine's other load, which hits the arm needing two cores "
-                "harder than the one needing one.")
+                "projector a fold and a row of its own. The worker steps aside for a lone "
+                "append between folds, rows and settling slices, so what is left is the "
+                "worker's own CPU: on a loaded machine its thread competes with the "
+                "appender's for the two cores (the hot arm's worker barely runs), and a "
+                "descheduled worker may hold the GIL; garbage collections triggered by its "
+                "allocations land in the appender's tail too.")
     if key == "scale-catch-up":
-        return ("The catch-up folds every thread from history while the probe appends: the "
-                "appender waits for the GIL behind each stretch of fold work.")
+        return ("The catch-up folds every thread from history while the probe appends; the "
+                "worker steps aside for each append, but its CPU competes with the appender's "
+                "on a loaded machine, and collections of its many new objects land in the "
+                "appender's tail.")
     if key == "scale-catch-up-rate":
         return ("The raw SELECT only fetches rows; the catch-up also parses each item's JSON "
                 "and folds it in Python, then writes a row per thread.")

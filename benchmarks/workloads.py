@@ -51,6 +51,7 @@ class Config:
     mp_s: float  # seconds per writer-processes arm (benchmarks/processes.py), split over mp_rounds
     mp_rounds: int
     wake_rounds: int  # samples per cross-process wake-up arm
+    flat_rounds: int  # interleaved rounds of the flat-append arms (benchmarks/at_scale.py)
     catchup_append_threads: int  # threads a reopened store catches up while a caller appends
     catchup_append_rounds: int
     touch: tuple[int, ...]  # threads touched at each memory / listing checkpoint (benchmarks/touch.py)
@@ -61,21 +62,21 @@ MODES = {
                    many_threads=10_000, peer_many=True, sustained_s=10.0, sustained_rounds=5,
                    list_threads=100_000, catchup_threads=1000, catchup_items_per_thread=1000,
                    memory_threads=1000, rss_s=5.0, tracing_rounds=60, tracing_block=200,
-                   mp_s=12.0, mp_rounds=4, wake_rounds=2000,
+                   mp_s=12.0, mp_rounds=4, wake_rounds=2000, flat_rounds=40,
                    catchup_append_threads=30_000, catchup_append_rounds=3,
                    touch=(10_000, 100_000, 200_000)),
     "quick": Config("quick", rounds=12, block=200, fsync_block=40, peer_wait_block=2, warmup=200,
                     many_threads=10_000, peer_many=False, sustained_s=1.5, sustained_rounds=2,
                     list_threads=10_000, catchup_threads=100, catchup_items_per_thread=500,
                     memory_threads=1000, rss_s=0.5, tracing_rounds=10, tracing_block=100,
-                    mp_s=4.0, mp_rounds=2, wake_rounds=400,
+                    mp_s=4.0, mp_rounds=2, wake_rounds=400, flat_rounds=40,
                     catchup_append_threads=30_000, catchup_append_rounds=1,
                     touch=(1_000, 10_000, 30_000)),
     "smoke": Config("smoke", rounds=1, block=10, fsync_block=3, peer_wait_block=1, warmup=5,
                     many_threads=200, peer_many=True, sustained_s=0.2, sustained_rounds=1,
                     list_threads=300, catchup_threads=10, catchup_items_per_thread=100,
                     memory_threads=50, rss_s=0.2, tracing_rounds=1, tracing_block=10,
-                    mp_s=0.2, mp_rounds=1, wake_rounds=8,
+                    mp_s=0.2, mp_rounds=1, wake_rounds=8, flat_rounds=1,
                     catchup_append_threads=300, catchup_append_rounds=1, touch=(100, 200, 300)),
 }
 

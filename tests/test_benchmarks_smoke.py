@@ -138,3 +138,30 @@ def _check_postgres(section: dict[str, Any]) -> None:
     for key in ("same", "cross", "paused", "both"):
         wake = section["wake"][key]
         assert wake["n"] > 0 and 0 < wake["p50_us"] <= wake["p99_us"], key
+
+
+def test_pg_async_barriers_prints_both_arms(postgres_runs: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    if not postgres_runs:
+        pytest.skip("PostgreSQL is not available here")
+    from benchmarks import pg_async_barriers
+
+    times = pg_async_barriers.main(["--rounds", "5"])
+    assert {arm: len(samples) for arm, samples in times.items()} == {
+        f"{arm} {kind}": 5 for arm in pg_async_barriers.ARMS for kind in ("native", "hop")}
+    out = capsys.readouterr().out
+    assert "| `flush` |" in out and "| `append_and_flush` |" in out
+
+
+def test_only_runs_the_at_scale_arms_named(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    run = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--only", "flat",
+                          "--out", str(out)],
+                         check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-4000:]
+    results = json.loads((out / "at_scale.json").read_text())
+    assert results["command"] == "python -m benchmarks --smoke --only flat"
+    assert set(results["at_scale"]) == {"flat"}
+    flat = results["at_scale"]["flat"]
+    assert flat["hot"]["n"] == flat["many"]["n"] > 0
+    assert "append p99, 200 threads round robin vs 1 hot thread" in run.stdout
+    assert not (out / "bench.json").exists()

@@ -357,3 +357,12 @@ def test_garbage_items_never_raise_and_change_only_counts_and_times() -> None:
 @pytest.mark.parametrize("item", GARBAGE, ids=range(len(GARBAGE)))
 def test_a_garbage_item_alone_leaves_an_empty_row(item: Item) -> None:
     assert meta(item) == replace(meta(), item_count=1, projected_seq=1, updated_at=APPENDED_AT)
+
+
+@pytest.mark.parametrize("items", [GARBAGE, _session_items() + GARBAGE + _session_items()],
+                         ids=["garbage", "sessions around garbage"])
+def test_the_page_fold_of_stored_text_takes_garbage_as_apply_does(items: list[Item]) -> None:
+    texts = [json.dumps(item, separators=(",", ":")) for item in items]
+    start = RULES.initial("t", us_from_utc(T0))
+    folded = RULES.apply_stored(start, texts, [stamp(item) for item in items])
+    assert folded == fold_items(items)

@@ -22,7 +22,7 @@ from thread_store.model import (BehindThread, EncodedItem, FailedThread, ThreadM
                                 us_from_utc)
 from thread_store.storage import (Appended, Capabilities, Checkpoint, CommitOutcome, CommitResult,
                                   Failure, IdempotencyKey, Lag, ListQuery, RowWrite, Storage,
-                                  StoredRow, StoredTraces, decode_cursor)
+                                  StoredPage, StoredRow, StoredTraces, decode_cursor)
 
 HANG = 30.0  # generous timeout that only catches hangs
 MARGIN = 2.0  # a bounded wait returns within its bound plus this
@@ -150,6 +150,30 @@ def test_append_allocates_contiguous_seqs_per_thread(storage: Storage) -> None:
     assert history.heads() == {"a": 5, "b": 1}
 
 
+@pytest.mark.parametrize(("after", "upto", "limit"), [(0, 100, 100), (1, 4, 100), (1, 100, 2),
+                                                     (5, 100, 100), (0, 0, 100)])
+def test_a_page_is_the_read_as_columns(storage: Storage, after: int, upto: int, limit: int) -> None:
+    history = storage.history
+    history.create("a", created_us=CREATED_US, first=item(0))
+    history.append("a", [item(1), item(2), item(3), item(4)])
+    rows = history.read("a", after, upto, limit)
+    page = history.read_page("a", after, upto, limit)
+    assert (list(page.texts), list(page.ts_us)) == ([r.text for r in rows], [r.ts_us for r in rows])
+    assert page.last_seq == (rows[-1].seq if rows else 0)
+    assert history.read_page("nobody", 0, 10, 10) == StoredPage(0, (), ())
+
+
+def test_creation_times_are_read_for_live_threads_only(storage: Storage) -> None:
+    history = storage.history
+    for n, thread_id in enumerate(["a", "b", "gone", "deleted"]):
+        history.create(thread_id, created_us=CREATED_US + n, first=None)
+    storage.remove_thread("gone", tombstone=True)
+    storage.remove_thread("deleted", tombstone=False)
+    asked = ["a", "b", "gone", "deleted", "nobody"]
+    assert history.created_times(asked) == {"a": CREATED_US, "b": CREATED_US + 1}
+    assert history.created_times(asked) == {t: history.created_us(t) for t in ("a", "b")}
+
+
 def test_an_empty_append_writes_nothing_and_returns_the_head(storage: Storage) -> None:
     storage.history.create("t", created_us=CREATED_US, first=item(1))
     assert storage.history.append("t", []) == Appended(1, written=False)
@@ -192,15 +216,17 @@ def traceparent(n: int) -> str:
     return f"00-{n:032x}-{n:016x}-01"
 
 
-def test_read_many_gives_each_range_what_read_gives(storage: Storage) -> None:
+def test_read_many_gives_each_range_what_read_page_gives(storage: Storage) -> None:
     thread(storage, "a", 5)
     thread(storage, "b", 3)
     storage.history.create("empty", created_us=CREATED_US, first=None)
     ranges = [("a", 1, 5), ("b", 0, 2), ("empty", 0, 9), ("unknown", 0, 9)]
     got = storage.history.read_many(ranges, 3)
-    assert got["a"] == storage.history.read("a", 1, 5, 3) and [r.seq for r in got["a"]] == [2, 3, 4]
-    assert [r.seq for r in got["b"]] == [1, 2]
-    assert not got.get("empty") and not got.get("unknown")
+    assert got["a"] == storage.history.read_page("a", 1, 5, 3)
+    assert (got["a"].last_seq, len(got["a"].texts)) == (4, 3)
+    assert got["b"] == storage.history.read_page("b", 0, 2, 3) and got["b"].last_seq == 2
+    # A thread with no items in its range has an empty page or none.
+    assert all(t not in got or not got[t].texts for t in ("empty", "unknown"))
 
 
 def test_an_append_stores_its_trace_context_with_its_last_item(storage: Storage) -> None:

@@ -8,19 +8,20 @@ Two stores in one process stand for two processes: they share nothing but the se
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import pytest
 from conftest import new_schema, user_msg
 
 from thread_store import ThreadStore
-from thread_store.derive import CodexRules
+from thread_store.derive import CodexRules, State
 
 HANG = 30.0
 
 
 class _Counting(CodexRules):
-    """The Codex rules (same ``rules_id``), counting the items they fold."""
+    """The Codex rules (same ``rules_id``), counting the items they fold (a projection
+    folds stored text through ``apply_stored``, which never calls ``apply``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -29,6 +30,10 @@ class _Counting(CodexRules):
     def apply(self, state: dict[str, Any], item: Mapping[str, Any], ts_us: int) -> dict[str, Any]:
         self.folded += 1
         return super().apply(state, item, ts_us)
+
+    def apply_stored(self, state: State, texts: Sequence[str], ts_us: Sequence[int]) -> State:
+        self.folded += len(texts)
+        return super().apply_stored(state, texts, ts_us)
 
 
 @pytest.fixture

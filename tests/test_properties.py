@@ -119,6 +119,46 @@ def test_resuming_from_json_state_at_any_split_equals_one_fold(
         assert json.loads(json.dumps(resumed)) == json.loads(json.dumps(whole)), split
 
 
+#: Items the fold must pass over, or parse to see through: events no rule reads, payloads
+#: that are no object, a token count whose type is not its payload's first key.
+_ODD: st.SearchStrategy[Item] = st.one_of(
+    st.builds(lambda kind: _event(kind, message="x"), st.sampled_from(["agent_message", "token_count_"])),
+    st.builds(lambda payload: {"type": "event_msg", "payload": payload},
+              st.sampled_from([None, [], "token_count", {"info": None, "type": "token_count"}])),
+    st.builds(lambda usage: {"type": "event_msg", "payload": {
+        "info": {"total_token_usage": usage}, "type": "token_count"}}, _USAGE),
+)
+STORED = timed_items() | st.tuples(st.integers(0, 2**53), _ODD)
+#: How stored items may be laid out: as the store writes them (its own ``timestamp`` last
+#: here), Codex's way (``timestamp`` first), and layouts the fold must parse to read.
+LAYOUTS = st.sampled_from([
+    lambda item: json.dumps(item, separators=(",", ":")),
+    lambda item: json.dumps({"timestamp": item.get("timestamp", "2026-01-01T00:00:00Z"), **item},
+                            separators=(",", ":")),
+    json.dumps,  # spaces after separators
+    lambda item: json.dumps(dict(reversed(list(item.items()))), separators=(",", ":")),
+])
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(STORED, LAYOUTS), max_size=30), TIMES, st.data())
+def test_the_page_fold_of_stored_text_equals_the_fold_of_parsed_items(
+        stored: list[tuple[Pair, Callable[[Item], str]]], created: datetime, data: st.DataObject) -> None:
+    # CodexRules.apply_stored parses only what can change the state; the state it returns
+    # must be the one apply gives over every parsed item, however the pages are cut.
+    pairs = [pair for pair, _ in stored]
+    texts = [layout(dict(item)) for (_, item), layout in stored]
+    created_us = us_from_utc(created)
+    expected = json.loads(json.dumps(_fold_from(created_us, pairs)))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(pairs)), max_size=4)))
+    state = RULES.initial("t", created_us)
+    for start, end in zip([0, *cuts], [*cuts, len(pairs)]):
+        given, before = state, json.dumps(state)
+        state = RULES.apply_stored(given, texts[start:end], [ts for ts, _ in pairs[start:end]])
+        assert json.dumps(given) == before  # the state it was given is left as it was
+    assert json.loads(json.dumps(state)) == expected
+
+
 @settings(max_examples=200)
 @given(st.lists(timed_items(), min_size=1, max_size=30), TIMES)
 def test_times_move_forward_where_the_design_promises(

@@ -12,6 +12,10 @@ import sqlite_utils
 
 from thread_store import NotAThreadStore, SchemaTooNew, StorageError
 from thread_store.backends.sqlite import _connections
+from thread_store.backends.sqlite._acks import SLICE as ACK_SLICE
+from thread_store.backends.sqlite._acks import AckBatch
+from thread_store.backends.sqlite.history import History
+from thread_store.model import EncodedItem
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -150,3 +154,36 @@ def test_pool_caps_connections_and_closes_borrowed_ones_on_return(tmp_path: Path
         c.execute("SELECT 1")  # closed once given back
     with pytest.raises(StorageError):
         pool.fetchone("t", "SELECT 1")
+
+
+def test_acknowledgements_leave_the_batch_a_slice_at_a_time_each_with_the_epoch() -> None:
+    batch = AckBatch()
+    batch.add([(f"t{i}", 1) for i in range(ACK_SLICE + 5)], 7)
+    first, epoch = batch.take(ACK_SLICE)
+    assert (len(first), epoch, bool(batch)) == (ACK_SLICE, 7, True)
+    rest, epoch = batch.take(ACK_SLICE)
+    assert (len(rest), epoch, bool(batch)) == (5, 7, False)
+    assert {t for t, _ in first + rest} == {f"t{i}" for i in range(ACK_SLICE + 5)}
+
+
+def test_acknowledgements_are_written_a_slice_per_transaction(tmp_path: Path) -> None:
+    """Each write holds the history's write lock, which appends wait for: never for the
+    whole batch. Close writes whatever is left."""
+    path = tmp_path / "history.db"
+    history = History(path, durability="normal")
+    threads = [f"t{i}" for i in range(ACK_SLICE + 5)]
+    for thread_id in threads:
+        history.create(thread_id, created_us=1, first=EncodedItem('{"type":"x"}', 1, "x"))
+    history.acknowledge([(thread_id, 1) for thread_id in threads], 3)
+
+    def behind() -> int:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return int(conn.execute("SELECT count(*) FROM behind").fetchone()[0])
+        finally:
+            conn.close()
+
+    history.write_acknowledgements()
+    assert behind() == 5
+    history.close()
+    assert behind() == 0

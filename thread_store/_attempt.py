@@ -14,21 +14,22 @@ from __future__ import annotations
 import json
 import logging
 from functools import partial
-from typing import Callable, Iterator, NamedTuple, TypeVar
+from typing import Callable, Iterator, Mapping, NamedTuple, Sequence, TypeVar
 
 from ._outcomes import AttemptOutcome, Result
+from ._sniff import item_type
 from ._state import Claim
-from .derive import ProjectionRules
+from .derive import ProjectionRules, State
 from .errors import (ThreadDiscarded, ThreadNotFound, ThreadStoreError, TransientProjectionError,
                      TransientStorageError, describe)
-from .storage import Checkpoint, CommitOutcome, HistoryLog, MetadataIndex, RowWrite, StoredRow
+from .storage import Checkpoint, CommitOutcome, HistoryLog, MetadataIndex, RowWrite, StoredPage, StoredRow
 from .tracing import MAX_LINKS, Links, Projection, Telemetry, merge_links
 
 ProjectionHook = Callable[[str, int], None]
 _T = TypeVar("_T")
-#: Items per history read: memory stays bounded however far behind a thread is.
-_PAGE = 1000
-_TYPE_FIRST = '{"type":"'
+#: Items per history read of a fold: memory stays bounded (items are at most
+#: ``max_item_bytes`` each, most far smaller) and a read's round trip is amortized.
+PAGE_ITEMS = 1000
 #: Takes the claims out of flight with their results (by ``id(claim)``) and returns each
 #: retry's backoff (by ``id(claim)``); the projector takes its lock for it.
 Settle = Callable[[list[Claim], dict[int, Result]], dict[int, float | None]]
@@ -52,7 +53,8 @@ def _cached_incarnation(c: Claim) -> int | None:
 
 class _Start(NamedTuple):
     """Where one claim's fold starts: the thread's incarnation, the fold state at ``base``,
-    and the items after it when they are buffered (``None``: read from history)."""
+    and the items after it when they are buffered (``None``: read from history, the first
+    page in the batch's read)."""
 
     incarnation: int
     base: int
@@ -67,25 +69,14 @@ def _reads_stored(c: Claim) -> bool:
 
 
 def history_pages(history: HistoryLog, thread_id: str, after_seq: int, upto_seq: int,
-                  page: int = _PAGE) -> Iterator[list[StoredRow]]:
+                  page: int = PAGE_ITEMS) -> Iterator[StoredPage]:
     """Yield the items ``after_seq < seq <= upto_seq`` in pages, to keep memory bounded."""
     while after_seq < upto_seq:
-        rows = history.read(thread_id, after_seq, upto_seq, page)
-        if not rows:
+        rows = history.read_page(thread_id, after_seq, upto_seq, page)
+        if not rows.texts:
             return
         yield rows
-        after_seq = rows[-1].seq
-
-
-def item_type(text: str) -> str | None:
-    """The ``type`` of a stored item whose JSON starts with it (as ``json.dumps`` writes
-    an item built type first, which Codex items are), without parsing the rest; ``None``
-    when it does not start so or the type has escapes (then the caller parses it)."""
-    if not text.startswith(_TYPE_FIRST):
-        return None
-    end = text.find('"', len(_TYPE_FIRST))
-    kind = text[len(_TYPE_FIRST):end]
-    return None if end < 0 or "\\" in kind else kind
+        after_seq = rows.last_seq
 
 
 class AttemptRunner:
@@ -93,7 +84,7 @@ class AttemptRunner:
 
     def __init__(self, history: HistoryLog, index: MetadataIndex, rules: ProjectionRules,
                  hook: ProjectionHook | None, telemetry: Telemetry,
-                 on_commit: Callable[[], None]) -> None:
+                 on_commit: Callable[[], None], step_aside: Callable[[], None]) -> None:
         self._history = history
         self._index = index
         self._rules = rules
@@ -101,8 +92,13 @@ class AttemptRunner:
         self.has_hook = hook is not None
         self._telemetry = telemetry
         self._on_commit = on_commit
+        self._step_aside = step_aside  # between folds in the worker: appends go first
         types: frozenset[str] | None = getattr(rules, "item_types", None)
         self._reads: Callable[[str], bool] = (lambda _kind: True) if types is None else types.__contains__
+        # Rules that fold stored text themselves (ProjectionRules.apply_stored) parse
+        # only what they read, into one state per page instead of one per item.
+        self._apply_stored: Callable[[State, Sequence[str], Sequence[int]], State] | None = (
+            getattr(rules, "apply_stored", None))
 
     def run(self, claims: list[Claim], settle: Settle, deadline: float | None = None, *,
             in_caller: bool = False) -> None:
@@ -185,12 +181,15 @@ class AttemptRunner:
         # the cached state is dropped and the next attempt reads the incarnation): no read.
         unknown = [c.state.thread_id for c in hooked if _cached_incarnation(c) is None]
         wanted = [c.state.thread_id for c in hooked if _reads_stored(c)]
+        refolds = [c.state.thread_id for c in hooked if c.refold]
         try:
             # One read each for the batch (a round trip per thread was most of a PostgreSQL
             # projector's time), after the hooks and before the folds; the incarnations
-            # first, so a stored row read after them is of the live thread or refused.
+            # first, so a stored row read after them is of the live thread or refused; the
+            # creation times of the folds from the first item (a catch-up's) too.
             live = self._history.incarnations(unknown) if unknown else {}
             stored = self._index.checkpoints(wanted) if wanted else {}
+            created = self._history.created_times(refolds) if refolds else {}
         except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
             if in_caller and not isinstance(exc, Exception):
                 raise
@@ -201,17 +200,19 @@ class AttemptRunner:
             known = _cached_incarnation(c)
             begun = self._guarded(c, in_caller, partial(
                 self._start, c, live.get(c.state.thread_id) if known is None else known,
-                stored.get(c.state.thread_id) if _reads_stored(c) else None))
+                stored.get(c.state.thread_id) if _reads_stored(c) else None,
+                created.get(c.state.thread_id)))
             if isinstance(begun, Result):
                 results[id(c)] = begun
             else:
                 started.append((c, begun))
         # The first page of every thread that folds from history, in one read for the
         # batch (a read per thread was the most of a PostgreSQL projector's round trips
-        # once several processes append to the same threads).
+        # once several processes append to the same threads); SQLite and memory read
+        # each page as its fold looks it up.
         ranges = [(c.state.thread_id, s.base, c.target) for c, s in started if s.rows is None]
         try:
-            pages = self._history.read_many(ranges, _PAGE) if ranges else {}
+            pages = self._history.read_many(ranges, PAGE_ITEMS) if ranges else {}
         except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
             if in_caller and not isinstance(exc, Exception):
                 raise
@@ -219,14 +220,17 @@ class AttemptRunner:
             started, pages = [(c, s) for c, s in started if s.rows is not None], {}
         rows: list[tuple[Claim, RowWrite, Result]] = []
         for c, s in started:
-            first = s.rows if s.rows is not None else pages.get(c.state.thread_id, [])
-            done = self._guarded(c, in_caller, partial(self._finish, c, s, first))
+            if not in_caller:
+                self._step_aside()
+            done = self._guarded(c, in_caller, partial(self._finish, c, s, pages))
             if isinstance(done, Result):
                 results[id(c)] = done
             else:
                 rows.append((c, done[1], done[0]))
         if rows:
-            self._commit(rows, results, deadline, position)
+            if not in_caller:
+                self._step_aside()
+            self._commit(rows, results, deadline, position, in_caller)
         return results
 
     def _hook_ran(self, c: Claim, in_caller: bool, results: dict[int, Result]) -> bool:
@@ -254,12 +258,14 @@ class AttemptRunner:
                 raise
             return _failure(exc)
 
-    def _start(self, c: Claim, live: int | None, stored: Checkpoint | None) -> _Start | Result:
+    def _start(self, c: Claim, live: int | None, stored: Checkpoint | None,
+               created_us: int | None) -> _Start | Result:
         """Where one claim's fold starts; ``live`` is the thread's incarnation read for the
-        batch (``None``: not live then), ``stored`` its row's checkpoint if the batch read
-        it. The rows are the buffered items when they start there, else ``None`` (read
-        from history). A stored row of the live thread that covers the target (another
-        process projected it) ends the attempt: nothing to fold or write."""
+        batch (``None``: not live then), ``stored`` its row's checkpoint and ``created_us``
+        its creation time if the batch read them. The rows are the buffered items when
+        they start there, else ``None`` (read from history). A stored row of the live
+        thread that covers the target (another process projected it) ends the attempt:
+        nothing to fold or write."""
         thread_id = c.state.thread_id
         # Read before the fold, so a commit of this fold is refused if the thread is
         # deleted and created again meanwhile; if that happened already (in another
@@ -271,23 +277,28 @@ class AttemptRunner:
         ahead = stored if stored is not None and stored.incarnation == incarnation else None
         if ahead is not None and ahead.projected_seq >= c.target:
             return Result(AttemptOutcome.OK, incarnation=incarnation, covered=True)
-        base, state = self._start_state(c, stored, ahead)
+        base, state = self._start_state(c, stored, ahead, created_us)
         buffered = c.items if c.items is not None and base == c.base else None
         return _Start(incarnation, base, state, buffered)
 
-    def _finish(self, c: Claim, s: _Start, first: list[StoredRow]) -> tuple[Result, RowWrite] | Result:
-        """Fold one claim's items (``first``, then the rest of history in pages, if the
-        first page did not reach the target) and build its row."""
+    def _finish(self, c: Claim, s: _Start,
+                pages: Mapping[str, StoredPage]) -> tuple[Result, RowWrite] | Result:
+        """Fold one claim's items (the buffered ones, or history's: its first page in the
+        batch's read, ``pages``, then the rest in pages if that did not reach the target)
+        and build its row."""
         thread_id = c.state.thread_id
         state, seq = s.state, s.base
-        for row in first:
-            state = self._rules.apply(state, self._item(row), row.ts_us)
-            seq = row.seq
-        if s.rows is None and len(first) == _PAGE:
-            for page in history_pages(self._history, thread_id, seq, c.target, _PAGE):
-                for row in page:
-                    state = self._rules.apply(state, self._item(row), row.ts_us)
-                seq = page[-1].seq
+        first = pages.get(thread_id)
+        if s.rows is not None:
+            if s.rows:
+                state = self._fold(state, [r.text for r in s.rows], [r.ts_us for r in s.rows],
+                                   [r.kind for r in s.rows])
+                seq = s.rows[-1].seq
+        elif first is not None and first.texts:
+            state, seq = self._fold(state, first.texts, first.ts_us), first.last_seq
+            if len(first.texts) == PAGE_ITEMS:
+                for page in history_pages(self._history, thread_id, seq, c.target):
+                    state, seq = self._fold(state, page.texts, page.ts_us), page.last_seq
         if seq != c.target:
             return Result(AttemptOutcome.GONE, error=ThreadDiscarded(f"thread {thread_id!r} is gone"))
         meta = self._rules.metadata(thread_id, state, c.target)
@@ -296,20 +307,33 @@ class AttemptRunner:
                        incarnation=s.incarnation),
                 RowWrite(meta, state_json, s.incarnation))
 
-    def _item(self, row: StoredRow) -> dict[str, object]:
+    def _fold(self, state: State, texts: Sequence[str], ts_us: Sequence[int],
+              kinds: Sequence[str | None] | None = None) -> State:
+        """``state`` after the stored items (``kinds``: their types, where known), by the
+        rules' own fold of stored text if they have one."""
+        if self._apply_stored is not None:
+            return self._apply_stored(state, texts, ts_us)
+        apply, item = self._rules.apply, self._item
+        for i, text in enumerate(texts):
+            state = apply(state, item(text, kinds[i] if kinds is not None else None), ts_us[i])
+        return state
+
+    def _item(self, text: str, kind: str | None) -> dict[str, object]:
         """The item to fold: parsed only if a rule reads its type. Most items are
         response items no rule reads, and parsing them was most of a catch-up's time."""
-        kind = row.kind if row.kind is not None else item_type(row.text)
+        if kind is None:
+            kind = item_type(text)
         if kind is None or self._reads(kind):
-            item: dict[str, object] = json.loads(row.text)
+            item: dict[str, object] = json.loads(text)
             return item
         return {"type": kind}
 
-    def _start_state(self, c: Claim, stored: Checkpoint | None,
-                     ahead: Checkpoint | None) -> tuple[int, dict[str, object]]:
-        """The fold state to resume from, and its seq: cached, stored, or initial. A row
-        of the live thread (``ahead``, below the target) further than the cached fold
-        saves folding again what other processes' projections folded."""
+    def _start_state(self, c: Claim, stored: Checkpoint | None, ahead: Checkpoint | None,
+                     created_us: int | None) -> tuple[int, dict[str, object]]:
+        """The fold state to resume from, and its seq: cached, stored, or initial (at
+        ``created_us``, read here if the batch did not). A row of the live thread
+        (``ahead``, below the target) further than the cached fold saves folding again
+        what other processes' projections folded."""
         thread_id = c.state.thread_id
         if not c.refold:
             if ahead is not None and ahead.fold_state is not None and (
@@ -317,22 +341,26 @@ class AttemptRunner:
                 return ahead.projected_seq, json.loads(ahead.fold_state)
             if c.fold_state is not None:
                 return c.base, c.fold_state
-            if stored is None:
-                stored = self._index.checkpoint(thread_id)
-            if stored.fold_state is not None and stored.projected_seq <= c.target:
+            # The batch read the thread's row (``_reads_stored``); ``None``: it has none.
+            if stored is not None and stored.fold_state is not None and stored.projected_seq <= c.target:
                 return stored.projected_seq, json.loads(stored.fold_state)
         # No row yet, or the row is ahead of history (power loss): fold from the start.
-        return 0, self._rules.initial(thread_id, self._history.created_us(thread_id))
+        if created_us is None:
+            created_us = self._history.created_us(thread_id)
+        return 0, self._rules.initial(thread_id, created_us)
 
     def _commit(self, rows: list[tuple[Claim, RowWrite, Result]],
-                results: dict[int, Result], deadline: float | None, position: int) -> None:
-        """Write the rows in one transaction, fenced by close and by discard/delete."""
+                results: dict[int, Result], deadline: float | None, position: int,
+                in_caller: bool) -> None:
+        """Write the rows in one transaction, fenced by close and by discard/delete; the
+        worker steps aside for appends between rows."""
         live = {c.state.thread_id: c for c, _, _ in rows}
         try:
             # Asked under the index's write lock, which a removal holds to delete the row.
             done = self._index.commit([row for _, row, _ in rows], position=position,
                                       may_write=lambda thread_id: live[thread_id].state.live,
-                                      deadline=deadline)
+                                      deadline=deadline,
+                                      between_rows=None if in_caller else self._step_aside)
         except Exception as exc:  # noqa: BLE001 - translated by the backend; fails this batch
             for c, _, _ in rows:
                 results[id(c)] = _failure(exc)

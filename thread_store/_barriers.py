@@ -3,23 +3,30 @@
 DESIGN §1.4: a barrier validates its target generation, registers a waiter with the
 projector before it checks (so no wake-up is lost), waits by push, and turns the outcome
 into metadata or a typed error that says the appended items are durable. The sync face
-blocks in :meth:`Barriers.wait`; the async face registers with :meth:`Barriers.begin`
+blocks in :meth:`Barriers.wait`; the async face registers with :meth:`Barriers.begin_in`
 and awaits a future its callback resolves, then settles with the same methods.
+
+The steps that read the store (the target's head, the registration's checkpoint, the
+settled metadata, a timed-out barrier's projected generation) are coroutines over an
+:class:`~thread_store.storage.AsyncBarrierReads`: the sync face runs them to completion
+on the sync ports (:mod:`thread_store._port_reads`), the async face awaits them on a
+backend's native reads, or the sync ports in an executor hop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
 from . import _deadlines
 from ._outcomes import Outcome, Success, Waiter
+from ._port_reads import PortReads, complete
 from .errors import (DURABLE_NOTE, FlushTimeout, InvalidArgument, ProjectionFailed, ReadOnlyStore,
                      StorageError, StoreClosed, ThreadDiscarded, ThreadStoreError, describe)
 from .model import ThreadMetadata, caller_copy, check_count, check_thread_id
 from .projector import Projector
-from .storage import Storage
+from .storage import AsyncBarrierReads, Storage
 from .tracing import Telemetry
 
 #: ``closed_reason()``: why the store is closed, or ``None`` while it is open.
@@ -27,26 +34,29 @@ ClosedReason = Callable[[], str | None]
 #: ``append(thread_id, items, idempotency_key) -> generation``: durable, and no wake-up is
 #: spent on the projector, because the barrier that follows claims or expedites the thread.
 AppendForBarrier = Callable[[str, Sequence[Mapping[str, Any]], str | None], int]
+#: ``read_meta(reads, thread_id)``: the thread's metadata as ``ThreadStore.read_thread``
+#: gives it, read through ``reads``.
+ReadMeta = Callable[[AsyncBarrierReads, str], Awaitable[ThreadMetadata]]
 
 
 class Barriers:
     """Targets, waiting and outcomes of ``flush``, ``append_and_flush`` and ``flush_all``."""
 
-    def __init__(self, projector: Projector | None, storage: Storage,
-                 read_meta: Callable[[str], ThreadMetadata], telemetry: Telemetry,
-                 closed_reason: ClosedReason, append: AppendForBarrier) -> None:
+    def __init__(self, projector: Projector | None, storage: Storage, read_meta: ReadMeta,
+                 telemetry: Telemetry, closed_reason: ClosedReason, append: AppendForBarrier) -> None:
         """Wire the barrier core to a store's parts.
 
         :param projector: the store's projector; ``None`` for a read-only store.
-        :param storage: the store's backend: heads and checkpoints come from it.
+        :param storage: the store's backend: the sync face reads heads and checkpoints
+            from its ports.
         :param read_meta: the thread's projected metadata (``ThreadStore.read_thread``).
         :param closed_reason: why the store is closed, or ``None`` while it is open.
         :param append: the store's durable append, told that a barrier follows at once.
         """
         self.append = append
         self._projector = projector
-        self._head = storage.history.head
-        self._checkpoint = storage.index.checkpoint
+        #: The sync ports as barrier reads: what the sync face (and a hop) reads through.
+        self.port_reads = PortReads(storage)
         self._stale = storage.stale
         self._read_meta = read_meta
         self._telemetry = telemetry
@@ -71,13 +81,17 @@ class Barriers:
         return self._projector
 
     def target(self, thread_id: str, generation: int | None) -> int:
+        """:meth:`target_in` on the sync ports."""
+        return complete(self.target_in(self.port_reads, thread_id, generation))
+
+    async def target_in(self, reads: AsyncBarrierReads, thread_id: str, generation: int | None) -> int:
         """Validate a flush's target generation; ``None`` means the thread's head.
 
         :raises InvalidArgument: the generation is malformed or above the head.
         """
         check_thread_id(thread_id)
         self.projector()
-        head = self._head(thread_id)
+        head = await reads.head(thread_id)
         if generation is None:
             generation = head
         check_count(generation, name="generation", minimum=0, maximum=1 << 62)
@@ -101,14 +115,15 @@ class Barriers:
             outcome = Success(None) if waiter is None else projector.wait(waiter, deadline)
             return self.settle(thread_id, generation, timeout, outcome, info)
 
-    def begin(self, thread_id: str, generation: int,
-              callback: Callable[[Outcome], None] | None) -> Waiter | None:
+    async def begin_in(self, reads: AsyncBarrierReads, thread_id: str, generation: int,
+                       callback: Callable[[Outcome], None] | None) -> Waiter | None:
         """Register a waiter resolved by push (``callback`` runs in the resolving thread).
 
         Never runs the projection in the calling thread, so an awaiting caller holds no
         thread. Returns ``None`` when ``generation`` is already projected.
         """
-        return self.projector().begin_wait(thread_id, generation, callback, allow_caller_run=False)
+        return await self.projector().register(reads, thread_id, generation, callback,
+                                               allow_caller_run=False)
 
     def cancel(self, waiter: Waiter) -> Outcome | None:
         """Withdraw a waiter (timeout, cancellation); return its outcome if it had one."""
@@ -122,24 +137,32 @@ class Barriers:
 
     def settle(self, thread_id: str, generation: int, timeout: float | None,
                outcome: Outcome | None, info: dict[str, Any]) -> ThreadMetadata:
+        """:meth:`settle_in` on the sync ports."""
+        return complete(self.settle_in(self.port_reads, thread_id, generation, timeout, outcome, info))
+
+    async def settle_in(self, reads: AsyncBarrierReads, thread_id: str, generation: int,
+                        timeout: float | None, outcome: Outcome | None,
+                        info: dict[str, Any]) -> ThreadMetadata:
         """Turn a barrier's outcome (``None``: timed out) into metadata or its typed error."""
         if outcome is None:
             info["outcome"] = "timeout"
-            raise self._timed_out(thread_id, generation, timeout)
+            raise await self._timed_out(reads, thread_id, generation, timeout)
         if isinstance(outcome, BaseException):
             info["outcome"] = type(outcome).__name__
             raise outcome
         info["outcome"] = "ok"
-        return caller_copy(outcome.meta) if outcome.meta is not None else self.projected_meta(thread_id)
+        if outcome.meta is not None:
+            return caller_copy(outcome.meta)
+        return await self._projected_meta(reads, thread_id)
 
-    def projected_meta(self, thread_id: str) -> ThreadMetadata:
+    async def _projected_meta(self, reads: AsyncBarrierReads, thread_id: str) -> ThreadMetadata:
         """Read the metadata a barrier returns when its outcome carried none.
 
         The barrier's generation is projected and its items are durable, so an error here
         (the store closing under the read) must say so, like every barrier error.
         """
         try:
-            return self._read_meta(thread_id)
+            return await self._read_meta(reads, thread_id)
         except (StoreClosed, StorageError) as exc:
             if self._closed_reason() is None and not isinstance(exc, StoreClosed):
                 raise StorageError(f"{exc} {DURABLE_NOTE}") from exc
@@ -149,7 +172,7 @@ class Barriers:
     def read_outcome(self, thread_id: str) -> Outcome:
         """The projected metadata as a barrier outcome, or the error reading it (blocking)."""
         try:
-            return Success(self.projected_meta(thread_id))
+            return Success(complete(self._projected_meta(self.port_reads, thread_id)))
         except ThreadStoreError as exc:
             return exc
 
@@ -198,11 +221,16 @@ class Barriers:
         return waiters
 
     def settle_all(self, waiters: list[Waiter], timeout: float | None) -> None:
+        """:meth:`settle_all_in` on the sync ports."""
+        complete(self.settle_all_in(self.port_reads, waiters, timeout))
+
+    async def settle_all_in(self, reads: AsyncBarrierReads, waiters: list[Waiter],
+                            timeout: float | None) -> None:
         """Withdraw ``flush_all``'s unresolved waiters and raise what their outcomes say."""
         failed: list[tuple[str, BaseException]] = []
         for waiter, outcome in [(w, self.cancel(w)) for w in waiters]:
             if outcome is None:
-                raise self._timed_out(waiter.thread_id, waiter.target, timeout)
+                raise await self._timed_out(reads, waiter.thread_id, waiter.target, timeout)
             if isinstance(outcome, ProjectionFailed):
                 failed.append((waiter.thread_id, outcome))
             elif isinstance(outcome, StoreClosed):
@@ -212,10 +240,11 @@ class Barriers:
                                      "; ".join(f"{t}: {describe(e.__cause__)}" for t, e in failed))
             raise error from failed[0][1]
 
-    def _timed_out(self, thread_id: str, target: int, timeout: float | None) -> FlushTimeout:
+    async def _timed_out(self, reads: AsyncBarrierReads, thread_id: str, target: int,
+                         timeout: float | None) -> FlushTimeout:
         """The timeout error of a barrier, with the generation projected so far."""
         try:
-            projected = self._checkpoint(thread_id).projected_seq
+            projected = (await reads.checkpoint(thread_id)).projected_seq
         except ThreadStoreError:  # the store closing under the read: what was known is 0
             projected = 0
         return FlushTimeout(thread_id, target, projected, timeout or 0.0)

@@ -8,7 +8,7 @@ import json
 from .derive import ProjectionRules
 from .model import StoredItem, ThreadMetadata, ThreadStatus, utc
 from .projector import Projector
-from .storage import Storage
+from .storage import AsyncBarrierReads, Storage
 
 
 class Reads:
@@ -22,14 +22,15 @@ class Reads:
         self._projector = projector
         self._rules = rules
 
-    def metadata(self, thread_id: str) -> ThreadMetadata:
-        """The thread's projected metadata, or its initial metadata without a row."""
-        meta = self._index.read(thread_id)
+    async def metadata(self, reads: AsyncBarrierReads, thread_id: str) -> ThreadMetadata:
+        """The thread's projected metadata, or its initial metadata without a row, read
+        through ``reads`` (the sync ports, or a barrier's native reads)."""
+        meta = await reads.read(thread_id)
         if meta is not None:
             return meta
         if self._projector is not None:
             self._projector.check_live(thread_id)  # mid-removal its row is already gone
-        created = self._history.created_us(thread_id)
+        created = await reads.created_us(thread_id)
         return self._rules.metadata(thread_id, self._rules.initial(thread_id, created), 0)
 
     def history(self, thread_id: str, after_seq: int, limit: int) -> list[StoredItem]:

@@ -29,7 +29,7 @@ from .tracing import MAX_LINKS, Telemetry
 log = logging.getLogger("thread_store.projector")  # the projector's messages, as before
 
 #: Caught-up threads keep their state (and fold cache) until this many are idle.
-IDLE_STATES = 2048
+IDLE_STATES = 16_384
 
 
 @dataclass(slots=True)

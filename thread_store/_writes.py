@@ -44,6 +44,15 @@ class Writes:
                barrier: bool) -> int:
         """Append durably and return the generation; ``barrier=True`` when the caller
         waits on the result at once (the barrier then claims or expedites the thread)."""
+        priority = self.projector.priority
+        priority.enter()
+        try:
+            return self._append(thread_id, items, key, barrier=barrier)
+        finally:
+            priority.leave()
+
+    def _append(self, thread_id: str, items: list[EncodedItem], key: IdempotencyKey | None, *,
+                barrier: bool) -> int:
         if not self._telemetry.tracing():
             done = self._history.append(thread_id, items, key)
             if done.written:

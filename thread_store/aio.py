@@ -2,26 +2,18 @@
 
 It wraps the sync core and never re-implements it:
 
-- Blocking calls (SQLite reads and commits, ``open``, ``close``, ``discard``) run in the
-  event loop's default executor, inside a copy of the caller's ``contextvars`` context,
-  so OpenTelemetry trace parents survive the thread hop.
+- Blocking calls (reads and commits, ``open``, ``close``, ``discard``) run in the
+  store's executor (its own, or the one given to ``open``), inside a copy of the
+  caller's ``contextvars`` context, so OpenTelemetry trace parents survive the hop.
 - Barriers (``flush``, ``append_and_flush``, ``update_metadata``, ``archive_thread``,
-  ``unarchive_thread``, ``flush_all``) use one executor hop to validate, append and
-  register a waiter, then await an ``asyncio.Future`` that the projector resolves by push
-  (``loop.call_soon_threadsafe``, guarded by ``fut.done()``). An awaiting barrier holds
-  no executor thread and never blocks the loop: even the metadata read of a generation
-  already projected happens in the hop. On timeout or cancellation its waiter is
-  withdrawn, so nothing is left behind in ``status().waiters``.
+  ``unarchive_thread``, ``flush_all``) are the async face of the barrier core
+  (:mod:`thread_store._aio_barriers`): they await a future the projector resolves, holding
+  no executor thread; on PostgreSQL a ``flush`` makes no executor hop at all.
 - A timeout counts from the call, so a busy executor spends it too. A hop (of a barrier,
   ``discard``, ``delete_thread`` or ``close``) that no executor thread has started by the
   deadline moves to a thread of its own, so the call still returns on time and still
   knows whether its append happened; a hop whose caller is cancelled before it starts
   never runs.
-
-The async barrier never runs the projection in the caller's thread (the sync store's
-``caller_runs`` shortcut), since that would pin an executor thread for as long as the
-projection (and its ``projection_hook``) takes. With ``projection="sync"`` the
-projection runs inside ``append``, and so in the executor thread.
 """
 
 from __future__ import annotations
@@ -34,9 +26,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from ._aio_hop import Hop, OwnExecutor, call_soon, in_executor, set_once
+from ._aio_barriers import AsyncBarriers
+from ._aio_hop import Hop, OwnExecutor, in_executor
 from ._options import check_open_kwargs
-from ._outcomes import Outcome, Success, Waiter
 from .derive import NOT_GIVEN, archive_edit_item, metadata_edit_item
 from .errors import InvalidArgument
 from .model import (Page, ProjectorStats, StoredItem, StoreReport, ThreadMetadata, ThreadStatus,
@@ -60,14 +52,16 @@ class AsyncThreadStore:
     """
 
     def __init__(self, store: ThreadStore, executor: Executor | None = None) -> None:
-        """Wrap an open :class:`ThreadStore`; usually you call :meth:`open` instead.
+        """Wrap an open :class:`ThreadStore`; usually you call :meth:`open` instead (only
+        it opens a PostgreSQL store's native barrier reads; wrapped here, barriers hop).
 
         :param executor: runs the blocking calls; ``None`` makes one of the store's own,
             shut down by :meth:`close`.
         """
         self._store = store
-        self._barriers = store._barriers  # one barrier core, two faces (see _barriers)
         self._executor = OwnExecutor(EXECUTOR_WORKERS) if executor is None else executor
+        #: The async face of the store's barrier core (one core, two faces: see _barriers).
+        self._face = AsyncBarriers(store._barriers, self._executor)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, executor: Executor | None = None,
@@ -77,6 +71,8 @@ class AsyncThreadStore:
         Blocking calls run on an executor of the store's own (``EXECUTOR_WORKERS``
         threads), never the loop's default one, so the application's own blocking jobs
         cannot delay an append; pass ``executor=`` to use yours (it is not shut down).
+        On PostgreSQL it also opens the store's asyncio pool, on which barriers read
+        without any executor thread; :meth:`close` closes it.
 
         :param executor: a :class:`concurrent.futures.Executor` for the blocking calls.
         :param options: the keyword options of :meth:`ThreadStore.open`.
@@ -110,9 +106,8 @@ class AsyncThreadStore:
                                timeout: float | None = None, *,
                                idempotency_key: str | None = None) -> ThreadMetadata:
         """See :meth:`ThreadStore.append_and_flush`; the wait holds no thread."""
-        timeout = check_timeout(timeout)
-        return await self._barrier(
-            thread_id, lambda: self._barriers.append(thread_id, items, idempotency_key), timeout)
+        return await self._face.append_and_flush(thread_id, items, idempotency_key,
+                                                 check_timeout(timeout))
 
     async def update_metadata(self, thread_id: str, *, name: str | None = NOT_GIVEN,
                               timeout: float | None = None) -> ThreadMetadata:
@@ -145,40 +140,11 @@ class AsyncThreadStore:
 
         :raises FlushTimeout: carries the target and projected generations.
         """
-        timeout = check_timeout(timeout)
-        return await self._barrier(
-            thread_id, lambda: self._barriers.target(thread_id, generation), timeout)
+        return await self._face.flush(thread_id, generation, check_timeout(timeout))
 
     async def flush_all(self, timeout: float | None = None) -> None:
         """See :meth:`ThreadStore.flush_all`; waits for every thread without holding a thread."""
-        timeout = check_timeout(timeout)
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout  # the hop counts too
-        all_done = loop.create_future()
-        resolved = 0
-        total: int | None = None
-
-        def count_one() -> None:  # runs on the loop, so the counters need no lock
-            nonlocal resolved
-            resolved += 1
-            if total is not None and resolved >= total:
-                set_once(all_done, None)
-
-        waiters = await self._register(
-            lambda: self._barriers.begin_all(lambda outcome: call_soon(loop, count_one)),
-            lambda registered: registered, deadline)
-        total = len(waiters)
-        if resolved < total:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await all_done
-            except TimeoutError:
-                pass  # settle_all withdraws the waiters and raises FlushTimeout
-            except BaseException:
-                for waiter in waiters:
-                    self._barriers.cancel(waiter)
-                raise
-        self._barriers.settle_all(waiters, timeout)
+        await self._face.flush_all(check_timeout(timeout))
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -232,6 +198,7 @@ class AsyncThreadStore:
         finally:
             if isinstance(self._executor, OwnExecutor):
                 self._executor.shutdown(wait=False)  # its threads end once idle
+            await self._face.close_native()
 
     async def __aenter__(self) -> Self:
         return self
@@ -261,70 +228,6 @@ class AsyncThreadStore:
 
         return await Hop(loop, self._executor, run).result(deadline, cancellable=cancellable)
 
-    async def _barrier(self, thread_id: str, target: Callable[[], int],
-                       timeout: float | None) -> ThreadMetadata:
-        """Run ``target()`` (validate, maybe append) and register in one hop, then await.
-
-        The waiter is registered in the same executor call right after ``target()``
-        returns the generation, before the check that it is projected, so no wake-up is
-        lost; ``settle`` turns the outcome into metadata or the sync store's typed error.
-        The deadline is taken before the hop, so a busy executor counts against it too,
-        and nothing here reads SQLite on the loop's thread.
-        """
-        barriers = self._barriers
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        fut: asyncio.Future[Outcome] = loop.create_future()
-
-        def begin() -> tuple[int, Waiter | None, Outcome | None]:
-            generation = target()
-            waiter = barriers.begin(
-                thread_id, generation, lambda outcome: call_soon(loop, set_once, fut, outcome))
-            # Already projected: read the metadata here, in the executor, not on the loop.
-            return generation, waiter, None if waiter is not None else barriers.read_outcome(thread_id)
-
-        generation, waiter, outcome = await self._register(
-            begin, lambda registered: [] if registered[1] is None else [registered[1]], deadline)
-        with barriers.span(thread_id) as info:
-            info["target"] = generation
-            if waiter is not None:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        outcome = await fut
-                except TimeoutError:
-                    # It may have been resolved while the timeout fired; withdrawing under
-                    # the projector lock tells which, as the sync wait() does.
-                    outcome = barriers.cancel(waiter)
-                except BaseException:
-                    barriers.cancel(waiter)
-                    info["outcome"] = "cancelled"
-                    raise
-            if isinstance(outcome, Success) and outcome.meta is None:
-                # Projected, but the outcome carried no row: read it off the loop.
-                outcome = await Hop(loop, self._executor,
-                                     lambda: barriers.read_outcome(thread_id)).result(deadline)
-            return barriers.settle(thread_id, generation, timeout, outcome, info)
-
-    async def _register(self, begin: Callable[[], T], waiters_of: Callable[[T], list[Waiter]],
-                        deadline: float | None) -> T:
-        """Run ``begin`` (which registers waiters) off the loop and return its result.
-
-        If the caller is cancelled before ``begin`` starts, it never runs; if while it
-        runs, it still finishes and the waiters it registered (``waiters_of(result)``)
-        are then withdrawn, so no waiter outlives its caller.
-        """
-        hop = Hop(asyncio.get_running_loop(), self._executor, begin)
-        try:
-            return await hop.result(deadline)
-        except asyncio.CancelledError:
-            def withdraw(done: asyncio.Future[T]) -> None:
-                if not done.cancelled() and done.exception() is None:
-                    for waiter in waiters_of(done.result()):
-                        self._barriers.cancel(waiter)
-
-            hop.done.add_done_callback(withdraw)
-            raise
-
 
 class _Opening:
     """What :meth:`AsyncThreadStore.open` returns: awaitable, and an async context manager."""
@@ -347,7 +250,13 @@ class _Opening:
             if isinstance(executor, OwnExecutor):
                 executor.shutdown(wait=False)
             raise
-        return self._cls(store, executor)
+        opened = self._cls(store, executor)
+        try:
+            await opened._face.open_native(store._storage)
+        except BaseException:
+            await opened.close()
+            raise
+        return opened
 
     def __await__(self) -> Generator[Any, None, AsyncThreadStore]:
         return self._open().__await__()

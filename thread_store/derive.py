@@ -8,10 +8,16 @@ rule set of DESIGN §2. An application plugs in its own rules by implementing
 
 from __future__ import annotations
 
+import heapq
+import json
+import re
 from copy import deepcopy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from itertools import compress
+from operator import not_
 from typing import Any, Callable, Protocol
 
+from ._sniff import NAME, PAYLOAD_TYPE_AT, TYPE_AT
 from .errors import InvalidArgument
 from .model import TEXT_FIELDS, ThreadMetadata, parse_timestamp, utc, utc_from_us
 
@@ -52,6 +58,12 @@ class ProjectionRules(Protocol):
     Rules may also define ``item_types``: a frozenset of the item types ``apply`` reads
     beyond ``type`` and the timestamp. Items of other types then reach ``apply`` as just
     ``{"type": ...}``, which spares the projector parsing them.
+
+    Rules may also define ``apply_stored(state, texts, ts_us) -> State``: fold stored
+    items, given as their JSON texts and their timestamps, into a new state, without
+    changing ``state``. It must return what ``apply`` folded over each parsed item in
+    order returns, and is free to parse only what it reads. The projector then calls it
+    instead of ``apply`` (and ``item_types``), once per page of history.
 
     Rules may define ``rules_id``: a string naming the rules and their version. A store
     records it and refuses other rules at open (DESIGN §1.11), since its rows are the
@@ -134,22 +146,44 @@ def _user_message(state: State, payload: Mapping[str, Any]) -> None:
             state["preview"] = shown
 
 
+def _token_usage(payload: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A ``token_count`` payload's total usage; ``None`` when it has none (``info: null``)."""
+    info = payload.get("info")
+    if isinstance(info, _MAPPING) and isinstance(info.get("total_token_usage"), _MAPPING):
+        return dict(info["total_token_usage"])
+    return None
+
+
+def _turn_started(state: State, ts_us: int) -> None:
+    turn = state.get("turn_us")
+    state["turn_us"] = ts_us if turn is None else max(turn, ts_us)
+
+
+#: ``event_msg`` types that advance ``recency_at`` (older files: ``task_started``).
+_TURN_STARTS = ("turn_started", "task_started")  # a tuple: a payload type may be unhashable
+#: ``event_msg`` types whose payload a rule reads in order, and the fields they only
+#: fill when empty: once those are set, such an event changes nothing.
+_FILLS = {"user_message": ("title", "first_user_message", "preview"),
+          "thread_goal_updated": ("preview",)}
+#: The ``event_msg`` types a rule reads in order (token counts: the latest wins).
+_IN_ORDER = (*_TURN_STARTS, *_FILLS)
+
+
 def _event_msg(state: State, payload: Mapping[str, Any], ts_us: int) -> None:
     kind = payload.get("type")
     if kind == "user_message":
         _user_message(state, payload)
     elif kind == "token_count":
-        info = payload.get("info")
-        if isinstance(info, _MAPPING) and isinstance(info.get("total_token_usage"), _MAPPING):
-            state["token_usage"] = dict(info["total_token_usage"])
+        usage = _token_usage(payload)
+        if usage is not None:
+            state["token_usage"] = usage
     elif kind == "thread_goal_updated":
         goal = payload.get("goal")
         objective = _text(goal.get("objective")) if isinstance(goal, _MAPPING) else None
         if objective is not None and state.get("preview") is None:
             state["preview"] = objective
-    elif kind in ("turn_started", "task_started"):
-        turn = state.get("turn_us")
-        state["turn_us"] = ts_us if turn is None else max(turn, ts_us)
+    elif kind in _TURN_STARTS:
+        _turn_started(state, ts_us)
 
 
 def _metadata_edit(state: State, payload: Mapping[str, Any], ts_us: int) -> None:
@@ -171,6 +205,58 @@ _HANDLERS: dict[str, Callable[[State, Mapping[str, Any], int], None]] = {
 }
 
 
+def _alternatives(names: Iterable[str]) -> str:
+    return "|".join(re.escape(name) for name in sorted(names))
+
+
+_EVENT_AT = TYPE_AT + "event_msg" + PAYLOAD_TYPE_AT
+#: The payload type of an ``event_msg`` laid out as :mod:`thread_store._sniff` says.
+_EVENT = re.compile(_EVENT_AT + "(" + NAME + ")").match
+#: A token count laid out so; :meth:`CodexRules.apply_stored` looks for the latest.
+_TOKEN_COUNT = re.compile(_EVENT_AT + 'token_count"').match
+#: An item whose start (laid out so) says the rules need not look at it in order: a
+#: type without a handler, or an ``event_msg`` that is not a type read in order. No match:
+#: a rule may read it, or the layout is another, and the fold looks closer.
+_PASSED_OVER = re.compile(
+    TYPE_AT + "(?:event_msg" + PAYLOAD_TYPE_AT + "(?!(?:" + _alternatives(_IN_ORDER) + ')")' + NAME
+    + "|(?!(?:" + _alternatives(_HANDLERS) + ')")' + NAME + ")").match
+
+
+def _counted(state: State, items: int, latest_us: int) -> State:
+    """A copy of ``state`` after ``items`` more items, the latest stamped ``latest_us``."""
+    new = dict(state)
+    new["item_count"] = state.get("item_count", 0) + items
+    updated = state.get("updated_us")
+    new["updated_us"] = latest_us if updated is None else max(updated, latest_us)
+    return new
+
+
+def _apply_parsed(state: State, item: Mapping[str, Any], ts_us: int,
+                  tokens: dict[int, Mapping[str, Any]], index: int) -> None:
+    """:meth:`CodexRules.apply`'s handler step on ``state`` itself (item already counted);
+    a token count's payload goes to ``tokens`` at ``index`` instead (the latest wins)."""
+    kind = item.get("type")
+    handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
+    payload = item.get("payload")
+    if handler is None or not isinstance(payload, _MAPPING):
+        return
+    if handler is _event_msg and payload.get("type") == "token_count":
+        tokens[index] = payload
+    else:
+        handler(state, payload, ts_us)
+
+
+def _latest_usage(texts: Sequence[str], parsed: dict[int, Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The usage of the last token count in ``texts`` that has one: those laid out as
+    :data:`_TOKEN_COUNT` says are found in C from the end, the others were ``parsed``."""
+    laid_out = compress(range(len(texts) - 1, -1, -1), map(_TOKEN_COUNT, reversed(texts)))
+    latest_first = heapq.merge(laid_out, sorted(parsed, reverse=True), reverse=True) if parsed else laid_out
+    for i in latest_first:
+        usage = _token_usage(parsed[i] if i in parsed else json.loads(texts[i])["payload"])
+        if usage is not None:
+            return usage
+    return None
+
 
 class CodexRules:
     """The default rules of DESIGN §2, compatible with Codex rollout items.
@@ -191,15 +277,40 @@ class CodexRules:
 
     def apply(self, state: State, item: Mapping[str, Any], ts_us: int) -> State:
         """Fold one item into a copy of ``state``."""
-        new = dict(state)
-        new["item_count"] = state.get("item_count", 0) + 1
-        updated = state.get("updated_us")
-        new["updated_us"] = ts_us if updated is None else max(updated, ts_us)
+        new = _counted(state, 1, ts_us)
         kind = item.get("type")
         handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
         payload = item.get("payload")
         if handler is not None and isinstance(payload, _MAPPING):
             handler(new, payload, ts_us)
+        return new
+
+    def apply_stored(self, state: State, texts: Sequence[str], ts_us: Sequence[int]) -> State:
+        """Fold stored items (JSON texts, their timestamps) into one copy of ``state``.
+
+        Equal to :meth:`apply` over each parsed item in order, but it parses only what
+        can change the state. Types are read off the text (:mod:`thread_store._sniff`):
+        items no rule reads in order are passed over in C (:data:`_PASSED_OVER`), turn
+        starts need no parse, messages that only fill fields already set are not parsed,
+        and of the token counts (the latest wins) only the last ones are, back to the
+        first with usage.
+        """
+        if not texts:
+            return dict(state)
+        new = _counted(state, len(texts), max(ts_us))
+        tokens: dict[int, Mapping[str, Any]] = {}  # payloads of token counts found parsing
+        for i in compress(range(len(texts)), map(not_, map(_PASSED_OVER, texts))):
+            text = texts[i]
+            event = _EVENT(text)
+            kind = event[1][:-1] if event else None
+            if kind in _TURN_STARTS:
+                _turn_started(new, ts_us[i])
+            elif (kind is None or (fills := _FILLS.get(kind)) is None
+                  or any(new.get(key) is None for key in fills)):
+                _apply_parsed(new, json.loads(text), ts_us[i], tokens, i)
+        usage = _latest_usage(texts, tokens)
+        if usage is not None:
+            new["token_usage"] = usage
         return new
 
     def metadata(self, thread_id: str, state: State, projected_seq: int) -> ThreadMetadata:

@@ -34,13 +34,15 @@ from ._attempt import AttemptRunner, ProjectionHook
 from ._catch_up import CatchUp
 from ._outcomes import AttemptOutcome, LocalStatus, Outcome, Result, Waiter
 from ._phases import SCHEDULABLE, Phase, RemovalKind
+from ._port_reads import PortReads, complete
+from ._priority import AppendPriority
 from ._removal import Removal, Removals
 from ._schedule import Schedule
 from ._state import Claim, ThreadState
 from .derive import ProjectionRules
 from .errors import DURABLE_NOTE, StoreClosed
 from .model import EncodedItem, ProjectorStats, RetryPolicy
-from .storage import Lag, Storage
+from .storage import AsyncBarrierReads, Lag, Storage
 from .tracing import Telemetry
 
 __all__ = ["Projector"]
@@ -53,6 +55,8 @@ _HEARTBEAT_S = 1.0
 #: append in another thread waits for them: at 512 they took milliseconds and set the
 #: append p99 with many threads pending. A commit per 64 rows costs little more.
 _MAX_BATCH = 64
+#: Claims settled per hold of the projector lock in the worker (see _end_attempts).
+_SETTLE_SLICE = 8
 #: After close's deadline, how long it waits for a writer it has fenced and interrupted
 #: to roll back and let go of the index (a statement stops within milliseconds).
 _FENCE_GRACE_S = 1.0
@@ -69,7 +73,12 @@ def _worker_main(ref: weakref.ReferenceType[Projector]) -> None:
             return
         try:
             if claims:
+                projector.priority.start_batch(
+                    min((c.pending_since for c in claims if c.appends and c.pending_since is not None),
+                        default=None), time.monotonic())
                 projector._run(claims)
+            # A slice of the storage's bookkeeping may hold the history's write lock.
+            projector._step_aside()
             projector._catch_up.run(paused=projector._paused)
         except Exception:  # noqa: BLE001 - _run settles its claims; the worker must live on
             log.exception("thread_store: the projector worker hit an unexpected error")
@@ -84,9 +93,13 @@ class Projector:
                  coalesce_delay: float, caller_runs: bool, catch_up_after: float | None) -> None:
         self._storage = storage
         self._index = storage.index
+        self._port_reads = PortReads(storage)
         self._telemetry = telemetry
+        #: This process's appends under way, which the worker steps aside for.
+        self.priority = AppendPriority()
         self._runner = AttemptRunner(storage.history, storage.index, rules, hook, telemetry,
-                                     on_commit=self._count_transaction)
+                                     on_commit=self._count_transaction,
+                                     step_aside=self._step_aside)
         self._delay = coalesce_delay
         self._caller_runs = caller_runs
         self._lock = threading.Lock()
@@ -140,7 +153,19 @@ class Projector:
     def begin_wait(self, thread_id: str, target: int,
                    callback: Callable[[Outcome], None] | None = None, *,
                    allow_caller_run: bool = True, deadline: float | None = None) -> Waiter | None:
+        """:meth:`register` with the sync ports' reads, in the calling thread."""
+        return complete(self.register(self._port_reads, thread_id, target, callback,
+                                      allow_caller_run=allow_caller_run, deadline=deadline))
+
+    async def register(self, reads: AsyncBarrierReads, thread_id: str, target: int,
+                       callback: Callable[[Outcome], None] | None = None, *,
+                       allow_caller_run: bool = True, deadline: float | None = None) -> Waiter | None:
         """Register a waiter for ``target``, or return ``None`` if it is already projected.
+
+        What it must know from the store (the checkpoint of a thread this process holds
+        no state for, the incarnation of one it holds) comes from ``reads``: the sync
+        ports, or an async face's native reads, awaited on the event loop, never under
+        the projector lock.
 
         The waiter is registered before the check, under the same lock the projector
         resolves waiters with, so no wake-up can be lost. With ``allow_caller_run`` the
@@ -155,6 +180,7 @@ class Projector:
         """
         claim: Claim | None = None
         waiter: Waiter | None = None
+        forgotten = False
         with self._lock:
             st = self._threads.get(thread_id)
             known = st is not None
@@ -162,8 +188,8 @@ class Projector:
             cached = (st.incarnation if st is not None and st.projected >= target
                       and not st.refold else None)
         # No state here says nothing about the store: read where its projection stands.
-        checkpoint = None if known else self._index.checkpoint(thread_id)
-        current = None if cached is None else self._storage.history.incarnation(thread_id)
+        checkpoint = None if known else await reads.checkpoint(thread_id)
+        current = None if cached is None else await reads.incarnation(thread_id)
         try:
             with self._lock:
                 if self._schedule.closing or self._schedule.stopped:
@@ -175,26 +201,15 @@ class Projector:
                     st = self._threads[thread_id] = ThreadState(
                         thread_id, max(target, checkpoint.projected_seq), checkpoint.projected_seq)
                     st.refold, st.pending_since = checkpoint.fold_state is None, time.monotonic()
-                if st is None:  # forgotten while the checkpoint was read: read it again
-                    return self.begin_wait(thread_id, target, callback,
+                # Forgotten while the checkpoint was read: read it again, out of the lock
+                # (it is not reentrant, and a native read must never hold it).
+                forgotten = st is None
+                if st is not None:
+                    waiter, claim = self._add_waiter(st, target, cached, current, callback,
+                                                     allow_caller_run, deadline is None)
+            if forgotten:
+                return await self.register(reads, thread_id, target, callback,
                                            allow_caller_run=allow_caller_run, deadline=deadline)
-                if st.removed:
-                    raise st.gone_error()
-                if cached is not None and current != cached and st.incarnation == cached:
-                    st.rebase(target)  # re-created by another process since
-                if st.projected >= target and not st.refold:
-                    return None
-                st.saw_head(target, time.monotonic())  # another process may have appended
-                waiter = Waiter(thread_id, target, st.failure_epoch, callback, st.condition(self._lock))
-                first = not st.waiters
-                st.waiters.append(waiter)
-                st.unhold()
-                small = not self._runner.has_hook and st.bounded_work
-                if (allow_caller_run and self._caller_runs and st.phase in SCHEDULABLE
-                        and not self._paused and (small or deadline is None)):
-                    claim = self._schedule.claim(st, expedited=True)
-                elif st.phase is Phase.IDLE or (first and st.due_at is not None):
-                    self._make_due(st, 0.0, cut_backoff=True)
             if claim is not None:
                 self._run([claim], deadline)
         except BaseException:
@@ -204,6 +219,30 @@ class Projector:
                 self.cancel(waiter)
             raise
         return waiter
+
+    def _add_waiter(self, st: ThreadState, target: int, cached: int | None, current: int | None,
+                    callback: Callable[[Outcome], None] | None, allow_caller_run: bool,
+                    no_deadline: bool) -> tuple[Waiter | None, Claim | None]:
+        """Under the lock: register a waiter on ``st`` for ``target`` (``None``: already
+        projected), and claim the thread for the caller to run when it may."""
+        if st.removed:
+            raise st.gone_error()
+        if cached is not None and current != cached and st.incarnation == cached:
+            st.rebase(target)  # re-created by another process since
+        if st.projected >= target and not st.refold:
+            return None, None
+        st.saw_head(target, time.monotonic())  # another process may have appended
+        waiter = Waiter(st.thread_id, target, st.failure_epoch, callback, st.condition(self._lock))
+        first = not st.waiters
+        st.waiters.append(waiter)
+        st.unhold()
+        small = not self._runner.has_hook and st.bounded_work
+        if (allow_caller_run and self._caller_runs and st.phase in SCHEDULABLE
+                and not self._paused and (small or no_deadline)):
+            return waiter, self._schedule.claim(st, expedited=True)
+        if st.phase is Phase.IDLE or (first and st.due_at is not None):
+            self._make_due(st, 0.0, cut_backoff=True)
+        return waiter, None
 
     def wait(self, waiter: Waiter, deadline: float | None) -> Outcome | None:
         """Block until ``waiter`` resolves; ``None`` at the deadline (waiter removed)."""
@@ -326,6 +365,7 @@ class Projector:
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._idle = threading.Condition(self._lock)
+        self.priority = AppendPriority()
         self._schedule.clear()
         self._threads = self._schedule.states
         self._removals = Removals(self._lock, self._idle, self._schedule, self._work.notify)
@@ -388,11 +428,30 @@ class Projector:
         returns each retry's backoff.
 
         A failure for good is recorded in the store first, so that status() shows it,
-        from every process, by the time a waiter hears of it.
+        from every process, by the time a waiter hears of it. The worker settles a batch
+        in slices, stepping aside for appends between them: settling holds the lock an
+        append needs, and the GIL.
         """
         failed = self._schedule.failures_for_good(claims, results)
         if failed:
             self._index.record_failures(failed)
+        worker = threading.current_thread() is self._worker
+        step = _SETTLE_SLICE if worker else max(1, len(claims))
+        backoffs: dict[int, float | None] = {}
+        done = 0
+        try:
+            while done < len(claims):
+                if done:
+                    self.priority.step_aside()
+                part = claims[done:done + step]
+                done += len(part)
+                backoffs.update(self._settle(part, results))
+        finally:
+            if done < len(claims):  # a slice raised: the rest leave flight all the same
+                self._settle(claims[done:], results)
+        return backoffs
+
+    def _settle(self, claims: list[Claim], results: dict[int, Result]) -> dict[int, float | None]:
         with self._lock:
             try:
                 settled = self._schedule.settle(claims, results, now=time.monotonic())
@@ -401,6 +460,10 @@ class Projector:
             if settled.wake:
                 self._work.notify()
         return settled.backoffs
+
+    def _step_aside(self) -> None:
+        """Between two folds of a batch, in the worker: let appends go first."""
+        self.priority.step_aside()
 
     def _gauges(self) -> dict[str, float]:
         with self._lock:

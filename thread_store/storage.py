@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 from .errors import InvalidCursor, ThreadStoreError
 from .model import THREAD_ID_PATTERN, EncodedItem, Page, StoreReport, ThreadMetadata
@@ -50,6 +50,29 @@ class StoredRow:
     ts_us: int
     text: str
     kind: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPage:
+    """Consecutive history items of one thread as columns: ``texts[i]`` (JSON) was
+    stored at ``ts_us[i]``, the last at ``last_seq``.
+
+    No object per item: a catch-up folds millions of them, and building a
+    :class:`StoredRow` for each cost as much as reading it.
+    """
+
+    last_seq: int
+    ts_us: Sequence[int]
+    texts: Sequence[str]
+
+    @classmethod
+    def of(cls, rows: Sequence[Sequence[Any]]) -> StoredPage:
+        """The page of ``rows``, each ``(seq, ts_us, text)`` in ``seq`` order, as a driver
+        returns them; an empty page has ``last_seq`` 0."""
+        if not rows:
+            return cls(0, (), ())
+        seqs, ts_us, texts = zip(*rows)
+        return cls(int(seqs[-1]), ts_us, texts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +212,9 @@ class Capabilities:
     files: bool
     #: ``rebuild_index`` refuses to run while another writer has the store open.
     exclusive_rebuild: bool = False
+    #: ``AsyncThreadStore`` barriers read on the event loop (:meth:`Storage.async_reads`),
+    #: not in an executor thread.
+    native_async_reads: bool = False
 
 
 # -- the keyset cursor, the same on every backend ---------------------------------------
@@ -227,11 +253,26 @@ def decode_cursor(cursor: object, filters: list[object]) -> tuple[int, str]:
     return recency_us, thread_id
 
 
-def read_each(read: Callable[[str, int, int, int], list[StoredRow]],
-              ranges: Sequence[tuple[str, int, int]], limit: int) -> dict[str, list[StoredRow]]:
-    """:meth:`HistoryLog.read_many` by one ``read`` per range, for a backend whose reads
-    cost no round trip."""
-    return {thread_id: read(thread_id, after, upto, limit) for thread_id, after, upto in ranges}
+class LazyPages(Mapping[str, StoredPage]):
+    """:meth:`HistoryLog.read_many` by one ``read_page`` per range, when the range is
+    looked up, for a backend whose reads cost no round trip: a fold reads its page just
+    before folding it (reading the whole batch's first pages first held them all at
+    once, and a catch-up folded about a quarter slower)."""
+
+    def __init__(self, read_page: Callable[[str, int, int, int], StoredPage],
+                 ranges: Sequence[tuple[str, int, int]], limit: int) -> None:
+        self._read_page, self._limit = read_page, limit
+        self._ranges = {thread_id: (after, upto) for thread_id, after, upto in ranges}
+
+    def __getitem__(self, thread_id: str) -> StoredPage:
+        after, upto = self._ranges[thread_id]
+        return self._read_page(thread_id, after, upto, self._limit)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ranges)
+
+    def __len__(self) -> int:
+        return len(self._ranges)
 
 
 def checkpoint_each(checkpoint: Callable[[str], Checkpoint], thread_ids: Sequence[str]) -> dict[str, Checkpoint]:
@@ -312,10 +353,15 @@ class HistoryLog(Protocol):
         """Up to ``limit`` items with ``after_seq < seq <= upto_seq``, in ``seq`` order;
         an unknown or removed thread has none."""
 
-    def read_many(self, ranges: Sequence[tuple[str, int, int]], limit: int) -> dict[str, list[StoredRow]]:
+    def read_page(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> StoredPage:
+        """What :meth:`read` returns, as columns (the fold's read: no object per item)."""
+
+    def read_many(self, ranges: Sequence[tuple[str, int, int]], limit: int) -> Mapping[str, StoredPage]:
         """For each ``(thread_id, after_seq, upto_seq)`` of distinct threads, what
-        :meth:`read` gives with ``limit``, by thread id (a thread with none may be left
-        out): a projection reads the first page of its whole batch at once."""
+        :meth:`read_page` gives with ``limit``, by thread id (a thread with none may be left
+        out): a projection reads the first page of its whole batch at once where a read
+        costs a round trip. A backend whose reads cost none may read each page when it is
+        looked up (:class:`LazyPages`)."""
 
     def traces(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> StoredTraces:
         """The ``traceparent`` stored by each append whose last item has
@@ -337,6 +383,10 @@ class HistoryLog(Protocol):
     def incarnations(self, thread_ids: list[str]) -> dict[str, int]:
         """``{thread_id: incarnation}`` of those of ``thread_ids`` that are live, in one
         read: a projection attempt asks for its whole batch."""
+
+    def created_times(self, thread_ids: list[str]) -> dict[str, int]:
+        """``{thread_id: created_us}`` of those of ``thread_ids`` that are live, in one
+        read: a batch of folds from the first item (a catch-up) asks for all of them."""
 
     def position(self) -> int:
         """A mark at or above every item committed so far. Taken before a fold and passed
@@ -362,7 +412,8 @@ class MetadataIndex(Protocol):
         projection asks for the threads of its batch that resume no fold of its own."""
 
     def commit(self, rows: Sequence[RowWrite], *, position: int,
-               may_write: Callable[[str], bool], deadline: float | None) -> CommitResult:
+               may_write: Callable[[str], bool], deadline: float | None,
+               between_rows: Callable[[], None] | None = None) -> CommitResult:
         """Write the rows in one transaction (a group commit), each with its
         ``projected_seq``; a row's write clears the failure recorded for it.
 
@@ -373,7 +424,9 @@ class MetadataIndex(Protocol):
         covering less than the stored one is skipped and counts as written (the store
         holds more). A row the index cannot store fails alone (``errors``). ``deadline``
         (monotonic) bounds the wait for another writer (``BUSY``). After :meth:`fence`,
-        nothing is written (``FENCED``).
+        nothing is written (``FENCED``). A backend whose rows are Python work between
+        short calls that release the GIL calls ``between_rows()`` between two rows (the
+        projector's worker steps aside for appends there).
 
         :raises TransientStorageError: the transaction failed and may succeed on retry;
             nothing was written. :raises StorageError: it failed for good.
@@ -387,6 +440,52 @@ class MetadataIndex(Protocol):
         """Stop every write of this process: after it returns ``True`` (within
         ``timeout`` seconds) no commit started here can land; ``False`` if a writer was
         still letting go (it is fenced all the same and writes nothing)."""
+
+
+class AsyncBarrierReads(Protocol):
+    """The reads a barrier makes, as coroutines: the barrier core (``_barriers``, the
+    projector's waiter registration) is written once against this port.
+
+    The sync face passes the ports themselves, wrapped so these never suspend; a
+    backend with a native asyncio driver gives :meth:`Storage.async_reads`, whose reads
+    run on the event loop and hold no thread. Each raises what the sync port raises, and
+    waits no longer than the caller's barrier deadline (``_deadlines``).
+    """
+
+    async def head(self, thread_id: str) -> int:
+        """As :meth:`HistoryLog.head`."""
+
+    async def incarnation(self, thread_id: str) -> int:
+        """As :meth:`HistoryLog.incarnation`."""
+
+    async def created_us(self, thread_id: str) -> int:
+        """As :meth:`HistoryLog.created_us`."""
+
+    async def checkpoint(self, thread_id: str) -> Checkpoint:
+        """As :meth:`MetadataIndex.checkpoint`."""
+
+    async def read(self, thread_id: str) -> ThreadMetadata | None:
+        """As :meth:`MetadataIndex.read`."""
+
+
+class NativeBarrierReads(AsyncBarrierReads, Protocol):
+    """:class:`AsyncBarrierReads` on a backend's own asyncio connections (an optional
+    port: :meth:`Storage.async_reads`), opened and closed on the event loop."""
+
+    async def open(self) -> None:
+        """Get ready on the running loop (a pool sized lazily: no connection yet)."""
+
+    async def close(self) -> None:
+        """Release every connection; later reads raise :class:`StoreClosed`."""
+
+    def snapshot(self) -> AsyncBarrierReads:
+        """Reads for the start of one barrier on one thread: its target head, its
+        registration's checkpoint or incarnation, and the metadata it returns if it did
+        not wait, served from one read taken at the first of them. That is as good as
+        reading each later (the registration only needs a lower bound of the projection);
+        the metadata is served only if that read found the row caught up with the head
+        (so it covers every target up to it), else read again. After a wait, read anew
+        (through ``self``)."""
 
 
 class Storage(Protocol):
@@ -415,6 +514,11 @@ class Storage(Protocol):
     @property
     def path(self) -> Path | None:
         """The store's directory, for the embedded backend; ``None`` for the others."""
+
+    def async_reads(self) -> NativeBarrierReads | None:
+        """New, unopened native asyncio reads for the barriers of an ``AsyncThreadStore``
+        (one per store, opened and closed by it), or ``None`` when the backend has no
+        asyncio driver: its async barriers then read in an executor thread."""
 
     def lagging(self) -> list[Lag]:
         """Threads whose projection is behind (or ahead of) their history: run once at
@@ -469,6 +573,7 @@ class Storage(Protocol):
         connections: for garbage collection and the child of a ``fork``."""
 
 
-__all__ = ["MEMORY", "Appended", "Capabilities", "Checkpoint", "CommitOutcome", "CommitResult", "Failure",
-           "HistoryLog", "IdempotencyKey", "Lag", "ListQuery", "MetadataIndex", "RowWrite",
-           "Storage", "StoredRow", "StoredTraces", "checkpoint_each", "decode_cursor", "encode_cursor", "read_each"]
+__all__ = ["MEMORY", "Appended", "AsyncBarrierReads", "Capabilities", "Checkpoint", "CommitOutcome",
+           "CommitResult", "Failure", "HistoryLog", "IdempotencyKey", "Lag", "LazyPages", "ListQuery",
+           "MetadataIndex", "NativeBarrierReads", "RowWrite", "Storage", "StoredPage", "StoredRow",
+           "StoredTraces", "checkpoint_each", "decode_cursor", "encode_cursor"]

@@ -23,6 +23,7 @@ from ._lifecycle import Lifetime
 from ._opening import open_parts
 from ._options import backend_options, check_path, check_rebuild_options, check_target
 from ._phases import RemovalKind
+from ._port_reads import PortReads, complete
 from ._reads import Reads
 from ._writes import Writes
 from .backends import drop_index
@@ -32,7 +33,7 @@ from .model import (DEFAULT_MAX_ITEM_BYTES, Page, ProjectorStats, RetryPolicy, S
                     StoreReport, ThreadMetadata, ThreadStatus, check_count, check_thread_id,
                     check_timeout)
 from .projector import Projector
-from .storage import Storage
+from .storage import AsyncBarrierReads, Storage
 from .tracing import Telemetry
 
 
@@ -56,10 +57,11 @@ class ThreadStore:
         self._max_item_bytes = max_item_bytes
         self._lifetime = lifetime = Lifetime(storage, projector)
         self._reads = Reads(storage, projector, rules)
+        self._port_reads = PortReads(storage)
         self._writes = None if projector is None else Writes(storage, projector, telemetry,
                                                               lifetime.closed_reason)
         #: The barrier core, shared with AsyncThreadStore (one core, two faces).
-        self._barriers = Barriers(projector, storage, self.read_thread, telemetry, lifetime.closed_reason,
+        self._barriers = Barriers(projector, storage, self._read_thread, telemetry, lifetime.closed_reason,
                                   lambda tid, items, key: self._append(tid, items, key, barrier=True))
         _lifecycle.register(lifetime)
 
@@ -281,9 +283,7 @@ class ThreadStore:
 
         :raises ThreadNotFound: unknown id. :raises ThreadDiscarded: discarded or being removed.
         """
-        check_thread_id(thread_id)
-        self._lifetime.check_open()
-        return self._reads.metadata(thread_id)
+        return complete(self._read_thread(self._port_reads, thread_id))
 
     def read_history(self, thread_id: str, after_seq: int = 0, limit: int = 1000) -> list[StoredItem]:
         """Return up to ``limit`` items with ``seq > after_seq``, in order.
@@ -411,6 +411,12 @@ class ThreadStore:
         encoded = encode_items(items, self._max_item_bytes)
         key = None if idempotency_key is None else check_idempotency_key(idempotency_key, encoded)
         return writes.append(thread_id, encoded, key, barrier=barrier)
+
+    async def _read_thread(self, reads: AsyncBarrierReads, thread_id: str) -> ThreadMetadata:
+        """:meth:`read_thread` through ``reads`` (a barrier's native reads, or the ports)."""
+        check_thread_id(thread_id)
+        self._lifetime.check_open()
+        return await self._reads.metadata(reads, thread_id)
 
     def _remove(self, thread_id: str, kind: RemovalKind, timeout: float | None) -> None:
         check_thread_id(thread_id)

@@ -14,15 +14,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from ..errors import (InvalidArgument, StorageError, StoreClosed, ThreadDiscarded, ThreadExists,
                       ThreadNotFound, ThreadStoreError)
 from ..model import (TEXT_FIELDS, BehindThread, EncodedItem, FailedThread, Page, StoreReport,
                      ThreadMetadata, caller_copy, us_from_utc, utc)
 from ..storage import (Appended, Capabilities, Checkpoint, CommitOutcome, CommitResult, Failure,
-                       IdempotencyKey, Lag, ListQuery, RowWrite, StoredRow, StoredTraces,
-                       checkpoint_each, encode_cursor, read_each)
+                       IdempotencyKey, Lag, LazyPages, ListQuery, RowWrite, StoredPage, StoredRow,
+                       StoredTraces, checkpoint_each, encode_cursor)
 
 CAPABILITIES = Capabilities(reopen=False, read_only=False, durability_full=False, backup=False,
                             files=False)
@@ -117,6 +117,11 @@ class MemoryHistory:
         with self._lock:
             return {t: self._threads[t].incarnation for t in thread_ids if t in self._threads}
 
+    def created_times(self, thread_ids: list[str]) -> dict[str, int]:
+        """``{thread_id: created_us}`` of those of ``thread_ids`` that are live."""
+        with self._lock:
+            return {t: self._threads[t].created_us for t in thread_ids if t in self._threads}
+
     def is_live(self, thread_id: str, incarnation: int) -> bool:
         """Whether that creation of the thread is the live one."""
         with self._lock:
@@ -131,9 +136,14 @@ class MemoryHistory:
                 return []
             return thread.items[after_seq:min(upto_seq, after_seq + limit)]
 
-    def read_many(self, ranges: Sequence[tuple[str, int, int]], limit: int) -> dict[str, list[StoredRow]]:
-        """:meth:`read` for each range (``HistoryLog.read_many``)."""
-        return read_each(self.read, ranges, limit)
+    def read_page(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> StoredPage:
+        """What :meth:`read` returns, as columns."""
+        return StoredPage.of([(r.seq, r.ts_us, r.text)
+                              for r in self.read(thread_id, after_seq, upto_seq, limit)])
+
+    def read_many(self, ranges: Sequence[tuple[str, int, int]], limit: int) -> Mapping[str, StoredPage]:
+        """:meth:`read_page` for each range (``HistoryLog.read_many``)."""
+        return LazyPages(self.read_page, ranges, limit)
 
     def traces(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> StoredTraces:
         """The traceparents of appends ending in ``(after_seq, upto_seq]``, at most ``limit``."""
@@ -252,8 +262,11 @@ class MemoryIndex:
         return checkpoint_each(self.checkpoint, thread_ids)
 
     def commit(self, rows: Sequence[RowWrite], *, position: int,
-               may_write: Callable[[str], bool], deadline: float | None) -> CommitResult:
-        """Store the rows under the write lock, all at once (``MetadataIndex.commit``)."""
+               may_write: Callable[[str], bool], deadline: float | None,
+               between_rows: Callable[[], None] | None = None) -> CommitResult:
+        """Store the rows under the write lock, all at once (``MetadataIndex.commit``;
+        no I/O, so ``between_rows`` is not called)."""
+        del between_rows
         wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
         if not self.write_lock.acquire(timeout=wait):
             return CommitResult(CommitOutcome.BUSY)
@@ -378,6 +391,10 @@ class MemoryStorage:
                                   "memory survives power loss; use a directory path")
         del rules_id  # a fresh store holds no rows of other rules
         return cls()
+
+    def async_reads(self) -> None:
+        """None: no asyncio driver here; async barriers read in an executor thread."""
+        return None
 
     def lagging(self) -> list[Lag]:
         """Nothing: a fresh store is caught up."""

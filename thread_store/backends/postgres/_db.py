@@ -46,6 +46,11 @@ class PoolOptions:
     statement_timeout: float = 30.0
 
 
+#: Most connections of a store's asyncio pool: its barrier reads are single short
+#: statements, and each holds a connection only while it runs (never while it waits).
+ASYNC_POOL_MAX_SIZE = 4
+#: The ``application_name`` of the asyncio pool's connections (``pg_stat_activity``).
+ASYNC_APPLICATION_NAME = "thread_store-aio"
 #: Seconds a session may sit idle inside a transaction before the server ends it: a
 #: backstop for a process that hangs holding a row lock.
 _IDLE_IN_TRANSACTION_S = 60
@@ -86,11 +91,29 @@ class Database:
         self._url = url
         self._kwargs = kwargs
         self._pool_wait = options.connect_timeout
+        #: ``statement_timeout`` in seconds (0: none), which a deadline may only shorten.
+        self.statement_timeout = options.statement_timeout
+        self._max_size = options.pool_max_size
 
     def open(self, timeout: float) -> None:
         """Open the pool, waiting for its first connections."""
         with self.boundary("connecting to PostgreSQL"):
             self.pool.open(wait=True, timeout=timeout)
+
+    def async_pool(self) -> psycopg_pool.AsyncConnectionPool:
+        """An asyncio pool with the sync pool's connection settings (timeouts, keepalives,
+        read-only transactions), named ``thread_store-aio`` on the server: sized lazily
+        (no connection until the first read) up to :data:`ASYNC_POOL_MAX_SIZE`. Create and
+        open it on the event loop that uses it."""
+        return psycopg_pool.AsyncConnectionPool(
+            self._url, min_size=0, max_size=min(ASYNC_POOL_MAX_SIZE, self._max_size),
+            kwargs={**self._kwargs, "application_name": ASYNC_APPLICATION_NAME},
+            timeout=self._pool_wait, open=False, name=ASYNC_APPLICATION_NAME)
+
+    def pool_wait(self) -> float:
+        """Seconds to wait for a pooled connection: ``connect_timeout``, cut short by the
+        caller's barrier deadline (``_deadlines``)."""
+        return _deadlines.left(self._pool_wait)
 
     def dedicated(self, application_name: str) -> psycopg.Connection[Any]:
         """A connection of its own, outside the pool, with the pool's settings: for a
@@ -121,5 +144,5 @@ class Database:
         """A pooled connection inside the error boundary, waited for no longer than the
         caller's barrier deadline (``_deadlines``): while the server is down, the pool
         has none to give."""
-        with self.boundary(what), self.pool.connection(timeout=_deadlines.left(self._pool_wait)) as conn:
+        with self.boundary(what), self.pool.connection(timeout=self.pool_wait()) as conn:
             yield conn

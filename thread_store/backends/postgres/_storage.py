@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 
 from . import _schema
+from ._async_reads import AsyncReads
 from ._db import Database, PoolOptions, wait_for_locks_until
 from ._writers import WritersLock, take_exclusive
 from .history import History
@@ -27,7 +28,7 @@ from ...storage import Capabilities, Lag
 
 log = logging.getLogger("thread_store")
 CAPABILITIES = Capabilities(reopen=True, read_only=True, durability_full=True, backup=False,
-                            files=False, exclusive_rebuild=True)
+                            files=False, exclusive_rebuild=True, native_async_reads=True)
 #: Seconds after a projection commit before housekeeping clears caught-up ``dirty_since``
 #: marks: one statement then covers many commits.
 HOUSEKEEPING_DELAY_S = 1.0
@@ -130,6 +131,11 @@ class PostgresStorage:
                                   "WHERE discarded_us IS NULL"))
         finally:
             db.pool.close(timeout=1.0)
+
+    def async_reads(self) -> AsyncReads:
+        """Native asyncio reads for an ``AsyncThreadStore``'s barriers, on a pool of their
+        own (``_async_reads``)."""
+        return AsyncReads(self._db)
 
     def lagging(self) -> list[Lag]:
         """Threads marked behind whose row is missing or not at their head: O(behind),

@@ -11,6 +11,8 @@ on the key's primary key, and its retry finds the first one's generation.
 from __future__ import annotations
 
 import secrets
+from itertools import groupby
+from operator import itemgetter
 from typing import Any, Sequence
 
 import psycopg
@@ -20,7 +22,7 @@ from ._errors import is_outcome_unknown
 from ...errors import (InvalidArgument, OutcomeUnknown, StoreClosed, ThreadDiscarded,
                        ThreadExists, ThreadNotFound)
 from ...model import EncodedItem
-from ...storage import Appended, IdempotencyKey, StoredRow, StoredTraces
+from ...storage import Appended, IdempotencyKey, StoredPage, StoredRow, StoredTraces
 
 _CREATE = """
 WITH t AS (
@@ -54,8 +56,12 @@ _APPEND_ONCE = (
     "SELECT head, NULL FROM h UNION ALL SELECT generation, digest FROM prior")
 _THREAD = ("SELECT head, created_us, discarded_us, incarnation FROM {s}.threads "
            "WHERE thread_id = %s")
+#: The thread's row, as :func:`thread_of` reads it (also the barriers' native reads).
+THREAD_ROW = _THREAD
 _INCARNATIONS = ("SELECT thread_id, incarnation FROM {s}.threads "
                  "WHERE thread_id = ANY(%b::text[]) AND discarded_us IS NULL")
+_CREATED = ("SELECT thread_id, created_us FROM {s}.threads "
+            "WHERE thread_id = ANY(%b::text[]) AND discarded_us IS NULL")
 _READ = ("SELECT seq, ts_us, item FROM {s}.items WHERE thread_id = %s AND seq > %s AND seq <= %s "
          "ORDER BY seq LIMIT %s")
 #: The first ``limit`` items of each range, in one statement (the ranges in binary arrays).
@@ -80,6 +86,7 @@ class History:
         self._append_once = db.q(_APPEND_ONCE)
         self._thread = db.q(_THREAD)
         self._incarnations = db.q(_INCARNATIONS)
+        self._created = db.q(_CREATED)
         self._read = db.q(_READ)
         self._read_many = db.q(_READ_MANY)
         self._heads = db.q(_HEADS)
@@ -165,15 +172,14 @@ class History:
         with self._db.connection("reading incarnations") as conn:
             return {str(t): int(i) for t, i in conn.execute(self._incarnations, (thread_ids,))}
 
+    def created_times(self, thread_ids: list[str]) -> dict[str, int]:
+        """``{thread_id: created_us}`` of those of ``thread_ids`` that are live, in one read."""
+        with self._db.connection("reading creation times") as conn:
+            return {str(t): int(c) for t, c in conn.execute(self._created, (thread_ids,))}
+
     def _thread_row(self, thread_id: str) -> tuple[int, int, int]:
         with self._db.connection("reading a thread") as conn:
-            row = conn.execute(self._thread, (thread_id,)).fetchone()
-        if row is None:
-            raise ThreadNotFound(f"thread {thread_id!r} does not exist; create it with "
-                                 "create_thread() first")
-        if row[2] is not None:
-            raise ThreadDiscarded(f"thread {thread_id!r} was discarded")
-        return int(row[0]), int(row[1]), int(row[3])
+            return thread_of(thread_id, conn.execute(self._thread, (thread_id,)).fetchone())
 
     def read(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> list[StoredRow]:
         """Items ``after_seq < seq <= upto_seq``, at most ``limit``, in ``seq`` order."""
@@ -181,15 +187,21 @@ class History:
             rows = conn.execute(self._read, (thread_id, after_seq, upto_seq, limit)).fetchall()
         return [StoredRow(int(seq), int(ts), str(text)) for seq, ts, text in rows]
 
-    def read_many(self, ranges: Sequence[tuple[str, int, int]], limit: int) -> dict[str, list[StoredRow]]:
-        """The first ``limit`` items of each ``(thread_id, after_seq, upto_seq)``, in one
-        round trip (``HistoryLog.read_many``); threads with none are left out."""
-        params = ([t for t, _, _ in ranges], [a for _, a, _ in ranges], [u for _, _, u in ranges], limit)
-        out: dict[str, list[StoredRow]] = {}
+    def read_page(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> StoredPage:
+        """What :meth:`read` returns, as columns."""
         with self._db.connection("reading history") as conn:
-            for tid, seq, ts, text in conn.execute(self._read_many, params):
-                out.setdefault(str(tid), []).append(StoredRow(int(seq), int(ts), str(text)))
-        return out
+            return StoredPage.of(conn.execute(self._read, (thread_id, after_seq, upto_seq,
+                                                           limit)).fetchall())
+
+    def read_many(self, ranges: Sequence[tuple[str, int, int]], limit: int) -> dict[str, StoredPage]:
+        """The first ``limit`` items of each ``(thread_id, after_seq, upto_seq)`` as a page,
+        in one round trip (``HistoryLog.read_many``); threads with none are left out."""
+        params = ([t for t, _, _ in ranges], [a for _, a, _ in ranges], [u for _, _, u in ranges], limit)
+        with self._db.connection("reading history") as conn:
+            rows = conn.execute(self._read_many, params).fetchall()
+        # The statement orders by thread, so each thread's items are consecutive.
+        return {str(tid): StoredPage.of([row[1:] for row in items])
+                for tid, items in groupby(rows, key=itemgetter(0))}
 
     def traces(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> StoredTraces:
         """The traceparents of appends ending in ``(after_seq, upto_seq]``, at most ``limit``."""
@@ -214,3 +226,16 @@ class History:
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosed("the thread store is closed; open it again to write")
+
+
+def thread_of(thread_id: str, row: tuple[Any, ...] | None) -> tuple[int, int, int]:
+    """``(head, created_us, incarnation)`` from the answer to :data:`THREAD_ROW`.
+
+    :raises ThreadNotFound: no row. :raises ThreadDiscarded: a tombstone.
+    """
+    if row is None:
+        raise ThreadNotFound(f"thread {thread_id!r} does not exist; create it with "
+                             "create_thread() first")
+    if row[2] is not None:
+        raise ThreadDiscarded(f"thread {thread_id!r} was discarded")
+    return int(row[0]), int(row[1]), int(row[3])

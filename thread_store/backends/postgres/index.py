@@ -94,6 +94,12 @@ _CHECKPOINT = ("SELECT m.projected_seq, m.state, (SELECT error FROM {s}.failures
 _CHECKPOINTS = ("SELECT m.thread_id, m.projected_seq, m.state, f.error, m.incarnation FROM {s}.meta m "
                 "LEFT JOIN {s}.failures f ON f.thread_id = m.thread_id "
                 "WHERE m.thread_id = ANY(%b::text[])")
+#: One thread's row (:func:`metadata_of`) and its checkpoint (:func:`checkpoint_of`): what
+#: ``read`` and ``checkpoint`` ask, and the barriers' native reads too.
+META_ROW = f"{_SELECT} WHERE thread_id = %(t)s"
+CHECKPOINT_ROW = _CHECKPOINT
+#: The columns :func:`metadata_of` reads, of the ``meta`` table aliased ``m``.
+META_COLUMNS = ", ".join(f"m.{c}" for c in _READ_COLUMNS)
 _RECORD_FAILURE = (
     "INSERT INTO {s}.failures (thread_id, generation, error) SELECT %(t)s, %(g)s, %(e)s "
     "WHERE NOT EXISTS (SELECT 1 FROM {s}.meta WHERE thread_id = %(t)s AND projected_seq >= %(g)s) "
@@ -123,7 +129,7 @@ def _row_to_metadata(row: Sequence[Any]) -> ThreadMetadata:
 
 
 def _params(row: RowWrite) -> dict[str, Any]:
-    """The row's parameters of ``_COMMIT_ROW`` (but ``lock_timeout``)."""
+    """The row's parameters of ``_COMMIT_ONE`` (but ``lock_timeout``)."""
     meta = row.meta
     times = [us_from_utc(v) if (v := getattr(meta, t)) is not None else None for t in _TIMES]
     times[2] = times[2] or 0  # recency_us orders the listing: never NULL
@@ -168,6 +174,17 @@ def _unstorable(values: dict[str, Any]) -> str | None:
     return None
 
 
+def checkpoint_of(row: tuple[Any, ...] | None) -> Checkpoint:
+    """The :class:`Checkpoint` in the answer to :data:`CHECKPOINT_ROW` (always one row)."""
+    assert row is not None
+    return Checkpoint(int(row[0] or 0), row[1], row[2])
+
+
+def metadata_of(row: tuple[Any, ...] | None) -> ThreadMetadata | None:
+    """The metadata in the answer to :data:`META_ROW` (``None``: the thread has no row)."""
+    return _row_to_metadata(row) if row else None
+
+
 def _like(word: str) -> str:
     """``%word%`` with LIKE's wildcards and escape character escaped."""
     return "%" + word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
@@ -192,15 +209,18 @@ class Index:
         self._commit_many = db.q(_COMMIT_MANY)
         self._checkpoint = db.q(_CHECKPOINT)
         self._checkpoints = db.q(_CHECKPOINTS)
+        self._meta_row = db.q(META_ROW)
         self._record = db.q(_RECORD_FAILURE)
 
     # -- writes ---------------------------------------------------------------------------
 
     def commit(self, rows: Sequence[RowWrite], *, position: int,
-               may_write: Callable[[str], bool], deadline: float | None) -> CommitResult:
-        """Write the rows in one transaction (``MetadataIndex.commit``): one row is one
-        statement (a round trip), several are one transaction of them."""
-        del position  # WAL order: nothing to detect (see History.position)
+               may_write: Callable[[str], bool], deadline: float | None,
+               between_rows: Callable[[], None] | None = None) -> CommitResult:
+        """Write the rows in one transaction (``MetadataIndex.commit``): one statement, a
+        round trip, however many rows. It waits with the GIL released, so ``between_rows``
+        is not called."""
+        del position, between_rows  # WAL order: nothing to detect (see History.position)
         wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
         if not self.write_lock.acquire(timeout=wait):
             return CommitResult(CommitOutcome.BUSY)
@@ -350,9 +370,7 @@ class Index:
     def checkpoint(self, thread_id: str) -> Checkpoint:
         """Where the thread's projection stands (``MetadataIndex.checkpoint``)."""
         with self._db.connection("reading a projection checkpoint") as conn:
-            row = conn.execute(self._checkpoint, {"t": thread_id}).fetchone()
-        assert row is not None
-        return Checkpoint(int(row[0] or 0), row[1], row[2])
+            return checkpoint_of(conn.execute(self._checkpoint, {"t": thread_id}).fetchone())
 
     def checkpoints(self, thread_ids: Sequence[str]) -> dict[str, Checkpoint]:
         """The checkpoints of those with a row, in one read (``MetadataIndex.checkpoints``)."""
@@ -363,8 +381,7 @@ class Index:
     def read(self, thread_id: str) -> ThreadMetadata | None:
         """The thread's projected metadata, or ``None`` without a row."""
         with self._db.connection("reading thread metadata") as conn:
-            row = conn.execute(self._db.q(f"{_SELECT} WHERE thread_id = %s"), (thread_id,)).fetchone()
-        return _row_to_metadata(row) if row else None
+            return metadata_of(conn.execute(self._meta_row, {"t": thread_id}).fetchone())
 
     def list(self, query: ListQuery) -> Page:
         """One page, newest recency first, by keyset pagination.

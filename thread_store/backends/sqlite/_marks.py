@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, TypeVar
 
 from . import _connections
-from ._acks import AckBatch
+from ._acks import SLICE, AckBatch
 from ._history_schema import NOW_US
 from ...errors import StoreClosed
 
@@ -77,7 +77,8 @@ class BehindMarks:
         return self._acks.due_at()
 
     def write_acknowledgements(self) -> None:
-        """Write the remembered acknowledgements in one transaction (the worker, close).
+        """Write one slice of the remembered acknowledgements, in one transaction (the
+        worker calls it again while they are due; close, until none is left).
 
         Clears each thread's mark unless an append went past that seq, and raises the
         recorded index epoch, so open() can tell whether the index lost a tail. Nothing
@@ -87,7 +88,7 @@ class BehindMarks:
         with self.lock:
             # Taken under the lock that removals hold, so a head taken here was not
             # forgotten by a removal (or a re-creation of its id) that came before.
-            projected, epoch = self._acks.take()
+            projected, epoch = self._acks.take(SLICE)
             if self._conn_closed or (not projected and epoch is None):
                 return
             try:

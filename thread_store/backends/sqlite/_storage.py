@@ -108,6 +108,10 @@ class SQLiteStorage:
                 f"{rules_id!r}; open it with those rules, or apply the new ones with "
                 "ThreadStore.rebuild_index(path, rules=...)")
 
+    def async_reads(self) -> None:
+        """None: no asyncio driver here; async barriers read in an executor thread."""
+        return None
+
     def lagging(self) -> list[Lag]:
         """The recovery scan: threads behind (or ahead of) their history."""
         return recover(self.history, self.index)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from . import _connections
 from ._filelock import ProcessLock
@@ -30,7 +30,7 @@ from ._history_schema import MIGRATIONS, SCHEMA_VERSION
 from .._lru import LRU
 from ...errors import StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
 from ...model import EncodedItem
-from ...storage import StoredRow, StoredTraces, read_each
+from ...storage import LazyPages, StoredPage, StoredRow, StoredTraces
 
 _RANGE = ("SELECT seq, ts_us, item FROM items WHERE thread_id = ? AND seq > ? AND seq <= ? "
           "ORDER BY seq LIMIT ?")
@@ -143,7 +143,8 @@ class History(BehindMarks, GroupAppends):
     def close(self) -> None:
         """Write the acknowledgements still in memory, refuse further writes, and close
         every connection."""
-        self.write_acknowledgements()
+        while self._acks:
+            self.write_acknowledgements()
         with self.lock:
             self._closed = self._conn_closed = True
             self._conn.close()
@@ -289,6 +290,12 @@ class History(BehindMarks, GroupAppends):
             cached.update(read)
         return cached
 
+    def created_times(self, thread_ids: list[str]) -> dict[str, int]:
+        """``{thread_id: created_us}`` of those of ``thread_ids`` that are live."""
+        return dict(self._readers.fetch_in(
+            "history", "SELECT thread_id, created_us FROM threads WHERE discarded_us IS NULL "
+            "AND thread_id IN ({keys})", thread_ids))
+
     def _read_incarnations(self, thread_ids: list[str]) -> dict[str, int]:
         return dict(self._readers.fetch_in(
             "history", "SELECT thread_id, incarnation FROM threads WHERE discarded_us IS NULL "
@@ -306,9 +313,14 @@ class History(BehindMarks, GroupAppends):
         rows = self._readers.fetchall("history", _RANGE, (thread_id, after_seq, upto_seq, limit))
         return [StoredRow(seq, ts_us, text) for seq, ts_us, text in rows]
 
-    def read_many(self, ranges: Sequence[tuple[str, int, int]], limit: int) -> dict[str, list[StoredRow]]:
-        """:meth:`read` for each range (``HistoryLog.read_many``): no round trips to save."""
-        return read_each(self.read, ranges, limit)
+    def read_page(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> StoredPage:
+        """What :meth:`read` returns, as columns."""
+        return StoredPage.of(self._readers.fetchall("history", _RANGE,
+                                                    (thread_id, after_seq, upto_seq, limit)))
+
+    def read_many(self, ranges: Sequence[tuple[str, int, int]], limit: int) -> Mapping[str, StoredPage]:
+        """:meth:`read_page` for each range (``HistoryLog.read_many``): no round trips to save."""
+        return LazyPages(self.read_page, ranges, limit)
 
     # -- internals ------------------------------------------------------------------------
 

@@ -81,12 +81,14 @@ class Index:
     # -- writes ---------------------------------------------------------------------------
 
     def commit(self, rows: Sequence[RowWrite], *, position: int,
-               may_write: Callable[[str], bool], deadline: float | None) -> CommitResult:
+               may_write: Callable[[str], bool], deadline: float | None,
+               between_rows: Callable[[], None] | None = None) -> CommitResult:
         """Write the rows in one transaction under the write lock (``MetadataIndex.commit``).
 
         A group commit can hold the lock for long; a caller with a ``deadline`` does not
         wait for it past the deadline (``BUSY``). ``may_write`` is asked under the lock,
         which a removal holds to delete the row: no row is written back once it began.
+        ``between_rows()`` runs before each row but the first, in the transaction.
         """
         with self.exclusive(deadline) as held:
             if self.fenced:
@@ -99,7 +101,7 @@ class Index:
             if not live:
                 return CommitResult(CommitOutcome.COMMITTED, refused=refused, gone=gone)
             try:
-                errors = self._write_rows(live, position)
+                errors = self._write_rows(live, position, between_rows)
             except StoreClosed:
                 return CommitResult(CommitOutcome.FENCED)
         return CommitResult(CommitOutcome.COMMITTED, errors, refused, gone)
@@ -141,7 +143,8 @@ class Index:
         live = self.history.incarnations([r.meta.thread_id for r in rows])
         return frozenset(r.meta.thread_id for r in rows if live.get(r.meta.thread_id) != r.incarnation)
 
-    def _write_rows(self, rows: list[RowWrite], history_mark: int) -> dict[str, ThreadStoreError]:
+    def _write_rows(self, rows: list[RowWrite], history_mark: int,
+                    between_rows: Callable[[], None] | None = None) -> dict[str, ThreadStoreError]:
         """Upsert rows in one transaction; return per-thread errors of rows that failed.
 
         A failing statement has no effect in SQLite, so one bad row does not undo the
@@ -158,7 +161,9 @@ class Index:
 
         def checked() -> Iterator[tuple[Any, ...]]:
             # Checked for every row, so a long group commit stops soon after close().
-            for r in rows:
+            for n, r in enumerate(rows):
+                if n and between_rows is not None:
+                    between_rows()
                 if self.fenced:
                     raise StoreClosed(closed)
                 yield metadata_to_row(r.meta, r.fold_state)

@@ -1,0 +1,164 @@
+"""Appends go first (issue 15): the projector worker steps aside for this process's
+appends, within the time it earned, and settles a batch in slices."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any, Callable
+
+import pytest
+
+from thread_store import ThreadStore, _priority, projector
+from thread_store._priority import AppendPriority
+from thread_store._schedule import Schedule
+from thread_store.workload import user_message
+
+from conftest import Backend
+
+ITEM = user_message("hello", datetime.now(UTC))
+
+
+def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll a test condition; the generous deadline only catches hangs."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)
+
+
+def test_with_no_append_under_way_the_worker_does_not_wait() -> None:
+    priority = AppendPriority()
+    priority.enter()
+    priority.leave()
+    priority.step_aside()
+    assert (priority.steps, priority.under_way) == (0, 0)
+
+
+def test_the_worker_waits_until_the_appends_under_way_have_left(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_priority, "MAX_CREDIT_S", 600.0)  # only the appends end the wait
+    priority = AppendPriority()
+    priority.enter()
+    _steps_aside_until_the_append_leaves(priority)
+
+
+def _steps_aside_until_the_append_leaves(priority: AppendPriority) -> None:
+    """With one append under way, the worker waits until it leaves."""
+    worker = threading.Thread(target=priority.step_aside)
+    worker.start()
+    _wait_until(lambda: priority.steps == 1, "the worker to step aside")
+    worker.join(0.05)
+    assert worker.is_alive(), "the worker went on while an append was under way"
+    priority.leave()
+    worker.join(30.0)
+    assert not worker.is_alive(), "the append's end did not wake the worker"
+
+
+def test_the_worker_waits_no_longer_than_its_credit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_priority, "MAX_CREDIT_S", 0.0)  # it earned nothing: no wait at all
+    priority = AppendPriority()
+    priority.enter()
+    priority.step_aside()
+    assert (priority.steps, priority.under_way) == (0, 1)
+
+
+def test_the_worker_leaves_several_appends_under_way_to_take_turns(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_priority, "MAX_CREDIT_S", 600.0)
+    priority = AppendPriority()
+    priority.enter()
+    priority.enter()
+    priority.step_aside()
+    assert (priority.steps, priority.under_way) == (0, 2)
+
+
+def test_the_worker_does_not_hold_back_appended_work_past_the_lag_budget(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_priority, "MAX_CREDIT_S", 600.0)
+    priority = AppendPriority()
+    priority.start_batch(100.0, 100.0 + 2 * _priority.LAG_BUDGET_S)
+    priority.enter()
+    priority.step_aside()
+    assert priority.steps == 0
+    # Work found behind (at open, or left by other processes) was appended by no one here.
+    priority.start_batch(None, 100.0)
+    _steps_aside_until_the_append_leaves(priority)
+
+
+def test_the_worker_steps_aside_for_an_append_under_way(sqlite_backend: Backend,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """An append waiting for the history's write lock is under way: the worker, given a
+    batch meanwhile, steps aside for it before it writes, and goes on once it ends."""
+    monkeypatch.setattr(_priority, "MAX_CREDIT_S", 600.0)  # only the append ends the wait
+    store = sqlite_backend.open_store()
+    store.pause_projection()
+    for thread_id in ("a", "b"):
+        store.create_thread(thread_id)
+        store.append(thread_id, [ITEM])
+    priority = store._writes.projector.priority  # type: ignore[union-attr]  # noqa: SLF001
+    history = store._storage.history  # noqa: SLF001
+    with history.lock:  # type: ignore[attr-defined]
+        appender = threading.Thread(target=store.append, args=("a", [ITEM]))
+        appender.start()
+        _wait_until(lambda: priority.under_way == 1, "the append to be under way")
+        store.resume_projection()
+        _wait_until(lambda: priority.steps == 1, "the worker to step aside")
+        assert store.stats().rows_written == 0, "the worker wrote before it stepped aside"
+    appender.join(30.0)
+    assert not appender.is_alive()
+    store.flush_all(timeout=30.0)
+    assert store.read_thread("a").item_count == 2
+
+
+def test_the_worker_settles_a_batch_in_slices(store: ThreadStore,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settling holds the projector lock an append needs: never for a whole batch."""
+    sizes: list[int] = []
+    settle = Schedule.settle
+
+    def spy(self: Schedule, claims: list[object], *args: object, **kwargs: object) -> object:
+        sizes.append(len(claims))
+        return settle(self, claims, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Schedule, "settle", spy)
+    store.pause_projection()
+    threads = [f"t{i}" for i in range(3 * projector._SETTLE_SLICE)]  # noqa: SLF001
+    for thread_id in threads:
+        store.create_thread(thread_id)
+        store.append(thread_id, [ITEM])
+    store.resume_projection()
+    _wait_until(lambda: store.stats().rows_written == len(threads), "the worker's batch")
+    assert sum(sizes) == len(threads)
+    assert max(sizes) == projector._SETTLE_SLICE  # noqa: SLF001
+
+
+def test_the_worker_steps_aside_between_the_rows_of_a_sqlite_commit(
+        sqlite_store: ThreadStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit of many rows is Python between short SQLite calls, as long as a batch's
+    folds: the worker may step aside before each row but the first."""
+    store = sqlite_store
+    index = store._storage.index  # noqa: SLF001
+    calls: list[int] = []
+    commit = index.commit
+
+    def spy(rows: Any, **kwargs: Any) -> Any:
+        between = kwargs["between_rows"]
+        assert between is not None, "the worker gave its commit no step aside"
+
+        def counted() -> None:
+            calls.append(len(rows))
+            between()
+
+        return commit(rows, **{**kwargs, "between_rows": counted})
+
+    monkeypatch.setattr(index, "commit", spy)
+    store.pause_projection()
+    threads = [f"t{i}" for i in range(5)]
+    for thread_id in threads:
+        store.create_thread(thread_id)
+        store.append(thread_id, [ITEM])
+    store.resume_projection()
+    _wait_until(lambda: store.stats().rows_written == len(threads), "the worker's batch")
+    assert calls == [len(threads)] * (len(threads) - 1)
