@@ -2,9 +2,11 @@
 run everything side by side.
 
 Writes ``DIR/bench.md`` (the table), ``DIR/bench.json`` (raw percentiles) and
-``DIR/bench.png`` (append and barrier latency CDFs). ``--only`` runs issue 15's at-scale
-arms alone (``at_scale``) or one of them, prints their tables and targets and writes
-``DIR/at_scale.json``. ``thread-store bench`` calls :func:`main`.
+``DIR/bench.png`` (append and barrier latency CDFs). ``--only postgres`` runs the
+PostgreSQL phase alone and writes its targets and tables to ``DIR/bench-postgres.md`` and
+``.json``; ``--only at_scale`` runs issue 15's at-scale arms alone (or ``--only`` one of
+them), prints their tables and targets and writes ``DIR/at_scale.json``.
+``thread-store bench`` calls :func:`main`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import at_scale, pg_systems, processes, report, rss, scale
+from .pg_report import targets as pg_targets
 from .peer_eventsourcing import PeerSystem
 from .systems import RawSQLite, ThreadStoreSystem
 from .workloads import (
@@ -70,21 +73,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--postgres", action=argparse.BooleanOptionalAction, default=None,
                         help="run the PostgreSQL benchmarks on a throwaway server started from the "
                              "machine's binaries (default: when initdb and pg_ctl are found)")
-    parser.add_argument("--only", choices=("at_scale", *at_scale.PARTS),
-                        help="run only issue 15's at-scale arms (at_scale) or one of them")
+    parser.add_argument("--only", choices=("postgres", "at_scale", *at_scale.PARTS),
+                        help=("run only this part: the PostgreSQL phase (postgres; writes "
+                              "bench-postgres.md and .json into --out, its targets and tables as in "
+                              "the full report), or issue 15's at-scale arms (at_scale) or one of "
+                              "them (writes at_scale.json)"))
     args = parser.parse_args(argv)
     config = MODES[args.mode or "full"]
     if args.scale:
         config = dataclasses.replace(config, **SCALE)
     command = ("python -m benchmarks" + (f" --{args.mode}" if args.mode else "")
                + (" --scale" if args.scale else "") + (f" --only {args.only}" if args.only else ""))
-    if args.only:
-        parts = at_scale.PARTS if args.only == "at_scale" else (args.only,)
-        return _only_at_scale(config, parts, args.out, command)
     missing = pg_systems.unavailable()
     if args.postgres and missing:
         parser.error(f"--postgres: {missing}")
     postgres: bool | str = (missing or True) if args.postgres is None else args.postgres
+    if args.only == "postgres":
+        if missing or args.postgres is False:
+            parser.error(f"--only postgres: {missing or 'PostgreSQL left out (--no-postgres)'}")
+        return _postgres_only(config, args.out)
+    if args.only:
+        parts = at_scale.PARTS if args.only == "at_scale" else (args.only,)
+        return _only_at_scale(config, parts, args.out, command)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="thread_store-bench-") as tmp:
         results, cdf = run_all(config, Path(tmp), postgres=postgres)
@@ -93,6 +103,23 @@ def main(argv: list[str] | None = None) -> int:
     paths = report.write(results, cdf, args.out)
     print(paths["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _postgres_only(config: Config, out: Path) -> int:
+    """``--only postgres``: the PostgreSQL phase alone, its targets and tables."""
+    from . import postgres as pg  # needs psycopg and eventsourcing's PostgreSQL module
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="thread_store-bench-") as tmp:
+        section = pg.run(config, Path(tmp))
+    lines = [f"# thread_store benchmarks, PostgreSQL only ({config.mode} mode)", "",
+             f"Wall time {time.perf_counter() - started:.0f} s.", "", *report.target_rows(
+                 pg_targets(section)), *report.postgres_section(section)]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench-postgres.json").write_text(json.dumps(report.finite(section), indent=2) + "\n")
+    (out / "bench-postgres.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     return 0
 
 
@@ -114,10 +141,7 @@ def _only_at_scale(config: Config, parts: tuple[str, ...], out: Path, command: s
     wanted = {"flat": "scale-flat", "catch_up_appends": "scale-catch-up"}
     rows = [t for t in at_scale.targets(results) if t["key"] in {wanted.get(p) for p in parts}]
     lines = [f"Machine: {report.machine_line(results['machine'])}  ", f"Command: `{command}`", "",
-             *at_scale.markdown(section), "", "| Target | Measured | Limit | Result |",
-             "|---|---:|---:|---|",
-             *(f"| {t['name']} | {t['shown']} | {t['limit']} | {'met' if t['met'] else 'missed'} |"
-               for t in rows)]
+             *at_scale.markdown(section), "", *report.target_rows(rows)]
     print("\n".join(lines))
     out.mkdir(parents=True, exist_ok=True)
     (out / "at_scale.json").write_text(json.dumps(results, indent=2, default=str) + "\n")

@@ -79,20 +79,20 @@ def write(results: dict[str, Any], cdf: dict[str, list[int]], out: Path) -> dict
     out.mkdir(parents=True, exist_ok=True)
     results["targets"] = evaluate(results)
     paths = {"markdown": out / "bench.md", "json": out / "bench.json", "plot": out / "bench.png"}
-    paths["json"].write_text(json.dumps(_finite(results), indent=2, allow_nan=False) + "\n")
+    paths["json"].write_text(json.dumps(finite(results), indent=2, allow_nan=False) + "\n")
     paths["markdown"].write_text(markdown(results))
     plot(cdf, paths["plot"])
     return paths
 
 
-def _finite(value: Any) -> Any:
+def finite(value: Any) -> Any:
     """``value`` with NaN (a figure not measured) as ``null``, so the file is strict JSON."""
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     return value
 
 
@@ -184,11 +184,8 @@ def markdown(results: dict[str, Any]) -> str:
         ("Every figure comes from this one run; arms were interleaved in alternating blocks. "
         "Latencies are per call, from `time.perf_counter_ns`."), "",
         "Phases (s): " + ", ".join(f"{k} {v}" for k, v in results.get("phase_s", {}).items()) + ".", "",
-        "## Targets", "",
-        "| Target | Measured | Limit | Result |", "|---|---:|---:|---|",
+        *target_rows(results["targets"]),
     ]
-    for t in results["targets"]:
-        lines.append(f"| {t['name']} | {t['shown']} | {t['limit']} | {'met' if t['met'] else '**missed**'} |")
     lines += ["", "## Latency: one hot thread, one caller", "", *_latency_table(hot), "",
               ("Read-your-writes is `append_and_flush` for thread_store, an append plus the "
               "documented `view.recorder.wait` for the peer, insert+commit then upsert+commit for "
@@ -219,10 +216,20 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def target_rows(targets: list[dict[str, Any]]) -> list[str]:
+    """The "Targets" heading and table of these target rows."""
+    return ["## Targets", "", "| Target | Measured | Limit | Result |", "|---|---:|---:|---|",
+            *(f"| {t['name']} | {t['shown']} | {t['limit']} | {'met' if t['met'] else '**missed**'} |"
+              for t in targets)]
+
+
 def _postgres(results: dict[str, Any]) -> list[str]:
     section = results.get("postgres")
-    if section is None:
-        return []
+    return [] if section is None else postgres_section(section)
+
+
+def postgres_section(section: dict[str, Any]) -> list[str]:
+    """The PostgreSQL part of the report (a skipped run says why)."""
     table = _latency_table(section["latency"]) if "latency" in section else []
     return ["", "## PostgreSQL (benchmarks/postgres.py)", "", *pg_report.markdown(section, table)]
 

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import pytest
 
 from thread_store import CodexRules, ProjectionFailed, ThreadMetadata, ThreadStore
+from thread_store._attempt import PAGE_ITEMS
 from thread_store.derive import State
 from thread_store.model import utc
 from thread_store.workload import response_item, token_count, user_message
@@ -184,3 +185,22 @@ def test_rules_without_the_optional_parts_see_every_item_whole(store_path: Path)
     with ThreadStore.open(store_path, rules=PlainRules()) as store:
         meta = store.flush(tid, timeout=30.0)  # from history, after the index was lost
     assert meta.item_count == len(items) and meta.name == _plain_fold(store_path, tid)
+
+
+def test_a_fold_reads_history_past_the_batchs_first_page(store_path: Path) -> None:
+    # The batch reads the first PAGE_ITEMS items of each thread in one read; the rest
+    # comes page by page. The only token count is the last item, in the third page.
+    rng = random.Random(7)
+    later = [response_item(rng, START + timedelta(seconds=n)) for n in range(1, 2 * PAGE_ITEMS + 200)]
+    items = [user_message("Fix the flaky test", START), *later,
+             token_count(START + timedelta(hours=1), 77_000)]
+    with ThreadStore.open(store_path) as store:
+        tid = store.create_thread()
+        store.pause_projection()
+        for start in range(0, len(items), 500):
+            store.append(tid, items[start:start + 500])
+        store.resume_projection()
+        meta = store.flush(tid, timeout=30.0)
+    assert meta.item_count == len(items) > 2 * PAGE_ITEMS
+    assert meta.title == "Fix the flaky test" and meta.token_usage == _expected(items)["token_usage"]
+    assert meta.token_usage is not None and meta.token_usage["total_tokens"] == 77_000

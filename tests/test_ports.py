@@ -216,6 +216,19 @@ def traceparent(n: int) -> str:
     return f"00-{n:032x}-{n:016x}-01"
 
 
+def test_read_many_gives_each_range_what_read_page_gives(storage: Storage) -> None:
+    thread(storage, "a", 5)
+    thread(storage, "b", 3)
+    storage.history.create("empty", created_us=CREATED_US, first=None)
+    ranges = [("a", 1, 5), ("b", 0, 2), ("empty", 0, 9), ("unknown", 0, 9)]
+    got = storage.history.read_many(ranges, 3)
+    assert got["a"] == storage.history.read_page("a", 1, 5, 3)
+    assert (got["a"].last_seq, len(got["a"].texts)) == (4, 3)
+    assert got["b"] == storage.history.read_page("b", 0, 2, 3) and got["b"].last_seq == 2
+    # A thread with no items in its range has an empty page or none.
+    assert all(t not in got or not got[t].texts for t in ("empty", "unknown"))
+
+
 def test_an_append_stores_its_trace_context_with_its_last_item(storage: Storage) -> None:
     history = storage.history
     history.create("t", created_us=CREATED_US, first=item(0))  # creates store no context
@@ -288,6 +301,17 @@ def test_commit_writes_each_row_with_its_projected_seq(storage: Storage) -> None
     commit(storage, newer)
     assert storage.index.read("a") == newer.meta
     assert storage.index.checkpoint("a").projected_seq == 4
+
+
+def test_checkpoints_are_the_rows_checkpoints_of_the_live_thread(storage: Storage) -> None:
+    thread(storage, "a", 3)
+    thread(storage, "norow", 1)
+    commit(storage, row("a", 3, state='{"a": 3}'))
+    got = storage.index.checkpoints(["a", "norow", "unknown"])
+    assert set(got) == {"a"}
+    assert (got["a"].projected_seq, got["a"].fold_state) == (3, '{"a": 3}')
+    # Where the backend gives the row's incarnation, it is the live thread's.
+    assert got["a"].incarnation in (None, storage.history.incarnation("a"))
 
 
 def test_a_stored_row_never_moves_back(storage: Storage) -> None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Callable, Iterator, Sequence
+from functools import partial
+from typing import Callable, Iterator, Mapping, NamedTuple, Sequence, TypeVar
 
 from ._outcomes import AttemptOutcome, Result
 from ._sniff import item_type
@@ -21,10 +22,11 @@ from ._state import Claim
 from .derive import ProjectionRules, State
 from .errors import (ThreadDiscarded, ThreadNotFound, ThreadStoreError, TransientProjectionError,
                      TransientStorageError, describe)
-from .storage import CommitOutcome, HistoryLog, MetadataIndex, RowWrite, StoredPage
+from .storage import Checkpoint, CommitOutcome, HistoryLog, MetadataIndex, RowWrite, StoredPage, StoredRow
 from .tracing import MAX_LINKS, Links, Projection, Telemetry, merge_links
 
 ProjectionHook = Callable[[str, int], None]
+_T = TypeVar("_T")
 #: Items per history read of a fold: memory stays bounded (items are at most
 #: ``max_item_bytes`` each, most far smaller) and a read's round trip is amortized.
 PAGE_ITEMS = 1000
@@ -47,6 +49,23 @@ def _failure(exc: BaseException) -> Result:
 def _cached_incarnation(c: Claim) -> int | None:
     """The incarnation of the claim's cached fold state, if it resumes one."""
     return c.incarnation if c.fold_state is not None and not c.refold else None
+
+
+class _Start(NamedTuple):
+    """Where one claim's fold starts: the thread's incarnation, the fold state at ``base``,
+    and the items after it when they are buffered (``None``: read from history, the first
+    page in the batch's read)."""
+
+    incarnation: int
+    base: int
+    state: dict[str, object]
+    rows: list[StoredRow] | None
+
+
+def _reads_stored(c: Claim) -> bool:
+    """Whether the claim looks at the thread's stored row: it resumes no cached fold
+    with buffered items (it knows no fold here, or other processes appended since)."""
+    return not c.refold and (c.fold_state is None or c.items is None)
 
 
 def history_pages(history: HistoryLog, thread_id: str, after_seq: int, upto_seq: int,
@@ -154,7 +173,6 @@ class AttemptRunner:
                  in_caller: bool) -> dict[int, Result]:
         """Prepare every claim, then commit the good rows together; results by ``id(claim)``."""
         results: dict[int, Result] = {}
-        rows: list[tuple[Claim, RowWrite, Result]] = []
         # Taken before the fold: every item it folds was committed, so is at or below it.
         position = self._history.position()
         hooked = [c for c in claims if self._hook_ran(c, in_caller, results)]
@@ -162,28 +180,53 @@ class AttemptRunner:
         # refuses its row if the thread was removed or created again meanwhile (``gone``:
         # the cached state is dropped and the next attempt reads the incarnation): no read.
         unknown = [c.state.thread_id for c in hooked if _cached_incarnation(c) is None]
+        wanted = [c.state.thread_id for c in hooked if _reads_stored(c)]
         refolds = [c.state.thread_id for c in hooked if c.refold]
         try:
-            # One read for the batch (a round trip per thread was most of a PostgreSQL
-            # projector's time), after the hooks and before the folds; so are the
-            # creation times of the folds from the first item (a catch-up's).
+            # One read each for the batch (a round trip per thread was most of a PostgreSQL
+            # projector's time), after the hooks and before the folds; the incarnations
+            # first, so a stored row read after them is of the live thread or refused; the
+            # creation times of the folds from the first item (a catch-up's) too.
             live = self._history.incarnations(unknown) if unknown else {}
+            stored = self._index.checkpoints(wanted) if wanted else {}
             created = self._history.created_times(refolds) if refolds else {}
         except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
             if in_caller and not isinstance(exc, Exception):
                 raise
             results.update((id(c), _failure(exc)) for c in hooked)
             return results
+        started: list[tuple[Claim, _Start]] = []
         for c in hooked:
+            known = _cached_incarnation(c)
+            begun = self._guarded(c, in_caller, partial(
+                self._start, c, live.get(c.state.thread_id) if known is None else known,
+                stored.get(c.state.thread_id) if _reads_stored(c) else None,
+                created.get(c.state.thread_id)))
+            if isinstance(begun, Result):
+                results[id(c)] = begun
+            else:
+                started.append((c, begun))
+        # The first page of every thread that folds from history, in one read for the
+        # batch (a read per thread was the most of a PostgreSQL projector's round trips
+        # once several processes append to the same threads); SQLite and memory read
+        # each page as its fold looks it up.
+        ranges = [(c.state.thread_id, s.base, c.target) for c, s in started if s.rows is None]
+        try:
+            pages = self._history.read_many(ranges, PAGE_ITEMS) if ranges else {}
+        except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
+            if in_caller and not isinstance(exc, Exception):
+                raise
+            results.update((id(c), _failure(exc)) for c, s in started if s.rows is None)
+            started, pages = [(c, s) for c, s in started if s.rows is not None], {}
+        rows: list[tuple[Claim, RowWrite, Result]] = []
+        for c, s in started:
             if not in_caller:
                 self._step_aside()
-            known = _cached_incarnation(c)
-            result, row = self._prepare(c, live.get(c.state.thread_id) if known is None else known,
-                                        created.get(c.state.thread_id), in_caller)
-            if row is None:
-                results[id(c)] = result
+            done = self._guarded(c, in_caller, partial(self._finish, c, s, pages))
+            if isinstance(done, Result):
+                results[id(c)] = done
             else:
-                rows.append((c, row, result))
+                rows.append((c, done[1], done[0]))
         if rows:
             if not in_caller:
                 self._step_aside()
@@ -202,43 +245,67 @@ class AttemptRunner:
                 return False
         return True
 
-    def _prepare(self, c: Claim, live: int | None, created_us: int | None,
-                 in_caller: bool) -> tuple[Result, RowWrite | None]:
-        """Run the fold for one claim; ``live`` is the thread's incarnation read for the
-        batch (``None``: not live then), ``created_us`` its creation time if read too."""
-        thread_id = c.state.thread_id
+    @staticmethod
+    def _guarded(c: Claim, in_caller: bool, step: Callable[[], _T]) -> _T | Result:
+        """Run one claim's step; its error becomes the attempt's result. A thread removed
+        while the attempt ran is ``GONE``; Ctrl-C in a barrier's thread propagates."""
         try:
-            # Read before the fold, so a commit of this fold is refused if the thread is
-            # deleted and created again meanwhile; if that happened already (in another
-            # process), what this one cached is another thread's: start over. A thread
-            # not live in the batch's read is read again, to raise why.
-            incarnation = live if live is not None else self._history.incarnation(thread_id)
-            if c.incarnation is not None and incarnation != c.incarnation:
-                return Result(AttemptOutcome.REBORN, head=self._history.head(thread_id)), None
-            base, state = self._start_state(c, created_us)
-            seq = base
-            if c.items is not None and base == c.base:
-                if c.items:
-                    state = self._fold(state, [r.text for r in c.items], [r.ts_us for r in c.items],
-                                       [r.kind for r in c.items])
-                    seq = c.items[-1].seq
-            else:
-                for page in history_pages(self._history, thread_id, base, c.target):
-                    state, seq = self._fold(state, page.texts, page.ts_us), page.last_seq
-            if seq != c.target:
-                gone = ThreadDiscarded(f"thread {thread_id!r} is gone")
-                return Result(AttemptOutcome.GONE, error=gone), None
-            meta = self._rules.metadata(thread_id, state, c.target)
-            state_json = json.dumps(state)
-            return (Result(AttemptOutcome.OK, meta=meta, fold_state=state, state_bytes=len(state_json),
-                           incarnation=incarnation),
-                    RowWrite(meta, state_json, incarnation))
+            return step()
         except (ThreadDiscarded, ThreadNotFound) as exc:  # removed while this attempt ran
-            return Result(AttemptOutcome.GONE, error=exc), None
+            return Result(AttemptOutcome.GONE, error=exc)
         except BaseException as exc:  # noqa: BLE001 - the worker records, never dies
             if in_caller and not isinstance(exc, Exception):
                 raise
-            return _failure(exc), None
+            return _failure(exc)
+
+    def _start(self, c: Claim, live: int | None, stored: Checkpoint | None,
+               created_us: int | None) -> _Start | Result:
+        """Where one claim's fold starts; ``live`` is the thread's incarnation read for the
+        batch (``None``: not live then), ``stored`` its row's checkpoint and ``created_us``
+        its creation time if the batch read them. The rows are the buffered items when
+        they start there, else ``None`` (read from history). A stored row of the live
+        thread that covers the target (another process projected it) ends the attempt:
+        nothing to fold or write."""
+        thread_id = c.state.thread_id
+        # Read before the fold, so a commit of this fold is refused if the thread is
+        # deleted and created again meanwhile; if that happened already (in another
+        # process), what this one cached is another thread's: start over. A thread
+        # not live in the batch's read is read again, to raise why.
+        incarnation = live if live is not None else self._history.incarnation(thread_id)
+        if c.incarnation is not None and incarnation != c.incarnation:
+            return Result(AttemptOutcome.REBORN, head=self._history.head(thread_id))
+        ahead = stored if stored is not None and stored.incarnation == incarnation else None
+        if ahead is not None and ahead.projected_seq >= c.target:
+            return Result(AttemptOutcome.OK, incarnation=incarnation, covered=True)
+        base, state = self._start_state(c, stored, ahead, created_us)
+        buffered = c.items if c.items is not None and base == c.base else None
+        return _Start(incarnation, base, state, buffered)
+
+    def _finish(self, c: Claim, s: _Start,
+                pages: Mapping[str, StoredPage]) -> tuple[Result, RowWrite] | Result:
+        """Fold one claim's items (the buffered ones, or history's: its first page in the
+        batch's read, ``pages``, then the rest in pages if that did not reach the target)
+        and build its row."""
+        thread_id = c.state.thread_id
+        state, seq = s.state, s.base
+        first = pages.get(thread_id)
+        if s.rows is not None:
+            if s.rows:
+                state = self._fold(state, [r.text for r in s.rows], [r.ts_us for r in s.rows],
+                                   [r.kind for r in s.rows])
+                seq = s.rows[-1].seq
+        elif first is not None and first.texts:
+            state, seq = self._fold(state, first.texts, first.ts_us), first.last_seq
+            if len(first.texts) == PAGE_ITEMS:
+                for page in history_pages(self._history, thread_id, seq, c.target):
+                    state, seq = self._fold(state, page.texts, page.ts_us), page.last_seq
+        if seq != c.target:
+            return Result(AttemptOutcome.GONE, error=ThreadDiscarded(f"thread {thread_id!r} is gone"))
+        meta = self._rules.metadata(thread_id, state, c.target)
+        state_json = json.dumps(state)
+        return (Result(AttemptOutcome.OK, meta=meta, fold_state=state, state_bytes=len(state_json),
+                       incarnation=s.incarnation),
+                RowWrite(meta, state_json, s.incarnation))
 
     def _fold(self, state: State, texts: Sequence[str], ts_us: Sequence[int],
               kinds: Sequence[str | None] | None = None) -> State:
@@ -261,15 +328,21 @@ class AttemptRunner:
             return item
         return {"type": kind}
 
-    def _start_state(self, c: Claim, created_us: int | None) -> tuple[int, dict[str, object]]:
+    def _start_state(self, c: Claim, stored: Checkpoint | None, ahead: Checkpoint | None,
+                     created_us: int | None) -> tuple[int, dict[str, object]]:
         """The fold state to resume from, and its seq: cached, stored, or initial (at
-        ``created_us``, read here if the batch did not)."""
+        ``created_us``, read here if the batch did not). A row of the live thread
+        (``ahead``, below the target) further than the cached fold saves folding again
+        what other processes' projections folded."""
         thread_id = c.state.thread_id
         if not c.refold:
+            if ahead is not None and ahead.fold_state is not None and (
+                    c.fold_state is None or ahead.projected_seq > c.base):
+                return ahead.projected_seq, json.loads(ahead.fold_state)
             if c.fold_state is not None:
                 return c.base, c.fold_state
-            stored = self._index.checkpoint(thread_id)
-            if stored.fold_state is not None and stored.projected_seq <= c.target:
+            # The batch read the thread's row (``_reads_stored``); ``None``: it has none.
+            if stored is not None and stored.fold_state is not None and stored.projected_seq <= c.target:
                 return stored.projected_seq, json.loads(stored.fold_state)
         # No row yet, or the row is ahead of history (power loss): fold from the start.
         if created_us is None:

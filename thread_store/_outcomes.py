@@ -52,6 +52,8 @@ class Result:
     incarnation: int | None = None
     #: The store's head of a ``REBORN`` thread.
     head: int = 0
+    #: ``OK`` with nothing written: the stored row (another process's) covers the target.
+    covered: bool = False
 
 
 @dataclass(frozen=True, slots=True)

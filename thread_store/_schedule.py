@@ -237,7 +237,7 @@ class Schedule:
         tel = self._telemetry
         wake = False
         if result.kind is AttemptOutcome.OK:
-            self.counts.rows_written += 1
+            self.counts.rows_written += not result.covered
             if settled.lag is not None:
                 tel.lag.record(settled.lag)
         if settled.backoff is not None:

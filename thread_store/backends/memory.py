@@ -14,15 +14,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from ..errors import (InvalidArgument, StorageError, StoreClosed, ThreadDiscarded, ThreadExists,
                       ThreadNotFound, ThreadStoreError)
 from ..model import (TEXT_FIELDS, BehindThread, EncodedItem, FailedThread, Page, StoreReport,
                      ThreadMetadata, caller_copy, us_from_utc, utc)
 from ..storage import (Appended, Capabilities, Checkpoint, CommitOutcome, CommitResult, Failure,
-                       IdempotencyKey, Lag, ListQuery, RowWrite, StoredPage, StoredRow, StoredTraces,
-                       encode_cursor)
+                       IdempotencyKey, Lag, LazyPages, ListQuery, RowWrite, StoredPage, StoredRow,
+                       StoredTraces, checkpoint_each, encode_cursor)
 
 CAPABILITIES = Capabilities(reopen=False, read_only=False, durability_full=False, backup=False,
                             files=False)
@@ -141,6 +141,10 @@ class MemoryHistory:
         return StoredPage.of([(r.seq, r.ts_us, r.text)
                               for r in self.read(thread_id, after_seq, upto_seq, limit)])
 
+    def read_many(self, ranges: Sequence[tuple[str, int, int]], limit: int) -> Mapping[str, StoredPage]:
+        """:meth:`read_page` for each range (``HistoryLog.read_many``)."""
+        return LazyPages(self.read_page, ranges, limit)
+
     def traces(self, thread_id: str, after_seq: int, upto_seq: int, limit: int) -> StoredTraces:
         """The traceparents of appends ending in ``(after_seq, upto_seq]``, at most ``limit``."""
         with self._lock:
@@ -252,6 +256,10 @@ class MemoryIndex:
         if row is None:
             return Checkpoint(0, None, error)
         return Checkpoint(row.meta.projected_seq, row.fold_state, error)
+
+    def checkpoints(self, thread_ids: Sequence[str]) -> dict[str, Checkpoint]:
+        """:meth:`checkpoint` of those with a row (``MetadataIndex.checkpoints``)."""
+        return checkpoint_each(self.checkpoint, thread_ids)
 
     def commit(self, rows: Sequence[RowWrite], *, position: int,
                may_write: Callable[[str], bool], deadline: float | None,

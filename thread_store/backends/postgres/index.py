@@ -1,9 +1,9 @@
 """The projected rows in PostgreSQL: ``meta`` (one row per thread) and ``failures``.
 
-A group commit is one transaction with ``synchronous_commit=off``: the rows are derived
-data, and WAL order keeps a projection from outliving the items it folded. A commit of
-one row is one statement, its own transaction: one round trip (``append_and_flush``). It never
-locks a ``threads`` row, so appends never wait on it. A row is inserted only for a live
+A group commit is one statement, its own transaction with ``synchronous_commit=off``
+(one round trip, however many rows; ``append_and_flush`` commits one): the rows are
+derived data, and WAL order keeps a projection from outliving the items it folded. It
+never locks a ``threads`` row against appends, so appends never wait on it. A row is inserted only for a live
 thread (it is selected from ``threads``), and an update never moves ``projected_seq``
 backwards, so a late projection can neither resurrect a removed thread nor undo a newer
 one. Inside this process, writes serialize on ``write_lock``, under which ``fenced``
@@ -35,6 +35,16 @@ _READ_COLUMNS = _COLUMNS[:-3]
 _TYPES = {"item_count": "bigint", "projected_seq": "bigint", "is_archived": "boolean",
           "has_preview": "boolean", **{f"{t[:-3]}_us": "bigint" for t in _TIMES}}
 _PLACEHOLDERS = ", ".join(f"%({c})s::{_TYPES.get(c, 'text')}" for c in _COLUMNS)
+_WRITTEN = (*_COLUMNS, "inc")
+#: Filters of ``live`` that set the statement's transaction's settings (see ``_COMMIT_ONE``).
+_SETTINGS = ("AND set_config('synchronous_commit', 'off', true) IS NOT NULL "
+             "AND set_config('lock_timeout', coalesce(%(lock_timeout)s::text, "
+             "current_setting('lock_timeout')), true) IS NOT NULL ")
+#: The guarded upsert: only the row's incarnation, never ``projected_seq`` backwards.
+_UPSERT = ("ON CONFLICT (thread_id) DO UPDATE SET "
+           + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
+           + " WHERE meta.incarnation = excluded.incarnation "
+             "AND meta.projected_seq <= excluded.projected_seq")
 #: One row's projection commit, in ONE statement (on an autocommit connection, its own
 #: transaction): the guarded upsert, and the clear of the thread's recorded failure. It
 #: returns the thread's live incarnation (NULL: removed), which tells the caller whether
@@ -48,25 +58,42 @@ _PLACEHOLDERS = ", ".join(f"%({c})s::{_TYPES.get(c, 'text')}" for c in _COLUMNS)
 #: locks the row ``FOR UPDATE`` before it deletes the ``meta`` row, does; and a projection
 #: that waits for a removal re-reads the row once it commits, so it cannot insert a row
 #: for a thread removed meanwhile (the statement's snapshot alone would still show it live).
-_COMMIT_ROW = (
+_COMMIT_ONE = (
     "WITH live AS (SELECT t.incarnation FROM {s}.threads t "
-    "WHERE t.thread_id = %(thread_id)s AND t.discarded_us IS NULL "
-    "AND set_config('synchronous_commit', 'off', true) IS NOT NULL "
-    "AND set_config('lock_timeout', coalesce(%(lock_timeout)s::text, "
-    "current_setting('lock_timeout')), true) IS NOT NULL FOR KEY SHARE OF t), "
+    f"WHERE t.thread_id = %(thread_id)s AND t.discarded_us IS NULL {_SETTINGS}FOR KEY SHARE OF t), "
     f"up AS (INSERT INTO {{s}}.meta (incarnation, {', '.join(_COLUMNS)}) "
-    f"SELECT live.incarnation, {_PLACEHOLDERS} FROM live WHERE live.incarnation = %(inc)s "
-    "ON CONFLICT (thread_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
-    + " WHERE meta.incarnation = excluded.incarnation "
-      "AND meta.projected_seq <= excluded.projected_seq), "
+    f"SELECT live.incarnation, {_PLACEHOLDERS} FROM live WHERE live.incarnation = %(inc)s {_UPSERT}), "
     "cleared AS (DELETE FROM {s}.failures WHERE thread_id = %(thread_id)s AND generation <= %(projected_seq)s "
     "AND EXISTS (SELECT 1 FROM live WHERE live.incarnation = %(inc)s)) "
-    "SELECT (SELECT incarnation FROM live)")
+    "SELECT %(thread_id)s::text, (SELECT incarnation FROM live)")
+#: Several rows' commit: ``_COMMIT_ONE`` over the rows' values in binary arrays (one per
+#: column), in ONE statement too, the threads' rows locked in thread id order (as the
+#: upsert takes the ``meta`` rows: commits of overlapping groups in several processes
+#: wait for each other, never deadlock). Not a transaction of ``_COMMIT_ONE`` per row:
+#: psycopg's pipeline mode, which ``executemany`` uses, polls the socket holding the GIL
+#: until the results come, and the process's appends waited for it (py-spy). Not this
+#: for one row: dumping arrays (in Python) and planning the joins cost ``append_and_flush``
+#: about 70 µs.
+_COMMIT_MANY = (
+    "WITH v AS (SELECT * FROM unnest("
+    + ", ".join(f"%({c})b::{_TYPES.get(c, 'bigint' if c == 'inc' else 'text')}[]" for c in _WRITTEN)
+    + f") AS v({', '.join(_WRITTEN)})), "
+    "live AS (SELECT t.thread_id, t.incarnation FROM {s}.threads t "
+    f"WHERE t.thread_id IN (SELECT thread_id FROM v) AND t.discarded_us IS NULL {_SETTINGS}"
+    "ORDER BY t.thread_id FOR KEY SHARE OF t), "
+    f"up AS (INSERT INTO {{s}}.meta (incarnation, {', '.join(_COLUMNS)}) "
+    f"SELECT live.incarnation, {', '.join(f'v.{c}' for c in _COLUMNS)} FROM v JOIN live "
+    f"ON live.thread_id = v.thread_id AND live.incarnation = v.inc ORDER BY v.thread_id {_UPSERT}), "
+    "cleared AS (DELETE FROM {s}.failures f USING v JOIN live ON live.thread_id = v.thread_id "
+    "AND live.incarnation = v.inc WHERE f.thread_id = v.thread_id AND f.generation <= v.projected_seq) "
+    "SELECT v.thread_id, live.incarnation FROM v LEFT JOIN live ON live.thread_id = v.thread_id")
 _SELECT = f"SELECT {', '.join(_READ_COLUMNS)} FROM {{s}}.meta"
 _CHECKPOINT = ("SELECT m.projected_seq, m.state, (SELECT error FROM {s}.failures "
                "WHERE thread_id = %(t)s) FROM (SELECT 1) one LEFT JOIN {s}.meta m "
                "ON m.thread_id = %(t)s")
+_CHECKPOINTS = ("SELECT m.thread_id, m.projected_seq, m.state, f.error, m.incarnation FROM {s}.meta m "
+                "LEFT JOIN {s}.failures f ON f.thread_id = m.thread_id "
+                "WHERE m.thread_id = ANY(%b::text[])")
 #: One thread's row (:func:`metadata_of`) and its checkpoint (:func:`checkpoint_of`): what
 #: ``read`` and ``checkpoint`` ask, and the barriers' native reads too.
 META_ROW = f"{_SELECT} WHERE thread_id = %(t)s"
@@ -102,7 +129,7 @@ def _row_to_metadata(row: Sequence[Any]) -> ThreadMetadata:
 
 
 def _params(row: RowWrite) -> dict[str, Any]:
-    """The row's parameters of ``_COMMIT_ROW`` (but ``lock_timeout``)."""
+    """The row's parameters of ``_COMMIT_ONE`` (but ``lock_timeout``)."""
     meta = row.meta
     times = [us_from_utc(v) if (v := getattr(meta, t)) is not None else None for t in _TIMES]
     times[2] = times[2] or 0  # recency_us orders the listing: never NULL
@@ -158,12 +185,6 @@ def metadata_of(row: tuple[Any, ...] | None) -> ThreadMetadata | None:
     return _row_to_metadata(row) if row else None
 
 
-def _live(row: tuple[Any, ...] | None) -> int | None:
-    """The live incarnation ``_COMMIT_ROW`` answered (its one row, always there)."""
-    assert row is not None
-    return None if row[0] is None else int(row[0])
-
-
 def _like(word: str) -> str:
     """``%word%`` with LIKE's wildcards and escape character escaped."""
     return "%" + word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
@@ -184,8 +205,10 @@ class Index:
         self._active: psycopg.Connection[Any] | None = None
         #: When a commit last wrote rows (monotonic), for housekeeping.
         self.last_write = float("-inf")
-        self._commit_row = db.q(_COMMIT_ROW)
+        self._commit_one = db.q(_COMMIT_ONE)
+        self._commit_many = db.q(_COMMIT_MANY)
         self._checkpoint = db.q(_CHECKPOINT)
+        self._checkpoints = db.q(_CHECKPOINTS)
         self._meta_row = db.q(META_ROW)
         self._record = db.q(_RECORD_FAILURE)
 
@@ -194,9 +217,9 @@ class Index:
     def commit(self, rows: Sequence[RowWrite], *, position: int,
                may_write: Callable[[str], bool], deadline: float | None,
                between_rows: Callable[[], None] | None = None) -> CommitResult:
-        """Write the rows in one transaction (``MetadataIndex.commit``): one row is one
-        statement (a round trip), several are one transaction of them. Each round trip
-        waits with the GIL released, so ``between_rows`` is not called."""
+        """Write the rows in one transaction (``MetadataIndex.commit``): one statement, a
+        round trip, however many rows. It waits with the GIL released, so ``between_rows``
+        is not called."""
         del position, between_rows  # WAL order: nothing to detect (see History.position)
         wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
         if not self.write_lock.acquire(timeout=wait):
@@ -273,37 +296,42 @@ class Index:
 
     def _statements(self, conn: psycopg.Connection[Any], params: list[dict[str, Any]],
                     per_row: dict[str, ThreadStoreError] | None) -> dict[str, int | None]:
-        """One row: its statement alone, its own transaction (it sets what ``SET LOCAL``
-        would, see ``_COMMIT_ROW``). Several: one transaction of them."""
+        """All rows: one statement, its own transaction (it sets what ``SET LOCAL`` would,
+        see ``_COMMIT_ONE``). Row by row (``per_row``): one transaction, a savepoint and
+        that statement per row, a refused row's error into ``per_row``."""
         if self.fenced:
             raise _Fenced()
-        if len(params) == 1 and per_row is None:
-            return {params[0]["thread_id"]: _live(conn.execute(self._commit_row, params[0]).fetchone())}
+        if per_row is None:
+            return self._commit_group(conn, params)
         current: dict[str, int | None] = {}
         with conn.transaction():
-            if per_row is None:
-                with conn.cursor() as cur:
-                    cur.executemany(self._commit_row, params, returning=True)
-                    for values in params:
-                        current[values["thread_id"]] = _live(cur.fetchone())
-                        cur.nextset()
-            else:
-                for values in params:
-                    thread_id = values["thread_id"]
-                    if self.fenced:
-                        raise _Fenced()
-                    try:
-                        with conn.transaction():  # a savepoint
-                            current[thread_id] = _live(conn.execute(self._commit_row, values).fetchone())
-                    except psycopg.Error as exc:
-                        if is_transient(exc) or self.fenced:
-                            raise
-                        per_row[thread_id] = translate(
-                            exc, "the thread's metadata row could not be stored in PostgreSQL")
-                        per_row[thread_id].__cause__ = exc
+            for values in params:
+                thread_id = values["thread_id"]
+                if self.fenced:
+                    raise _Fenced()
+                try:
+                    with conn.transaction():  # a savepoint
+                        current.update(self._commit_group(conn, [values]))
+                except psycopg.Error as exc:
+                    if is_transient(exc) or self.fenced:
+                        raise
+                    per_row[thread_id] = translate(
+                        exc, "the thread's metadata row could not be stored in PostgreSQL")
+                    per_row[thread_id].__cause__ = exc
             if self.fenced:  # close() gave up waiting for this transaction: write nothing
                 raise _Fenced()
         return current
+
+    def _commit_group(self, conn: psycopg.Connection[Any], params: list[dict[str, Any]]) -> dict[str, int | None]:
+        """Run ``_COMMIT_ONE`` or ``_COMMIT_MANY`` for these rows: each thread's live incarnation."""
+        if len(params) == 1:
+            query, values = self._commit_one, params[0]
+        else:
+            query = self._commit_many
+            values = {c: [row[c] for row in params] for c in _WRITTEN}
+            values["lock_timeout"] = params[0]["lock_timeout"]
+        return {str(t): None if inc is None else int(inc)
+                for t, inc in conn.execute(query, values).fetchall()}
 
     def record_failures(self, failures: Sequence[Failure]) -> None:
         """Record projections that failed for good (``MetadataIndex.record_failures``)."""
@@ -343,6 +371,12 @@ class Index:
         """Where the thread's projection stands (``MetadataIndex.checkpoint``)."""
         with self._db.connection("reading a projection checkpoint") as conn:
             return checkpoint_of(conn.execute(self._checkpoint, {"t": thread_id}).fetchone())
+
+    def checkpoints(self, thread_ids: Sequence[str]) -> dict[str, Checkpoint]:
+        """The checkpoints of those with a row, in one read (``MetadataIndex.checkpoints``)."""
+        with self._db.connection("reading projection checkpoints") as conn:
+            rows = conn.execute(self._checkpoints, (list(thread_ids),)).fetchall()
+        return {str(t): Checkpoint(int(seq), state, error, int(inc)) for t, seq, state, error, inc in rows}
 
     def read(self, thread_id: str) -> ThreadMetadata | None:
         """The thread's projected metadata, or ``None`` without a row."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from . import _connections
 from ._filelock import ProcessLock
@@ -30,7 +30,7 @@ from ._history_schema import MIGRATIONS, SCHEMA_VERSION
 from .._lru import LRU
 from ...errors import StoreClosed, ThreadDiscarded, ThreadExists, ThreadNotFound
 from ...model import EncodedItem
-from ...storage import StoredPage, StoredRow, StoredTraces
+from ...storage import LazyPages, StoredPage, StoredRow, StoredTraces
 
 _RANGE = ("SELECT seq, ts_us, item FROM items WHERE thread_id = ? AND seq > ? AND seq <= ? "
           "ORDER BY seq LIMIT ?")
@@ -317,6 +317,10 @@ class History(BehindMarks, GroupAppends):
         """What :meth:`read` returns, as columns."""
         return StoredPage.of(self._readers.fetchall("history", _RANGE,
                                                     (thread_id, after_seq, upto_seq, limit)))
+
+    def read_many(self, ranges: Sequence[tuple[str, int, int]], limit: int) -> Mapping[str, StoredPage]:
+        """:meth:`read_page` for each range (``HistoryLog.read_many``): no round trips to save."""
+        return LazyPages(self.read_page, ranges, limit)
 
     # -- internals ------------------------------------------------------------------------
 
