@@ -61,7 +61,7 @@ def found(store: ThreadStore, query: str) -> list[str]:
     return sorted(ids(store.list_threads(search=query, include_empty=True, limit=100).threads))
 
 
-def assert_search_right(store: ThreadStore, thread_ids: set[str] = set(THREADS)) -> None:
+def assert_search_right(store: ThreadStore, thread_ids: frozenset[str] = frozenset(THREADS)) -> None:
     """Every query finds what :func:`expected` says, from the threads' current fields."""
     threads = store.list_threads(include_empty=True, limit=100).threads
     assert {m.thread_id for m in threads} == thread_ids
@@ -88,7 +88,7 @@ def test_renames_and_removals_keep_search_right(store: ThreadStore) -> None:
     assert found(store, "alpha") == ["named", "same"]
     assert found(store, "gamma") == ["split"]
     assert found(store, "修复") == found(store, "不稳定") == []
-    assert_search_right(store, set(THREADS) - {"cjk"})
+    assert_search_right(store, frozenset(THREADS) - {"cjk"})
 
 
 def _fts_integrity(index: Path) -> None:

@@ -8,6 +8,7 @@ kept up to date by triggers, serves search.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -22,14 +23,25 @@ SEARCHED = ("name", "title", "preview", "first_user_message")
 TIMES = ("created_at", "updated_at", "recency_at", "archived_at")
 COLUMNS = ("thread_id", *TEXT_FIELDS, "token_usage", *(f"{t[:-3]}_us" for t in TIMES),
            "item_count", "projected_seq", "is_archived", "has_preview", "state")
-UPSERT = (
-    f"INSERT INTO threads ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
-    "ON CONFLICT(thread_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[1:])
-    # A row never moves back: a fold covering less than the stored one (another process
-    # projected further meanwhile) leaves it as it is.
-    + " WHERE excluded.projected_seq >= threads.projected_seq"
-)
+
+
+@functools.cache
+def upsert(rows: int) -> str:
+    """The statement writing ``rows`` rows (their :data:`COLUMNS`' values, row after row).
+
+    Many rows in one statement, not one statement per row: within a transaction, each
+    statement that fires the search triggers makes FTS5 write its pending terms out as a
+    new segment (the statement's savepoint), which cost four times the rest of a row.
+    """
+    values = ", ".join([f"({', '.join('?' * len(COLUMNS))})"] * rows)
+    return (f"INSERT INTO threads ({', '.join(COLUMNS)}) VALUES {values} "
+            "ON CONFLICT(thread_id) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[1:])
+            # A row never moves back: a fold covering less than the stored one (another
+            # process projected further meanwhile) leaves it as it is.
+            + " WHERE excluded.projected_seq >= threads.projected_seq")
+
+
 #: The columns :func:`row_to_metadata` reads, from ``threads``; add the WHERE clause.
 SELECT = f"SELECT {', '.join(COLUMNS[:-3])} FROM threads"
 
