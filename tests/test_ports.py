@@ -400,8 +400,8 @@ def test_a_large_group_commit_writes_every_row_and_a_bad_one_fails_alone(storage
     result = commit(storage, *rows)
     assert result.outcome is CommitOutcome.COMMITTED and set(result.errors) == {"bad"}
     assert storage.index.read("bad") is None
-    assert {m.title for m in storage.index.list(ListQuery(limit=100, include_empty=True, words=("again",))).threads} == {
-        f"again {i:02}" for i in range(75) if i != 40}
+    again = storage.index.list(ListQuery(limit=100, include_empty=True, words=("again",))).threads
+    assert {m.title for m in again} == {f"again {i:02}" for i in range(75) if i != 40}
 
 def test_after_fence_nothing_is_written(storage: Storage) -> None:
     commit(storage, row("a", 1))
