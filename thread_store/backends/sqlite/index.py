@@ -92,7 +92,8 @@ class Index:
         A group commit can hold the lock for long; a caller with a ``deadline`` does not
         wait for it past the deadline (``BUSY``). ``may_write`` is asked under the lock,
         which a removal holds to delete the row: no row is written back once it began.
-        ``between_rows()`` runs before each row but the first, in the transaction.
+        ``between_rows()`` runs before each statement of rows but the first, in the
+        transaction.
         """
         with self.exclusive(deadline) as held:
             if self.fenced:
