@@ -146,7 +146,7 @@ def _why_throughput(results: dict[str, Any]) -> str:
             "gets about one append per coalescing window, so nearly every append costs one row "
             f"write (this run: {per_txn:,.0f} appends per index transaction). Each row is a fold "
             "from the cached state and buffered items, `metadata()`, a JSON encode of the state "
-            "and one slot in an `executemany` UPSERT: Python work that the writers wait for. "
+            "and one row of a multi-row UPSERT statement: Python work that the writers wait for. "
             "What would help further: a longer `coalesce_delay` (fewer rows per append, more lag), "
             "or a process-level projector, which this embedded design does not have.")
 

@@ -64,7 +64,7 @@ def test_schema_is_versioned_and_created_with_fts(sqlite_store: ThreadStore, sto
     assert _pragma(store_path / "index.db", "user_version") == INDEX_VERSION >= 1
     db = sqlite_utils.Database(store_path / "index.db")
     try:
-        assert db["threads"].detect_fts() == "threads_fts"
+        assert "threads_fts" in db.table_names()
         assert {"threads_listed", "threads_all"} <= {i.name for i in db["threads"].indexes}
     finally:
         db.close()
@@ -371,4 +371,4 @@ def test_an_index_from_schema_3_is_migrated_to_substring_search(store_path: Path
     with ThreadStore.open(store_path) as store:
         assert ids(store.list_threads(search="thr").threads) == ["pigs"]
     with sqlite3.connect(store_path / "index.db") as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == INDEX_VERSION == 5
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == INDEX_VERSION

@@ -404,6 +404,29 @@ def test_a_row_the_index_cannot_store_fails_alone(storage: Storage) -> None:
     assert storage.index.read("bad") is None and storage.index.read("good") is not None
 
 
+def test_a_large_group_commit_writes_every_row_and_a_bad_one_fails_alone(storage: Storage) -> None:
+    # More rows than SQLite writes in one statement, and a row behind the stored one
+    # (which stays): each row is as if committed alone.
+    commit(storage, row("ahead", 5, title="kept text"))
+    rows = [row(f"t{i:02}", 1, minutes=i, title=f"title {i:02}", preview=f"preview {i:02}")
+            for i in range(75)]
+    result = commit(storage, *rows, row("ahead", 3, title="older text"))
+    assert (result.outcome, dict(result.errors)) == (CommitOutcome.COMMITTED, {})
+    listed = storage.index.list(ListQuery(limit=100, include_empty=True)).threads
+    assert sorted((m.thread_id, m.title, m.preview) for m in listed) == [
+        ("ahead", "kept text", None), *((f"t{i:02}", f"title {i:02}", f"preview {i:02}") for i in range(75))]
+    found = storage.index.list(ListQuery(limit=100, include_empty=True, words=("preview", "64")))
+    assert [m.thread_id for m in found.threads] == ["t64"]
+    assert storage.index.list(ListQuery(limit=10, include_empty=True, words=("older",))).threads == []
+    # A bad row among many: the others are written all the same.
+    rows = [row(f"t{i:02}", 2, minutes=i, title=f"again {i:02}") for i in range(75)]
+    rows[40] = row("bad", 1, title="lone \ud800")
+    result = commit(storage, *rows)
+    assert result.outcome is CommitOutcome.COMMITTED and set(result.errors) == {"bad"}
+    assert storage.index.read("bad") is None
+    again = storage.index.list(ListQuery(limit=100, include_empty=True, words=("again",))).threads
+    assert {m.title for m in again} == {f"again {i:02}" for i in range(75) if i != 40}
+
 def test_after_fence_nothing_is_written(storage: Storage) -> None:
     commit(storage, row("a", 1))
     thread(storage, "c", 1)

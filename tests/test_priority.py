@@ -13,6 +13,7 @@ import pytest
 from thread_store import ThreadStore, _priority, projector
 from thread_store._priority import AppendPriority
 from thread_store._schedule import Schedule
+from thread_store.backends.sqlite.index import _ROWS_PER_STATEMENT
 from thread_store.workload import user_message
 
 from conftest import Backend
@@ -137,28 +138,30 @@ def test_the_worker_settles_a_batch_in_slices(store: ThreadStore,
 def test_the_worker_steps_aside_between_the_rows_of_a_sqlite_commit(
         sqlite_store: ThreadStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A commit of many rows is Python between short SQLite calls, as long as a batch's
-    folds: the worker may step aside before each row but the first."""
+    folds: the worker may step aside before each statement of rows but the first."""
     store = sqlite_store
     index = store._storage.index  # noqa: SLF001
-    calls: list[int] = []
+    calls: dict[int, int] = {}  # a commit's rows: the times it stepped aside
     commit = index.commit
 
     def spy(rows: Any, **kwargs: Any) -> Any:
         between = kwargs["between_rows"]
         assert between is not None, "the worker gave its commit no step aside"
+        calls[len(rows)] = 0
 
         def counted() -> None:
-            calls.append(len(rows))
+            calls[len(rows)] += 1
             between()
 
         return commit(rows, **{**kwargs, "between_rows": counted})
 
     monkeypatch.setattr(index, "commit", spy)
     store.pause_projection()
-    threads = [f"t{i}" for i in range(5)]
+    threads = [f"t{i}" for i in range(2 * _ROWS_PER_STATEMENT + 1)]
     for thread_id in threads:
         store.create_thread(thread_id)
         store.append(thread_id, [ITEM])
     store.resume_projection()
-    _wait_until(lambda: store.stats().rows_written == len(threads), "the worker's batch")
-    assert calls == [len(threads)] * (len(threads) - 1)
+    _wait_until(lambda: store.stats().rows_written == len(threads), "the worker's batches")
+    assert max(calls) > _ROWS_PER_STATEMENT
+    assert calls == {n: (n - 1) // _ROWS_PER_STATEMENT for n in calls}

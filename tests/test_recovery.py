@@ -265,7 +265,7 @@ def test_history_from_schema_1_is_migrated_and_compared_once(store_path: Path) -
                      (tids[0], '{"type": "event_msg", "payload": {"type": "user_message", '
                       '"message": "appended by an old version, never projected"}}'))
         conn.execute("PRAGMA user_version = 1")
-    assert history_module.SCHEMA_VERSION == 5 and index_module.SCHEMA_VERSION == 5
+    assert history_module.SCHEMA_VERSION == 5 and index_module.SCHEMA_VERSION == 6
     with ThreadStore.open(store_path) as store:
         assert store.flush(tids[0], timeout=30).projected_seq == 3
         assert assert_converged(store) == 3

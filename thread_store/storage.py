@@ -425,8 +425,8 @@ class MetadataIndex(Protocol):
         holds more). A row the index cannot store fails alone (``errors``). ``deadline``
         (monotonic) bounds the wait for another writer (``BUSY``). After :meth:`fence`,
         nothing is written (``FENCED``). A backend whose rows are Python work between
-        short calls that release the GIL calls ``between_rows()`` between two rows (the
-        projector's worker steps aside for appends there).
+        short calls that release the GIL calls ``between_rows()`` between two rows, or
+        groups of rows (the projector's worker steps aside for appends there).
 
         :raises TransientStorageError: the transaction failed and may succeed on retry;
             nothing was written. :raises StorageError: it failed for good.

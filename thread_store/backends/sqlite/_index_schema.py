@@ -2,11 +2,13 @@
 stored as, and the migrations that make and upgrade the file.
 
 One row per thread holds its metadata and ``projected_seq``; covering indexes serve the
-listings, and an FTS5 trigram table, kept up to date by triggers, serves search.
+listings, and a contentless FTS5 trigram table over each thread's distinct searched texts,
+kept up to date by triggers, serves search.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -21,14 +23,25 @@ SEARCHED = ("name", "title", "preview", "first_user_message")
 TIMES = ("created_at", "updated_at", "recency_at", "archived_at")
 COLUMNS = ("thread_id", *TEXT_FIELDS, "token_usage", *(f"{t[:-3]}_us" for t in TIMES),
            "item_count", "projected_seq", "is_archived", "has_preview", "state")
-UPSERT = (
-    f"INSERT INTO threads ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
-    "ON CONFLICT(thread_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[1:])
-    # A row never moves back: a fold covering less than the stored one (another process
-    # projected further meanwhile) leaves it as it is.
-    + " WHERE excluded.projected_seq >= threads.projected_seq"
-)
+
+
+@functools.cache
+def upsert(rows: int) -> str:
+    """The statement writing ``rows`` rows (their :data:`COLUMNS`' values, row after row).
+
+    Many rows in one statement, not one statement per row: within a transaction, each
+    statement that fires the search triggers makes FTS5 write its pending terms out as a
+    new segment (the statement's savepoint), which cost four times the rest of a row.
+    """
+    values = ", ".join([f"({', '.join('?' * len(COLUMNS))})"] * rows)
+    return (f"INSERT INTO threads ({', '.join(COLUMNS)}) VALUES {values} "
+            "ON CONFLICT(thread_id) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[1:])
+            # A row never moves back: a fold covering less than the stored one (another
+            # process projected further meanwhile) leaves it as it is.
+            + " WHERE excluded.projected_seq >= threads.projected_seq")
+
+
 #: The columns :func:`row_to_metadata` reads, from ``threads``; add the WHERE clause.
 SELECT = f"SELECT {', '.join(COLUMNS[:-3])} FROM threads"
 
@@ -139,7 +152,56 @@ def _add_failures_and_rules(db: sqlite_utils.Database) -> None:
                    "AND generation <= new.projected_seq; END")
 
 
+#: What separates a thread's searched texts in its one ``threads_fts`` column. A search
+#: word never holds whitespace (``ListQuery.words`` comes from ``str.split``), so no
+#: trigram of a word spans two texts: a word matches the joined column exactly when it
+#: is a substring of one of the texts.
+_SEPARATOR = "char(10)"
+
+
+def _searched_text(row: str) -> str:
+    """SQL of the distinct non-empty :data:`SEARCHED` values of ``row`` (``old``/``new``),
+    each after a separator: the text ``threads_fts`` indexes for that row."""
+    parts = []
+    for n, c in enumerate(SEARCHED):
+        # coalesce: a NULL in NOT IN's list would make it NULL (false) for every value.
+        seen = ", ".join(f"coalesce({row}.{p}, '')" for p in SEARCHED[:n])
+        fresh = f" AND {row}.{c} NOT IN ({seen})" if seen else ""
+        parts.append(f"CASE WHEN {row}.{c} <> ''{fresh} THEN {_SEPARATOR} || {row}.{c} ELSE '' END")
+    return " || ".join(parts)
+
+
+def _search_distinct_texts(db: sqlite_utils.Database) -> None:
+    """Version 6: search indexes each distinct searched text of a thread once.
+
+    A thread's title, preview and first user message are mostly the same text, which the
+    table of version 4 (one column per field) indexed three times; inserting those
+    trigrams was most of the cost of writing a row. One column now holds the distinct
+    non-empty texts (see :data:`_SEPARATOR`); a search finds the same threads. The table
+    is contentless (the triggers give it the text) and keeps no column sizes (nothing
+    ranks by them).
+    """
+    for trigger in ("threads_ai", "threads_ad", "threads_au"):
+        db.execute(f"DROP TRIGGER IF EXISTS {trigger}")
+    db.execute("DROP TABLE IF EXISTS threads_fts")
+    db.execute("CREATE VIRTUAL TABLE threads_fts USING fts5(texts, content='', columnsize=0, "
+               "tokenize='trigram case_sensitive 0')")
+    insert = f"INSERT INTO threads_fts (rowid, texts) VALUES (new.rowid, {_searched_text('new')})"
+    delete = ("INSERT INTO threads_fts (threads_fts, rowid, texts) "
+              f"VALUES ('delete', old.rowid, {_searched_text('old')})")
+    # Only re-indexed when a searched field changed: projections update a row per batch
+    # but its searchable text rarely (this halves the cost of a projection write).
+    changed = " OR ".join(f"old.{c} IS NOT new.{c}" for c in SEARCHED)
+    db.execute(f"CREATE TRIGGER threads_ai AFTER INSERT ON threads BEGIN {insert}; END")
+    db.execute(f"CREATE TRIGGER threads_ad AFTER DELETE ON threads BEGIN {delete}; END")
+    db.execute(f"CREATE TRIGGER threads_au AFTER UPDATE ON threads WHEN {changed} BEGIN "
+               f"{delete}; {insert}; END")
+    db.execute(f"INSERT INTO threads_fts (rowid, texts) SELECT rowid, {_searched_text('new')} "
+               "FROM threads new")
+
+
 #: ``MIGRATIONS[n]`` takes index.db from schema version n to n + 1.
 MIGRATIONS: list[_connections.Migration] = [_create_schema, _add_epoch, _add_history_mark,
-                                            _search_substrings, _add_failures_and_rules]
+                                            _search_substrings, _add_failures_and_rules,
+                                            _search_distinct_texts]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,7 +1,8 @@
 """Listing the index: one page of threads, newest recency first, by keyset pagination.
 
 The keyset runs over ``(recency_us desc, thread_id desc)`` on covering indexes; search is
-FTS5 (a trigram table set up by sqlite-utils), with LIKE for words too short for it.
+FTS5 (a trigram table over each thread's distinct searched texts, see
+:mod:`._index_schema`), with LIKE for words too short for it.
 """
 
 from __future__ import annotations

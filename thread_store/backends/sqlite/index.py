@@ -13,10 +13,10 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 from . import _connections, _filelock
-from ._index_schema import MIGRATIONS, SCHEMA_VERSION, SELECT, UPSERT, metadata_to_row, row_to_metadata
+from ._index_schema import MIGRATIONS, SCHEMA_VERSION, SELECT, metadata_to_row, row_to_metadata, upsert
 from ._listing import list_page
 from ...errors import StorageError, StoreClosed, ThreadStoreError
 from ...model import Page, ThreadMetadata
@@ -37,6 +37,10 @@ _RECORD_FAILURE = ("INSERT OR REPLACE INTO failures (thread_id, generation, erro
                    "SELECT ?1, ?2, ?3 WHERE NOT EXISTS (SELECT 1 FROM threads "
                    "WHERE thread_id = ?1 AND projected_seq >= ?2)")
 _RULES_KEY = "rules"
+#: Rows per statement of a projection transaction (see ``upsert``): enough that the
+#: FTS5 flush per statement is cheap per row, few enough that ``between_rows`` (the
+#: worker stepping aside for appends) still comes every fraction of a millisecond.
+_ROWS_PER_STATEMENT = 32
 
 
 class HistoryLink(Protocol):
@@ -88,7 +92,8 @@ class Index:
         A group commit can hold the lock for long; a caller with a ``deadline`` does not
         wait for it past the deadline (``BUSY``). ``may_write`` is asked under the lock,
         which a removal holds to delete the row: no row is written back once it began.
-        ``between_rows()`` runs before each row but the first, in the transaction.
+        ``between_rows()`` runs before each statement of rows but the first, in the
+        transaction.
         """
         with self.exclusive(deadline) as held:
             if self.fenced:
@@ -159,18 +164,18 @@ class Index:
         bad = (sqlite3.Error, ValueError, TypeError, OverflowError)
         closed = "the store closed during this projection transaction"
 
-        def checked() -> Iterator[tuple[Any, ...]]:
-            # Checked for every row, so a long group commit stops soon after close().
-            for n, r in enumerate(rows):
-                if n and between_rows is not None:
-                    between_rows()
-                if self.fenced:
-                    raise StoreClosed(closed)
-                yield metadata_to_row(r.meta, r.fold_state)
-
         def body() -> None:
             try:
-                self._conn.executemany(UPSERT, checked())
+                for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+                    if start and between_rows is not None:
+                        between_rows()
+                    # Checked for every statement, so a long group commit stops soon
+                    # after close().
+                    if self.fenced:
+                        raise StoreClosed(closed)
+                    chunk = rows[start:start + _ROWS_PER_STATEMENT]
+                    self._conn.execute(upsert(len(chunk)), [
+                        value for r in chunk for value in metadata_to_row(r.meta, r.fold_state)])
                 return
             except bad as exc:
                 if _connections.is_transient(exc) or self.fenced:
@@ -178,7 +183,7 @@ class Index:
             # Find the bad rows one by one; re-applying an upsert that went in is harmless.
             for row in rows:
                 try:
-                    self._conn.execute(UPSERT, metadata_to_row(row.meta, row.fold_state))
+                    self._conn.execute(upsert(1), metadata_to_row(row.meta, row.fold_state))
                 except bad as exc:
                     if _connections.is_transient(exc) or self.fenced:
                         raise
