@@ -20,6 +20,7 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 
 from . import _connections
+from ._checkpoints import Checkpoints
 from ._group import GroupCommit, Pending
 from ...errors import InvalidArgument, StorageError, StoreClosed, ThreadStoreError
 from ...model import EncodedItem
@@ -83,6 +84,7 @@ class GroupAppends:
     _conn: sqlite3.Connection
     _closed: bool
     _heads: dict[str, int]
+    checkpoints: Checkpoints
 
     if TYPE_CHECKING:  # History's write path and head cache
         def _writers(self) -> AbstractContextManager[object]: ...
@@ -316,4 +318,5 @@ class GroupAppends:
         """After a commit that wrote items (lock held), before the heads it wrote are
         cached: count it, and raise the position."""
         self.append_commits += 1
+        self.checkpoints.committed()
         self._raise_last_rowid(rowid)

@@ -169,12 +169,19 @@ class SQLiteStorage:
             self.history.remove(thread_id, tombstone=tombstone)
 
     def housekeeping_due_at(self) -> float:
-        """When the lazy acknowledgements of projected heads are due."""
+        """When the lazy acknowledgements of projected heads are due; at once when the
+        history's WAL should be checkpointed."""
+        if self.history.checkpoints.due():
+            return 0.0
         return self.history.acknowledgements_due_at()
 
     def housekeep(self) -> None:
-        """Write the acknowledgements that clear history's behind marks."""
-        self.history.write_acknowledgements()
+        """Write the acknowledgements that clear history's behind marks, and checkpoint
+        the history's WAL when due."""
+        if self.history.acknowledgements_due_at() <= time.monotonic():
+            self.history.write_acknowledgements()
+        if self.history.checkpoints.due():
+            self.history.checkpoints.run()
 
     def backup(self, dest: Path) -> None:
         """Copy both files with SQLite's online backup into the new directory ``dest``."""

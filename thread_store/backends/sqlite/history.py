@@ -11,7 +11,8 @@ and acknowledgements remove it once the index holds that head (see
 :meth:`History.acknowledge`, in :mod:`._marks`), so neither a power loss nor another
 process can roll the record back or overwrite it. Acknowledgements are lazy: batched in
 memory and written about once per second by the projector's worker, never on an append's
-or a barrier's path. The tables and their migrations are in :mod:`._history_schema`.
+or a barrier's path; so are the WAL checkpoints (:mod:`._checkpoints`). The tables and
+their migrations are in :mod:`._history_schema`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 from . import _connections
 from ._filelock import ProcessLock
 from ._acks import AckBatch
+from ._checkpoints import SAFETY_NET_PAGES, Checkpoints
 from ._appends import CLOSED, INSERT, GroupAppends
 from ._marks import BehindMarks
 from ._history_schema import MIGRATIONS, SCHEMA_VERSION
@@ -59,6 +61,8 @@ class History(BehindMarks, GroupAppends):
         self._conn = _connections.connect(path, durability=durability, read_only=read_only,
                                      schema_version=SCHEMA_VERSION)
         _connections.migrate(self._conn, path, MIGRATIONS, read_only=read_only)
+        if not read_only:  # the worker checkpoints (see _checkpoints)
+            self._conn.execute(f"PRAGMA wal_autocheckpoint = {SAFETY_NET_PAGES}")
         self._readers = _connections.ConnectionPool(
             lambda: _connections.connect(path, durability=durability, read_only=read_only))
         self._full = durability == "full"
@@ -72,6 +76,8 @@ class History(BehindMarks, GroupAppends):
         self._conn_closed = False
         self._acks = AckBatch()
         self._start_appends()
+        #: WAL checkpoints, which the projector's worker runs (never an append).
+        self.checkpoints = Checkpoints(self._readers)
         #: The highest items rowid committed: read at open, raised by this process's own
         #: appends, and read again whenever another process wrote, so it bounds every
         #: item a projection can fold (see also ``rowid_bound``).
@@ -391,7 +397,9 @@ class History(BehindMarks, GroupAppends):
     def _write(self, body: Callable[[], T], what: str, *, txn: bool = True) -> T:
         try:
             if txn:
-                return _connections.in_transaction(self._conn, body)
+                done = _connections.in_transaction(self._conn, body)
+                self.checkpoints.committed()
+                return done
             return body()
         except sqlite3.Error as exc:
             raise _connections.storage_error(exc, what) from exc
