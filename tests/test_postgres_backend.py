@@ -8,6 +8,7 @@ Every test gets a schema of its own; the module gets a database of its own, so w
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import threading
 import time
@@ -255,6 +256,27 @@ def test_values_with_nul_are_stored_exactly_and_match_as_elsewhere(storage: Post
     commit(storage, row("nul", 2, title="ab"))
     assert storage.index.read("nul") == row("nul", 2, title="ab").meta  # exact text gone
     assert listed(storage, words=("ab",)) == ["nul"]
+
+
+def test_a_group_commit_carries_every_value_exactly(storage: PostgresStorage) -> None:
+    # Several rows go in one statement, as one JSON text: what JSON escapes (quotes,
+    # backslashes, control characters, an escape's own text, non-BMP characters), NULs
+    # (kept in ``exact``), JSON in the text columns and the extremes of bigint all come back.
+    odd = 'q"\\ \\u0000 \n\t\x01 é 😀 \u2028'
+    rows = [row("a", 3, title=odd, preview="x\x00y", token_usage={"in": 1 << 62, "k\x00": odd}),
+            row("b", 1, name=odd, cwd="/tmp/\\", git_branch=None, archived_at=utc(1)),
+            row("c", 7)]
+    for r in rows:
+        storage.history.create(r.meta.thread_id, created_us=1, first=None)
+    rows = [replace(rows[0], fold_state=json.dumps({"s": odd, "nul": "\x00"})),
+            replace(rows[1], fold_state=json.dumps({"s": odd}, ensure_ascii=False)), rows[2]]
+    result = commit(storage, *rows)
+    assert result.errors == {} and result.gone == frozenset()  # type: ignore[attr-defined]
+    for r in rows:
+        assert storage.index.read(r.meta.thread_id) == r.meta
+    stored = storage.index.checkpoints(["a", "b", "c"])
+    assert [stored[t].fold_state for t in "abc"] == [r.fold_state for r in rows]
+    assert [stored[t].projected_seq for t in "abc"] == [3, 1, 7]
 
 
 def listed(storage: PostgresStorage, **query: object) -> list[str]:

@@ -66,18 +66,22 @@ _COMMIT_ONE = (
     "cleared AS (DELETE FROM {s}.failures WHERE thread_id = %(thread_id)s AND generation <= %(projected_seq)s "
     "AND EXISTS (SELECT 1 FROM live WHERE live.incarnation = %(inc)s)) "
     "SELECT %(thread_id)s::text, (SELECT incarnation FROM live)")
-#: Several rows' commit: ``_COMMIT_ONE`` over the rows' values in binary arrays (one per
-#: column), in ONE statement too, the threads' rows locked in thread id order (as the
-#: upsert takes the ``meta`` rows: commits of overlapping groups in several processes
-#: wait for each other, never deadlock). Not a transaction of ``_COMMIT_ONE`` per row:
-#: psycopg's pipeline mode, which ``executemany`` uses, polls the socket holding the GIL
-#: until the results come, and the process's appends waited for it (py-spy). Not this
-#: for one row: dumping arrays (in Python) and planning the joins cost ``append_and_flush``
-#: about 70 µs.
+#: Several rows' commit: ``_COMMIT_ONE`` over the rows' values, sent as one JSON array
+#: of objects (one per row, keyed by column), in ONE statement too, the threads' rows
+#: locked in thread id order (as the upsert takes the ``meta`` rows: commits of
+#: overlapping groups in several processes wait for each other, never deadlock). Not a
+#: transaction of ``_COMMIT_ONE`` per row: psycopg's pipeline mode, which ``executemany``
+#: uses, polls the socket holding the GIL until the results come, and the process's
+#: appends waited for it (py-spy). Not an array per column: psycopg dumps arrays in Python,
+#: element by element, and that was a quarter of a projector's Python time with 8 writer
+#: processes (``json.dumps`` is C). No raw NUL reaches the JSON text (which PostgreSQL's
+#: text cannot hold): the text columns hold none (``_text_columns``), and the JSON texts
+#: in the others escape it. Not this for one row: building the rows and planning the
+#: joins cost ``append_and_flush`` about 70 µs.
 _COMMIT_MANY = (
-    "WITH v AS (SELECT * FROM unnest("
-    + ", ".join(f"%({c})b::{_TYPES.get(c, 'bigint' if c == 'inc' else 'text')}[]" for c in _WRITTEN)
-    + f") AS v({', '.join(_WRITTEN)})), "
+    "WITH v AS (SELECT * FROM json_to_recordset(%(rows)b::text::json) AS v("
+    + ", ".join(f"{c} {_TYPES.get(c, 'bigint' if c == 'inc' else 'text')}" for c in _WRITTEN)
+    + ")), "
     "live AS (SELECT t.thread_id, t.incarnation FROM {s}.threads t "
     f"WHERE t.thread_id IN (SELECT thread_id FROM v) AND t.discarded_us IS NULL {_SETTINGS}"
     "ORDER BY t.thread_id FOR KEY SHARE OF t), "
@@ -328,8 +332,8 @@ class Index:
             query, values = self._commit_one, params[0]
         else:
             query = self._commit_many
-            values = {c: [row[c] for row in params] for c in _WRITTEN}
-            values["lock_timeout"] = params[0]["lock_timeout"]
+            values = {"rows": json.dumps(params, ensure_ascii=False),
+                      "lock_timeout": params[0]["lock_timeout"]}
         return {str(t): None if inc is None else int(inc)
                 for t, inc in conn.execute(query, values).fetchall()}
 
