@@ -88,11 +88,84 @@ def test_the_worker_does_not_hold_back_appended_work_past_the_lag_budget(
     _steps_aside_until_the_append_leaves(priority)
 
 
+def test_the_worker_holds_a_batch_only_for_a_gap_in_a_lone_append_stream() -> None:
+    priority = AppendPriority()
+    now = 100.0
+    fresh = now - _priority.LAG_BUDGET_S / 2
+    assert priority.hold(fresh, now) == 0.0, "no append since open: nothing to wait for"
+    priority.enter()
+    assert priority.hold(fresh, now) == _priority.GAP_S
+    assert priority.hold(None, now) == 0.0, "work found behind is never held"
+    stale = now - _priority.LAG_BUDGET_S
+    assert priority.hold(stale, now) == 0.0, "held past the lag budget"
+    almost = now - _priority.LAG_BUDGET_S + _priority.GAP_S / 2
+    assert priority.hold(almost, now) == pytest.approx(_priority.GAP_S / 2)
+    priority.enter()
+    assert priority.hold(fresh, now) == 0.0, "several appenders take turns themselves"
+    priority.leave()
+    priority.leave()
+    left = time.monotonic()
+    assert priority.hold(left, left) == _priority.GAP_S, "the stream's next append may come"
+    later = left + _priority.GAP_S
+    assert priority.hold(left, later) == 0.0, "a gap in the stream"
+
+
+def _lone_append_under_way(store: ThreadStore) -> tuple[threading.Thread, AppendPriority]:
+    """Thread "b" has appended work pending (projection paused); then an append to "a"
+    waits for the history's write lock, which the caller holds; then resume."""
+    priority = store._writes.projector.priority  # type: ignore[union-attr]  # noqa: SLF001
+    appender = threading.Thread(target=store.append, args=("a", [ITEM]))
+    appender.start()
+    _wait_until(lambda: priority.under_way == 1, "the append to be under way")
+    store.resume_projection()
+    return appender, priority
+
+
+def _with_work_pending(store: ThreadStore) -> ThreadStore:
+    store.pause_projection()
+    for thread_id in ("a", "b"):
+        store.create_thread(thread_id)
+    store.append("b", [ITEM])
+    return store
+
+
+def test_the_worker_waits_for_a_gap_in_appends_but_not_a_barrier(
+        sqlite_backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a lone append is under way the worker holds its due batch (within the lag
+    budget, here longer than the test); a barrier's thread goes at once."""
+    monkeypatch.setattr(_priority, "LAG_BUDGET_S", 600.0)
+    store = _with_work_pending(sqlite_backend.open_store())
+    worker = store._writes.projector  # type: ignore[union-attr]  # noqa: SLF001
+    with store._storage.history.lock:  # type: ignore[attr-defined]  # noqa: SLF001
+        appender, priority = _lone_append_under_way(store)
+        _wait_until(lambda: worker._holding, "the worker to hold its batch")  # noqa: SLF001
+        assert store.stats().rows_written == 0, "the worker wrote beside a lone append"
+        assert store.flush("b", timeout=30.0).item_count == 1
+        assert priority.under_way == 1, "the barrier did not wait for the append to end"
+    appender.join(30.0)
+    assert not appender.is_alive()
+    store.flush_all(timeout=30.0)
+    assert store.read_thread("a").item_count == 1
+
+
+def test_the_worker_holds_appended_work_no_longer_than_the_lag_budget(
+        sqlite_backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_priority, "LAG_BUDGET_S", 0.05)
+    store = _with_work_pending(sqlite_backend.open_store())
+    with store._storage.history.lock:  # type: ignore[attr-defined]  # noqa: SLF001
+        appender, priority = _lone_append_under_way(store)
+        _wait_until(lambda: store.stats().rows_written > 0, "the held batch to be written")
+        assert priority.under_way == 1, "the append ended first: the budget was not tested"
+    appender.join(30.0)
+    assert not appender.is_alive()
+
+
 def test_the_worker_steps_aside_for_an_append_under_way(sqlite_backend: Backend,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """An append waiting for the history's write lock is under way: the worker, given a
     batch meanwhile, steps aside for it before it writes, and goes on once it ends."""
     monkeypatch.setattr(_priority, "MAX_CREDIT_S", 600.0)  # only the append ends the wait
+    monkeypatch.setattr(_priority, "GAP_S", 0.0)  # no hold before the batch: a step aside in it
     store = sqlite_backend.open_store()
     store.pause_projection()
     for thread_id in ("a", "b"):

@@ -109,6 +109,7 @@ class Projector:
         self._threads = self._schedule.states
         self._removals = Removals(self._lock, self._idle, self._schedule, self._work.notify)
         self._paused = False
+        self._holding = False  # the worker waits before claiming a due batch (_hold)
         self._heartbeat = time.monotonic()
         self._catch_up = CatchUp(storage, self._lock, self._schedule, self._work.notify, catch_up_after)
         # A daemon thread: after close() has fenced it, a worker stuck in a projection_hook
@@ -242,6 +243,8 @@ class Projector:
             return waiter, self._schedule.claim(st, expedited=True)
         if st.phase is Phase.IDLE or (first and st.due_at is not None):
             self._make_due(st, 0.0, cut_backoff=True)
+        if self._holding:
+            self._work.notify()
         return waiter, None
 
     def wait(self, waiter: Waiter, deadline: float | None) -> Outcome | None:
@@ -386,6 +389,12 @@ class Projector:
                 wake = math.inf
                 if not self._paused:
                     batch, wake = self._schedule.due(now, limit=_MAX_BATCH)
+                    hold = self._hold(batch, now)
+                    if hold:  # for a gap in this process's appends; a new waiter ends it
+                        self._holding = True
+                        self._work.wait(hold)
+                        self._holding = False
+                        continue
                     if batch:
                         self._schedule.wake_at = None
                         return [self._schedule.claim(st, expedited=bool(st.waiters)) for st in batch]
@@ -398,6 +407,15 @@ class Projector:
                 wake = min(wake, acks_at)
                 self._schedule.wake_at = None if self._paused else wake
                 self._work.wait(max(0.0, min(wake - now, _HEARTBEAT_S)))
+
+    def _hold(self, batch: list[ThreadState], now: float) -> float:
+        """Under the lock: how long to wait before claiming ``batch`` (see
+        :meth:`AppendPriority.hold`); never for a waiter's thread or while closing."""
+        if not batch or self._schedule.closing or any(st.waiters for st in batch):
+            return 0.0
+        return self.priority.hold(min((st.pending_since for st in batch
+                                       if st.appends and st.pending_since is not None),
+                                      default=None), now)
 
     def _make_due(self, st: ThreadState, delay: float, *, backoff: bool = False,
                   cut_backoff: bool = False) -> None:
