@@ -27,9 +27,10 @@ long to wait first: while a lone stream of this process's appends is under way (
 append in progress, or the last one left less than :data:`GAP_S` ago), it waits for a
 gap in that stream, but only while the batch's oldest appended work is younger than
 :data:`LAG_BUDGET_S`. A barrier's thread is never held, nor are several appenders (they
-already share the GIL and the group commits) or work found behind. Measured, one caller
-round robin over 10,000 threads against one hot thread, interleaved: append p99 1.9× →
-1.3× with the history's checkpoints in the worker (:mod:`.backends.sqlite._checkpoints`).
+already share the GIL and the group commits) or work found behind. Measured side by
+side with and without it: one caller round robin over 10,000 threads, append p50 50–62 →
+33–38 µs and p99 420–590 → 91–524 µs; one writer over 100 threads, 9,000–10,000 →
+15,600–15,900 appends/s at the same lag p99; 8 writers unchanged.
 """
 
 from __future__ import annotations

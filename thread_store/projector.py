@@ -26,7 +26,7 @@ import math
 import threading
 import time
 import weakref
-from typing import Callable
+from typing import Callable, Iterable
 
 from opentelemetry.trace import SpanContext
 
@@ -62,6 +62,13 @@ _SETTLE_SLICE = 8
 _FENCE_GRACE_S = 1.0
 
 
+def _oldest_append(work: Iterable[Claim | ThreadState]) -> float | None:
+    """When the oldest work appended in this process among ``work`` came (``None``: all
+    of it was found behind), for :class:`AppendPriority`."""
+    return min((w.pending_since for w in work if w.appends and w.pending_since is not None),
+               default=None)
+
+
 def _worker_main(ref: weakref.ReferenceType[Projector]) -> None:
     """The worker thread's target; it holds only a weak reference to its projector."""
     while True:
@@ -73,9 +80,7 @@ def _worker_main(ref: weakref.ReferenceType[Projector]) -> None:
             return
         try:
             if claims:
-                projector.priority.start_batch(
-                    min((c.pending_since for c in claims if c.appends and c.pending_since is not None),
-                        default=None), time.monotonic())
+                projector.priority.start_batch(_oldest_append(claims), time.monotonic())
                 projector._run(claims)
             # A slice of the storage's bookkeeping may hold the history's write lock.
             projector._step_aside()
@@ -413,9 +418,7 @@ class Projector:
         :meth:`AppendPriority.hold`); never for a waiter's thread or while closing."""
         if not batch or self._schedule.closing or any(st.waiters for st in batch):
             return 0.0
-        return self.priority.hold(min((st.pending_since for st in batch
-                                       if st.appends and st.pending_since is not None),
-                                      default=None), now)
+        return self.priority.hold(_oldest_append(batch), now)
 
     def _make_due(self, st: ThreadState, delay: float, *, backoff: bool = False,
                   cut_backoff: bool = False) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+
 from ._connections import ConnectionPool
 from ...errors import ThreadStoreError
 
