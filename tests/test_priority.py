@@ -111,8 +111,8 @@ def test_the_worker_holds_a_batch_only_for_a_gap_in_a_lone_append_stream() -> No
 
 
 def _lone_append_under_way(store: ThreadStore) -> tuple[threading.Thread, AppendPriority]:
-    """Thread "b" has appended work pending (projection paused); then an append to "a"
-    waits for the history's write lock, which the caller holds; then resume."""
+    """With work pending (:func:`_with_work_pending`), an append to "a" waits for the
+    history's write lock, which the caller holds; then resume the projection."""
     priority = store._writes.projector.priority  # type: ignore[union-attr]  # noqa: SLF001
     appender = threading.Thread(target=store.append, args=("a", [ITEM]))
     appender.start()
@@ -122,10 +122,11 @@ def _lone_append_under_way(store: ThreadStore) -> tuple[threading.Thread, Append
 
 
 def _with_work_pending(store: ThreadStore) -> ThreadStore:
+    """Threads "a" and "b" with an item each, not projected (projection paused)."""
     store.pause_projection()
     for thread_id in ("a", "b"):
         store.create_thread(thread_id)
-    store.append("b", [ITEM])
+        store.append(thread_id, [ITEM])
     return store
 
 
@@ -145,7 +146,7 @@ def test_the_worker_waits_for_a_gap_in_appends_but_not_a_barrier(
     appender.join(30.0)
     assert not appender.is_alive()
     store.flush_all(timeout=30.0)
-    assert store.read_thread("a").item_count == 1
+    assert store.read_thread("a").item_count == 2
 
 
 def test_the_worker_holds_appended_work_no_longer_than_the_lag_budget(
@@ -166,18 +167,9 @@ def test_the_worker_steps_aside_for_an_append_under_way(sqlite_backend: Backend,
     batch meanwhile, steps aside for it before it writes, and goes on once it ends."""
     monkeypatch.setattr(_priority, "MAX_CREDIT_S", 600.0)  # only the append ends the wait
     monkeypatch.setattr(_priority, "GAP_S", 0.0)  # no hold before the batch: a step aside in it
-    store = sqlite_backend.open_store()
-    store.pause_projection()
-    for thread_id in ("a", "b"):
-        store.create_thread(thread_id)
-        store.append(thread_id, [ITEM])
-    priority = store._writes.projector.priority  # type: ignore[union-attr]  # noqa: SLF001
-    history = store._storage.history  # noqa: SLF001
-    with history.lock:  # type: ignore[attr-defined]
-        appender = threading.Thread(target=store.append, args=("a", [ITEM]))
-        appender.start()
-        _wait_until(lambda: priority.under_way == 1, "the append to be under way")
-        store.resume_projection()
+    store = _with_work_pending(sqlite_backend.open_store())
+    with store._storage.history.lock:  # type: ignore[attr-defined]  # noqa: SLF001
+        appender, priority = _lone_append_under_way(store)
         _wait_until(lambda: priority.steps == 1, "the worker to step aside")
         assert store.stats().rows_written == 0, "the worker wrote before it stepped aside"
     appender.join(30.0)

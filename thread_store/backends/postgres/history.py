@@ -121,7 +121,8 @@ class History:
         if not items:
             return Appended(self.head(thread_id), written=False)
         params: dict[str, object]
-        if key is None and len(items) == 1:
+        one_item = key is None and len(items) == 1
+        if one_item:
             params = {"tid": thread_id, "n": 1, "ts": items[0].ts_us, "item": items[0].text,
                       "trace": trace}
         else:
@@ -129,7 +130,7 @@ class History:
                       "items": [it.text for it in items], "trace": trace}
         with self._db.connection("appending") as conn:
             if key is None:
-                query = self._append_item if len(items) == 1 else self._append
+                query = self._append_item if one_item else self._append
                 row = self._write(conn, query, params, "appending to thread")
                 if row is not None:
                     return Appended(int(row[0]), written=True)
