@@ -138,8 +138,10 @@ def _only_at_scale(config: Config, parts: tuple[str, ...], out: Path, command: s
         section = at_scale.run(config, Path(tmp), phase, parts)
     results: dict[str, Any] = {"at_scale": section, "mode": config.mode, "command": command,
                "machine": report.machine(), "phase_s": phases}
-    wanted = {"flat": "scale-flat", "catch_up_appends": "scale-catch-up"}
-    rows = [t for t in at_scale.targets(results) if t["key"] in {wanted.get(p) for p in parts}]
+    wanted = {"flat": {"scale-flat"}, "catch_up_appends": {"scale-catch-up"},
+              "touch": {"scale-memory", "scale-listing"}}
+    keys = set().union(*(wanted[p] for p in parts))
+    rows = [t for t in at_scale.targets(results) if t["key"] in keys]
     lines = [f"Machine: {report.machine_line(results['machine'])}  ", f"Command: `{command}`", "",
              *at_scale.markdown(section), "", *report.target_rows(rows)]
     print("\n".join(lines))

@@ -186,7 +186,9 @@ def markdown(section: dict[str, Any]) -> list[str]:
         rows += [(f"appending while {busy['threads']:,} threads ({busy['items']:,} items) "
                   "catch up after losing index.db", busy["catching_up"]),
                  ("the same store, idle", busy["idle"])]
-    out = ["| Arm | append p50 | append p99 | n |", "|---|---:|---:|---:|"]
+    out: list[str] = []
+    if rows:
+        out += ["| Arm | append p50 | append p99 | n |", "|---|---:|---:|---:|"]
     for label, row in rows:
         out.append(f"| {label} | {row['p50_us']:,.1f} µs | {row['p99_us']:,.1f} µs | {row['n']} |")
     if busy:
@@ -194,7 +196,7 @@ def markdown(section: dict[str, Any]) -> list[str]:
                 "rounds (open to `flush_all`, with the probe appending)."]
     if "touch" not in section:
         return out
-    out += ["", "| Threads touched | RSS | of which SQLite's heap | list_threads first page p50 "
+    out += [""] * bool(out) + ["| Threads touched | RSS | of which SQLite's heap | list_threads first page p50 "
             "| cached heads | cached incarnations | projector states | elapsed |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in section["touch"]["checkpoints"]:

@@ -6,6 +6,7 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlite_utils
@@ -154,6 +155,40 @@ def test_pool_caps_connections_and_closes_borrowed_ones_on_return(tmp_path: Path
         c.execute("SELECT 1")  # closed once given back
     with pytest.raises(StorageError):
         pool.fetchone("t", "SELECT 1")
+
+
+class _RecordingConnection(sqlite3.Connection):
+    """Records the text of every statement it runs."""
+
+    texts: set[str]
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        self.texts.add(sql)
+        return super().execute(sql, parameters)
+
+
+def test_in_lists_of_any_length_find_their_keys_with_a_few_statements(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    conn = _connect(path)
+    conn.execute("CREATE TABLE t (k TEXT PRIMARY KEY, v INTEGER)")
+    conn.executemany("INSERT INTO t VALUES (?, ?)", [(f"k{i}", i) for i in range(1200)])
+    conn.close()
+    texts: set[str] = set()
+
+    def factory() -> sqlite3.Connection:
+        conn = sqlite3.connect(path, check_same_thread=False, factory=_RecordingConnection)
+        conn.texts = texts
+        return conn
+
+    pool = _connections.ConnectionPool(factory, size=1)
+    for n in [*range(1, 70), 255, 256, 257, 511, 512, 513, 1100]:
+        keys = [f"k{i}" for i in range(0, 2 * n, 2)]  # every other key exists below 1200
+        rows = pool.fetch_in("t", "SELECT k, v FROM t WHERE k IN ({keys})", keys)
+        assert sorted(rows) == sorted((f"k{i}", i) for i in range(0, min(2 * n, 1200), 2)), n
+    # One statement per power of two up to the chunk (the cache would keep 128, each
+    # holding its last values), not one per length.
+    assert len(texts) == _connections.MAX_IN_LIST.bit_length()
+    pool.close()
 
 
 def test_acknowledgements_leave_the_batch_a_slice_at_a_time_each_with_the_epoch() -> None:
