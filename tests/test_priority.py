@@ -110,6 +110,70 @@ def test_the_worker_holds_a_batch_only_for_a_gap_in_a_lone_append_stream() -> No
     assert priority.hold(left, later) == 0.0, "a gap in the stream"
 
 
+def test_background_work_waits_for_a_gap_in_appends_until_a_barrier_expedites_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_priority, "MAX_BACKGROUND_CREDIT_S", 600.0)
+    monkeypatch.setattr(_priority, "GAP_S", 600.0)  # no gap comes: only expedite ends the wait
+    priority = AppendPriority()
+    priority.step_aside(background=True)
+    assert priority.steps == 0, "with no append since open, background work never waits"
+    priority.enter()
+    worker = threading.Thread(target=priority.step_aside, kwargs={"background": True})
+    worker.start()
+    _wait_until(lambda: priority.steps == 1, "the worker to wait for the append")
+    priority.leave()
+    _wait_until(lambda: priority.steps == 2, "the worker to wait on for a gap")
+    assert worker.is_alive(), "background work went on beside the append stream"
+    priority.expedite()
+    worker.join(30.0)
+    assert not worker.is_alive(), "expedite did not end the wait"
+    monkeypatch.setattr(_priority, "MAX_CREDIT_S", 0.0)
+    priority.enter()
+    priority.step_aside(background=True)  # expedited: a lone append's rule and credit (none)
+    assert priority.steps == 2
+
+
+def test_background_waits_are_bounded_by_the_workers_credit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_priority, "MAX_BACKGROUND_CREDIT_S", 0.0)  # it may never wait
+    priority = AppendPriority()
+    priority.enter()
+    priority.step_aside(background=True)
+    assert (priority.steps, priority.under_way) == (0, 1)
+
+
+def test_a_barrier_ends_the_background_pace_of_a_catch_up(
+        sqlite_backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads found behind at open (here: the index was lost) are background work: while
+    an append of this process is under way the worker waits for a gap before each fold,
+    and a barrier on a thread of the batch ends that wait."""
+    with sqlite_backend.open_store() as store:
+        for thread_id in ("a", "b"):
+            store.create_thread(thread_id)
+            store.append(thread_id, [ITEM])
+    assert sqlite_backend.path is not None
+    for suffix in ("", "-wal", "-shm"):
+        (sqlite_backend.path / f"index.db{suffix}").unlink(missing_ok=True)
+    monkeypatch.setattr(_priority, "MAX_BACKGROUND_CREDIT_S", 600.0)
+    monkeypatch.setattr(_priority, "GAP_S", 600.0)
+    init = AppendPriority.__init__
+
+    def under_way_since_open(self: AppendPriority) -> None:
+        init(self)
+        self.enter()
+
+    monkeypatch.setattr(AppendPriority, "__init__", under_way_since_open)
+    store = sqlite_backend.open_store()
+    priority = store._writes.projector.priority  # type: ignore[union-attr]  # noqa: SLF001
+    _wait_until(lambda: priority.steps >= 1, "the worker to wait before a fold")
+    time.sleep(0.2)  # ample for a worker that did not keep waiting to write both rows
+    assert store.stats().rows_written == 0, "the catch-up wrote beside the append stream"
+    assert store.flush("b", timeout=30.0).item_count == 1
+    priority.leave()
+    store.flush_all(timeout=30.0)
+    assert store.read_thread("a").item_count == 1
+
+
 def _lone_append_under_way(store: ThreadStore) -> tuple[threading.Thread, AppendPriority]:
     """With work pending (:func:`_with_work_pending`), an append to "a" waits for the
     history's write lock, which the caller holds; then resume the projection."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from functools import partial
-from typing import Callable, Iterator, Mapping, NamedTuple, Sequence, TypeVar
+from typing import Callable, Iterator, Mapping, NamedTuple, Protocol, Sequence, TypeVar
 
 from ._outcomes import AttemptOutcome, Result
 from ._sniff import item_type
@@ -51,6 +51,13 @@ def _cached_incarnation(c: Claim) -> int | None:
     return c.incarnation if c.fold_state is not None and not c.refold else None
 
 
+class StepAside(Protocol):
+    """The worker's wait for this process's appends between units of its work
+    (:meth:`~thread_store._priority.AppendPriority.step_aside`)."""
+
+    def __call__(self, background: bool = False) -> None: ...
+
+
 class _Start(NamedTuple):
     """Where one claim's fold starts: the thread's incarnation, the fold state at ``base``,
     and the items after it when they are buffered (``None``: read from history, the first
@@ -84,7 +91,7 @@ class AttemptRunner:
 
     def __init__(self, history: HistoryLog, index: MetadataIndex, rules: ProjectionRules,
                  hook: ProjectionHook | None, telemetry: Telemetry,
-                 on_commit: Callable[[], None], step_aside: Callable[[], None]) -> None:
+                 on_commit: Callable[[], None], step_aside: StepAside) -> None:
         self._history = history
         self._index = index
         self._rules = rules
@@ -221,7 +228,7 @@ class AttemptRunner:
         rows: list[tuple[Claim, RowWrite, Result]] = []
         for c, s in started:
             if not in_caller:
-                self._step_aside()
+                self._step_aside(background=not c.appends and not c.expedited)
             done = self._guarded(c, in_caller, partial(self._finish, c, s, pages))
             if isinstance(done, Result):
                 results[id(c)] = done

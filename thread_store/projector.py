@@ -250,6 +250,8 @@ class Projector:
             self._make_due(st, 0.0, cut_backoff=True)
         if self._holding:
             self._work.notify()
+        elif st.phase is Phase.IN_FLIGHT:
+            self.priority.expedite()  # its batch may be paced as background
         return waiter, None
 
     def wait(self, waiter: Waiter, deadline: float | None) -> Outcome | None:
@@ -482,9 +484,10 @@ class Projector:
                 self._work.notify()
         return settled.backoffs
 
-    def _step_aside(self) -> None:
-        """Between two folds of a batch, in the worker: let appends go first."""
-        self.priority.step_aside()
+    def _step_aside(self, background: bool = False) -> None:
+        """Between two folds of a batch, in the worker: let appends go first (see
+        :meth:`AppendPriority.step_aside`)."""
+        self.priority.step_aside(background)
 
     def _gauges(self) -> dict[str, float]:
         with self._lock:
