@@ -38,9 +38,10 @@ the worker waits for a gap in this process's appends, not only for the append un
 within a credit that keeps it at least :data:`BACKGROUND_SHARE` of its time. Waiting
 only for the append under way let the worker fold again as each append left, beside the
 caller's next one: with 30,000 threads catching up after a reopen and one caller
-appending flat out, append p99 was 3.1× the idle store's; at a fifth of the time, 1.8×,
-with the catch-up 3.5× slower (12 → 43 s) while the caller never paused. A catch-up with
-no appends under way never waits. A barrier on a thread of the batch ends its background
+appending flat out, append p99 was 3.1× the idle store's; with a tenth of the time kept,
+1.6–2.2× (1.75× in ``python -m benchmarks --only catch_up_appends``), the catch-up taking
+73–86 s instead of 12 s while the caller never paused (a fifth: 2.2–2.6×, 43 s; a
+twentieth: 1.45×, 163 s). A catch-up with no appends under way never waits. A barrier on a thread of the batch ends its background
 pace (:meth:`AppendPriority.expedite`).
 """
 
