@@ -133,6 +133,17 @@ def test_background_work_waits_for_a_gap_in_appends_until_a_barrier_expedites_it
     assert priority.steps == 2
 
 
+def test_a_closing_store_paces_no_batch_as_background(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_priority, "MAX_BACKGROUND_CREDIT_S", 600.0)
+    monkeypatch.setattr(_priority, "MAX_CREDIT_S", 0.0)  # a lone append's rule: no wait
+    priority = AppendPriority()
+    priority.drain()
+    priority.start_batch(None, 100.0)
+    priority.enter()
+    priority.step_aside(background=True)
+    assert (priority.steps, priority.under_way) == (0, 1)
+
+
 def test_background_waits_are_bounded_by_the_workers_credit(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_priority, "MAX_BACKGROUND_CREDIT_S", 0.0)  # it may never wait
@@ -142,11 +153,12 @@ def test_background_waits_are_bounded_by_the_workers_credit(
     assert (priority.steps, priority.under_way) == (0, 1)
 
 
-def test_a_barrier_ends_the_background_pace_of_a_catch_up(
-        sqlite_backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("call", ["flush", "discard"])
+def test_a_barrier_or_a_discard_ends_the_background_pace_of_a_catch_up(
+        sqlite_backend: Backend, monkeypatch: pytest.MonkeyPatch, call: str) -> None:
     """Threads found behind at open (here: the index was lost) are background work: while
     an append of this process is under way the worker waits for a gap before each fold,
-    and a barrier on a thread of the batch ends that wait."""
+    and a barrier or a discard (with no timeout) on a thread of the batch ends that wait."""
     with sqlite_backend.open_store() as store:
         for thread_id in ("a", "b"):
             store.create_thread(thread_id)
@@ -168,7 +180,13 @@ def test_a_barrier_ends_the_background_pace_of_a_catch_up(
     _wait_until(lambda: priority.steps >= 1, "the worker to wait before a fold")
     time.sleep(0.2)  # ample for a worker that did not keep waiting to write both rows
     assert store.stats().rows_written == 0, "the catch-up wrote beside the append stream"
-    assert store.flush("b", timeout=30.0).item_count == 1
+    if call == "flush":
+        assert store.flush("b", timeout=30.0).item_count == 1
+    else:
+        discard = threading.Thread(target=store.discard, args=("b",), kwargs={"timeout": None})
+        discard.start()
+        discard.join(30.0)
+        assert not discard.is_alive(), "the discard waited out the paced batch"
     priority.leave()
     store.flush_all(timeout=30.0)
     assert store.read_thread("a").item_count == 1

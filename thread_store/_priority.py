@@ -38,10 +38,11 @@ the worker waits for a gap in this process's appends, not only for the append un
 within a credit that keeps it at least :data:`BACKGROUND_SHARE` of its time. Waiting
 only for the append under way let the worker fold again as each append left, beside the
 caller's next one: with 30,000 threads catching up after a reopen and one caller
-appending flat out, append p99 was 3.1× the idle store's; with a tenth of the time kept,
-1.6–2.2× (1.75× in ``python -m benchmarks --only catch_up_appends``), the catch-up taking
-73–86 s instead of 12 s while the caller never paused (a fifth: 2.2–2.6×, 43 s; a
-twentieth: 1.45×, 163 s). A catch-up with no appends under way never waits. A barrier on a thread of the batch ends its background
+appending flat out, append p99 was 3.1× the idle store's; keeping a twentieth of the
+time, 1.45–1.49×, the catch-up taking 124–163 s instead of 12 s while the caller never
+paused (a tenth: 1.6–2.2×, 73–86 s; a fifth: 2.2–2.6×, 43 s). Appends in a server come
+with gaps, which the catch-up uses at full speed; with no appends under way it never
+waits. A barrier on a thread of the batch ends its background
 pace (:meth:`AppendPriority.expedite`).
 """
 
@@ -61,8 +62,9 @@ LAG_BUDGET_S = 0.02
 #: long (the time a caller takes between two appends is far shorter).
 GAP_S = 0.0003
 #: The least share of its time the worker keeps for background work while this process
-#: appends without a gap (it waits at most ``1 / share - 1`` times as long as it worked).
-BACKGROUND_SHARE = 0.1
+#: appends without a gap (it waits at most ``1 / share - 1`` times as long as it worked):
+#: a tenth still let the catch-up set append p99 at about 2× idle.
+BACKGROUND_SHARE = 0.05
 #: The most background waiting the worker saves up.
 MAX_BACKGROUND_CREDIT_S = 0.05
 
@@ -76,7 +78,7 @@ class AppendPriority:
     """
 
     __slots__ = ("_cond", "_started", "_finished", "_awaited", "_credit", "_since", "_fresh",
-                 "_last_left", "_background_credit", "_expedited", "steps")
+                 "_last_left", "_background_credit", "_expedited", "_draining", "steps")
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
@@ -89,6 +91,7 @@ class AppendPriority:
         self._last_left = -math.inf  # when the last append left
         self._background_credit = MAX_BACKGROUND_CREDIT_S  # how long it may wait for a gap
         self._expedited = False  # a barrier waits on the batch: no background pace
+        self._draining = False  # the store closes: no batch is paced any more
         #: How many times the worker stepped aside (waited) since open: for tests.
         self.steps = 0
 
@@ -129,13 +132,19 @@ class AppendPriority:
         (monotonic; ``None``: none was appended here): it steps aside in this batch only
         while that is younger than :data:`LAG_BUDGET_S`."""
         self._fresh = oldest_append is None or now - oldest_append < LAG_BUDGET_S
-        self._expedited = False
+        self._expedited = self._draining
 
     def expedite(self) -> None:
-        """A barrier waits on a thread of the worker's batch: stop pacing it as
-        background (and end a wait for a gap now)."""
+        """A barrier or a removal waits on a thread of the worker's batch: stop pacing it
+        as background (and end a wait for a gap now)."""
         with self._cond:
             self._expedited = True
+            self._cond.notify()
+
+    def drain(self) -> None:
+        """The store is closing: no batch is paced as background from now on."""
+        with self._cond:
+            self._draining = self._expedited = True
             self._cond.notify()
 
     def step_aside(self, background: bool = False) -> None:

@@ -301,6 +301,7 @@ class Projector:
     def begin_removal(self, thread_id: str, kind: RemovalKind, head: int,
                       timeout: float | None) -> Removal:
         """Phase one of a discard or delete (see :meth:`Removals.begin`)."""
+        self.priority.expedite()  # the thread may be in a batch paced as background
         return self._removals.begin(thread_id, kind, head, timeout)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -336,6 +337,7 @@ class Projector:
         with self._lock:
             already = schedule.closing
             schedule.closing = True
+            self.priority.drain()
             self._paused = False
             self._work.notify()
             self._removals.give_up()
