@@ -42,8 +42,9 @@ appending flat out, append p99 was 3.1× the idle store's; keeping a twentieth o
 time, 1.45–1.49×, the catch-up taking 124–163 s instead of 12 s while the caller never
 paused (a tenth: 1.6–2.2×, 73–86 s; a fifth: 2.2–2.6×, 43 s). Appends in a server come
 with gaps, which the catch-up uses at full speed; with no appends under way it never
-waits. A barrier on a thread of the batch ends its background
-pace (:meth:`AppendPriority.expedite`).
+waits. A barrier, a discard or a delete on a thread of the batch ends its background pace
+(:meth:`AppendPriority.expedite`), and so does ``close`` for every batch after it
+(:meth:`AppendPriority.drain`).
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ class AppendPriority:
 
     def _wait_for_gap(self, now: float) -> None:
         """Wait until no append was under way for :data:`GAP_S`, within the background
-        credit, or until a barrier expedites the batch."""
+        credit, or until the batch is expedited."""
         with self._cond:
             while self._background_credit > 0.0 and not self._expedited:
                 if self._started == self._finished:
