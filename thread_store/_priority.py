@@ -157,8 +157,7 @@ class AppendPriority:
         if background and not self._expedited:
             earned = (now - self._since) * (1.0 / BACKGROUND_SHARE - 1.0)
             self._background_credit = min(MAX_BACKGROUND_CREDIT_S, self._background_credit + earned)
-            self._since = now
-            self._wait_for_gap(now)
+            self._wait_for_gap(now)  # sets _since when it ends
             return
         self._credit = min(MAX_CREDIT_S, self._credit + (now - self._since))
         self._since = now
