@@ -133,11 +133,16 @@ def test_background_work_waits_for_a_gap_in_appends_until_a_barrier_expedites_it
     assert priority.steps == 2
 
 
-def test_a_closing_store_paces_no_batch_as_background(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_closing_store_holds_and_paces_no_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_priority, "MAX_BACKGROUND_CREDIT_S", 600.0)
     monkeypatch.setattr(_priority, "MAX_CREDIT_S", 0.0)  # a lone append's rule: no wait
     priority = AppendPriority()
+    priority.enter()
+    fresh = time.monotonic()
+    assert priority.hold(fresh, fresh) == _priority.GAP_S
+    priority.leave()
     priority.drain()
+    assert priority.hold(fresh, fresh) == 0.0, "a closing store holds no batch"
     priority.start_batch(None, 100.0)
     priority.enter()
     priority.step_aside(background=True)

@@ -119,8 +119,9 @@ class AppendPriority:
         """How long the worker should wait before it claims a due batch whose oldest
         appended work came at ``oldest_append`` (``None``: none was appended here): a
         slice of :data:`GAP_S` while a lone append stream is under way and that work is
-        younger than :data:`LAG_BUDGET_S`, else 0 (see the module docstring)."""
-        if oldest_append is None:
+        younger than :data:`LAG_BUDGET_S`, else 0 (see the module docstring); never once
+        the store is closing (:meth:`drain`)."""
+        if oldest_append is None or self._draining:
             return 0.0
         left = oldest_append + LAG_BUDGET_S - now
         under_way = self._started - self._finished  # unlocked: at worst one append old
@@ -143,7 +144,7 @@ class AppendPriority:
             self._cond.notify()
 
     def drain(self) -> None:
-        """The store is closing: no batch is paced as background from now on."""
+        """The store is closing: no batch is held or paced as background from now on."""
         with self._cond:
             self._draining = self._expedited = True
             self._cond.notify()

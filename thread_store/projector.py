@@ -419,8 +419,8 @@ class Projector:
 
     def _hold(self, batch: list[ThreadState], now: float) -> float:
         """Under the lock: how long to wait before claiming ``batch`` (see
-        :meth:`AppendPriority.hold`); never for a waiter's thread or while closing."""
-        if not batch or self._schedule.closing or any(st.waiters for st in batch):
+        :meth:`AppendPriority.hold`); never for a waiter's thread."""
+        if not batch or any(st.waiters for st in batch):
             return 0.0
         return self.priority.hold(_oldest_append(batch), now)
 
